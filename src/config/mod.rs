@@ -1,0 +1,81 @@
+//! The pipeline file: reading it, applying overrides, checking its shape, resolving it.
+//!
+//! `load` is the only road from a YAML file to a [`Pipeline`]: parse (keeping spans) →
+//! `--vars`/`--set` → shape ([`raw`]) → vars, templates, matrices, paths, params ([`resolve`]).
+//! Each step collects every problem it finds; a step runs only when the one before succeeded.
+
+pub mod overrides;
+pub mod params;
+pub mod raw;
+pub mod resolve;
+pub mod template;
+pub mod yaml;
+
+use std::io;
+use std::path::Path;
+
+use imba_stages::Registry;
+
+use crate::diagnostic::{Diagnostic, Sources};
+
+pub use overrides::Overrides;
+pub use resolve::{Pipeline, Port, Stage, StageKind};
+
+/// Why a pipeline could not be loaded.
+#[derive(Debug)]
+pub enum LoadError {
+    /// The file could not be read at all: one line, no spans.
+    Unreadable(String),
+    /// The file was read; these are its problems, all of them.
+    Invalid(Vec<Diagnostic>),
+}
+
+/// Reads, overrides, checks and resolves the pipeline at `path`.
+/// The [`Sources`] come back either way, for rendering diagnostics.
+pub fn load(path: &Path, overrides: &Overrides, registry: &Registry) -> (Sources, Result<Pipeline, LoadError>) {
+    let mut sources = Sources::default();
+    let text = match read_text(path) {
+        Ok(text) => text,
+        Err(message) => return (sources, Err(LoadError::Unreadable(message))),
+    };
+    let id = sources.add(path.display().to_string(), text.as_str());
+    let mut diagnostics = Vec::new();
+    let mut root = match yaml::parse(id, &text) {
+        Ok(root) => root,
+        Err(errors) => return (sources, Err(LoadError::Invalid(errors))),
+    };
+    overrides::apply(&mut root, overrides, &mut sources, &mut diagnostics);
+    let raw = raw::check(root, &mut diagnostics);
+    let pipeline = match raw {
+        Some(raw) if diagnostics.is_empty() => resolve::resolve(path, &raw, registry, &mut diagnostics),
+        _ => None,
+    };
+    match pipeline {
+        Some(pipeline) if diagnostics.is_empty() => (sources, Ok(pipeline)),
+        _ => {
+            crate::diagnostic::sort(&mut diagnostics);
+            (sources, Err(LoadError::Invalid(diagnostics)))
+        }
+    }
+}
+
+/// The text of a pipeline file, or a one-line reason it cannot be had.
+fn read_text(path: &Path) -> Result<String, String> {
+    let shown = path.display();
+    if path.is_dir() {
+        return Err(format!("cannot read pipeline file `{shown}`: it is a directory"));
+    }
+    let bytes = std::fs::read(path).map_err(|error| {
+        let reason = match error.kind() {
+            io::ErrorKind::NotFound => "no such file".to_owned(),
+            io::ErrorKind::PermissionDenied => "permission denied".to_owned(),
+            _ => error.to_string(),
+        };
+        format!("cannot read pipeline file `{shown}`: {reason}")
+    })?;
+    String::from_utf8(bytes).map_err(|error| {
+        let at = error.utf8_error().valid_up_to();
+        let line = error.as_bytes()[..at].iter().filter(|b| **b == b'\n').count() + 1;
+        format!("pipeline file `{shown}` is not valid UTF-8 (line {line}, byte {at})")
+    })
+}

@@ -1,0 +1,330 @@
+//! The pipeline file as written: [`PipelineFile`] and [`StageSpec`], checked for shape only.
+//!
+//! This layer knows which keys exist and what kind of value each holds. It reports every unknown
+//! key (with a suggestion), every value of the wrong kind and every stage that has both or
+//! neither of `uses` and `cmd`, all at once. Templates, paths and params are left for
+//! [`super::resolve`].
+
+use crate::diagnostic::{did_you_mean, Diagnostic, Span};
+
+use super::yaml::{Key, Node, Value};
+
+/// Keys allowed at the top of a pipeline file. `docs/pipeline.schema.json` must list the same.
+pub const PIPELINE_KEYS: &[&str] = &["desc", "stages", "vars", "workdir"];
+
+/// Keys allowed in a stage. `docs/pipeline.schema.json` must list the same.
+pub const STAGE_KEYS: &[&str] = &[
+    "cmd", "desc", "foreach", "inputs", "matrix", "outputs", "params", "uses",
+];
+
+/// A pipeline file whose shape is right.
+#[derive(Debug, Clone)]
+pub struct PipelineFile {
+    pub root: Node,
+    pub desc: Option<Node>,
+    pub workdir: Option<Node>,
+    /// In file order: later vars may use earlier ones.
+    pub vars: Vec<(Key, Node)>,
+    /// In file order.
+    pub stages: Vec<StageSpec>,
+    /// The `stages:` key, for errors about the pipeline as a whole.
+    pub stages_key: Option<Key>,
+}
+
+/// What runs a stage.
+#[derive(Debug, Clone)]
+pub enum Action {
+    /// `uses: <built-in>`.
+    Uses(Node),
+    /// `cmd:` a string, or a list of strings run one after another.
+    Cmd(Node),
+}
+
+/// One entry under `stages:`, before templates are rendered or matrices expanded.
+#[derive(Debug, Clone)]
+pub struct StageSpec {
+    pub name: Key,
+    pub node: Node,
+    pub desc: Option<Node>,
+    pub action: Action,
+    pub inputs: Option<Node>,
+    pub outputs: Option<Node>,
+    pub params: Option<Node>,
+    pub matrix: Option<Node>,
+    pub foreach: Option<Node>,
+}
+
+/// Checks the shape of a parsed pipeline file, collecting every problem.
+pub fn check(root: Node, diagnostics: &mut Vec<Diagnostic>) -> Option<PipelineFile> {
+    let errors_before = diagnostics.len();
+    let entries = match &root.value {
+        Value::Map(entries) => entries.clone(),
+        Value::Null => {
+            diagnostics.push(
+                Diagnostic::error("the pipeline is empty")
+                    .at(root.span, "no stages here")
+                    .help("add a `stages:` map; see docs/pipeline-format.md"),
+            );
+            return None;
+        }
+        _ => {
+            diagnostics.push(
+                Diagnostic::error(format!(
+                    "a pipeline file must be a map with `stages:`, found {}",
+                    root.kind()
+                ))
+                .at(root.span, "expected a map"),
+            );
+            return None;
+        }
+    };
+
+    let mut file = PipelineFile {
+        root: root.clone(),
+        desc: None,
+        workdir: None,
+        vars: Vec::new(),
+        stages: Vec::new(),
+        stages_key: None,
+    };
+    for (key, value) in entries {
+        match key.name.as_str() {
+            "desc" => file.desc = expect_string(&key, value, diagnostics),
+            "workdir" => file.workdir = expect_string(&key, value, diagnostics),
+            "vars" => match value.value {
+                Value::Map(vars) => file.vars = vars,
+                Value::Null => {}
+                _ => diagnostics.push(wrong_kind(&key, &value, "a map of names to values")),
+            },
+            "stages" => {
+                match &value.value {
+                    Value::Map(stages) => {
+                        for (name, stage) in stages {
+                            if let Some(spec) = check_stage(name, stage, diagnostics) {
+                                file.stages.push(spec);
+                            }
+                        }
+                    }
+                    Value::Null => {}
+                    _ => diagnostics.push(wrong_kind(&key, &value, "a map of stage names to stages")),
+                }
+                file.stages_key = Some(key);
+            }
+            _ => diagnostics.push(unknown_key(&key, PIPELINE_KEYS, "at the top of a pipeline")),
+        }
+    }
+
+    let no_stages = match &file.stages_key {
+        None => true,
+        Some(_) => root
+            .get("stages")
+            .and_then(Node::as_map)
+            .is_none_or(|s| s.is_empty()),
+    };
+    if no_stages && diagnostics.len() == errors_before {
+        let diagnostic = Diagnostic::error("the pipeline has no stages");
+        let diagnostic = match &file.stages_key {
+            Some(key) => diagnostic.at(key.span, "this map is empty"),
+            None => diagnostic.at(Span { end: root.span.start, ..root.span }, "no `stages:` in this file"),
+        };
+        diagnostics.push(diagnostic.help("add a stage under `stages:`, e.g. `hello: {cmd: echo hi}`"));
+    }
+    (diagnostics.len() == errors_before).then_some(file)
+}
+
+fn check_stage(name: &Key, node: &Node, diagnostics: &mut Vec<Diagnostic>) -> Option<StageSpec> {
+    let errors_before = diagnostics.len();
+    check_stage_name(name, diagnostics);
+    let Some(entries) = node.as_map() else {
+        diagnostics.push(
+            Diagnostic::error(format!(
+                "stage `{}` must be a map with `uses:` or `cmd:`, found {}",
+                name.name,
+                node.kind()
+            ))
+            .at(node.span, "expected a map")
+            .also(name.span, "stage defined here"),
+        );
+        return None;
+    };
+    let mut uses = None;
+    let mut cmd = None;
+    let mut spec = StageSpec {
+        name: name.clone(),
+        node: node.clone(),
+        desc: None,
+        action: Action::Cmd(node.clone()),
+        inputs: None,
+        outputs: None,
+        params: None,
+        matrix: None,
+        foreach: None,
+    };
+    for (key, value) in entries {
+        let value = value.clone();
+        match key.name.as_str() {
+            "desc" => spec.desc = expect_string(key, value, diagnostics),
+            "uses" => uses = expect_string(key, value, diagnostics).map(|v| (key.clone(), v)),
+            "cmd" => {
+                let ok = match &value.value {
+                    Value::String(_) => true,
+                    Value::Seq(items) => {
+                        let mut ok = !items.is_empty();
+                        if items.is_empty() {
+                            diagnostics.push(
+                                Diagnostic::error("`cmd` is an empty list").at(value.span, "no command here"),
+                            );
+                        }
+                        for item in items {
+                            if item.as_str().is_none() {
+                                diagnostics.push(wrong_kind(key, item, "a string (a shell command)"));
+                                ok = false;
+                            }
+                        }
+                        ok
+                    }
+                    _ => {
+                        diagnostics.push(wrong_kind(key, &value, "a shell command, or a list of them"));
+                        false
+                    }
+                };
+                if ok {
+                    cmd = Some((key.clone(), value));
+                }
+            }
+            "inputs" => spec.inputs = check_paths(key, value, diagnostics),
+            "outputs" => spec.outputs = check_paths(key, value, diagnostics),
+            "params" => match &value.value {
+                Value::Map(_) => spec.params = Some(value),
+                Value::Null => {}
+                _ => diagnostics.push(wrong_kind(key, &value, "a map of params")),
+            },
+            "matrix" => match &value.value {
+                Value::Map(axes) if !axes.is_empty() => {
+                    for (axis, values) in axes {
+                        if !matches!(values.value, Value::Seq(_) | Value::String(_)) {
+                            diagnostics.push(wrong_kind(axis, values, "a list of values (or a `{{ var }}` holding one)"));
+                        }
+                    }
+                    spec.matrix = Some(value);
+                }
+                _ => diagnostics.push(wrong_kind(key, &value, "a map of names to lists of values")),
+            },
+            "foreach" => match &value.value {
+                Value::Seq(_) | Value::Map(_) | Value::String(_) => spec.foreach = Some(value),
+                _ => diagnostics.push(wrong_kind(key, &value, "a list or map to expand over (or a `{{ var }}` holding one)")),
+            },
+            _ => diagnostics.push(unknown_key(key, STAGE_KEYS, "in a stage")),
+        }
+    }
+    if let (Some((matrix_key, _)), Some((foreach_key, _))) = (node.entry("matrix"), node.entry("foreach")) {
+        diagnostics.push(
+            Diagnostic::error(format!("stage `{}` has both `matrix` and `foreach`", name.name))
+                .at(foreach_key.span, "`foreach` here")
+                .also(matrix_key.span, "`matrix` here")
+                .help("use `matrix` with one axis instead of `foreach`"),
+        );
+    }
+    match (uses, cmd) {
+        (Some((_, uses)), None) => spec.action = Action::Uses(uses),
+        (None, Some((_, cmd))) => spec.action = Action::Cmd(cmd),
+        (Some((uses_key, _)), Some((cmd_key, _))) => diagnostics.push(
+            Diagnostic::error(format!("stage `{}` has both `uses` and `cmd`", name.name))
+                .at(cmd_key.span, "`cmd` here")
+                .also(uses_key.span, "`uses` here")
+                .help("a stage runs either a built-in (`uses`) or a shell command (`cmd`), not both"),
+        ),
+        (None, None) => {
+            // Only complain when the keys are truly absent, not when they were malformed.
+            if node.get("uses").is_none() && node.get("cmd").is_none() {
+                diagnostics.push(
+                    Diagnostic::error(format!("stage `{}` has neither `uses` nor `cmd`", name.name))
+                        .at(name.span, "this stage does nothing")
+                        .help("add `uses: <built-in stage>` or `cmd: <shell command>`"),
+                )
+            }
+        }
+    }
+    (diagnostics.len() == errors_before).then_some(spec)
+}
+
+fn check_stage_name(name: &Key, diagnostics: &mut Vec<Diagnostic>) {
+    let valid = !name.name.is_empty()
+        && name
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if !valid {
+        diagnostics.push(
+            Diagnostic::error(format!("invalid stage name `{}`", name.name))
+                .at(name.span, "not a valid stage name")
+                .help("stage names use letters, digits, `_`, `-` and `.`"),
+        );
+    }
+}
+
+/// `inputs:`/`outputs:` are a map of name to path, or a list of paths.
+fn check_paths(key: &Key, value: Node, diagnostics: &mut Vec<Diagnostic>) -> Option<Node> {
+    let what = format!("a path (under `{}`)", key.name);
+    let mut ok = true;
+    match &value.value {
+        Value::Map(entries) => {
+            for (name, path) in entries {
+                if path.as_str().is_none() {
+                    diagnostics.push(wrong_kind(name, path, &what));
+                    ok = false;
+                }
+            }
+        }
+        Value::Seq(items) => {
+            for item in items {
+                if item.as_str().is_none() {
+                    diagnostics.push(wrong_kind(key, item, &what));
+                    ok = false;
+                }
+            }
+        }
+        Value::Null => return None,
+        _ => {
+            diagnostics.push(wrong_kind(key, &value, "a map of names to paths, or a list of paths"));
+            ok = false;
+        }
+    }
+    ok.then_some(value)
+}
+
+fn expect_string(key: &Key, value: Node, diagnostics: &mut Vec<Diagnostic>) -> Option<Node> {
+    if value.as_str().is_some() {
+        Some(value)
+    } else {
+        diagnostics.push(wrong_kind(key, &value, "a string"));
+        None
+    }
+}
+
+/// "`key` must be X, found Y", pointing at the value.
+pub fn wrong_kind(key: &Key, value: &Node, expected: &str) -> Diagnostic {
+    Diagnostic::error(format!("`{}` must be {expected}, found {}", key.name, value.kind()))
+        .at(value.span, format!("expected {expected}"))
+}
+
+/// "unknown key", with the closest known key as a suggestion.
+pub fn unknown_key(key: &Key, known: &[&str], place: &str) -> Diagnostic {
+    let diagnostic = Diagnostic::error(format!("unknown key `{}` {place}", key.name));
+    match did_you_mean(&key.name, known.iter().copied()) {
+        Some(suggestion) => diagnostic.at(key.span, format!("did you mean `{suggestion}`?")),
+        None => diagnostic
+            .at(key.span, "unknown key")
+            .help(format!("expected one of {}", list(known))),
+    }
+}
+
+/// "`a`, `b` or `c`".
+pub fn list(names: &[&str]) -> String {
+    let quoted: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();
+    match quoted.as_slice() {
+        [] => String::new(),
+        [one] => one.clone(),
+        [init @ .., last] => format!("{} or {last}", init.join(", ")),
+    }
+}

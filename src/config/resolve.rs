@@ -1,0 +1,438 @@
+//! From [`PipelineFile`] to [`Pipeline`]: vars, templates, matrix expansion, paths and typed params.
+//!
+//! Everything a user can get wrong past the shape of the file is found here, and every problem is
+//! collected before failing. What comes out is what the engine trusts.
+
+use std::path::{Path, PathBuf};
+
+use imba_stages::Registry;
+use serde_json::{Map, Value as Json};
+
+use crate::diagnostic::{did_you_mean, Diagnostic, Span};
+use crate::location::Declared;
+
+use super::params::ParamsChecker;
+use super::raw::{list, Action, PipelineFile, StageSpec};
+use super::template::{Context, Templates};
+use super::yaml::{Key, Node, Value};
+
+/// A validated pipeline: every template rendered, every matrix expanded, every path parsed.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    /// The pipeline file, as given on the command line.
+    pub file: PathBuf,
+    /// Directory that relative paths and commands are resolved in.
+    pub workdir: PathBuf,
+    pub desc: Option<String>,
+    /// The resolved vars.
+    pub vars: Map<String, Json>,
+    /// In file order; matrix instances in expansion order.
+    pub stages: Vec<Stage>,
+}
+
+/// One stage, ready to plan and run.
+#[derive(Debug, Clone)]
+pub struct Stage {
+    /// Unique name: the spec's name, plus `@suffix` for a matrix or foreach instance.
+    pub name: String,
+    /// Where the stage is defined (its key in `stages:`).
+    pub span: Span,
+    pub desc: Option<String>,
+    pub kind: StageKind,
+    pub inputs: Vec<Port>,
+    pub outputs: Vec<Port>,
+    /// Template context of a `cmd` stage without its `inputs`/`outputs`: vars, `item`, `params`.
+    /// The runner adds staging paths for `outputs` and renders the command again.
+    pub context: Map<String, Json>,
+}
+
+#[derive(Debug, Clone)]
+pub enum StageKind {
+    Builtin {
+        name: String,
+        version: u32,
+        /// Normalised: every default filled in, keys sorted.
+        params: Json,
+    },
+    Shell {
+        /// Each command as written (a template), with its span.
+        templates: Vec<(String, Span)>,
+        /// Each command rendered with the declared paths.
+        commands: Vec<String>,
+        params: Json,
+    },
+}
+
+impl StageKind {
+    /// `clean`, `aggregate`…, or `cmd`.
+    pub fn label(&self) -> &str {
+        match self {
+            StageKind::Builtin { name, .. } => name,
+            StageKind::Shell { .. } => "cmd",
+        }
+    }
+}
+
+/// A declared input or output.
+#[derive(Debug, Clone)]
+pub struct Port {
+    /// The name in an `inputs:`/`outputs:` map; `None` in a list.
+    pub name: Option<String>,
+    /// The path as written, after templates.
+    pub text: String,
+    pub declared: Declared,
+    pub span: Span,
+}
+
+/// Resolves a shape-checked file. `file` is the path given by the user.
+pub fn resolve(file: &Path, raw: &PipelineFile, registry: &Registry, diagnostics: &mut Vec<Diagnostic>) -> Option<Pipeline> {
+    let before = diagnostics.len();
+    let templates = Templates::default();
+    let file_dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
+    let file_dir = if file_dir.as_os_str().is_empty() { PathBuf::from(".") } else { file_dir };
+    let base = std::path::absolute(&file_dir).unwrap_or(file_dir);
+    let workdir = match raw.workdir.as_ref().and_then(Node::as_str) {
+        Some(dir) => crate::location::normalize(&base.join(dir)),
+        None => crate::location::normalize(&base),
+    };
+
+    // Vars, in order: each may use the ones before it.
+    let mut vars = Map::new();
+    for (key, node) in &raw.vars {
+        let ctx = Context::new(&vars);
+        if let Some(rendered) = templates.render_node(node, &ctx, diagnostics) {
+            vars.insert(key.name.clone(), rendered.to_json());
+        }
+    }
+    let desc = raw.desc.as_ref().and_then(Node::as_str).map(str::to_owned);
+
+    let mut resolver = StageResolver {
+        templates: &templates,
+        registry,
+        checker: ParamsChecker::default(),
+        workdir: &workdir,
+        vars: &vars,
+        diagnostics,
+    };
+    let mut stages = Vec::new();
+    for spec in &raw.stages {
+        resolver.stage(spec, &mut stages);
+    }
+    check_unique_names(&stages, diagnostics);
+
+    let mut tail = diagnostics.split_off(before);
+    dedup_vec(&mut tail);
+    let failed = !tail.is_empty();
+    diagnostics.extend(tail);
+    (!failed).then(|| Pipeline {
+        file: file.to_path_buf(),
+        workdir,
+        desc,
+        vars,
+        stages,
+    })
+}
+
+/// A matrix stage reports the same template error once per instance; keep one.
+fn dedup_vec(diagnostics: &mut Vec<Diagnostic>) {
+    let mut seen = Vec::new();
+    diagnostics.retain(|d| {
+        let key = (d.message.clone(), d.labels.first().map(|l| l.span));
+        if seen.contains(&key) {
+            false
+        } else {
+            seen.push(key);
+            true
+        }
+    });
+}
+
+fn check_unique_names(stages: &[Stage], diagnostics: &mut Vec<Diagnostic>) {
+    let mut by_name: std::collections::HashMap<&str, &Stage> = std::collections::HashMap::new();
+    for stage in stages {
+        if let Some(first) = by_name.insert(&stage.name, stage) {
+            diagnostics.push(
+                Diagnostic::error(format!("two stages are named `{}`", stage.name))
+                    .at(stage.span, "this expands to the same name")
+                    .also(first.span, "as this"),
+            );
+        }
+    }
+}
+
+struct StageResolver<'a> {
+    templates: &'a Templates,
+    registry: &'a Registry,
+    checker: ParamsChecker,
+    workdir: &'a Path,
+    vars: &'a Map<String, Json>,
+    diagnostics: &'a mut Vec<Diagnostic>,
+}
+
+/// One expansion of a stage: its name suffix and the `item`/`key` it sees.
+struct Instance {
+    suffix: Option<String>,
+    bindings: Map<String, Json>,
+}
+
+impl StageResolver<'_> {
+    fn stage(&mut self, spec: &StageSpec, out: &mut Vec<Stage>) {
+        for instance in self.instances(spec) {
+            if let Some(stage) = self.instance(spec, instance) {
+                out.push(stage);
+            }
+        }
+    }
+
+    fn base_context(&self) -> Context {
+        Context::new(self.vars)
+    }
+
+    fn instances(&mut self, spec: &StageSpec) -> Vec<Instance> {
+        let single = || vec![Instance { suffix: None, bindings: Map::new() }];
+        let ctx = self.base_context();
+        if let Some(matrix) = &spec.matrix {
+            let mut axes: Vec<(String, Vec<Json>, Span)> = Vec::new();
+            for (axis, values) in matrix.as_map().unwrap_or_default() {
+                let Some(values) = self.list_of(axis, values, &ctx) else { return Vec::new() };
+                axes.push((axis.name.clone(), values, axis.span));
+            }
+            let mut combos: Vec<(Vec<String>, Map<String, Json>)> = vec![(Vec::new(), Map::new())];
+            for (axis, values, _) in &axes {
+                let mut next = Vec::with_capacity(combos.len() * values.len());
+                for (suffix, item) in &combos {
+                    for (index, value) in values.iter().enumerate() {
+                        let mut suffix = suffix.clone();
+                        suffix.push(suffix_of(value, index));
+                        let mut item = item.clone();
+                        item.insert(axis.clone(), value.clone());
+                        next.push((suffix, item));
+                    }
+                }
+                combos = next;
+            }
+            return combos
+                .into_iter()
+                .map(|(suffix, item)| {
+                    let mut bindings = Map::new();
+                    bindings.insert("item".into(), Json::Object(item));
+                    Instance { suffix: Some(suffix.join("-")), bindings }
+                })
+                .collect();
+        }
+        if let Some(foreach) = &spec.foreach {
+            let key = Key { name: "foreach".into(), span: foreach.span };
+            let rendered = match self.templates.render_node(foreach, &ctx, self.diagnostics) {
+                Some(node) => node,
+                None => return Vec::new(),
+            };
+            return match rendered.to_json() {
+                Json::Array(items) if !items.is_empty() => items
+                    .into_iter()
+                    .enumerate()
+                    .map(|(index, item)| {
+                        let mut bindings = Map::new();
+                        let suffix = suffix_of(&item, index);
+                        bindings.insert("item".into(), item);
+                        Instance { suffix: Some(suffix), bindings }
+                    })
+                    .collect(),
+                Json::Object(map) if !map.is_empty() => map
+                    .into_iter()
+                    .map(|(k, item)| {
+                        let mut bindings = Map::new();
+                        bindings.insert("key".into(), Json::String(k.clone()));
+                        bindings.insert("item".into(), item);
+                        Instance { suffix: Some(k), bindings }
+                    })
+                    .collect(),
+                other => {
+                    let found = Node::from_json(&other, rendered.span);
+                    let what = if matches!(other, Json::Array(_) | Json::Object(_)) { "empty".to_owned() } else { found.kind().to_owned() };
+                    self.diagnostics.push(
+                        Diagnostic::error(format!("`foreach` of stage `{}` must be a non-empty list or map, found {what}", spec.name.name))
+                            .at(key.span, "nothing to expand over"),
+                    );
+                    Vec::new()
+                }
+            };
+        }
+        single()
+    }
+
+    /// A matrix axis: a list, or a template that renders to one.
+    fn list_of(&mut self, axis: &Key, values: &Node, ctx: &Context) -> Option<Vec<Json>> {
+        let rendered = self.templates.render_node(values, ctx, self.diagnostics)?;
+        match rendered.to_json() {
+            Json::Array(items) if !items.is_empty() => Some(items),
+            other => {
+                let found = if other.as_array().is_some() { "an empty list".to_owned() } else { rendered.kind().to_owned() };
+                self.diagnostics.push(
+                    Diagnostic::error(format!("matrix axis `{}` must be a non-empty list, found {found}", axis.name))
+                        .at(values.span, "expected a list of values"),
+                );
+                None
+            }
+        }
+    }
+
+    fn instance(&mut self, spec: &StageSpec, instance: Instance) -> Option<Stage> {
+        let before = self.diagnostics.len();
+        let name = match &instance.suffix {
+            Some(suffix) => format!("{}@{suffix}", spec.name.name),
+            None => spec.name.name.clone(),
+        };
+        let mut context = self.vars.clone();
+        context.extend(instance.bindings);
+        let ctx = Context::new(&context);
+
+        let desc = spec
+            .desc
+            .as_ref()
+            .and_then(|d| self.templates.render_node(d, &ctx, self.diagnostics))
+            .and_then(|d| d.as_str().map(str::to_owned));
+        let inputs = self.ports(spec.inputs.as_ref(), &ctx);
+        let outputs = self.ports(spec.outputs.as_ref(), &ctx);
+        let params_node = spec
+            .params
+            .as_ref()
+            .and_then(|p| self.templates.render_node(p, &ctx, self.diagnostics))
+            .unwrap_or_else(|| Node::new(spec.name.span, Value::Map(Vec::new())));
+
+        let kind = match &spec.action {
+            Action::Uses(uses) => {
+                let uses = self.templates.render_node(uses, &ctx, self.diagnostics)?;
+                let Some(uses_name) = uses.as_str() else {
+                    self.diagnostics.push(Diagnostic::error("`uses` must name a built-in stage").at(uses.span, format!("found {}", uses.kind())));
+                    return None;
+                };
+                let Some(builtin) = self.registry.get(uses_name) else {
+                    self.diagnostics.push(unknown_builtin(uses_name, uses.span, self.registry));
+                    return None;
+                };
+                let params = self.checker.check(builtin, &spec.name.name, &params_node, uses.span, self.diagnostics)?;
+                StageKind::Builtin {
+                    name: builtin.name.to_owned(),
+                    version: builtin.version,
+                    params,
+                }
+            }
+            Action::Cmd(cmd) => {
+                let params = params_node.to_json();
+                let mut full = context.clone();
+                full.insert("params".into(), params.clone());
+                full.insert("inputs".into(), ports_json(inputs.as_deref().unwrap_or_default()));
+                full.insert("outputs".into(), ports_json(outputs.as_deref().unwrap_or_default()));
+                let full_ctx = Context::new(&full);
+                let lines: Vec<&Node> = match &cmd.value {
+                    Value::Seq(items) => items.iter().collect(),
+                    _ => vec![cmd],
+                };
+                let mut templates = Vec::new();
+                let mut commands = Vec::new();
+                for line in lines {
+                    let Value::String(s) = &line.value else { continue };
+                    match self.templates.render_string(s, line.span, &full_ctx) {
+                        Ok(rendered) => commands.push(match rendered.to_json() {
+                            Json::String(s) => s,
+                            other => other.to_string(),
+                        }),
+                        Err(diagnostic) => self.diagnostics.push(diagnostic),
+                    }
+                    templates.push((s.text.clone(), line.span));
+                }
+                context.insert("params".into(), params.clone());
+                StageKind::Shell { templates, commands, params }
+            }
+        };
+        if self.diagnostics.len() > before {
+            return None;
+        }
+        Some(Stage {
+            name,
+            span: spec.name.span,
+            desc,
+            kind,
+            inputs: inputs?,
+            outputs: outputs?,
+            context,
+        })
+    }
+
+    /// `inputs:` or `outputs:`, rendered and parsed.
+    fn ports(&mut self, node: Option<&Node>, ctx: &Context) -> Option<Vec<Port>> {
+        let Some(node) = node else { return Some(Vec::new()) };
+        let entries: Vec<(Option<&Key>, &Node)> = match &node.value {
+            Value::Map(entries) => entries.iter().map(|(k, v)| (Some(k), v)).collect(),
+            Value::Seq(items) => items.iter().map(|v| (None, v)).collect(),
+            _ => return Some(Vec::new()),
+        };
+        let mut ports = Vec::new();
+        let mut ok = true;
+        for (key, value) in entries {
+            let Some(rendered) = self.templates.render_node(value, ctx, self.diagnostics) else {
+                ok = false;
+                continue;
+            };
+            let Some(text) = rendered.as_str() else {
+                self.diagnostics.push(
+                    Diagnostic::error(format!("a path must be a string, this template gives {}", rendered.kind()))
+                        .at(value.span, "not a path"),
+                );
+                ok = false;
+                continue;
+            };
+            match Declared::parse(text, self.workdir) {
+                Ok(declared) => ports.push(Port {
+                    name: key.map(|k| k.name.clone()),
+                    text: text.to_owned(),
+                    declared,
+                    span: value.span,
+                }),
+                Err(error) => {
+                    self.diagnostics.push(Diagnostic::error(format!("invalid path `{text}`: {error}")).at(value.span, error.to_string()));
+                    ok = false;
+                }
+            }
+        }
+        ok.then_some(ports)
+    }
+}
+
+/// `inputs`/`outputs` as a template sees them: a map by name, or a list.
+pub fn ports_json(ports: &[Port]) -> Json {
+    if ports.iter().all(|p| p.name.is_some()) && !ports.is_empty() {
+        Json::Object(
+            ports
+                .iter()
+                .map(|p| (p.name.clone().unwrap_or_default(), Json::String(p.text.clone())))
+                .collect(),
+        )
+    } else {
+        Json::Array(ports.iter().map(|p| Json::String(p.text.clone())).collect())
+    }
+}
+
+fn suffix_of(value: &Json, index: usize) -> String {
+    match value {
+        Json::String(s) => s.clone(),
+        Json::Number(n) => n.to_string(),
+        Json::Bool(b) => b.to_string(),
+        Json::Null => "null".into(),
+        Json::Array(_) | Json::Object(_) => index.to_string(),
+    }
+}
+
+fn unknown_builtin(name: &str, span: Span, registry: &Registry) -> Diagnostic {
+    let names: Vec<&str> = registry.names().collect();
+    let diagnostic = Diagnostic::error(format!("unknown built-in stage `{name}`"));
+    let diagnostic = match did_you_mean(name, names.iter().copied()) {
+        Some(s) => diagnostic.at(span, format!("did you mean `{s}`?")),
+        None => diagnostic.at(span, "no built-in stage has this name"),
+    };
+    if names.is_empty() {
+        diagnostic.help("this build of imba has no built-in stages; use `cmd:` to run a shell command")
+    } else {
+        diagnostic.help(format!("the built-in stages are {}; `imba stages` describes them", list(&names)))
+    }
+}

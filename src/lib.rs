@@ -1,0 +1,14 @@
+//! imba: a declarative DAG orchestrator for data and feature pipelines.
+//!
+//! The binary is glue around these pieces: [`config`] reads a pipeline file into a validated
+//! [`config::Pipeline`], [`dag`] turns it into a checked graph, [`draw`] shows the graph, and
+//! [`report`] prints everything a person reads. Built-in stages live in the `imba-stages` crate.
+
+pub mod cli;
+pub mod config;
+pub mod dag;
+pub mod diagnostic;
+pub mod draw;
+pub mod location;
+pub mod report;
+pub mod schema;

@@ -1,0 +1,90 @@
+//! The JSON Schema of a pipeline file, for editors (`imba schema`, `docs/pipeline.schema.json`).
+//!
+//! These types describe the file for schemars only; [`crate::config::raw`] reads it, with spans
+//! and better messages. A test keeps the two in step.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::Deserialize;
+
+/// An imba pipeline: stages that read and write files, run when their inputs change.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(title = "imba pipeline")]
+pub struct PipelineSchema {
+    /// What the pipeline is for.
+    desc: Option<String>,
+    /// The directory that relative paths and commands resolve against, relative to this file.
+    /// Default: the directory of this file.
+    workdir: Option<String>,
+    /// Values for `{{ name }}` templates in any string. A var may use the vars above it.
+    /// `--set name=value` and `--vars FILE` override them.
+    vars: Option<BTreeMap<String, serde_json::Value>>,
+    /// The stages, by name (letters, digits, `_`, `-`, `.`).
+    stages: BTreeMap<String, StageSchema>,
+}
+
+/// One stage: a built-in (`uses`) or a shell command (`cmd`), with what it reads and writes.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StageSchema {
+    /// What the stage does, for `imba dag` and the docs.
+    desc: Option<String>,
+    /// A built-in stage, e.g. `clean`. Exclusive with `cmd`.
+    uses: Option<String>,
+    /// A shell command, or a list of commands run in order, in `workdir`. Templates may use
+    /// `{{ inputs.NAME }}`, `{{ outputs.NAME }}` and `{{ params.NAME }}`. Exclusive with `uses`.
+    cmd: Option<Command>,
+    /// What the stage reads: a map of name to path, or a list of paths. A path is local
+    /// (relative to `workdir`) or `s3://bucket/key`; a trailing `/` marks a directory.
+    inputs: Option<Paths>,
+    /// What the stage writes, as for `inputs`. Each path has one writer.
+    outputs: Option<Paths>,
+    /// Params: typed by the built-in named in `uses`, free for `cmd` stages.
+    params: Option<BTreeMap<String, serde_json::Value>>,
+    /// Expands the stage once per combination of values: `{month: [01, 02], model: [a, b]}`
+    /// gives `NAME@01-a`, `NAME@01-b`, …; templates see `{{ item.month }}`.
+    matrix: Option<BTreeMap<String, Axis>>,
+    /// Expands the stage once per list item (`{{ item }}`) or map entry (`{{ key }}`, `{{ item }}`).
+    foreach: Option<Foreach>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(untagged)]
+enum Command {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(untagged)]
+enum Paths {
+    Named(BTreeMap<String, String>),
+    List(Vec<String>),
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(untagged)]
+enum Axis {
+    Values(Vec<serde_json::Value>),
+    /// A `{{ var }}` holding a list.
+    Template(String),
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(untagged)]
+enum Foreach {
+    List(Vec<serde_json::Value>),
+    Map(BTreeMap<String, serde_json::Value>),
+    /// A `{{ var }}` holding a list or map.
+    Template(String),
+}
+
+/// The schema, pretty-printed with a trailing newline, as checked in under `docs/`.
+pub fn pipeline_schema_json() -> String {
+    let schema = schemars::schema_for!(PipelineSchema);
+    serde_json::to_string_pretty(&schema).unwrap_or_default() + "\n"
+}

@@ -1,0 +1,9 @@
+//! imba's built-in stages: pure transforms with typed params, and the registry that names them.
+//!
+//! A built-in stage knows nothing of YAML, lock files, storage or the command line. It declares
+//! a name, an implementation version and a params type; the orchestrator validates a stage's
+//! `params:` against that type before anything runs.
+
+mod registry;
+
+pub use registry::{Builtin, BuiltinStage, ParamsError, Registry};

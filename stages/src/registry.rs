@@ -1,0 +1,185 @@
+//! The registry: maps a `uses:` name to a built-in stage's version, params schema and checker.
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{de::DeserializeOwned, Serialize};
+
+/// A built-in stage, as its implementation declares it.
+pub trait BuiltinStage: 'static {
+    /// The name used in `uses:`.
+    const NAME: &'static str;
+    /// The implementation version. Bump it whenever the stage's output for the same inputs and
+    /// params changes: it is part of every fingerprint, so bumping it re-runs every use.
+    const VERSION: u32;
+    /// One line for `imba stages` and the docs.
+    const SUMMARY: &'static str;
+    /// The typed `params:` of the stage.
+    type Params: DeserializeOwned + Serialize + JsonSchema;
+}
+
+/// Why a stage's params do not fit its params type (after the schema check passed).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ParamsError {
+    /// A JSON pointer into the params, when serde could tell where.
+    pub pointer: String,
+    pub message: String,
+}
+
+/// The object-safe face of a [`BuiltinStage`], as kept in the [`Registry`].
+#[derive(Clone)]
+pub struct Builtin {
+    pub name: &'static str,
+    pub version: u32,
+    pub summary: &'static str,
+    schema: fn() -> schemars::Schema,
+    normalize: fn(&serde_json::Value) -> Result<serde_json::Value, ParamsError>,
+}
+
+impl std::fmt::Debug for Builtin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Builtin")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Builtin {
+    /// The descriptor of `S`.
+    pub fn of<S: BuiltinStage>() -> Self {
+        Builtin {
+            name: S::NAME,
+            version: S::VERSION,
+            summary: S::SUMMARY,
+            schema: || schemars::schema_for!(S::Params),
+            normalize: normalize::<S::Params>,
+        }
+    }
+
+    /// The JSON Schema of the stage's params.
+    pub fn params_schema(&self) -> schemars::Schema {
+        (self.schema)()
+    }
+
+    /// Checks `params` against the params type and returns them in canonical form: every
+    /// default filled in, keys sorted. This is what fingerprints hash.
+    pub fn normalize_params(
+        &self,
+        params: &serde_json::Value,
+    ) -> Result<serde_json::Value, ParamsError> {
+        (self.normalize)(params)
+    }
+}
+
+fn normalize<P: DeserializeOwned + Serialize>(
+    value: &serde_json::Value,
+) -> Result<serde_json::Value, ParamsError> {
+    let typed: P = serde_path_to_error::deserialize(value).map_err(|e| ParamsError {
+        pointer: pointer_of(e.path()),
+        message: e.inner().to_string(),
+    })?;
+    serde_json::to_value(&typed).map_err(|e| ParamsError {
+        pointer: String::new(),
+        message: e.to_string(),
+    })
+}
+
+fn pointer_of(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    for segment in path.iter() {
+        out.push('/');
+        match segment {
+            Segment::Seq { index } => out.push_str(&index.to_string()),
+            Segment::Map { key } => out.push_str(&key.replace('~', "~0").replace('/', "~1")),
+            Segment::Enum { variant } => out.push_str(variant),
+            Segment::Unknown => out.push('?'),
+        }
+    }
+    out
+}
+
+/// The built-in stages by name.
+#[derive(Debug, Clone, Default)]
+pub struct Registry {
+    builtins: BTreeMap<&'static str, Builtin>,
+}
+
+impl Registry {
+    /// The stages that ship with imba.
+    pub fn standard() -> Self {
+        Registry::default()
+    }
+
+    /// A registry holding exactly `builtins` (tests and embedders use this).
+    pub fn with(builtins: impl IntoIterator<Item = Builtin>) -> Self {
+        Registry {
+            builtins: builtins.into_iter().map(|b| (b.name, b)).collect(),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Builtin> {
+        self.builtins.get(name)
+    }
+
+    /// All built-ins, sorted by name.
+    pub fn iter(&self) -> impl Iterator<Item = &Builtin> {
+        self.builtins.values()
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.builtins.keys().copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Deserialize, Serialize, JsonSchema)]
+    #[serde(deny_unknown_fields)]
+    struct EchoParams {
+        word: String,
+        #[serde(default = "three")]
+        times: u32,
+    }
+    fn three() -> u32 {
+        3
+    }
+    struct Echo;
+    impl BuiltinStage for Echo {
+        const NAME: &'static str = "echo";
+        const VERSION: u32 = 2;
+        const SUMMARY: &'static str = "repeats a word";
+        type Params = EchoParams;
+    }
+
+    #[test]
+    fn normalize_fills_defaults_and_sorts_keys() {
+        let registry = Registry::with([Builtin::of::<Echo>()]);
+        let echo = registry.get("echo").expect("registered");
+        assert_eq!(echo.version, 2);
+        let params = serde_json::json!({"word": "hi"});
+        let normal = echo.normalize_params(&params).expect("valid");
+        assert_eq!(normal.to_string(), r#"{"times":3,"word":"hi"}"#);
+    }
+
+    #[test]
+    fn normalize_reports_the_path_of_a_bad_value() {
+        let echo = Builtin::of::<Echo>();
+        let err = echo
+            .normalize_params(&serde_json::json!({"word": "hi", "times": -1}))
+            .expect_err("negative times");
+        assert_eq!(err.pointer, "/times");
+        assert!(err.message.contains("invalid value"), "{}", err.message);
+    }
+
+    #[test]
+    fn the_schema_names_the_params() {
+        let schema = serde_json::to_value(Builtin::of::<Echo>().params_schema()).unwrap();
+        assert_eq!(schema["required"], serde_json::json!(["word"]));
+    }
+}
