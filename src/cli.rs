@@ -102,11 +102,12 @@ pub fn run(cli: Cli, printer: &Printer) -> ExitCode {
     match cli.command {
         Command::Validate(args) => match checked_dag(&args, &registry, printer) {
             Ok(dag) => {
+                let plural = |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
                 printer.data(&format!(
-                    "{} is valid: {} stages, {} dependencies\n",
+                    "{} is valid: {}, {}\n",
                     args.file.display(),
-                    dag.pipeline().stages.len(),
-                    dag.edge_count()
+                    plural(dag.pipeline().stages.len(), "stage", "stages"),
+                    plural(dag.edge_count(), "dependency", "dependencies")
                 ));
                 ExitCode::SUCCESS
             }

@@ -46,10 +46,9 @@ pub fn load(path: &Path, overrides: &Overrides, registry: &Registry) -> (Sources
     };
     overrides::apply(&mut root, overrides, &mut sources, &mut diagnostics);
     let raw = raw::check(root, &mut diagnostics);
-    let pipeline = match raw {
-        Some(raw) if diagnostics.is_empty() => resolve::resolve(path, &raw, registry, &mut diagnostics),
-        _ => None,
-    };
+    // Stages with shape errors are left out of `raw`; the others are still resolved, so that
+    // one run reports as much as it can.
+    let pipeline = raw.and_then(|raw| resolve::resolve(path, &raw, registry, &mut diagnostics));
     match pipeline {
         Some(pipeline) if diagnostics.is_empty() => (sources, Ok(pipeline)),
         _ => {

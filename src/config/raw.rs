@@ -54,7 +54,8 @@ pub struct StageSpec {
     pub foreach: Option<Node>,
 }
 
-/// Checks the shape of a parsed pipeline file, collecting every problem.
+/// Checks the shape of a parsed pipeline file, collecting every problem. The file that comes back
+/// holds the stages that are well formed, so that later checks can still report on them.
 pub fn check(root: Node, diagnostics: &mut Vec<Diagnostic>) -> Option<PipelineFile> {
     let errors_before = diagnostics.len();
     let entries = match &root.value {
@@ -129,7 +130,7 @@ pub fn check(root: Node, diagnostics: &mut Vec<Diagnostic>) -> Option<PipelineFi
         };
         diagnostics.push(diagnostic.help("add a stage under `stages:`, e.g. `hello: {cmd: echo hi}`"));
     }
-    (diagnostics.len() == errors_before).then_some(file)
+    Some(file)
 }
 
 fn check_stage(name: &Key, node: &Node, diagnostics: &mut Vec<Diagnostic>) -> Option<StageSpec> {

@@ -151,11 +151,16 @@ fn check_unique_names(stages: &[Stage], diagnostics: &mut Vec<Diagnostic>) {
     let mut by_name: std::collections::HashMap<&str, &Stage> = std::collections::HashMap::new();
     for stage in stages {
         if let Some(first) = by_name.insert(&stage.name, stage) {
-            diagnostics.push(
+            let diagnostic = if first.span == stage.span {
+                Diagnostic::error(format!("this stage expands to `{}` twice", stage.name))
+                    .at(stage.span, "two expansions get the same name")
+                    .help("give each `foreach`/`matrix` value a distinct name")
+            } else {
                 Diagnostic::error(format!("two stages are named `{}`", stage.name))
                     .at(stage.span, "this expands to the same name")
-                    .also(first.span, "as this"),
-            );
+                    .also(first.span, "as this")
+            };
+            diagnostics.push(diagnostic);
         }
     }
 }

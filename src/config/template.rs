@@ -36,6 +36,17 @@ impl Context {
             names: map.keys().cloned().collect(),
         }
     }
+
+    /// The keys of the map at `name`, when it is one (for "`item` has: …").
+    fn keys_of(&self, name: &str) -> Option<Vec<String>> {
+        let value = self.value.get_attr(name).ok()?;
+        if value.kind() != minijinja::value::ValueKind::Map {
+            return None;
+        }
+        let mut keys: Vec<String> = value.try_iter().ok()?.map(|k| k.to_string()).collect();
+        keys.sort();
+        Some(keys)
+    }
 }
 
 /// Whether a string holds template syntax at all.
@@ -148,7 +159,15 @@ impl Templates {
                 };
                 let mut names: Vec<&str> = ctx.names.iter().map(String::as_str).collect();
                 names.sort_unstable();
-                if names.is_empty() {
+                let known_root = root.filter(|r| name.is_some_and(|n| n != *r) && names.contains(r));
+                if let Some(keys) = known_root.and_then(|r| ctx.keys_of(r).map(|k| (r, k))) {
+                    let (root, keys) = keys;
+                    if keys.is_empty() {
+                        diagnostic.help(format!("`{root}` is empty here"))
+                    } else {
+                        diagnostic.help(format!("`{root}` has: {}", keys.join(", ")))
+                    }
+                } else if names.is_empty() {
                     diagnostic.help("define it under `vars:`, or pass `--set NAME=VALUE`")
                 } else {
                     diagnostic.help(format!(

@@ -1,0 +1,186 @@
+//! `imba validate` on bad pipelines: every error rendered whole, with its span, exit code 2.
+
+mod common;
+
+use common::Test;
+use insta::assert_snapshot;
+
+fn validate(yaml: &str) -> String {
+    let out = Test::new().pipeline(yaml).args(&["validate", "pipeline.yaml"]).run();
+    out.all()
+}
+
+#[test]
+fn yaml_syntax_error() {
+    assert_snapshot!(validate("stages:\n  a:\n    cmd: [echo, hi\n    outputs: [x]\n"));
+}
+
+#[test]
+fn yaml_bad_indentation() {
+    assert_snapshot!(validate("stages:\n  a:\n    cmd: echo\n   outputs: [x]\n"));
+}
+
+#[test]
+fn unknown_keys_suggest_the_right_one() {
+    assert_snapshot!(validate(
+        "varz:\n  out: o\nstages:\n  a:\n    cmd: echo\n    inptus: [x]\n    outptus: [y]\n    colour: red\n"
+    ));
+}
+
+#[test]
+fn wrong_value_types() {
+    assert_snapshot!(validate(
+        "workdir: [a]\nstages:\n  a:\n    cmd: {run: echo}\n    inputs: 3\n    outputs:\n      x: [a, b]\n    params: [1]\n  b: just a string\n"
+    ));
+}
+
+#[test]
+fn both_uses_and_cmd() {
+    assert_snapshot!(validate("stages:\n  a:\n    uses: clean\n    cmd: echo hi\n"));
+}
+
+#[test]
+fn neither_uses_nor_cmd() {
+    assert_snapshot!(validate("stages:\n  a:\n    outputs: [x]\n"));
+}
+
+#[test]
+fn unknown_builtin() {
+    assert_snapshot!(validate("stages:\n  a:\n    uses: clen\n"));
+}
+
+#[test]
+fn undefined_template_variables() {
+    assert_snapshot!(validate(
+        "vars:\n  out: out\nstages:\n  a:\n    cmd: echo {{ ouput }} > {{ outputs.reslt }}\n    outputs:\n      result: \"{{ out }}/a.txt\"\n  b:\n    matrix:\n      month: [\"01\", \"02\"]\n    cmd: echo {{ item.mnth }}\n"
+    ));
+}
+
+#[test]
+fn two_stages_write_the_same_path() {
+    assert_snapshot!(validate(
+        "stages:\n  a:\n    cmd: echo\n    outputs: [out/x.csv]\n  b:\n    cmd: echo\n    outputs: [./out/x.csv]\n"
+    ));
+}
+
+#[test]
+fn an_output_inside_another_stages_directory() {
+    assert_snapshot!(validate(
+        "stages:\n  a:\n    cmd: echo\n    outputs: [out/]\n  b:\n    cmd: echo\n    outputs: [out/b/x.csv]\n"
+    ));
+}
+
+#[test]
+fn a_stage_reading_its_own_output() {
+    assert_snapshot!(validate("stages:\n  a:\n    cmd: echo\n    inputs: [out/a.txt]\n    outputs: [out/a.txt]\n"));
+}
+
+#[test]
+fn a_cycle_is_named_whole() {
+    assert_snapshot!(validate(
+        "stages:\n  a:\n    cmd: echo\n    inputs: [c.txt]\n    outputs: [a.txt]\n  b:\n    cmd: echo\n    inputs: [a.txt]\n    outputs: [b.txt]\n  c:\n    cmd: echo\n    inputs: [b.txt]\n    outputs: [c.txt]\n"
+    ));
+}
+
+#[test]
+fn a_cycle_through_a_directory() {
+    assert_snapshot!(validate(
+        "stages:\n  a:\n    cmd: echo\n    inputs: [b/part.csv]\n    outputs: [a/]\n  b:\n    cmd: echo\n    inputs: [a/]\n    outputs: [b/]\n"
+    ));
+}
+
+#[test]
+fn a_missing_source_input() {
+    assert_snapshot!(validate(
+        "stages:\n  a:\n    cmd: echo\n    outputs: [out/orders.csv]\n  b:\n    cmd: echo\n    inputs: [out/order.csv, data/raw.csv]\n    outputs: [out/b.csv]\n"
+    ));
+}
+
+#[test]
+fn an_empty_file() {
+    assert_snapshot!(validate(""));
+}
+
+#[test]
+fn no_stages() {
+    assert_snapshot!(validate("vars:\n  out: o\nstages: {}\n"));
+}
+
+#[test]
+fn not_a_map() {
+    assert_snapshot!(validate("- a\n- b\n"));
+}
+
+#[test]
+fn a_key_given_twice() {
+    assert_snapshot!(validate("stages:\n  a:\n    cmd: echo\n  a:\n    cmd: echo\n"));
+}
+
+#[test]
+fn matrix_and_foreach_errors() {
+    assert_snapshot!(validate(
+        "vars:\n  months: []\nstages:\n  a:\n    matrix:\n      m: \"{{ months }}\"\n    cmd: echo\n  b:\n    foreach: 3\n    cmd: echo\n  c:\n    matrix: {x: [1]}\n    foreach: [1]\n    cmd: echo\n  d:\n    foreach: [x, x]\n    cmd: echo\n"
+    ));
+}
+
+#[test]
+fn bad_paths() {
+    assert_snapshot!(validate(
+        "stages:\n  a:\n    cmd: echo\n    outputs: [\"s3://\", \"gs://b/k\", \"\", s3://bucket]\n"
+    ));
+}
+
+#[test]
+fn invalid_stage_name() {
+    assert_snapshot!(validate("stages:\n  \"my stage\":\n    cmd: echo\n"));
+}
+
+#[test]
+fn every_problem_is_reported_in_one_run() {
+    // Shape errors in one stage do not hide template errors in another.
+    let out = Test::new()
+        .pipeline("stages:\n  a:\n    cmd: echo\n    inptus: [x]\n  b:\n    cmd: echo {{ nope }}\n  c:\n    uses: nope\n")
+        .args(&["validate", "pipeline.yaml"])
+        .run();
+    assert_eq!(out.code, 2);
+    assert_snapshot!(out.all());
+}
+
+#[test]
+fn unreadable_pipeline_files() {
+    let t = Test::new().file("bad.yaml", b"stages:\n  a:\n    cmd: \xff\xfe\n").file("dir/x", "");
+    let missing = t.run_with(&["validate", "nope.yaml"]);
+    let directory = t.run_with(&["validate", "dir"]);
+    let not_utf8 = t.run_with(&["validate", "bad.yaml"]);
+    assert_snapshot!(format!("{}\n{}\n{}", missing.all(), directory.all(), not_utf8.all()));
+}
+
+#[test]
+fn a_valid_pipeline() {
+    let out = Test::new()
+        .file("data/in.csv", "a\n1\n")
+        .pipeline("vars:\n  out: out\nstages:\n  a:\n    cmd: cp {{ inputs[0] }} {{ outputs[0] }}\n    inputs: [data/in.csv]\n    outputs: [\"{{ out }}/a.csv\"]\n  b:\n    cmd: wc -l {{ inputs.a }} > {{ outputs.n }}\n    inputs: {a: \"{{ out }}/a.csv\"}\n    outputs: {n: \"{{ out }}/n.txt\"}\n")
+        .args(&["validate", "pipeline.yaml"])
+        .run();
+    assert_snapshot!(out.all());
+}
+
+trait RunWith {
+    fn run_with(&self, args: &[&str]) -> common::Output;
+}
+
+impl RunWith for Test {
+    fn run_with(&self, args: &[&str]) -> common::Output {
+        let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("imba"))
+            .args(args)
+            .current_dir(self.path())
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("run imba");
+        common::Output {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into(),
+            stderr: String::from_utf8_lossy(&out.stderr).into(),
+        }
+    }
+}
