@@ -80,10 +80,14 @@ impl ParamsChecker {
                         }
                     }
                     ValidationErrorKind::Type { kind } => {
-                        let expected = format!("{kind:?}").to_lowercase().replace(['(', ')', '"'], "").replace("single", "");
-                        Diagnostic::error(format!("param{place} of stage `{stage}` has the wrong type: expected {}, found {}", expected.trim(), node.kind()))
-                            .at(node.span, format!("expected {}", expected.trim()))
+                        let expected = type_words(&format!("{kind:?}"));
+                        Diagnostic::error(format!("param{place} of stage `{stage}` must be {expected}, found {}", node.kind()))
+                            .at(node.span, format!("expected {expected}"))
                     }
+                    ValidationErrorKind::Minimum { limit } => bound(stage, &place, node, "≥", limit),
+                    ValidationErrorKind::ExclusiveMinimum { limit } => bound(stage, &place, node, ">", limit),
+                    ValidationErrorKind::Maximum { limit } => bound(stage, &place, node, "≤", limit),
+                    ValidationErrorKind::ExclusiveMaximum { limit } => bound(stage, &place, node, "<", limit),
                     _ => Diagnostic::error(format!("param{place} of stage `{stage}` is invalid: {}", error.masked()))
                         .at(node.span, "invalid value"),
                 };
@@ -104,6 +108,33 @@ impl ParamsChecker {
                 None
             }
         }
+    }
+}
+
+fn bound(stage: &str, place: &str, node: &Node, relation: &str, limit: &Json) -> Diagnostic {
+    Diagnostic::error(format!("param{place} of stage `{stage}` must be {relation} {limit}"))
+        .at(node.span, format!("must be {relation} {limit}"))
+}
+
+/// jsonschema's type names (`Single(Array)`, `Multiple([Number, Null])`) in words.
+fn type_words(debug: &str) -> String {
+    let words: Vec<&str> = ["Array", "Object", "String", "Integer", "Number", "Boolean", "Null"]
+        .into_iter()
+        .filter(|t| debug.contains(t))
+        .map(|t| match t {
+            "Array" => "a list",
+            "Object" => "a map",
+            "String" => "a string",
+            "Integer" => "an integer",
+            "Number" => "a number",
+            "Boolean" => "true or false",
+            _ => "null",
+        })
+        .collect();
+    match words.as_slice() {
+        [] => "another type".to_owned(),
+        [one] => (*one).to_owned(),
+        [init @ .., last] => format!("{} or {last}", init.join(", ")),
     }
 }
 

@@ -1,0 +1,54 @@
+//! The command line itself: help, version, completions, usage errors, exit codes.
+
+mod common;
+
+use common::Test;
+use insta::assert_snapshot;
+
+#[test]
+fn help() {
+    assert_snapshot!(Test::new().args(&["--help"]).run().all());
+}
+
+#[test]
+fn dag_help() {
+    assert_snapshot!(Test::new().args(&["dag", "--help"]).run().all());
+}
+
+#[test]
+fn version() {
+    let out = Test::new().args(&["--version"]).run();
+    assert_eq!(out.code, 0);
+    assert_eq!(out.stdout, format!("imba {}\n", env!("CARGO_PKG_VERSION")));
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let out = Test::new().args(&["validate"]).run();
+    assert_eq!(out.code, 2);
+    assert_snapshot!(out.all());
+}
+
+#[test]
+fn completions_for_each_shell() {
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let out = Test::new().args(&["completions", shell]).run();
+        assert_eq!(out.code, 0, "{shell}: {}", out.stderr);
+        assert!(out.stdout.contains("validate") && out.stdout.contains("mermaid"), "{shell} completes commands and flags");
+    }
+}
+
+#[test]
+fn bash_completion_script_is_valid_bash() {
+    let out = Test::new().args(&["completions", "bash"]).run();
+    let t = Test::new().file("imba.bash", out.stdout.as_bytes());
+    let status = std::process::Command::new("bash").arg("-n").arg(t.path().join("imba.bash")).status().expect("bash");
+    assert!(status.success());
+}
+
+#[test]
+fn stages_lists_the_builtins() {
+    let out = Test::new().args(&["stages"]).run();
+    assert_eq!(out.code, 0);
+    assert_snapshot!(out.all());
+}
