@@ -102,7 +102,9 @@ pub fn run(cli: Cli, printer: &Printer) -> ExitCode {
     match cli.command {
         Command::Validate(args) => match checked_dag(&args, &registry, printer) {
             Ok(dag) => {
-                let plural = |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+                let plural = |n: usize, one: &str, many: &str| {
+                    format!("{n} {}", if n == 1 { one } else { many })
+                };
                 printer.data(&format!(
                     "{} is valid: {}, {}\n",
                     args.file.display(),
@@ -132,7 +134,10 @@ pub fn run(cli: Cli, printer: &Printer) -> ExitCode {
         Command::Stages => {
             let mut out = String::new();
             for builtin in registry.iter() {
-                out.push_str(&format!("{:<12} v{:<3} {}\n", builtin.name, builtin.version, builtin.summary));
+                out.push_str(&format!(
+                    "{:<12} v{:<3} {}\n",
+                    builtin.name, builtin.version, builtin.summary
+                ));
             }
             if out.is_empty() {
                 printer.status("this build of imba has no built-in stages");
@@ -154,7 +159,11 @@ pub fn run(cli: Cli, printer: &Printer) -> ExitCode {
 }
 
 /// Loads and checks a pipeline, printing every problem; the exit code on failure.
-fn checked_dag(args: &PipelineArgs, registry: &Registry, printer: &Printer) -> Result<Dag, ExitCode> {
+fn checked_dag(
+    args: &PipelineArgs,
+    registry: &Registry,
+    printer: &Printer,
+) -> Result<Dag, ExitCode> {
     let (sources, loaded) = config::load(&args.file, &args.overrides(), registry);
     let pipeline = match loaded {
         Ok(pipeline) => pipeline,
@@ -167,8 +176,36 @@ fn checked_dag(args: &PipelineArgs, registry: &Registry, printer: &Printer) -> R
             return Err(ExitCode::from(EXIT_CONFIG));
         }
     };
-    dag::build(pipeline, BuildOptions::default()).map_err(|(_, diagnostics)| {
+    dag::build(pipeline, BuildOptions::default()).map_err(|diagnostics| {
         printer.diagnostics(&sources, &diagnostics);
         ExitCode::from(EXIT_CONFIG)
     })
+}
+
+/// `docs/cli.md`: the help of every command, as the binary prints it.
+pub fn reference_markdown() -> String {
+    let mut out = String::from(
+        "# imba command-line reference\n\n\
+         Generated from the code (`IMBA_UPDATE_DOCS=1 cargo test --test docs` rewrites it; a test fails when it drifts).\n\n\
+         Exit status: `0` success, `1` a stage failed, `2` a usage or config error.\n",
+    );
+    let mut root = Cli::command().term_width(100);
+    out.push_str(&format!(
+        "\n## `imba`\n\n```text\n{}```\n",
+        root.render_long_help()
+    ));
+    let names: Vec<String> = root
+        .get_subcommands()
+        .map(|c| c.get_name().to_owned())
+        .collect();
+    for name in names {
+        if let Some(sub) = root.find_subcommand_mut(&name) {
+            let mut sub = sub.clone().term_width(100).bin_name(format!("imba {name}"));
+            out.push_str(&format!(
+                "\n## `imba {name}`\n\n```text\n{}```\n",
+                sub.render_long_help()
+            ));
+        }
+    }
+    out
 }

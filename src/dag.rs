@@ -37,7 +37,9 @@ pub struct BuildOptions {
 
 impl Default for BuildOptions {
     fn default() -> Self {
-        BuildOptions { check_sources: true }
+        BuildOptions {
+            check_sources: true,
+        }
     }
 }
 
@@ -54,7 +56,10 @@ fn key_of(location: &Location) -> PathKey {
 }
 
 /// Builds and checks the graph of `pipeline`, reporting every problem found.
-pub fn build(pipeline: Pipeline, options: BuildOptions) -> Result<Dag, (Pipeline, Vec<Diagnostic>)> {
+pub fn build(
+    pipeline: Pipeline,
+    options: BuildOptions,
+) -> Result<Dag, Vec<Diagnostic>> {
     let mut diagnostics = Vec::new();
     let stages = &pipeline.stages;
 
@@ -62,7 +67,10 @@ pub fn build(pipeline: Pipeline, options: BuildOptions) -> Result<Dag, (Pipeline
     let mut outputs: BTreeMap<PathKey, Vec<(usize, usize)>> = BTreeMap::new();
     for (s, stage) in stages.iter().enumerate() {
         for (p, port) in stage.outputs.iter().enumerate() {
-            outputs.entry(key_of(&port.declared.location)).or_default().push((s, p));
+            outputs
+                .entry(key_of(&port.declared.location))
+                .or_default()
+                .push((s, p));
         }
     }
     check_output_conflicts(&pipeline, &outputs, &mut diagnostics);
@@ -83,9 +91,12 @@ pub fn build(pipeline: Pipeline, options: BuildOptions) -> Result<Dag, (Pipeline
                 if producer == s {
                     let output = &stage.outputs[port];
                     diagnostics.push(
-                        Diagnostic::error(format!("stage `{}` reads its own output `{}`", stage.name, output.text))
-                            .at(input.span, "read here")
-                            .also(output.span, "written here"),
+                        Diagnostic::error(format!(
+                            "stage `{}` reads its own output `{}`",
+                            stage.name, output.text
+                        ))
+                        .at(input.span, "read here")
+                        .also(output.span, "written here"),
                     );
                     continue;
                 }
@@ -102,14 +113,21 @@ pub fn build(pipeline: Pipeline, options: BuildOptions) -> Result<Dag, (Pipeline
     check_cycles(&pipeline, &graph, &mut diagnostics);
     if !diagnostics.is_empty() {
         crate::diagnostic::sort(&mut diagnostics);
-        return Err((pipeline, diagnostics));
+        return Err(diagnostics);
     }
     let order = topological_order(&graph);
-    Ok(Dag { pipeline, graph, order })
+    Ok(Dag {
+        pipeline,
+        graph,
+        order,
+    })
 }
 
 /// Outputs at `key`, above it (a directory holding it) or below it (inside it).
-fn producers_of(outputs: &BTreeMap<PathKey, Vec<(usize, usize)>>, key: &PathKey) -> Vec<(usize, usize)> {
+fn producers_of(
+    outputs: &BTreeMap<PathKey, Vec<(usize, usize)>>,
+    key: &PathKey,
+) -> Vec<(usize, usize)> {
     let mut found = Vec::new();
     for depth in 1..=key.len() {
         if let Some(writers) = outputs.get(&key[..depth]) {
@@ -129,7 +147,11 @@ fn producers_of(outputs: &BTreeMap<PathKey, Vec<(usize, usize)>>, key: &PathKey)
     found
 }
 
-fn check_output_conflicts(pipeline: &Pipeline, outputs: &BTreeMap<PathKey, Vec<(usize, usize)>>, diagnostics: &mut Vec<Diagnostic>) {
+fn check_output_conflicts(
+    pipeline: &Pipeline,
+    outputs: &BTreeMap<PathKey, Vec<(usize, usize)>>,
+    diagnostics: &mut Vec<Diagnostic>,
+) {
     let port = |(s, p): (usize, usize)| -> (&Stage, &Port) {
         let stage = &pipeline.stages[s];
         (stage, &stage.outputs[p])
@@ -139,19 +161,30 @@ fn check_output_conflicts(pipeline: &Pipeline, outputs: &BTreeMap<PathKey, Vec<(
         for &other in &writers[1..] {
             let (stage, output) = port(other);
             let message = if stage.name == first_stage.name {
-                format!("stage `{}` lists the output `{}` twice", stage.name, output.text)
+                format!(
+                    "stage `{}` lists the output `{}` twice",
+                    stage.name, output.text
+                )
             } else {
-                format!("stages `{}` and `{}` both write `{}`", first_stage.name, stage.name, output.text)
+                format!(
+                    "stages `{}` and `{}` both write `{}`",
+                    first_stage.name, stage.name, output.text
+                )
             };
             diagnostics.push(
                 Diagnostic::error(message)
                     .at(output.span, format!("written by `{}`", stage.name))
-                    .also(first.span, format!("also written by `{}`", first_stage.name))
+                    .also(
+                        first.span,
+                        format!("also written by `{}`", first_stage.name),
+                    )
                     .help("every path has one writer; give each stage its own output"),
             );
         }
         for depth in 1..key.len() {
-            let Some(outer) = outputs.get(&key[..depth]) else { continue };
+            let Some(outer) = outputs.get(&key[..depth]) else {
+                continue;
+            };
             let (outer_stage, outer_port) = port(outer[0]);
             for &inner in writers {
                 let (stage, output) = port(inner);
@@ -161,7 +194,10 @@ fn check_output_conflicts(pipeline: &Pipeline, outputs: &BTreeMap<PathKey, Vec<(
                         output.text, stage.name, outer_port.text, outer_stage.name
                     ))
                     .at(output.span, "written here")
-                    .also(outer_port.span, format!("`{}` writes this directory", outer_stage.name))
+                    .also(
+                        outer_port.span,
+                        format!("`{}` writes this directory", outer_stage.name),
+                    )
                     .help("a directory output belongs to one stage, with everything inside it"),
                 );
             }
@@ -169,7 +205,13 @@ fn check_output_conflicts(pipeline: &Pipeline, outputs: &BTreeMap<PathKey, Vec<(
     }
 }
 
-fn check_source(pipeline: &Pipeline, stage: &Stage, input: &Port, outputs: &BTreeMap<PathKey, Vec<(usize, usize)>>, diagnostics: &mut Vec<Diagnostic>) {
+fn check_source(
+    pipeline: &Pipeline,
+    stage: &Stage,
+    input: &Port,
+    outputs: &BTreeMap<PathKey, Vec<(usize, usize)>>,
+    diagnostics: &mut Vec<Diagnostic>,
+) {
     let Location::Local(path) = &input.declared.location else {
         // S3 sources are checked when they are read; validate makes no network calls.
         return;
@@ -178,20 +220,35 @@ fn check_source(pipeline: &Pipeline, stage: &Stage, input: &Port, outputs: &BTre
         return;
     }
     let shown = input.declared.location.display(&pipeline.workdir);
-    let diagnostic = Diagnostic::error(format!("input `{}` of stage `{}` does not exist, and no stage writes it", input.text, stage.name));
+    let diagnostic = Diagnostic::error(format!(
+        "input `{}` of stage `{}` does not exist, and no stage writes it",
+        input.text, stage.name
+    ));
     let written: Vec<String> = outputs
         .values()
         .flatten()
-        .map(|&(s, p)| pipeline.stages[s].outputs[p].declared.location.display(&pipeline.workdir))
+        .map(|&(s, p)| {
+            pipeline.stages[s].outputs[p]
+                .declared
+                .location
+                .display(&pipeline.workdir)
+        })
         .collect();
     let diagnostic = match did_you_mean(&shown, written.iter().map(String::as_str)) {
-        Some(s) => diagnostic.at(input.span, format!("did you mean `{s}`, which a stage writes?")),
+        Some(s) => diagnostic.at(
+            input.span,
+            format!("did you mean `{s}`, which a stage writes?"),
+        ),
         None => diagnostic.at(input.span, "not found"),
     };
     diagnostics.push(diagnostic.note(format!("looked for {}", path.display())));
 }
 
-fn check_cycles(pipeline: &Pipeline, graph: &DiGraph<usize, Edge>, diagnostics: &mut Vec<Diagnostic>) {
+fn check_cycles(
+    pipeline: &Pipeline,
+    graph: &DiGraph<usize, Edge>,
+    diagnostics: &mut Vec<Diagnostic>,
+) {
     let mut components = petgraph::algo::tarjan_scc(graph);
     for component in &mut components {
         component.sort_by_key(|n| graph[*n]);
@@ -211,7 +268,13 @@ fn check_cycles(pipeline: &Pipeline, graph: &DiGraph<usize, Edge>, diagnostics: 
             let reader = &pipeline.stages[graph[next]];
             let edge = graph.find_edge(*node, next).map(|e| &graph[e]);
             let path = edge.and_then(|e| e.paths.first());
-            let input = path.and_then(|p| reader.inputs.iter().find(|i| &i.declared.location == p || i.declared.location.is_within(p) || p.is_within(&i.declared.location)));
+            let input = path.and_then(|p| {
+                reader.inputs.iter().find(|i| {
+                    &i.declared.location == p
+                        || i.declared.location.is_within(p)
+                        || p.is_within(&i.declared.location)
+                })
+            });
             let label = format!("`{}` reads what `{}` writes", reader.name, stage.name);
             diagnostic = match (i, input) {
                 (0, Some(input)) => diagnostic.at(input.span, label),
@@ -220,7 +283,8 @@ fn check_cycles(pipeline: &Pipeline, graph: &DiGraph<usize, Edge>, diagnostics: 
                 (_, None) => diagnostic.also(reader.span, label),
             };
         }
-        diagnostics.push(diagnostic.help("a stage cannot need its own outputs, even through others"));
+        diagnostics
+            .push(diagnostic.help("a stage cannot need its own outputs, even through others"));
     }
 }
 
@@ -256,8 +320,15 @@ fn find_cycle(graph: &DiGraph<usize, Edge>, component: &[NodeIndex]) -> Vec<Node
 
 /// Kahn's algorithm, ties broken by declaration order, so the order is stable.
 fn topological_order(graph: &DiGraph<usize, Edge>) -> Vec<usize> {
-    let mut indegree: Vec<usize> = graph.node_indices().map(|n| graph.neighbors_directed(n, petgraph::Incoming).count()).collect();
-    let mut ready: BinaryHeap<Reverse<usize>> = graph.node_indices().filter(|n| indegree[n.index()] == 0).map(|n| Reverse(graph[n])).collect();
+    let mut indegree: Vec<usize> = graph
+        .node_indices()
+        .map(|n| graph.neighbors_directed(n, petgraph::Incoming).count())
+        .collect();
+    let mut ready: BinaryHeap<Reverse<usize>> = graph
+        .node_indices()
+        .filter(|n| indegree[n.index()] == 0)
+        .map(|n| Reverse(graph[n]))
+        .collect();
     let mut order = Vec::with_capacity(indegree.len());
     while let Some(Reverse(stage)) = ready.pop() {
         order.push(stage);

@@ -204,7 +204,12 @@ pub fn render(sources: &Sources, diagnostics: &[Diagnostic], options: RenderOpti
 
 /// Renders without color, as tests and logs see it.
 pub fn render_plain(sources: &Sources, diagnostics: &[Diagnostic]) -> String {
-    String::from_utf8_lossy(&render(sources, diagnostics, RenderOptions { color: false })).into()
+    String::from_utf8_lossy(&render(
+        sources,
+        diagnostics,
+        RenderOptions { color: false },
+    ))
+    .into()
 }
 
 struct PlainBuf<'a>(&'a mut termcolor::Buffer);
@@ -240,12 +245,21 @@ fn convert(diagnostic: &Diagnostic) -> cs::Diagnostic<usize> {
 }
 
 /// The closest of `candidates` to `word`, when it is close enough to be a likely typo.
-pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+pub fn did_you_mean<'a>(
+    word: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
     let budget = (word.chars().count() / 3).max(1);
     candidates
         .into_iter()
         .filter(|c| *c != word)
-        .map(|c| (strsim::damerau_levenshtein(word, c), strsim::jaro_winkler(word, c), c))
+        .map(|c| {
+            (
+                strsim::damerau_levenshtein(word, c),
+                strsim::jaro_winkler(word, c),
+                c,
+            )
+        })
         .filter(|(distance, similarity, _)| *distance <= budget || *similarity > 0.85)
         .min_by(|a, b| a.0.cmp(&b.0).then(b.1.total_cmp(&a.1)))
         .map(|(_, _, c)| c)

@@ -41,7 +41,11 @@ fn text(dag: &Dag) -> String {
     for &index in dag.order() {
         let stage = dag.stage(index);
         let _ = write!(out, "{} [{}]", stage.name, stage.kind.label());
-        let needs: Vec<&str> = dag.needs(index).iter().map(|(s, _)| dag.stage(*s).name.as_str()).collect();
+        let needs: Vec<&str> = dag
+            .needs(index)
+            .iter()
+            .map(|(s, _)| dag.stage(*s).name.as_str())
+            .collect();
         if !needs.is_empty() {
             let _ = write!(out, " ← {}", needs.join(", "));
         }
@@ -52,7 +56,11 @@ fn text(dag: &Dag) -> String {
         for (label, ports) in [("in: ", &stage.inputs), ("out:", &stage.outputs)] {
             for (i, port) in ports.iter().enumerate() {
                 let head = if i == 0 { label } else { "    " };
-                let _ = writeln!(out, "  {head} {}", shown(dag, &port.declared.location) + if port.declared.dir { "/" } else { "" });
+                let _ = writeln!(
+                    out,
+                    "  {head} {}",
+                    shown(dag, &port.declared.location) + if port.declared.dir { "/" } else { "" }
+                );
             }
         }
     }
@@ -81,37 +89,64 @@ fn file_nodes(dag: &Dag) -> BTreeMap<String, usize> {
         let stage = dag.stage(index);
         for port in stage.inputs.iter().chain(&stage.outputs) {
             let next = files.len();
-            files.entry(shown(dag, &port.declared.location)).or_insert(next);
+            files
+                .entry(shown(dag, &port.declared.location))
+                .or_insert(next);
         }
     }
     files
 }
 
 fn dot(dag: &Dag, options: DrawOptions) -> String {
-    let mut out = String::from("digraph pipeline {\n  rankdir=LR;\n  node [shape=box, style=rounded];\n");
+    let mut out =
+        String::from("digraph pipeline {\n  rankdir=LR;\n  node [shape=box, style=rounded];\n");
     for &index in dag.order() {
         let stage = dag.stage(index);
-        let _ = writeln!(out, "  {} [label={}];", dot_quote(&stage.name), dot_quote(&format!("{}\n{}", stage.name, stage.kind.label())));
+        let _ = writeln!(
+            out,
+            "  {} [label={}];",
+            dot_quote(&stage.name),
+            dot_quote(&format!("{}\n{}", stage.name, stage.kind.label()))
+        );
     }
     if options.files {
         let files = file_nodes(dag);
         let mut by_number: Vec<(&String, &usize)> = files.iter().collect();
         by_number.sort_by_key(|(_, n)| **n);
         for (path, n) in &by_number {
-            let _ = writeln!(out, "  f{n} [label={}, shape=note, style=\"\"];", dot_quote(path));
+            let _ = writeln!(
+                out,
+                "  f{n} [label={}, shape=note, style=\"\"];",
+                dot_quote(path)
+            );
         }
         for &index in dag.order() {
             let stage = dag.stage(index);
             for port in &stage.inputs {
-                let _ = writeln!(out, "  f{} -> {};", files[&shown(dag, &port.declared.location)], dot_quote(&stage.name));
+                let _ = writeln!(
+                    out,
+                    "  f{} -> {};",
+                    files[&shown(dag, &port.declared.location)],
+                    dot_quote(&stage.name)
+                );
             }
             for port in &stage.outputs {
-                let _ = writeln!(out, "  {} -> f{};", dot_quote(&stage.name), files[&shown(dag, &port.declared.location)]);
+                let _ = writeln!(
+                    out,
+                    "  {} -> f{};",
+                    dot_quote(&stage.name),
+                    files[&shown(dag, &port.declared.location)]
+                );
             }
         }
     } else {
         for (from, to, _) in ordered_edges(dag) {
-            let _ = writeln!(out, "  {} -> {};", dot_quote(&dag.stage(from).name), dot_quote(&dag.stage(to).name));
+            let _ = writeln!(
+                out,
+                "  {} -> {};",
+                dot_quote(&dag.stage(from).name),
+                dot_quote(&dag.stage(to).name)
+            );
         }
     }
     out.push_str("}\n");
@@ -120,7 +155,12 @@ fn dot(dag: &Dag, options: DrawOptions) -> String {
 
 /// Edges in the order of their endpoints in the topological order.
 fn ordered_edges(dag: &Dag) -> Vec<(usize, usize, &crate::dag::Edge)> {
-    let position: BTreeMap<usize, usize> = dag.order().iter().enumerate().map(|(i, s)| (*s, i)).collect();
+    let position: BTreeMap<usize, usize> = dag
+        .order()
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (*s, i))
+        .collect();
     let mut edges = dag.edges();
     edges.sort_by_key(|(a, b, _)| (position[a], position[b]));
     edges
@@ -132,10 +172,20 @@ fn mermaid_label(text: &str) -> String {
 
 fn mermaid(dag: &Dag, options: DrawOptions) -> String {
     let mut out = String::from("flowchart LR\n");
-    let position: BTreeMap<usize, usize> = dag.order().iter().enumerate().map(|(i, s)| (*s, i)).collect();
+    let position: BTreeMap<usize, usize> = dag
+        .order()
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (*s, i))
+        .collect();
     for (i, &index) in dag.order().iter().enumerate() {
         let stage = dag.stage(index);
-        let _ = writeln!(out, "  s{i}[\"{}<br/><i>{}</i>\"]", mermaid_label(&stage.name), mermaid_label(stage.kind.label()));
+        let _ = writeln!(
+            out,
+            "  s{i}[\"{}<br/><i>{}</i>\"]",
+            mermaid_label(&stage.name),
+            mermaid_label(stage.kind.label())
+        );
     }
     if options.files {
         let files = file_nodes(dag);
@@ -147,10 +197,20 @@ fn mermaid(dag: &Dag, options: DrawOptions) -> String {
         for &index in dag.order() {
             let stage = dag.stage(index);
             for port in &stage.inputs {
-                let _ = writeln!(out, "  f{} --> s{}", files[&shown(dag, &port.declared.location)], position[&index]);
+                let _ = writeln!(
+                    out,
+                    "  f{} --> s{}",
+                    files[&shown(dag, &port.declared.location)],
+                    position[&index]
+                );
             }
             for port in &stage.outputs {
-                let _ = writeln!(out, "  s{} --> f{}", position[&index], files[&shown(dag, &port.declared.location)]);
+                let _ = writeln!(
+                    out,
+                    "  s{} --> f{}",
+                    position[&index],
+                    files[&shown(dag, &port.declared.location)]
+                );
             }
         }
     } else {

@@ -33,7 +33,10 @@ impl fmt::Display for LocationError {
             LocationError::Empty => f.write_str("a path cannot be empty"),
             LocationError::BadS3(why) => write!(f, "invalid S3 URL: {why}"),
             LocationError::UnknownScheme(scheme) => {
-                write!(f, "unsupported URL scheme `{scheme}://` (imba reads local paths and s3:// URLs)")
+                write!(
+                    f,
+                    "unsupported URL scheme `{scheme}://` (imba reads local paths and s3:// URLs)"
+                )
             }
         }
     }
@@ -56,7 +59,11 @@ impl Declared {
             if key.is_empty() {
                 return Err(LocationError::BadS3("no key after the bucket"));
             }
-            let key = key.split('/').filter(|s| !s.is_empty()).collect::<Vec<_>>().join("/");
+            let key = key
+                .split('/')
+                .filter(|s| !s.is_empty())
+                .collect::<Vec<_>>()
+                .join("/");
             return Ok(Declared {
                 location: Location::S3 {
                     bucket: bucket.to_owned(),
@@ -66,7 +73,11 @@ impl Declared {
             });
         }
         if let Some((scheme, _)) = trimmed.split_once("://") {
-            if !scheme.is_empty() && scheme.chars().all(|c| c.is_ascii_alphanumeric() || c == '+') {
+            if !scheme.is_empty()
+                && scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '+')
+            {
                 return Err(LocationError::UnknownScheme(scheme.to_owned()));
             }
         }
@@ -99,8 +110,21 @@ impl Location {
     pub fn is_within(&self, other: &Location) -> bool {
         match (self, other) {
             (Location::Local(a), Location::Local(b)) => a.starts_with(b),
-            (Location::S3 { bucket: ba, key: ka }, Location::S3 { bucket: bb, key: kb }) => {
-                ba == bb && (ka == kb || ka.strip_prefix(kb.as_str()).is_some_and(|rest| rest.starts_with('/')))
+            (
+                Location::S3 {
+                    bucket: ba,
+                    key: ka,
+                },
+                Location::S3 {
+                    bucket: bb,
+                    key: kb,
+                },
+            ) => {
+                ba == bb
+                    && (ka == kb
+                        || ka
+                            .strip_prefix(kb.as_str())
+                            .is_some_and(|rest| rest.starts_with('/')))
             }
             _ => false,
         }
@@ -137,7 +161,10 @@ mod tests {
 
     #[test]
     fn relative_paths_resolve_against_the_workdir() {
-        assert_eq!(local("data/x.csv").location, Location::Local("/w/data/x.csv".into()));
+        assert_eq!(
+            local("data/x.csv").location,
+            Location::Local("/w/data/x.csv".into())
+        );
         assert_eq!(local("./a/../b/").location, Location::Local("/w/b".into()));
         assert!(local("out/").dir);
         assert_eq!(local("/abs/p").location, Location::Local("/abs/p".into()));
@@ -146,17 +173,38 @@ mod tests {
     #[test]
     fn s3_urls() {
         let d = local("s3://bucket/raw//orders.csv");
-        assert_eq!(d.location, Location::S3 { bucket: "bucket".into(), key: "raw/orders.csv".into() });
-        assert_eq!(Declared::parse("s3:///x", Path::new("/")), Err(LocationError::BadS3("no bucket name")));
-        assert_eq!(Declared::parse("s3://b", Path::new("/")), Err(LocationError::BadS3("no key after the bucket")));
-        assert_eq!(Declared::parse("gs://b/k", Path::new("/")), Err(LocationError::UnknownScheme("gs".into())));
+        assert_eq!(
+            d.location,
+            Location::S3 {
+                bucket: "bucket".into(),
+                key: "raw/orders.csv".into()
+            }
+        );
+        assert_eq!(
+            Declared::parse("s3:///x", Path::new("/")),
+            Err(LocationError::BadS3("no bucket name"))
+        );
+        assert_eq!(
+            Declared::parse("s3://b", Path::new("/")),
+            Err(LocationError::BadS3("no key after the bucket"))
+        );
+        assert_eq!(
+            Declared::parse("gs://b/k", Path::new("/")),
+            Err(LocationError::UnknownScheme("gs".into()))
+        );
     }
 
     #[test]
     fn within_is_component_wise() {
-        assert!(local("out/a/b").location.is_within(&local("out/a").location));
+        assert!(local("out/a/b")
+            .location
+            .is_within(&local("out/a").location));
         assert!(!local("out/ab").location.is_within(&local("out/a").location));
-        assert!(local("s3://b/p/x").location.is_within(&local("s3://b/p/").location));
-        assert!(!local("s3://b/px").location.is_within(&local("s3://b/p/").location));
+        assert!(local("s3://b/p/x")
+            .location
+            .is_within(&local("s3://b/p/").location));
+        assert!(!local("s3://b/px")
+            .location
+            .is_within(&local("s3://b/p/").location));
     }
 }

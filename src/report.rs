@@ -26,7 +26,10 @@ impl Printer {
         let color = match choice {
             ColorChoice::Always => true,
             ColorChoice::Never => false,
-            ColorChoice::Auto => std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()) && std::io::stderr().is_terminal(),
+            ColorChoice::Auto => {
+                std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+                    && std::io::stderr().is_terminal()
+            }
         };
         Printer { color, quiet }
     }
@@ -47,21 +50,31 @@ impl Printer {
 
     /// `error: …` on stderr.
     pub fn error(&self, message: &str) {
-        let prefix = if self.color { "\x1b[1;31merror\x1b[0m\x1b[1m:" } else { "error:" };
+        let prefix = if self.color {
+            "\x1b[1;31merror\x1b[0m\x1b[1m:"
+        } else {
+            "error:"
+        };
         let suffix = if self.color { "\x1b[0m" } else { "" };
         let _ = writeln!(std::io::stderr().lock(), "{prefix} {message}{suffix}");
     }
 
     /// Config diagnostics with their spans, then a one-line count.
     pub fn diagnostics(&self, sources: &Sources, diagnostics: &[Diagnostic]) {
-        let rendered = diagnostic::render(sources, diagnostics, RenderOptions { color: self.color });
+        let rendered =
+            diagnostic::render(sources, diagnostics, RenderOptions { color: self.color });
         let mut err = std::io::stderr().lock();
         let _ = err.write_all(&rendered);
-        let errors = diagnostics.iter().filter(|d| d.severity == diagnostic::Severity::Error).count();
+        let errors = diagnostics
+            .iter()
+            .filter(|d| d.severity == diagnostic::Severity::Error)
+            .count();
         if errors > 1 {
             let _ = err.flush();
             drop(err);
-            self.error(&format!("{errors} problems in the pipeline; nothing was run"));
+            self.error(&format!(
+                "{errors} problems in the pipeline; nothing was run"
+            ));
         }
     }
 }

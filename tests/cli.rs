@@ -34,7 +34,10 @@ fn completions_for_each_shell() {
     for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
         let out = Test::new().args(&["completions", shell]).run();
         assert_eq!(out.code, 0, "{shell}: {}", out.stderr);
-        assert!(out.stdout.contains("validate") && out.stdout.contains("mermaid"), "{shell} completes commands and flags");
+        assert!(
+            out.stdout.contains("validate") && out.stdout.contains("mermaid"),
+            "{shell} completes commands and flags"
+        );
     }
 }
 
@@ -42,7 +45,11 @@ fn completions_for_each_shell() {
 fn bash_completion_script_is_valid_bash() {
     let out = Test::new().args(&["completions", "bash"]).run();
     let t = Test::new().file("imba.bash", out.stdout.as_bytes());
-    let status = std::process::Command::new("bash").arg("-n").arg(t.path().join("imba.bash")).status().expect("bash");
+    let status = std::process::Command::new("bash")
+        .arg("-n")
+        .arg(t.path().join("imba.bash"))
+        .status()
+        .expect("bash");
     assert!(status.success());
 }
 

@@ -33,7 +33,11 @@ stages:
 fn dag(args: &[&str]) -> common::Output {
     let mut all = vec!["dag", "pipeline.yaml"];
     all.extend_from_slice(args);
-    Test::new().file("data/orders.csv", "id\n1\n").pipeline(PIPELINE).args(&all).run()
+    Test::new()
+        .file("data/orders.csv", "id\n1\n")
+        .pipeline(PIPELINE)
+        .args(&all)
+        .run()
 }
 
 #[test]
@@ -98,12 +102,25 @@ fn graphviz_renders_the_dot_output() {
             .spawn()
             .expect("spawn dot");
         use std::io::Write;
-        child.stdin.take().unwrap().write_all(out.stdout.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(out.stdout.as_bytes())
+            .unwrap();
         let rendered = child.wait_with_output().unwrap();
-        assert!(rendered.status.success(), "dot rejected the output: {}", String::from_utf8_lossy(&rendered.stderr));
+        assert!(
+            rendered.status.success(),
+            "dot rejected the output: {}",
+            String::from_utf8_lossy(&rendered.stderr)
+        );
         let svg = String::from_utf8_lossy(&rendered.stdout);
         assert!(svg.contains("report@md"), "every stage is drawn");
-        assert!(rendered.stderr.is_empty(), "dot warned: {}", String::from_utf8_lossy(&rendered.stderr));
+        assert!(
+            rendered.stderr.is_empty(),
+            "dot warned: {}",
+            String::from_utf8_lossy(&rendered.stderr)
+        );
     }
 }
 
@@ -113,7 +130,14 @@ fn overrides_change_the_drawing() {
         .file("data/orders.csv", "id\n1\n")
         .file("prod.yaml", "out: build\n")
         .pipeline(PIPELINE)
-        .args(&["dag", "pipeline.yaml", "--vars", "prod.yaml", "--set", "report.extra=1"])
+        .args(&[
+            "dag",
+            "pipeline.yaml",
+            "--vars",
+            "prod.yaml",
+            "--set",
+            "report.extra=1",
+        ])
         .run();
     assert_snapshot!(out.all());
 }

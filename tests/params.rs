@@ -70,16 +70,28 @@ fn load(yaml: &str, sets: &[&str]) -> Result<config::Pipeline, String> {
     let (sources, loaded) = config::load(Path::new(&path), &overrides, &registry);
     loaded.map_err(|error| match error {
         LoadError::Unreadable(message) => message,
-        LoadError::Invalid(diagnostics) => render_plain(&sources, &diagnostics).replace(&dir.path().display().to_string(), "[TMP]"),
+        LoadError::Invalid(diagnostics) => {
+            render_plain(&sources, &diagnostics).replace(&dir.path().display().to_string(), "[TMP]")
+        }
     })
 }
 
 #[test]
 fn params_are_normalised_with_defaults() {
     let pipeline = load("vars:\n  k: 2\nstages:\n  t:\n    uses: trim\n    params:\n      columns: [a]\n      iqr: {k: \"{{ k }}\"}\n", &[]).unwrap();
-    let StageKind::Builtin { name, version, params } = &pipeline.stages[0].kind else { panic!("builtin") };
+    let StageKind::Builtin {
+        name,
+        version,
+        params,
+    } = &pipeline.stages[0].kind
+    else {
+        panic!("builtin")
+    };
     assert_eq!((name.as_str(), *version), ("trim", 3));
-    assert_eq!(params.to_string(), r#"{"columns":["a"],"how":"any","iqr":{"k":2.0}}"#);
+    assert_eq!(
+        params.to_string(),
+        r#"{"columns":["a"],"how":"any","iqr":{"k":2.0}}"#
+    );
 }
 
 #[test]
@@ -99,22 +111,41 @@ fn a_missing_required_param() {
 
 #[test]
 fn a_bad_override_points_at_the_command_line() {
-    assert_snapshot!(load("stages:\n  t:\n    uses: trim\n    params: {columns: [a]}\n", &["t.iqr.k=abc"]).unwrap_err());
+    assert_snapshot!(load(
+        "stages:\n  t:\n    uses: trim\n    params: {columns: [a]}\n",
+        &["t.iqr.k=abc"]
+    )
+    .unwrap_err());
 }
 
 #[test]
 fn an_override_sets_a_default_param() {
-    let pipeline = load("stages:\n  t:\n    uses: trim\n    params: {columns: [a]}\n", &["t.iqr.k=3", "t.how=all"]).unwrap();
-    let StageKind::Builtin { params, .. } = &pipeline.stages[0].kind else { panic!("builtin") };
-    assert_eq!(params.to_string(), r#"{"columns":["a"],"how":"all","iqr":{"k":3.0}}"#);
+    let pipeline = load(
+        "stages:\n  t:\n    uses: trim\n    params: {columns: [a]}\n",
+        &["t.iqr.k=3", "t.how=all"],
+    )
+    .unwrap();
+    let StageKind::Builtin { params, .. } = &pipeline.stages[0].kind else {
+        panic!("builtin")
+    };
+    assert_eq!(
+        params.to_string(),
+        r#"{"columns":["a"],"how":"all","iqr":{"k":3.0}}"#
+    );
 }
 
 #[test]
 fn set_errors() {
     let yaml = "vars:\n  out: o\nstages:\n  t:\n    uses: trim\n    params: {columns: [a]}\n";
-    let errors: Vec<String> = [&["otu=x"][..], &["out"][..], &["t=1"][..], &["out.x=1"][..], &["out=[1"][..]]
-        .iter()
-        .map(|sets| load(yaml, sets).unwrap_err())
-        .collect();
+    let errors: Vec<String> = [
+        &["otu=x"][..],
+        &["out"][..],
+        &["t=1"][..],
+        &["out.x=1"][..],
+        &["out=[1"][..],
+    ]
+    .iter()
+    .map(|sets| load(yaml, sets).unwrap_err())
+    .collect();
     assert_snapshot!(errors.join("\n"));
 }

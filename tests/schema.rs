@@ -9,7 +9,12 @@ fn generated() -> serde_json::Value {
 }
 
 fn keys(schema: &serde_json::Value) -> Vec<String> {
-    let mut keys: Vec<String> = schema["properties"].as_object().unwrap().keys().cloned().collect();
+    let mut keys: Vec<String> = schema["properties"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
     keys.sort();
     keys
 }
@@ -41,12 +46,17 @@ fn every_shipped_pipeline_fits_the_schema() {
     let mut checked = 0;
     for dir in ["pipelines", "examples"] {
         for entry in walk(&common::repo().join(dir)) {
-            if entry.extension().is_some_and(|e| e == "yaml") && std::fs::read_to_string(&entry).unwrap().contains("stages:") {
+            if entry.extension().is_some_and(|e| e == "yaml")
+                && std::fs::read_to_string(&entry).unwrap().contains("stages:")
+            {
                 let text = std::fs::read_to_string(&entry).unwrap();
                 let mut sources = imba::diagnostic::Sources::default();
                 let id = sources.add("x", text.as_str());
                 let json = imba::config::yaml::parse(id, &text).unwrap().to_json();
-                let errors: Vec<String> = validator.iter_errors(&json).map(|e| e.to_string()).collect();
+                let errors: Vec<String> = validator
+                    .iter_errors(&json)
+                    .map(|e| e.to_string())
+                    .collect();
                 assert!(errors.is_empty(), "{}: {errors:?}", entry.display());
                 checked += 1;
             }
@@ -57,7 +67,9 @@ fn every_shipped_pipeline_fits_the_schema() {
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else { return out };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
     for entry in entries.flatten() {
         let path = entry.path();
         if path.is_dir() {

@@ -6,13 +6,18 @@ use common::Test;
 use insta::assert_snapshot;
 
 fn validate(yaml: &str) -> String {
-    let out = Test::new().pipeline(yaml).args(&["validate", "pipeline.yaml"]).run();
+    let out = Test::new()
+        .pipeline(yaml)
+        .args(&["validate", "pipeline.yaml"])
+        .run();
     out.all()
 }
 
 #[test]
 fn yaml_syntax_error() {
-    assert_snapshot!(validate("stages:\n  a:\n    cmd: [echo, hi\n    outputs: [x]\n"));
+    assert_snapshot!(validate(
+        "stages:\n  a:\n    cmd: [echo, hi\n    outputs: [x]\n"
+    ));
 }
 
 #[test]
@@ -36,7 +41,9 @@ fn wrong_value_types() {
 
 #[test]
 fn both_uses_and_cmd() {
-    assert_snapshot!(validate("stages:\n  a:\n    uses: clean\n    cmd: echo hi\n"));
+    assert_snapshot!(validate(
+        "stages:\n  a:\n    uses: clean\n    cmd: echo hi\n"
+    ));
 }
 
 #[test]
@@ -72,7 +79,9 @@ fn an_output_inside_another_stages_directory() {
 
 #[test]
 fn a_stage_reading_its_own_output() {
-    assert_snapshot!(validate("stages:\n  a:\n    cmd: echo\n    inputs: [out/a.txt]\n    outputs: [out/a.txt]\n"));
+    assert_snapshot!(validate(
+        "stages:\n  a:\n    cmd: echo\n    inputs: [out/a.txt]\n    outputs: [out/a.txt]\n"
+    ));
 }
 
 #[test]
@@ -113,7 +122,9 @@ fn not_a_map() {
 
 #[test]
 fn a_key_given_twice() {
-    assert_snapshot!(validate("stages:\n  a:\n    cmd: echo\n  a:\n    cmd: echo\n"));
+    assert_snapshot!(validate(
+        "stages:\n  a:\n    cmd: echo\n  a:\n    cmd: echo\n"
+    ));
 }
 
 #[test]
@@ -148,11 +159,18 @@ fn every_problem_is_reported_in_one_run() {
 
 #[test]
 fn unreadable_pipeline_files() {
-    let t = Test::new().file("bad.yaml", b"stages:\n  a:\n    cmd: \xff\xfe\n").file("dir/x", "");
+    let t = Test::new()
+        .file("bad.yaml", b"stages:\n  a:\n    cmd: \xff\xfe\n")
+        .file("dir/x", "");
     let missing = t.run_with(&["validate", "nope.yaml"]);
     let directory = t.run_with(&["validate", "dir"]);
     let not_utf8 = t.run_with(&["validate", "bad.yaml"]);
-    assert_snapshot!(format!("{}\n{}\n{}", missing.all(), directory.all(), not_utf8.all()));
+    assert_snapshot!(format!(
+        "{}\n{}\n{}",
+        missing.all(),
+        directory.all(),
+        not_utf8.all()
+    ));
 }
 
 #[test]

@@ -32,7 +32,11 @@ pub enum LoadError {
 
 /// Reads, overrides, checks and resolves the pipeline at `path`.
 /// The [`Sources`] come back either way, for rendering diagnostics.
-pub fn load(path: &Path, overrides: &Overrides, registry: &Registry) -> (Sources, Result<Pipeline, LoadError>) {
+pub fn load(
+    path: &Path,
+    overrides: &Overrides,
+    registry: &Registry,
+) -> (Sources, Result<Pipeline, LoadError>) {
     let mut sources = Sources::default();
     let text = match read_text(path) {
         Ok(text) => text,
@@ -62,7 +66,9 @@ pub fn load(path: &Path, overrides: &Overrides, registry: &Registry) -> (Sources
 fn read_text(path: &Path) -> Result<String, String> {
     let shown = path.display();
     if path.is_dir() {
-        return Err(format!("cannot read pipeline file `{shown}`: it is a directory"));
+        return Err(format!(
+            "cannot read pipeline file `{shown}`: it is a directory"
+        ));
     }
     let bytes = std::fs::read(path).map_err(|error| {
         let reason = match error.kind() {
@@ -74,7 +80,11 @@ fn read_text(path: &Path) -> Result<String, String> {
     })?;
     String::from_utf8(bytes).map_err(|error| {
         let at = error.utf8_error().valid_up_to();
-        let line = error.as_bytes()[..at].iter().filter(|b| **b == b'\n').count() + 1;
+        let line = error.as_bytes()[..at]
+            .iter()
+            .filter(|b| **b == b'\n')
+            .count()
+            + 1;
         format!("pipeline file `{shown}` is not valid UTF-8 (line {line}, byte {at})")
     })
 }

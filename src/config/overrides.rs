@@ -21,7 +21,12 @@ pub struct Overrides {
 }
 
 /// Applies the overrides to a parsed pipeline's `vars:` and stage `params:`.
-pub fn apply(root: &mut Node, overrides: &Overrides, sources: &mut Sources, diagnostics: &mut Vec<Diagnostic>) {
+pub fn apply(
+    root: &mut Node,
+    overrides: &Overrides,
+    sources: &mut Sources,
+    diagnostics: &mut Vec<Diagnostic>,
+) {
     if !matches!(root.value, Value::Map(_)) {
         return;
     }
@@ -37,18 +42,27 @@ pub fn apply(root: &mut Node, overrides: &Overrides, sources: &mut Sources, diag
     }
 }
 
-fn merge_vars_file(root: &mut Node, path: &PathBuf, sources: &mut Sources, diagnostics: &mut Vec<Diagnostic>) {
+fn merge_vars_file(
+    root: &mut Node,
+    path: &PathBuf,
+    sources: &mut Sources,
+    diagnostics: &mut Vec<Diagnostic>,
+) {
     let name = path.display().to_string();
     let text = match std::fs::read(path) {
         Ok(bytes) => match String::from_utf8(bytes) {
             Ok(text) => text,
             Err(_) => {
-                diagnostics.push(Diagnostic::error(format!("vars file `{name}` is not valid UTF-8")));
+                diagnostics.push(Diagnostic::error(format!(
+                    "vars file `{name}` is not valid UTF-8"
+                )));
                 return;
             }
         },
         Err(error) => {
-            diagnostics.push(Diagnostic::error(format!("cannot read vars file `{name}`: {error}")));
+            diagnostics.push(Diagnostic::error(format!(
+                "cannot read vars file `{name}`: {error}"
+            )));
             return;
         }
     };
@@ -69,14 +83,19 @@ fn merge_vars_file(root: &mut Node, path: &PathBuf, sources: &mut Sources, diagn
             }
         }
         _ => diagnostics.push(
-            Diagnostic::error(format!("vars file `{name}` must hold a map of names to values, found {}", node.kind()))
-                .at(node.span, "expected a map"),
+            Diagnostic::error(format!(
+                "vars file `{name}` must hold a map of names to values, found {}",
+                node.kind()
+            ))
+            .at(node.span, "expected a map"),
         ),
     }
 }
 
 fn deep_merge(target: &mut Node, key: Key, value: Node) {
-    let Value::Map(entries) = &mut target.value else { return };
+    let Value::Map(entries) = &mut target.value else {
+        return;
+    };
     match entries.iter_mut().find(|(k, _)| k.name == key.name) {
         Some((_, existing)) => {
             if let (Value::Map(_), Value::Map(incoming)) = (&existing.value, &value.value) {
@@ -99,7 +118,16 @@ fn vars_map(root: &mut Node, span: Span) -> &mut Node {
     let index = match entries.iter().position(|(k, _)| k.name == "vars") {
         Some(index) => index,
         None => {
-            entries.insert(0, (Key { name: "vars".into(), span }, Node::new(span, Value::Map(Vec::new()))));
+            entries.insert(
+                0,
+                (
+                    Key {
+                        name: "vars".into(),
+                        span,
+                    },
+                    Node::new(span, Value::Map(Vec::new())),
+                ),
+            );
             0
         }
     };
@@ -125,7 +153,10 @@ fn apply_set(root: &mut Node, set: &str, whole: Span) -> Result<(), Box<Diagnost
     let key_span = whole.sub(key_start..key.len());
     let segments: Vec<&str> = key_text.split('.').collect();
     if segments.iter().any(|s| s.trim().is_empty()) {
-        return Err(Box::new(Diagnostic::error(format!("invalid key `{key_text}` in `--set`")).at(key_span, "empty part in this dotted key")));
+        return Err(Box::new(
+            Diagnostic::error(format!("invalid key `{key_text}` in `--set`"))
+                .at(key_span, "empty part in this dotted key"),
+        ));
     }
     let value_offset = key.len() + 1;
     let mut value = match yaml::parse(whole.source, value_text) {
@@ -133,7 +164,8 @@ fn apply_set(root: &mut Node, set: &str, whole: Span) -> Result<(), Box<Diagnost
         Err(mut errors) => {
             let mut diagnostic = errors.remove(0);
             for label in &mut diagnostic.labels {
-                label.span = whole.sub(value_offset + label.span.start..value_offset + label.span.end);
+                label.span =
+                    whole.sub(value_offset + label.span.start..value_offset + label.span.end);
             }
             return Err(Box::new(diagnostic));
         }
@@ -173,15 +205,29 @@ fn apply_set(root: &mut Node, set: &str, whole: Span) -> Result<(), Box<Diagnost
         let params = stage_params(root, first, key_span);
         return set_path(params, &segments[1..], value, true, key_text, key_span);
     }
-    let path = if explicit_var { &segments[1..] } else { &segments[..] };
+    let path = if explicit_var {
+        &segments[1..]
+    } else {
+        &segments[..]
+    };
     if !is_var && !add && !explicit_var {
-        let candidates = var_names.iter().chain(stage_names.iter()).map(String::as_str);
-        let diagnostic = Diagnostic::error(format!("`--set {key_text}`: no var or stage is called `{first}`"));
+        let candidates = var_names
+            .iter()
+            .chain(stage_names.iter())
+            .map(String::as_str);
+        let diagnostic = Diagnostic::error(format!(
+            "`--set {key_text}`: no var or stage is called `{first}`"
+        ));
         let diagnostic = match did_you_mean(first, candidates) {
-            Some(s) => diagnostic.at(whole.sub(key_start..key_start + first.len()), format!("did you mean `{s}`?")),
+            Some(s) => diagnostic.at(
+                whole.sub(key_start..key_start + first.len()),
+                format!("did you mean `{s}`?"),
+            ),
             None => diagnostic.at(whole.sub(key_start..key_start + first.len()), "unknown"),
         };
-        return Err(Box::new(diagnostic.help(format!("to add a new var, write `--set +{key_text}=…`"))));
+        return Err(Box::new(
+            diagnostic.help(format!("to add a new var, write `--set +{key_text}=…`")),
+        ));
     }
     let vars = vars_map(root, key_span);
     set_path(vars, path, value, add, key_text, key_span)
@@ -196,11 +242,19 @@ fn stage_params<'a>(root: &'a mut Node, name: &str, span: Span) -> &'a mut Node 
         // Leave shape errors to the raw check; give it a scratch map to write into.
         stage.value = Value::Map(Vec::new());
     }
-    let Value::Map(entries) = &mut stage.value else { unreachable!() };
+    let Value::Map(entries) = &mut stage.value else {
+        unreachable!()
+    };
     let index = match entries.iter().position(|(k, _)| k.name == "params") {
         Some(index) => index,
         None => {
-            entries.push((Key { name: "params".into(), span }, Node::new(span, Value::Map(Vec::new()))));
+            entries.push((
+                Key {
+                    name: "params".into(),
+                    span,
+                },
+                Node::new(span, Value::Map(Vec::new())),
+            ));
             entries.len() - 1
         }
     };
@@ -211,7 +265,14 @@ fn stage_params<'a>(root: &'a mut Node, name: &str, span: Span) -> &'a mut Node 
     params
 }
 
-fn set_path(node: &mut Node, path: &[&str], value: Node, create: bool, key_text: &str, key_span: Span) -> Result<(), Box<Diagnostic>> {
+fn set_path(
+    node: &mut Node,
+    path: &[&str],
+    value: Node,
+    create: bool,
+    key_text: &str,
+    key_span: Span,
+) -> Result<(), Box<Diagnostic>> {
     let Some((last, init)) = path.split_last() else {
         return Ok(());
     };
@@ -219,12 +280,23 @@ fn set_path(node: &mut Node, path: &[&str], value: Node, create: bool, key_text:
     for (depth, segment) in init.iter().enumerate() {
         let kind = current.kind();
         let Value::Map(entries) = &mut current.value else {
-            return Err(Box::new(not_a_map(key_text, &path[..depth], kind, key_span)));
+            return Err(Box::new(not_a_map(
+                key_text,
+                &path[..depth],
+                kind,
+                key_span,
+            )));
         };
         let index = match entries.iter().position(|(k, _)| k.name == *segment) {
             Some(index) => index,
             None if create => {
-                entries.push((Key { name: (*segment).to_owned(), span: key_span }, Node::new(key_span, Value::Map(Vec::new()))));
+                entries.push((
+                    Key {
+                        name: (*segment).to_owned(),
+                        span: key_span,
+                    },
+                    Node::new(key_span, Value::Map(Vec::new())),
+                ));
                 entries.len() - 1
             }
             None => return Err(Box::new(missing(key_text, segment, entries, key_span))),
@@ -237,15 +309,24 @@ fn set_path(node: &mut Node, path: &[&str], value: Node, create: bool, key_text:
     };
     match entries.iter_mut().find(|(k, _)| k.name == *last) {
         Some((_, existing)) => *existing = value,
-        None if create => entries.push((Key { name: (*last).to_owned(), span: key_span }, value)),
+        None if create => entries.push((
+            Key {
+                name: (*last).to_owned(),
+                span: key_span,
+            },
+            value,
+        )),
         None => return Err(Box::new(missing(key_text, last, entries, key_span))),
     }
     Ok(())
 }
 
 fn not_a_map(key_text: &str, prefix: &[&str], kind: &str, span: Span) -> Diagnostic {
-    Diagnostic::error(format!("cannot set `{key_text}`: `{}` is {kind}, not a map", prefix.join(".")))
-        .at(span, "here")
+    Diagnostic::error(format!(
+        "cannot set `{key_text}`: `{}` is {kind}, not a map",
+        prefix.join(".")
+    ))
+    .at(span, "here")
 }
 
 fn missing(key_text: &str, segment: &str, entries: &[(Key, Node)], span: Span) -> Diagnostic {
@@ -300,11 +381,26 @@ mod tests {
 
     #[test]
     fn sets_vars_and_params_with_yaml_types() {
-        let (_, root, diagnostics) = run(P, &["out=x/y", "paths.raw=s3://b/raw", "clean.iqr.k=2.0", "clean.dedup=true", "+extra=[1, 2]"]);
+        let (_, root, diagnostics) = run(
+            P,
+            &[
+                "out=x/y",
+                "paths.raw=s3://b/raw",
+                "clean.iqr.k=2.0",
+                "clean.dedup=true",
+                "+extra=[1, 2]",
+            ],
+        );
         assert!(diagnostics.is_empty(), "{diagnostics:?}");
         let json = root.to_json();
-        assert_eq!(json["vars"], serde_json::json!({"out": "x/y", "paths": {"raw": "s3://b/raw"}, "extra": [1, 2]}));
-        assert_eq!(json["stages"]["clean"]["params"], serde_json::json!({"iqr": {"k": 2.0}, "dedup": true}));
+        assert_eq!(
+            json["vars"],
+            serde_json::json!({"out": "x/y", "paths": {"raw": "s3://b/raw"}, "extra": [1, 2]})
+        );
+        assert_eq!(
+            json["stages"]["clean"]["params"],
+            serde_json::json!({"iqr": {"k": 2.0}, "dedup": true})
+        );
     }
 
     #[test]

@@ -54,26 +54,47 @@ impl ParamsChecker {
                             let key_span = node.entry(name).map_or(node.span, |(k, _)| k.span);
                             let known = properties_at(schema, &pointer);
                             let known: Vec<&str> = known.iter().map(String::as_str).collect();
-                            let d = Diagnostic::error(format!("unknown param `{}` for `{}` in stage `{stage}`", join(&pointer, name), builtin.name));
+                            let d = Diagnostic::error(format!(
+                                "unknown param `{}` for `{}` in stage `{stage}`",
+                                join(&pointer, name),
+                                builtin.name
+                            ));
                             diagnostics.push(match did_you_mean(name, known.iter().copied()) {
                                 Some(s) => d.at(key_span, format!("did you mean `{s}`?")),
                                 None if known.is_empty() => d.at(key_span, "unknown param"),
-                                None => d.at(key_span, "unknown param").help(format!("expected one of {}", list(&known))),
+                                None => d
+                                    .at(key_span, "unknown param")
+                                    .help(format!("expected one of {}", list(&known))),
                             });
                         }
                         continue;
                     }
                     ValidationErrorKind::Required { property } => {
                         let name = property.as_str().unwrap_or_default();
-                        let at = if pointer.is_empty() && params.as_map().is_none_or(|m| m.is_empty()) { fallback } else { node.span };
-                        Diagnostic::error(format!("missing param `{}` for `{}` in stage `{stage}`", join(&pointer, name), builtin.name))
-                            .at(at, format!("`{name}` is required"))
+                        let at =
+                            if pointer.is_empty() && params.as_map().is_none_or(|m| m.is_empty()) {
+                                fallback
+                            } else {
+                                node.span
+                            };
+                        Diagnostic::error(format!(
+                            "missing param `{}` for `{}` in stage `{stage}`",
+                            join(&pointer, name),
+                            builtin.name
+                        ))
+                        .at(at, format!("`{name}` is required"))
                     }
                     ValidationErrorKind::Enum { options } => {
-                        let options: Vec<String> = options.as_array().map(|o| o.iter().map(show).collect()).unwrap_or_default();
+                        let options: Vec<String> = options
+                            .as_array()
+                            .map(|o| o.iter().map(show).collect())
+                            .unwrap_or_default();
                         let options: Vec<&str> = options.iter().map(String::as_str).collect();
                         let given = node.as_str().unwrap_or_default();
-                        let d = Diagnostic::error(format!("param{place} of stage `{stage}` must be one of {}", list(&options)));
+                        let d = Diagnostic::error(format!(
+                            "param{place} of stage `{stage}` must be one of {}",
+                            list(&options)
+                        ));
                         match did_you_mean(given, options.iter().copied()) {
                             Some(s) => d.at(node.span, format!("did you mean `{s}`?")),
                             None => d.at(node.span, "not allowed"),
@@ -81,15 +102,29 @@ impl ParamsChecker {
                     }
                     ValidationErrorKind::Type { kind } => {
                         let expected = type_words(&format!("{kind:?}"));
-                        Diagnostic::error(format!("param{place} of stage `{stage}` must be {expected}, found {}", node.kind()))
-                            .at(node.span, format!("expected {expected}"))
+                        Diagnostic::error(format!(
+                            "param{place} of stage `{stage}` must be {expected}, found {}",
+                            node.kind()
+                        ))
+                        .at(node.span, format!("expected {expected}"))
                     }
-                    ValidationErrorKind::Minimum { limit } => bound(stage, &place, node, "≥", limit),
-                    ValidationErrorKind::ExclusiveMinimum { limit } => bound(stage, &place, node, ">", limit),
-                    ValidationErrorKind::Maximum { limit } => bound(stage, &place, node, "≤", limit),
-                    ValidationErrorKind::ExclusiveMaximum { limit } => bound(stage, &place, node, "<", limit),
-                    _ => Diagnostic::error(format!("param{place} of stage `{stage}` is invalid: {}", error.masked()))
-                        .at(node.span, "invalid value"),
+                    ValidationErrorKind::Minimum { limit } => {
+                        bound(stage, &place, node, "≥", limit)
+                    }
+                    ValidationErrorKind::ExclusiveMinimum { limit } => {
+                        bound(stage, &place, node, ">", limit)
+                    }
+                    ValidationErrorKind::Maximum { limit } => {
+                        bound(stage, &place, node, "≤", limit)
+                    }
+                    ValidationErrorKind::ExclusiveMaximum { limit } => {
+                        bound(stage, &place, node, "<", limit)
+                    }
+                    _ => Diagnostic::error(format!(
+                        "param{place} of stage `{stage}` is invalid: {}",
+                        error.masked()
+                    ))
+                    .at(node.span, "invalid value"),
                 };
                 diagnostics.push(diagnostic);
             }
@@ -102,8 +137,11 @@ impl ParamsChecker {
             Err(error) => {
                 let node = params.pointer(&error.pointer).unwrap_or(params);
                 diagnostics.push(
-                    Diagnostic::error(format!("params of stage `{stage}` do not fit `{}`: {}", builtin.name, error.message))
-                        .at(node.span, "here"),
+                    Diagnostic::error(format!(
+                        "params of stage `{stage}` do not fit `{}`: {}",
+                        builtin.name, error.message
+                    ))
+                    .at(node.span, "here"),
                 );
                 None
             }
@@ -112,25 +150,29 @@ impl ParamsChecker {
 }
 
 fn bound(stage: &str, place: &str, node: &Node, relation: &str, limit: &Json) -> Diagnostic {
-    Diagnostic::error(format!("param{place} of stage `{stage}` must be {relation} {limit}"))
-        .at(node.span, format!("must be {relation} {limit}"))
+    Diagnostic::error(format!(
+        "param{place} of stage `{stage}` must be {relation} {limit}"
+    ))
+    .at(node.span, format!("must be {relation} {limit}"))
 }
 
 /// jsonschema's type names (`Single(Array)`, `Multiple([Number, Null])`) in words.
 fn type_words(debug: &str) -> String {
-    let words: Vec<&str> = ["Array", "Object", "String", "Integer", "Number", "Boolean", "Null"]
-        .into_iter()
-        .filter(|t| debug.contains(t))
-        .map(|t| match t {
-            "Array" => "a list",
-            "Object" => "a map",
-            "String" => "a string",
-            "Integer" => "an integer",
-            "Number" => "a number",
-            "Boolean" => "true or false",
-            _ => "null",
-        })
-        .collect();
+    let words: Vec<&str> = [
+        "Array", "Object", "String", "Integer", "Number", "Boolean", "Null",
+    ]
+    .into_iter()
+    .filter(|t| debug.contains(t))
+    .map(|t| match t {
+        "Array" => "a list",
+        "Object" => "a map",
+        "String" => "a string",
+        "Integer" => "an integer",
+        "Number" => "a number",
+        "Boolean" => "true or false",
+        _ => "null",
+    })
+    .collect();
     match words.as_slice() {
         [] => "another type".to_owned(),
         [one] => (*one).to_owned(),
@@ -194,7 +236,12 @@ fn expand<'a>(root: &'a Json, schema: &'a Json) -> Vec<&'a Json> {
         if steps > 64 {
             break;
         }
-        if let Some(target) = s.get("$ref").and_then(Json::as_str).and_then(|r| r.strip_prefix('#')).and_then(|p| root.pointer(p)) {
+        if let Some(target) = s
+            .get("$ref")
+            .and_then(Json::as_str)
+            .and_then(|r| r.strip_prefix('#'))
+            .and_then(|p| root.pointer(p))
+        {
             stack.push(target);
         }
         for key in ["anyOf", "oneOf", "allOf"] {

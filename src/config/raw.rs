@@ -107,7 +107,9 @@ pub fn check(root: Node, diagnostics: &mut Vec<Diagnostic>) -> Option<PipelineFi
                         }
                     }
                     Value::Null => {}
-                    _ => diagnostics.push(wrong_kind(&key, &value, "a map of stage names to stages")),
+                    _ => {
+                        diagnostics.push(wrong_kind(&key, &value, "a map of stage names to stages"))
+                    }
                 }
                 file.stages_key = Some(key);
             }
@@ -126,9 +128,16 @@ pub fn check(root: Node, diagnostics: &mut Vec<Diagnostic>) -> Option<PipelineFi
         let diagnostic = Diagnostic::error("the pipeline has no stages");
         let diagnostic = match &file.stages_key {
             Some(key) => diagnostic.at(key.span, "this map is empty"),
-            None => diagnostic.at(Span { end: root.span.start, ..root.span }, "no `stages:` in this file"),
+            None => diagnostic.at(
+                Span {
+                    end: root.span.start,
+                    ..root.span
+                },
+                "no `stages:` in this file",
+            ),
         };
-        diagnostics.push(diagnostic.help("add a stage under `stages:`, e.g. `hello: {cmd: echo hi}`"));
+        diagnostics
+            .push(diagnostic.help("add a stage under `stages:`, e.g. `hello: {cmd: echo hi}`"));
     }
     Some(file)
 }
@@ -173,19 +182,28 @@ fn check_stage(name: &Key, node: &Node, diagnostics: &mut Vec<Diagnostic>) -> Op
                         let mut ok = !items.is_empty();
                         if items.is_empty() {
                             diagnostics.push(
-                                Diagnostic::error("`cmd` is an empty list").at(value.span, "no command here"),
+                                Diagnostic::error("`cmd` is an empty list")
+                                    .at(value.span, "no command here"),
                             );
                         }
                         for item in items {
                             if item.as_str().is_none() {
-                                diagnostics.push(wrong_kind(key, item, "a string (a shell command)"));
+                                diagnostics.push(wrong_kind(
+                                    key,
+                                    item,
+                                    "a string (a shell command)",
+                                ));
                                 ok = false;
                             }
                         }
                         ok
                     }
                     _ => {
-                        diagnostics.push(wrong_kind(key, &value, "a shell command, or a list of them"));
+                        diagnostics.push(wrong_kind(
+                            key,
+                            &value,
+                            "a shell command, or a list of them",
+                        ));
                         false
                     }
                 };
@@ -204,7 +222,11 @@ fn check_stage(name: &Key, node: &Node, diagnostics: &mut Vec<Diagnostic>) -> Op
                 Value::Map(axes) if !axes.is_empty() => {
                     for (axis, values) in axes {
                         if !matches!(values.value, Value::Seq(_) | Value::String(_)) {
-                            diagnostics.push(wrong_kind(axis, values, "a list of values (or a `{{ var }}` holding one)"));
+                            diagnostics.push(wrong_kind(
+                                axis,
+                                values,
+                                "a list of values (or a `{{ var }}` holding one)",
+                            ));
                         }
                     }
                     spec.matrix = Some(value);
@@ -213,17 +235,26 @@ fn check_stage(name: &Key, node: &Node, diagnostics: &mut Vec<Diagnostic>) -> Op
             },
             "foreach" => match &value.value {
                 Value::Seq(_) | Value::Map(_) | Value::String(_) => spec.foreach = Some(value),
-                _ => diagnostics.push(wrong_kind(key, &value, "a list or map to expand over (or a `{{ var }}` holding one)")),
+                _ => diagnostics.push(wrong_kind(
+                    key,
+                    &value,
+                    "a list or map to expand over (or a `{{ var }}` holding one)",
+                )),
             },
             _ => diagnostics.push(unknown_key(key, STAGE_KEYS, "in a stage")),
         }
     }
-    if let (Some((matrix_key, _)), Some((foreach_key, _))) = (node.entry("matrix"), node.entry("foreach")) {
+    if let (Some((matrix_key, _)), Some((foreach_key, _))) =
+        (node.entry("matrix"), node.entry("foreach"))
+    {
         diagnostics.push(
-            Diagnostic::error(format!("stage `{}` has both `matrix` and `foreach`", name.name))
-                .at(foreach_key.span, "`foreach` here")
-                .also(matrix_key.span, "`matrix` here")
-                .help("use `matrix` with one axis instead of `foreach`"),
+            Diagnostic::error(format!(
+                "stage `{}` has both `matrix` and `foreach`",
+                name.name
+            ))
+            .at(foreach_key.span, "`foreach` here")
+            .also(matrix_key.span, "`matrix` here")
+            .help("use `matrix` with one axis instead of `foreach`"),
         );
     }
     match (uses, cmd) {
@@ -233,15 +264,20 @@ fn check_stage(name: &Key, node: &Node, diagnostics: &mut Vec<Diagnostic>) -> Op
             Diagnostic::error(format!("stage `{}` has both `uses` and `cmd`", name.name))
                 .at(cmd_key.span, "`cmd` here")
                 .also(uses_key.span, "`uses` here")
-                .help("a stage runs either a built-in (`uses`) or a shell command (`cmd`), not both"),
+                .help(
+                    "a stage runs either a built-in (`uses`) or a shell command (`cmd`), not both",
+                ),
         ),
         (None, None) => {
             // Only complain when the keys are truly absent, not when they were malformed.
             if node.get("uses").is_none() && node.get("cmd").is_none() {
                 diagnostics.push(
-                    Diagnostic::error(format!("stage `{}` has neither `uses` nor `cmd`", name.name))
-                        .at(name.span, "this stage does nothing")
-                        .help("add `uses: <built-in stage>` or `cmd: <shell command>`"),
+                    Diagnostic::error(format!(
+                        "stage `{}` has neither `uses` nor `cmd`",
+                        name.name
+                    ))
+                    .at(name.span, "this stage does nothing")
+                    .help("add `uses: <built-in stage>` or `cmd: <shell command>`"),
                 )
             }
         }
@@ -287,7 +323,11 @@ fn check_paths(key: &Key, value: Node, diagnostics: &mut Vec<Diagnostic>) -> Opt
         }
         Value::Null => return None,
         _ => {
-            diagnostics.push(wrong_kind(key, &value, "a map of names to paths, or a list of paths"));
+            diagnostics.push(wrong_kind(
+                key,
+                &value,
+                "a map of names to paths, or a list of paths",
+            ));
             ok = false;
         }
     }
@@ -305,8 +345,12 @@ fn expect_string(key: &Key, value: Node, diagnostics: &mut Vec<Diagnostic>) -> O
 
 /// "`key` must be X, found Y", pointing at the value.
 pub fn wrong_kind(key: &Key, value: &Node, expected: &str) -> Diagnostic {
-    Diagnostic::error(format!("`{}` must be {expected}, found {}", key.name, value.kind()))
-        .at(value.span, format!("expected {expected}"))
+    Diagnostic::error(format!(
+        "`{}` must be {expected}, found {}",
+        key.name,
+        value.kind()
+    ))
+    .at(value.span, format!("expected {expected}"))
 }
 
 /// "unknown key", with the closest known key as a suggestion.

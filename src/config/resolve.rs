@@ -85,11 +85,20 @@ pub struct Port {
 }
 
 /// Resolves a shape-checked file. `file` is the path given by the user.
-pub fn resolve(file: &Path, raw: &PipelineFile, registry: &Registry, diagnostics: &mut Vec<Diagnostic>) -> Option<Pipeline> {
+pub fn resolve(
+    file: &Path,
+    raw: &PipelineFile,
+    registry: &Registry,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> Option<Pipeline> {
     let before = diagnostics.len();
     let templates = Templates::default();
     let file_dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
-    let file_dir = if file_dir.as_os_str().is_empty() { PathBuf::from(".") } else { file_dir };
+    let file_dir = if file_dir.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        file_dir
+    };
     let base = std::path::absolute(&file_dir).unwrap_or(file_dir);
     let workdir = match raw.workdir.as_ref().and_then(Node::as_str) {
         Some(dir) => crate::location::normalize(&base.join(dir)),
@@ -194,12 +203,19 @@ impl StageResolver<'_> {
     }
 
     fn instances(&mut self, spec: &StageSpec) -> Vec<Instance> {
-        let single = || vec![Instance { suffix: None, bindings: Map::new() }];
+        let single = || {
+            vec![Instance {
+                suffix: None,
+                bindings: Map::new(),
+            }]
+        };
         let ctx = self.base_context();
         if let Some(matrix) = &spec.matrix {
             let mut axes: Vec<(String, Vec<Json>, Span)> = Vec::new();
             for (axis, values) in matrix.as_map().unwrap_or_default() {
-                let Some(values) = self.list_of(axis, values, &ctx) else { return Vec::new() };
+                let Some(values) = self.list_of(axis, values, &ctx) else {
+                    return Vec::new();
+                };
                 axes.push((axis.name.clone(), values, axis.span));
             }
             let mut combos: Vec<(Vec<String>, Map<String, Json>)> = vec![(Vec::new(), Map::new())];
@@ -221,12 +237,18 @@ impl StageResolver<'_> {
                 .map(|(suffix, item)| {
                     let mut bindings = Map::new();
                     bindings.insert("item".into(), Json::Object(item));
-                    Instance { suffix: Some(suffix.join("-")), bindings }
+                    Instance {
+                        suffix: Some(suffix.join("-")),
+                        bindings,
+                    }
                 })
                 .collect();
         }
         if let Some(foreach) = &spec.foreach {
-            let key = Key { name: "foreach".into(), span: foreach.span };
+            let key = Key {
+                name: "foreach".into(),
+                span: foreach.span,
+            };
             let rendered = match self.templates.render_node(foreach, &ctx, self.diagnostics) {
                 Some(node) => node,
                 None => return Vec::new(),
@@ -239,7 +261,10 @@ impl StageResolver<'_> {
                         let mut bindings = Map::new();
                         let suffix = suffix_of(&item, index);
                         bindings.insert("item".into(), item);
-                        Instance { suffix: Some(suffix), bindings }
+                        Instance {
+                            suffix: Some(suffix),
+                            bindings,
+                        }
                     })
                     .collect(),
                 Json::Object(map) if !map.is_empty() => map
@@ -248,15 +273,25 @@ impl StageResolver<'_> {
                         let mut bindings = Map::new();
                         bindings.insert("key".into(), Json::String(k.clone()));
                         bindings.insert("item".into(), item);
-                        Instance { suffix: Some(k), bindings }
+                        Instance {
+                            suffix: Some(k),
+                            bindings,
+                        }
                     })
                     .collect(),
                 other => {
                     let found = Node::from_json(&other, rendered.span);
-                    let what = if matches!(other, Json::Array(_) | Json::Object(_)) { "empty".to_owned() } else { found.kind().to_owned() };
+                    let what = if matches!(other, Json::Array(_) | Json::Object(_)) {
+                        "empty".to_owned()
+                    } else {
+                        found.kind().to_owned()
+                    };
                     self.diagnostics.push(
-                        Diagnostic::error(format!("`foreach` of stage `{}` must be a non-empty list or map, found {what}", spec.name.name))
-                            .at(key.span, "nothing to expand over"),
+                        Diagnostic::error(format!(
+                            "`foreach` of stage `{}` must be a non-empty list or map, found {what}",
+                            spec.name.name
+                        ))
+                        .at(key.span, "nothing to expand over"),
                     );
                     Vec::new()
                 }
@@ -271,10 +306,17 @@ impl StageResolver<'_> {
         match rendered.to_json() {
             Json::Array(items) if !items.is_empty() => Some(items),
             other => {
-                let found = if other.as_array().is_some() { "an empty list".to_owned() } else { rendered.kind().to_owned() };
+                let found = if other.as_array().is_some() {
+                    "an empty list".to_owned()
+                } else {
+                    rendered.kind().to_owned()
+                };
                 self.diagnostics.push(
-                    Diagnostic::error(format!("matrix axis `{}` must be a non-empty list, found {found}", axis.name))
-                        .at(values.span, "expected a list of values"),
+                    Diagnostic::error(format!(
+                        "matrix axis `{}` must be a non-empty list, found {found}",
+                        axis.name
+                    ))
+                    .at(values.span, "expected a list of values"),
                 );
                 None
             }
@@ -308,14 +350,24 @@ impl StageResolver<'_> {
             Action::Uses(uses) => {
                 let uses = self.templates.render_node(uses, &ctx, self.diagnostics)?;
                 let Some(uses_name) = uses.as_str() else {
-                    self.diagnostics.push(Diagnostic::error("`uses` must name a built-in stage").at(uses.span, format!("found {}", uses.kind())));
+                    self.diagnostics.push(
+                        Diagnostic::error("`uses` must name a built-in stage")
+                            .at(uses.span, format!("found {}", uses.kind())),
+                    );
                     return None;
                 };
                 let Some(builtin) = self.registry.get(uses_name) else {
-                    self.diagnostics.push(unknown_builtin(uses_name, uses.span, self.registry));
+                    self.diagnostics
+                        .push(unknown_builtin(uses_name, uses.span, self.registry));
                     return None;
                 };
-                let params = self.checker.check(builtin, &spec.name.name, &params_node, uses.span, self.diagnostics)?;
+                let params = self.checker.check(
+                    builtin,
+                    &spec.name.name,
+                    &params_node,
+                    uses.span,
+                    self.diagnostics,
+                )?;
                 StageKind::Builtin {
                     name: builtin.name.to_owned(),
                     version: builtin.version,
@@ -326,8 +378,14 @@ impl StageResolver<'_> {
                 let params = params_node.to_json();
                 let mut full = context.clone();
                 full.insert("params".into(), params.clone());
-                full.insert("inputs".into(), ports_json(inputs.as_deref().unwrap_or_default()));
-                full.insert("outputs".into(), ports_json(outputs.as_deref().unwrap_or_default()));
+                full.insert(
+                    "inputs".into(),
+                    ports_json(inputs.as_deref().unwrap_or_default()),
+                );
+                full.insert(
+                    "outputs".into(),
+                    ports_json(outputs.as_deref().unwrap_or_default()),
+                );
                 let full_ctx = Context::new(&full);
                 let lines: Vec<&Node> = match &cmd.value {
                     Value::Seq(items) => items.iter().collect(),
@@ -336,7 +394,9 @@ impl StageResolver<'_> {
                 let mut templates = Vec::new();
                 let mut commands = Vec::new();
                 for line in lines {
-                    let Value::String(s) = &line.value else { continue };
+                    let Value::String(s) = &line.value else {
+                        continue;
+                    };
                     match self.templates.render_string(s, line.span, &full_ctx) {
                         Ok(rendered) => commands.push(match rendered.to_json() {
                             Json::String(s) => s,
@@ -347,7 +407,11 @@ impl StageResolver<'_> {
                     templates.push((s.text.clone(), line.span));
                 }
                 context.insert("params".into(), params.clone());
-                StageKind::Shell { templates, commands, params }
+                StageKind::Shell {
+                    templates,
+                    commands,
+                    params,
+                }
             }
         };
         if self.diagnostics.len() > before {
@@ -366,7 +430,9 @@ impl StageResolver<'_> {
 
     /// `inputs:` or `outputs:`, rendered and parsed.
     fn ports(&mut self, node: Option<&Node>, ctx: &Context) -> Option<Vec<Port>> {
-        let Some(node) = node else { return Some(Vec::new()) };
+        let Some(node) = node else {
+            return Some(Vec::new());
+        };
         let entries: Vec<(Option<&Key>, &Node)> = match &node.value {
             Value::Map(entries) => entries.iter().map(|(k, v)| (Some(k), v)).collect(),
             Value::Seq(items) => items.iter().map(|v| (None, v)).collect(),
@@ -381,8 +447,11 @@ impl StageResolver<'_> {
             };
             let Some(text) = rendered.as_str() else {
                 self.diagnostics.push(
-                    Diagnostic::error(format!("a path must be a string, this template gives {}", rendered.kind()))
-                        .at(value.span, "not a path"),
+                    Diagnostic::error(format!(
+                        "a path must be a string, this template gives {}",
+                        rendered.kind()
+                    ))
+                    .at(value.span, "not a path"),
                 );
                 ok = false;
                 continue;
@@ -395,7 +464,10 @@ impl StageResolver<'_> {
                     span: value.span,
                 }),
                 Err(error) => {
-                    self.diagnostics.push(Diagnostic::error(format!("invalid path `{text}`: {error}")).at(value.span, error.to_string()));
+                    self.diagnostics.push(
+                        Diagnostic::error(format!("invalid path `{text}`: {error}"))
+                            .at(value.span, error.to_string()),
+                    );
                     ok = false;
                 }
             }
@@ -410,7 +482,12 @@ pub fn ports_json(ports: &[Port]) -> Json {
         Json::Object(
             ports
                 .iter()
-                .map(|p| (p.name.clone().unwrap_or_default(), Json::String(p.text.clone())))
+                .map(|p| {
+                    (
+                        p.name.clone().unwrap_or_default(),
+                        Json::String(p.text.clone()),
+                    )
+                })
                 .collect(),
         )
     } else {
@@ -436,8 +513,12 @@ fn unknown_builtin(name: &str, span: Span, registry: &Registry) -> Diagnostic {
         None => diagnostic.at(span, "no built-in stage has this name"),
     };
     if names.is_empty() {
-        diagnostic.help("this build of imba has no built-in stages; use `cmd:` to run a shell command")
+        diagnostic
+            .help("this build of imba has no built-in stages; use `cmd:` to run a shell command")
     } else {
-        diagnostic.help(format!("the built-in stages are {}; `imba stages` describes them", list(&names)))
+        diagnostic.help(format!(
+            "the built-in stages are {}; `imba stages` describes them",
+            list(&names)
+        ))
     }
 }

@@ -56,7 +56,12 @@ pub fn is_template(text: &str) -> bool {
 
 impl Templates {
     /// Renders every string inside `node`; `None` when any failed (each failure is reported).
-    pub fn render_node(&self, node: &Node, ctx: &Context, diagnostics: &mut Vec<Diagnostic>) -> Option<Node> {
+    pub fn render_node(
+        &self,
+        node: &Node,
+        ctx: &Context,
+        diagnostics: &mut Vec<Diagnostic>,
+    ) -> Option<Node> {
         match &node.value {
             Value::String(s) => match self.render_string(s, node.span, ctx) {
                 Ok(rendered) => Some(rendered),
@@ -86,7 +91,12 @@ impl Templates {
     }
 
     /// Renders one string scalar.
-    pub fn render_string(&self, s: &YamlString, span: Span, ctx: &Context) -> Result<Node, Diagnostic> {
+    pub fn render_string(
+        &self,
+        s: &YamlString,
+        span: Span,
+        ctx: &Context,
+    ) -> Result<Node, Diagnostic> {
         if !is_template(&s.text) {
             return Ok(Node::new(span, Value::String(s.clone())));
         }
@@ -99,20 +109,51 @@ impl Templates {
                 Ok(value) if value.is_undefined() => {
                     let trimmed = expr.trim();
                     let start = expr.find(trimmed).unwrap_or(0);
-                    Err(self.diagnose(ErrorKind::UndefinedError, None, Some(start..start + trimmed.len()), s, span, offset, expr, ctx))
+                    Err(self.diagnose(
+                        ErrorKind::UndefinedError,
+                        None,
+                        Some(start..start + trimmed.len()),
+                        s,
+                        span,
+                        offset,
+                        expr,
+                        ctx,
+                    ))
                 }
                 Ok(value) => Ok(to_node(&value, span)),
-                Err(error) => Err(self.diagnose(error.kind(), error.detail(), error.range(), s, span, offset, expr, ctx)),
+                Err(error) => Err(self.diagnose(
+                    error.kind(),
+                    error.detail(),
+                    error.range(),
+                    s,
+                    span,
+                    offset,
+                    expr,
+                    ctx,
+                )),
             };
         }
         match self.env.render_str(&s.text, &ctx.value) {
             Ok(text) => Ok(Node::string(span, text)),
-            Err(error) => Err(self.diagnose(error.kind(), error.detail(), error.range(), s, span, 0, &s.text, ctx)),
+            Err(error) => Err(self.diagnose(
+                error.kind(),
+                error.detail(),
+                error.range(),
+                s,
+                span,
+                0,
+                &s.text,
+                ctx,
+            )),
         }
     }
 
     /// Renders a string to a string (for commands).
-    pub fn render_text(&self, text: &str, ctx: &minijinja::Value) -> Result<String, minijinja::Error> {
+    pub fn render_text(
+        &self,
+        text: &str,
+        ctx: &minijinja::Value,
+    ) -> Result<String, minijinja::Error> {
         if !is_template(text) {
             return Ok(text.to_owned());
         }
@@ -133,7 +174,10 @@ impl Templates {
     ) -> Diagnostic {
         let range = range.filter(|r| r.end <= template.len());
         let exact = match (s.verbatim_at, &range) {
-            (Some(at), Some(range)) => Some(Span::new(span.source, at + offset + range.start..at + offset + range.end)),
+            (Some(at), Some(range)) => Some(Span::new(
+                span.source,
+                at + offset + range.start..at + offset + range.end,
+            )),
             _ => None,
         };
         let at = exact.unwrap_or(span);
@@ -159,7 +203,8 @@ impl Templates {
                 };
                 let mut names: Vec<&str> = ctx.names.iter().map(String::as_str).collect();
                 names.sort_unstable();
-                let known_root = root.filter(|r| name.is_some_and(|n| n != *r) && names.contains(r));
+                let known_root =
+                    root.filter(|r| name.is_some_and(|n| n != *r) && names.contains(r));
                 if let Some(keys) = known_root.and_then(|r| ctx.keys_of(r).map(|k| (r, k))) {
                     let (root, keys) = keys;
                     if keys.is_empty() {
@@ -188,7 +233,8 @@ impl Templates {
 fn whole_expression(text: &str) -> Option<(usize, &str)> {
     let trimmed = text.trim();
     let inner = trimmed.strip_prefix("{{")?.strip_suffix("}}")?;
-    if inner.contains("{{") || inner.contains("}}") || inner.contains("{%") || inner.contains("{#") {
+    if inner.contains("{{") || inner.contains("}}") || inner.contains("{%") || inner.contains("{#")
+    {
         return None;
     }
     let inner = inner.strip_prefix('-').unwrap_or(inner);
@@ -213,7 +259,10 @@ mod tests {
     use crate::config::yaml;
     use crate::diagnostic::Sources;
 
-    fn render(text: &str, vars: serde_json::Value) -> (Sources, Result<serde_json::Value, Vec<Diagnostic>>) {
+    fn render(
+        text: &str,
+        vars: serde_json::Value,
+    ) -> (Sources, Result<serde_json::Value, Vec<Diagnostic>>) {
         let mut sources = Sources::default();
         let id = sources.add("t.yaml", text);
         let node = yaml::parse(id, text).expect("yaml");
@@ -225,8 +274,14 @@ mod tests {
 
     #[test]
     fn whole_expressions_keep_their_type() {
-        let (_, out) = render("a: '{{ k }}'\nb: x{{ k }}\nc: '{{ months }}'\n", serde_json::json!({"k": 1.5, "months": ["01", "02"]}));
-        assert_eq!(out.unwrap(), serde_json::json!({"a": 1.5, "b": "x1.5", "c": ["01", "02"]}));
+        let (_, out) = render(
+            "a: '{{ k }}'\nb: x{{ k }}\nc: '{{ months }}'\n",
+            serde_json::json!({"k": 1.5, "months": ["01", "02"]}),
+        );
+        assert_eq!(
+            out.unwrap(),
+            serde_json::json!({"a": 1.5, "b": "x1.5", "c": ["01", "02"]})
+        );
     }
 
     #[test]
@@ -242,7 +297,10 @@ mod tests {
 
     #[test]
     fn undefined_attributes_are_named() {
-        let (sources, out) = render("a: '{{ item.mnth }}'\n", serde_json::json!({"item": {"month": 1}}));
+        let (sources, out) = render(
+            "a: '{{ item.mnth }}'\n",
+            serde_json::json!({"item": {"month": 1}}),
+        );
         let errors = out.expect_err("undefined");
         assert_eq!(errors[0].message, "undefined template variable `item.mnth`");
         assert_eq!(sources.slice(errors[0].labels[0].span), "item.mnth");
@@ -252,6 +310,10 @@ mod tests {
     fn syntax_errors_are_reported() {
         let (_, out) = render("a: 'x {{ 1 + }}'\n", serde_json::json!({}));
         let errors = out.expect_err("syntax");
-        assert!(errors[0].message.starts_with("invalid template"), "{}", errors[0].message);
+        assert!(
+            errors[0].message.starts_with("invalid template"),
+            "{}",
+            errors[0].message
+        );
     }
 }

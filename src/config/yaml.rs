@@ -103,7 +103,10 @@ impl Node {
             let Value::Map(entries) = &mut node.value else {
                 return None;
             };
-            node = entries.iter_mut().find(|(k, _)| k.name == *segment).map(|(_, v)| v)?;
+            node = entries
+                .iter_mut()
+                .find(|(k, _)| k.name == *segment)
+                .map(|(_, v)| v)?;
         }
         Some(node)
     }
@@ -197,7 +200,9 @@ pub fn parse(source: SourceId, text: &str) -> Result<Node, Vec<Diagnostic>> {
         match event {
             Ok((event, span)) => builder.on_event(event, span),
             Err(error) => {
-                builder.diagnostics.push(scan_error(source, &offsets, &error));
+                builder
+                    .diagnostics
+                    .push(scan_error(source, &offsets, &error));
                 return Err(builder.diagnostics);
             }
         }
@@ -205,12 +210,9 @@ pub fn parse(source: SourceId, text: &str) -> Result<Node, Vec<Diagnostic>> {
     if !builder.diagnostics.is_empty() {
         return Err(builder.diagnostics);
     }
-    Ok(builder.root.unwrap_or_else(|| {
-        Node::new(
-            Span::new(source, 0..0),
-            Value::Null,
-        )
-    }))
+    Ok(builder
+        .root
+        .unwrap_or_else(|| Node::new(Span::new(source, 0..0), Value::Null)))
 }
 
 fn scan_error(source: SourceId, offsets: &CharOffsets, error: &ScanError) -> Diagnostic {
@@ -286,8 +288,10 @@ impl Builder<'_> {
                 self.documents += 1;
                 if self.documents == 2 {
                     self.diagnostics.push(
-                        Diagnostic::error("a pipeline file holds one YAML document, this is a second")
-                            .at(span, "second document starts here"),
+                        Diagnostic::error(
+                            "a pipeline file holds one YAML document, this is a second",
+                        )
+                        .at(span, "second document starts here"),
                     );
                 }
             }
@@ -299,8 +303,10 @@ impl Builder<'_> {
                 let node = match self.anchors.get(&anchor) {
                     Some(node) => node.clone(),
                     None => {
-                        self.diagnostics
-                            .push(Diagnostic::error("unknown YAML alias").at(span, "no anchor of this name"));
+                        self.diagnostics.push(
+                            Diagnostic::error("unknown YAML alias")
+                                .at(span, "no anchor of this name"),
+                        );
                         Node::new(span, Value::Null)
                     }
                 };
@@ -319,7 +325,9 @@ impl Builder<'_> {
                 merged: Vec::new(),
             }),
             Event::SequenceEnd | Event::MappingEnd => {
-                let Some(frame) = self.stack.pop() else { return };
+                let Some(frame) = self.stack.pop() else {
+                    return;
+                };
                 let (start, anchor, value, last_end) = match frame {
                     Frame::Seq {
                         start,
@@ -341,7 +349,16 @@ impl Builder<'_> {
                 };
                 // Block collections end where their last item ends; flow ones at their bracket.
                 let end = match last_end {
-                    Some(end) if span.end <= end || self.text.as_bytes().get(span.start).is_none_or(|b| !matches!(b, b']' | b'}')) => end,
+                    Some(end)
+                        if span.end <= end
+                            || self
+                                .text
+                                .as_bytes()
+                                .get(span.start)
+                                .is_none_or(|b| !matches!(b, b']' | b'}')) =>
+                    {
+                        end
+                    }
                     _ => span.end.max(start),
                 };
                 self.push(Node::new(Span::new(self.source, start..end), value), anchor);
@@ -350,7 +367,13 @@ impl Builder<'_> {
         }
     }
 
-    fn scalar(&self, text: &str, style: ScalarStyle, tag: Option<&saphyr_parser::Tag>, span: Span) -> Node {
+    fn scalar(
+        &self,
+        text: &str,
+        style: ScalarStyle,
+        tag: Option<&saphyr_parser::Tag>,
+        span: Span,
+    ) -> Node {
         let tagged_str = tag.is_some_and(|t| t.suffix == "str");
         if style == ScalarStyle::Plain && !tagged_str {
             if let Some(value) = resolve_plain(text) {
@@ -403,8 +426,10 @@ impl Builder<'_> {
                         Value::Float(f) => f.to_string(),
                         Value::Seq(_) | Value::Map(_) => {
                             self.diagnostics.push(
-                                Diagnostic::error("a map key must be a plain value, not a list or map")
-                                    .at(node.span, "complex key"),
+                                Diagnostic::error(
+                                    "a map key must be a plain value, not a list or map",
+                                )
+                                .at(node.span, "complex key"),
                             );
                             String::new()
                         }
@@ -422,7 +447,8 @@ impl Builder<'_> {
                         if let Some(entry) = entries.iter_mut().find(|(e, _)| e.name == k.name) {
                             *entry = (k, node);
                         }
-                    } else if let Some((first, _)) = entries.iter().find(|(e, _)| e.name == k.name) {
+                    } else if let Some((first, _)) = entries.iter().find(|(e, _)| e.name == k.name)
+                    {
                         self.diagnostics.push(
                             Diagnostic::error(format!("key `{}` is given twice", k.name))
                                 .at(k.span, "given again here")
@@ -461,15 +487,24 @@ fn resolve_plain(text: &str) -> Option<Value> {
         "" | "~" | "null" | "Null" | "NULL" => return Some(Value::Null),
         "true" | "True" | "TRUE" => return Some(Value::Bool(true)),
         "false" | "False" | "FALSE" => return Some(Value::Bool(false)),
-        ".inf" | ".Inf" | ".INF" | "+.inf" | "+.Inf" | "+.INF" => return Some(Value::Float(f64::INFINITY)),
+        ".inf" | ".Inf" | ".INF" | "+.inf" | "+.Inf" | "+.INF" => {
+            return Some(Value::Float(f64::INFINITY))
+        }
         "-.inf" | "-.Inf" | "-.INF" => return Some(Value::Float(f64::NEG_INFINITY)),
         ".nan" | ".NaN" | ".NAN" => return Some(Value::Float(f64::NAN)),
         _ => {}
     }
     let bytes = text.as_bytes();
-    let digits = bytes.strip_prefix(b"-").or_else(|| bytes.strip_prefix(b"+")).unwrap_or(bytes);
+    let digits = bytes
+        .strip_prefix(b"-")
+        .or_else(|| bytes.strip_prefix(b"+"))
+        .unwrap_or(bytes);
     if !digits.is_empty() && digits.iter().all(u8::is_ascii_digit) {
-        return text.parse::<i64>().ok().map(Value::Int).or_else(|| text.parse().ok().map(Value::Float));
+        return text
+            .parse::<i64>()
+            .ok()
+            .map(Value::Int)
+            .or_else(|| text.parse().ok().map(Value::Float));
     }
     if let Some(hex) = text.strip_prefix("0x") {
         return i64::from_str_radix(hex, 16).ok().map(Value::Int);
@@ -477,8 +512,12 @@ fn resolve_plain(text: &str) -> Option<Value> {
     if let Some(oct) = text.strip_prefix("0o") {
         return i64::from_str_radix(oct, 8).ok().map(Value::Int);
     }
-    let looks_numeric = digits.first().is_some_and(|b| b.is_ascii_digit() || *b == b'.')
-        && digits.iter().all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'e' | b'E' | b'-' | b'+'))
+    let looks_numeric = digits
+        .first()
+        .is_some_and(|b| b.is_ascii_digit() || *b == b'.')
+        && digits
+            .iter()
+            .all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'e' | b'E' | b'-' | b'+'))
         && digits.iter().any(u8::is_ascii_digit);
     if looks_numeric {
         return text.parse::<f64>().ok().map(Value::Float);
@@ -548,7 +587,13 @@ mod tests {
         let errors = node.expect_err("duplicate");
         assert_eq!(errors.len(), 1);
         assert_eq!(errors[0].message, "key `a` is given twice");
-        assert_eq!(sources.line_col(errors[0].labels[0].span.source, errors[0].labels[0].span.start), (3, 1));
+        assert_eq!(
+            sources.line_col(
+                errors[0].labels[0].span.source,
+                errors[0].labels[0].span.start
+            ),
+            (3, 1)
+        );
     }
 
     #[test]

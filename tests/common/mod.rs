@@ -21,7 +21,10 @@ pub struct Output {
 impl Output {
     /// Exit code, stdout and stderr in one string, for snapshots.
     pub fn all(&self) -> String {
-        format!("exit: {}\n--- stdout\n{}--- stderr\n{}", self.code, self.stdout, self.stderr)
+        format!(
+            "exit: {}\n--- stdout\n{}--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
     }
 }
 
