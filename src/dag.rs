@@ -56,10 +56,7 @@ fn key_of(location: &Location) -> PathKey {
 }
 
 /// Builds and checks the graph of `pipeline`, reporting every problem found.
-pub fn build(
-    pipeline: Pipeline,
-    options: BuildOptions,
-) -> Result<Dag, Vec<Diagnostic>> {
+pub fn build(pipeline: Pipeline, options: BuildOptions) -> Result<Dag, Vec<Diagnostic>> {
     let mut diagnostics = Vec::new();
     let stages = &pipeline.stages;
 
