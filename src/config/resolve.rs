@@ -100,11 +100,6 @@ pub fn resolve(
         file_dir
     };
     let base = std::path::absolute(&file_dir).unwrap_or(file_dir);
-    let workdir = match raw.workdir.as_ref().and_then(Node::as_str) {
-        Some(dir) => crate::location::normalize(&base.join(dir)),
-        None => crate::location::normalize(&base),
-    };
-
     // Vars, in order: each may use the ones before it.
     let mut vars = Map::new();
     for (key, node) in &raw.vars {
@@ -113,7 +108,17 @@ pub fn resolve(
             vars.insert(key.name.clone(), rendered.to_json());
         }
     }
-    let desc = raw.desc.as_ref().and_then(Node::as_str).map(str::to_owned);
+    let ctx = Context::new(&vars);
+    let render = |node: &Option<Node>, diagnostics: &mut Vec<Diagnostic>| {
+        node.as_ref()
+            .and_then(|n| templates.render_node(n, &ctx, diagnostics))
+            .and_then(|n| n.as_str().map(str::to_owned))
+    };
+    let workdir = match render(&raw.workdir, diagnostics) {
+        Some(dir) => crate::location::normalize(&base.join(dir)),
+        None => crate::location::normalize(&base),
+    };
+    let desc = render(&raw.desc, diagnostics);
 
     let mut resolver = StageResolver {
         templates: &templates,

@@ -193,9 +193,20 @@ impl Templates {
                     None => "undefined template variable".to_owned(),
                 };
                 let root = name.map(|n| n.split(['.', '[', '|', ' ']).next().unwrap_or(n));
-                let suggestion = root
-                    .filter(|r| !ctx.names.iter().any(|n| n == r))
-                    .and_then(|r| did_you_mean(r, ctx.names.iter().map(String::as_str)));
+                let suggestion = match root {
+                    Some(r) if !ctx.names.iter().any(|n| n == r) => {
+                        did_you_mean(r, ctx.names.iter().map(String::as_str)).map(str::to_owned)
+                    }
+                    // `item.mnth`: the root exists; suggest among its keys.
+                    Some(r) => {
+                        let attribute = name.and_then(|n| n.strip_prefix(r)).and_then(|rest| rest.strip_prefix('.'));
+                        let keys = ctx.keys_of(r).unwrap_or_default();
+                        attribute
+                            .and_then(|a| did_you_mean(a, keys.iter().map(String::as_str)))
+                            .map(|a| format!("{r}.{a}"))
+                    }
+                    None => None,
+                };
                 let diagnostic = Diagnostic::error(message);
                 let diagnostic = match suggestion {
                     Some(suggestion) => diagnostic.at(at, format!("did you mean `{suggestion}`?")),
