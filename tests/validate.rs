@@ -202,3 +202,42 @@ impl RunWith for Test {
         }
     }
 }
+
+#[test]
+fn vars_file_problems() {
+    let t = Test::new()
+        .pipeline("vars:\n  out: o\nstages:\n  a:\n    cmd: echo {{ out }}\n")
+        .file("list.yaml", "- a\n")
+        .file("broken.yaml", "out: [\n");
+    let not_a_map = t.run_with(&["validate", "pipeline.yaml", "--vars", "list.yaml"]);
+    let broken = t.run_with(&["validate", "pipeline.yaml", "--vars", "broken.yaml"]);
+    let missing = t.run_with(&["validate", "pipeline.yaml", "--vars", "nope.yaml"]);
+    assert_snapshot!(format!(
+        "{}\n{}\n{}",
+        not_a_map.all(),
+        broken.all(),
+        missing.all()
+    ));
+}
+
+#[test]
+fn a_vars_file_and_sets_apply_in_order() {
+    let t = Test::new()
+        .pipeline("vars:\n  out: o\n  nested: {a: 1, b: 2}\nstages:\n  a:\n    cmd: echo {{ nested.a }} {{ nested.b }}\n    outputs: [\"{{ out }}/x\"]\n")
+        .file("prod.yaml", "out: prod\nnested: {b: 3}\n");
+    let out = t.run_with(&[
+        "dag",
+        "pipeline.yaml",
+        "--json",
+        "--vars",
+        "prod.yaml",
+        "--set",
+        "out=cli",
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let json: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(
+        json["stages"][0]["outputs"][0]["path"], "cli/x",
+        "--set wins over --vars"
+    );
+}

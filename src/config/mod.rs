@@ -38,7 +38,7 @@ pub fn load(
     registry: &Registry,
 ) -> (Sources, Result<Pipeline, LoadError>) {
     let mut sources = Sources::default();
-    let text = match read_text(path) {
+    let text = match read_text(path, "pipeline file") {
         Ok(text) => text,
         Err(message) => return (sources, Err(LoadError::Unreadable(message))),
     };
@@ -62,13 +62,11 @@ pub fn load(
     }
 }
 
-/// The text of a pipeline file, or a one-line reason it cannot be had.
-fn read_text(path: &Path) -> Result<String, String> {
+/// The text of a file (`what`: "pipeline file", "vars file"), or a one-line reason it cannot be had.
+pub(crate) fn read_text(path: &Path, what: &str) -> Result<String, String> {
     let shown = path.display();
     if path.is_dir() {
-        return Err(format!(
-            "cannot read pipeline file `{shown}`: it is a directory"
-        ));
+        return Err(format!("cannot read {what} `{shown}`: it is a directory"));
     }
     let bytes = std::fs::read(path).map_err(|error| {
         let reason = match error.kind() {
@@ -76,7 +74,7 @@ fn read_text(path: &Path) -> Result<String, String> {
             io::ErrorKind::PermissionDenied => "permission denied".to_owned(),
             _ => error.to_string(),
         };
-        format!("cannot read pipeline file `{shown}`: {reason}")
+        format!("cannot read {what} `{shown}`: {reason}")
     })?;
     String::from_utf8(bytes).map_err(|error| {
         let at = error.utf8_error().valid_up_to();
@@ -85,6 +83,6 @@ fn read_text(path: &Path) -> Result<String, String> {
             .filter(|b| **b == b'\n')
             .count()
             + 1;
-        format!("pipeline file `{shown}` is not valid UTF-8 (line {line}, byte {at})")
+        format!("{what} `{shown}` is not valid UTF-8 (line {line}, byte {at})")
     })
 }

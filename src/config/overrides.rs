@@ -44,25 +44,15 @@ pub fn apply(
 
 fn merge_vars_file(
     root: &mut Node,
-    path: &PathBuf,
+    path: &std::path::Path,
     sources: &mut Sources,
     diagnostics: &mut Vec<Diagnostic>,
 ) {
     let name = path.display().to_string();
-    let text = match std::fs::read(path) {
-        Ok(bytes) => match String::from_utf8(bytes) {
-            Ok(text) => text,
-            Err(_) => {
-                diagnostics.push(Diagnostic::error(format!(
-                    "vars file `{name}` is not valid UTF-8"
-                )));
-                return;
-            }
-        },
-        Err(error) => {
-            diagnostics.push(Diagnostic::error(format!(
-                "cannot read vars file `{name}`: {error}"
-            )));
+    let text = match super::read_text(path, "vars file") {
+        Ok(text) => text,
+        Err(message) => {
+            diagnostics.push(Diagnostic::error(message));
             return;
         }
     };

@@ -199,7 +199,9 @@ impl Templates {
                     }
                     // `item.mnth`: the root exists; suggest among its keys.
                     Some(r) => {
-                        let attribute = name.and_then(|n| n.strip_prefix(r)).and_then(|rest| rest.strip_prefix('.'));
+                        let attribute = name
+                            .and_then(|n| n.strip_prefix(r))
+                            .and_then(|rest| rest.strip_prefix('.'));
                         let keys = ctx.keys_of(r).unwrap_or_default();
                         attribute
                             .and_then(|a| did_you_mean(a, keys.iter().map(String::as_str)))
