@@ -364,8 +364,12 @@ impl Dag {
         needs
     }
 
-    /// Every edge as (from, to, why), sorted.
+    /// Every edge as (from, to, why), in the topological order of their endpoints.
     pub fn edges(&self) -> Vec<(usize, usize, &Edge)> {
+        let mut position = vec![0; self.order.len()];
+        for (i, &stage) in self.order.iter().enumerate() {
+            position[stage] = i;
+        }
         let mut edges: Vec<(usize, usize, &Edge)> = self
             .graph
             .edge_indices()
@@ -374,7 +378,7 @@ impl Dag {
                 Some((self.graph[a], self.graph[b], &self.graph[e]))
             })
             .collect();
-        edges.sort_by_key(|(a, b, _)| (*a, *b));
+        edges.sort_by_key(|(a, b, _)| (position[*a], position[*b]));
         edges
     }
 

@@ -82,88 +82,107 @@ fn dot_quote(text: &str) -> String {
     out
 }
 
-/// Every declared path, numbered in order of first appearance (in topological order).
-fn file_nodes(dag: &Dag) -> BTreeMap<String, usize> {
-    let mut files = BTreeMap::new();
-    for &index in dag.order() {
-        let stage = dag.stage(index);
-        for port in stage.inputs.iter().chain(&stage.outputs) {
-            let next = files.len();
-            files
-                .entry(shown(dag, &port.declared.location))
-                .or_insert(next);
+/// A node of a drawing: a stage (by topological position) or a data file.
+#[derive(Clone, Copy)]
+enum Node {
+    Stage(usize),
+    File(usize),
+}
+
+/// What DOT and Mermaid draw, in a stable order: stages in topological order, files in order of
+/// first appearance, and the edges between them.
+struct Picture {
+    stages: Vec<(String, String)>,
+    files: Vec<String>,
+    edges: Vec<(Node, Node)>,
+}
+
+impl Picture {
+    fn new(dag: &Dag, options: DrawOptions) -> Self {
+        let position: BTreeMap<usize, usize> = dag
+            .order()
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (*s, i))
+            .collect();
+        let stages = dag
+            .order()
+            .iter()
+            .map(|&i| {
+                (
+                    dag.stage(i).name.clone(),
+                    dag.stage(i).kind.label().to_owned(),
+                )
+            })
+            .collect();
+        let mut files: Vec<String> = Vec::new();
+        let mut numbers: BTreeMap<String, usize> = BTreeMap::new();
+        let mut edges = Vec::new();
+        if options.files {
+            let mut file = |path: String| {
+                *numbers.entry(path.clone()).or_insert_with(|| {
+                    files.push(path);
+                    files.len() - 1
+                })
+            };
+            for (pos, &index) in dag.order().iter().enumerate() {
+                let stage = dag.stage(index);
+                for port in &stage.inputs {
+                    edges.push((
+                        Node::File(file(shown(dag, &port.declared.location))),
+                        Node::Stage(pos),
+                    ));
+                }
+                for port in &stage.outputs {
+                    edges.push((
+                        Node::Stage(pos),
+                        Node::File(file(shown(dag, &port.declared.location))),
+                    ));
+                }
+            }
+        } else {
+            edges = dag
+                .edges()
+                .into_iter()
+                .map(|(a, b, _)| (Node::Stage(position[&a]), Node::Stage(position[&b])))
+                .collect();
+        }
+        Picture {
+            stages,
+            files,
+            edges,
         }
     }
-    files
 }
 
 fn dot(dag: &Dag, options: DrawOptions) -> String {
+    let picture = Picture::new(dag, options);
+    let node = |n: Node| match n {
+        Node::Stage(i) => dot_quote(&picture.stages[i].0),
+        Node::File(i) => format!("f{i}"),
+    };
     let mut out =
         String::from("digraph pipeline {\n  rankdir=LR;\n  node [shape=box, style=rounded];\n");
-    for &index in dag.order() {
-        let stage = dag.stage(index);
+    for (name, kind) in &picture.stages {
         let _ = writeln!(
             out,
             "  {} [label={}];",
-            dot_quote(&stage.name),
-            dot_quote(&format!("{}\n{}", stage.name, stage.kind.label()))
+            dot_quote(name),
+            dot_quote(&format!("{name}\n{kind}"))
         );
     }
-    if options.files {
-        let files = file_nodes(dag);
-        let mut by_number: Vec<(&String, &usize)> = files.iter().collect();
-        by_number.sort_by_key(|(_, n)| **n);
-        for (path, n) in &by_number {
-            let _ = writeln!(
-                out,
-                "  f{n} [label={}, shape=note, style=\"\"];",
-                dot_quote(path)
-            );
-        }
-        for &index in dag.order() {
-            let stage = dag.stage(index);
-            for port in &stage.inputs {
-                let _ = writeln!(
-                    out,
-                    "  f{} -> {};",
-                    files[&shown(dag, &port.declared.location)],
-                    dot_quote(&stage.name)
-                );
-            }
-            for port in &stage.outputs {
-                let _ = writeln!(
-                    out,
-                    "  {} -> f{};",
-                    dot_quote(&stage.name),
-                    files[&shown(dag, &port.declared.location)]
-                );
-            }
-        }
-    } else {
-        for (from, to, _) in ordered_edges(dag) {
-            let _ = writeln!(
-                out,
-                "  {} -> {};",
-                dot_quote(&dag.stage(from).name),
-                dot_quote(&dag.stage(to).name)
-            );
-        }
+    for (i, path) in picture.files.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "  f{i} [label={}, shape=note, style=\"\"];",
+            dot_quote(path)
+        );
+    }
+    for &(from, to) in &picture.edges {
+        let _ = writeln!(out, "  {} -> {};", node(from), node(to));
     }
     out.push_str("}\n");
     out
-}
-
-/// Edges in the order of their endpoints in the topological order.
-fn ordered_edges(dag: &Dag) -> Vec<(usize, usize, &crate::dag::Edge)> {
-    let position: BTreeMap<usize, usize> = dag
-        .order()
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (*s, i))
-        .collect();
-    let mut edges = dag.edges();
-    edges.sort_by_key(|(a, b, _)| (position[a], position[b]));
-    edges
 }
 
 fn mermaid_label(text: &str) -> String {
@@ -171,52 +190,25 @@ fn mermaid_label(text: &str) -> String {
 }
 
 fn mermaid(dag: &Dag, options: DrawOptions) -> String {
+    let picture = Picture::new(dag, options);
+    let node = |n: Node| match n {
+        Node::Stage(i) => format!("s{i}"),
+        Node::File(i) => format!("f{i}"),
+    };
     let mut out = String::from("flowchart LR\n");
-    let position: BTreeMap<usize, usize> = dag
-        .order()
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (*s, i))
-        .collect();
-    for (i, &index) in dag.order().iter().enumerate() {
-        let stage = dag.stage(index);
+    for (i, (name, kind)) in picture.stages.iter().enumerate() {
         let _ = writeln!(
             out,
             "  s{i}[\"{}<br/><i>{}</i>\"]",
-            mermaid_label(&stage.name),
-            mermaid_label(stage.kind.label())
+            mermaid_label(name),
+            mermaid_label(kind)
         );
     }
-    if options.files {
-        let files = file_nodes(dag);
-        let mut by_number: Vec<(&String, &usize)> = files.iter().collect();
-        by_number.sort_by_key(|(_, n)| **n);
-        for (path, n) in &by_number {
-            let _ = writeln!(out, "  f{n}[(\"{}\")]", mermaid_label(path));
-        }
-        for &index in dag.order() {
-            let stage = dag.stage(index);
-            for port in &stage.inputs {
-                let _ = writeln!(
-                    out,
-                    "  f{} --> s{}",
-                    files[&shown(dag, &port.declared.location)],
-                    position[&index]
-                );
-            }
-            for port in &stage.outputs {
-                let _ = writeln!(
-                    out,
-                    "  s{} --> f{}",
-                    position[&index],
-                    files[&shown(dag, &port.declared.location)]
-                );
-            }
-        }
-    } else {
-        for (from, to, _) in ordered_edges(dag) {
-            let _ = writeln!(out, "  s{} --> s{}", position[&from], position[&to]);
-        }
+    for (i, path) in picture.files.iter().enumerate() {
+        let _ = writeln!(out, "  f{i}[(\"{}\")]", mermaid_label(path));
+    }
+    for &(from, to) in &picture.edges {
+        let _ = writeln!(out, "  {} --> {}", node(from), node(to));
     }
     out
 }
@@ -244,7 +236,15 @@ fn to_json(dag: &Dag) -> serde_json::Value {
             })
         })
         .collect();
-    let edges: Vec<serde_json::Value> = ordered_edges(dag)
+    let position: BTreeMap<usize, usize> = dag
+        .order()
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (*s, i))
+        .collect();
+    let mut ordered = dag.edges();
+    ordered.sort_by_key(|(a, b, _)| (position[a], position[b]));
+    let edges: Vec<serde_json::Value> = ordered
         .into_iter()
         .map(|(from, to, edge)| {
             json!({
