@@ -6,10 +6,17 @@ use std::process::ExitCode;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use imba_stages::Registry;
 
+use std::sync::Arc;
+
 use crate::config::{self, LoadError, Overrides};
 use crate::dag::{self, BuildOptions, Dag};
 use crate::draw::{self, DrawOptions, Format};
+use crate::exec::{self, RunError, RunOptions};
+use crate::hash::StatCache;
+use crate::plan::{self, Selection, StageStatus};
+use crate::record;
 use crate::report::{ColorChoice, Printer};
+use crate::state::StateDir;
 
 /// Exit status for a usage or config error.
 pub const EXIT_CONFIG: u8 = 2;
@@ -36,8 +43,16 @@ pub struct Cli {
 pub enum Command {
     /// Check a pipeline file and report every problem at once; runs nothing.
     Validate(PipelineArgs),
+    /// Run every stage that is out of date, in dependency order, in parallel.
+    Run(RunArgs),
+    /// List the stages that are out of date, and why; runs nothing.
+    Status(StatusArgs),
     /// Draw the stage graph (text, DOT, Mermaid or JSON) on stdout.
     Dag(DagArgs),
+    /// List recent runs of a pipeline.
+    Log(LogArgs),
+    /// Show one run of a pipeline: each stage's decision, reasons and outputs.
+    Show(ShowArgs),
     /// List the built-in stages and their implementation versions.
     Stages,
     /// Print the JSON Schema of pipeline files, for editors.
@@ -63,6 +78,76 @@ pub struct PipelineArgs {
     pub vars: Vec<PathBuf>,
 }
 
+/// Which stages to consider.
+#[derive(Args, Debug, Clone)]
+pub struct SelectArgs {
+    /// Only this stage and what it needs (repeatable; a name without `@…` means all its
+    /// matrix/foreach instances).
+    #[arg(long = "stage", short = 's', value_name = "NAME")]
+    pub stages: Vec<String>,
+    /// With --stage: also every stage downstream of it.
+    #[arg(long, requires = "stages")]
+    pub downstream: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+    #[command(flatten)]
+    pub select: SelectArgs,
+    /// Stages to run at once [default: the number of cores].
+    #[arg(long, short = 'j', value_name = "N")]
+    pub jobs: Option<usize>,
+    /// Run the selected stages even when they are up to date.
+    #[arg(long, short = 'f')]
+    pub force: bool,
+    /// Print what would run and why; change nothing.
+    #[arg(long, short = 'n')]
+    pub dry_run: bool,
+    /// When a stage fails, go on with the stages that do not need it.
+    #[arg(long, short = 'k')]
+    pub keep_going: bool,
+    /// Fail at once if another run of this workdir is in progress, instead of waiting.
+    #[arg(long)]
+    pub no_wait: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+    #[command(flatten)]
+    pub select: SelectArgs,
+    /// JSON, for scripts.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct LogArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+    /// How many runs to list.
+    #[arg(long, short = 'n', default_value_t = 20)]
+    pub limit: usize,
+    /// JSON, for scripts.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ShowArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+    /// The run id (or a unique prefix of it) [default: the latest run].
+    #[arg(long)]
+    pub run: Option<String>,
+    /// JSON, for scripts.
+    #[arg(long)]
+    pub json: bool,
+}
+
 #[derive(Args, Debug)]
 pub struct DagArgs {
     #[command(flatten)]
@@ -79,6 +164,9 @@ pub struct DagArgs {
     /// Show data files as nodes too.
     #[arg(long)]
     pub files: bool,
+    /// Mark the stages that are out of date.
+    #[arg(long)]
+    pub status: bool,
 }
 
 impl PipelineArgs {
@@ -126,11 +214,30 @@ pub fn run(cli: Cli, printer: &Printer) -> ExitCode {
                 } else {
                     Format::Text
                 };
-                printer.data(&draw::draw(&dag, format, DrawOptions { files: args.files }));
+                let stale = if args.status {
+                    match stale_map(&dag, &Selection::default(), printer) {
+                        Ok(stale) => Some(stale),
+                        Err(code) => return code,
+                    }
+                } else {
+                    None
+                };
+                printer.data(&draw::draw(
+                    &dag,
+                    format,
+                    DrawOptions {
+                        files: args.files,
+                        stale,
+                    },
+                ));
                 ExitCode::SUCCESS
             }
             Err(code) => code,
         },
+        Command::Run(args) => run_command(args, registry, printer),
+        Command::Status(args) => status_command(args, &registry, printer),
+        Command::Log(args) => log_command(args, &registry, printer),
+        Command::Show(args) => show_command(args, &registry, printer),
         Command::Stages => {
             let mut out = String::new();
             for builtin in registry.iter() {
@@ -208,4 +315,282 @@ pub fn reference_markdown() -> String {
         }
     }
     out
+}
+
+impl SelectArgs {
+    fn selection(&self, force: bool) -> Selection {
+        Selection {
+            stages: self.stages.clone(),
+            downstream: self.downstream,
+            force,
+        }
+    }
+}
+
+fn run_error(printer: &Printer, error: RunError) -> ExitCode {
+    printer.error(&error.to_string());
+    match error {
+        RunError::Config(_) => ExitCode::from(EXIT_CONFIG),
+        RunError::Busy(_) | RunError::Io(_) => ExitCode::from(EXIT_STAGE_FAILED),
+    }
+}
+
+/// The static plan of the selected stages (status, dry run, dag --status).
+fn static_plan(
+    dag: &Dag,
+    selection: &Selection,
+    printer: &Printer,
+) -> Result<Vec<StageStatus>, ExitCode> {
+    let pipeline = dag.pipeline();
+    let lock = exec::load_lock(&crate::lock::lock_path(&pipeline.file), |w| {
+        printer.warning(&w)
+    })
+    .map_err(|e| run_error(printer, e))?;
+    let (selected, forced) =
+        plan::select(dag, selection).map_err(|e| run_error(printer, RunError::Config(e)))?;
+    let state = StateDir::new(&pipeline.workdir);
+    let cache = if state.root.is_dir() {
+        StatCache::load(state.stat_cache())
+    } else {
+        StatCache::in_memory()
+    };
+    let statuses = plan::static_plan(dag, &lock, &cache, &selected, &forced).map_err(|e| {
+        printer.error(&e.to_string());
+        ExitCode::from(EXIT_STAGE_FAILED)
+    })?;
+    // Remember what was hashed, so the next status does not read the same files again.
+    let _ = cache.save();
+    Ok(statuses)
+}
+
+fn stale_map(
+    dag: &Dag,
+    selection: &Selection,
+    printer: &Printer,
+) -> Result<std::collections::BTreeMap<String, Vec<String>>, ExitCode> {
+    Ok(static_plan(dag, selection, printer)?
+        .into_iter()
+        .filter(|s| s.stale)
+        .map(|s| (s.name, s.reasons.iter().map(ToString::to_string).collect()))
+        .collect())
+}
+
+fn describe_plan(statuses: &[StageStatus], verb: &str) -> String {
+    let stale: Vec<&StageStatus> = statuses.iter().filter(|s| s.stale).collect();
+    let mut out = String::new();
+    for status in &stale {
+        out.push_str(&format!("{}\n", status.name));
+        for reason in &status.reasons {
+            out.push_str(&format!("  - {reason}\n"));
+        }
+    }
+    if stale.is_empty() {
+        out.push_str(&format!("all {} stages are up to date\n", statuses.len()));
+    } else {
+        out.push_str(&format!(
+            "{} of {} stages {verb}\n",
+            stale.len(),
+            statuses.len()
+        ));
+    }
+    out
+}
+
+fn status_command(args: StatusArgs, registry: &Registry, printer: &Printer) -> ExitCode {
+    let dag = match checked_dag(&args.pipeline, registry, printer) {
+        Ok(dag) => dag,
+        Err(code) => return code,
+    };
+    match static_plan(&dag, &args.select.selection(false), printer) {
+        Ok(statuses) => {
+            if args.json {
+                let json = serde_json::json!({ "stages": statuses });
+                printer.data(&(serde_json::to_string_pretty(&json).unwrap_or_default() + "\n"));
+            } else {
+                printer.data(&describe_plan(&statuses, "are stale"));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+fn run_command(args: RunArgs, registry: Registry, printer: &Printer) -> ExitCode {
+    let dag = match checked_dag(&args.pipeline, &registry, printer) {
+        Ok(dag) => dag,
+        Err(code) => return code,
+    };
+    let selection = args.select.selection(args.force);
+    if args.dry_run {
+        return match static_plan(&dag, &selection, printer) {
+            Ok(statuses) => {
+                printer.data(&describe_plan(&statuses, "would run"));
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        };
+    }
+    let jobs = args
+        .jobs
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+        .max(1);
+    let options = RunOptions {
+        jobs,
+        selection,
+        keep_going: args.keep_going,
+        no_wait: args.no_wait,
+    };
+    let events = Arc::new(crate::report::RunPrinter::new(printer));
+    let outcome = exec::run(Arc::new(dag), registry, options, events.clone());
+    events.finish();
+    match outcome {
+        Ok(summary) => {
+            let count = |d: &str| {
+                summary
+                    .record
+                    .stages
+                    .iter()
+                    .filter(|s| s.decision == d)
+                    .count()
+            };
+            let line = format!(
+                "{} ran, {} up to date, {} failed, {} not run ({:.2}s; run {})",
+                count("ran"),
+                count("skipped"),
+                count("failed"),
+                count("blocked") + count("cancelled"),
+                summary.record.duration_ms as f64 / 1000.0,
+                summary.record.id
+            );
+            if summary.interrupted {
+                printer.error(&format!("interrupted: {line}"));
+                ExitCode::from(130)
+            } else if summary.failed {
+                printer.error(&format!("the pipeline failed: {line}"));
+                ExitCode::from(EXIT_STAGE_FAILED)
+            } else {
+                printer.status(&line);
+                ExitCode::SUCCESS
+            }
+        }
+        Err(error) => run_error(printer, error),
+    }
+}
+
+fn runs_of(
+    args: &PipelineArgs,
+    registry: &Registry,
+    printer: &Printer,
+) -> Result<Vec<record::RunRecord>, ExitCode> {
+    let dag = checked_dag(args, registry, printer)?;
+    let pipeline = dag.pipeline();
+    let shown = pipeline.file.display().to_string();
+    Ok(record::list(&StateDir::new(&pipeline.workdir).runs())
+        .into_iter()
+        .filter(|r| r.pipeline == shown)
+        .collect())
+}
+
+fn log_command(args: LogArgs, registry: &Registry, printer: &Printer) -> ExitCode {
+    let runs = match runs_of(&args.pipeline, registry, printer) {
+        Ok(runs) => runs,
+        Err(code) => return code,
+    };
+    let runs: Vec<_> = runs.into_iter().take(args.limit).collect();
+    if args.json {
+        printer.data(&(serde_json::to_string_pretty(&runs).unwrap_or_default() + "\n"));
+        return ExitCode::SUCCESS;
+    }
+    if runs.is_empty() {
+        printer.status("no runs yet");
+        return ExitCode::SUCCESS;
+    }
+    let mut out = format!(
+        "{:<25} {:<20} {:<11} {:>4} {:>4} {:>6} {:>9}\n",
+        "RUN", "STARTED", "STATUS", "RAN", "SKIP", "FAILED", "DURATION"
+    );
+    for run in runs {
+        let count = |d: &str| run.stages.iter().filter(|s| s.decision == d).count();
+        out.push_str(&format!(
+            "{:<25} {:<20} {:<11} {:>4} {:>4} {:>6} {:>8.2}s\n",
+            run.id,
+            run.started,
+            run.status,
+            count("ran"),
+            count("skipped"),
+            count("failed"),
+            run.duration_ms as f64 / 1000.0
+        ));
+    }
+    printer.data(&out);
+    ExitCode::SUCCESS
+}
+
+fn show_command(args: ShowArgs, registry: &Registry, printer: &Printer) -> ExitCode {
+    let runs = match runs_of(&args.pipeline, registry, printer) {
+        Ok(runs) => runs,
+        Err(code) => return code,
+    };
+    let chosen: Vec<&record::RunRecord> = match &args.run {
+        None => runs.iter().take(1).collect(),
+        Some(id) => runs
+            .iter()
+            .filter(|r| r.id.starts_with(id.as_str()))
+            .collect(),
+    };
+    let run = match chosen.as_slice() {
+        [one] => *one,
+        [] => {
+            printer.error(&match &args.run {
+                Some(id) => format!("no run of this pipeline has an id starting with `{id}`"),
+                None => "this pipeline has not run yet".to_owned(),
+            });
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        _ => {
+            printer.error(&format!(
+                "`{}` matches {} runs; give more of the id",
+                args.run.unwrap_or_default(),
+                chosen.len()
+            ));
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if args.json {
+        printer.data(&(serde_json::to_string_pretty(run).unwrap_or_default() + "\n"));
+        return ExitCode::SUCCESS;
+    }
+    let mut out = format!(
+        "run {} of {}: {} ({:.2}s, started {})\n",
+        run.id,
+        run.pipeline,
+        run.status,
+        run.duration_ms as f64 / 1000.0,
+        run.started
+    );
+    for stage in &run.stages {
+        out.push_str(&format!("{:<10} {}", stage.decision, stage.name));
+        if stage.decision == "ran" {
+            out.push_str(&format!(
+                " ({:.2}s{})",
+                stage.duration_ms as f64 / 1000.0,
+                if stage.unchanged {
+                    ", outputs unchanged"
+                } else {
+                    ""
+                }
+            ));
+        }
+        out.push('\n');
+        for reason in &stage.reasons {
+            out.push_str(&format!("           - {reason}\n"));
+        }
+        if let Some(error) = &stage.error {
+            for line in error.lines() {
+                out.push_str(&format!("           ! {line}\n"));
+            }
+        }
+    }
+    printer.data(&out);
+    ExitCode::SUCCESS
 }

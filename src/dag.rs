@@ -382,6 +382,54 @@ impl Dag {
         edges
     }
 
+    /// Every stage reachable from `from` along edges (not including `from` itself).
+    pub fn descendants(
+        &self,
+        from: &std::collections::BTreeSet<usize>,
+    ) -> std::collections::BTreeSet<usize> {
+        self.reach(from, petgraph::Outgoing)
+    }
+
+    /// Every stage that `from` needs, directly or not.
+    pub fn ancestors(
+        &self,
+        from: &std::collections::BTreeSet<usize>,
+    ) -> std::collections::BTreeSet<usize> {
+        self.reach(from, petgraph::Incoming)
+    }
+
+    fn reach(
+        &self,
+        from: &std::collections::BTreeSet<usize>,
+        direction: petgraph::Direction,
+    ) -> std::collections::BTreeSet<usize> {
+        let mut seen = std::collections::BTreeSet::new();
+        let mut stack: Vec<usize> = from.iter().copied().collect();
+        while let Some(stage) = stack.pop() {
+            for next in self
+                .graph
+                .neighbors_directed(NodeIndex::new(stage), direction)
+            {
+                let next = self.graph[next];
+                if !from.contains(&next) && seen.insert(next) {
+                    stack.push(next);
+                }
+            }
+        }
+        seen
+    }
+
+    /// The stages that read what `index` writes, in declaration order.
+    pub fn dependents(&self, index: usize) -> Vec<usize> {
+        let mut out: Vec<usize> = self
+            .graph
+            .neighbors(NodeIndex::new(index))
+            .map(|n| self.graph[n])
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
     pub fn edge_count(&self) -> usize {
         self.graph.edge_count()
     }

@@ -17,18 +17,22 @@ pub enum Format {
 }
 
 /// What to draw besides stages.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct DrawOptions {
     /// Data files as nodes of their own (DVC's `--outs` view).
     pub files: bool,
+    /// Stale stages, with why: marked in the drawing (`dag --status`).
+    pub stale: Option<BTreeMap<String, Vec<String>>>,
 }
 
 pub fn draw(dag: &Dag, format: Format, options: DrawOptions) -> String {
     match format {
-        Format::Text => text(dag),
+        Format::Text => text(dag, &options),
         Format::Dot => dot(dag, options),
         Format::Mermaid => mermaid(dag, options),
-        Format::Json => serde_json::to_string_pretty(&to_json(dag)).unwrap_or_default() + "\n",
+        Format::Json => {
+            serde_json::to_string_pretty(&to_json(dag, &options)).unwrap_or_default() + "\n"
+        }
     }
 }
 
@@ -36,7 +40,7 @@ fn shown(dag: &Dag, location: &crate::location::Location) -> String {
     location.display(&dag.pipeline().workdir)
 }
 
-fn text(dag: &Dag) -> String {
+fn text(dag: &Dag, options: &DrawOptions) -> String {
     let mut out = String::new();
     for &index in dag.order() {
         let stage = dag.stage(index);
@@ -48,6 +52,9 @@ fn text(dag: &Dag) -> String {
             .collect();
         if !needs.is_empty() {
             let _ = write!(out, " ← {}", needs.join(", "));
+        }
+        if let Some(reasons) = options.stale.as_ref().and_then(|s| s.get(&stage.name)) {
+            let _ = write!(out, " (stale: {})", reasons.join("; "));
         }
         out.push('\n');
         if let Some(desc) = &stage.desc {
@@ -93,6 +100,8 @@ enum Node {
 /// first appearance, and the edges between them.
 struct Picture {
     stages: Vec<(String, String)>,
+    /// Per stage, in the same order: out of date (`dag --status`).
+    stale: Vec<bool>,
     files: Vec<String>,
     edges: Vec<(Node, Node)>,
 }
@@ -147,8 +156,19 @@ impl Picture {
                 .map(|(a, b, _)| (Node::Stage(position[&a]), Node::Stage(position[&b])))
                 .collect();
         }
+        let stale = dag
+            .order()
+            .iter()
+            .map(|&i| {
+                options
+                    .stale
+                    .as_ref()
+                    .is_some_and(|s| s.contains_key(&dag.stage(i).name))
+            })
+            .collect();
         Picture {
             stages,
+            stale,
             files,
             edges,
         }
@@ -163,12 +183,22 @@ fn dot(dag: &Dag, options: DrawOptions) -> String {
     };
     let mut out =
         String::from("digraph pipeline {\n  rankdir=LR;\n  node [shape=box, style=rounded];\n");
-    for (name, kind) in &picture.stages {
+    for ((name, kind), stale) in picture.stages.iter().zip(&picture.stale) {
+        let mark = if *stale {
+            ", color=red, penwidth=2"
+        } else {
+            ""
+        };
+        let label = if *stale {
+            format!("{name}\n{kind} (stale)")
+        } else {
+            format!("{name}\n{kind}")
+        };
         let _ = writeln!(
             out,
-            "  {} [label={}];",
+            "  {} [label={}{mark}];",
             dot_quote(name),
-            dot_quote(&format!("{name}\n{kind}"))
+            dot_quote(&label)
         );
     }
     for (i, path) in picture.files.iter().enumerate() {
@@ -210,10 +240,16 @@ fn mermaid(dag: &Dag, options: DrawOptions) -> String {
     for &(from, to) in &picture.edges {
         let _ = writeln!(out, "  {} --> {}", node(from), node(to));
     }
+    if picture.stale.iter().any(|s| *s) {
+        out.push_str("  classDef stale stroke:#d00,stroke-width:3px\n");
+        for (i, _) in picture.stale.iter().enumerate().filter(|(_, s)| **s) {
+            let _ = writeln!(out, "  class s{i} stale");
+        }
+    }
     out
 }
 
-fn to_json(dag: &Dag) -> serde_json::Value {
+fn to_json(dag: &Dag, options: &DrawOptions) -> serde_json::Value {
     let port = |p: &crate::config::Port| {
         json!({
             "name": p.name,
@@ -226,25 +262,23 @@ fn to_json(dag: &Dag) -> serde_json::Value {
         .iter()
         .map(|&index| {
             let stage = dag.stage(index);
-            json!({
+            let mut node = json!({
                 "name": stage.name,
                 "kind": stage.kind.label(),
                 "desc": stage.desc,
                 "inputs": stage.inputs.iter().map(port).collect::<Vec<_>>(),
                 "outputs": stage.outputs.iter().map(port).collect::<Vec<_>>(),
                 "needs": dag.needs(index).iter().map(|(s, _)| dag.stage(*s).name.clone()).collect::<Vec<_>>(),
-            })
+            });
+            if let Some(stale) = &options.stale {
+                node["stale"] = json!(stale.contains_key(&stage.name));
+                node["reasons"] = json!(stale.get(&stage.name).cloned().unwrap_or_default());
+            }
+            node
         })
         .collect();
-    let position: BTreeMap<usize, usize> = dag
-        .order()
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (*s, i))
-        .collect();
-    let mut ordered = dag.edges();
-    ordered.sort_by_key(|(a, b, _)| (position[a], position[b]));
-    let edges: Vec<serde_json::Value> = ordered
+    let edges: Vec<serde_json::Value> = dag
+        .edges()
         .into_iter()
         .map(|(from, to, edge)| {
             json!({

@@ -17,8 +17,8 @@ pub enum ColorChoice {
 }
 
 pub struct Printer {
-    color: bool,
-    quiet: bool,
+    pub color: bool,
+    pub quiet: bool,
 }
 
 impl Printer {
@@ -48,6 +48,16 @@ impl Printer {
         }
     }
 
+    /// `warning: …` on stderr.
+    pub fn warning(&self, message: &str) {
+        let prefix = if self.color {
+            "\x1b[1;33mwarning\x1b[0m:"
+        } else {
+            "warning:"
+        };
+        let _ = writeln!(std::io::stderr().lock(), "{prefix} {message}");
+    }
+
     /// `error: …` on stderr.
     pub fn error(&self, message: &str) {
         let prefix = if self.color {
@@ -75,6 +85,154 @@ impl Printer {
             self.error(&format!(
                 "{errors} problems in the pipeline; nothing was run"
             ));
+        }
+    }
+}
+
+/// Prints run events on stderr: a live progress line on a terminal, one line per event otherwise.
+pub struct RunPrinter {
+    bar: Option<indicatif::ProgressBar>,
+    quiet: bool,
+    color: bool,
+    running: std::sync::Mutex<Vec<String>>,
+}
+
+impl RunPrinter {
+    pub fn new(printer: &Printer) -> Self {
+        let bar = (std::io::stderr().is_terminal() && !printer.quiet).then(|| {
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} [{pos}/{len}] {elapsed} {wide_msg}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            );
+            bar.enable_steady_tick(std::time::Duration::from_millis(120));
+            bar
+        });
+        RunPrinter {
+            bar,
+            quiet: printer.quiet,
+            color: printer.color,
+            running: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    fn line(&self, text: String) {
+        match &self.bar {
+            Some(bar) => bar.println(text),
+            None => {
+                let _ = writeln!(std::io::stderr().lock(), "{text}");
+            }
+        }
+    }
+
+    fn paint(&self, code: &str, text: &str) -> String {
+        if self.color {
+            format!("\x1b[{code}m{text}\x1b[0m")
+        } else {
+            text.to_owned()
+        }
+    }
+
+    fn set_running(&self, update: impl FnOnce(&mut Vec<String>)) {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        update(&mut running);
+        if let Some(bar) = &self.bar {
+            bar.set_message(format!("running: {}", running.join(", ")));
+        }
+    }
+
+    fn tick(&self) {
+        if let Some(bar) = &self.bar {
+            bar.inc(1);
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+impl crate::exec::Events for RunPrinter {
+    fn event(&self, event: crate::exec::Event) {
+        use crate::exec::Event;
+        match event {
+            Event::Waiting { pid } => {
+                let who = pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
+                self.line(format!(
+                    "waiting for another imba run{who} of this workdir to finish…"
+                ));
+            }
+            Event::Started { stages, .. } => {
+                if let Some(bar) = &self.bar {
+                    bar.set_length(stages as u64);
+                }
+            }
+            Event::StageRunning { name, reasons } => {
+                self.set_running(|r| r.push(name.clone()));
+                if !self.quiet {
+                    self.line(format!(
+                        "{} {name} ({})",
+                        self.paint("1;36", "  run "),
+                        reasons.join("; ")
+                    ));
+                }
+            }
+            Event::StageSkipped { name } => {
+                self.tick();
+                if !self.quiet {
+                    self.line(format!("{} {name} (up to date)", self.paint("2", "  skip")));
+                }
+            }
+            Event::StageDone {
+                name,
+                duration,
+                unchanged,
+            } => {
+                self.tick();
+                self.set_running(|r| r.retain(|n| *n != name));
+                if !self.quiet {
+                    let same = if unchanged { ", outputs unchanged" } else { "" };
+                    self.line(format!(
+                        "{} {name} ({:.2}s{same})",
+                        self.paint("1;32", "  done"),
+                        duration.as_secs_f64()
+                    ));
+                }
+            }
+            Event::StageFailed { name, error, log } => {
+                self.tick();
+                self.set_running(|r| r.retain(|n| *n != name));
+                let log = log
+                    .map(|l| format!("\n  full log: {}", l.display()))
+                    .unwrap_or_default();
+                self.line(format!(
+                    "{} stage `{name}` failed: {error}{log}",
+                    self.paint("1;31", "error:")
+                ));
+            }
+            Event::StageBlocked { name, by } => {
+                self.tick();
+                if !self.quiet {
+                    self.line(format!(
+                        "{} {name} (upstream {by} failed)",
+                        self.paint("33", "  skip")
+                    ));
+                }
+            }
+            Event::StageCancelled { name } => {
+                self.tick();
+                self.set_running(|r| r.retain(|n| *n != name));
+                if !self.quiet {
+                    self.line(format!("{} {name}", self.paint("33", "cancel")));
+                }
+            }
+            Event::Warning(message) => {
+                self.line(format!("{} {message}", self.paint("1;33", "warning:")))
+            }
         }
     }
 }

@@ -162,9 +162,9 @@ fn unreadable_pipeline_files() {
     let t = Test::new()
         .file("bad.yaml", b"stages:\n  a:\n    cmd: \xff\xfe\n")
         .file("dir/x", "");
-    let missing = t.run_with(&["validate", "nope.yaml"]);
-    let directory = t.run_with(&["validate", "dir"]);
-    let not_utf8 = t.run_with(&["validate", "bad.yaml"]);
+    let missing = t.exec(&["validate", "nope.yaml"]);
+    let directory = t.exec(&["validate", "dir"]);
+    let not_utf8 = t.exec(&["validate", "bad.yaml"]);
     assert_snapshot!(format!(
         "{}\n{}\n{}",
         missing.all(),
@@ -183,35 +183,15 @@ fn a_valid_pipeline() {
     assert_snapshot!(out.all());
 }
 
-trait RunWith {
-    fn run_with(&self, args: &[&str]) -> common::Output;
-}
-
-impl RunWith for Test {
-    fn run_with(&self, args: &[&str]) -> common::Output {
-        let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("imba"))
-            .args(args)
-            .current_dir(self.path())
-            .env("NO_COLOR", "1")
-            .output()
-            .expect("run imba");
-        common::Output {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into(),
-            stderr: String::from_utf8_lossy(&out.stderr).into(),
-        }
-    }
-}
-
 #[test]
 fn vars_file_problems() {
     let t = Test::new()
         .pipeline("vars:\n  out: o\nstages:\n  a:\n    cmd: echo {{ out }}\n")
         .file("list.yaml", "- a\n")
         .file("broken.yaml", "out: [\n");
-    let not_a_map = t.run_with(&["validate", "pipeline.yaml", "--vars", "list.yaml"]);
-    let broken = t.run_with(&["validate", "pipeline.yaml", "--vars", "broken.yaml"]);
-    let missing = t.run_with(&["validate", "pipeline.yaml", "--vars", "nope.yaml"]);
+    let not_a_map = t.exec(&["validate", "pipeline.yaml", "--vars", "list.yaml"]);
+    let broken = t.exec(&["validate", "pipeline.yaml", "--vars", "broken.yaml"]);
+    let missing = t.exec(&["validate", "pipeline.yaml", "--vars", "nope.yaml"]);
     assert_snapshot!(format!(
         "{}\n{}\n{}",
         not_a_map.all(),
@@ -225,7 +205,7 @@ fn a_vars_file_and_sets_apply_in_order() {
     let t = Test::new()
         .pipeline("vars:\n  out: o\n  nested: {a: 1, b: 2}\nstages:\n  a:\n    cmd: echo {{ nested.a }} {{ nested.b }}\n    outputs: [\"{{ out }}/x\"]\n")
         .file("prod.yaml", "out: prod\nnested: {b: 3}\n");
-    let out = t.run_with(&[
+    let out = t.exec(&[
         "dag",
         "pipeline.yaml",
         "--json",

@@ -6,4 +6,6 @@
 
 mod registry;
 
-pub use registry::{Builtin, BuiltinStage, ParamsError, Registry};
+pub use registry::{
+    Builtin, BuiltinStage, ParamsError, Registry, StageError, StageIo, StageReport,
+};

@@ -16,7 +16,29 @@ pub trait BuiltinStage: 'static {
     const SUMMARY: &'static str;
     /// The typed `params:` of the stage.
     type Params: DeserializeOwned + Serialize + JsonSchema;
+
+    /// Reads `io.inputs` and writes every path in `io.outputs` (staging paths: the orchestrator
+    /// moves them into place once this returned `Ok`).
+    fn run(params: &Self::Params, io: &StageIo) -> Result<StageReport, StageError>;
 }
+
+/// The paths a built-in stage reads and writes, by their names in the pipeline file.
+#[derive(Debug, Clone)]
+pub struct StageIo {
+    pub inputs: Vec<(Option<String>, std::path::PathBuf)>,
+    pub outputs: Vec<(Option<String>, std::path::PathBuf)>,
+}
+
+/// What a built-in stage reports about its run (goes into the run record).
+#[derive(Debug, Clone, Default)]
+pub struct StageReport {
+    pub summary: serde_json::Value,
+}
+
+/// Why a built-in stage failed, in words for the person running it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StageError(pub String);
 
 /// Why a stage's params do not fit its params type (after the schema check passed).
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +57,7 @@ pub struct Builtin {
     pub summary: &'static str,
     schema: fn() -> schemars::Schema,
     normalize: fn(&serde_json::Value) -> Result<serde_json::Value, ParamsError>,
+    run: fn(&serde_json::Value, &StageIo) -> Result<StageReport, StageError>,
 }
 
 impl std::fmt::Debug for Builtin {
@@ -55,7 +78,13 @@ impl Builtin {
             summary: S::SUMMARY,
             schema: || schemars::schema_for!(S::Params),
             normalize: normalize::<S::Params>,
+            run: run::<S>,
         }
+    }
+
+    /// Runs the stage with normalised `params`.
+    pub fn run(&self, params: &serde_json::Value, io: &StageIo) -> Result<StageReport, StageError> {
+        (self.run)(params, io)
     }
 
     /// The JSON Schema of the stage's params.
@@ -84,6 +113,15 @@ fn normalize<P: DeserializeOwned + Serialize>(
         pointer: String::new(),
         message: e.to_string(),
     })
+}
+
+fn run<S: BuiltinStage>(
+    params: &serde_json::Value,
+    io: &StageIo,
+) -> Result<StageReport, StageError> {
+    let params: S::Params = serde_json::from_value(params.clone())
+        .map_err(|e| StageError(format!("params of `{}` do not fit: {e}", S::NAME)))?;
+    S::run(&params, io)
 }
 
 fn pointer_of(path: &serde_path_to_error::Path) -> String {
@@ -155,6 +193,26 @@ mod tests {
         const VERSION: u32 = 2;
         const SUMMARY: &'static str = "repeats a word";
         type Params = EchoParams;
+
+        fn run(params: &EchoParams, io: &StageIo) -> Result<StageReport, StageError> {
+            let text = vec![params.word.as_str(); params.times as usize].join(" ");
+            std::fs::write(&io.outputs[0].1, text).map_err(|e| StageError(e.to_string()))?;
+            Ok(StageReport::default())
+        }
+    }
+
+    #[test]
+    fn run_gets_typed_params() {
+        let dir = std::env::temp_dir().join(format!("imba-echo-{}", std::process::id()));
+        let io = StageIo {
+            inputs: Vec::new(),
+            outputs: vec![(None, dir.clone())],
+        };
+        Builtin::of::<Echo>()
+            .run(&serde_json::json!({"word": "hi", "times": 2}), &io)
+            .expect("runs");
+        assert_eq!(std::fs::read_to_string(&dir).unwrap(), "hi hi");
+        let _ = std::fs::remove_file(dir);
     }
 
     #[test]

@@ -61,9 +61,15 @@ impl Test {
     }
 
     pub fn run(&self) -> Output {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        self.exec(&args)
+    }
+
+    /// Runs `imba` with `args` in the test dir (the builder's own args are not used).
+    pub fn exec(&self, args: &[&str]) -> Output {
         let output = Command::cargo_bin("imba")
             .expect("imba binary")
-            .args(&self.args)
+            .args(args)
             .current_dir(self.dir.path())
             .env("NO_COLOR", "1")
             .env_remove("RUST_LOG")
@@ -76,6 +82,33 @@ impl Test {
             stdout: clean(&output.stdout),
             stderr: clean(&output.stderr),
         }
+    }
+}
+
+impl Test {
+    /// Writes a file after the builder stage (for changes between runs).
+    pub fn write(&self, path: &str, contents: impl AsRef<[u8]>) {
+        let full = self.dir.path().join(path);
+        if let Some(parent) = full.parent() {
+            std::fs::create_dir_all(parent).expect("create dir");
+        }
+        std::fs::write(full, contents).expect("write file");
+    }
+
+    /// Reads a file of the test dir, as text.
+    pub fn read(&self, path: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(path))
+            .unwrap_or_else(|e| panic!("read {path}: {e}"))
+    }
+
+    /// A command for `imba` in the test dir, for tests that need to spawn it themselves.
+    pub fn command(&self, args: &[&str]) -> std::process::Command {
+        let mut command = std::process::Command::new(assert_cmd::cargo::cargo_bin("imba"));
+        command
+            .args(args)
+            .current_dir(self.dir.path())
+            .env("NO_COLOR", "1");
+        command
     }
 }
 

@@ -1,0 +1,785 @@
+//! Running a pipeline: the scheduler, shell and built-in stages, staging and commit.
+//!
+//! Stages run on tokio, at most `jobs` at a time, each as soon as what it needs is done. When a
+//! stage becomes ready its inputs are hashed and its fingerprint compared with the lock file, so a
+//! stage whose upstream re-ran but wrote identical bytes is skipped (early cutoff). A running
+//! stage writes only to staging paths under `.imba/staging/`; its outputs are moved into place
+//! only after it succeeded, and its lock entry is written only after that. Hashing, commits and
+//! built-in stages run on blocking threads, never on the runtime's workers.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use imba_stages::{Registry, StageIo};
+use serde_json::{Map, Value as Json};
+use tokio::sync::watch;
+
+use crate::config::resolve::ports_json;
+use crate::config::{Port, Stage, StageKind};
+use crate::dag::Dag;
+use crate::hash::{ContentHash, StatCache};
+use crate::lock::{self, LockFile, LockedStage};
+use crate::plan::{self, Reason, Selection};
+use crate::record::{self, RunRecord, StageRecord};
+use crate::state::StateDir;
+
+/// How to run.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub jobs: usize,
+    pub selection: Selection,
+    pub keep_going: bool,
+    /// Fail at once instead of waiting when another run holds the lock.
+    pub no_wait: bool,
+}
+
+/// Something worth telling the person watching a run.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Waiting {
+        pid: Option<u32>,
+    },
+    Started {
+        run: String,
+        stages: usize,
+    },
+    StageRunning {
+        name: String,
+        reasons: Vec<String>,
+    },
+    StageSkipped {
+        name: String,
+    },
+    StageDone {
+        name: String,
+        duration: Duration,
+        unchanged: bool,
+    },
+    StageFailed {
+        name: String,
+        error: String,
+        log: Option<PathBuf>,
+    },
+    StageBlocked {
+        name: String,
+        by: String,
+    },
+    StageCancelled {
+        name: String,
+    },
+    Warning(String),
+}
+
+/// Where events go (the printer, on a terminal or not).
+pub trait Events: Send + Sync {
+    fn event(&self, event: Event);
+}
+
+/// Why a run could not start at all.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("another imba run holds the lock on {0} (--no-wait was given)")]
+    Busy(String),
+    #[error("{0}")]
+    Config(String),
+    #[error("{0}")]
+    Io(String),
+}
+
+/// How a run ended.
+#[derive(Debug)]
+pub struct RunSummary {
+    pub record: RunRecord,
+    pub failed: bool,
+    pub interrupted: bool,
+}
+
+#[derive(Debug, Clone)]
+enum Outcome {
+    Ran { record: StageRecord },
+    Skipped { record: StageRecord },
+    Failed { record: StageRecord },
+    Cancelled { record: StageRecord },
+}
+
+impl Outcome {
+    fn record(self) -> StageRecord {
+        match self {
+            Outcome::Ran { record }
+            | Outcome::Skipped { record }
+            | Outcome::Failed { record }
+            | Outcome::Cancelled { record } => record,
+        }
+    }
+}
+
+struct Context {
+    dag: Arc<Dag>,
+    registry: Registry,
+    cache: StatCache,
+    lock: Mutex<LockFile>,
+    lock_path: PathBuf,
+    state: StateDir,
+    run_id: String,
+    events: Arc<dyn Events>,
+    cancel: watch::Receiver<bool>,
+}
+
+fn stage_record(name: &str, decision: &str) -> StageRecord {
+    StageRecord {
+        name: name.to_owned(),
+        decision: decision.to_owned(),
+        reasons: Vec::new(),
+        fingerprint: None,
+        duration_ms: 0,
+        exit_status: None,
+        error: None,
+        unchanged: false,
+        outputs: BTreeMap::new(),
+        log: None,
+    }
+}
+
+/// Loads the lock file for a run or a status: a corrupt one is treated as empty (with a warning),
+/// one from a newer imba is an error.
+pub fn load_lock(path: &Path, warn: impl Fn(String)) -> Result<LockFile, RunError> {
+    match lock::load(path) {
+        lock::Loaded::Found(lock) => Ok(lock),
+        lock::Loaded::Missing => Ok(LockFile {
+            version: lock::LOCK_FORMAT,
+            stages: BTreeMap::new(),
+        }),
+        lock::Loaded::Corrupt(message) => {
+            warn(format!("{message}; every stage is treated as stale, and the next run rewrites it"));
+            Ok(LockFile {
+                version: lock::LOCK_FORMAT,
+                stages: BTreeMap::new(),
+            })
+        }
+        lock::Loaded::TooNew(version) => Err(RunError::Config(format!(
+            "lock file `{}` was written by a newer imba (format {version}; this imba reads format {})",
+            path.display(),
+            lock::LOCK_FORMAT
+        ))),
+    }
+}
+
+/// Runs what is stale in `dag`.
+pub fn run(
+    dag: Arc<Dag>,
+    registry: Registry,
+    options: RunOptions,
+    events: Arc<dyn Events>,
+) -> Result<RunSummary, RunError> {
+    let pipeline = dag.pipeline();
+    let state = StateDir::new(&pipeline.workdir);
+    let held = state
+        .lock(!options.no_wait, |pid| events.event(Event::Waiting { pid }))
+        .map_err(|e| RunError::Io(format!("cannot lock {}: {e}", state.root.display())))?;
+    let Some(_held) = held else {
+        return Err(RunError::Busy(state.root.display().to_string()));
+    };
+    let lock_path = lock::lock_path(&pipeline.file);
+    let lock = load_lock(&lock_path, |w| events.event(Event::Warning(w)))?;
+    let (selected, forced) = plan::select(&dag, &options.selection).map_err(RunError::Config)?;
+    let run_id = crate::state::new_run_id();
+    let started = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let mut record = RunRecord {
+        id: run_id.clone(),
+        pipeline: pipeline.file.display().to_string(),
+        started,
+        finished: None,
+        status: "running".to_owned(),
+        duration_ms: 0,
+        stages: Vec::new(),
+    };
+    let _ = record::save(&state.runs(), &record);
+    let clock = Instant::now();
+    events.event(Event::Started {
+        run: run_id.clone(),
+        stages: selected.len(),
+    });
+
+    let (cancel_tx, cancel_rx) = watch::channel(false);
+    let ctx = Arc::new(Context {
+        cache: StatCache::load(state.stat_cache()),
+        dag: dag.clone(),
+        registry,
+        lock: Mutex::new(lock),
+        lock_path,
+        state: state.clone(),
+        run_id: run_id.clone(),
+        events: events.clone(),
+        cancel: cancel_rx,
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(options.jobs.clamp(1, 4))
+        .enable_all()
+        .build()
+        .map_err(|e| RunError::Io(format!("cannot start the runtime: {e}")))?;
+    let (outcomes, interrupted) = runtime.block_on(schedule(
+        ctx.clone(),
+        &selected,
+        &forced,
+        &options,
+        cancel_tx,
+    ));
+    drop(runtime);
+
+    if let Err(e) = ctx.cache.save() {
+        events.event(Event::Warning(format!("cannot save the stat cache: {e}")));
+    }
+    let _ = std::fs::remove_dir_all(state.staging(&run_id));
+    let failed = outcomes
+        .values()
+        .any(|o| matches!(o, Outcome::Failed { .. }));
+    record.stages = dag
+        .order()
+        .iter()
+        .filter_map(|i| outcomes.get(i).cloned().map(Outcome::record))
+        .collect();
+    record.finished =
+        Some(humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string());
+    record.duration_ms = clock.elapsed().as_millis() as u64;
+    record.status = if interrupted {
+        "interrupted"
+    } else if failed {
+        "failed"
+    } else {
+        "ok"
+    }
+    .to_owned();
+    if let Err(e) = record::save(&state.runs(), &record) {
+        events.event(Event::Warning(format!("cannot save the run record: {e}")));
+    }
+    Ok(RunSummary {
+        record,
+        failed,
+        interrupted,
+    })
+}
+
+async fn schedule(
+    ctx: Arc<Context>,
+    selected: &BTreeSet<usize>,
+    forced: &BTreeSet<usize>,
+    options: &RunOptions,
+    cancel: watch::Sender<bool>,
+) -> (BTreeMap<usize, Outcome>, bool) {
+    let dag = ctx.dag.clone();
+    let position: BTreeMap<usize, usize> = dag
+        .order()
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (*s, i))
+        .collect();
+    let mut waiting: BTreeMap<usize, usize> = selected
+        .iter()
+        .map(|&s| {
+            (
+                s,
+                dag.needs(s)
+                    .iter()
+                    .filter(|(d, _)| selected.contains(d))
+                    .count(),
+            )
+        })
+        .collect();
+    let mut ready: BinaryHeap<Reverse<(usize, usize)>> = waiting
+        .iter()
+        .filter(|(_, n)| **n == 0)
+        .map(|(s, _)| Reverse((position[s], *s)))
+        .collect();
+    let mut outcomes: BTreeMap<usize, Outcome> = BTreeMap::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut stopping = false;
+    let mut interrupted = false;
+    let mut ctrl_c = std::pin::pin!(tokio::signal::ctrl_c());
+    loop {
+        while !stopping && tasks.len() < options.jobs.max(1) {
+            let Some(Reverse((_, stage))) = ready.pop() else {
+                break;
+            };
+            let ctx = ctx.clone();
+            let force = forced.contains(&stage);
+            tasks.spawn(async move { (stage, run_stage(ctx, stage, force).await) });
+        }
+        if tasks.is_empty() {
+            break;
+        }
+        tokio::select! {
+            joined = tasks.join_next() => {
+                let Some(joined) = joined else { continue };
+                let (stage, outcome) = match joined {
+                    Ok(done) => done,
+                    Err(e) => {
+                        // A panic inside a stage task: report it as that stage's failure.
+                        let message = format!("internal error: {e}");
+                        ctx.events.event(Event::Warning(message));
+                        continue;
+                    }
+                };
+                match &outcome {
+                    Outcome::Ran { .. } | Outcome::Skipped { .. } => {
+                        for next in dag.dependents(stage) {
+                            if let Some(n) = waiting.get_mut(&next) {
+                                *n -= 1;
+                                if *n == 0 {
+                                    ready.push(Reverse((position[&next], next)));
+                                }
+                            }
+                        }
+                    }
+                    Outcome::Failed { .. } if !options.keep_going => {
+                        stopping = true;
+                        let _ = cancel.send(true);
+                    }
+                    _ => {}
+                }
+                outcomes.insert(stage, outcome);
+            }
+            _ = &mut ctrl_c, if !interrupted => {
+                interrupted = true;
+                stopping = true;
+                let _ = cancel.send(true);
+                ctx.events.event(Event::Warning("interrupted: cancelling running stages; outputs and lock stay as they were".to_owned()));
+            }
+        }
+    }
+    // Whatever never ran: blocked by a failed stage, or cancelled.
+    for &stage in dag.order() {
+        if !selected.contains(&stage) || outcomes.contains_key(&stage) {
+            continue;
+        }
+        let name = dag.stage(stage).name.clone();
+        let failed_upstream = dag
+            .ancestors(&BTreeSet::from([stage]))
+            .into_iter()
+            .find(|a| matches!(outcomes.get(a), Some(Outcome::Failed { .. })));
+        let outcome = match failed_upstream {
+            Some(by) => {
+                let by = dag.stage(by).name.clone();
+                ctx.events.event(Event::StageBlocked {
+                    name: name.clone(),
+                    by: by.clone(),
+                });
+                let mut record = stage_record(&name, "blocked");
+                record.reasons.push(format!("upstream {by} failed"));
+                Outcome::Cancelled { record }
+            }
+            None => {
+                ctx.events
+                    .event(Event::StageCancelled { name: name.clone() });
+                Outcome::Cancelled {
+                    record: stage_record(&name, "cancelled"),
+                }
+            }
+        };
+        outcomes.insert(stage, outcome);
+    }
+    (outcomes, interrupted)
+}
+
+/// Decides whether `index` must run, and runs it.
+async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
+    let stage = ctx.dag.stage(index).clone();
+    let workdir = ctx.dag.pipeline().workdir.clone();
+    let started = Instant::now();
+    let decided = {
+        let ctx = ctx.clone();
+        let stage = stage.clone();
+        let workdir = workdir.clone();
+        tokio::task::spawn_blocking(move || {
+            let now = plan::snapshot(&stage, &workdir, &ctx.cache)?;
+            let locked = ctx
+                .lock
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .stages
+                .get(&stage.name)
+                .cloned();
+            let reasons = plan::reasons(&stage, &now, locked.as_ref(), &workdir, &ctx.cache)?;
+            Ok::<_, plan::HashError>((now, locked, reasons))
+        })
+        .await
+    };
+    let mut record = stage_record(&stage.name, "ran");
+    let (now, locked, mut reasons) = match decided {
+        Ok(Ok(decided)) => decided,
+        Ok(Err(e)) => return fail(&ctx, record, e.to_string(), None),
+        Err(e) => return fail(&ctx, record, format!("internal error: {e}"), None),
+    };
+    record.fingerprint = Some(now.fingerprint.clone());
+    if force {
+        reasons.insert(0, Reason::Forced);
+    }
+    if reasons.is_empty() {
+        record.decision = "skipped".to_owned();
+        ctx.events.event(Event::StageSkipped {
+            name: stage.name.clone(),
+        });
+        return Outcome::Skipped { record };
+    }
+    record.reasons = reasons.iter().map(ToString::to_string).collect();
+    if let Some(Reason::InputMissing { path }) = reasons
+        .iter()
+        .find(|r| matches!(r, Reason::InputMissing { .. }))
+    {
+        return fail(&ctx, record, format!("input `{path}` is missing"), None);
+    }
+    if *ctx.cancel.borrow() {
+        record.decision = "cancelled".to_owned();
+        ctx.events.event(Event::StageCancelled {
+            name: stage.name.clone(),
+        });
+        return Outcome::Cancelled { record };
+    }
+    ctx.events.event(Event::StageRunning {
+        name: stage.name.clone(),
+        reasons: record.reasons.clone(),
+    });
+
+    let staging_root = ctx.state.staging(&ctx.run_id).join(sanitize(&stage.name));
+    let staged: Vec<PathBuf> = stage
+        .outputs
+        .iter()
+        .enumerate()
+        .map(|(i, port)| staging_path(&staging_root, i, port))
+        .collect();
+    if let Err(e) = prepare_staging(&stage, &staged) {
+        return fail(
+            &ctx,
+            record,
+            format!(
+                "cannot prepare staging under {}: {e}",
+                staging_root.display()
+            ),
+            None,
+        );
+    }
+
+    let executed = match &stage.kind {
+        StageKind::Shell { templates, .. } => {
+            run_shell(&ctx, &stage, templates, &staged, &workdir, &mut record).await
+        }
+        StageKind::Builtin { name, params, .. } => {
+            run_builtin(&ctx, &stage, name, params, &staged).await
+        }
+    };
+    if let Err((error, log)) = executed {
+        let _ = std::fs::remove_dir_all(&staging_root);
+        if *ctx.cancel.borrow()
+            && record.exit_status.is_none_or(|s| s != 0)
+            && error.contains("signal")
+        {
+            record.decision = "cancelled".to_owned();
+            ctx.events.event(Event::StageCancelled {
+                name: stage.name.clone(),
+            });
+            return Outcome::Cancelled { record };
+        }
+        return fail(&ctx, record, error, log);
+    }
+
+    // Every declared output must have been written.
+    for (port, path) in stage.outputs.iter().zip(&staged) {
+        if !path.exists() {
+            let _ = std::fs::remove_dir_all(&staging_root);
+            let hint = match &stage.kind {
+                StageKind::Shell { .. } => " (a command must write to `{{ outputs.NAME }}`, a staging path that imba moves into place)",
+                StageKind::Builtin { .. } => "",
+            };
+            return fail(
+                &ctx,
+                record,
+                format!("stage did not write its output `{}`{hint}", port.text),
+                None,
+            );
+        }
+    }
+
+    let committed = {
+        let ctx = ctx.clone();
+        let stage = stage.clone();
+        let staged = staged.clone();
+        tokio::task::spawn_blocking(move || commit(&ctx, &stage, &staged, now, locked))
+            .await
+            .unwrap_or_else(|e| Err(format!("internal error: {e}")))
+    };
+    let _ = std::fs::remove_dir_all(&staging_root);
+    match committed {
+        Ok((outputs, unchanged)) => {
+            record.outputs = outputs;
+            record.unchanged = unchanged;
+            record.duration_ms = started.elapsed().as_millis() as u64;
+            ctx.events.event(Event::StageDone {
+                name: stage.name.clone(),
+                duration: started.elapsed(),
+                unchanged,
+            });
+            Outcome::Ran { record }
+        }
+        Err(error) => fail(&ctx, record, error, None),
+    }
+}
+
+fn fail(ctx: &Context, mut record: StageRecord, error: String, log: Option<PathBuf>) -> Outcome {
+    record.decision = "failed".to_owned();
+    record.error = Some(error.clone());
+    ctx.events.event(Event::StageFailed {
+        name: record.name.clone(),
+        error,
+        log,
+    });
+    Outcome::Failed { record }
+}
+
+fn sanitize(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+fn staging_path(root: &Path, i: usize, port: &Port) -> PathBuf {
+    let name = port
+        .text
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .filter(|n| !n.is_empty() && *n != "." && *n != "..")
+        .unwrap_or("output");
+    root.join(i.to_string()).join(name)
+}
+
+fn prepare_staging(stage: &Stage, staged: &[PathBuf]) -> std::io::Result<()> {
+    for (port, path) in stage.outputs.iter().zip(staged) {
+        if port.declared.dir {
+            std::fs::create_dir_all(path)?;
+        } else if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+    }
+    Ok(())
+}
+
+/// The template context of a command: vars, `item`, `params`, inputs as written, outputs staged.
+fn command_context(stage: &Stage, staged: &[PathBuf]) -> Map<String, Json> {
+    let mut context = stage.context.clone();
+    context.insert("inputs".into(), ports_json(&stage.inputs));
+    let staged_ports: Vec<Port> = stage
+        .outputs
+        .iter()
+        .zip(staged)
+        .map(|(port, path)| Port {
+            text: path.display().to_string(),
+            ..port.clone()
+        })
+        .collect();
+    context.insert("outputs".into(), ports_json(&staged_ports));
+    context
+}
+
+async fn run_shell(
+    ctx: &Context,
+    stage: &Stage,
+    templates: &[(String, crate::diagnostic::Span)],
+    staged: &[PathBuf],
+    workdir: &Path,
+    record: &mut StageRecord,
+) -> Result<(), (String, Option<PathBuf>)> {
+    let renderer = crate::config::template::Templates::default();
+    let context = minijinja::Value::from_serialize(command_context(stage, staged));
+    let logs = ctx.state.logs(&ctx.run_id);
+    std::fs::create_dir_all(&logs)
+        .map_err(|e| (format!("cannot create {}: {e}", logs.display()), None))?;
+    let out_log = logs.join(format!("{}.out", sanitize(&stage.name)));
+    let err_log = logs.join(format!("{}.err", sanitize(&stage.name)));
+    record.log = Some(err_log.display().to_string());
+    for (template, _) in templates {
+        let command = renderer
+            .render_text(template, &context)
+            .map_err(|e| (format!("cannot render the command: {e}"), None))?;
+        let open = |path: &Path| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+        };
+        let (stdout, stderr) = match (open(&out_log), open(&err_log)) {
+            (Ok(o), Ok(e)) => (o, e),
+            (Err(e), _) | (_, Err(e)) => {
+                return Err((format!("cannot open the stage's log: {e}"), None))
+            }
+        };
+        let mut child = tokio::process::Command::new("sh")
+            .arg("-c")
+            .arg(&command)
+            .current_dir(workdir)
+            .env("IMBA_STAGE", &stage.name)
+            .env("IMBA_RUN", &ctx.run_id)
+            .stdin(std::process::Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| (format!("cannot start `sh`: {e}"), None))?;
+        let pid = child.id();
+        let mut cancel = ctx.cancel.clone();
+        let cancelled = async move { cancel.wait_for(|c| *c).await.is_ok() };
+        let status = tokio::select! {
+            status = child.wait() => status,
+            true = cancelled => {
+                if let Some(pid) = pid {
+                    // The whole process group: the shell and whatever it started.
+                    unsafe { libc::killpg(pid as i32, libc::SIGTERM) };
+                }
+                match tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
+                    Ok(status) => status,
+                    Err(_) => {
+                        if let Some(pid) = pid {
+                            unsafe { libc::killpg(pid as i32, libc::SIGKILL) };
+                        }
+                        child.wait().await
+                    }
+                }
+            }
+        }
+        .map_err(|e| (format!("cannot wait for the command: {e}"), None))?;
+        if !status.success() {
+            use std::os::unix::process::ExitStatusExt;
+            record.exit_status = status.code();
+            let how = match (status.code(), status.signal()) {
+                (Some(code), _) => format!("exit status {code}"),
+                (None, Some(signal)) => format!("killed by signal {signal}"),
+                _ => "failed".to_owned(),
+            };
+            let tail = tail_of(&err_log, 10);
+            let mut error = format!("command failed with {how}: {command}");
+            if !tail.is_empty() {
+                error.push_str("\n--- last lines of its stderr\n");
+                error.push_str(&tail);
+            }
+            return Err((error, Some(err_log)));
+        }
+        record.exit_status = Some(0);
+    }
+    Ok(())
+}
+
+fn tail_of(path: &Path, lines: usize) -> String {
+    let text = std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+async fn run_builtin(
+    ctx: &Context,
+    stage: &Stage,
+    name: &str,
+    params: &Json,
+    staged: &[PathBuf],
+) -> Result<(), (String, Option<PathBuf>)> {
+    let Some(builtin) = ctx.registry.get(name).cloned() else {
+        return Err((
+            format!("built-in stage `{name}` is not in this build of imba"),
+            None,
+        ));
+    };
+    let io = StageIo {
+        inputs: stage
+            .inputs
+            .iter()
+            .map(|p| (p.name.clone(), local_path(&p.declared.location)))
+            .collect(),
+        outputs: stage
+            .outputs
+            .iter()
+            .zip(staged)
+            .map(|(p, s)| (p.name.clone(), s.clone()))
+            .collect(),
+    };
+    let params = params.clone();
+    tokio::task::spawn_blocking(move || builtin.run(&params, &io))
+        .await
+        .map_err(|e| (format!("internal error: {e}"), None))?
+        .map(|_| ())
+        .map_err(|e| (e.to_string(), None))
+}
+
+fn local_path(location: &crate::location::Location) -> PathBuf {
+    match location {
+        crate::location::Location::Local(path) => path.clone(),
+        crate::location::Location::S3 { bucket, key } => {
+            PathBuf::from(format!("s3://{bucket}/{key}"))
+        }
+    }
+}
+
+/// Hashes the staged outputs, moves them into place, then writes the lock entry.
+fn commit(
+    ctx: &Context,
+    stage: &Stage,
+    staged: &[PathBuf],
+    now: plan::Snapshot,
+    previous: Option<LockedStage>,
+) -> Result<(BTreeMap<String, ContentHash>, bool), String> {
+    let workdir = &ctx.dag.pipeline().workdir;
+    let staging_cache = StatCache::in_memory();
+    let mut outputs = BTreeMap::new();
+    let mut finals = Vec::new();
+    for (port, path) in stage.outputs.iter().zip(staged) {
+        let hash = staging_cache
+            .hash_path(path)
+            .map_err(|e| format!("cannot hash the output `{}`: {e}", port.text))?
+            .ok_or_else(|| format!("stage did not write its output `{}`", port.text))?;
+        outputs.insert(port.declared.location.display(workdir), hash);
+        let crate::location::Location::Local(target) = &port.declared.location else {
+            return Err(format!(
+                "cannot write `{}`: S3 outputs are not supported by this build of imba yet",
+                port.text
+            ));
+        };
+        finals.push(target.clone());
+    }
+    for ((port, path), target) in stage.outputs.iter().zip(staged).zip(&finals) {
+        crate::fsutil::replace(path, target).map_err(|e| {
+            format!(
+                "cannot move the output `{}` into place at {}: {e}",
+                port.text,
+                target.display()
+            )
+        })?;
+    }
+    for (port, target) in stage.outputs.iter().zip(&finals) {
+        let key = port.declared.location.display(workdir);
+        if let Some(hash) = outputs.get(&key) {
+            if hash.files.is_none() {
+                ctx.cache.record(target, &hash.hash);
+            }
+        }
+    }
+    let unchanged = previous.as_ref().is_some_and(|p| p.outputs == outputs);
+    let mut entry = now.entry;
+    entry.outputs = outputs.clone();
+    let mut lock = ctx.lock.lock().unwrap_or_else(|e| e.into_inner());
+    lock.stages.insert(stage.name.clone(), entry);
+    lock::save(&ctx.lock_path, &lock).map_err(|e| {
+        format!(
+            "outputs are in place, but the lock file {} could not be written: {e}",
+            ctx.lock_path.display()
+        )
+    })?;
+    Ok((outputs, unchanged))
+}

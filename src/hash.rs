@@ -1,0 +1,331 @@
+//! Content hashes of files and directories (BLAKE3), behind a stat cache.
+//!
+//! A file's identity is `(size, mtime, inode, ctime)`; while that is unchanged its hash is taken
+//! from the cache under `.imba/stat-cache.json` and the file is not read. A directory hashes as a
+//! sorted manifest of its files (relative path, size, hash), so renaming or editing any file in it
+//! changes its hash and touching one does not.
+
+use std::collections::HashMap;
+use std::io::{self, Read};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+/// The hash of a file or directory, with its size.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContentHash {
+    /// BLAKE3, hex.
+    pub hash: String,
+    /// Bytes; for a directory, of all its files.
+    pub size: u64,
+    /// For a directory: how many files it holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<u64>,
+}
+
+/// Files above this size are hashed memory-mapped on all cores.
+const MMAP_THRESHOLD: u64 = 1 << 20;
+/// A cache entry is trusted only when the file's mtime is older than the hashing by this margin,
+/// so that a write in the same clock tick as the hash is never missed.
+const RACY_MARGIN_NS: i128 = 2_000_000_000;
+const CACHE_FORMAT: u32 = 1;
+
+/// Hashes one file's bytes.
+pub fn hash_file_contents(path: &Path, size: u64) -> io::Result<String> {
+    let mut hasher = blake3::Hasher::new();
+    if size >= MMAP_THRESHOLD {
+        hasher.update_mmap_rayon(path)?;
+    } else {
+        let mut bytes = Vec::with_capacity(size as usize);
+        std::fs::File::open(path)?.read_to_end(&mut bytes)?;
+        hasher.update(&bytes);
+    }
+    Ok(hasher.finalize().to_hex().to_string())
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+struct Entry {
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+    ino: u64,
+    /// When the hash was taken (ns since the epoch).
+    hashed_ns: i128,
+    hash: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CacheFile {
+    version: u32,
+    entries: HashMap<String, Entry>,
+}
+
+/// The stat cache: path → identity → hash. Safe to share between threads.
+pub struct StatCache {
+    file: Option<PathBuf>,
+    entries: Mutex<HashMap<String, Entry>>,
+    dirty: Mutex<bool>,
+}
+
+fn now_ns() -> i128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(0)
+}
+
+fn identity(meta: &std::fs::Metadata) -> (u64, i128, i128, u64) {
+    (
+        meta.len(),
+        meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128,
+        meta.ctime() as i128 * 1_000_000_000 + meta.ctime_nsec() as i128,
+        meta.ino(),
+    )
+}
+
+impl StatCache {
+    /// A cache that lives only in memory.
+    pub fn in_memory() -> Self {
+        StatCache {
+            file: None,
+            entries: Mutex::new(HashMap::new()),
+            dirty: Mutex::new(false),
+        }
+    }
+
+    /// Loads the cache at `file`; a missing or unreadable cache is an empty one.
+    pub fn load(file: PathBuf) -> Self {
+        let entries = std::fs::read(&file)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<CacheFile>(&bytes).ok())
+            .filter(|c| c.version == CACHE_FORMAT)
+            .map(|c| c.entries)
+            .unwrap_or_default();
+        StatCache {
+            file: Some(file),
+            entries: Mutex::new(entries),
+            dirty: Mutex::new(false),
+        }
+    }
+
+    /// Writes the cache back if it changed (atomically: a temp file, then a rename).
+    pub fn save(&self) -> io::Result<()> {
+        let Some(file) = &self.file else {
+            return Ok(());
+        };
+        let mut dirty = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        if !*dirty {
+            return Ok(());
+        }
+        let entries = self
+            .entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let bytes = serde_json::to_vec(&CacheFile {
+            version: CACHE_FORMAT,
+            entries,
+        })
+        .map_err(io::Error::other)?;
+        crate::fsutil::write_atomic(file, &bytes)?;
+        *dirty = false;
+        Ok(())
+    }
+
+    fn lookup(&self, key: &str, meta: &std::fs::Metadata) -> Option<String> {
+        let (size, mtime_ns, ctime_ns, ino) = identity(meta);
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = entries.get(key)?;
+        let same = entry.size == size
+            && entry.mtime_ns == mtime_ns
+            && entry.ctime_ns == ctime_ns
+            && entry.ino == ino;
+        (same && mtime_ns < entry.hashed_ns - RACY_MARGIN_NS).then(|| entry.hash.clone())
+    }
+
+    fn remember(&self, key: String, meta: &std::fs::Metadata, hash: &str, hashed_ns: i128) {
+        let (size, mtime_ns, ctime_ns, ino) = identity(meta);
+        let entry = Entry {
+            size,
+            mtime_ns,
+            ctime_ns,
+            ino,
+            hashed_ns,
+            hash: hash.to_owned(),
+        };
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if entries.get(&key) != Some(&entry) {
+            entries.insert(key, entry);
+            *self.dirty.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        }
+    }
+
+    /// Records that `path` (just committed) has `hash`, so it is not read again.
+    pub fn record(&self, path: &Path, hash: &str) {
+        if let Ok(meta) = std::fs::metadata(path) {
+            // The bytes were hashed before the rename that put them here; the rename changed
+            // neither content nor mtime. Trust the entry only once the racy margin has passed.
+            let hashed_ns = identity(&meta).1.max(now_ns());
+            self.remember(path.to_string_lossy().into_owned(), &meta, hash, hashed_ns);
+        }
+    }
+
+    fn file_hash(&self, path: &Path, meta: &std::fs::Metadata) -> io::Result<String> {
+        let key = path.to_string_lossy().into_owned();
+        if let Some(hash) = self.lookup(&key, meta) {
+            return Ok(hash);
+        }
+        let hashed_ns = now_ns();
+        let hash = hash_file_contents(path, meta.len())?;
+        self.remember(key, meta, &hash, hashed_ns);
+        Ok(hash)
+    }
+
+    /// The hash of a file or directory; `None` when nothing is there.
+    pub fn hash_path(&self, path: &Path) -> io::Result<Option<ContentHash>> {
+        let meta = match std::fs::metadata(path) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if meta.is_dir() {
+            return self.hash_dir(path).map(Some);
+        }
+        Ok(Some(ContentHash {
+            hash: self.file_hash(path, &meta)?,
+            size: meta.len(),
+            files: None,
+        }))
+    }
+
+    fn hash_dir(&self, dir: &Path) -> io::Result<ContentHash> {
+        let mut manifest = blake3::Hasher::new();
+        let (mut size, mut files) = (0u64, 0u64);
+        for entry in walkdir::WalkDir::new(dir)
+            .follow_links(true)
+            .sort_by_file_name()
+        {
+            let entry = entry.map_err(|e| {
+                let path = e
+                    .path()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_else(|| dir.to_path_buf());
+                io::Error::other(format!("{}: {e}", path.display()))
+            })?;
+            if !entry.file_type().is_file() {
+                continue;
+            }
+            let meta = entry.metadata().map_err(io::Error::other)?;
+            let hash = self.file_hash(entry.path(), &meta)?;
+            let relative = entry.path().strip_prefix(dir).unwrap_or(entry.path());
+            manifest.update(relative.to_string_lossy().as_bytes());
+            manifest.update(&[0]);
+            manifest.update(meta.len().to_string().as_bytes());
+            manifest.update(&[0]);
+            manifest.update(hash.as_bytes());
+            manifest.update(b"\n");
+            size += meta.len();
+            files += 1;
+        }
+        Ok(ContentHash {
+            hash: manifest.finalize().to_hex().to_string(),
+            size,
+            files: Some(files),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_hash_is_blake3_of_the_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.txt");
+        std::fs::write(&path, b"hello").unwrap();
+        let cache = StatCache::in_memory();
+        let hash = cache.hash_path(&path).unwrap().unwrap();
+        assert_eq!(hash.hash, blake3::hash(b"hello").to_hex().to_string());
+        assert_eq!(hash.size, 5);
+        assert!(cache.hash_path(&dir.path().join("nope")).unwrap().is_none());
+    }
+
+    #[test]
+    fn large_files_hash_the_same_through_mmap() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.bin");
+        let bytes: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &bytes).unwrap();
+        let hash = StatCache::in_memory().hash_path(&path).unwrap().unwrap();
+        assert_eq!(hash.hash, blake3::hash(&bytes).to_hex().to_string());
+    }
+
+    #[test]
+    fn directory_hash_follows_names_and_contents() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("d");
+        std::fs::create_dir_all(d.join("sub")).unwrap();
+        std::fs::write(d.join("a"), "1").unwrap();
+        std::fs::write(d.join("sub/b"), "2").unwrap();
+        let cache = StatCache::in_memory();
+        let first = cache.hash_path(&d).unwrap().unwrap();
+        assert_eq!((first.size, first.files), (2, Some(2)));
+        std::fs::rename(d.join("a"), d.join("c")).unwrap();
+        let renamed = cache.hash_path(&d).unwrap().unwrap();
+        assert_ne!(first.hash, renamed.hash);
+        std::fs::rename(d.join("c"), d.join("a")).unwrap();
+        assert_eq!(cache.hash_path(&d).unwrap().unwrap().hash, first.hash);
+    }
+
+    #[test]
+    fn the_cache_is_used_only_for_files_older_than_the_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, "one").unwrap();
+        let cache = StatCache::in_memory();
+        let meta = std::fs::metadata(&path).unwrap();
+        // Pretend the file was hashed long after it was written, with a wrong hash: the cache
+        // answers without reading.
+        cache.remember(
+            path.to_string_lossy().into(),
+            &meta,
+            "cached",
+            now_ns() + 10 * RACY_MARGIN_NS,
+        );
+        assert_eq!(cache.hash_path(&path).unwrap().unwrap().hash, "cached");
+        // Hashed in the same instant as the write: not trusted, the file is read.
+        cache.remember(
+            path.to_string_lossy().into(),
+            &meta,
+            "cached",
+            identity(&meta).1,
+        );
+        assert_eq!(
+            cache.hash_path(&path).unwrap().unwrap().hash,
+            blake3::hash(b"one").to_hex().to_string()
+        );
+    }
+
+    #[test]
+    fn the_cache_survives_a_save_and_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cache.json");
+        let path = dir.path().join("f");
+        std::fs::write(&path, "x").unwrap();
+        let cache = StatCache::load(file.clone());
+        let meta = std::fs::metadata(&path).unwrap();
+        cache.remember(
+            path.to_string_lossy().into(),
+            &meta,
+            "h",
+            now_ns() + 10 * RACY_MARGIN_NS,
+        );
+        cache.save().unwrap();
+        let again = StatCache::load(file);
+        assert_eq!(again.hash_path(&path).unwrap().unwrap().hash, "h");
+    }
+}

@@ -1,0 +1,183 @@
+//! The lock file (`monthly.lock` beside `monthly.yaml`): what each stage last ran with and wrote.
+//!
+//! Like dvc.lock it is meant to be committed: JSON with sorted keys and one value per line, paths
+//! relative to the pipeline's workdir. An entry is written only after the stage's outputs were
+//! committed, so it never claims outputs that are not there.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value as Json;
+
+use crate::hash::ContentHash;
+
+/// The lock format this build reads and writes.
+pub const LOCK_FORMAT: u32 = 1;
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LockFile {
+    pub version: u32,
+    pub stages: BTreeMap<String, LockedStage>,
+}
+
+/// What a stage ran with and what it wrote, the last time it succeeded.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LockedStage {
+    /// BLAKE3 over the canonical encoding of everything below but `outputs`.
+    pub fingerprint: String,
+    /// `cmd`, or the built-in's name.
+    pub kind: String,
+    /// A built-in's implementation version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub implementation: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<Vec<String>>,
+    #[serde(default)]
+    pub params: Json,
+    pub inputs: BTreeMap<String, ContentHash>,
+    pub outputs: BTreeMap<String, ContentHash>,
+}
+
+/// The lock file of the pipeline at `pipeline`: same directory and stem, `.lock` extension.
+pub fn lock_path(pipeline: &Path) -> PathBuf {
+    pipeline.with_extension("lock")
+}
+
+/// What reading the lock file found.
+#[derive(Debug)]
+pub enum Loaded {
+    Found(LockFile),
+    Missing,
+    /// Unreadable or not a lock file: treated as empty, with this warning.
+    Corrupt(String),
+    /// Written by a newer imba.
+    TooNew(u32),
+}
+
+pub fn load(path: &Path) -> Loaded {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Loaded::Missing,
+        Err(e) => {
+            return Loaded::Corrupt(format!("cannot read lock file `{}`: {e}", path.display()))
+        }
+    };
+    let value: Json = match serde_json::from_slice(&bytes) {
+        Ok(value) => value,
+        Err(e) => {
+            return Loaded::Corrupt(format!(
+                "lock file `{}` is not valid JSON ({e})",
+                path.display()
+            ))
+        }
+    };
+    match value.get("version").and_then(Json::as_u64) {
+        Some(v) if v > LOCK_FORMAT as u64 => return Loaded::TooNew(v as u32),
+        Some(_) => {}
+        None => {
+            return Loaded::Corrupt(format!(
+                "lock file `{}` has no format version",
+                path.display()
+            ))
+        }
+    }
+    match serde_json::from_value(value) {
+        Ok(lock) => Loaded::Found(lock),
+        Err(e) => Loaded::Corrupt(format!(
+            "lock file `{}` is not an imba lock file ({e})",
+            path.display()
+        )),
+    }
+}
+
+/// Writes the lock file atomically.
+pub fn save(path: &Path, lock: &LockFile) -> std::io::Result<()> {
+    let mut text = serde_json::to_string_pretty(lock).map_err(std::io::Error::other)?;
+    text.push('\n');
+    crate::fsutil::write_atomic(path, text.as_bytes())
+}
+
+/// BLAKE3 over the canonical JSON encoding of `value` (object keys sorted at every level).
+pub fn fingerprint(value: &Json) -> String {
+    let mut bytes = Vec::new();
+    canonical(value, &mut bytes);
+    blake3::hash(&bytes).to_hex().to_string()
+}
+
+fn canonical(value: &Json, out: &mut Vec<u8>) {
+    match value {
+        Json::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            out.push(b'{');
+            for (i, key) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(Json::String(key.clone()).to_string().as_bytes());
+                out.push(b':');
+                canonical(&map[key], out);
+            }
+            out.push(b'}');
+        }
+        Json::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                canonical(item, out);
+            }
+            out.push(b']');
+        }
+        other => out.extend_from_slice(other.to_string().as_bytes()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_do_not_depend_on_key_order() {
+        let a: Json = serde_json::from_str(r#"{"b": 1, "a": {"y": [1, 2], "x": "s"}}"#).unwrap();
+        let b: Json = serde_json::from_str(r#"{"a": {"x": "s", "y": [1, 2]}, "b": 1}"#).unwrap();
+        assert_eq!(fingerprint(&a), fingerprint(&b));
+        let c: Json = serde_json::from_str(r#"{"a": {"x": "s", "y": [2, 1]}, "b": 1}"#).unwrap();
+        assert_ne!(fingerprint(&a), fingerprint(&c), "list order matters");
+    }
+
+    #[test]
+    fn loading_tells_missing_corrupt_and_too_new_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.lock");
+        assert!(matches!(load(&path), Loaded::Missing));
+        std::fs::write(&path, "{not json").unwrap();
+        assert!(matches!(load(&path), Loaded::Corrupt(_)));
+        std::fs::write(&path, r#"{"version": 99, "stages": {}}"#).unwrap();
+        assert!(matches!(load(&path), Loaded::TooNew(99)));
+        std::fs::write(
+            &path,
+            r#"{"version": 1, "stages": {"a": {"fingerprint": 3}}}"#,
+        )
+        .unwrap();
+        assert!(matches!(load(&path), Loaded::Corrupt(_)));
+        let lock = LockFile {
+            version: LOCK_FORMAT,
+            stages: BTreeMap::new(),
+        };
+        save(&path, &lock).unwrap();
+        assert!(matches!(load(&path), Loaded::Found(l) if l == lock));
+    }
+
+    #[test]
+    fn lock_path_sits_beside_the_pipeline() {
+        assert_eq!(
+            lock_path(Path::new("pipelines/monthly.yaml")),
+            PathBuf::from("pipelines/monthly.lock")
+        );
+    }
+}

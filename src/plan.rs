@@ -1,0 +1,409 @@
+//! Why each stage must run, or why it may be skipped: fingerprints compared with the lock file.
+//!
+//! A stage is up to date when its fingerprint (kind, implementation version, params, command,
+//! declared outputs and the content hashes of its inputs) matches its lock entry and every output
+//! is present with the recorded hash. Otherwise each difference becomes a [`Reason`], which
+//! `status`, `run --dry-run`, the run records and `watch` all print the same way.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::Path;
+
+use serde::Serialize;
+use serde_json::{json, Value as Json};
+
+use crate::config::{Stage, StageKind};
+use crate::dag::Dag;
+use crate::hash::{ContentHash, StatCache};
+use crate::location::Location;
+use crate::lock::{fingerprint, LockFile, LockedStage};
+
+/// Why a stage runs.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Reason {
+    NeverRun,
+    Forced,
+    KindChanged { from: String, to: String },
+    ImplementationChanged { stage: String, from: u32, to: u32 },
+    CommandChanged,
+    ParamChanged { key: String, old: Json, new: Json },
+    InputChanged { path: String },
+    InputAdded { path: String },
+    InputRemoved { path: String },
+    InputMissing { path: String },
+    OutputsChanged,
+    OutputMissing { path: String },
+    OutputModified { path: String },
+    Upstream { stage: String },
+}
+
+fn show(value: &Json) -> String {
+    match value {
+        Json::Null => "(unset)".to_owned(),
+        Json::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reason::NeverRun => write!(f, "never run"),
+            Reason::Forced => write!(f, "forced"),
+            Reason::KindChanged { from, to } => write!(f, "stage kind changed: {from} → {to}"),
+            Reason::ImplementationChanged { stage, from, to } => {
+                write!(f, "implementation of {stage} changed: {from} → {to}")
+            }
+            Reason::CommandChanged => write!(f, "command changed"),
+            Reason::ParamChanged { key, old, new } => {
+                write!(f, "param {key} changed: {} → {}", show(old), show(new))
+            }
+            Reason::InputChanged { path } => write!(f, "input {path} changed"),
+            Reason::InputAdded { path } => write!(f, "input {path} added"),
+            Reason::InputRemoved { path } => write!(f, "input {path} removed"),
+            Reason::InputMissing { path } => write!(f, "input {path} is missing"),
+            Reason::OutputsChanged => write!(f, "declared outputs changed"),
+            Reason::OutputMissing { path } => write!(f, "output {path} is missing"),
+            Reason::OutputModified { path } => write!(f, "output {path} was modified"),
+            Reason::Upstream { stage } => write!(f, "upstream {stage} is stale"),
+        }
+    }
+}
+
+/// An I/O failure while hashing, with the path it happened on.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read `{path}`: {source}")]
+pub struct HashError {
+    pub path: String,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// What a stage's fingerprint covers, as it is now.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    pub fingerprint: String,
+    /// A lock entry without outputs.
+    pub entry: LockedStage,
+}
+
+/// Hashes a location as shown in the lock file (relative to `workdir`).
+pub fn hash_location(
+    cache: &StatCache,
+    location: &Location,
+    workdir: &Path,
+) -> Result<Option<ContentHash>, HashError> {
+    match location {
+        Location::Local(path) => cache.hash_path(path).map_err(|source| HashError {
+            path: location.display(workdir),
+            source,
+        }),
+        Location::S3 { .. } => Err(HashError {
+            path: location.display(workdir),
+            source: std::io::Error::other("S3 locations cannot be read by this build of imba yet"),
+        }),
+    }
+}
+
+/// The stage's fingerprint material, its inputs hashed as they are on disk now.
+pub fn snapshot(stage: &Stage, workdir: &Path, cache: &StatCache) -> Result<Snapshot, HashError> {
+    let mut inputs = BTreeMap::new();
+    for input in &stage.inputs {
+        let key = input.declared.location.display(workdir);
+        let hash =
+            hash_location(cache, &input.declared.location, workdir)?.unwrap_or(ContentHash {
+                hash: "missing".to_owned(),
+                size: 0,
+                files: None,
+            });
+        inputs.insert(key, hash);
+    }
+    let (kind, implementation, cmd, params) = match &stage.kind {
+        StageKind::Builtin {
+            name,
+            version,
+            params,
+        } => (name.clone(), Some(*version), None, params.clone()),
+        StageKind::Shell {
+            commands, params, ..
+        } => (
+            "cmd".to_owned(),
+            None,
+            Some(commands.clone()),
+            params.clone(),
+        ),
+    };
+    let declared_outputs: Vec<String> = stage
+        .outputs
+        .iter()
+        .map(|o| o.declared.location.display(workdir))
+        .collect();
+    let material = json!({
+        "kind": kind,
+        "implementation": implementation,
+        "cmd": cmd,
+        "params": params,
+        "inputs": inputs.iter().map(|(k, v)| (k.clone(), Json::String(v.hash.clone()))).collect::<serde_json::Map<_, _>>(),
+        "outputs": declared_outputs,
+    });
+    Ok(Snapshot {
+        fingerprint: fingerprint(&material),
+        entry: LockedStage {
+            fingerprint: fingerprint(&material),
+            kind,
+            implementation,
+            cmd,
+            params,
+            inputs,
+            outputs: declared_outputs
+                .into_iter()
+                .map(|p| {
+                    (
+                        p,
+                        ContentHash {
+                            hash: String::new(),
+                            size: 0,
+                            files: None,
+                        },
+                    )
+                })
+                .collect(),
+        },
+    })
+}
+
+/// The differences between a stage as it is now and its lock entry; empty when up to date.
+pub fn reasons(
+    stage: &Stage,
+    now: &Snapshot,
+    locked: Option<&LockedStage>,
+    workdir: &Path,
+    cache: &StatCache,
+) -> Result<Vec<Reason>, HashError> {
+    let mut reasons = Vec::new();
+    for (path, hash) in &now.entry.inputs {
+        if hash.hash == "missing" {
+            reasons.push(Reason::InputMissing { path: path.clone() });
+        }
+    }
+    let Some(locked) = locked else {
+        reasons.push(Reason::NeverRun);
+        return Ok(reasons);
+    };
+    if locked.kind != now.entry.kind {
+        reasons.push(Reason::KindChanged {
+            from: locked.kind.clone(),
+            to: now.entry.kind.clone(),
+        });
+    } else if let (Some(from), Some(to)) = (locked.implementation, now.entry.implementation) {
+        if from != to {
+            reasons.push(Reason::ImplementationChanged {
+                stage: now.entry.kind.clone(),
+                from,
+                to,
+            });
+        }
+    }
+    if locked.cmd != now.entry.cmd {
+        reasons.push(Reason::CommandChanged);
+    }
+    diff_params("", &locked.params, &now.entry.params, &mut reasons);
+    for (path, hash) in &now.entry.inputs {
+        match locked.inputs.get(path) {
+            None => reasons.push(Reason::InputAdded { path: path.clone() }),
+            Some(old) if old.hash != hash.hash && hash.hash != "missing" => {
+                reasons.push(Reason::InputChanged { path: path.clone() })
+            }
+            _ => {}
+        }
+    }
+    for path in locked.inputs.keys() {
+        if !now.entry.inputs.contains_key(path) {
+            reasons.push(Reason::InputRemoved { path: path.clone() });
+        }
+    }
+    let declared: BTreeSet<&String> = now.entry.outputs.keys().collect();
+    let recorded: BTreeSet<&String> = locked.outputs.keys().collect();
+    if declared != recorded {
+        reasons.push(Reason::OutputsChanged);
+    }
+    if reasons.is_empty() && locked.fingerprint != now.fingerprint {
+        // Same material, other fingerprint: the fingerprint scheme itself changed.
+        reasons.push(Reason::CommandChanged);
+    }
+    for output in &stage.outputs {
+        let path = output.declared.location.display(workdir);
+        let Some(recorded) = locked.outputs.get(&path) else {
+            continue;
+        };
+        match hash_location(cache, &output.declared.location, workdir)? {
+            None => reasons.push(Reason::OutputMissing { path }),
+            Some(hash) if hash.hash != recorded.hash => {
+                reasons.push(Reason::OutputModified { path })
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(reasons)
+}
+
+fn diff_params(prefix: &str, old: &Json, new: &Json, reasons: &mut Vec<Reason>) {
+    match (old, new) {
+        (Json::Object(a), Json::Object(b)) => {
+            let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+            for key in keys {
+                let path = if prefix.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{prefix}.{key}")
+                };
+                diff_params(
+                    &path,
+                    a.get(key).unwrap_or(&Json::Null),
+                    b.get(key).unwrap_or(&Json::Null),
+                    reasons,
+                );
+            }
+        }
+        (a, b) if a != b => reasons.push(Reason::ParamChanged {
+            key: if prefix.is_empty() {
+                "params".to_owned()
+            } else {
+                prefix.to_owned()
+            },
+            old: a.clone(),
+            new: b.clone(),
+        }),
+        _ => {}
+    }
+}
+
+/// Which stages a command is about.
+#[derive(Clone, Debug, Default)]
+pub struct Selection {
+    /// `--stage`: these (by name, or by the name before `@` for all expansions) and what they
+    /// need. Empty: every stage.
+    pub stages: Vec<String>,
+    /// `--downstream`: also everything after the named stages.
+    pub downstream: bool,
+    /// `--force`: run the named stages (or all) even when up to date.
+    pub force: bool,
+}
+
+/// The stages selected, and those of them that are forced. Unknown names are an error.
+pub fn select(
+    dag: &Dag,
+    selection: &Selection,
+) -> Result<(BTreeSet<usize>, BTreeSet<usize>), String> {
+    let all: BTreeSet<usize> = dag.order().iter().copied().collect();
+    if selection.stages.is_empty() {
+        let forced = if selection.force {
+            all.clone()
+        } else {
+            BTreeSet::new()
+        };
+        return Ok((all, forced));
+    }
+    let mut named = BTreeSet::new();
+    for name in &selection.stages {
+        let matches: Vec<usize> = all
+            .iter()
+            .copied()
+            .filter(|&i| {
+                let stage = &dag.stage(i).name;
+                stage == name || stage.split_once('@').is_some_and(|(base, _)| base == name)
+            })
+            .collect();
+        if matches.is_empty() {
+            let names: Vec<&str> = all.iter().map(|&i| dag.stage(i).name.as_str()).collect();
+            let hint = crate::diagnostic::did_you_mean(name, names.iter().copied())
+                .map(|s| format!(" (did you mean `{s}`?)"))
+                .unwrap_or_default();
+            return Err(format!("no stage is named `{name}`{hint}"));
+        }
+        named.extend(matches);
+    }
+    let mut targets = named.clone();
+    if selection.downstream {
+        targets.extend(dag.descendants(&named));
+    }
+    let forced = if selection.force {
+        targets.clone()
+    } else {
+        BTreeSet::new()
+    };
+    let mut selected = targets.clone();
+    selected.extend(dag.ancestors(&targets));
+    Ok((selected, forced))
+}
+
+/// The status of one stage in a static plan.
+#[derive(Clone, Debug, Serialize)]
+pub struct StageStatus {
+    pub name: String,
+    pub stale: bool,
+    pub reasons: Vec<Reason>,
+    #[serde(skip)]
+    pub index: usize,
+}
+
+/// What would run, without running anything: `status` and `run --dry-run`. A stage downstream
+/// of a stale one is stale too, since its inputs may change.
+pub fn static_plan(
+    dag: &Dag,
+    lock: &LockFile,
+    cache: &StatCache,
+    selected: &BTreeSet<usize>,
+    forced: &BTreeSet<usize>,
+) -> Result<Vec<StageStatus>, HashError> {
+    let workdir = &dag.pipeline().workdir;
+    let mut stale = BTreeSet::new();
+    let mut out = Vec::new();
+    for &index in dag.order() {
+        if !selected.contains(&index) {
+            continue;
+        }
+        let stage = dag.stage(index);
+        let mut reasons: Vec<Reason> = dag
+            .needs(index)
+            .iter()
+            .filter(|(s, _)| stale.contains(s))
+            .map(|(s, _)| Reason::Upstream {
+                stage: dag.stage(*s).name.clone(),
+            })
+            .collect();
+        if forced.contains(&index) {
+            reasons.push(Reason::Forced);
+        }
+        let now = snapshot(stage, workdir, cache)?;
+        let own = reasons_for(stage, &now, lock, workdir, cache)?;
+        // An input that an upstream stage is about to write is not "missing".
+        let upstream_stale =
+            !reasons.is_empty() && reasons.iter().any(|r| matches!(r, Reason::Upstream { .. }));
+        reasons.extend(own.into_iter().filter(|r| {
+            !(upstream_stale
+                && matches!(r, Reason::InputMissing { .. } | Reason::InputChanged { .. }))
+        }));
+        if !reasons.is_empty() {
+            stale.insert(index);
+        }
+        out.push(StageStatus {
+            name: stage.name.clone(),
+            stale: !reasons.is_empty(),
+            reasons,
+            index,
+        });
+    }
+    Ok(out)
+}
+
+fn reasons_for(
+    stage: &Stage,
+    now: &Snapshot,
+    lock: &LockFile,
+    workdir: &Path,
+    cache: &StatCache,
+) -> Result<Vec<Reason>, HashError> {
+    reasons(stage, now, lock.stages.get(&stage.name), workdir, cache)
+}

@@ -1,0 +1,73 @@
+//! Run records: one JSON file per run under `.imba/runs/`, for `imba log` and `imba show`.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::hash::ContentHash;
+
+/// What one run did.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub id: String,
+    /// The pipeline file, as given.
+    pub pipeline: String,
+    pub started: String,
+    #[serde(default)]
+    pub finished: Option<String>,
+    /// `running` (or interrupted), `ok`, `failed`, `interrupted`.
+    pub status: String,
+    #[serde(default)]
+    pub duration_ms: u64,
+    /// In topological order.
+    pub stages: Vec<StageRecord>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StageRecord {
+    pub name: String,
+    /// `ran`, `skipped`, `failed`, `blocked`, `cancelled`.
+    pub decision: String,
+    #[serde(default)]
+    pub reasons: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
+    #[serde(default)]
+    pub duration_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_status: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Ran, and every output came out identical to the last run (dependents may skip).
+    #[serde(default)]
+    pub unchanged: bool,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub outputs: std::collections::BTreeMap<String, ContentHash>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<String>,
+}
+
+pub fn save(runs: &Path, record: &RunRecord) -> std::io::Result<()> {
+    let mut text = serde_json::to_string_pretty(record).map_err(std::io::Error::other)?;
+    text.push('\n');
+    crate::fsutil::write_atomic(&runs.join(format!("{}.json", record.id)), text.as_bytes())
+}
+
+/// Records in `runs`, newest first; unreadable files are skipped.
+pub fn list(runs: &Path) -> Vec<RunRecord> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(runs)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "json"))
+                .collect()
+        })
+        .unwrap_or_default();
+    paths.sort();
+    paths.reverse();
+    paths
+        .into_iter()
+        .filter_map(|p| serde_json::from_slice(&std::fs::read(p).ok()?).ok())
+        .collect()
+}

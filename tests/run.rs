@@ -1,0 +1,431 @@
+//! `imba run` and `imba status`: skipping, early cutoff, parallelism, atomic outputs, failures,
+//! concurrent runs, kill -9, run records.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Output, Test};
+use insta::assert_snapshot;
+
+/// raw.csv → count (lines of raw) → report; raw.csv → copy.
+const CHAIN: &str = r#"
+stages:
+  count:
+    cmd: wc -l < {{ inputs.raw }} | tr -d ' ' > {{ outputs.n }}
+    inputs: {raw: data/raw.csv}
+    outputs: {n: out/count.txt}
+  report:
+    cmd: echo "lines=$(cat {{ inputs[0] }})" > {{ outputs[0] }}
+    inputs: [out/count.txt]
+    outputs: [out/report.txt]
+  copy:
+    cmd: cp {{ inputs[0] }} {{ outputs[0] }}
+    params: {k: 1}
+    inputs: [data/raw.csv]
+    outputs: [out/copy.csv]
+"#;
+
+fn chain() -> Test {
+    Test::new().file("data/raw.csv", "a\nb\n").pipeline(CHAIN)
+}
+
+/// The decision of each stage in the latest run, from its record.
+fn decisions(t: &Test) -> Vec<(String, String)> {
+    let out = t.exec(&["show", "pipeline.yaml", "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let record: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
+    record["stages"]
+        .as_array()
+        .expect("stages")
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap().to_owned(),
+                s["decision"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn ran(t: &Test) -> Vec<String> {
+    decisions(t)
+        .into_iter()
+        .filter(|(_, d)| d == "ran")
+        .map(|(n, _)| n)
+        .collect()
+}
+
+fn run_ok(t: &Test, args: &[&str]) -> Output {
+    let mut all = vec!["run", "pipeline.yaml"];
+    all.extend_from_slice(args);
+    let out = t.exec(&all);
+    assert_eq!(out.code, 0, "run failed:\n{}", out.stderr);
+    out
+}
+
+#[test]
+fn first_run_runs_everything_and_the_second_nothing() {
+    let t = chain();
+    run_ok(&t, &[]);
+    assert_eq!(ran(&t), ["count", "report", "copy"]);
+    assert_eq!(t.read("out/report.txt"), "lines=2\n");
+    assert_eq!(t.read("out/copy.csv"), "a\nb\n");
+    run_ok(&t, &[]);
+    assert!(ran(&t).is_empty(), "{:?}", decisions(&t));
+}
+
+#[test]
+fn touching_a_file_without_changing_it_reruns_nothing() {
+    let t = chain();
+    run_ok(&t, &[]);
+    std::thread::sleep(Duration::from_millis(20));
+    t.write("data/raw.csv", "a\nb\n");
+    run_ok(&t, &[]);
+    assert!(ran(&t).is_empty(), "{:?}", decisions(&t));
+}
+
+#[test]
+fn changing_an_input_reruns_exactly_its_downstream() {
+    let t = chain();
+    run_ok(&t, &[]);
+    t.write("data/raw.csv", "a\nb\nc\n");
+    run_ok(&t, &[]);
+    assert_eq!(ran(&t), ["count", "report", "copy"]);
+    assert_eq!(t.read("out/report.txt"), "lines=3\n");
+    // A change that only `copy` sees.
+    t.write(
+        "pipeline.yaml",
+        CHAIN.replace("params: {k: 1}", "params: {k: 2}"),
+    );
+    run_ok(&t, &[]);
+    assert_eq!(ran(&t), ["copy"]);
+}
+
+#[test]
+fn early_cutoff_when_outputs_come_out_identical() {
+    let t = chain();
+    run_ok(&t, &[]);
+    // Same number of lines: `count` re-runs and writes the same bytes, so `report` does not.
+    t.write("data/raw.csv", "x\ny\n");
+    run_ok(&t, &[]);
+    let decisions = decisions(&t);
+    assert!(
+        decisions.contains(&("count".into(), "ran".into())),
+        "{decisions:?}"
+    );
+    assert!(
+        decisions.contains(&("report".into(), "skipped".into())),
+        "{decisions:?}"
+    );
+}
+
+#[test]
+fn status_says_why() {
+    let t = chain();
+    let never = t.exec(&["status", "pipeline.yaml"]);
+    run_ok(&t, &[]);
+    let fresh = t.exec(&["status", "pipeline.yaml"]);
+    t.write("data/raw.csv", "a\n");
+    t.write("out/copy.csv", "tampered\n");
+    std::fs::remove_file(t.path().join("out/report.txt")).unwrap();
+    t.write(
+        "pipeline.yaml",
+        CHAIN.replace("params: {k: 1}", "params: {k: 2.5}"),
+    );
+    let changed = t.exec(&["status", "pipeline.yaml"]);
+    let json = t.exec(&["status", "pipeline.yaml", "--json"]);
+    let dag = t.exec(&["dag", "pipeline.yaml", "--status"]);
+    assert_snapshot!(format!(
+        "{}\n{}\n{}\n{}\n{}",
+        never.all(),
+        fresh.all(),
+        changed.all(),
+        json.all(),
+        dag.all()
+    ));
+}
+
+#[test]
+fn dry_run_changes_nothing() {
+    let t = chain();
+    let out = run_ok(&t, &["--dry-run"]);
+    assert_snapshot!(out.all());
+    assert!(!t.path().join("out").exists());
+    assert!(!t.path().join("pipeline.lock").exists());
+}
+
+#[test]
+fn stage_selection_downstream_and_force() {
+    let t = chain();
+    run_ok(&t, &["--stage", "count"]);
+    assert_eq!(ran(&t), ["count"]);
+    run_ok(&t, &["--stage", "report"]);
+    assert_eq!(ran(&t), ["report"]);
+    run_ok(&t, &["--stage", "count", "--force"]);
+    assert_eq!(ran(&t), ["count"]);
+    run_ok(&t, &["--stage", "count", "--downstream", "--force"]);
+    assert_eq!(ran(&t), ["count", "report"]);
+    run_ok(&t, &["--force"]);
+    assert_eq!(ran(&t), ["count", "report", "copy"]);
+    let unknown = t.exec(&["run", "pipeline.yaml", "--stage", "cuont"]);
+    assert_eq!(unknown.code, 2);
+    assert_snapshot!(unknown.all());
+}
+
+#[test]
+fn independent_stages_run_in_parallel() {
+    let t = Test::new().pipeline("stages:\n  a:\n    cmd: sleep 1 && echo a > {{ outputs[0] }}\n    outputs: [a.txt]\n  b:\n    cmd: sleep 1 && echo b > {{ outputs[0] }}\n    outputs: [b.txt]\n");
+    let start = Instant::now();
+    run_ok(&t, &["-j", "2"]);
+    let took = start.elapsed();
+    // Serially this takes 2 s; in parallel about 1 s plus imba's start-up.
+    assert!(took < Duration::from_millis(1800), "took {took:?}");
+}
+
+#[test]
+fn a_failing_stage_keeps_earlier_outputs_and_the_lock() {
+    let t = chain();
+    run_ok(&t, &[]);
+    let lock = t.read("pipeline.lock");
+    t.write("data/raw.csv", "a\nb\nc\n");
+    t.write(
+        "pipeline.yaml",
+        CHAIN.replace(
+            "wc -l < {{ inputs.raw }}",
+            "echo boom >&2; exit 3; wc -l < {{ inputs.raw }}",
+        ),
+    );
+    let out = t.exec(&["run", "pipeline.yaml", "-j", "1"]);
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr
+            .contains("stage `count` failed: command failed with exit status 3"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("boom"),
+        "the tail of stderr is shown: {}",
+        out.stderr
+    );
+    assert_eq!(
+        t.read("out/count.txt"),
+        "2\n",
+        "the earlier output is intact"
+    );
+    assert_eq!(t.read("out/report.txt"), "lines=2\n");
+    let decisions = decisions(&t);
+    assert!(
+        decisions.contains(&("report".into(), "blocked".into())),
+        "{decisions:?}"
+    );
+    // `copy` ran (or was cancelled before starting); the lock changed only for what succeeded.
+    let new_lock: serde_json::Value = serde_json::from_str(&t.read("pipeline.lock")).unwrap();
+    let old_lock: serde_json::Value = serde_json::from_str(&lock).unwrap();
+    assert_eq!(new_lock["stages"]["count"], old_lock["stages"]["count"]);
+    assert_eq!(new_lock["stages"]["report"], old_lock["stages"]["report"]);
+}
+
+#[test]
+fn keep_going_finishes_the_other_branches() {
+    let t = Test::new().pipeline("stages:\n  bad:\n    cmd: exit 1\n    outputs: [bad.txt]\n  after_bad:\n    cmd: cp {{ inputs[0] }} {{ outputs[0] }}\n    inputs: [bad.txt]\n    outputs: [after.txt]\n  good:\n    cmd: sleep 0.3 && echo ok > {{ outputs[0] }}\n    outputs: [good.txt]\n");
+    let out = t.exec(&["run", "pipeline.yaml", "--keep-going", "-j", "2"]);
+    assert_eq!(out.code, 1);
+    assert_eq!(t.read("good.txt"), "ok\n");
+    let decisions = decisions(&t);
+    assert!(
+        decisions.contains(&("after_bad".into(), "blocked".into())),
+        "{decisions:?}"
+    );
+    assert!(
+        decisions.contains(&("good".into(), "ran".into())),
+        "{decisions:?}"
+    );
+}
+
+#[test]
+fn without_keep_going_a_failure_cancels_running_stages() {
+    let t = Test::new().pipeline("stages:\n  bad:\n    cmd: sleep 0.2; exit 1\n    outputs: [bad.txt]\n  slow:\n    cmd: sleep 20 && echo late > {{ outputs[0] }}\n    outputs: [slow.txt]\n");
+    let start = Instant::now();
+    let out = t.exec(&["run", "pipeline.yaml", "-j", "2"]);
+    assert_eq!(out.code, 1);
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "the slow stage was stopped"
+    );
+    assert!(!t.path().join("slow.txt").exists());
+    let decisions = decisions(&t);
+    assert!(
+        decisions.contains(&("slow".into(), "cancelled".into())),
+        "{decisions:?}"
+    );
+}
+
+#[test]
+fn failures_name_what_went_wrong() {
+    let t = Test::new()
+        .file("blocker", "a file where a directory should be")
+        .pipeline("stages:\n  missing_cmd:\n    cmd: no-such-command-imba-test\n    outputs: [a.txt]\n  forgot_output:\n    cmd: echo hi > elsewhere.txt\n    outputs: [b.txt]\n  unwritable:\n    cmd: echo x > {{ outputs[0] }}\n    outputs: [blocker/c.txt]\n");
+    let out = t.exec(&["run", "pipeline.yaml", "--keep-going", "-j", "1"]);
+    assert_eq!(out.code, 1);
+    let errors: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("error:"))
+        .collect();
+    insta::with_settings!({filters => vec![
+        (r"\d{8}T\d{6}\.\d{3}Z-[0-9a-f]{4}", "[RUN]"),
+        (r"\d+\.\d{2}s", "[TIME]"),
+    ]}, {
+        assert_snapshot!(errors.join("\n").replace(t.path().to_str().unwrap(), "[TMP]"));
+    });
+    assert!(
+        out.stderr.contains("not found"),
+        "sh says the command is missing: {}",
+        out.stderr
+    );
+}
+
+#[test]
+fn a_corrupt_lock_reruns_with_a_warning_and_a_newer_one_is_refused() {
+    let t = chain();
+    run_ok(&t, &[]);
+    t.write("pipeline.lock", "{ this is not json");
+    let out = run_ok(&t, &[]);
+    assert!(
+        out.stderr
+            .contains("warning: lock file `pipeline.lock` is not valid JSON"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(ran(&t), ["count", "report", "copy"]);
+    t.write("pipeline.lock", r#"{"version": 9, "stages": {}}"#);
+    let newer = t.exec(&["run", "pipeline.yaml"]);
+    assert_eq!(newer.code, 2);
+    assert_snapshot!(newer.all());
+}
+
+#[test]
+fn a_second_run_waits_for_the_first() {
+    let t = Test::new().pipeline("stages:\n  slow:\n    cmd: sleep 1.5 && echo done > {{ outputs[0] }}\n    outputs: [slow.txt]\n");
+    let mut first = t
+        .command(&["run", "pipeline.yaml"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until the first run holds the lock (its pid is written into it).
+    let lock = t.path().join(".imba/run.lock");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(&lock)
+        .map(|s| s.trim().is_empty())
+        .unwrap_or(true)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the first run never took the lock"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let refused = t.exec(&["run", "pipeline.yaml", "--no-wait"]);
+    assert_eq!(refused.code, 1, "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("another imba run holds the lock"),
+        "{}",
+        refused.stderr
+    );
+    let second = t.exec(&["run", "pipeline.yaml"]);
+    assert_eq!(second.code, 0, "{}", second.stderr);
+    assert!(
+        second.stderr.contains("waiting for another imba run"),
+        "{}",
+        second.stderr
+    );
+    assert!(first.wait().unwrap().success());
+    assert_eq!(t.read("slow.txt"), "done\n");
+    assert!(ran(&t).is_empty(), "the second run found everything done");
+}
+
+#[test]
+fn kill_9_mid_run_then_rerun_finishes_the_job() {
+    let t = Test::new().pipeline("stages:\n  fast:\n    cmd: echo fast > {{ outputs[0] }}\n    outputs: [fast.txt]\n  slow:\n    cmd: sleep 30 && echo slow > {{ outputs[0] }}\n    inputs: [fast.txt]\n    outputs: [slow.txt]\n");
+    let mut child = t
+        .command(&["run", "pipeline.yaml"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let lock = t.path().join("pipeline.lock");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&lock)
+        .unwrap_or_default()
+        .contains("\"fast\"")
+    {
+        assert!(Instant::now() < deadline, "`fast` never committed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    // The orphaned `sleep 30` of the killed run still runs; it cannot touch slow.txt, which only
+    // its staging copy would have held.
+    assert!(!t.path().join("slow.txt").exists());
+    t.write(
+        "pipeline.yaml",
+        t.read("pipeline.yaml").replace("sleep 30", "sleep 0.1"),
+    );
+    run_ok(&t, &[]);
+    let decisions = decisions(&t);
+    assert_eq!(
+        decisions,
+        [
+            ("fast".to_owned(), "skipped".to_owned()),
+            ("slow".to_owned(), "ran".to_owned())
+        ]
+    );
+    assert_eq!(t.read("slow.txt"), "slow\n");
+}
+
+#[test]
+fn runs_are_recorded_and_listed() {
+    let t = chain();
+    run_ok(&t, &[]);
+    run_ok(&t, &[]);
+    let log = t.exec(&["log", "pipeline.yaml"]);
+    assert_eq!(log.code, 0);
+    let lines: Vec<&str> = log.stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{}", log.stdout);
+    assert!(
+        lines[1].contains(" ok ") && lines[1].contains("   0    3 "),
+        "newest first: {}",
+        log.stdout
+    );
+    let logs = std::fs::read_dir(t.path().join(".imba/logs"))
+        .unwrap()
+        .count();
+    assert_eq!(logs, 1, "one log folder per run that ran a stage");
+}
+
+#[test]
+fn directory_outputs_are_replaced_whole() {
+    let t = Test::new()
+        .file("data/raw.csv", "1\n2\n3\n")
+        .pipeline("vars:\n  n: 2\nstages:\n  split:\n    cmd: split -l {{ n }} {{ inputs[0] }} {{ outputs.parts }}/part-\n    inputs: [data/raw.csv]\n    outputs: {parts: out/parts/}\n  count:\n    cmd: cat {{ inputs[0] }}/* | wc -l | tr -d ' ' > {{ outputs[0] }}\n    inputs: [out/parts/]\n    outputs: [out/n.txt]\n");
+    run_ok(&t, &[]);
+    let names = |t: &Test| {
+        let mut n: Vec<String> = std::fs::read_dir(t.path().join("out/parts"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        n.sort();
+        n
+    };
+    assert_eq!(names(&t), ["part-aa", "part-ab"]);
+    run_ok(&t, &["--set", "n=1"]);
+    assert_eq!(names(&t), ["part-aa", "part-ab", "part-ac"]);
+    // The directory changed, so `count` re-ran; it counted the same lines.
+    assert_eq!(t.read("out/n.txt"), "3\n");
+    assert_eq!(ran(&t), ["split", "count"]);
+    let record: serde_json::Value =
+        serde_json::from_str(&t.exec(&["show", "pipeline.yaml", "--json"]).stdout).unwrap();
+    assert_eq!(record["stages"][1]["unchanged"], true);
+}
