@@ -342,13 +342,13 @@ fn static_plan(
     printer: &Printer,
 ) -> Result<Vec<StageStatus>, ExitCode> {
     let pipeline = dag.pipeline();
-    let lock = exec::load_lock(&crate::lock::lock_path(&pipeline.file), |w| {
+    let state = StateDir::new(&pipeline.workdir);
+    let lock = exec::load_lock(&crate::lock::lock_path(&pipeline.file), &state, |w| {
         printer.warning(&w)
     })
     .map_err(|e| run_error(printer, e))?;
     let (selected, forced) =
         plan::select(dag, selection).map_err(|e| run_error(printer, RunError::Config(e)))?;
-    let state = StateDir::new(&pipeline.workdir);
     let cache = if state.root.is_dir() {
         StatCache::load(state.stat_cache())
     } else {

@@ -120,7 +120,7 @@ struct Context {
     dag: Arc<Dag>,
     registry: Registry,
     cache: StatCache,
-    lock: Mutex<LockFile>,
+    lock: Mutex<(LockFile, lock::Journal)>,
     lock_path: PathBuf,
     state: StateDir,
     run_id: String,
@@ -143,9 +143,20 @@ fn stage_record(name: &str, decision: &str) -> StageRecord {
     }
 }
 
-/// Loads the lock file for a run or a status: a corrupt one is treated as empty (with a warning),
-/// one from a newer imba is an error.
-pub fn load_lock(path: &Path, warn: impl Fn(String)) -> Result<LockFile, RunError> {
+/// Loads the lock file for a run or a status, with the journal of an interrupted run replayed
+/// onto it: a corrupt lock file is treated as empty (with a warning), one from a newer imba is an
+/// error.
+pub fn load_lock(
+    path: &Path,
+    state: &StateDir,
+    warn: impl Fn(String),
+) -> Result<LockFile, RunError> {
+    let mut lock = read_lock(path, warn)?;
+    lock::replay(&mut lock, &lock::journal_path(&state.root, path));
+    Ok(lock)
+}
+
+fn read_lock(path: &Path, warn: impl Fn(String)) -> Result<LockFile, RunError> {
     match lock::load(path) {
         lock::Loaded::Found(lock) => Ok(lock),
         lock::Loaded::Missing => Ok(LockFile {
@@ -183,7 +194,21 @@ pub fn run(
         return Err(RunError::Busy(state.root.display().to_string()));
     };
     let lock_path = lock::lock_path(&pipeline.file);
-    let lock = load_lock(&lock_path, |w| events.event(Event::Warning(w)))?;
+    let lock = load_lock(&lock_path, &state, |w| events.event(Event::Warning(w)))?;
+    let mut journal =
+        lock::Journal::open(&lock::journal_path(&state.root, &lock_path)).map_err(|e| {
+            RunError::Io(format!(
+                "cannot open the run journal under {}: {e}",
+                state.root.display()
+            ))
+        })?;
+    // Whatever an interrupted run committed is in `lock` now; make it durable before going on.
+    journal.checkpoint(&lock_path, &lock).map_err(|e| {
+        RunError::Io(format!(
+            "cannot write the lock file {}: {e}",
+            lock_path.display()
+        ))
+    })?;
     let (selected, forced) = plan::select(&dag, &options.selection).map_err(RunError::Config)?;
     let run_id = crate::state::new_run_id();
     let started = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
@@ -208,7 +233,7 @@ pub fn run(
         cache: StatCache::load(state.stat_cache()),
         dag: dag.clone(),
         registry,
-        lock: Mutex::new(lock),
+        lock: Mutex::new((lock, journal)),
         lock_path,
         state: state.clone(),
         run_id: run_id.clone(),
@@ -229,6 +254,17 @@ pub fn run(
     ));
     drop(runtime);
 
+    {
+        let mut guard = ctx.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let (lock, journal) = &mut *guard;
+        if let Err(e) = journal.checkpoint(&ctx.lock_path, lock) {
+            events.event(Event::Warning(format!(
+                "cannot write the lock file {} ({e}); the journal {} keeps what this run committed",
+                ctx.lock_path.display(),
+                journal.path().display()
+            )));
+        }
+    }
     if let Err(e) = ctx.cache.save() {
         events.event(Event::Warning(format!("cannot save the stat cache: {e}")));
     }
@@ -398,6 +434,7 @@ async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
                 .lock
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
+                .0
                 .stages
                 .get(&stage.name)
                 .cloned();
@@ -773,13 +810,14 @@ fn commit(
     let unchanged = previous.as_ref().is_some_and(|p| p.outputs == outputs);
     let mut entry = now.entry;
     entry.outputs = outputs.clone();
-    let mut lock = ctx.lock.lock().unwrap_or_else(|e| e.into_inner());
-    lock.stages.insert(stage.name.clone(), entry);
-    lock::save(&ctx.lock_path, &lock).map_err(|e| {
+    let mut guard = ctx.lock.lock().unwrap_or_else(|e| e.into_inner());
+    let (lock, journal) = &mut *guard;
+    journal.append(&stage.name, &entry).map_err(|e| {
         format!(
-            "outputs are in place, but the lock file {} could not be written: {e}",
-            ctx.lock_path.display()
+            "outputs are in place, but the run journal {} could not be written: {e}",
+            journal.path().display()
         )
     })?;
+    lock.stages.insert(stage.name.clone(), entry);
     Ok((outputs, unchanged))
 }

@@ -181,3 +181,136 @@ mod tests {
         );
     }
 }
+
+/// The journal of a run in progress: one line per stage committed since the lock file was last
+/// written. Appending a line is cheap, so every commit is recorded at once, and the lock file is
+/// rewritten only at the end of a run; after a crash (or `kill -9`) the next run or status
+/// replays the journal, so no committed stage runs again.
+pub struct Journal {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+#[derive(Serialize, Deserialize)]
+struct JournalLine {
+    stage: String,
+    entry: LockedStage,
+}
+
+/// Where the journal of the lock file `lock` lives, under the state directory `state`.
+pub fn journal_path(state: &Path, lock: &Path) -> PathBuf {
+    let absolute = std::path::absolute(lock).unwrap_or_else(|_| lock.to_path_buf());
+    let key = blake3::hash(absolute.to_string_lossy().as_bytes()).to_hex();
+    state.join("journal").join(format!("{}.jsonl", &key[..16]))
+}
+
+impl Journal {
+    pub fn open(path: &Path) -> std::io::Result<Journal> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        Ok(Journal {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Records that `stage` committed with `entry`; on disk when this returns.
+    pub fn append(&mut self, stage: &str, entry: &LockedStage) -> std::io::Result<()> {
+        use std::io::Write;
+        let mut line = serde_json::to_vec(&JournalLine {
+            stage: stage.to_owned(),
+            entry: entry.clone(),
+        })
+        .map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        self.file.write_all(&line)?;
+        self.file.sync_data()
+    }
+
+    /// Writes `lock` and empties the journal (the lock now holds everything it recorded).
+    pub fn checkpoint(&mut self, lock_path: &Path, lock: &LockFile) -> std::io::Result<()> {
+        save(lock_path, lock)?;
+        self.file.set_len(0)?;
+        self.file.sync_data()
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Applies the complete lines of the journal at `path` to `lock`; returns how many. A torn last
+/// line (the process died while writing it) is ignored: its stage will simply run again.
+pub fn replay(lock: &mut LockFile, path: &Path) -> usize {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return 0;
+    };
+    let mut applied = 0;
+    for line in text.split_inclusive('\n').filter(|l| l.ends_with('\n')) {
+        if let Ok(entry) = serde_json::from_str::<JournalLine>(line) {
+            lock.stages.insert(entry.stage, entry.entry);
+            applied += 1;
+        }
+    }
+    applied
+}
+
+#[cfg(test)]
+mod journal_tests {
+    use super::*;
+
+    fn entry(fingerprint: &str) -> LockedStage {
+        LockedStage {
+            fingerprint: fingerprint.into(),
+            kind: "cmd".into(),
+            implementation: None,
+            cmd: Some(vec!["true".into()]),
+            params: Json::Null,
+            inputs: BTreeMap::new(),
+            outputs: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn replay_applies_whole_lines_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.jsonl");
+        let mut journal = Journal::open(&path).unwrap();
+        journal.append("a", &entry("1")).unwrap();
+        journal.append("b", &entry("2")).unwrap();
+        journal.append("a", &entry("3")).unwrap();
+        // A torn line, as a kill in the middle of a write leaves it.
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str(r#"{"stage":"c","entry":{"fing"#);
+        std::fs::write(&path, text).unwrap();
+        let mut lock = LockFile::default();
+        assert_eq!(replay(&mut lock, &path), 3);
+        assert_eq!(
+            lock.stages["a"].fingerprint, "3",
+            "the last line for a stage wins"
+        );
+        assert!(!lock.stages.contains_key("c"));
+    }
+
+    #[test]
+    fn checkpoint_writes_the_lock_and_empties_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.jsonl");
+        let lock_path = dir.path().join("p.lock");
+        let mut journal = Journal::open(&path).unwrap();
+        journal.append("a", &entry("1")).unwrap();
+        let mut lock = LockFile {
+            version: LOCK_FORMAT,
+            stages: BTreeMap::new(),
+        };
+        replay(&mut lock, &path);
+        journal.checkpoint(&lock_path, &lock).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
+        assert!(matches!(load(&lock_path), Loaded::Found(l) if l.stages.contains_key("a")));
+    }
+}

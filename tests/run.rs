@@ -354,12 +354,21 @@ fn kill_9_mid_run_then_rerun_finishes_the_job() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let lock = t.path().join("pipeline.lock");
+    // A committed stage is in the run's journal at once (the lock file is rewritten at the end).
+    let journal = t.path().join(".imba/journal");
+    let committed = || {
+        std::fs::read_dir(&journal)
+            .map(|entries| {
+                entries.flatten().any(|e| {
+                    std::fs::read_to_string(e.path())
+                        .unwrap_or_default()
+                        .contains("\"fast\"")
+                })
+            })
+            .unwrap_or(false)
+    };
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !std::fs::read_to_string(&lock)
-        .unwrap_or_default()
-        .contains("\"fast\"")
-    {
+    while !committed() {
         assert!(Instant::now() < deadline, "`fast` never committed");
         std::thread::sleep(Duration::from_millis(20));
     }
