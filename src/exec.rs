@@ -453,6 +453,7 @@ async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
     if force {
         reasons.insert(0, Reason::Forced);
     }
+    tracing::debug!(stage = %stage.name, fingerprint = %now.fingerprint, ?reasons, "decided");
     if reasons.is_empty() {
         record.decision = "skipped".to_owned();
         ctx.events.event(Event::StageSkipped {
@@ -645,6 +646,7 @@ async fn run_shell(
         let command = renderer
             .render_text(template, &context)
             .map_err(|e| (format!("cannot render the command: {e}"), None))?;
+        tracing::debug!(stage = %stage.name, %command, "running");
         let open = |path: &Path| {
             std::fs::OpenOptions::new()
                 .create(true)
@@ -791,6 +793,7 @@ fn commit(
         finals.push(target.clone());
     }
     for ((port, path), target) in stage.outputs.iter().zip(staged).zip(&finals) {
+        tracing::trace!(stage = %stage.name, from = %path.display(), to = %target.display(), "commit");
         crate::fsutil::replace(path, target).map_err(|e| {
             format!(
                 "cannot move the output `{}` into place at {}: {e}",

@@ -179,6 +179,7 @@ impl StatCache {
             return Ok(hash);
         }
         let hashed_ns = now_ns();
+        tracing::trace!(path = %path.display(), size = meta.len(), "hashing");
         let hash = hash_file_contents(path, meta.len())?;
         self.remember(key, meta, &hash, hashed_ns);
         Ok(hash)
