@@ -2,7 +2,7 @@
 //!
 //! SHAPE is `chain` (each stage reads the one before), `fanout` (one root, all others read it),
 //! `layered` (layers of 100, each stage reading two of the layer before) or `matrix` (one stage
-//! expanded over STAGES values). DIR gets `pipeline.yaml` and the source file `data/source.csv`.
+//! expanded over STAGES values). Each stage writes at most 64 bytes. DIR gets `pipeline.yaml` and the source file `data/source.csv`.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -24,7 +24,7 @@ fn main() {
     let stage = |yaml: &mut String, name: &str, inputs: &[String], output: &str| {
         let _ = writeln!(
             yaml,
-            "  {name}:\n    cmd: cat {{{{ inputs | join(' ') }}}} > {{{{ outputs[0] }}}}"
+            "  {name}:\n    cmd: cat {{{{ inputs | join(' ') }}}} | head -c 64 > {{{{ outputs[0] }}}}"
         );
         let _ = writeln!(yaml, "    inputs: [{}]", inputs.join(", "));
         let _ = writeln!(yaml, "    outputs: [\"{{{{ out }}}}/{output}\"]");
