@@ -189,6 +189,8 @@ mod tests {
 pub struct Journal {
     file: std::fs::File,
     path: PathBuf,
+    /// Lines not yet folded into the lock file.
+    pending: bool,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -213,9 +215,11 @@ impl Journal {
             .create(true)
             .append(true)
             .open(path)?;
+        let pending = file.metadata()?.len() > 0;
         Ok(Journal {
             file,
             path: path.to_path_buf(),
+            pending,
         })
     }
 
@@ -229,13 +233,19 @@ impl Journal {
         .map_err(std::io::Error::other)?;
         line.push(b'\n');
         self.file.write_all(&line)?;
+        self.pending = true;
         self.file.sync_data()
     }
 
     /// Writes `lock` and empties the journal (the lock now holds everything it recorded).
+    /// Does nothing when the journal holds nothing new.
     pub fn checkpoint(&mut self, lock_path: &Path, lock: &LockFile) -> std::io::Result<()> {
+        if !self.pending {
+            return Ok(());
+        }
         save(lock_path, lock)?;
         self.file.set_len(0)?;
+        self.pending = false;
         self.file.sync_data()
     }
 
