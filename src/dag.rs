@@ -353,6 +353,15 @@ impl Dag {
         &self.order
     }
 
+    /// For each stage index, its place in [`Dag::order`].
+    pub fn positions(&self) -> Vec<usize> {
+        let mut position = vec![0; self.order.len()];
+        for (i, &stage) in self.order.iter().enumerate() {
+            position[stage] = i;
+        }
+        position
+    }
+
     /// The stages `index` needs, with the paths, in declaration order.
     pub fn needs(&self, index: usize) -> Vec<(usize, &Edge)> {
         let mut needs: Vec<(usize, &Edge)> = self
@@ -366,10 +375,7 @@ impl Dag {
 
     /// Every edge as (from, to, why), in the topological order of their endpoints.
     pub fn edges(&self) -> Vec<(usize, usize, &Edge)> {
-        let mut position = vec![0; self.order.len()];
-        for (i, &stage) in self.order.iter().enumerate() {
-            position[stage] = i;
-        }
+        let position = self.positions();
         let mut edges: Vec<(usize, usize, &Edge)> = self
             .graph
             .edge_indices()

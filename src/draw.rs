@@ -108,12 +108,7 @@ struct Picture {
 
 impl Picture {
     fn new(dag: &Dag, options: DrawOptions) -> Self {
-        let position: BTreeMap<usize, usize> = dag
-            .order()
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (*s, i))
-            .collect();
+        let position = dag.positions();
         let stages = dag
             .order()
             .iter()
@@ -153,7 +148,7 @@ impl Picture {
             edges = dag
                 .edges()
                 .into_iter()
-                .map(|(a, b, _)| (Node::Stage(position[&a]), Node::Stage(position[&b])))
+                .map(|(a, b, _)| (Node::Stage(position[a]), Node::Stage(position[b])))
                 .collect();
         }
         let stale = dag

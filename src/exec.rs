@@ -306,12 +306,7 @@ async fn schedule(
     cancel: watch::Sender<bool>,
 ) -> (BTreeMap<usize, Outcome>, bool) {
     let dag = ctx.dag.clone();
-    let position: BTreeMap<usize, usize> = dag
-        .order()
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (*s, i))
-        .collect();
+    let position = dag.positions();
     let mut waiting: BTreeMap<usize, usize> = selected
         .iter()
         .map(|&s| {
@@ -327,7 +322,7 @@ async fn schedule(
     let mut ready: BinaryHeap<Reverse<(usize, usize)>> = waiting
         .iter()
         .filter(|(_, n)| **n == 0)
-        .map(|(s, _)| Reverse((position[s], *s)))
+        .map(|(s, _)| Reverse((position[*s], *s)))
         .collect();
     let mut outcomes: BTreeMap<usize, Outcome> = BTreeMap::new();
     let mut tasks = tokio::task::JoinSet::new();
@@ -364,7 +359,7 @@ async fn schedule(
                             if let Some(n) = waiting.get_mut(&next) {
                                 *n -= 1;
                                 if *n == 0 {
-                                    ready.push(Reverse((position[&next], next)));
+                                    ready.push(Reverse((position[next], next)));
                                 }
                             }
                         }

@@ -21,17 +21,26 @@ pub struct Printer {
     pub quiet: bool,
 }
 
-impl Printer {
-    pub fn new(choice: ColorChoice, quiet: bool) -> Self {
-        let color = match choice {
+impl ColorChoice {
+    /// Whether stderr gets color: `always`, `never`, or on a terminal without `NO_COLOR`.
+    pub fn for_stderr(self) -> bool {
+        match self {
             ColorChoice::Always => true,
             ColorChoice::Never => false,
             ColorChoice::Auto => {
                 std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
                     && std::io::stderr().is_terminal()
             }
-        };
-        Printer { color, quiet }
+        }
+    }
+}
+
+impl Printer {
+    pub fn new(choice: ColorChoice, quiet: bool) -> Self {
+        Printer {
+            color: choice.for_stderr(),
+            quiet,
+        }
     }
 
     /// Writes data to stdout. A closed pipe (`imba dag | head`) is not an error.
