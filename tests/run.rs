@@ -438,3 +438,78 @@ fn directory_outputs_are_replaced_whole() {
         serde_json::from_str(&t.exec(&["show", "pipeline.yaml", "--json"]).stdout).unwrap();
     assert_eq!(record["stages"][1]["unchanged"], true);
 }
+
+#[test]
+fn ctrl_c_cancels_cleanly_and_exits_130() {
+    let t = Test::new().pipeline("stages:\n  slow:\n    cmd: echo old > {{ outputs[0] }} && sleep 30\n    outputs: [slow.txt]\n");
+    t.write("slow.txt", "earlier\n");
+    let mut child = t
+        .command(&["run", "pipeline.yaml"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the stage's command is running (its staging output exists).
+    let staging = t.path().join(".imba/staging");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !walk_has_file(&staging, "slow.txt") {
+        assert!(Instant::now() < deadline, "the stage never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let started = Instant::now();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "the stage was stopped"
+    );
+    assert_eq!(
+        output.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        t.read("slow.txt"),
+        "earlier\n",
+        "the earlier output is intact"
+    );
+    assert!(!t.path().join("pipeline.lock").exists() || !t.read("pipeline.lock").contains("slow"));
+}
+
+fn walk_has_file(dir: &std::path::Path, name: &str) -> bool {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries.flatten().any(|e| {
+                let path = e.path();
+                if path.is_dir() {
+                    walk_has_file(&path, name)
+                } else {
+                    path.file_name().is_some_and(|n| n == name)
+                }
+            })
+        })
+        .unwrap_or(false)
+}
+
+#[test]
+fn status_after_a_crash_counts_what_was_committed() {
+    let t = Test::new().pipeline("stages:\n  fast:\n    cmd: echo fast > {{ outputs[0] }}\n    outputs: [fast.txt]\n  slow:\n    cmd: sleep 30 && echo slow > {{ outputs[0] }}\n    inputs: [fast.txt]\n    outputs: [slow.txt]\n");
+    let mut child = t
+        .command(&["run", "pipeline.yaml"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // `slow` starts (its log appears) only after `fast` committed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !walk_has_file(&t.path().join(".imba/logs"), "slow.err") {
+        assert!(Instant::now() < deadline, "`slow` never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let status = t.exec(&["status", "pipeline.yaml"]);
+    assert_eq!(
+        status.stdout,
+        "slow\n  - never run\n1 of 2 stages are stale\n"
+    );
+}
