@@ -443,7 +443,7 @@ fn directory_outputs_are_replaced_whole() {
 fn ctrl_c_cancels_cleanly_and_exits_130() {
     let t = Test::new().pipeline("stages:\n  slow:\n    cmd: echo old > {{ outputs[0] }} && sleep 30\n    outputs: [slow.txt]\n");
     t.write("slow.txt", "earlier\n");
-    let mut child = t
+    let child = t
         .command(&["run", "pipeline.yaml"])
         .stderr(std::process::Stdio::piped())
         .spawn()
