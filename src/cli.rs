@@ -463,7 +463,8 @@ fn run_command(args: RunArgs, registry: Registry, printer: &Printer) -> ExitCode
         no_wait: args.no_wait,
     };
     let events = Arc::new(crate::report::RunPrinter::new(printer));
-    let outcome = exec::run(Arc::new(dag), registry, options, events.clone());
+    let dag = Arc::new(dag);
+    let outcome = exec::run(dag.clone(), registry, options, events.clone());
     events.finish();
     match outcome {
         Ok(summary) => {
@@ -492,11 +493,56 @@ fn run_command(args: RunArgs, registry: Registry, printer: &Printer) -> ExitCode
                 ExitCode::from(EXIT_STAGE_FAILED)
             } else {
                 printer.status(&line);
+                printer.status(&where_outputs_are(&dag, &summary.record));
                 ExitCode::SUCCESS
             }
         }
         Err(error) => run_error(printer, error),
     }
+}
+
+/// "outputs:" and the paths the run's stages wrote (or found up to date); past a dozen, only the
+/// final ones (those no stage reads).
+fn where_outputs_are(dag: &Dag, record: &record::RunRecord) -> String {
+    let workdir = &dag.pipeline().workdir;
+    let names: std::collections::BTreeSet<&str> = record
+        .stages
+        .iter()
+        .filter(|s| s.decision == "ran" || s.decision == "skipped")
+        .map(|s| s.name.as_str())
+        .collect();
+    let mut all = Vec::new();
+    let mut finals = Vec::new();
+    for &index in dag.order() {
+        let stage = dag.stage(index);
+        if !names.contains(stage.name.as_str()) {
+            continue;
+        }
+        let read = !dag.dependents(index).is_empty();
+        for port in &stage.outputs {
+            let path =
+                port.declared.location.display(workdir) + if port.declared.dir { "/" } else { "" };
+            if !read {
+                finals.push(path.clone());
+            }
+            all.push(path);
+        }
+    }
+    let (shown, head) = if all.len() <= 12 {
+        (all, "outputs:".to_owned())
+    } else {
+        let total = all.len();
+        (
+            finals.into_iter().take(12).collect(),
+            format!("{total} outputs; the final ones:"),
+        )
+    };
+    let mut out = head;
+    for path in shown {
+        out.push_str("\n  ");
+        out.push_str(&path);
+    }
+    out
 }
 
 fn runs_of(

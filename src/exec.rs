@@ -140,6 +140,7 @@ fn stage_record(name: &str, decision: &str) -> StageRecord {
         unchanged: false,
         outputs: BTreeMap::new(),
         log: None,
+        report: None,
     }
 }
 
@@ -499,7 +500,7 @@ async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
             run_shell(&ctx, &stage, templates, &staged, &workdir, &mut record).await
         }
         StageKind::Builtin { name, params, .. } => {
-            run_builtin(&ctx, &stage, name, params, &staged).await
+            run_builtin(&ctx, &stage, name, params, &staged, &mut record).await
         }
     };
     if let Err((error, log)) = executed {
@@ -724,6 +725,7 @@ async fn run_builtin(
     name: &str,
     params: &Json,
     staged: &[PathBuf],
+    record: &mut StageRecord,
 ) -> Result<(), (String, Option<PathBuf>)> {
     let Some(builtin) = ctx.registry.get(name).cloned() else {
         return Err((
@@ -745,11 +747,16 @@ async fn run_builtin(
             .collect(),
     };
     let params = params.clone();
-    tokio::task::spawn_blocking(move || builtin.run(&params, &io))
+    let started = Instant::now();
+    let report = tokio::task::spawn_blocking(move || builtin.run(&params, &io))
         .await
         .map_err(|e| (format!("internal error: {e}"), None))?
-        .map(|_| ())
-        .map_err(|e| (e.to_string(), None))
+        .map_err(|e| (e.to_string(), None))?;
+    record.report = Some(serde_json::json!({
+        "summary": report.summary,
+        "duration_ms": started.elapsed().as_millis() as u64,
+    }));
+    Ok(())
 }
 
 fn local_path(location: &crate::location::Location) -> PathBuf {

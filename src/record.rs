@@ -45,6 +45,9 @@ pub struct StageRecord {
     pub outputs: std::collections::BTreeMap<String, ContentHash>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log: Option<String>,
+    /// What a built-in stage reported (its summary, the time it took).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<serde_json::Value>,
 }
 
 pub fn save(runs: &Path, record: &RunRecord) -> std::io::Result<()> {

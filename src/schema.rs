@@ -83,8 +83,51 @@ enum Foreach {
     Template(String),
 }
 
-/// The schema, pretty-printed with a trailing newline, as checked in under `docs/`.
+/// The schema, pretty-printed with a trailing newline, as checked in under `docs/`: the file's
+/// structure, and for each built-in stage the schema of its `params` (applied when `uses` names it).
 pub fn pipeline_schema_json() -> String {
-    let schema = schemars::schema_for!(PipelineSchema);
+    let mut schema =
+        serde_json::to_value(schemars::schema_for!(PipelineSchema)).unwrap_or_default();
+    let mut conditions = Vec::new();
+    for builtin in imba_stages::Registry::standard().iter() {
+        let mut params = serde_json::to_value(builtin.params_schema()).unwrap_or_default();
+        let prefix = format!("{}.", builtin.name);
+        rewrite_refs(&mut params, &prefix);
+        if let Some(defs) = params.as_object_mut().and_then(|p| p.remove("$defs")) {
+            for (name, def) in defs.as_object().cloned().unwrap_or_default() {
+                schema["$defs"][format!("{prefix}{name}")] = def;
+            }
+        }
+        if let Some(object) = params.as_object_mut() {
+            object.remove("$schema");
+        }
+        schema["$defs"][format!("{prefix}params")] = params;
+        conditions.push(serde_json::json!({
+            "if": {"properties": {"uses": {"const": builtin.name}}, "required": ["uses"]},
+            "then": {"properties": {"params": {"$ref": format!("#/$defs/{prefix}params")}}},
+        }));
+    }
+    if !conditions.is_empty() {
+        schema["$defs"]["StageSchema"]["allOf"] = serde_json::Value::Array(conditions);
+    }
     serde_json::to_string_pretty(&schema).unwrap_or_default() + "\n"
+}
+
+/// Points a built-in's `#/$defs/X` references at `#/$defs/PREFIX X`, where they are merged.
+fn rewrite_refs(value: &mut serde_json::Value, prefix: &str) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, item) in map.iter_mut() {
+                if key == "$ref" {
+                    if let Some(target) = item.as_str().and_then(|r| r.strip_prefix("#/$defs/")) {
+                        *item = serde_json::Value::String(format!("#/$defs/{prefix}{target}"));
+                    }
+                } else {
+                    rewrite_refs(item, prefix);
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(|i| rewrite_refs(i, prefix)),
+        _ => {}
+    }
 }

@@ -42,10 +42,14 @@ fn pipelines_in(markdown: &str) -> Vec<String> {
 }
 
 #[test]
-fn every_pipeline_in_the_format_reference_is_valid() {
-    let doc = std::fs::read_to_string(common::repo().join("docs/pipeline-format.md")).unwrap();
-    let blocks = pipelines_in(&doc);
-    assert!(blocks.len() >= 5, "the reference shows whole pipelines");
+fn every_pipeline_in_the_docs_is_valid() {
+    let mut blocks = Vec::new();
+    for (doc, at_least) in [("docs/pipeline-format.md", 5), ("docs/stages.md", 2)] {
+        let text = std::fs::read_to_string(common::repo().join(doc)).unwrap();
+        let found = pipelines_in(&text);
+        assert!(found.len() >= at_least, "{doc} shows whole pipelines");
+        blocks.extend(found);
+    }
     for block in blocks {
         let out = Test::new()
             .file("data/orders.csv", "order_id\n1\n")

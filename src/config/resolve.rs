@@ -12,7 +12,7 @@ use crate::diagnostic::{did_you_mean, Diagnostic, Span};
 use crate::location::Declared;
 
 use super::params::ParamsChecker;
-use super::raw::{list, Action, PipelineFile, StageSpec};
+use super::raw::{Action, PipelineFile, StageSpec};
 use super::template::{Context, Templates};
 use super::yaml::{Key, Node, Value};
 
@@ -366,6 +366,25 @@ impl StageResolver<'_> {
                         .push(unknown_builtin(uses_name, uses.span, self.registry));
                     return None;
                 };
+                if let (Some(ins), Some(outs)) = (&inputs, &outputs) {
+                    let names =
+                        |ports: &[Port]| ports.iter().map(|p| p.name.clone()).collect::<Vec<_>>();
+                    if let Err(problem) = builtin.check_ports(&names(ins), &names(outs)) {
+                        let at = spec
+                            .outputs
+                            .as_ref()
+                            .or(spec.inputs.as_ref())
+                            .map_or(uses.span, |n| n.span);
+                        self.diagnostics.push(
+                            Diagnostic::error(format!(
+                                "stage `{}`: `{}` {problem}",
+                                spec.name.name, builtin.name
+                            ))
+                            .at(at, "here")
+                            .also(uses.span, format!("`{}` is used here", builtin.name)),
+                        );
+                    }
+                }
                 let params = self.checker.check(
                     builtin,
                     &spec.name.name,
@@ -523,7 +542,11 @@ fn unknown_builtin(name: &str, span: Span, registry: &Registry) -> Diagnostic {
     } else {
         diagnostic.help(format!(
             "the built-in stages are {}; `imba stages` describes them",
-            list(&names)
+            names
+                .iter()
+                .map(|n| format!("`{n}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
         ))
     }
 }

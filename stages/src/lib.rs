@@ -4,7 +4,12 @@
 //! a name, an implementation version and a params type; the orchestrator validates a stage's
 //! `params:` against that type before anything runs.
 
+pub mod aggregate;
+pub mod clean;
+pub mod ports;
 mod registry;
+pub mod stats;
+pub mod table;
 
 pub use registry::{
     Builtin, BuiltinStage, ParamsError, Registry, StageError, StageIo, StageReport,

@@ -17,6 +17,13 @@ pub trait BuiltinStage: 'static {
     /// The typed `params:` of the stage.
     type Params: DeserializeOwned + Serialize + JsonSchema;
 
+    /// Checks the names (or, for a list, the count) of the stage's inputs and outputs, at
+    /// validate time. The error says what is expected.
+    fn check_ports(inputs: &[Option<String>], outputs: &[Option<String>]) -> Result<(), String> {
+        let _ = (inputs, outputs);
+        Ok(())
+    }
+
     /// Reads `io.inputs` and writes every path in `io.outputs` (staging paths: the orchestrator
     /// moves them into place once this returned `Ok`).
     fn run(params: &Self::Params, io: &StageIo) -> Result<StageReport, StageError>;
@@ -27,6 +34,33 @@ pub trait BuiltinStage: 'static {
 pub struct StageIo {
     pub inputs: Vec<(Option<String>, std::path::PathBuf)>,
     pub outputs: Vec<(Option<String>, std::path::PathBuf)>,
+}
+
+impl StageIo {
+    /// The `index`-th input.
+    pub fn input(&self, index: usize) -> Result<&std::path::Path, StageError> {
+        self.inputs
+            .get(index)
+            .map(|(_, p)| p.as_path())
+            .ok_or_else(|| StageError(format!("the stage needs an input #{}", index + 1)))
+    }
+
+    /// The output called `name`, or (when outputs are a list) the one at `position`.
+    pub fn output(&self, name: &str, position: usize) -> Result<&std::path::Path, StageError> {
+        self.output_opt(name, position)
+            .ok_or_else(|| StageError(format!("the stage needs an output `{name}`")))
+    }
+
+    pub fn output_opt(&self, name: &str, position: usize) -> Option<&std::path::Path> {
+        if self.outputs.iter().any(|(n, _)| n.is_some()) {
+            self.outputs
+                .iter()
+                .find(|(n, _)| n.as_deref() == Some(name))
+                .map(|(_, p)| p.as_path())
+        } else {
+            self.outputs.get(position).map(|(_, p)| p.as_path())
+        }
+    }
 }
 
 /// What a built-in stage reports about its run (goes into the run record).
@@ -58,7 +92,11 @@ pub struct Builtin {
     schema: fn() -> schemars::Schema,
     normalize: fn(&serde_json::Value) -> Result<serde_json::Value, ParamsError>,
     run: fn(&serde_json::Value, &StageIo) -> Result<StageReport, StageError>,
+    check_ports: PortCheck,
 }
+
+/// See [`BuiltinStage::check_ports`].
+type PortCheck = fn(&[Option<String>], &[Option<String>]) -> Result<(), String>;
 
 impl std::fmt::Debug for Builtin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -79,7 +117,17 @@ impl Builtin {
             schema: || schemars::schema_for!(S::Params),
             normalize: normalize::<S::Params>,
             run: run::<S>,
+            check_ports: S::check_ports,
         }
+    }
+
+    /// Checks the stage's input and output names (see [`BuiltinStage::check_ports`]).
+    pub fn check_ports(
+        &self,
+        inputs: &[Option<String>],
+        outputs: &[Option<String>],
+    ) -> Result<(), String> {
+        (self.check_ports)(inputs, outputs)
     }
 
     /// Runs the stage with normalised `params`.
@@ -148,7 +196,10 @@ pub struct Registry {
 impl Registry {
     /// The stages that ship with imba.
     pub fn standard() -> Self {
-        Registry::default()
+        Registry::with([
+            Builtin::of::<crate::clean::Clean>(),
+            Builtin::of::<crate::aggregate::Aggregate>(),
+        ])
     }
 
     /// A registry holding exactly `builtins` (tests and embedders use this).

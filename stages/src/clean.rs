@@ -1,0 +1,793 @@
+//! `clean`: type casts, domain filters, IQR outliers, missing and duplicate rows, and a summary.
+//!
+//! The steps and the summary keys are those of `clean_orders` in the seed (sections 3–4):
+//! cast → domain filter → IQR filter → dropna and dedup. Nothing about orders is hard-coded; the
+//! monthly pipeline configures them. Input row order is kept.
+
+use std::collections::BTreeMap;
+
+use polars::prelude::*;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value as Json};
+
+use crate::stats::quantile_linear;
+use crate::table::{read_table, require_columns, write_table};
+use crate::{BuiltinStage, StageError, StageIo, StageReport};
+
+/// Params of `clean`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CleanParams {
+    /// Column → type. An empty or unparseable value becomes null (see `on_cast_error`).
+    #[serde(default)]
+    pub cast: BTreeMap<String, CastType>,
+    /// What to do with a value that cannot be cast: keep the row with a null (`null`, the
+    /// default, as the seed keeps NaN days), `drop` the row, or `fail` the stage.
+    #[serde(default)]
+    pub on_cast_error: OnCastError,
+    /// Column → allowed values (`in: [...]`, case-sensitive) or inclusive range
+    /// (`between: [lo, hi]`). A null fails the filter.
+    #[serde(default)]
+    pub domain: BTreeMap<String, Domain>,
+    /// Tukey's fences: keep a row whose value lies in [q1 − k·IQR, q3 + k·IQR], or is null.
+    #[serde(default)]
+    pub iqr: Option<Iqr>,
+    /// Drop rows with missing values in `subset` (default: all columns).
+    #[serde(default)]
+    pub dropna: Option<DropNa>,
+    /// Drop exact duplicate rows (nulls equal to nulls), keeping the first: `true`, or
+    /// `{subset: [...]}` to compare only those columns.
+    #[serde(default)]
+    pub dedup: Option<Dedup>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum CastType {
+    #[serde(alias = "int")]
+    Int64,
+    #[serde(alias = "float")]
+    Float64,
+    #[serde(alias = "str")]
+    String,
+    Bool,
+    /// `YYYY-MM-DD`.
+    Date,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OnCastError {
+    #[default]
+    Null,
+    Drop,
+    Fail,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(untagged)]
+pub enum Domain {
+    In {
+        /// The allowed values.
+        #[serde(rename = "in")]
+        values: Vec<Scalar>,
+    },
+    Between {
+        /// `[lo, hi]`, inclusive.
+        between: [f64; 2],
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(untagged)]
+pub enum Scalar {
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+    String(String),
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Iqr {
+    /// The columns to filter; their bounds are all computed on the table after the domain filter.
+    pub columns: Vec<String>,
+    /// The fence multiplier.
+    #[serde(default = "default_k")]
+    #[schemars(range(min = 0.0))]
+    pub k: f64,
+}
+
+fn default_k() -> f64 {
+    1.5
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DropNa {
+    #[serde(default)]
+    pub subset: Option<Vec<String>>,
+    /// `any`: drop a row with any missing value in `subset`; `all`: only when all are missing.
+    #[serde(default)]
+    pub how: How,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum How {
+    #[default]
+    Any,
+    All,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(untagged)]
+pub enum Dedup {
+    All(bool),
+    Subset { subset: Vec<String> },
+}
+
+/// The built-in `clean` stage.
+pub struct Clean;
+
+impl BuiltinStage for Clean {
+    const NAME: &'static str = "clean";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str =
+        "casts, domain filters, IQR outliers, missing and duplicate rows, with a summary";
+    type Params = CleanParams;
+
+    fn check_ports(inputs: &[Option<String>], outputs: &[Option<String>]) -> Result<(), String> {
+        crate::ports::exactly_one_input(inputs)?;
+        crate::ports::named_outputs(outputs, &["table"], &["summary"])
+    }
+
+    fn run(params: &CleanParams, io: &StageIo) -> Result<StageReport, StageError> {
+        let input = io.input(0)?;
+        let table_path = io.output("table", 0)?;
+        let summary_path = io.output_opt("summary", 1);
+        let df = read_table(input)?;
+        let (mut cleaned, summary) = clean(df, params, input)?;
+        write_table(&mut cleaned, table_path)?;
+        if let Some(path) = summary_path {
+            let mut text =
+                serde_json::to_string_pretty(&summary).map_err(|e| StageError(e.to_string()))?;
+            text.push('\n');
+            std::fs::write(path, text)
+                .map_err(|e| StageError(format!("cannot write `{}`: {e}", path.display())))?;
+        }
+        Ok(StageReport { summary })
+    }
+}
+
+fn err(e: PolarsError) -> StageError {
+    StageError(e.to_string())
+}
+
+/// Runs the four steps on `df` (read from `source`, named in errors) and returns the cleaned
+/// table and the summary.
+pub fn clean(
+    df: DataFrame,
+    params: &CleanParams,
+    source: &std::path::Path,
+) -> Result<(DataFrame, Json), StageError> {
+    let mut wanted: Vec<(&str, String)> = Vec::new();
+    wanted.extend(
+        params
+            .cast
+            .keys()
+            .map(|c| (c.as_str(), format!("cast.{c}"))),
+    );
+    wanted.extend(
+        params
+            .domain
+            .keys()
+            .map(|c| (c.as_str(), format!("domain.{c}"))),
+    );
+    if let Some(iqr) = &params.iqr {
+        wanted.extend(
+            iqr.columns
+                .iter()
+                .map(|c| (c.as_str(), "iqr.columns".to_owned())),
+        );
+    }
+    if let Some(subset) = params.dropna.as_ref().and_then(|d| d.subset.as_ref()) {
+        wanted.extend(
+            subset
+                .iter()
+                .map(|c| (c.as_str(), "dropna.subset".to_owned())),
+        );
+    }
+    if let Some(Dedup::Subset { subset }) = &params.dedup {
+        wanted.extend(
+            subset
+                .iter()
+                .map(|c| (c.as_str(), "dedup.subset".to_owned())),
+        );
+    }
+    require_columns(&df, wanted, source)?;
+
+    let mut summary = serde_json::Map::new();
+    let initial = df.height();
+    summary.insert("initial".into(), json!(initial));
+
+    // 1. Cast.
+    let (df, cast_nulls, removed_cast) = cast(df, params, source)?;
+    summary.insert("after_cast".into(), json!(df.height()));
+
+    // 2. Domain.
+    let before = df.height();
+    let mut by_rule = serde_json::Map::new();
+    let mut keep: Option<Expr> = None;
+    for (column, rule) in &params.domain {
+        let ok = domain_expr(&df, column, rule)?;
+        let failing = df
+            .clone()
+            .lazy()
+            .select([ok.clone().not().sum().alias("n")])
+            .collect()
+            .map_err(err)?;
+        by_rule.insert(column.clone(), json!(first_u64(&failing)));
+        keep = Some(match keep {
+            Some(k) => k.and(ok),
+            None => ok,
+        });
+    }
+    let df = match keep {
+        Some(keep) => df.lazy().filter(keep).collect().map_err(err)?,
+        None => df,
+    };
+    summary.insert("after_domain".into(), json!(df.height()));
+    summary.insert("removed_domain".into(), json!(before - df.height()));
+
+    // 3. IQR, bounds of every column from the same (post-domain) table.
+    let before = df.height();
+    let mut bounds = serde_json::Map::new();
+    let mut keep: Option<Expr> = None;
+    if let Some(iqr) = &params.iqr {
+        for column in &iqr.columns {
+            let values = numeric_values(&df, column)?;
+            let mut values = values;
+            let q1 = quantile_linear(&mut values, 0.25);
+            let q3 = quantile_linear(&mut values, 0.75);
+            let (lower, upper) = match (q1, q3) {
+                (Some(q1), Some(q3)) => {
+                    (Some(q1 - iqr.k * (q3 - q1)), Some(q3 + iqr.k * (q3 - q1)))
+                }
+                _ => (None, None),
+            };
+            bounds.insert(
+                column.clone(),
+                json!({"q1": q1, "q3": q3, "lower": lower, "upper": upper}),
+            );
+            if let (Some(lower), Some(upper)) = (lower, upper) {
+                let value = col(column.as_str()).cast(DataType::Float64);
+                let ok = value
+                    .clone()
+                    .gt_eq(lit(lower))
+                    .and(value.clone().lt_eq(lit(upper)))
+                    .or(value.is_null());
+                keep = Some(match keep {
+                    Some(k) => k.and(ok),
+                    None => ok,
+                });
+            }
+        }
+    }
+    let df = match keep {
+        Some(keep) => df.lazy().filter(keep).collect().map_err(err)?,
+        None => df,
+    };
+    summary.insert("after_iqr".into(), json!(df.height()));
+    summary.insert("removed_iqr".into(), json!(before - df.height()));
+    if let Some(iqr) = &params.iqr {
+        let value = if iqr.columns.len() == 1 {
+            bounds.values().next().cloned().unwrap_or(Json::Null)
+        } else {
+            Json::Object(bounds)
+        };
+        summary.insert("iqr_bounds".into(), value);
+    }
+
+    // 4. Missing values, then duplicates.
+    let before = df.height();
+    let df = match &params.dropna {
+        Some(dropna) => {
+            let columns: Vec<String> = dropna.subset.clone().unwrap_or_else(|| {
+                df.get_column_names()
+                    .iter()
+                    .map(|c| c.to_string())
+                    .collect()
+            });
+            let missing: Vec<Expr> = columns.iter().map(|c| missing_expr(&df, c)).collect();
+            let drop = match dropna.how {
+                How::Any => any_horizontal(missing).map_err(err)?,
+                How::All => all_horizontal(missing).map_err(err)?,
+            };
+            if columns.is_empty() {
+                df
+            } else {
+                df.lazy().filter(drop.not()).collect().map_err(err)?
+            }
+        }
+        None => df,
+    };
+    let removed_dropna = before - df.height();
+    let after_dropna = df.height();
+    let df = match &params.dedup {
+        None | Some(Dedup::All(false)) => df,
+        Some(Dedup::All(true)) => df
+            .unique_stable(None, UniqueKeepStrategy::First, None)
+            .map_err(err)?,
+        Some(Dedup::Subset { subset }) => df
+            .unique_stable(Some(subset), UniqueKeepStrategy::First, None)
+            .map_err(err)?,
+    };
+    summary.insert("after_dropna_dedup".into(), json!(df.height()));
+    summary.insert("removed_dropna_dedup".into(), json!(before - df.height()));
+
+    // More than the seed's keys: where each row went.
+    summary.insert("removed_cast".into(), json!(removed_cast));
+    summary.insert("cast_nulls".into(), Json::Object(cast_nulls));
+    summary.insert("removed_domain_by_rule".into(), Json::Object(by_rule));
+    summary.insert("removed_dropna".into(), json!(removed_dropna));
+    summary.insert("removed_dedup".into(), json!(after_dropna - df.height()));
+    summary.insert(
+        "columns".into(),
+        json!(df
+            .get_column_names()
+            .iter()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>()),
+    );
+    Ok((df, Json::Object(summary)))
+}
+
+fn first_u64(df: &DataFrame) -> u64 {
+    df.columns()
+        .first()
+        .and_then(|c| c.get(0).ok())
+        .and_then(|v| v.extract::<u64>())
+        .unwrap_or(0)
+}
+
+/// The cast of `column` to `to`, from whatever it is (a string when read from CSV).
+fn cast_expr(column: &str, from: &DataType, to: CastType) -> Expr {
+    let c = col(column);
+    if !matches!(from, DataType::String) {
+        return match to {
+            CastType::Int64 => c.cast(DataType::Int64),
+            CastType::Float64 => {
+                let f = c.cast(DataType::Float64);
+                when(f.clone().is_nan())
+                    .then(lit(NULL).cast(DataType::Float64))
+                    .otherwise(f)
+            }
+            CastType::String => c.cast(DataType::String),
+            CastType::Bool => c.cast(DataType::Boolean),
+            CastType::Date => c.cast(DataType::Date),
+        };
+    }
+    let text = c.str().strip_chars(lit(NULL));
+    match to {
+        CastType::Int64 => {
+            // "7" directly; "7.0" (as pandas writes an int column that held NaN) through a float.
+            let direct = text.clone().cast(DataType::Int64);
+            let float = text.cast(DataType::Float64);
+            let integral = float
+                .clone()
+                .eq(float.clone().floor())
+                .and(float.clone().abs().lt(lit(9.007_199_254_740_992e15)));
+            let via_float = when(integral)
+                .then(float.cast(DataType::Int64))
+                .otherwise(lit(NULL).cast(DataType::Int64));
+            direct.fill_null(via_float)
+        }
+        CastType::Float64 => {
+            // pandas reads "NaN" (and "nan") as missing.
+            let f = text.cast(DataType::Float64);
+            when(f.clone().is_nan())
+                .then(lit(NULL).cast(DataType::Float64))
+                .otherwise(f)
+        }
+        CastType::String => text,
+        CastType::Bool => {
+            let lower = text.str().to_lowercase();
+            when(lower.clone().is_in(
+                lit(Series::new("t".into(), ["true", "t", "yes", "y", "1"])).implode(false),
+                false,
+            ))
+            .then(lit(true))
+            .when(lower.is_in(
+                lit(Series::new("f".into(), ["false", "f", "no", "n", "0"])).implode(false),
+                false,
+            ))
+            .then(lit(false))
+            .otherwise(lit(NULL).cast(DataType::Boolean))
+        }
+        CastType::Date => text.str().to_date(StrptimeOptions {
+            format: Some("%Y-%m-%d".into()),
+            strict: false,
+            exact: true,
+            cache: true,
+        }),
+    }
+}
+
+type CastOutcome = (DataFrame, serde_json::Map<String, Json>, usize);
+
+fn cast(
+    df: DataFrame,
+    params: &CleanParams,
+    source: &std::path::Path,
+) -> Result<CastOutcome, StageError> {
+    let mut nulls = serde_json::Map::new();
+    if params.cast.is_empty() {
+        return Ok((df, nulls, 0));
+    }
+    let schema = df.schema().clone();
+    let mut casts = Vec::new();
+    let mut failed = Vec::new();
+    for (column, to) in &params.cast {
+        let from = schema
+            .get(column.as_str())
+            .cloned()
+            .unwrap_or(DataType::String);
+        let cast = cast_expr(column, &from, *to);
+        // A value that was there and did not survive the cast.
+        let present = if matches!(from, DataType::String) {
+            col(column.as_str()).is_not_null().and(
+                col(column.as_str())
+                    .str()
+                    .strip_chars(lit(NULL))
+                    .neq(lit("")),
+            )
+        } else {
+            col(column.as_str()).is_not_null()
+        };
+        let fail = present
+            .and(cast.clone().is_null())
+            .alias(format!("__imba_cast_failed_{column}"));
+        casts.push(cast.alias(column.as_str()));
+        failed.push((column.clone(), fail));
+    }
+    let with_flags = df
+        .clone()
+        .lazy()
+        .with_columns(failed.iter().map(|(_, f)| f.clone()).collect::<Vec<_>>())
+        .with_columns(casts)
+        .collect()
+        .map_err(err)?;
+    for (column, _) in &failed {
+        let flag = with_flags
+            .column(&format!("__imba_cast_failed_{column}"))
+            .map_err(err)?;
+        let count = flag.bool().map_err(err)?.sum().unwrap_or(0) as usize;
+        nulls.insert(column.clone(), json!(count));
+    }
+    let any_failed = any_horizontal(
+        failed
+            .iter()
+            .map(|(c, _)| col(format!("__imba_cast_failed_{c}")))
+            .collect::<Vec<_>>(),
+    )
+    .map_err(err)?;
+    let flag_names: Vec<PlSmallStr> = failed
+        .iter()
+        .map(|(c, _)| format!("__imba_cast_failed_{c}").into())
+        .collect();
+    match params.on_cast_error {
+        OnCastError::Null => {
+            let out = with_flags.drop_many(flag_names);
+            Ok((out, nulls, 0))
+        }
+        OnCastError::Drop => {
+            let before = with_flags.height();
+            let out = with_flags
+                .lazy()
+                .filter(any_failed.not())
+                .collect()
+                .map_err(err)?
+                .drop_many(flag_names);
+            let removed = before - out.height();
+            Ok((out, nulls, removed))
+        }
+        OnCastError::Fail => {
+            for (column, _) in &failed {
+                let flag = with_flags
+                    .column(&format!("__imba_cast_failed_{column}"))
+                    .map_err(err)?;
+                let flags = flag.bool().map_err(err)?;
+                if let Some(row) = flags.iter().position(|f| f == Some(true)) {
+                    let value = df
+                        .column(column)
+                        .ok()
+                        .and_then(|c| c.get(row).ok())
+                        .map(|v| v.to_string())
+                        .unwrap_or_default();
+                    let to = params
+                        .cast
+                        .get(column)
+                        .map(|t| format!("{t:?}").to_lowercase())
+                        .unwrap_or_default();
+                    let place = if crate::table::is_csv(source) {
+                        format!("line {}", row + 2)
+                    } else {
+                        format!("row {}", row + 1)
+                    };
+                    return Err(StageError(format!(
+                        "`{}` {place}: cannot cast {value} in column `{column}` to {to} (on_cast_error: fail)",
+                        source.display()
+                    )));
+                }
+            }
+            Ok((with_flags.drop_many(flag_names), nulls, 0))
+        }
+    }
+}
+
+fn is_float(df: &DataFrame, column: &str) -> bool {
+    df.schema().get(column).is_some_and(|d| d.is_float())
+}
+
+/// Missing: null, or NaN in a float column (pandas' notion).
+fn missing_expr(df: &DataFrame, column: &str) -> Expr {
+    if is_float(df, column) {
+        col(column).is_null().or(col(column).is_nan())
+    } else {
+        col(column).is_null()
+    }
+}
+
+fn domain_expr(df: &DataFrame, column: &str, rule: &Domain) -> Result<Expr, StageError> {
+    let dtype = df.schema().get(column).cloned().unwrap_or(DataType::String);
+    match rule {
+        Domain::In { values } => {
+            let series = if matches!(dtype, DataType::String) {
+                let strings: Vec<String> = values
+                    .iter()
+                    .map(|v| match v {
+                        Scalar::String(s) => s.clone(),
+                        Scalar::Int(i) => i.to_string(),
+                        Scalar::Float(f) => f.to_string(),
+                        Scalar::Bool(b) => b.to_string(),
+                    })
+                    .collect();
+                Series::new("allowed".into(), strings)
+            } else if dtype.is_numeric() {
+                let numbers: Vec<f64> = values
+                    .iter()
+                    .filter_map(|v| match v {
+                        Scalar::Int(i) => Some(*i as f64),
+                        Scalar::Float(f) => Some(*f),
+                        Scalar::String(s) => s.parse().ok(),
+                        Scalar::Bool(_) => None,
+                    })
+                    .collect();
+                let allowed = Series::new("allowed".into(), numbers);
+                return Ok(col(column)
+                    .cast(DataType::Float64)
+                    .is_in(lit(allowed).implode(false), false)
+                    .fill_null(lit(false)));
+            } else {
+                return Err(StageError(format!("domain `in` on column `{column}` of type {dtype}: cast it to a string or number first")));
+            };
+            Ok(col(column)
+                .is_in(lit(series).implode(false), false)
+                .fill_null(lit(false)))
+        }
+        Domain::Between { between: [lo, hi] } => {
+            if !dtype.is_numeric() {
+                return Err(StageError(format!(
+                    "domain `between` on column `{column}`, which is {dtype}: cast it to int64 or float64 first (param `cast.{column}`)"
+                )));
+            }
+            let value = col(column).cast(DataType::Float64);
+            Ok(value
+                .clone()
+                .gt_eq(lit(*lo))
+                .and(value.lt_eq(lit(*hi)))
+                .fill_null(lit(false)))
+        }
+    }
+}
+
+/// The non-missing values of a numeric column, as f64.
+fn numeric_values(df: &DataFrame, column: &str) -> Result<Vec<f64>, StageError> {
+    let series = df.column(column).map_err(err)?;
+    if !series.dtype().is_numeric() {
+        return Err(StageError(format!(
+            "iqr on column `{column}`, which is {}: cast it to int64 or float64 first (param `cast.{column}`)",
+            series.dtype()
+        )));
+    }
+    let floats = series.cast(&DataType::Float64).map_err(err)?;
+    let floats = floats.f64().map_err(err)?;
+    Ok(floats.iter().flatten().filter(|v| !v.is_nan()).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(csv: &str, params: serde_json::Value) -> Result<(DataFrame, Json), StageError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("in.csv");
+        std::fs::write(&path, csv).unwrap();
+        let params: CleanParams = serde_json::from_value(params).unwrap();
+        let tmp =
+            |e: StageError| StageError(e.0.replace(&dir.path().display().to_string(), "[TMP]"));
+        let df = read_table(&path).map_err(tmp)?;
+        clean(df, &params, &path).map_err(tmp)
+    }
+
+    fn ints(df: &DataFrame, column: &str) -> Vec<Option<i64>> {
+        df.column(column).unwrap().i64().unwrap().iter().collect()
+    }
+
+    fn floats(df: &DataFrame, column: &str) -> Vec<Option<f64>> {
+        df.column(column).unwrap().f64().unwrap().iter().collect()
+    }
+
+    #[test]
+    fn casts_keep_rows_with_nulls_and_count_failures() {
+        let (df, summary) = run(
+            "id,x,f,b,d\n1,7,1.5,true,2024-01-31\n2,7.0,NaN,no,2024-02-30\n3,abc,,x,\n4, 8 ,2,1,2024-03-01\n",
+            json!({"cast": {"id": "int64", "x": "int64", "f": "float64", "b": "bool", "d": "date"}}),
+        )
+        .unwrap();
+        assert_eq!(ints(&df, "x"), [Some(7), Some(7), None, Some(8)]);
+        assert_eq!(floats(&df, "f"), [Some(1.5), None, None, Some(2.0)]);
+        let b: Vec<Option<bool>> = df.column("b").unwrap().bool().unwrap().iter().collect();
+        assert_eq!(b, [Some(true), Some(false), None, Some(true)]);
+        assert_eq!(
+            df.column("d").unwrap().null_count(),
+            2,
+            "2024-02-30 is not a date; empty is null"
+        );
+        // "abc" and "x" failed; the empty value and "NaN" are missing, not failures… except that
+        // "NaN" is a value that the float cast turns into a null, as pandas reads it as missing.
+        assert_eq!(
+            summary["cast_nulls"],
+            json!({"b": 1, "d": 1, "f": 1, "id": 0, "x": 1})
+        );
+        assert_eq!(
+            (summary["initial"].as_u64(), summary["after_cast"].as_u64()),
+            (Some(4), Some(4))
+        );
+    }
+
+    #[test]
+    fn on_cast_error_drop_and_fail() {
+        let csv = "id,x\n1,5\n2,oops\n3,6\n";
+        let (df, summary) = run(
+            csv,
+            json!({"cast": {"x": "int64"}, "on_cast_error": "drop"}),
+        )
+        .unwrap();
+        assert_eq!(ints(&df, "x"), [Some(5), Some(6)]);
+        assert_eq!(summary["after_cast"], 2);
+        let error = run(
+            csv,
+            json!({"cast": {"x": "int64"}, "on_cast_error": "fail"}),
+        )
+        .unwrap_err();
+        assert_eq!(error.0, "`[TMP]/in.csv` line 3: cannot cast \"oops\" in column `x` to int64 (on_cast_error: fail)");
+    }
+
+    #[test]
+    fn domain_sets_are_case_sensitive_ranges_inclusive_and_nulls_fail() {
+        let (df, summary) = run(
+            "s,n\nprior,0\nPrior,3\ntrain,6\ntest,7\n,2\ntrain,\ntest,-1\n",
+            json!({"cast": {"n": "int64"}, "domain": {"s": {"in": ["prior", "train", "test"]}, "n": {"between": [0, 6]}}}),
+        )
+        .unwrap();
+        assert_eq!(ints(&df, "n"), [Some(0), Some(6)]);
+        assert_eq!(summary["removed_domain"], 5);
+        assert_eq!(summary["removed_domain_by_rule"], json!({"n": 3, "s": 2}));
+    }
+
+    #[test]
+    fn iqr_uses_linear_quartiles_keeps_nulls_and_bounds_inclusive() {
+        // Values 1..=8 and 100: sorted, n = 9; q1 at h = 2 → 3, q3 at h = 6 → 7; IQR 4;
+        // fences −3 and 13: 100 goes, the null stays.
+        let mut csv = String::from("v\n");
+        for v in [1, 2, 3, 4, 5, 6, 7, 8, 100] {
+            csv.push_str(&format!("{v}\n"));
+        }
+        csv.push_str("\n13\n");
+        let (df, summary) = run(
+            &csv,
+            json!({"cast": {"v": "float64"}, "iqr": {"columns": ["v"]}}),
+        )
+        .unwrap();
+        // With 13 among the values (n = 10): q1 at h = 2.25 → 3.25, q3 at h = 6.75 → 7.75,
+        // IQR 4.5, fences −3.5 and 14.5: 13 stays, 100 goes.
+        assert_eq!(
+            summary["iqr_bounds"],
+            json!({"q1": 3.25, "q3": 7.75, "lower": -3.5, "upper": 14.5})
+        );
+        assert_eq!(summary["removed_iqr"], 1);
+        assert_eq!(floats(&df, "v").len(), 10, "the null row is kept");
+    }
+
+    #[test]
+    fn several_iqr_columns_report_bounds_per_column() {
+        let (_, summary) = run(
+            "a,b\n1,10\n2,20\n3,30\n",
+            json!({"cast": {"a": "int64", "b": "int64"}, "iqr": {"columns": ["a", "b"], "k": 0}}),
+        )
+        .unwrap();
+        assert_eq!(
+            summary["iqr_bounds"]["a"],
+            json!({"q1": 1.5, "q3": 2.5, "lower": 1.5, "upper": 2.5})
+        );
+        assert_eq!(summary["after_iqr"], 1);
+    }
+
+    #[test]
+    fn dropna_any_and_all() {
+        let csv = "a,b,c\n1,,x\n,,y\n1,2,z\n";
+        let (df, _) = run(csv, json!({"dropna": {"subset": ["a", "b"], "how": "all"}})).unwrap();
+        assert_eq!(df.height(), 2);
+        let (df, _) = run(csv, json!({"dropna": {"subset": ["a", "b"], "how": "any"}})).unwrap();
+        assert_eq!(df.height(), 1);
+        let (df, _) = run(csv, json!({"dropna": {}})).unwrap();
+        assert_eq!(df.height(), 1, "default: any missing value in any column");
+    }
+
+    #[test]
+    fn dedup_keeps_the_first_copy_in_order_with_nulls_equal() {
+        let csv = "a,b\n2,\n1,x\n2,\n1,y\n1,x\n";
+        let (df, summary) = run(csv, json!({"cast": {"a": "int64"}, "dedup": true})).unwrap();
+        assert_eq!(ints(&df, "a"), [Some(2), Some(1), Some(1)]);
+        assert_eq!(summary["removed_dedup"], 2);
+        let (df, _) = run(
+            csv,
+            json!({"cast": {"a": "int64"}, "dedup": {"subset": ["a"]}}),
+        )
+        .unwrap();
+        assert_eq!(ints(&df, "a"), [Some(2), Some(1)]);
+    }
+
+    #[test]
+    fn a_header_only_file_gives_zeros_and_null_quartiles() {
+        let (df, summary) = run(
+            "v,w\n",
+            json!({"cast": {"v": "float64"}, "iqr": {"columns": ["v"]}, "dedup": true}),
+        )
+        .unwrap();
+        assert_eq!(df.height(), 0);
+        assert_eq!(summary["initial"], 0);
+        assert_eq!(
+            summary["iqr_bounds"],
+            json!({"q1": null, "q3": null, "lower": null, "upper": null})
+        );
+    }
+
+    #[test]
+    fn missing_columns_and_bad_files_are_named() {
+        let error = run("a\n1\n", json!({"cast": {"b": "int64"}})).unwrap_err();
+        assert_eq!(
+            error.0,
+            "column `b` (param `cast.b`) is not in `[TMP]/in.csv`; its columns are: a"
+        );
+        let error = run("a,b\n1,2\n3,4,5\n", json!({})).unwrap_err();
+        assert_eq!(
+            error.0,
+            "`[TMP]/in.csv`: line 3: expected 2 fields (as in the header), found 3"
+        );
+        let error = run("", json!({})).unwrap_err();
+        assert_eq!(
+            error.0,
+            "`[TMP]/in.csv` is empty: a CSV file needs at least a header line"
+        );
+        let error = run("a\n1\n", json!({"domain": {"a": {"between": [0, 1]}}})).unwrap_err();
+        assert!(
+            error.0.contains("cast it to int64 or float64 first"),
+            "{}",
+            error.0
+        );
+    }
+}

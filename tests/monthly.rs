@@ -1,0 +1,212 @@
+//! `pipelines/monthly.yaml` on the shipped sample, checked against an independent reading of the
+//! seed's `clean_orders` and user aggregation, written here in plain Rust (no polars).
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+
+use common::Test;
+
+/// The seed's semantics, step by step, on the raw CSV text.
+struct Reference {
+    summary: serde_json::Value,
+    /// user → (max days, max order_number)
+    users: BTreeMap<i64, (Option<f64>, Option<i64>)>,
+}
+
+fn int(field: &str) -> Option<i64> {
+    let t = field.trim();
+    t.parse::<i64>().ok().or_else(|| {
+        t.parse::<f64>()
+            .ok()
+            .filter(|f| f.fract() == 0.0 && f.is_finite())
+            .map(|f| f as i64)
+    })
+}
+
+fn float(field: &str) -> Option<f64> {
+    field.trim().parse::<f64>().ok().filter(|f| !f.is_nan())
+}
+
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    let h = (sorted.len() - 1) as f64 * q;
+    let lo = h.floor() as usize;
+    let hi = (lo + 1).min(sorted.len() - 1);
+    sorted[lo] + (h - lo as f64) * (sorted[hi] - sorted[lo])
+}
+
+type Row = (
+    Option<i64>,
+    Option<i64>,
+    String,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<f64>,
+);
+
+fn reference(csv: &str) -> Reference {
+    let rows: Vec<Row> = csv
+        .lines()
+        .skip(1)
+        .filter(|l| !l.is_empty())
+        .map(|line| {
+            let f: Vec<&str> = line.split(',').collect();
+            (
+                int(f[0]),
+                int(f[1]),
+                f[2].to_owned(),
+                int(f[3]),
+                int(f[4]),
+                int(f[5]),
+                float(f[6]),
+            )
+        })
+        .collect();
+    let initial = rows.len();
+    let domain: Vec<Row> = rows
+        .into_iter()
+        .filter(|r| ["prior", "train", "test"].contains(&r.2.as_str()))
+        .filter(|r| r.4.is_some_and(|d| (0..=6).contains(&d)))
+        .filter(|r| r.5.is_some_and(|h| (0..=23).contains(&h)))
+        .collect();
+    let mut days: Vec<f64> = domain.iter().filter_map(|r| r.6).collect();
+    days.sort_by(f64::total_cmp);
+    let (q1, q3) = (quantile(&days, 0.25), quantile(&days, 0.75));
+    let (lower, upper) = (q1 - 1.5 * (q3 - q1), q3 + 1.5 * (q3 - q1));
+    let iqr: Vec<Row> = domain
+        .iter()
+        .filter(|r| r.6.is_none_or(|d| d >= lower && d <= upper))
+        .cloned()
+        .collect();
+    let mut seen = HashSet::new();
+    let clean: Vec<Row> = iqr
+        .iter()
+        .filter(|r| !(r.0.is_none() && r.1.is_none() && r.6.is_none()))
+        .filter(|r| seen.insert(format!("{r:?}")))
+        .cloned()
+        .collect();
+    let mut users: BTreeMap<i64, (Option<f64>, Option<i64>)> = BTreeMap::new();
+    for r in &clean {
+        let Some(user) = r.1 else { continue };
+        let entry = users.entry(user).or_insert((None, None));
+        if let Some(d) = r.6 {
+            entry.0 = Some(entry.0.map_or(d, |m: f64| m.max(d)));
+        }
+        if let Some(n) = r.3 {
+            entry.1 = Some(entry.1.map_or(n, |m: i64| m.max(n)));
+        }
+    }
+    let summary = serde_json::json!({
+        "initial": initial,
+        "after_cast": initial,
+        "after_domain": domain.len(),
+        "removed_domain": initial - domain.len(),
+        "after_iqr": iqr.len(),
+        "removed_iqr": domain.len() - iqr.len(),
+        "iqr_bounds": {"q1": q1, "q3": q3, "lower": lower, "upper": upper},
+        "after_dropna_dedup": clean.len(),
+        "removed_dropna_dedup": iqr.len() - clean.len(),
+    });
+    Reference { summary, users }
+}
+
+/// The shipped pipeline and sample, copied into a temp dir (so that the lock file and `.imba/`
+/// land there, not in the repository).
+fn monthly() -> Test {
+    let repo = common::repo();
+    Test::new()
+        .file(
+            "pipelines/monthly.yaml",
+            std::fs::read(repo.join("pipelines/monthly.yaml")).unwrap(),
+        )
+        .file(
+            "examples/instacart/orders.csv",
+            std::fs::read(repo.join("examples/instacart/orders.csv")).unwrap(),
+        )
+}
+
+#[test]
+fn the_monthly_pipeline_matches_the_seed_semantics_on_the_sample() {
+    let csv =
+        std::fs::read_to_string(common::repo().join("examples/instacart/orders.csv")).unwrap();
+    let expected = reference(&csv);
+
+    let t = monthly();
+    let run = t.exec(&["run", "pipelines/monthly.yaml"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let out = t.path().join("out/monthly");
+
+    let summary: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("cleaned/summaries/clean_summary.json")).unwrap(),
+    )
+    .unwrap();
+    for (key, value) in expected.summary.as_object().unwrap() {
+        assert_eq!(&summary[key], value, "summary key `{key}`");
+    }
+    // The sample has every kind of bad row.
+    for key in ["removed_domain", "removed_iqr", "removed_dropna_dedup"] {
+        assert!(
+            summary[key].as_u64().unwrap() > 0,
+            "the sample exercises `{key}`"
+        );
+    }
+
+    let users = imba_stages::table::read_table(&out.join("aggregated/user_imp.parquet")).unwrap();
+    assert_eq!(
+        users.get_column_names(),
+        ["user_id", "days_imp", "frequency"]
+    );
+    let ids: Vec<i64> = users
+        .column("user_id")
+        .unwrap()
+        .i64()
+        .unwrap()
+        .iter()
+        .flatten()
+        .collect();
+    let imp: Vec<Option<f64>> = users
+        .column("days_imp")
+        .unwrap()
+        .f64()
+        .unwrap()
+        .iter()
+        .collect();
+    let freq: Vec<Option<i64>> = users
+        .column("frequency")
+        .unwrap()
+        .i64()
+        .unwrap()
+        .iter()
+        .collect();
+    assert_eq!(ids, expected.users.keys().copied().collect::<Vec<_>>());
+    for (i, (user, (max_days, frequency))) in expected.users.iter().enumerate() {
+        let want = max_days.filter(|d| *d != 30.0);
+        assert_eq!((imp[i], freq[i]), (want, *frequency), "user {user}");
+    }
+    let missing = imp.iter().filter(|v| v.is_none()).count() as f64 / imp.len() as f64;
+    assert!(
+        (0.6..0.8).contains(&missing),
+        "about 70% of days_imp are censored: {missing}"
+    );
+}
+
+#[test]
+fn a_second_run_skips_both_stages_and_out_moves_the_layout() {
+    let t = monthly();
+    let first = t.exec(&["run", "pipelines/monthly.yaml", "--set", "out=out/2017-05"]);
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    for path in [
+        "cleaned/orders.parquet",
+        "cleaned/summaries/clean_summary.json",
+        "aggregated/user_imp.parquet",
+    ] {
+        assert!(t.path().join("out/2017-05").join(path).is_file(), "{path}");
+    }
+    let second = t.exec(&["run", "pipelines/monthly.yaml", "--set", "out=out/2017-05"]);
+    assert!(
+        second.stderr.contains("0 ran, 2 up to date"),
+        "{}",
+        second.stderr
+    );
+}
