@@ -101,30 +101,24 @@ fn main() {
             .floor() as usize;
         let n = (4 + extra).min(100);
         let user_p30 = p30.sample(&mut rng);
-        let user_scale = 8.3 * scale.sample(&mut rng);
+        let user_scale = 7.9 * scale.sample(&mut rng);
         let gap: Gamma<f64> = Gamma::new(1.5, user_scale / 1.5).expect("valid gamma");
         let last_set = if rng.random::<f64>() < 131_209.0 / 206_209.0 {
             "train"
         } else {
             "test"
         };
-        let mut dow = pick(&mut rng, &DOW);
         for number in 1..=n {
             let days = if number == 1 {
                 None
             } else if rng.random::<f64>() < user_p30 {
                 Some(30)
-            } else if rng.random::<f64>() < 0.06 {
+            } else if rng.random::<f64>() < 0.065 {
                 Some(7)
             } else {
                 Some((gap.sample(&mut rng).round() as u32).min(29))
             };
-            if let Some(d) = days {
-                dow = (dow + d as usize) % 7;
-                if rng.random::<f64>() < 0.3 {
-                    dow = pick(&mut rng, &DOW);
-                }
-            }
+            let dow = pick(&mut rng, &DOW);
             orders.push(Order {
                 user,
                 number,

@@ -791,3 +791,54 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn params() -> CleanParams {
+        serde_json::from_value(json!({
+            "cast": {"a": "int64", "b": "float64", "c": "bool", "d": "date"},
+            "domain": {"a": {"between": [0, 5]}, "e": {"in": ["x", "y"]}},
+            "iqr": {"columns": ["b"]},
+            "dropna": {"subset": ["a", "b"], "how": "all"},
+            "dedup": true,
+        }))
+        .unwrap()
+    }
+
+    proptest! {
+        /// Whatever bytes follow the header, `clean` returns a table or an error, never panics,
+        /// and never returns more rows than it read.
+        #[test]
+        fn any_csv_body_is_handled(body in proptest::collection::vec(
+            prop_oneof![Just(b','), Just(b'\n'), Just(b'"'), Just(b'1'), Just(b'7'), Just(b'.'), Just(b'-'), Just(b'x'), Just(b'y'), Just(b' '), Just(0xffu8), Just(b'e'), any::<u8>()],
+            0..300,
+        )) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("in.csv");
+            let mut bytes = b"a,b,c,d,e\n".to_vec();
+            bytes.extend_from_slice(&body);
+            std::fs::write(&path, &bytes).unwrap();
+            if let Ok(df) = read_table(&path) {
+                let rows = df.height();
+                if let Ok((out, summary)) = clean(df, &params(), &path) {
+                    prop_assert!(out.height() <= rows);
+                    prop_assert_eq!(summary["initial"].as_u64(), Some(rows as u64));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn invalid_utf8_is_reported_with_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("in.csv");
+        std::fs::write(&path, b"a,b\n1,2\n3,\xff\xfe\n").unwrap();
+        match read_table(&path) {
+            Err(e) => assert!(e.0.contains("line 3: invalid UTF-8"), "{}", e.0),
+            Ok(df) => panic!("invalid UTF-8 was read silently: {df:?}"),
+        }
+    }
+}
