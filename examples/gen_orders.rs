@@ -10,7 +10,7 @@
 //! (at scale): 4–100 orders per user, mean ≈ 16.6; each user's last order is `train` or `test`
 //! (131,209 : 75,000), earlier ones `prior`; `days_since_prior_order` empty on a user's first
 //! order, otherwise an integer 0–30 written as `15.0`, capped at 30 (30 ≈ 11.5 % of values, 7 ≈
-//! 10 %, quartiles 4 / 7 / 15, mean ≈ 11); about 70 % of users have at least one 30. Users
+//! 10 %, quartiles 4 / 7 / 15, mean ≈ 10.8); about 70 % of users have at least one 30. Users
 //! differ: each has a typical gap and a propensity to hit the cap.
 //!
 //! With `--bad-rate R`, a share R of extra rows is inserted, each with one defect the clean stage
