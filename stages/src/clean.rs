@@ -219,24 +219,40 @@ pub fn clean(
     // 2. Domain.
     let before = df.height();
     let mut by_rule = serde_json::Map::new();
-    let mut keep: Option<Expr> = None;
+    let mut rules = Vec::new();
     for (column, rule) in &params.domain {
-        let ok = domain_expr(&df, column, rule)?;
-        let failing = df
+        rules.push((column, domain_expr(&df, column, rule)?));
+    }
+    let df = if rules.is_empty() {
+        df
+    } else {
+        // One pass counts the rows each rule rejects; a second keeps the rows all rules accept.
+        let counts = df
             .clone()
             .lazy()
-            .select([ok.clone().not().sum().alias("n")])
+            .select(
+                rules
+                    .iter()
+                    .map(|(c, ok)| ok.clone().not().sum().alias(c.as_str()))
+                    .collect::<Vec<_>>(),
+            )
             .collect()
             .map_err(err)?;
-        by_rule.insert(column.clone(), json!(first_u64(&failing)));
-        keep = Some(match keep {
-            Some(k) => k.and(ok),
-            None => ok,
-        });
-    }
-    let df = match keep {
-        Some(keep) => df.lazy().filter(keep).collect().map_err(err)?,
-        None => df,
+        for (column, _) in &rules {
+            let n = counts
+                .column(column)
+                .ok()
+                .and_then(|c| c.get(0).ok())
+                .and_then(|v| v.extract::<u64>())
+                .unwrap_or(0);
+            by_rule.insert((*column).clone(), json!(n));
+        }
+        let keep = rules
+            .into_iter()
+            .map(|(_, ok)| ok)
+            .reduce(|a, b| a.and(b))
+            .unwrap_or(lit(true));
+        df.lazy().filter(keep).collect().map_err(err)?
     };
     summary.insert("after_domain".into(), json!(df.height()));
     summary.insert("removed_domain".into(), json!(before - df.height()));
@@ -318,10 +334,17 @@ pub fn clean(
     let df = match &params.dedup {
         None | Some(Dedup::All(false)) => df,
         Some(Dedup::All(true)) => df
-            .unique_stable(None, UniqueKeepStrategy::First, None)
+            .lazy()
+            .unique_stable_generic(None, UniqueKeepStrategy::First)
+            .collect()
             .map_err(err)?,
         Some(Dedup::Subset { subset }) => df
-            .unique_stable(Some(subset), UniqueKeepStrategy::First, None)
+            .lazy()
+            .unique_stable_generic(
+                Some(subset.iter().map(|c| col(c.as_str())).collect()),
+                UniqueKeepStrategy::First,
+            )
+            .collect()
             .map_err(err)?,
     };
     summary.insert("after_dropna_dedup".into(), json!(df.height()));
@@ -342,14 +365,6 @@ pub fn clean(
             .collect::<Vec<_>>()),
     );
     Ok((df, Json::Object(summary)))
-}
-
-fn first_u64(df: &DataFrame) -> u64 {
-    df.columns()
-        .first()
-        .and_then(|c| c.get(0).ok())
-        .and_then(|v| v.extract::<u64>())
-        .unwrap_or(0)
 }
 
 /// The cast of `column` to `to`, from whatever it is (a string when read from CSV).
@@ -417,6 +432,65 @@ fn cast_expr(column: &str, from: &DataType, to: CastType) -> Expr {
 
 type CastOutcome = (DataFrame, serde_json::Map<String, Json>, usize);
 
+/// `"7"`, `" 7 "`, `"7.0"` → 7; anything else → `None`.
+fn lenient_int(text: &str) -> Option<i64> {
+    let t = text.trim();
+    t.parse::<i64>().ok().or_else(|| {
+        t.parse::<f64>()
+            .ok()
+            .filter(|f| f.is_finite() && f.fract() == 0.0 && f.abs() < 9.007_199_254_740_992e15)
+            .map(|f| f as i64)
+    })
+}
+
+/// `" 1.5 "` → 1.5; NaN (which pandas reads as missing) and anything else → `None`.
+fn lenient_float(text: &str) -> Option<f64> {
+    text.trim().parse::<f64>().ok().filter(|f| !f.is_nan())
+}
+
+/// Casts a string column to int64 or float64: polars' parser for the common case, then a lenient
+/// parse of just the values it rejected (surrounding spaces, `7.0` for an int, `NaN`).
+fn cast_number(strings: &Series, to: CastType) -> PolarsResult<Series> {
+    let text = strings.str()?;
+    match to {
+        CastType::Int64 => {
+            let direct = strings.cast(&DataType::Int64)?;
+            let retry = text.is_not_null() & direct.is_null();
+            if !retry.any() {
+                return Ok(direct);
+            }
+            let mut values: Vec<Option<i64>> = direct.i64()?.iter().collect();
+            for (i, again) in retry.iter().enumerate() {
+                if again == Some(true) {
+                    values[i] = text.get(i).and_then(lenient_int);
+                }
+            }
+            Ok(
+                Int64Chunked::from_iter_options(strings.name().clone(), values.into_iter())
+                    .into_series(),
+            )
+        }
+        _ => {
+            let direct = strings.cast(&DataType::Float64)?;
+            let floats = direct.f64()?;
+            let retry = (text.is_not_null() & floats.is_null()) | floats.is_nan();
+            if !retry.any() {
+                return Ok(direct);
+            }
+            let mut values: Vec<Option<f64>> = floats.iter().collect();
+            for (i, again) in retry.iter().enumerate() {
+                if again == Some(true) {
+                    values[i] = text.get(i).and_then(lenient_float);
+                }
+            }
+            Ok(
+                Float64Chunked::from_iter_options(strings.name().clone(), values.into_iter())
+                    .into_series(),
+            )
+        }
+    }
+}
+
 fn cast(
     df: DataFrame,
     params: &CleanParams,
@@ -426,81 +500,57 @@ fn cast(
     if params.cast.is_empty() {
         return Ok((df, nulls, 0));
     }
-    let schema = df.schema().clone();
-    let mut casts = Vec::new();
-    let mut failed = Vec::new();
+    let original = df.clone();
+    let mut df = df;
+    // Per column, the rows whose value was there and did not survive the cast.
+    let mut failures: Vec<(String, BooleanChunked)> = Vec::new();
     for (column, to) in &params.cast {
-        let from = schema
-            .get(column.as_str())
-            .cloned()
-            .unwrap_or(DataType::String);
-        let cast = cast_expr(column, &from, *to);
-        // A value that was there and did not survive the cast.
-        let present = if matches!(from, DataType::String) {
-            col(column.as_str()).is_not_null().and(
-                col(column.as_str())
-                    .str()
-                    .strip_chars(lit(NULL))
-                    .neq(lit("")),
-            )
-        } else {
-            col(column.as_str()).is_not_null()
+        let before = df
+            .column(column)
+            .map_err(err)?
+            .as_materialized_series()
+            .clone();
+        let is_text = matches!(before.dtype(), DataType::String);
+        let after = match to {
+            CastType::Int64 | CastType::Float64 if is_text => {
+                cast_number(&before, *to).map_err(err)?
+            }
+            _ => {
+                let expr = cast_expr(column, before.dtype(), *to).alias(column.as_str());
+                let out = df.clone().lazy().select([expr]).collect().map_err(err)?;
+                out.column(column)
+                    .map_err(err)?
+                    .as_materialized_series()
+                    .clone()
+            }
         };
-        let fail = present
-            .and(cast.clone().is_null())
-            .alias(format!("__imba_cast_failed_{column}"));
-        casts.push(cast.alias(column.as_str()));
-        failed.push((column.clone(), fail));
+        let present = if is_text {
+            let text = before.str().map_err(err)?;
+            text.is_not_null() & text.str_len_bytes().gt(0)
+        } else {
+            before.is_not_null()
+        };
+        let failed = present & after.is_null();
+        nulls.insert(column.clone(), json!(failed.sum().unwrap_or(0)));
+        df.with_column(after.into_column()).map_err(err)?;
+        failures.push((column.clone(), failed));
     }
-    let with_flags = df
-        .clone()
-        .lazy()
-        .with_columns(failed.iter().map(|(_, f)| f.clone()).collect::<Vec<_>>())
-        .with_columns(casts)
-        .collect()
-        .map_err(err)?;
-    for (column, _) in &failed {
-        let flag = with_flags
-            .column(&format!("__imba_cast_failed_{column}"))
-            .map_err(err)?;
-        let count = flag.bool().map_err(err)?.sum().unwrap_or(0) as usize;
-        nulls.insert(column.clone(), json!(count));
-    }
-    let any_failed = any_horizontal(
-        failed
-            .iter()
-            .map(|(c, _)| col(format!("__imba_cast_failed_{c}")))
-            .collect::<Vec<_>>(),
-    )
-    .map_err(err)?;
-    let flag_names: Vec<PlSmallStr> = failed
-        .iter()
-        .map(|(c, _)| format!("__imba_cast_failed_{c}").into())
-        .collect();
     match params.on_cast_error {
-        OnCastError::Null => {
-            let out = with_flags.drop_many(flag_names);
-            Ok((out, nulls, 0))
-        }
+        OnCastError::Null => Ok((df, nulls, 0)),
         OnCastError::Drop => {
-            let before = with_flags.height();
-            let out = with_flags
-                .lazy()
-                .filter(any_failed.not())
-                .collect()
-                .map_err(err)?
-                .drop_many(flag_names);
+            let mut keep = BooleanChunked::full("keep".into(), true, df.height());
+            for (_, failed) in &failures {
+                keep = keep & !failed.clone();
+            }
+            let before = df.height();
+            let out = df.filter(&keep).map_err(err)?;
             let removed = before - out.height();
             Ok((out, nulls, removed))
         }
         OnCastError::Fail => {
-            for (column, _) in &failed {
-                let flag = with_flags
-                    .column(&format!("__imba_cast_failed_{column}"))
-                    .map_err(err)?;
-                let flags = flag.bool().map_err(err)?;
-                if let Some(row) = flags.iter().position(|f| f == Some(true)) {
-                    let value = df
+            for (column, failed) in &failures {
+                if let Some(row) = failed.iter().position(|f| f == Some(true)) {
+                    let value = original
                         .column(column)
                         .ok()
                         .and_then(|c| c.get(row).ok())
@@ -522,7 +572,7 @@ fn cast(
                     )));
                 }
             }
-            Ok((with_flags.drop_many(flag_names), nulls, 0))
+            Ok((df, nulls, 0))
         }
     }
 }
