@@ -500,8 +500,9 @@ fn cast(
     if params.cast.is_empty() {
         return Ok((df, nulls, 0));
     }
-    let original = df.clone();
     let mut df = df;
+    // With `on_cast_error: fail`: the earliest row, its value and column.
+    let mut first_failure: Option<(usize, String, String)> = None;
     // Per column, the rows whose value was there and did not survive the cast.
     let mut failures: Vec<(String, BooleanChunked)> = Vec::new();
     for (column, to) in &params.cast {
@@ -531,6 +532,14 @@ fn cast(
             before.is_not_null()
         };
         let failed = present & after.is_null();
+        if params.on_cast_error == OnCastError::Fail {
+            if let Some(row) = failed.iter().position(|f| f == Some(true)) {
+                let value = before.get(row).map(|v| v.to_string()).unwrap_or_default();
+                if first_failure.as_ref().is_none_or(|(r, _, _)| row < *r) {
+                    first_failure = Some((row, value, column.clone()));
+                }
+            }
+        }
         nulls.insert(column.clone(), json!(failed.sum().unwrap_or(0)));
         df.with_column(after.into_column()).map_err(err)?;
         failures.push((column.clone(), failed));
@@ -547,33 +556,25 @@ fn cast(
             let removed = before - out.height();
             Ok((out, nulls, removed))
         }
-        OnCastError::Fail => {
-            for (column, failed) in &failures {
-                if let Some(row) = failed.iter().position(|f| f == Some(true)) {
-                    let value = original
-                        .column(column)
-                        .ok()
-                        .and_then(|c| c.get(row).ok())
-                        .map(|v| v.to_string())
-                        .unwrap_or_default();
-                    let to = params
-                        .cast
-                        .get(column)
-                        .map(|t| format!("{t:?}").to_lowercase())
-                        .unwrap_or_default();
-                    let place = if crate::table::is_csv(source) {
-                        format!("line {}", row + 2)
-                    } else {
-                        format!("row {}", row + 1)
-                    };
-                    return Err(StageError(format!(
-                        "`{}` {place}: cannot cast {value} in column `{column}` to {to} (on_cast_error: fail)",
-                        source.display()
-                    )));
-                }
+        OnCastError::Fail => match first_failure {
+            None => Ok((df, nulls, 0)),
+            Some((row, value, column)) => {
+                let to = params
+                    .cast
+                    .get(&column)
+                    .map(|t| format!("{t:?}").to_lowercase())
+                    .unwrap_or_default();
+                let place = if crate::table::is_csv(source) {
+                    format!("line {}", row + 2)
+                } else {
+                    format!("row {}", row + 1)
+                };
+                Err(StageError(format!(
+                    "`{}` {place}: cannot cast {value} in column `{column}` to {to} (on_cast_error: fail)",
+                    source.display()
+                )))
             }
-            Ok((df, nulls, 0))
-        }
+        },
     }
 }
 
@@ -890,5 +891,29 @@ mod properties {
             Err(e) => assert!(e.0.contains("line 3: invalid UTF-8"), "{}", e.0),
             Ok(df) => panic!("invalid UTF-8 was read silently: {df:?}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod fail_tests {
+    use super::*;
+
+    #[test]
+    fn fail_names_the_earliest_offending_line_across_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("in.csv");
+        std::fs::write(&path, "a,b\n1,2\n2,x\ny,3\n").unwrap();
+        let params: CleanParams = serde_json::from_value(
+            json!({"cast": {"a": "int64", "b": "int64"}, "on_cast_error": "fail"}),
+        )
+        .unwrap();
+        let error = clean(read_table(&path).unwrap(), &params, &path).unwrap_err();
+        assert!(
+            error.0.ends_with(
+                "line 3: cannot cast \"x\" in column `b` to int64 (on_cast_error: fail)"
+            ),
+            "{}",
+            error.0
+        );
     }
 }
