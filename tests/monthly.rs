@@ -210,3 +210,20 @@ fn a_second_run_skips_both_stages_and_out_moves_the_layout() {
         second.stderr
     );
 }
+
+#[test]
+fn a_missing_column_fails_the_stage_naming_column_param_and_file() {
+    let t = Test::new().file("orders.csv", "order_id,user_id\n1,2\n").pipeline(
+        "stages:\n  clean_orders:\n    uses: clean\n    inputs: [orders.csv]\n    outputs: [out/orders.parquet]\n    params:\n      cast: {order_dow: int64}\n",
+    );
+    let out = t.exec(&["run", "pipeline.yaml"]);
+    assert_eq!(out.code, 1);
+    let error = out
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("error: stage"))
+        .unwrap_or_default()
+        .replace(t.path().to_str().unwrap(), "[TMP]");
+    assert_eq!(error, "error: stage `clean_orders` failed: column `order_dow` (param `cast.order_dow`) is not in `[TMP]/orders.csv`; its columns are: order_id, user_id");
+    assert!(!t.path().join("out").exists(), "nothing was written");
+}

@@ -221,3 +221,10 @@ fn a_vars_file_and_sets_apply_in_order() {
         "--set wins over --vars"
     );
 }
+
+#[test]
+fn built_in_stages_check_their_inputs_and_outputs() {
+    assert_snapshot!(validate(
+        "stages:\n  two_inputs:\n    uses: clean\n    inputs: [a.csv, b.csv]\n    outputs: [x.parquet]\n  misnamed:\n    uses: aggregate\n    inputs: [a.csv]\n    outputs: {tabel: y.parquet}\n    params: {by: [k], aggs: {n: {count: \"*\"}}}\n  a:\n    cmd: echo\n    outputs: [a.csv, b.csv]\n"
+    ));
+}

@@ -370,15 +370,16 @@ impl StageResolver<'_> {
                     let names =
                         |ports: &[Port]| ports.iter().map(|p| p.name.clone()).collect::<Vec<_>>();
                     if let Err(problem) = builtin.check_ports(&names(ins), &names(outs)) {
-                        let at = spec
-                            .outputs
-                            .as_ref()
-                            .or(spec.inputs.as_ref())
-                            .map_or(uses.span, |n| n.span);
+                        let place = if problem.outputs {
+                            &spec.outputs
+                        } else {
+                            &spec.inputs
+                        };
+                        let at = place.as_ref().map_or(uses.span, |n| n.span);
                         self.diagnostics.push(
                             Diagnostic::error(format!(
-                                "stage `{}`: `{}` {problem}",
-                                spec.name.name, builtin.name
+                                "stage `{}`: `{}` {}",
+                                spec.name.name, builtin.name, problem.message
                             ))
                             .at(at, "here")
                             .also(uses.span, format!("`{}` is used here", builtin.name)),

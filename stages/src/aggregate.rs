@@ -101,7 +101,10 @@ impl BuiltinStage for Aggregate {
     const SUMMARY: &'static str = "group-by with declarative aggregations and derived SQL columns";
     type Params = AggregateParams;
 
-    fn check_ports(inputs: &[Option<String>], outputs: &[Option<String>]) -> Result<(), String> {
+    fn check_ports(
+        inputs: &[Option<String>],
+        outputs: &[Option<String>],
+    ) -> Result<(), crate::ports::PortError> {
         crate::ports::exactly_one_input(inputs)?;
         crate::ports::named_outputs(outputs, &["table"], &[])
     }

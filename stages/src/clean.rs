@@ -138,7 +138,10 @@ impl BuiltinStage for Clean {
         "casts, domain filters, IQR outliers, missing and duplicate rows, with a summary";
     type Params = CleanParams;
 
-    fn check_ports(inputs: &[Option<String>], outputs: &[Option<String>]) -> Result<(), String> {
+    fn check_ports(
+        inputs: &[Option<String>],
+        outputs: &[Option<String>],
+    ) -> Result<(), crate::ports::PortError> {
         crate::ports::exactly_one_input(inputs)?;
         crate::ports::named_outputs(outputs, &["table"], &["summary"])
     }

@@ -1,10 +1,36 @@
 //! Checks of a built-in stage's declared inputs and outputs, shared by the stages.
 
+/// What is wrong with a stage's declared inputs or outputs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortError {
+    /// The problem is in `outputs:` (else in `inputs:`).
+    pub outputs: bool,
+    pub message: String,
+}
+
+impl PortError {
+    fn inputs(message: String) -> Self {
+        PortError {
+            outputs: false,
+            message,
+        }
+    }
+
+    fn outputs(message: String) -> Self {
+        PortError {
+            outputs: true,
+            message,
+        }
+    }
+}
+
 /// Exactly one input, named anything.
-pub fn exactly_one_input(inputs: &[Option<String>]) -> Result<(), String> {
+pub fn exactly_one_input(inputs: &[Option<String>]) -> Result<(), PortError> {
     match inputs.len() {
         1 => Ok(()),
-        n => Err(format!("takes exactly one input, not {n}")),
+        n => Err(PortError::inputs(format!(
+            "takes exactly one input, not {n}"
+        ))),
     }
 }
 
@@ -13,7 +39,7 @@ pub fn named_outputs(
     outputs: &[Option<String>],
     required: &[&str],
     optional: &[&str],
-) -> Result<(), String> {
+) -> Result<(), PortError> {
     let all: Vec<&str> = required.iter().chain(optional).copied().collect();
     let names: Vec<&str> = outputs.iter().filter_map(|n| n.as_deref()).collect();
     let expected = format!(
@@ -30,21 +56,25 @@ pub fn named_outputs(
     );
     if names.is_empty() {
         if outputs.len() < required.len() || outputs.len() > all.len() {
-            return Err(format!(
+            return Err(PortError::outputs(format!(
                 "expects {expected}, in that order; {} given",
                 outputs.len()
-            ));
+            )));
         }
         return Ok(());
     }
     for name in &names {
         if !all.contains(name) {
-            return Err(format!("has no output `{name}`; it expects {expected}"));
+            return Err(PortError::outputs(format!(
+                "has no output `{name}`; it expects {expected}"
+            )));
         }
     }
     for name in required {
         if !names.contains(name) {
-            return Err(format!("needs an output `{name}`; it expects {expected}"));
+            return Err(PortError::outputs(format!(
+                "needs an output `{name}`; it expects {expected}"
+            )));
         }
     }
     Ok(())
@@ -64,7 +94,9 @@ mod tests {
         assert!(named_outputs(&named(&["table"]), &["table"], &["summary"]).is_ok());
         assert!(named_outputs(&[None, None], &["table"], &["summary"]).is_ok());
         assert_eq!(
-            named_outputs(&named(&["tabel"]), &["table"], &["summary"]).unwrap_err(),
+            named_outputs(&named(&["tabel"]), &["table"], &["summary"])
+                .unwrap_err()
+                .message,
             "has no output `tabel`; it expects outputs `table`, `summary` (optional)"
         );
         assert!(named_outputs(&[None, None, None], &["table"], &["summary"]).is_err());

@@ -19,7 +19,10 @@ pub trait BuiltinStage: 'static {
 
     /// Checks the names (or, for a list, the count) of the stage's inputs and outputs, at
     /// validate time. The error says what is expected.
-    fn check_ports(inputs: &[Option<String>], outputs: &[Option<String>]) -> Result<(), String> {
+    fn check_ports(
+        inputs: &[Option<String>],
+        outputs: &[Option<String>],
+    ) -> Result<(), crate::ports::PortError> {
         let _ = (inputs, outputs);
         Ok(())
     }
@@ -96,7 +99,7 @@ pub struct Builtin {
 }
 
 /// See [`BuiltinStage::check_ports`].
-type PortCheck = fn(&[Option<String>], &[Option<String>]) -> Result<(), String>;
+type PortCheck = fn(&[Option<String>], &[Option<String>]) -> Result<(), crate::ports::PortError>;
 
 impl std::fmt::Debug for Builtin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -126,7 +129,7 @@ impl Builtin {
         &self,
         inputs: &[Option<String>],
         outputs: &[Option<String>],
-    ) -> Result<(), String> {
+    ) -> Result<(), crate::ports::PortError> {
         (self.check_ports)(inputs, outputs)
     }
 
