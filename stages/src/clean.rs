@@ -229,33 +229,31 @@ pub fn clean(
     let df = if rules.is_empty() {
         df
     } else {
-        // One pass counts the rows each rule rejects; a second keeps the rows all rules accept.
-        let counts = df
+        // One pass evaluates every rule; the counts and the filter come from its masks.
+        let masks = df
             .clone()
             .lazy()
             .select(
                 rules
                     .iter()
-                    .map(|(c, ok)| ok.clone().not().sum().alias(c.as_str()))
+                    .map(|(c, ok)| ok.clone().alias(c.as_str()))
                     .collect::<Vec<_>>(),
             )
             .collect()
             .map_err(err)?;
+        let mut keep = BooleanChunked::full("keep".into(), true, df.height());
         for (column, _) in &rules {
-            let n = counts
+            let ok = masks
                 .column(column)
-                .ok()
-                .and_then(|c| c.get(0).ok())
-                .and_then(|v| v.extract::<u64>())
-                .unwrap_or(0);
-            by_rule.insert((*column).clone(), json!(n));
+                .and_then(|c| c.bool().cloned())
+                .map_err(err)?;
+            by_rule.insert(
+                (*column).clone(),
+                json!(ok.len() - ok.sum().unwrap_or(0) as usize),
+            );
+            keep = keep & ok;
         }
-        let keep = rules
-            .into_iter()
-            .map(|(_, ok)| ok)
-            .reduce(|a, b| a.and(b))
-            .unwrap_or(lit(true));
-        df.lazy().filter(keep).collect().map_err(err)?
+        df.filter(&keep).map_err(err)?
     };
     summary.insert("after_domain".into(), json!(df.height()));
     summary.insert("removed_domain".into(), json!(before - df.height()));
