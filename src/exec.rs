@@ -812,6 +812,13 @@ fn commit(
             }
         }
     }
+    // The files of a directory output were hashed under their staging paths: remember them under
+    // the paths they have now, so the next status does not read them again.
+    for (path, target) in staged.iter().zip(&finals) {
+        for (relative, hash) in staging_cache.hashes_under(path) {
+            ctx.cache.record(&target.join(relative), &hash);
+        }
+    }
     let unchanged = previous.as_ref().is_some_and(|p| p.outputs == outputs);
     let mut entry = now.entry;
     entry.outputs = outputs.clone();

@@ -163,6 +163,19 @@ impl StatCache {
         }
     }
 
+    /// The cached hashes of the files under `dir`, by path relative to it.
+    pub fn hashes_under(&self, dir: &Path) -> Vec<(PathBuf, String)> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries
+            .iter()
+            .filter_map(|(key, entry)| {
+                let relative = Path::new(key).strip_prefix(dir).ok()?;
+                (!relative.as_os_str().is_empty())
+                    .then(|| (relative.to_path_buf(), entry.hash.clone()))
+            })
+            .collect()
+    }
+
     /// Records that `path` (just committed) has `hash`, so it is not read again.
     pub fn record(&self, path: &Path, hash: &str) {
         if let Ok(meta) = std::fs::metadata(path) {

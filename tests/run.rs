@@ -503,3 +503,17 @@ fn status_after_a_crash_counts_what_was_committed() {
         "slow\n  - never run\n1 of 2 stages are stale\n"
     );
 }
+
+#[test]
+fn files_of_a_committed_directory_are_in_the_stat_cache() {
+    let t = Test::new().pipeline("stages:\n  parts:\n    cmd: echo a > {{ outputs[0] }}/a && echo b > {{ outputs[0] }}/b\n    outputs: [out/parts/]\n");
+    run_ok(&t, &[]);
+    let cache = t.read(".imba/stat-cache.json");
+    for file in ["out/parts/a", "out/parts/b"] {
+        let path = t.path().join(file);
+        assert!(
+            cache.contains(path.to_str().unwrap()),
+            "{file} is cached: {cache}"
+        );
+    }
+}
