@@ -10,7 +10,7 @@
 //! (at scale): 4–100 orders per user, mean ≈ 16.6; each user's last order is `train` or `test`
 //! (131,209 : 75,000), earlier ones `prior`; `days_since_prior_order` empty on a user's first
 //! order, otherwise an integer 0–30 written as `15.0`, capped at 30 (30 ≈ 11.5 % of values, 7 ≈
-//! 10 %, quartiles 4 / 7 / 15, mean ≈ 10.8); about 70 % of users have at least one 30. Users
+//! 10 %, quartiles 4 / 7 / 15, mean ≈ 10.9); about 70 % of users have at least one 30. Users
 //! differ: each has a typical gap and a propensity to hit the cap.
 //!
 //! With `--bad-rate R`, a share R of extra rows is inserted, each with one defect the clean stage
@@ -101,7 +101,7 @@ fn main() {
             .floor() as usize;
         let n = (4 + extra).min(100);
         let user_p30 = p30.sample(&mut rng);
-        let user_scale = 7.9 * scale.sample(&mut rng);
+        let user_scale = 8.1 * scale.sample(&mut rng);
         let gap: Gamma<f64> = Gamma::new(1.5, user_scale / 1.5).expect("valid gamma");
         let last_set = if rng.random::<f64>() < 131_209.0 / 206_209.0 {
             "train"
