@@ -293,6 +293,15 @@ fn checked_dag(
     registry: &Registry,
     printer: &Printer,
 ) -> Result<Dag, ExitCode> {
+    checked_dag_and_sources(args, registry, printer).map(|(dag, _)| dag)
+}
+
+/// [`checked_dag`], with the sources it was read from (to point into them later).
+fn checked_dag_and_sources(
+    args: &PipelineArgs,
+    registry: &Registry,
+    printer: &Printer,
+) -> Result<(Dag, crate::diagnostic::Sources), ExitCode> {
     let (sources, loaded) = config::load(&args.file, &args.overrides(), registry);
     let pipeline = match loaded {
         Ok(pipeline) => pipeline,
@@ -305,10 +314,13 @@ fn checked_dag(
             return Err(ExitCode::from(EXIT_CONFIG));
         }
     };
-    dag::build(pipeline, BuildOptions::default()).map_err(|diagnostics| {
-        printer.diagnostics(&sources, &diagnostics);
-        ExitCode::from(EXIT_CONFIG)
-    })
+    match dag::build(pipeline, BuildOptions::default()) {
+        Ok(dag) => Ok((dag, sources)),
+        Err(diagnostics) => {
+            printer.diagnostics(&sources, &diagnostics);
+            Err(ExitCode::from(EXIT_CONFIG))
+        }
+    }
 }
 
 /// `docs/cli.md`: the help of every command, as the binary prints it.
@@ -438,8 +450,8 @@ fn status_command(args: StatusArgs, registry: &Registry, printer: &Printer) -> E
 }
 
 fn run_command(args: RunArgs, registry: Registry, printer: &Printer) -> ExitCode {
-    let dag = match checked_dag(&args.pipeline, &registry, printer) {
-        Ok(dag) => dag,
+    let (dag, sources) = match checked_dag_and_sources(&args.pipeline, &registry, printer) {
+        Ok(found) => found,
         Err(code) => return code,
     };
     let selection = args.select.selection(args.force);
@@ -462,7 +474,10 @@ fn run_command(args: RunArgs, registry: Registry, printer: &Printer) -> ExitCode
         keep_going: args.keep_going,
         no_wait: args.no_wait,
     };
-    let events = Arc::new(crate::report::RunPrinter::new(printer));
+    let events = Arc::new(crate::report::RunPrinter::new(
+        printer,
+        Some(Arc::new(sources)),
+    ));
     let dag = Arc::new(dag);
     let outcome = exec::run(dag.clone(), registry, options, events.clone());
     events.finish();

@@ -96,6 +96,7 @@ fn floor_char_boundary(text: &str, mut offset: usize) -> usize {
 pub enum Severity {
     Error,
     Warning,
+    Note,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -121,6 +122,14 @@ impl Diagnostic {
             message: message.into(),
             labels: Vec::new(),
             notes: Vec::new(),
+        }
+    }
+
+    /// Context for an error reported elsewhere (e.g. the param a failing stage names).
+    pub fn context(message: impl Into<String>) -> Self {
+        Diagnostic {
+            severity: Severity::Note,
+            ..Diagnostic::error(message)
         }
     }
 
@@ -225,6 +234,7 @@ fn convert(diagnostic: &Diagnostic) -> cs::Diagnostic<usize> {
     let base = match diagnostic.severity {
         Severity::Error => cs::Diagnostic::error(),
         Severity::Warning => cs::Diagnostic::warning(),
+        Severity::Note => cs::Diagnostic::note(),
     };
     base.with_message(&diagnostic.message)
         .with_labels(

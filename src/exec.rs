@@ -62,6 +62,8 @@ pub enum Event {
         name: String,
         error: String,
         log: Option<PathBuf>,
+        /// The param the error is about, in the pipeline file.
+        param: Option<crate::diagnostic::Span>,
     },
     StageBlocked {
         name: String,
@@ -495,12 +497,23 @@ async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
         );
     }
 
+    // A built-in's error may name one of its params.
+    let mut param_error: Option<String> = None;
     let executed = match &stage.kind {
         StageKind::Shell { templates, .. } => {
             run_shell(&ctx, &stage, templates, &staged, &workdir, &mut record).await
         }
         StageKind::Builtin { name, params, .. } => {
-            run_builtin(&ctx, &stage, name, params, &staged, &mut record).await
+            run_builtin(
+                &ctx,
+                &stage,
+                name,
+                params,
+                &staged,
+                &mut record,
+                &mut param_error,
+            )
+            .await
         }
     };
     if let Err((error, log)) = executed {
@@ -515,7 +528,8 @@ async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
             });
             return Outcome::Cancelled { record };
         }
-        return fail(&ctx, record, error, log);
+        let param = param_error.and_then(|pointer| stage.param_spans.get(&pointer).copied());
+        return fail_at(&ctx, record, error, log, param);
     }
 
     // Every declared output must have been written.
@@ -560,13 +574,24 @@ async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
     }
 }
 
-fn fail(ctx: &Context, mut record: StageRecord, error: String, log: Option<PathBuf>) -> Outcome {
+fn fail(ctx: &Context, record: StageRecord, error: String, log: Option<PathBuf>) -> Outcome {
+    fail_at(ctx, record, error, log, None)
+}
+
+fn fail_at(
+    ctx: &Context,
+    mut record: StageRecord,
+    error: String,
+    log: Option<PathBuf>,
+    param: Option<crate::diagnostic::Span>,
+) -> Outcome {
     record.decision = "failed".to_owned();
     record.error = Some(error.clone());
     ctx.events.event(Event::StageFailed {
         name: record.name.clone(),
         error,
         log,
+        param,
     });
     Outcome::Failed { record }
 }
@@ -726,6 +751,7 @@ async fn run_builtin(
     params: &Json,
     staged: &[PathBuf],
     record: &mut StageRecord,
+    param_error: &mut Option<String>,
 ) -> Result<(), (String, Option<PathBuf>)> {
     let Some(builtin) = ctx.registry.get(name).cloned() else {
         return Err((
@@ -751,7 +777,10 @@ async fn run_builtin(
     let report = tokio::task::spawn_blocking(move || builtin.run(&params, &io))
         .await
         .map_err(|e| (format!("internal error: {e}"), None))?
-        .map_err(|e| (e.to_string(), None))?;
+        .map_err(|e| {
+            *param_error = e.param.clone();
+            (e.message, None)
+        })?;
     record.report = Some(serde_json::json!({
         "summary": report.summary,
         "duration_ms": started.elapsed().as_millis() as u64,

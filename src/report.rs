@@ -100,6 +100,8 @@ impl Printer {
 
 /// Prints run events on stderr: a live progress line on a terminal, one line per event otherwise.
 pub struct RunPrinter {
+    /// The pipeline's sources, to show the param a failing built-in names.
+    sources: Option<std::sync::Arc<Sources>>,
     bar: Option<indicatif::ProgressBar>,
     quiet: bool,
     color: bool,
@@ -107,7 +109,7 @@ pub struct RunPrinter {
 }
 
 impl RunPrinter {
-    pub fn new(printer: &Printer) -> Self {
+    pub fn new(printer: &Printer, sources: Option<std::sync::Arc<Sources>>) -> Self {
         let bar = (std::io::stderr().is_terminal() && !printer.quiet).then(|| {
             let bar = indicatif::ProgressBar::new(0);
             bar.set_style(
@@ -120,6 +122,7 @@ impl RunPrinter {
             bar
         });
         RunPrinter {
+            sources,
             bar,
             quiet: printer.quiet,
             color: printer.color,
@@ -212,7 +215,12 @@ impl crate::exec::Events for RunPrinter {
                     ));
                 }
             }
-            Event::StageFailed { name, error, log } => {
+            Event::StageFailed {
+                name,
+                error,
+                log,
+                param,
+            } => {
                 self.tick();
                 self.set_running(|r| r.retain(|n| *n != name));
                 let log = log
@@ -222,6 +230,12 @@ impl crate::exec::Events for RunPrinter {
                     "{} stage `{name}` failed: {error}{log}",
                     self.paint("1;31", "error:")
                 ));
+                if let (Some(span), Some(sources)) = (param, &self.sources) {
+                    let note = Diagnostic::context("the param is set here").at(span, "this param");
+                    let text =
+                        diagnostic::render(sources, &[note], RenderOptions { color: self.color });
+                    self.line(String::from_utf8_lossy(&text).trim_end().to_owned());
+                }
             }
             Event::StageBlocked { name, by } => {
                 self.tick();

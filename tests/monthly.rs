@@ -226,4 +226,11 @@ fn a_missing_column_fails_the_stage_naming_column_param_and_file() {
         .replace(t.path().to_str().unwrap(), "[TMP]");
     assert_eq!(error, "error: stage `clean_orders` failed: column `order_dow` (param `cast.order_dow`) is not in `[TMP]/orders.csv`; its columns are: order_id, user_id");
     assert!(!t.path().join("out").exists(), "nothing was written");
+    // The param is shown where it is set.
+    insta::with_settings!({filters => vec![
+        (r"\d{8}T\d{6}\.\d{3}Z-[0-9a-f]{4}", "[RUN]"),
+        (r"\d+\.\d{2}s", "[TIME]"),
+    ]}, {
+        insta::assert_snapshot!(out.stderr.replace(t.path().to_str().unwrap(), "[TMP]"));
+    });
 }

@@ -59,7 +59,7 @@ impl BuiltinStage for Trim {
 
     fn run(params: &TrimParams, io: &StageIo) -> Result<StageReport, StageError> {
         std::fs::write(&io.outputs[0].1, params.columns.join(","))
-            .map_err(|e| StageError(e.to_string()))?;
+            .map_err(|e| StageError::new(e.to_string()))?;
         Ok(StageReport::default())
     }
 }

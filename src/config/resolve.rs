@@ -44,6 +44,9 @@ pub struct Stage {
     /// Template context of a `cmd` stage without its `inputs`/`outputs`: vars, `item`, `params`.
     /// The runner adds staging paths for `outputs` and renders the command again.
     pub context: Map<String, Json>,
+    /// Where each param is in the pipeline file (or a `--set`), by JSON pointer: a map entry's
+    /// key, a list item's value. Built-in stages name a param in their errors; this finds it.
+    pub param_spans: std::collections::BTreeMap<String, Span>,
 }
 
 #[derive(Debug, Clone)]
@@ -351,6 +354,8 @@ impl StageResolver<'_> {
             .and_then(|p| self.templates.render_node(p, &ctx, self.diagnostics))
             .unwrap_or_else(|| Node::new(spec.name.span, Value::Map(Vec::new())));
 
+        let mut param_spans = std::collections::BTreeMap::new();
+        collect_spans(&params_node, String::new(), &mut param_spans);
         let kind = match &spec.action {
             Action::Uses(uses) => {
                 let uses = self.templates.render_node(uses, &ctx, self.diagnostics)?;
@@ -450,6 +455,7 @@ impl StageResolver<'_> {
             inputs: inputs?,
             outputs: outputs?,
             context,
+            param_spans,
         })
     }
 
@@ -498,6 +504,31 @@ impl StageResolver<'_> {
             }
         }
         ok.then_some(ports)
+    }
+}
+
+/// Every node under `node`, by JSON pointer: the key's span for a map entry, the value's for a
+/// list item.
+fn collect_spans(node: &Node, pointer: String, out: &mut std::collections::BTreeMap<String, Span>) {
+    match &node.value {
+        Value::Map(entries) => {
+            for (key, value) in entries {
+                let child = format!(
+                    "{pointer}/{}",
+                    key.name.replace('~', "~0").replace('/', "~1")
+                );
+                out.insert(child.clone(), key.span);
+                collect_spans(value, child, out);
+            }
+        }
+        Value::Seq(items) => {
+            for (i, item) in items.iter().enumerate() {
+                let child = format!("{pointer}/{i}");
+                out.insert(child.clone(), item.span);
+                collect_spans(item, child, out);
+            }
+        }
+        _ => {}
     }
 }
 

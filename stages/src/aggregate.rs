@@ -132,8 +132,8 @@ fn read_typed(path: &std::path::Path) -> Result<DataFrame, StageError> {
         .try_into_reader_with_file_path(Some(path.to_path_buf()))
         .and_then(|r| r.finish())
         .map_err(|e| match crate::table::locate_csv_problem(path) {
-            Some(problem) => StageError(format!("`{}`: {problem}", path.display())),
-            None => StageError(format!("cannot read CSV file `{}`: {e}", path.display())),
+            Some(problem) => StageError::new(format!("`{}`: {problem}", path.display())),
+            None => StageError::new(format!("cannot read CSV file `{}`: {e}", path.display())),
         })
 }
 
@@ -146,11 +146,12 @@ pub fn aggregate(
     let mut wanted: Vec<(&str, String)> = params
         .by
         .iter()
-        .map(|c| (c.as_str(), "by".to_owned()))
+        .enumerate()
+        .map(|(i, c)| (c.as_str(), crate::table::pointer(&["by", &i.to_string()])))
         .collect();
     for (name, agg) in &params.aggs {
         if agg.column() != "*" {
-            wanted.push((agg.column(), format!("aggs.{name}")));
+            wanted.push((agg.column(), crate::table::pointer(&["aggs", name])));
         }
     }
     require_columns(&df, wanted, source)?;
@@ -176,7 +177,7 @@ pub fn aggregate(
             SortMultipleOptions::default(),
         )
         .collect()
-        .map_err(|e| StageError(format!("aggregating `{}`: {e}", source.display())))?;
+        .map_err(|e| StageError::new(format!("aggregating `{}`: {e}", source.display())))?;
     // Each derived column on its own, over the grouped table, so that an error names it.
     let mut derived = Vec::new();
     for (name, sql) in &params.derive {
@@ -189,23 +190,24 @@ pub fn aggregate(
                     .collect()
             })
             .map_err(|e| {
-                StageError(format!(
+                StageError::new(format!(
                     "derived column `{name}` (param `derive.{name}`): {e}"
                 ))
+                .at_param(crate::table::pointer(&["derive", name]))
             })?;
         derived.extend(column.columns().iter().cloned());
     }
     let mut out = grouped;
     for column in derived {
         out.with_column(column)
-            .map_err(|e| StageError(e.to_string()))?;
+            .map_err(|e| StageError::new(e.to_string()))?;
     }
     match &params.select {
         Some(select) => out
             .lazy()
             .select(select.iter().map(|c| col(c.as_str())).collect::<Vec<_>>())
             .collect()
-            .map_err(|e| StageError(format!("param `select`: {e}"))),
+            .map_err(|e| StageError::new(format!("param `select`: {e}"))),
         None => Ok(out),
     }
 }
@@ -301,17 +303,19 @@ mod tests {
         let p = params(json!({"by": ["usr"], "aggs": {"m": {"max": "days"}}}));
         let error = aggregate(frame(), &p, std::path::Path::new("in.parquet")).unwrap_err();
         assert_eq!(
-            error.0,
-            "column `usr` (param `by`) is not in `in.parquet`; its columns are: user, days, n"
+            error.message,
+            "column `usr` (param `by[0]`) is not in `in.parquet`; its columns are: user, days, n"
         );
         let p = params(
             json!({"by": ["user"], "aggs": {"m": {"max": "days"}}, "derive": {"x": "CASE WHEN"}}),
         );
         let error = aggregate(frame(), &p, std::path::Path::new("in.parquet")).unwrap_err();
         assert!(
-            error.0.starts_with("derived column `x` (param `derive.x`)"),
+            error
+                .message
+                .starts_with("derived column `x` (param `derive.x`)"),
             "{}",
-            error.0
+            error.message
         );
     }
 }

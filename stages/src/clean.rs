@@ -154,18 +154,18 @@ impl BuiltinStage for Clean {
         let (mut cleaned, summary) = clean(df, params, input)?;
         write_table(&mut cleaned, table_path)?;
         if let Some(path) = summary_path {
-            let mut text =
-                serde_json::to_string_pretty(&summary).map_err(|e| StageError(e.to_string()))?;
+            let mut text = serde_json::to_string_pretty(&summary)
+                .map_err(|e| StageError::new(e.to_string()))?;
             text.push('\n');
             std::fs::write(path, text)
-                .map_err(|e| StageError(format!("cannot write `{}`: {e}", path.display())))?;
+                .map_err(|e| StageError::new(format!("cannot write `{}`: {e}", path.display())))?;
         }
         Ok(StageReport { summary })
     }
 }
 
 fn err(e: PolarsError) -> StageError {
-    StageError(e.to_string())
+    StageError::new(e.to_string())
 }
 
 /// Runs the four steps on `df` (read from `source`, named in errors) and returns the cleaned
@@ -180,34 +180,37 @@ pub fn clean(
         params
             .cast
             .keys()
-            .map(|c| (c.as_str(), format!("cast.{c}"))),
+            .map(|c| (c.as_str(), crate::table::pointer(&["cast", c]))),
     );
     wanted.extend(
         params
             .domain
             .keys()
-            .map(|c| (c.as_str(), format!("domain.{c}"))),
+            .map(|c| (c.as_str(), crate::table::pointer(&["domain", c]))),
     );
     if let Some(iqr) = &params.iqr {
-        wanted.extend(
-            iqr.columns
-                .iter()
-                .map(|c| (c.as_str(), "iqr.columns".to_owned())),
-        );
+        wanted.extend(iqr.columns.iter().enumerate().map(|(i, c)| {
+            (
+                c.as_str(),
+                crate::table::pointer(&["iqr", "columns", &i.to_string()]),
+            )
+        }));
     }
     if let Some(subset) = params.dropna.as_ref().and_then(|d| d.subset.as_ref()) {
-        wanted.extend(
-            subset
-                .iter()
-                .map(|c| (c.as_str(), "dropna.subset".to_owned())),
-        );
+        wanted.extend(subset.iter().enumerate().map(|(i, c)| {
+            (
+                c.as_str(),
+                crate::table::pointer(&["dropna", "subset", &i.to_string()]),
+            )
+        }));
     }
     if let Some(Dedup::Subset { subset }) = &params.dedup {
-        wanted.extend(
-            subset
-                .iter()
-                .map(|c| (c.as_str(), "dedup.subset".to_owned())),
-        );
+        wanted.extend(subset.iter().enumerate().map(|(i, c)| {
+            (
+                c.as_str(),
+                crate::table::pointer(&["dedup", "subset", &i.to_string()]),
+            )
+        }));
     }
     require_columns(&df, wanted, source)?;
 
@@ -570,7 +573,7 @@ fn cast(
                 } else {
                     format!("row {}", row + 1)
                 };
-                Err(StageError(format!(
+                Err(StageError::new(format!(
                     "`{}` {place}: cannot cast {value} in column `{column}` to {to} (on_cast_error: fail)",
                     source.display()
                 )))
@@ -623,7 +626,7 @@ fn domain_expr(df: &DataFrame, column: &str, rule: &Domain) -> Result<Expr, Stag
                     .is_in(lit(allowed).implode(false), false)
                     .fill_null(lit(false)));
             } else {
-                return Err(StageError(format!("domain `in` on column `{column}` of type {dtype}: cast it to a string or number first")));
+                return Err(StageError::new(format!("domain `in` on column `{column}` of type {dtype}: cast it to a string or number first")));
             };
             Ok(col(column)
                 .is_in(lit(series).implode(false), false)
@@ -631,7 +634,7 @@ fn domain_expr(df: &DataFrame, column: &str, rule: &Domain) -> Result<Expr, Stag
         }
         Domain::Between { between: [lo, hi] } => {
             if !dtype.is_numeric() {
-                return Err(StageError(format!(
+                return Err(StageError::new(format!(
                     "domain `between` on column `{column}`, which is {dtype}: cast it to int64 or float64 first (param `cast.{column}`)"
                 )));
             }
@@ -649,7 +652,7 @@ fn domain_expr(df: &DataFrame, column: &str, rule: &Domain) -> Result<Expr, Stag
 fn numeric_values(df: &DataFrame, column: &str) -> Result<Vec<f64>, StageError> {
     let series = df.column(column).map_err(err)?;
     if !series.dtype().is_numeric() {
-        return Err(StageError(format!(
+        return Err(StageError::new(format!(
             "iqr on column `{column}`, which is {}: cast it to int64 or float64 first (param `cast.{column}`)",
             series.dtype()
         )));
@@ -668,8 +671,12 @@ mod tests {
         let path = dir.path().join("in.csv");
         std::fs::write(&path, csv).unwrap();
         let params: CleanParams = serde_json::from_value(params).unwrap();
-        let tmp =
-            |e: StageError| StageError(e.0.replace(&dir.path().display().to_string(), "[TMP]"));
+        let tmp = |e: StageError| {
+            StageError::new(
+                e.message
+                    .replace(&dir.path().display().to_string(), "[TMP]"),
+            )
+        };
         let df = read_table(&path).map_err(tmp)?;
         clean(df, &params, &path).map_err(tmp)
     }
@@ -725,7 +732,7 @@ mod tests {
             json!({"cast": {"x": "int64"}, "on_cast_error": "fail"}),
         )
         .unwrap_err();
-        assert_eq!(error.0, "`[TMP]/in.csv` line 3: cannot cast \"oops\" in column `x` to int64 (on_cast_error: fail)");
+        assert_eq!(error.message, "`[TMP]/in.csv` line 3: cannot cast \"oops\" in column `x` to int64 (on_cast_error: fail)");
     }
 
     #[test]
@@ -822,24 +829,24 @@ mod tests {
     fn missing_columns_and_bad_files_are_named() {
         let error = run("a\n1\n", json!({"cast": {"b": "int64"}})).unwrap_err();
         assert_eq!(
-            error.0,
+            error.message,
             "column `b` (param `cast.b`) is not in `[TMP]/in.csv`; its columns are: a"
         );
         let error = run("a,b\n1,2\n3,4,5\n", json!({})).unwrap_err();
         assert_eq!(
-            error.0,
+            error.message,
             "`[TMP]/in.csv`: line 3: expected 2 fields (as in the header), found 3"
         );
         let error = run("", json!({})).unwrap_err();
         assert_eq!(
-            error.0,
+            error.message,
             "`[TMP]/in.csv` is empty: a CSV file needs at least a header line"
         );
         let error = run("a\n1\n", json!({"domain": {"a": {"between": [0, 1]}}})).unwrap_err();
         assert!(
-            error.0.contains("cast it to int64 or float64 first"),
+            error.message.contains("cast it to int64 or float64 first"),
             "{}",
-            error.0
+            error.message
         );
     }
 }
@@ -889,7 +896,7 @@ mod properties {
         let path = dir.path().join("in.csv");
         std::fs::write(&path, b"a,b\n1,2\n3,\xff\xfe\n").unwrap();
         match read_table(&path) {
-            Err(e) => assert!(e.0.contains("line 3: invalid UTF-8"), "{}", e.0),
+            Err(e) => assert!(e.message.contains("line 3: invalid UTF-8"), "{}", e.message),
             Ok(df) => panic!("invalid UTF-8 was read silently: {df:?}"),
         }
     }
@@ -910,11 +917,11 @@ mod fail_tests {
         .unwrap();
         let error = clean(read_table(&path).unwrap(), &params, &path).unwrap_err();
         assert!(
-            error.0.ends_with(
+            error.message.ends_with(
                 "line 3: cannot cast \"x\" in column `b` to int64 (on_cast_error: fail)"
             ),
             "{}",
-            error.0
+            error.message
         );
     }
 }

@@ -45,13 +45,13 @@ impl StageIo {
         self.inputs
             .get(index)
             .map(|(_, p)| p.as_path())
-            .ok_or_else(|| StageError(format!("the stage needs an input #{}", index + 1)))
+            .ok_or_else(|| StageError::new(format!("the stage needs an input #{}", index + 1)))
     }
 
     /// The output called `name`, or (when outputs are a list) the one at `position`.
     pub fn output(&self, name: &str, position: usize) -> Result<&std::path::Path, StageError> {
         self.output_opt(name, position)
-            .ok_or_else(|| StageError(format!("the stage needs an output `{name}`")))
+            .ok_or_else(|| StageError::new(format!("the stage needs an output `{name}`")))
     }
 
     pub fn output_opt(&self, name: &str, position: usize) -> Option<&std::path::Path> {
@@ -74,8 +74,28 @@ pub struct StageReport {
 
 /// Why a built-in stage failed, in words for the person running it.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct StageError(pub String);
+#[error("{message}")]
+pub struct StageError {
+    pub message: String,
+    /// The param the problem is about, as a JSON pointer into the stage's params
+    /// (`/cast/order_dow`), so that the orchestrator can point at it in the pipeline file.
+    pub param: Option<String>,
+}
+
+impl StageError {
+    pub fn new(message: impl Into<String>) -> Self {
+        StageError {
+            message: message.into(),
+            param: None,
+        }
+    }
+
+    /// The same error, about the param at `pointer`.
+    pub fn at_param(mut self, pointer: impl Into<String>) -> Self {
+        self.param = Some(pointer.into());
+        self
+    }
+}
 
 /// Why a stage's params do not fit its params type (after the schema check passed).
 #[derive(Debug, thiserror::Error)]
@@ -171,7 +191,7 @@ fn run<S: BuiltinStage>(
     io: &StageIo,
 ) -> Result<StageReport, StageError> {
     let params: S::Params = serde_json::from_value(params.clone())
-        .map_err(|e| StageError(format!("params of `{}` do not fit: {e}", S::NAME)))?;
+        .map_err(|e| StageError::new(format!("params of `{}` do not fit: {e}", S::NAME)))?;
     S::run(&params, io)
 }
 
@@ -250,7 +270,7 @@ mod tests {
 
         fn run(params: &EchoParams, io: &StageIo) -> Result<StageReport, StageError> {
             let text = vec![params.word.as_str(); params.times as usize].join(" ");
-            std::fs::write(&io.outputs[0].1, text).map_err(|e| StageError(e.to_string()))?;
+            std::fs::write(&io.outputs[0].1, text).map_err(|e| StageError::new(e.to_string()))?;
             Ok(StageReport::default())
         }
     }

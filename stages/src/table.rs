@@ -20,9 +20,9 @@ pub fn read_table(path: &Path) -> Result<DataFrame, StageError> {
         read_csv_strings(path)
     } else {
         let file = std::fs::File::open(path)
-            .map_err(|e| StageError(format!("cannot open `{}`: {e}", path.display())))?;
+            .map_err(|e| StageError::new(format!("cannot open `{}`: {e}", path.display())))?;
         ParquetReader::new(file).finish().map_err(|e| {
-            StageError(format!(
+            StageError::new(format!(
                 "cannot read Parquet file `{}`: {e}",
                 path.display()
             ))
@@ -32,9 +32,9 @@ pub fn read_table(path: &Path) -> Result<DataFrame, StageError> {
 
 fn read_csv_strings(path: &Path) -> Result<DataFrame, StageError> {
     let meta = std::fs::metadata(path)
-        .map_err(|e| StageError(format!("cannot open `{}`: {e}", path.display())))?;
+        .map_err(|e| StageError::new(format!("cannot open `{}`: {e}", path.display())))?;
     if meta.len() == 0 {
-        return Err(StageError(format!(
+        return Err(StageError::new(format!(
             "`{}` is empty: a CSV file needs at least a header line",
             path.display()
         )));
@@ -48,8 +48,8 @@ fn read_csv_strings(path: &Path) -> Result<DataFrame, StageError> {
     match read {
         Ok(df) => Ok(df),
         Err(error) => Err(match locate_csv_problem(path) {
-            Some(problem) => StageError(format!("`{}`: {problem}", path.display())),
-            None => StageError(format!(
+            Some(problem) => StageError::new(format!("`{}`: {problem}", path.display())),
+            None => StageError::new(format!(
                 "cannot read CSV file `{}`: {error}",
                 path.display()
             )),
@@ -115,13 +115,38 @@ pub fn locate_csv_problem(path: &Path) -> Option<String> {
 /// Writes `df` as CSV (when the path ends in `.csv`) or Parquet.
 pub fn write_table(df: &mut DataFrame, path: &Path) -> Result<(), StageError> {
     let file = std::fs::File::create(path)
-        .map_err(|e| StageError(format!("cannot create `{}`: {e}", path.display())))?;
+        .map_err(|e| StageError::new(format!("cannot create `{}`: {e}", path.display())))?;
     let written = if is_csv(path) {
         CsvWriter::new(file).include_header(true).finish(df)
     } else {
         ParquetWriter::new(file).finish(df).map(|_| ())
     };
-    written.map_err(|e| StageError(format!("cannot write `{}`: {e}", path.display())))
+    written.map_err(|e| StageError::new(format!("cannot write `{}`: {e}", path.display())))
+}
+
+/// A JSON pointer to a param (`["cast", "order_dow"]` → `/cast/order_dow`).
+pub fn pointer(segments: &[&str]) -> String {
+    segments
+        .iter()
+        .map(|s| format!("/{}", s.replace('~', "~0").replace('/', "~1")))
+        .collect()
+}
+
+/// A param pointer as a person writes it: `/iqr/columns/0` → `iqr.columns[0]`.
+pub fn dotted(pointer: &str) -> String {
+    let mut out = String::new();
+    for segment in pointer.split('/').skip(1) {
+        let segment = segment.replace("~1", "/").replace("~0", "~");
+        if !segment.is_empty() && segment.chars().all(|c| c.is_ascii_digit()) {
+            out.push_str(&format!("[{segment}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(&segment);
+        }
+    }
+    out
 }
 
 /// Checks that every name in `columns` is a column of `df`; the error names the column, the
@@ -136,13 +161,15 @@ pub fn require_columns<'a>(
         .iter()
         .map(|c| c.to_string())
         .collect();
-    for (column, param) in columns {
+    for (column, pointer) in columns {
         if !present.iter().any(|p| p == column) {
-            return Err(StageError(format!(
-                "column `{column}` (param `{param}`) is not in `{}`; its columns are: {}",
+            return Err(StageError::new(format!(
+                "column `{column}` (param `{}`) is not in `{}`; its columns are: {}",
+                dotted(&pointer),
                 file.display(),
                 present.join(", ")
-            )));
+            ))
+            .at_param(pointer));
         }
     }
     Ok(())
