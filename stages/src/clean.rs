@@ -981,7 +981,10 @@ mod typed_read {
         let (b, sb) = clean(read_table(&path).unwrap(), &params, &path).unwrap();
         assert_eq!(sa, sb);
         assert!(a.equals_missing(&b), "{a}\n{b}");
-        assert_eq!(sa["cast_nulls"]["x"], 1, "NaN counts as a value that could not be cast");
+        assert_eq!(
+            sa["cast_nulls"]["x"], 1,
+            "NaN counts as a value that could not be cast"
+        );
     }
 
     #[test]
