@@ -419,15 +419,17 @@ async fn schedule(
 
 /// Decides whether `index` must run, and runs it.
 async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
-    let stage = ctx.dag.stage(index).clone();
-    let workdir = ctx.dag.pipeline().workdir.clone();
+    // Borrowed from the shared graph, never cloned: a no-op run of many stages stays cheap.
+    let dag = ctx.dag.clone();
+    let stage = dag.stage(index);
+    let workdir = dag.pipeline().workdir.clone();
     let started = Instant::now();
     let decided = {
         let ctx = ctx.clone();
-        let stage = stage.clone();
-        let workdir = workdir.clone();
         tokio::task::spawn_blocking(move || {
-            let now = plan::snapshot(&stage, &workdir, &ctx.cache)?;
+            let stage = ctx.dag.stage(index);
+            let workdir = &ctx.dag.pipeline().workdir;
+            let now = plan::snapshot(stage, workdir, &ctx.cache)?;
             let locked = ctx
                 .lock
                 .lock()
@@ -436,7 +438,7 @@ async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
                 .stages
                 .get(&stage.name)
                 .cloned();
-            let reasons = plan::reasons(&stage, &now, locked.as_ref(), &workdir, &ctx.cache)?;
+            let reasons = plan::reasons(stage, &now, locked.as_ref(), workdir, &ctx.cache)?;
             Ok::<_, plan::HashError>((now, locked, reasons))
         })
         .await
@@ -485,7 +487,7 @@ async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
         .enumerate()
         .map(|(i, port)| staging_path(&staging_root, i, port))
         .collect();
-    if let Err(e) = prepare_staging(&stage, &staged) {
+    if let Err(e) = prepare_staging(stage, &staged) {
         return fail(
             &ctx,
             record,
@@ -501,12 +503,12 @@ async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
     let mut param_error: Option<String> = None;
     let executed = match &stage.kind {
         StageKind::Shell { templates, .. } => {
-            run_shell(&ctx, &stage, templates, &staged, &workdir, &mut record).await
+            run_shell(&ctx, stage, templates, &staged, &workdir, &mut record).await
         }
         StageKind::Builtin { name, params, .. } => {
             run_builtin(
                 &ctx,
-                &stage,
+                stage,
                 name,
                 params,
                 &staged,
@@ -551,11 +553,12 @@ async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
 
     let committed = {
         let ctx = ctx.clone();
-        let stage = stage.clone();
         let staged = staged.clone();
-        tokio::task::spawn_blocking(move || commit(&ctx, &stage, &staged, now, locked))
-            .await
-            .unwrap_or_else(|e| Err(format!("internal error: {e}")))
+        tokio::task::spawn_blocking(move || {
+            commit(&ctx, ctx.dag.stage(index), &staged, now, locked)
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("internal error: {e}")))
     };
     let _ = std::fs::remove_dir_all(&staging_root);
     match committed {

@@ -147,10 +147,11 @@ pub fn snapshot(stage: &Stage, workdir: &Path, cache: &StatCache) -> Result<Snap
         "inputs": inputs.iter().map(|(k, v)| (k.clone(), Json::String(v.hash.clone()))).collect::<serde_json::Map<_, _>>(),
         "outputs": declared_outputs,
     });
+    let fingerprint = fingerprint(&material);
     Ok(Snapshot {
-        fingerprint: fingerprint(&material),
+        fingerprint: fingerprint.clone(),
         entry: LockedStage {
-            fingerprint: fingerprint(&material),
+            fingerprint,
             kind,
             implementation,
             cmd,

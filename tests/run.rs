@@ -48,6 +48,23 @@ fn decisions(t: &Test) -> Vec<(String, String)> {
         .collect()
 }
 
+/// `imba run pipeline.yaml` in the background, for tests that interrupt or race it.
+fn spawn_run(t: &Test, stderr: std::process::Stdio) -> std::process::Child {
+    t.command(&["run", "pipeline.yaml"])
+        .stderr(stderr)
+        .spawn()
+        .expect("spawn imba")
+}
+
+/// Polls `done` until it holds; fails naming `what` after 10 s (a bound, never the assertion).
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Fails with every decision shown unless `stage` had `decision`.
 fn assert_decision(decisions: &[(String, String)], stage: &str, decision: &str) {
     assert!(
@@ -299,24 +316,12 @@ fn a_corrupt_lock_reruns_with_a_warning_and_a_newer_one_is_refused() {
 #[test]
 fn a_second_run_waits_for_the_first() {
     let t = Test::new().pipeline("stages:\n  slow:\n    cmd: sleep 1.5 && echo done > {{ outputs[0] }}\n    outputs: [slow.txt]\n");
-    let mut first = t
-        .command(&["run", "pipeline.yaml"])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut first = spawn_run(&t, std::process::Stdio::null());
     // Wait until the first run holds the lock (its pid is written into it).
     let lock = t.path().join(".imba/run.lock");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::fs::read_to_string(&lock)
-        .map(|s| s.trim().is_empty())
-        .unwrap_or(true)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the first run never took the lock"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until("the first run takes the lock", || {
+        std::fs::read_to_string(&lock).is_ok_and(|s| !s.trim().is_empty())
+    });
     let refused = t.exec(&["run", "pipeline.yaml", "--no-wait"]);
     assert_eq!(refused.code, 1, "{}", refused.stderr);
     assert!(
@@ -339,11 +344,7 @@ fn a_second_run_waits_for_the_first() {
 #[test]
 fn kill_9_mid_run_then_rerun_finishes_the_job() {
     let t = Test::new().pipeline("stages:\n  fast:\n    cmd: echo fast > {{ outputs[0] }}\n    outputs: [fast.txt]\n  slow:\n    cmd: sleep 30 && echo slow > {{ outputs[0] }}\n    inputs: [fast.txt]\n    outputs: [slow.txt]\n");
-    let mut child = t
-        .command(&["run", "pipeline.yaml"])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_run(&t, std::process::Stdio::null());
     // A committed stage is in the run's journal at once (the lock file is rewritten at the end).
     let journal = t.path().join(".imba/journal");
     let committed = || {
@@ -357,11 +358,7 @@ fn kill_9_mid_run_then_rerun_finishes_the_job() {
             })
             .unwrap_or(false)
     };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !committed() {
-        assert!(Instant::now() < deadline, "`fast` never committed");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until("`fast` commits", committed);
     std::thread::sleep(Duration::from_millis(100));
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
@@ -433,18 +430,10 @@ fn directory_outputs_are_replaced_whole() {
 fn ctrl_c_cancels_cleanly_and_exits_130() {
     let t = Test::new().pipeline("stages:\n  slow:\n    cmd: echo old > {{ outputs[0] }} && sleep 30\n    outputs: [slow.txt]\n");
     t.write("slow.txt", "earlier\n");
-    let child = t
-        .command(&["run", "pipeline.yaml"])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_run(&t, std::process::Stdio::piped());
     // Wait until the stage's command is running (its staging output exists).
     let staging = t.path().join(".imba/staging");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !walk_has_file(&staging, "slow.txt") {
-        assert!(Instant::now() < deadline, "the stage never started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until("the stage starts", || walk_has_file(&staging, "slow.txt"));
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let started = Instant::now();
     let output = child.wait_with_output().unwrap();
@@ -484,17 +473,11 @@ fn walk_has_file(dir: &std::path::Path, name: &str) -> bool {
 #[test]
 fn status_after_a_crash_counts_what_was_committed() {
     let t = Test::new().pipeline("stages:\n  fast:\n    cmd: echo fast > {{ outputs[0] }}\n    outputs: [fast.txt]\n  slow:\n    cmd: sleep 30 && echo slow > {{ outputs[0] }}\n    inputs: [fast.txt]\n    outputs: [slow.txt]\n");
-    let mut child = t
-        .command(&["run", "pipeline.yaml"])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_run(&t, std::process::Stdio::null());
     // `slow` starts (its log appears) only after `fast` committed.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !walk_has_file(&t.path().join(".imba/logs"), "slow.err") {
-        assert!(Instant::now() < deadline, "`slow` never started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until("`slow` starts", || {
+        walk_has_file(&t.path().join(".imba/logs"), "slow.err")
+    });
     child.kill().unwrap();
     child.wait().unwrap();
     let status = t.exec(&["status", "pipeline.yaml"]);
