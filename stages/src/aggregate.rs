@@ -112,7 +112,7 @@ impl BuiltinStage for Aggregate {
     fn run(params: &AggregateParams, io: &StageIo) -> Result<StageReport, StageError> {
         let input = io.input(0)?;
         let output = io.output("table", 0)?;
-        let df = read_typed(input)?;
+        let df = read_typed(input, params)?;
         let mut out = aggregate(df, params, input)?;
         write_table(&mut out, output)?;
         Ok(StageReport {
@@ -121,10 +121,18 @@ impl BuiltinStage for Aggregate {
     }
 }
 
-/// Parquet as it is; CSV with types inferred (aggregating strings would be meaningless).
-fn read_typed(path: &std::path::Path) -> Result<DataFrame, StageError> {
+/// Parquet as it is (just the columns the params name); CSV with types inferred (aggregating
+/// strings would be meaningless).
+fn read_typed(path: &std::path::Path, params: &AggregateParams) -> Result<DataFrame, StageError> {
     if !is_csv(path) {
-        return crate::table::read_table(path);
+        let mut columns: Vec<String> = params.by.clone();
+        for agg in params.aggs.values() {
+            let column = agg.column();
+            if column != "*" && !columns.iter().any(|c| c == column) {
+                columns.push(column.to_owned());
+            }
+        }
+        return crate::table::read_parquet(path, Some(&columns));
     }
     CsvReadOptions::default()
         .with_has_header(true)

@@ -133,7 +133,7 @@ pub struct Clean;
 
 impl BuiltinStage for Clean {
     const NAME: &'static str = "clean";
-    const VERSION: u32 = 1;
+    const VERSION: u32 = 2;
     const SUMMARY: &'static str =
         "casts, domain filters, IQR outliers, missing and duplicate rows, with a summary";
     type Params = CleanParams;
@@ -150,11 +150,8 @@ impl BuiltinStage for Clean {
         let input = io.input(0)?;
         let table_path = io.output("table", 0)?;
         let summary_path = io.output_opt("summary", 1);
-        let df = match read_typed(input, params) {
-            Some(df) => df,
-            None => read_table(input)?,
-        };
-        let (mut cleaned, summary) = clean(df, params, input)?;
+        let table = read_input(input, params)?;
+        let (mut cleaned, summary) = clean_input(table, params, input)?;
         write_table(&mut cleaned, table_path)?;
         if let Some(path) = summary_path {
             let mut text = serde_json::to_string_pretty(&summary)
@@ -167,28 +164,123 @@ impl BuiltinStage for Clean {
     }
 }
 
-/// The CSV with its int64/float64 cast columns parsed while reading, when every value parses
-/// (`None` otherwise, or when the input is not CSV). `clean` then gives exactly what it gives on
-/// the text columns: a NaN still counts as a value that could not be cast.
-fn read_typed(input: &std::path::Path, params: &CleanParams) -> Option<DataFrame> {
+/// The table to clean, and for some of its int64/float64 cast columns (parsed while reading)
+/// their text as read.
+struct Input {
+    df: DataFrame,
+    text: BTreeMap<String, Text>,
+}
+
+/// The text of a column parsed while reading.
+enum Text {
+    /// All of it.
+    Full(Series),
+    /// Row → text of just the values that did not parse (empty fields left out).
+    Unparsed(Vec<(IdxSize, String)>),
+}
+
+/// Reads the input. A CSV's int64/float64 cast columns are parsed while reading (the cast is then
+/// a no-op) and nothing else is held twice: a strict typed read first; when some value does not
+/// parse, a lenient one, plus the text of just the columns where values went missing, for `cast`
+/// to retry leniently and count. Anything unusual (no cast, a bool or date cast, a missing column,
+/// a broken file) takes the text path, whose errors say where the problem is.
+fn read_input(input: &std::path::Path, params: &CleanParams) -> Result<Input, StageError> {
+    let text_path = || {
+        Ok(Input {
+            df: read_table(input)?,
+            text: BTreeMap::new(),
+        })
+    };
     if !crate::table::is_csv(input) || params.cast.is_empty() {
-        return None;
+        return text_path();
     }
     let mut types = Vec::new();
     for (column, to) in &params.cast {
         match to {
             CastType::Int64 => types.push((column.clone(), DataType::Int64)),
             CastType::Float64 => types.push((column.clone(), DataType::Float64)),
-            CastType::String => {}
-            CastType::Bool | CastType::Date => return None,
+            CastType::String | CastType::Bool | CastType::Date => {}
         }
     }
-    let df = crate::table::read_csv_typed(input, &types).ok()?;
+    if types.is_empty() {
+        return text_path();
+    }
+    let (df, lenient) = match crate::table::read_csv_typed(input, &types, false) {
+        Ok(df) => (df, false),
+        Err(_) => match crate::table::read_csv_typed(input, &types, true) {
+            Ok(df) => (df, true),
+            Err(_) => return text_path(),
+        },
+    };
     // The columns must all be there (else the text path reports the missing one).
-    types
-        .iter()
-        .all(|(c, _)| df.column(c).is_ok())
-        .then_some(df)
+    if !types.iter().all(|(c, _)| df.column(c).is_ok()) {
+        return text_path();
+    }
+    let plain = crate::table::check_csv_shape(input, df.width(), df.height())?;
+    let mut text = BTreeMap::new();
+    if !lenient {
+        return Ok(Input { df, text });
+    }
+    // Where a value is null it was empty or did not parse: its text is needed (and a NaN's).
+    let mut missing = Vec::new();
+    for (name, _) in &types {
+        let column = df.column(name).map_err(err)?;
+        let mut unread = column.is_null();
+        if let Ok(floats) = column.f64() {
+            // "nan" parses, but counts as a value that could not be cast, named in errors.
+            unread = unread | floats.is_nan();
+        }
+        if unread.any() {
+            let nulls: Vec<IdxSize> = unread
+                .iter()
+                .enumerate()
+                .filter(|(_, n)| *n == Some(true))
+                .map(|(row, _)| row as IdxSize)
+                .collect();
+            missing.push((name.clone(), nulls));
+        }
+    }
+    if missing.is_empty() {
+        return Ok(Input { df, text });
+    }
+    if plain {
+        // Just the lines with a null, split by hand.
+        let mut rows: Vec<IdxSize> = missing
+            .iter()
+            .flat_map(|(_, r)| r.iter().copied())
+            .collect();
+        rows.sort_unstable();
+        rows.dedup();
+        let positions: Vec<usize> = missing
+            .iter()
+            .map(|(name, _)| df.get_column_index(name).unwrap_or(usize::MAX))
+            .collect();
+        let fields = crate::table::csv_fields_at(input, &rows, &positions)?;
+        for (k, (name, nulls)) in missing.into_iter().enumerate() {
+            let unparsed: Vec<(IdxSize, String)> = nulls
+                .into_iter()
+                .filter_map(|row| {
+                    let at = rows.binary_search(&row).ok()?;
+                    let value = &fields[at][k];
+                    (!value.is_empty()).then(|| (row, value.clone()))
+                })
+                .collect();
+            text.insert(name, Text::Unparsed(unparsed));
+        }
+    } else {
+        let names: Vec<String> = missing.into_iter().map(|(name, _)| name).collect();
+        let strings = crate::table::read_csv_text_columns(input, &names)?;
+        if strings.height() != df.height() {
+            return text_path();
+        }
+        for column in strings.into_columns() {
+            text.insert(
+                column.name().to_string(),
+                Text::Full(column.take_materialized_series()),
+            );
+        }
+    }
+    Ok(Input { df, text })
 }
 
 fn err(e: PolarsError) -> StageError {
@@ -202,6 +294,24 @@ pub fn clean(
     params: &CleanParams,
     source: &std::path::Path,
 ) -> Result<(DataFrame, Json), StageError> {
+    clean_input(
+        Input {
+            df,
+            text: BTreeMap::new(),
+        },
+        params,
+        source,
+    )
+}
+
+/// The four steps. Each one only marks rows dead in one mask (so that every count is exact and
+/// nothing is copied); the survivors are taken once at the end.
+fn clean_input(
+    input: Input,
+    params: &CleanParams,
+    source: &std::path::Path,
+) -> Result<(DataFrame, Json), StageError> {
+    let Input { df, text } = input;
     let mut wanted: Vec<(&str, String)> = Vec::new();
     wanted.extend(
         params
@@ -246,20 +356,18 @@ pub fn clean(
     summary.insert("initial".into(), json!(initial));
 
     // 1. Cast.
-    let (df, cast_nulls, removed_cast) = cast(df, params, source)?;
+    let (df, cast_nulls, removed_cast) = cast(df, text, params, source)?;
     summary.insert("after_cast".into(), json!(df.height()));
+    let mut alive = BooleanChunked::full("alive".into(), true, df.height());
+    let live = |mask: &BooleanChunked| mask.sum().unwrap_or(0) as usize;
 
-    // 2. Domain.
-    let before = df.height();
+    // 2. Domain: one pass evaluates every rule.
     let mut by_rule = serde_json::Map::new();
     let mut rules = Vec::new();
     for (column, rule) in &params.domain {
         rules.push((column, domain_expr(&df, column, rule)?));
     }
-    let df = if rules.is_empty() {
-        df
-    } else {
-        // One pass evaluates every rule; the counts and the filter come from its masks.
+    if !rules.is_empty() {
         let masks = df
             .clone()
             .lazy()
@@ -271,31 +379,25 @@ pub fn clean(
             )
             .collect()
             .map_err(err)?;
-        let mut keep = BooleanChunked::full("keep".into(), true, df.height());
         for (column, _) in &rules {
             let ok = masks
                 .column(column)
                 .and_then(|c| c.bool().cloned())
                 .map_err(err)?;
-            by_rule.insert(
-                (*column).clone(),
-                json!(ok.len() - ok.sum().unwrap_or(0) as usize),
-            );
-            keep = keep & ok;
+            by_rule.insert((*column).clone(), json!(ok.len() - live(&ok)));
+            alive = alive & ok;
         }
-        df.filter(&keep).map_err(err)?
-    };
-    summary.insert("after_domain".into(), json!(df.height()));
-    summary.insert("removed_domain".into(), json!(before - df.height()));
+    }
+    let after_domain = live(&alive);
+    summary.insert("after_domain".into(), json!(after_domain));
+    summary.insert("removed_domain".into(), json!(df.height() - after_domain));
 
-    // 3. IQR, bounds of every column from the same (post-domain) table.
-    let before = df.height();
+    // 3. IQR, the bounds of every column from the rows that passed the domain filter.
     let mut bounds = serde_json::Map::new();
-    let mut keep: Option<Expr> = None;
     if let Some(iqr) = &params.iqr {
+        let mut keep = alive.clone();
         for column in &iqr.columns {
-            let values = numeric_values(&df, column)?;
-            let mut values = values;
+            let mut values = numeric_values(&df, column, &alive)?;
             let q1 = quantile_linear(&mut values, 0.25);
             let q3 = quantile_linear(&mut values, 0.75);
             let (lower, upper) = match (q1, q3) {
@@ -309,25 +411,24 @@ pub fn clean(
                 json!({"q1": q1, "q3": q3, "lower": lower, "upper": upper}),
             );
             if let (Some(lower), Some(upper)) = (lower, upper) {
-                let value = col(column.as_str()).cast(DataType::Float64);
-                let ok = value
-                    .clone()
-                    .gt_eq(lit(lower))
-                    .and(value.clone().lt_eq(lit(upper)))
-                    .or(value.is_null());
-                keep = Some(match keep {
-                    Some(k) => k.and(ok),
-                    None => ok,
-                });
+                let values = df
+                    .column(column)
+                    .and_then(|c| c.cast(&DataType::Float64))
+                    .map_err(err)?;
+                let values = values.f64().map_err(err)?;
+                // Kept: within the fences, or missing (null or NaN, as pandas' `isna`).
+                let ok: BooleanChunked = values
+                    .iter()
+                    .map(|v| v.is_none_or(|v| v.is_nan() || (v >= lower && v <= upper)))
+                    .collect();
+                keep = keep & ok;
             }
         }
+        alive = keep;
     }
-    let df = match keep {
-        Some(keep) => df.lazy().filter(keep).collect().map_err(err)?,
-        None => df,
-    };
-    summary.insert("after_iqr".into(), json!(df.height()));
-    summary.insert("removed_iqr".into(), json!(before - df.height()));
+    let after_iqr = live(&alive);
+    summary.insert("after_iqr".into(), json!(after_iqr));
+    summary.insert("removed_iqr".into(), json!(after_domain - after_iqr));
     if let Some(iqr) = &params.iqr {
         let value = if iqr.columns.len() == 1 {
             bounds.values().next().cloned().unwrap_or(Json::Null)
@@ -338,48 +439,60 @@ pub fn clean(
     }
 
     // 4. Missing values, then duplicates.
-    let before = df.height();
-    let df = match &params.dropna {
-        Some(dropna) => {
-            let columns: Vec<String> = dropna.subset.clone().unwrap_or_else(|| {
-                df.get_column_names()
-                    .iter()
-                    .map(|c| c.to_string())
-                    .collect()
-            });
+    if let Some(dropna) = &params.dropna {
+        let columns: Vec<String> = dropna.subset.clone().unwrap_or_else(|| {
+            df.get_column_names()
+                .iter()
+                .map(|c| c.to_string())
+                .collect()
+        });
+        if !columns.is_empty() {
             let missing: Vec<Expr> = columns.iter().map(|c| missing_expr(&df, c)).collect();
             let drop = match dropna.how {
                 How::Any => any_horizontal(missing).map_err(err)?,
                 How::All => all_horizontal(missing).map_err(err)?,
             };
-            if columns.is_empty() {
-                df
-            } else {
-                df.lazy().filter(drop.not()).collect().map_err(err)?
-            }
+            let masks = df
+                .clone()
+                .lazy()
+                .select([drop.not().alias("keep")])
+                .collect()
+                .map_err(err)?;
+            let keep = masks
+                .column("keep")
+                .and_then(|c| c.bool().cloned())
+                .map_err(err)?;
+            alive = alive & keep;
         }
-        None => df,
+    }
+    let after_dropna = live(&alive);
+    let removed_dropna = after_iqr - after_dropna;
+    let subset: Option<Vec<PlSmallStr>> = match &params.dedup {
+        None | Some(Dedup::All(false)) => None,
+        Some(Dedup::All(true)) => Some(df.get_column_names_owned()),
+        Some(Dedup::Subset { subset }) => Some(subset.iter().map(|c| c.as_str().into()).collect()),
     };
-    let removed_dropna = before - df.height();
-    let after_dropna = df.height();
-    let df = match &params.dedup {
-        None | Some(Dedup::All(false)) => df,
-        Some(Dedup::All(true)) => df
-            .lazy()
-            .unique_stable_generic(None, UniqueKeepStrategy::First)
-            .collect()
-            .map_err(err)?,
-        Some(Dedup::Subset { subset }) => df
-            .lazy()
-            .unique_stable_generic(
-                Some(subset.iter().map(|c| col(c.as_str())).collect()),
-                UniqueKeepStrategy::First,
-            )
-            .collect()
-            .map_err(err)?,
+    if let Some(subset) = subset {
+        let repeats = crate::rows::repeated_rows(&df, &subset, &alive).map_err(err)?;
+        if !repeats.is_empty() {
+            let mut mask: Vec<bool> = alive.iter().map(|a| a == Some(true)).collect();
+            for row in repeats {
+                mask[row as usize] = false;
+            }
+            alive = BooleanChunked::new("alive".into(), mask);
+        }
+    }
+    let kept = live(&alive);
+    let df = if kept == df.height() {
+        df
+    } else {
+        df.filter(&alive).map_err(err)?
     };
     summary.insert("after_dropna_dedup".into(), json!(df.height()));
-    summary.insert("removed_dropna_dedup".into(), json!(before - df.height()));
+    summary.insert(
+        "removed_dropna_dedup".into(),
+        json!(after_iqr - df.height()),
+    );
 
     // More than the seed's keys: where each row went.
     summary.insert("removed_cast".into(), json!(removed_cast));
@@ -461,6 +574,59 @@ fn cast_expr(column: &str, from: &DataType, to: CastType) -> Expr {
     }
 }
 
+/// Finishes an int64/float64 column parsed while reading, given the text of the values that did
+/// not parse (row, text; empty fields left out): each is parsed again leniently, as
+/// [`cast_number`] does, and a float NaN counts as missing. Returns the column and the rows whose
+/// value could not be cast, with their text, in row order.
+fn finish_parsed(
+    typed: &Series,
+    unparsed: Vec<(IdxSize, String)>,
+    to: CastType,
+) -> PolarsResult<(Series, Vec<(IdxSize, String)>)> {
+    let mut failures = Vec::new();
+    match to {
+        CastType::Int64 => {
+            if unparsed.is_empty() {
+                return Ok((typed.clone(), failures));
+            }
+            let mut values: Vec<Option<i64>> = typed.i64()?.iter().collect();
+            for (row, text) in unparsed {
+                match lenient_int(&text) {
+                    Some(v) => values[row as usize] = Some(v),
+                    None => failures.push((row, text)),
+                }
+            }
+            let column = Int64Chunked::from_iter_options(typed.name().clone(), values.into_iter());
+            Ok((column.into_series(), failures))
+        }
+        _ => {
+            let floats = typed.f64()?;
+            let nans = floats.is_nan().sum().unwrap_or(0);
+            if unparsed.is_empty() && nans == 0 {
+                return Ok((typed.clone(), failures));
+            }
+            let mut values: Vec<Option<f64>> = floats.iter().collect();
+            for (row, text) in unparsed {
+                values[row as usize] = lenient_float(&text);
+                if values[row as usize].is_none() {
+                    failures.push((row, text));
+                }
+            }
+            // A NaN whose text the caller did not give.
+            for (row, value) in values.iter_mut().enumerate() {
+                if value.is_some_and(f64::is_nan) {
+                    *value = None;
+                    failures.push((row as IdxSize, "NaN".to_owned()));
+                }
+            }
+            failures.sort_by_key(|(row, _)| *row);
+            let column =
+                Float64Chunked::from_iter_options(typed.name().clone(), values.into_iter());
+            Ok((column.into_series(), failures))
+        }
+    }
+}
+
 type CastOutcome = (DataFrame, serde_json::Map<String, Json>, usize);
 
 /// `"7"`, `" 7 "`, `"7.0"` → 7; anything else → `None`.
@@ -479,43 +645,42 @@ fn lenient_float(text: &str) -> Option<f64> {
     text.trim().parse::<f64>().ok().filter(|f| !f.is_nan())
 }
 
-/// Casts a string column to int64 or float64: polars' parser for the common case, then a lenient
-/// parse of just the values it rejected (surrounding spaces, `7.0` for an int, `NaN`).
-fn cast_number(strings: &Series, to: CastType) -> PolarsResult<Series> {
-    let text = strings.str()?;
+/// Finishes the cast of a text column to int64 or float64 from `direct`, polars' parse of it
+/// (done by `cast` or while reading the CSV): the values polars rejected are parsed again
+/// leniently (surrounding spaces, `7.0` for an int, `NaN` as missing).
+fn cast_number(text: &Series, direct: Series, to: CastType) -> PolarsResult<Series> {
+    let strings = text.str()?;
     match to {
         CastType::Int64 => {
-            let direct = strings.cast(&DataType::Int64)?;
-            let retry = text.is_not_null() & direct.is_null();
+            let retry = strings.is_not_null() & direct.is_null();
             if !retry.any() {
                 return Ok(direct);
             }
             let mut values: Vec<Option<i64>> = direct.i64()?.iter().collect();
             for (i, again) in retry.iter().enumerate() {
                 if again == Some(true) {
-                    values[i] = text.get(i).and_then(lenient_int);
+                    values[i] = strings.get(i).and_then(lenient_int);
                 }
             }
             Ok(
-                Int64Chunked::from_iter_options(strings.name().clone(), values.into_iter())
+                Int64Chunked::from_iter_options(direct.name().clone(), values.into_iter())
                     .into_series(),
             )
         }
         _ => {
-            let direct = strings.cast(&DataType::Float64)?;
             let floats = direct.f64()?;
-            let retry = (text.is_not_null() & floats.is_null()) | floats.is_nan();
+            let retry = (strings.is_not_null() & floats.is_null()) | floats.is_nan();
             if !retry.any() {
                 return Ok(direct);
             }
             let mut values: Vec<Option<f64>> = floats.iter().collect();
             for (i, again) in retry.iter().enumerate() {
                 if again == Some(true) {
-                    values[i] = text.get(i).and_then(lenient_float);
+                    values[i] = strings.get(i).and_then(lenient_float);
                 }
             }
             Ok(
-                Float64Chunked::from_iter_options(strings.name().clone(), values.into_iter())
+                Float64Chunked::from_iter_options(direct.name().clone(), values.into_iter())
                     .into_series(),
             )
         }
@@ -524,6 +689,7 @@ fn cast_number(strings: &Series, to: CastType) -> PolarsResult<Series> {
 
 fn cast(
     df: DataFrame,
+    mut texts: BTreeMap<String, Text>,
     params: &CleanParams,
     source: &std::path::Path,
 ) -> Result<CastOutcome, StageError> {
@@ -542,33 +708,64 @@ fn cast(
             .map_err(err)?
             .as_materialized_series()
             .clone();
-        let is_text = matches!(before.dtype(), DataType::String);
-        let after = match to {
-            CastType::Int64 | CastType::Float64 if is_text => {
-                cast_number(&before, *to).map_err(err)?
-            }
-            _ => {
-                let expr = cast_expr(column, before.dtype(), *to).alias(column.as_str());
-                let out = df.clone().lazy().select([expr]).collect().map_err(err)?;
-                out.column(column)
-                    .map_err(err)?
-                    .as_materialized_series()
-                    .clone()
-            }
-        };
-        let present = if is_text {
-            let text = before.str().map_err(err)?;
-            text.is_not_null() & text.str_len_bytes().gt(0)
-        } else {
-            before.is_not_null()
-        };
-        let failed = present & after.is_null();
-        if params.on_cast_error == OnCastError::Fail {
-            if let Some(row) = failed.iter().position(|f| f == Some(true)) {
-                let value = before.get(row).map(|v| v.to_string()).unwrap_or_default();
-                if first_failure.as_ref().is_none_or(|(r, _, _)| row < *r) {
-                    first_failure = Some((row, value, column.clone()));
+        let numeric = matches!(to, CastType::Int64 | CastType::Float64);
+        let (after, failed, first) = match texts.remove(column) {
+            // Parsed while reading; the text of just the values that did not parse.
+            Some(Text::Unparsed(unparsed)) if numeric => {
+                let (after, failures) = finish_parsed(&before, unparsed, *to).map_err(err)?;
+                let mut mask = vec![false; before.len()];
+                for (row, _) in &failures {
+                    mask[*row as usize] = true;
                 }
+                let first = failures
+                    .into_iter()
+                    .next()
+                    .map(|(row, text)| (row as usize, format!("{text:?}")));
+                (after, BooleanChunked::new("failed".into(), mask), first)
+            }
+            other => {
+                // The column's text: as it is, or read beside the typed column.
+                let (before, parsed) = match other {
+                    Some(Text::Full(text)) if numeric => (text, Some(before)),
+                    _ => (before, None),
+                };
+                let is_text = matches!(before.dtype(), DataType::String);
+                let after = match (parsed, to) {
+                    (Some(parsed), _) => cast_number(&before, parsed, *to).map_err(err)?,
+                    (None, CastType::Int64) if is_text => {
+                        let direct = before.cast(&DataType::Int64).map_err(err)?;
+                        cast_number(&before, direct, *to).map_err(err)?
+                    }
+                    (None, CastType::Float64) if is_text => {
+                        let direct = before.cast(&DataType::Float64).map_err(err)?;
+                        cast_number(&before, direct, *to).map_err(err)?
+                    }
+                    _ => {
+                        let expr = cast_expr(column, before.dtype(), *to).alias(column.as_str());
+                        let out = df.clone().lazy().select([expr]).collect().map_err(err)?;
+                        out.column(column)
+                            .map_err(err)?
+                            .as_materialized_series()
+                            .clone()
+                    }
+                };
+                let present = if is_text {
+                    let text = before.str().map_err(err)?;
+                    text.is_not_null() & text.str_len_bytes().gt(0)
+                } else {
+                    before.is_not_null()
+                };
+                let failed = present & after.is_null();
+                let first = failed.iter().position(|f| f == Some(true)).map(|row| {
+                    let value = before.get(row).map(|v| v.to_string()).unwrap_or_default();
+                    (row, value)
+                });
+                (after, failed, first)
+            }
+        };
+        if let Some((row, value)) = first {
+            if first_failure.as_ref().is_none_or(|(r, _, _)| row < *r) {
+                first_failure = Some((row, value, column.clone()));
             }
         }
         nulls.insert(column.clone(), json!(failed.sum().unwrap_or(0)));
@@ -675,8 +872,12 @@ fn domain_expr(df: &DataFrame, column: &str, rule: &Domain) -> Result<Expr, Stag
     }
 }
 
-/// The non-missing values of a numeric column, as f64.
-fn numeric_values(df: &DataFrame, column: &str) -> Result<Vec<f64>, StageError> {
+/// The non-missing values of a numeric column in the `alive` rows, as f64.
+fn numeric_values(
+    df: &DataFrame,
+    column: &str,
+    alive: &BooleanChunked,
+) -> Result<Vec<f64>, StageError> {
     let series = df.column(column).map_err(err)?;
     if !series.dtype().is_numeric() {
         return Err(StageError::new(format!(
@@ -686,7 +887,11 @@ fn numeric_values(df: &DataFrame, column: &str) -> Result<Vec<f64>, StageError> 
     }
     let floats = series.cast(&DataType::Float64).map_err(err)?;
     let floats = floats.f64().map_err(err)?;
-    Ok(floats.iter().flatten().filter(|v| !v.is_nan()).collect())
+    Ok(floats
+        .iter()
+        .zip(alive.iter())
+        .filter_map(|(v, a)| v.filter(|v| a == Some(true) && !v.is_nan()))
+        .collect())
 }
 
 #[cfg(test)]
@@ -957,42 +1162,96 @@ mod fail_tests {
 mod typed_read {
     use super::*;
 
-    /// The typed fast path and the text path agree exactly, NaN and empty values included.
-    #[test]
-    fn the_typed_fast_path_agrees_with_the_text_path() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("in.csv");
-        std::fs::write(
-            &path,
-            "id,n,x,s\n1,5,1.5,a\n2,,NaN,b\n3,-2,,a\n3,-2,,a\n4,9,100.0,c\n5,3,2.25,\n6,4,-0.5,a\n7,2,3,b\n",
-        )
-        .unwrap();
-        let params: CleanParams = serde_json::from_value(json!({
+    fn params(on_cast_error: &str) -> CleanParams {
+        serde_json::from_value(json!({
             "cast": {"id": "int64", "n": "int64", "x": "float64", "s": "string"},
+            "on_cast_error": on_cast_error,
             "domain": {"n": {"between": [-5, 8]}},
             "iqr": {"columns": ["x"]},
             "dropna": {"subset": ["n", "x"], "how": "all"},
             "dedup": true,
         }))
-        .unwrap();
-        let typed = read_typed(&path, &params).expect("every value parses");
-        assert_eq!(typed.column("id").unwrap().dtype(), &DataType::Int64);
-        let (a, sa) = clean(typed, &params, &path).unwrap();
-        let (b, sb) = clean(read_table(&path).unwrap(), &params, &path).unwrap();
-        assert_eq!(sa, sb);
-        assert!(a.equals_missing(&b), "{a}\n{b}");
+        .unwrap()
+    }
+
+    /// Reads `csv` the way the stage does (typed while reading, lenient, sparse text) and the
+    /// text way, cleans both, and checks they agree exactly; returns how the stage read it.
+    fn agree(csv: &str, on_cast_error: &str) -> (Json, bool, Option<bool>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("in.csv");
+        std::fs::write(&path, csv).unwrap();
+        let params = params(on_cast_error);
+        let input = read_input(&path, &params).unwrap();
+        let typed = input.df.column("id").unwrap().dtype() == &DataType::Int64;
+        let sparse = input
+            .text
+            .values()
+            .next()
+            .map(|t| matches!(t, Text::Unparsed(_)));
+        let a = clean_input(input, &params, &path);
+        let b = clean(read_table(&path).unwrap(), &params, &path);
+        match (a, b) {
+            (Ok((a, sa)), Ok((b, sb))) => {
+                assert_eq!(sa, sb);
+                assert!(a.equals_missing(&b), "{a}\n{b}");
+                (sa, typed, sparse)
+            }
+            (Err(a), Err(b)) => {
+                assert_eq!(a.message, b.message);
+                (json!(a.message), typed, sparse)
+            }
+            (a, b) => panic!("{a:?}\n{b:?}"),
+        }
+    }
+
+    const VALID: &str =
+        "id,n,x,s\n1,5,1.5,a\n2,,NaN,b\n3,-2,,a\n3,-2,,a\n4,9,100.0,c\n5,3,2.25,\n6,4,-0.5,a\n7,2,3,b\n";
+    const DIRTY: &str =
+        "id,n,x,s\n1,5,1.5,a\n2,7.0,nan,b\n3, 4 ,,a\n3,x,,a\n,9,100.0,c\n5,3,2.x,\n6,4,-0.5,a\n7,2,3,b\n6,4,-0.5,a";
+
+    /// Every value parses: one strict typed read, nothing read as text.
+    #[test]
+    fn a_clean_file_is_read_typed_once() {
+        let (summary, typed, sparse) = agree(VALID, "null");
+        assert!(typed);
+        assert_eq!(sparse, None);
         assert_eq!(
-            sa["cast_nulls"]["x"], 1,
+            summary["cast_nulls"]["x"], 1,
             "NaN counts as a value that could not be cast"
         );
     }
 
+    /// Values that do not parse: a lenient typed read plus the text of just those lines.
     #[test]
-    fn a_value_that_does_not_parse_takes_the_text_path() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("in.csv");
-        std::fs::write(&path, "n\n1\n7.0\n").unwrap();
-        let params: CleanParams = serde_json::from_value(json!({"cast": {"n": "int64"}})).unwrap();
-        assert!(read_typed(&path, &params).is_none());
+    fn unparsed_values_are_read_again_from_their_lines() {
+        let (summary, typed, sparse) = agree(DIRTY, "null");
+        assert!(typed);
+        assert_eq!(sparse, Some(true));
+        assert_eq!(
+            summary["cast_nulls"],
+            json!({"id": 0, "n": 1, "x": 2, "s": 0})
+        );
+        agree(DIRTY, "drop");
+        let (message, _, _) = agree(DIRTY, "fail");
+        assert!(
+            message.as_str().unwrap().ends_with(
+                "line 3: cannot cast \"nan\" in column `x` to float64 (on_cast_error: fail)"
+            ),
+            "{message}"
+        );
+        // CRLF line ends.
+        agree(&DIRTY.replace('\n', "\r\n"), "null");
+    }
+
+    /// Quotes (or blank lines) make line numbers and rows part ways: the whole column is read
+    /// as text instead.
+    #[test]
+    fn quoted_files_read_whole_columns_as_text() {
+        let quoted = DIRTY.replace("6,4,-0.5,a\n", "6,4,-0.5,\"a,\nb\"\n");
+        let (_, typed, sparse) = agree(&quoted, "null");
+        assert!(typed);
+        assert_eq!(sparse, Some(false));
+        let (_, _, sparse) = agree(&DIRTY.replace("\n5,", "\n\n5,"), "null");
+        assert_eq!(sparse, Some(false));
     }
 }

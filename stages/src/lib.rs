@@ -8,6 +8,7 @@ pub mod aggregate;
 pub mod clean;
 pub mod ports;
 mod registry;
+pub mod rows;
 pub mod stats;
 pub mod table;
 

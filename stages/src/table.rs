@@ -19,15 +19,29 @@ pub fn read_table(path: &Path) -> Result<DataFrame, StageError> {
     if is_csv(path) {
         read_csv_strings(path)
     } else {
-        let file = std::fs::File::open(path)
-            .map_err(|e| StageError::new(format!("cannot open `{}`: {e}", path.display())))?;
-        ParquetReader::new(file).finish().map_err(|e| {
-            StageError::new(format!(
-                "cannot read Parquet file `{}`: {e}",
-                path.display()
-            ))
-        })
+        read_parquet(path, None)
     }
+}
+
+/// Reads a Parquet file: all its columns, or only `columns` when it has them all (when it does
+/// not, all of them, so that the caller's error can list what there is).
+pub fn read_parquet(path: &Path, columns: Option<&[String]>) -> Result<DataFrame, StageError> {
+    let cannot = |e: PolarsError| {
+        StageError::new(format!(
+            "cannot read Parquet file `{}`: {e}",
+            path.display()
+        ))
+    };
+    let file = std::fs::File::open(path)
+        .map_err(|e| StageError::new(format!("cannot open `{}`: {e}", path.display())))?;
+    let mut reader = ParquetReader::new(file);
+    if let Some(columns) = columns.filter(|c| !c.is_empty()) {
+        let schema = reader.schema().map_err(cannot)?;
+        if columns.iter().all(|c| schema.contains(c.as_str())) {
+            reader = reader.with_columns(Some(columns.to_vec()));
+        }
+    }
+    reader.finish().map_err(cannot)
 }
 
 fn read_csv_strings(path: &Path) -> Result<DataFrame, StageError> {
@@ -46,7 +60,10 @@ fn read_csv_strings(path: &Path) -> Result<DataFrame, StageError> {
         .try_into_reader_with_file_path(Some(path.to_path_buf()))
         .and_then(|reader| reader.finish());
     match read {
-        Ok(df) => Ok(df),
+        Ok(df) => {
+            check_csv_shape(path, df.width(), df.height())?;
+            Ok(df)
+        }
         Err(error) => Err(match locate_csv_problem(path) {
             Some(problem) => StageError::new(format!("`{}`: {problem}", path.display())),
             None => StageError::new(format!(
@@ -57,10 +74,15 @@ fn read_csv_strings(path: &Path) -> Result<DataFrame, StageError> {
     }
 }
 
-/// Reads a CSV with the given columns parsed as the given types and every other column as text,
-/// failing on any value that does not parse. The fast path of `clean`: when every value of every
-/// cast column parses, the text versions of those columns are never built.
-pub fn read_csv_typed(path: &Path, types: &[(String, DataType)]) -> PolarsResult<DataFrame> {
+/// Reads a CSV with the given columns parsed as the given types and every other column as text.
+/// Strict, a value that does not parse fails the read; lenient, it becomes null (the caller then
+/// reads those columns again as text, to see what was there). Lenient reading also lets through
+/// lines with missing fields and invalid UTF-8, which [`check_csv_shape`] catches.
+pub fn read_csv_typed(
+    path: &Path,
+    types: &[(String, DataType)],
+    lenient: bool,
+) -> PolarsResult<DataFrame> {
     let schema: Schema = types
         .iter()
         .map(|(name, dtype)| (name.as_str().into(), dtype.clone()))
@@ -69,9 +91,144 @@ pub fn read_csv_typed(path: &Path, types: &[(String, DataType)]) -> PolarsResult
         .with_has_header(true)
         .with_infer_schema_length(Some(0))
         .with_schema_overwrite(Some(std::sync::Arc::new(schema)))
-        .with_ignore_errors(false)
+        .with_ignore_errors(lenient)
         .try_into_reader_with_file_path(Some(path.to_path_buf()))?
         .finish()
+}
+
+/// Reads just `columns` of a CSV, as text (empty fields as nulls).
+pub fn read_csv_text_columns(path: &Path, columns: &[String]) -> Result<DataFrame, StageError> {
+    let names: Vec<PlSmallStr> = columns.iter().map(|c| c.as_str().into()).collect();
+    CsvReadOptions::default()
+        .with_has_header(true)
+        .with_infer_schema_length(Some(0))
+        .with_columns(Some(names.into()))
+        .try_into_reader_with_file_path(Some(path.to_path_buf()))
+        .and_then(|reader| reader.finish())
+        .map_err(|e| StageError::new(format!("cannot read CSV file `{}`: {e}", path.display())))
+}
+
+/// Checks a CSV that polars has read as `columns` × `rows` for what polars lets through: a line
+/// with fewer fields than the header (polars, like pandas, fills it with nulls) and, in a lenient
+/// read, invalid UTF-8. One pass over the bytes counting separators; the line-by-line scan runs
+/// only when the counts do not add up or the file has quotes.
+///
+/// Returns whether the file is *plain*: no quotes, no blank lines, every line with every field,
+/// so that data row `i` is line `i + 2` ([`csv_fields_at`] relies on it).
+pub fn check_csv_shape(path: &Path, columns: usize, rows: usize) -> Result<bool, StageError> {
+    use std::io::Read;
+    let cannot =
+        |e: std::io::Error| StageError::new(format!("cannot read `{}`: {e}", path.display()));
+    let mut file = std::fs::File::open(path).map_err(cannot)?;
+    let mut buffer = vec![0u8; 1 << 20];
+    let (mut commas, mut quotes, mut newlines) = (0usize, 0usize, 0usize);
+    let mut last = b'\n';
+    let mut utf8_ok = true;
+    // Bytes of a UTF-8 sequence cut by the end of the previous chunk.
+    let mut carry = 0usize;
+    loop {
+        let read = file.read(&mut buffer[carry..]).map_err(cannot)?;
+        if read == 0 {
+            utf8_ok &= carry == 0;
+            break;
+        }
+        let chunk = &buffer[..carry + read];
+        commas += bytecount::count(&chunk[carry..], b',');
+        quotes += bytecount::count(&chunk[carry..], b'"');
+        newlines += bytecount::count(&chunk[carry..], b'\n');
+        last = chunk[chunk.len() - 1];
+        carry = match std::str::from_utf8(chunk) {
+            Ok(_) => 0,
+            Err(e) if e.error_len().is_none() => chunk.len() - e.valid_up_to(),
+            Err(_) => {
+                utf8_ok = false;
+                0
+            }
+        };
+        if carry > 0 {
+            let start = chunk.len() - carry;
+            buffer.copy_within(start..start + carry, 0);
+        }
+        if !utf8_ok {
+            break;
+        }
+    }
+    let expected = columns.saturating_sub(1) * (rows + 1);
+    if utf8_ok && quotes == 0 && commas == expected {
+        // Every line is the header or a row (the last one may lack its newline).
+        let lines = newlines + usize::from(last != b'\n');
+        return Ok(lines == rows + 1);
+    }
+    match locate_csv_problem(path) {
+        Some(problem) => Err(StageError::new(format!("`{}`: {problem}", path.display()))),
+        None => Ok(false),
+    }
+}
+
+/// The fields at `columns` (indices) of data rows `rows` (ascending; 0 is the line after the
+/// header) of a plain CSV (see [`check_csv_shape`]), as text. One streaming pass that splits only
+/// the lines asked for: reading the text of a whole column to look at a few of its values costs
+/// far more.
+pub fn csv_fields_at(
+    path: &Path,
+    rows: &[IdxSize],
+    columns: &[usize],
+) -> Result<Vec<Vec<String>>, StageError> {
+    use std::io::Read;
+    let cannot =
+        |e: std::io::Error| StageError::new(format!("cannot read `{}`: {e}", path.display()));
+    let fields = |line: &[u8]| -> Vec<String> {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let all: Vec<&[u8]> = line.split(|b| *b == b',').collect();
+        columns
+            .iter()
+            .map(|c| String::from_utf8_lossy(all.get(*c).copied().unwrap_or_default()).into_owned())
+            .collect()
+    };
+    let mut out = Vec::with_capacity(rows.len());
+    let mut wanted = rows.iter().map(|r| *r as u64 + 1).peekable();
+    let mut file = std::fs::File::open(path).map_err(cannot)?;
+    let mut chunk = vec![0u8; 1 << 20];
+    // The start of a line cut by the end of the previous chunk.
+    let mut pending: Vec<u8> = Vec::new();
+    let mut line = 0u64;
+    while wanted.peek().is_some() {
+        let read = file.read(&mut chunk).map_err(cannot)?;
+        if read == 0 {
+            if !pending.is_empty() && wanted.peek() == Some(&line) {
+                out.push(fields(&pending));
+                wanted.next();
+            }
+            break;
+        }
+        let chunk = &chunk[..read];
+        let mut start = 0;
+        for end in memchr::memchr_iter(b'\n', chunk) {
+            if wanted.peek() == Some(&line) {
+                if pending.is_empty() {
+                    out.push(fields(&chunk[start..end]));
+                } else {
+                    pending.extend_from_slice(&chunk[start..end]);
+                    out.push(fields(&pending));
+                }
+                wanted.next();
+                if wanted.peek().is_none() {
+                    break;
+                }
+            }
+            pending.clear();
+            line += 1;
+            start = end + 1;
+        }
+        pending.extend_from_slice(&chunk[start..]);
+    }
+    if out.len() != rows.len() {
+        return Err(StageError::new(format!(
+            "`{}` changed while it was read: it has fewer lines than before",
+            path.display()
+        )));
+    }
+    Ok(out)
 }
 
 /// Finds the first line of a CSV that cannot be read (wrong field count, invalid UTF-8), to say
@@ -134,11 +291,34 @@ pub fn write_table(df: &mut DataFrame, path: &Path) -> Result<(), StageError> {
     let file = std::fs::File::create(path)
         .map_err(|e| StageError::new(format!("cannot create `{}`: {e}", path.display())))?;
     let written = if is_csv(path) {
-        CsvWriter::new(file).include_header(true).finish(df)
+        CsvWriter::new(std::io::BufWriter::new(file))
+            .include_header(true)
+            .finish(df)
     } else {
-        ParquetWriter::new(file).finish(df).map(|_| ())
+        write_parquet(df, file)
     };
     written.map_err(|e| StageError::new(format!("cannot write `{}`: {e}", path.display())))
+}
+
+/// Rows per Parquet row group (polars' default).
+const ROW_GROUP: usize = 512 * 512;
+
+/// Writes `df` as Parquet one row group at a time, so that only one group is ever copied and
+/// encoded in memory (polars' `finish` aligns and encodes the whole table at once). Snappy, as
+/// pandas, pyarrow and Spark write by default: zstd's files are a third smaller but take half as
+/// long again to write (scripts/bench-monthly).
+fn write_parquet(df: &DataFrame, file: std::fs::File) -> PolarsResult<()> {
+    let mut writer = ParquetWriter::new(std::io::BufWriter::new(file))
+        .with_compression(ParquetCompression::Snappy)
+        .batched(df.schema())?;
+    let mut offset = 0;
+    while offset < df.height() {
+        let mut group = df.slice(offset as i64, ROW_GROUP);
+        group.rechunk_mut_par();
+        writer.write_batch(&group)?;
+        offset += ROW_GROUP;
+    }
+    writer.finish().map(|_| ())
 }
 
 /// A JSON pointer to a param (`["cast", "order_dow"]` → `/cast/order_dow`).
@@ -218,5 +398,52 @@ mod tests {
             Some("line 2: invalid UTF-8 at byte 3 of the line".into())
         );
         assert_eq!(problem(b"a,b\n1,2\n"), None);
+    }
+
+    #[test]
+    fn short_rows_and_bad_utf8_are_errors_not_nulls() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.csv");
+        std::fs::write(&path, "a,b,c\n1,2,3\n4,5\n6,7,8\n").unwrap();
+        let error = read_table(&path).unwrap_err();
+        assert_eq!(
+            error.message,
+            format!(
+                "`{}`: line 3: expected 3 fields (as in the header), found 2",
+                path.display()
+            )
+        );
+        std::fs::write(&path, "a,b\n1,2\n").unwrap();
+        assert!(check_csv_shape(&path, 2, 1).unwrap());
+        std::fs::write(&path, "a,b\n1,2\n\n3,4").unwrap();
+        assert!(!check_csv_shape(&path, 2, 2).unwrap(), "a blank line");
+        std::fs::write(&path, "a,b\n\"1\",2\n").unwrap();
+        assert!(!check_csv_shape(&path, 2, 1).unwrap(), "quotes");
+        std::fs::write(&path, b"a,b\n1,\xff\n").unwrap();
+        assert!(check_csv_shape(&path, 2, 1)
+            .unwrap_err()
+            .message
+            .ends_with("line 2: invalid UTF-8 at byte 3 of the line"));
+    }
+
+    /// Lines cut by the 1 MiB read buffer, CRLF ends and a last line without its newline.
+    #[test]
+    fn fields_at_finds_any_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.csv");
+        let n = 150_000u32;
+        let mut text = String::from("a,b,c\r\n");
+        for i in 0..n {
+            text.push_str(&format!("{i},{},row {i}\r\n", i * 2));
+        }
+        text.truncate(text.len() - 2);
+        std::fs::write(&path, &text).unwrap();
+        assert!(check_csv_shape(&path, 3, n as usize).unwrap());
+        let rows: Vec<IdxSize> = (0..n).step_by(997).chain([n - 1]).collect();
+        let fields = csv_fields_at(&path, &rows, &[2, 0]).unwrap();
+        for (row, fields) in rows.iter().zip(&fields) {
+            assert_eq!(fields, &[format!("row {row}"), row.to_string()]);
+        }
+        assert!(csv_fields_at(&path, &[n], &[0]).is_err(), "past the end");
     }
 }
