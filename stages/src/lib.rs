@@ -6,7 +6,10 @@
 
 pub mod aggregate;
 pub mod clean;
+pub mod impute;
+pub mod mice;
 pub mod ports;
+pub mod pool;
 mod registry;
 pub mod rows;
 pub mod stats;

@@ -222,6 +222,7 @@ impl Registry {
         Registry::with([
             Builtin::of::<crate::clean::Clean>(),
             Builtin::of::<crate::aggregate::Aggregate>(),
+            Builtin::of::<crate::impute::Impute>(),
         ])
     }
 

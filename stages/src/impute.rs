@@ -1,0 +1,475 @@
+//! `impute`: MICE multiple imputation of a table's columns, written as M tables, a long table, a
+//! mean table with each imputed column's spread across imputations, a convergence trace and a
+//! summary (seed 000, sections 5 and 7).
+//!
+//! The algorithm is in [`crate::mice`]; this module reads the table, checks the params against
+//! it, and writes the outputs.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use polars::prelude::*;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value as Json};
+
+use crate::mice::{self, Method};
+use crate::table::{pointer, read_table, require_columns, write_table};
+use crate::{BuiltinStage, StageError, StageIo, StageReport};
+
+/// Params of `impute`.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ImputeParams {
+    /// The model's variables: every one with missing values is imputed, from the others.
+    #[schemars(length(min = 1))]
+    pub columns: Vec<String>,
+    /// A column carried through untouched (e.g. `user_id`), first in every output.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// The number of imputations.
+    #[serde(default = "default_m")]
+    #[schemars(range(min = 1))]
+    pub m: usize,
+    /// Iterations of each chain.
+    #[serde(default = "default_iterations")]
+    #[schemars(range(min = 1))]
+    pub iterations: usize,
+    /// The random seed: the same seed, data and params give the same outputs, byte for byte.
+    #[serde(default)]
+    pub seed: u64,
+    /// Column → `pmm` (the default), `norm`, or `{censored: {at, direction}}`.
+    #[serde(default)]
+    pub method: BTreeMap<String, MethodParam>,
+    /// PMM's donor pool: each missing value takes the observed value of one of the `donors`
+    /// rows whose predicted means are nearest.
+    #[serde(default = "default_donors")]
+    #[schemars(range(min = 1))]
+    pub donors: usize,
+    /// Column → the columns its model uses (default: every other column of `columns`).
+    #[serde(default)]
+    pub predictors: Option<BTreeMap<String, Vec<String>>>,
+    /// The stem of the per-imputation tables, `{name}_m{k}.parquet` (default: the input file's
+    /// stem, so `user_imp.parquet` gives `user_imp_m0.parquet`, …).
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+fn default_m() -> usize {
+    5
+}
+
+fn default_iterations() -> usize {
+    10
+}
+
+fn default_donors() -> usize {
+    5
+}
+
+/// How a column's missing values are drawn.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum MethodParam {
+    /// Predictive mean matching (type-1 matching, as R's `mice`): imputed values are observed
+    /// values.
+    Pmm,
+    /// Bayesian linear regression with a posterior draw of its parameters.
+    Norm,
+    /// Every missing value of the column is censored at `at`: its true value lies beyond it
+    /// (`direction: above`, the default, means ≥ `at`). Drawn from the regression's predictive
+    /// distribution truncated there.
+    Censored {
+        at: f64,
+        #[serde(default)]
+        direction: Direction,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    #[default]
+    Above,
+    Below,
+}
+
+impl MethodParam {
+    fn method(self) -> Method {
+        match self {
+            MethodParam::Pmm => Method::Pmm,
+            MethodParam::Norm => Method::Norm,
+            MethodParam::Censored { at, direction } => Method::Censored {
+                at,
+                above: direction == Direction::Above,
+            },
+        }
+    }
+
+    fn describe(self) -> Json {
+        match self {
+            MethodParam::Pmm => json!("pmm"),
+            MethodParam::Norm => json!("norm"),
+            MethodParam::Censored { at, direction } => {
+                json!({"censored": {"at": at, "direction": direction}})
+            }
+        }
+    }
+}
+
+/// The built-in `impute` stage.
+pub struct Impute;
+
+impl BuiltinStage for Impute {
+    const NAME: &'static str = "impute";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str = "MICE multiple imputation (pmm, norm, censored), M chains in parallel";
+    type Params = ImputeParams;
+
+    fn check_ports(
+        inputs: &[Option<String>],
+        outputs: &[Option<String>],
+    ) -> Result<(), crate::ports::PortError> {
+        crate::ports::exactly_one_input(inputs)?;
+        crate::ports::named_outputs(outputs, &["imputed"], &[])
+    }
+
+    fn run(params: &ImputeParams, io: &StageIo) -> Result<StageReport, StageError> {
+        let started = std::time::Instant::now();
+        let input = io.input(0)?;
+        let dir = io.output("imputed", 0)?;
+        let df = read_table(input)?;
+        let plan = Plan::new(&df, params, input)?;
+        let result = mice::impute(&plan.values, &plan.spec).map_err(|e| match e {
+            mice::MiceError::AllMissing(j) => StageError::new(format!(
+                "column `{}` of `{}` has no observed value: there is nothing to impute it from",
+                params.columns[j],
+                input.display()
+            ))
+            .at_param(pointer(&["columns", &j.to_string()])),
+        })?;
+        let name = match &params.name {
+            Some(name) => name.clone(),
+            None => input
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "imputed".into()),
+        };
+        let summary = write_outputs(&df, params, &plan, &result, dir, &name)?;
+        let mut report = summary.clone();
+        if let Json::Object(map) = &mut report {
+            map.insert(
+                "duration_s".into(),
+                json!((started.elapsed().as_secs_f64() * 1000.0).round() / 1000.0),
+            );
+        }
+        Ok(StageReport { summary: report })
+    }
+}
+
+/// The data and the model, checked against the table.
+struct Plan {
+    /// Per column of `params.columns`, its values as f64 (NaN where missing).
+    values: Vec<Vec<f64>>,
+    spec: mice::Spec,
+}
+
+impl Plan {
+    fn new(df: &DataFrame, params: &ImputeParams, source: &Path) -> Result<Plan, StageError> {
+        let mut wanted: Vec<(&str, String)> = params
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.as_str(), pointer(&["columns", &i.to_string()])))
+            .collect();
+        if let Some(id) = &params.id {
+            wanted.push((id.as_str(), pointer(&["id"])));
+        }
+        require_columns(df, wanted, source)?;
+        let index = |column: &str, at: String| {
+            params
+                .columns
+                .iter()
+                .position(|c| c == column)
+                .ok_or_else(|| {
+                    StageError::new(format!(
+                        "`{column}` (param `{}`) is not one of the model's `columns`: {}",
+                        crate::table::dotted(&at),
+                        params.columns.join(", ")
+                    ))
+                    .at_param(at)
+                })
+        };
+        for (i, column) in params.columns.iter().enumerate() {
+            if params.columns[..i].contains(column) {
+                return Err(StageError::new(format!(
+                    "`{column}` is listed twice in param `columns`"
+                ))
+                .at_param(pointer(&["columns", &i.to_string()])));
+            }
+            if params.id.as_ref() == Some(column) {
+                return Err(StageError::new(format!(
+                    "`{column}` is the `id`; it cannot also be one of the model's `columns`"
+                ))
+                .at_param(pointer(&["id"])));
+            }
+        }
+        let mut methods = vec![Method::Pmm; params.columns.len()];
+        for (column, method) in &params.method {
+            methods[index(column, pointer(&["method", column]))?] = method.method();
+        }
+        let mut predictors: Vec<Vec<usize>> = (0..params.columns.len())
+            .map(|j| (0..params.columns.len()).filter(|&p| p != j).collect())
+            .collect();
+        if let Some(matrix) = &params.predictors {
+            for (column, list) in matrix {
+                let j = index(column, pointer(&["predictors", column]))?;
+                let mut chosen = Vec::new();
+                for (k, predictor) in list.iter().enumerate() {
+                    let at = pointer(&["predictors", column, &k.to_string()]);
+                    let p = index(predictor, at.clone())?;
+                    if p == j {
+                        return Err(StageError::new(format!(
+                            "`{column}` cannot predict itself (param `{}`)",
+                            crate::table::dotted(&at)
+                        ))
+                        .at_param(at));
+                    }
+                    chosen.push(p);
+                }
+                predictors[j] = chosen;
+            }
+        }
+        let mut values = Vec::with_capacity(params.columns.len());
+        for (i, column) in params.columns.iter().enumerate() {
+            let series = df
+                .column(column)
+                .map_err(|e| StageError::new(e.to_string()))?
+                .as_materialized_series()
+                .clone();
+            let numbers = series
+                .cast(&DataType::Float64)
+                .map_err(|e| StageError::new(e.to_string()))?;
+            // A text value that is not a number would silently become a missing value to impute.
+            let lost = numbers.null_count() - series.null_count();
+            if lost > 0 {
+                return Err(StageError::new(format!(
+                    "column `{column}` of `{}` has {lost} value(s) that are not numbers (it is {}); cast it with `clean` first",
+                    source.display(),
+                    series.dtype()
+                ))
+                .at_param(pointer(&["columns", &i.to_string()])));
+            }
+            let floats = numbers
+                .f64()
+                .map_err(|e| StageError::new(e.to_string()))?;
+            values.push(floats.iter().map(|v| v.unwrap_or(f64::NAN)).collect());
+        }
+        Ok(Plan {
+            values,
+            spec: mice::Spec {
+                m: params.m,
+                iterations: params.iterations,
+                seed: params.seed,
+                donors: params.donors,
+                methods,
+                predictors,
+            },
+        })
+    }
+}
+
+/// Writes the outputs under `dir` and returns the summary.
+fn write_outputs(
+    df: &DataFrame,
+    params: &ImputeParams,
+    plan: &Plan,
+    result: &mice::Imputation,
+    dir: &Path,
+    name: &str,
+) -> Result<Json, StageError> {
+    let io = |e: std::io::Error| StageError::new(format!("cannot write under `{}`: {e}", dir.display()));
+    std::fs::create_dir_all(dir.join("summaries")).map_err(io)?;
+    let polars = |e: PolarsError| StageError::new(e.to_string());
+    let rows = df.height();
+    let id: Option<Column> = match &params.id {
+        Some(id) => Some(df.column(id).map_err(polars)?.clone()),
+        None => None,
+    };
+    // Column j of imputation k: the chain's completed values, or the column as it was.
+    let slot: BTreeMap<usize, usize> = result
+        .incomplete
+        .iter()
+        .enumerate()
+        .map(|(slot, &j)| (j, slot))
+        .collect();
+    let completed = |k: usize, j: usize| -> PolarsResult<Column> {
+        let column = &params.columns[j];
+        Ok(match slot.get(&j) {
+            Some(&s) => Column::new(column.as_str().into(), &result.chains[k].columns[s]),
+            None => df.column(column)?.clone(),
+        })
+    };
+    let table = |k: usize| -> PolarsResult<DataFrame> {
+        let mut columns: Vec<Column> = id.iter().cloned().collect();
+        for j in 0..params.columns.len() {
+            columns.push(completed(k, j)?);
+        }
+        DataFrame::new(rows, columns)
+    };
+
+    let mut long = Vec::with_capacity(params.m);
+    for k in 0..params.m {
+        let mut frame = table(k).map_err(polars)?;
+        write_table(&mut frame, &dir.join(format!("{name}_m{k}.parquet")))?;
+        let impute_id = Column::new("impute_id".into(), vec![k as u32; rows]);
+        frame.insert_column(0, impute_id).map_err(polars)?;
+        long.push(frame);
+    }
+    let mut long_frame = match long.split_first() {
+        Some((first, rest)) => {
+            let mut all = first.clone();
+            for frame in rest {
+                all.vstack_mut(frame).map_err(polars)?;
+            }
+            all
+        }
+        None => DataFrame::empty(),
+    };
+    long_frame.rechunk_mut_par();
+    write_table(&mut long_frame, &dir.join("imputed_long.parquet"))?;
+    drop(long_frame);
+
+    // The mean table: per imputed column its mean and spread over the imputations.
+    let mut mean_columns: Vec<Column> = id.iter().cloned().collect();
+    for (j, column) in params.columns.iter().enumerate() {
+        match slot.get(&j) {
+            Some(&s) => {
+                let (means, stds): (Vec<f64>, Vec<Option<f64>>) = (0..rows)
+                    .map(|r| {
+                        let values: Vec<f64> = result.chains.iter().map(|c| c.columns[s][r]).collect();
+                        let (mean, std) = mice::mean_std(&values);
+                        (mean, std.is_finite().then_some(std))
+                    })
+                    .unzip();
+                mean_columns.push(Column::new(column.as_str().into(), means));
+                mean_columns.push(Column::new(format!("{column}_std").into(), stds));
+            }
+            None => mean_columns.push(df.column(column).map_err(polars)?.clone()),
+        }
+    }
+    let mut was_missing = vec![false; rows];
+    for &j in &result.incomplete {
+        for &r in &result.missing[j] {
+            was_missing[r] = true;
+        }
+    }
+    mean_columns.push(Column::new("was_missing".into(), was_missing));
+    let mut mean_frame = DataFrame::new(rows, mean_columns).map_err(polars)?;
+    write_table(&mut mean_frame, &dir.join("imputed_mean.parquet"))?;
+
+    // The convergence trace.
+    let (mut chain, mut iteration, mut column, mut mean, mut std) = (vec![], vec![], vec![], vec![], vec![]);
+    for (k, c) in result.chains.iter().enumerate() {
+        for point in &c.trace {
+            chain.push(k as u32);
+            iteration.push(point.iteration as u32);
+            column.push(params.columns[point.column].clone());
+            mean.push(point.mean);
+            std.push(point.std);
+        }
+    }
+    let mut trace = DataFrame::new_infer_height(vec![
+        Column::new("chain".into(), chain),
+        Column::new("iteration".into(), iteration),
+        Column::new("column".into(), column),
+        Column::new("mean".into(), mean),
+        Column::new("std".into(), std),
+    ])
+    .map_err(polars)?;
+    write_table(&mut trace, &dir.join("trace.parquet"))?;
+
+    // The summary.
+    let missing: serde_json::Map<String, Json> = params
+        .columns
+        .iter()
+        .enumerate()
+        .map(|(j, c)| (c.clone(), json!(result.missing[j].len())))
+        .collect();
+    let imputed: Vec<&String> = result.incomplete.iter().map(|&j| &params.columns[j]).collect();
+    let methods: serde_json::Map<String, Json> = result
+        .incomplete
+        .iter()
+        .map(|&j| {
+            let column = &params.columns[j];
+            let method = params.method.get(column).copied().unwrap_or(MethodParam::Pmm);
+            (column.clone(), method.describe())
+        })
+        .collect();
+    let predictors: serde_json::Map<String, Json> = result
+        .incomplete
+        .iter()
+        .map(|&j| {
+            let names: Vec<&String> = plan.spec.predictors[j].iter().map(|&p| &params.columns[p]).collect();
+            (params.columns[j].clone(), json!(names))
+        })
+        .collect();
+    let imputations: Vec<Json> = result
+        .chains
+        .iter()
+        .enumerate()
+        .map(|(k, c)| {
+            let mut entry = serde_json::Map::new();
+            entry.insert("impute_id".into(), json!(k));
+            for (s, &j) in result.incomplete.iter().enumerate() {
+                let (mean, std) = mice::mean_std(&c.columns[s]);
+                let imputed: Vec<f64> = result.missing[j].iter().map(|&r| c.columns[s][r]).collect();
+                let (imputed_mean, imputed_std) = mice::mean_std(&imputed);
+                entry.insert(
+                    params.columns[j].clone(),
+                    json!({
+                        "mean": finite(mean),
+                        "std": finite(std),
+                        "imputed_mean": finite(imputed_mean),
+                        "imputed_std": finite(imputed_std),
+                    }),
+                );
+            }
+            Json::Object(entry)
+        })
+        .collect();
+    let summary = json!({
+        "rows": rows,
+        "id": params.id,
+        "columns": params.columns,
+        "missing": missing,
+        "imputed_columns": imputed,
+        "nothing_to_impute": imputed.is_empty(),
+        "m": params.m,
+        "iterations": params.iterations,
+        "seed": params.seed,
+        "donors": params.donors,
+        "methods": methods,
+        "predictors": predictors,
+        "imputations": imputations,
+        "files": {
+            "tables": (0..params.m).map(|k| format!("{name}_m{k}.parquet")).collect::<Vec<_>>(),
+            "long": "imputed_long.parquet",
+            "mean": "imputed_mean.parquet",
+            "trace": "trace.parquet",
+        },
+    });
+    let mut text = serde_json::to_string_pretty(&summary).map_err(|e| StageError::new(e.to_string()))?;
+    text.push('\n');
+    std::fs::write(dir.join("summaries/impute_summary.json"), text).map_err(io)?;
+    Ok(summary)
+}
+
+/// A number for JSON: NaN and infinities (a std of one value) become null.
+fn finite(value: f64) -> Json {
+    if value.is_finite() {
+        json!(value)
+    } else {
+        Json::Null
+    }
+}
