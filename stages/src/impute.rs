@@ -123,7 +123,8 @@ pub struct Impute;
 impl BuiltinStage for Impute {
     const NAME: &'static str = "impute";
     const VERSION: u32 = 1;
-    const SUMMARY: &'static str = "MICE multiple imputation (pmm, norm, censored), M chains in parallel";
+    const SUMMARY: &'static str =
+        "MICE multiple imputation (pmm, norm, censored), M chains in parallel";
     type Params = ImputeParams;
 
     fn check_ports(
@@ -260,9 +261,7 @@ impl Plan {
                 ))
                 .at_param(pointer(&["columns", &i.to_string()])));
             }
-            let floats = numbers
-                .f64()
-                .map_err(|e| StageError::new(e.to_string()))?;
+            let floats = numbers.f64().map_err(|e| StageError::new(e.to_string()))?;
             values.push(floats.iter().map(|v| v.unwrap_or(f64::NAN)).collect());
         }
         Ok(Plan {
@@ -288,7 +287,8 @@ fn write_outputs(
     dir: &Path,
     name: &str,
 ) -> Result<Json, StageError> {
-    let io = |e: std::io::Error| StageError::new(format!("cannot write under `{}`: {e}", dir.display()));
+    let io =
+        |e: std::io::Error| StageError::new(format!("cannot write under `{}`: {e}", dir.display()));
     std::fs::create_dir_all(dir.join("summaries")).map_err(io)?;
     let polars = |e: PolarsError| StageError::new(e.to_string());
     let rows = df.height();
@@ -347,7 +347,8 @@ fn write_outputs(
             Some(&s) => {
                 let (means, stds): (Vec<f64>, Vec<Option<f64>>) = (0..rows)
                     .map(|r| {
-                        let values: Vec<f64> = result.chains.iter().map(|c| c.columns[s][r]).collect();
+                        let values: Vec<f64> =
+                            result.chains.iter().map(|c| c.columns[s][r]).collect();
                         let (mean, std) = mice::mean_std(&values);
                         (mean, std.is_finite().then_some(std))
                     })
@@ -369,7 +370,8 @@ fn write_outputs(
     write_table(&mut mean_frame, &dir.join("imputed_mean.parquet"))?;
 
     // The convergence trace.
-    let (mut chain, mut iteration, mut column, mut mean, mut std) = (vec![], vec![], vec![], vec![], vec![]);
+    let (mut chain, mut iteration, mut column, mut mean, mut std) =
+        (vec![], vec![], vec![], vec![], vec![]);
     for (k, c) in result.chains.iter().enumerate() {
         for point in &c.trace {
             chain.push(k as u32);
@@ -396,13 +398,21 @@ fn write_outputs(
         .enumerate()
         .map(|(j, c)| (c.clone(), json!(result.missing[j].len())))
         .collect();
-    let imputed: Vec<&String> = result.incomplete.iter().map(|&j| &params.columns[j]).collect();
+    let imputed: Vec<&String> = result
+        .incomplete
+        .iter()
+        .map(|&j| &params.columns[j])
+        .collect();
     let methods: serde_json::Map<String, Json> = result
         .incomplete
         .iter()
         .map(|&j| {
             let column = &params.columns[j];
-            let method = params.method.get(column).copied().unwrap_or(MethodParam::Pmm);
+            let method = params
+                .method
+                .get(column)
+                .copied()
+                .unwrap_or(MethodParam::Pmm);
             (column.clone(), method.describe())
         })
         .collect();
@@ -410,7 +420,10 @@ fn write_outputs(
         .incomplete
         .iter()
         .map(|&j| {
-            let names: Vec<&String> = plan.spec.predictors[j].iter().map(|&p| &params.columns[p]).collect();
+            let names: Vec<&String> = plan.spec.predictors[j]
+                .iter()
+                .map(|&p| &params.columns[p])
+                .collect();
             (params.columns[j].clone(), json!(names))
         })
         .collect();
@@ -423,7 +436,8 @@ fn write_outputs(
             entry.insert("impute_id".into(), json!(k));
             for (s, &j) in result.incomplete.iter().enumerate() {
                 let (mean, std) = mice::mean_std(&c.columns[s]);
-                let imputed: Vec<f64> = result.missing[j].iter().map(|&r| c.columns[s][r]).collect();
+                let imputed: Vec<f64> =
+                    result.missing[j].iter().map(|&r| c.columns[s][r]).collect();
                 let (imputed_mean, imputed_std) = mice::mean_std(&imputed);
                 entry.insert(
                     params.columns[j].clone(),
@@ -459,7 +473,8 @@ fn write_outputs(
             "trace": "trace.parquet",
         },
     });
-    let mut text = serde_json::to_string_pretty(&summary).map_err(|e| StageError::new(e.to_string()))?;
+    let mut text =
+        serde_json::to_string_pretty(&summary).map_err(|e| StageError::new(e.to_string()))?;
     text.push('\n');
     std::fs::write(dir.join("summaries/impute_summary.json"), text).map_err(io)?;
     Ok(summary)

@@ -9,7 +9,6 @@
 //! seeded with (`seed`, chain), so the result does not depend on how many threads run the chains.
 
 use nalgebra::{DMatrix, DVector};
-use rand::seq::SliceRandom;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{ChiSquared, Distribution, Exp, StandardNormal};
@@ -178,7 +177,10 @@ fn run_chain(
         }
     }
     Chain {
-        columns: incomplete.iter().map(|&j| std::mem::take(&mut x[j])).collect(),
+        columns: incomplete
+            .iter()
+            .map(|&j| std::mem::take(&mut x[j]))
+            .collect(),
         trace,
     }
 }
@@ -341,24 +343,49 @@ impl Fit {
 }
 
 /// For each target (a missing row's predicted mean), the index of an observed row drawn at random
-/// from the `donors` observed rows whose predicted means are nearest. Ties between observed rows
-/// are broken at random (the rows are shuffled before a stable sort), as mice's `matchindex` does.
+/// from the `donors` observed rows whose predicted means are nearest.
+///
+/// Ties are broken at random for each target. When more observed rows than needed lie at the
+/// distance of the farthest donor (with an integer predictor, thousands share one predicted
+/// mean), the donors are all the strictly nearer rows plus a random choice among the tied ones,
+/// drawn anew for every target. R's `mice` breaks ties once per call, so every missing value with
+/// the same prediction shares the same few donors; that clusters the imputations and inflates
+/// their spread across imputations (docs/stages.md, `impute`).
 fn match_donors(
     observed: &[f64],
     targets: &[f64],
     donors: usize,
     rng: &mut ChaCha8Rng,
 ) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..observed.len()).collect();
-    order.shuffle(rng);
-    order.sort_by(|a, b| observed[*a].total_cmp(&observed[*b]));
-    let sorted: Vec<f64> = order.iter().map(|&i| observed[i]).collect();
+    // (value, row) pairs are all distinct, so the unstable sort is deterministic.
+    let mut pairs: Vec<(f64, usize)> = observed.iter().copied().zip(0..).collect();
+    pairs.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    let order: Vec<usize> = pairs.iter().map(|p| p.1).collect();
+    let sorted: Vec<f64> = pairs.iter().map(|p| p.0).collect();
+    drop(pairs);
     let k = donors.clamp(1, sorted.len());
+    // For each position, the positions holding the same value (its run of ties); and the
+    // distinct values with where their runs start, searched instead of every value (an integer
+    // predictor gives a few hundred distinct values for hundreds of thousands of rows).
+    let mut runs: Vec<(usize, usize)> = Vec::with_capacity(sorted.len());
+    let (mut distinct, mut starts) = (Vec::new(), Vec::new());
+    let mut start = 0;
+    for i in 1..=sorted.len() {
+        if i == sorted.len() || sorted[i] != sorted[start] {
+            runs.extend(std::iter::repeat_n((start, i), i - start));
+            distinct.push(sorted[start]);
+            starts.push(start);
+            start = i;
+        }
+    }
     targets
         .iter()
         .map(|&t| {
             // The k nearest values of a sorted list are a window of it.
-            let at = sorted.partition_point(|v| *v < t);
+            let at = starts
+                .get(distinct.partition_point(|v| *v < t))
+                .copied()
+                .unwrap_or(sorted.len());
             let (mut lo, mut hi) = (at, at);
             while hi - lo < k {
                 let take_low = if lo == 0 {
@@ -374,7 +401,36 @@ fn match_donors(
                     hi += 1;
                 }
             }
-            order[lo + rng.random_range(0..k)]
+            // The farthest donor's distance, and the rows at exactly that distance, on either
+            // side (all equal to the window's end value on that side).
+            let (left, right) = (sorted[lo], sorted[hi - 1]);
+            let far = (t - left).abs().max((right - t).abs());
+            let mut tied: [(usize, usize); 2] = [(0, 0); 2];
+            let (mut nearer_from, mut nearer_to) = (lo, hi);
+            if (t - left).abs() == far {
+                tied[0] = runs[lo];
+                nearer_from = tied[0].1;
+            }
+            if (right - t).abs() == far && right != left {
+                tied[1] = runs[hi - 1];
+                nearer_to = tied[1].0;
+            } else if (right - t).abs() == far {
+                nearer_to = nearer_from;
+            }
+            let nearer = nearer_to.saturating_sub(nearer_from);
+            let pick = rng.random_range(0..k);
+            let position = if pick < nearer {
+                nearer_from + pick
+            } else {
+                let sizes = (tied[0].1 - tied[0].0, tied[1].1 - tied[1].0);
+                let r = rng.random_range(0..sizes.0 + sizes.1);
+                if r < sizes.0 {
+                    tied[0].0 + r
+                } else {
+                    tied[1].0 + r - sizes.0
+                }
+            };
+            order[position]
         })
         .collect()
 }
@@ -383,7 +439,7 @@ fn match_donors(
 /// succeeds with probability ≥ ½), else Robert's (1995) exponential proposal with its optimal
 /// rate (*Statistics and Computing* 5, 121–125), efficient however far out the tail is.
 pub fn truncated_normal_above(rng: &mut ChaCha8Rng, mu: f64, sigma: f64, a: f64) -> f64 {
-    if !(sigma > 0.0) || !sigma.is_finite() {
+    if sigma.is_nan() || sigma <= 0.0 || !sigma.is_finite() {
         return mu.max(a);
     }
     let alpha = (a - mu) / sigma;
@@ -426,7 +482,9 @@ mod tests {
             seed,
             donors: 5,
             methods,
-            predictors: (0..k).map(|j| (0..k).filter(|&p| p != j).collect()).collect(),
+            predictors: (0..k)
+                .map(|j| (0..k).filter(|&p| p != j).collect())
+                .collect(),
         }
     }
 
@@ -460,7 +518,11 @@ mod tests {
         // The mean: within 4 Monte-Carlo standard errors, √(var/draws).
         for k in 0..2 {
             let se = (expected[(k, k)] / draws as f64).sqrt();
-            assert!((mean[k] - fit.beta[k]).abs() < 4.0 * se, "β̇[{k}] averages {}", mean[k]);
+            assert!(
+                (mean[k] - fit.beta[k]).abs() < 4.0 * se,
+                "β̇[{k}] averages {}",
+                mean[k]
+            );
         }
         // The covariance: a sample variance of 40,000 draws of a t-like variable (df 38, excess
         // kurtosis 6/(df − 4) ≈ 0.18) has a relative standard error of √((2 + 0.18)/40000) ≈ 0.74%;
@@ -525,7 +587,8 @@ mod tests {
                 &spec(vec![method, Method::Pmm], 5, 5, rep as u64),
             )
             .unwrap();
-            let (mut q_mean, mut u_mean, mut q_slope, mut u_slope) = (vec![], vec![], vec![], vec![]);
+            let (mut q_mean, mut u_mean, mut q_slope, mut u_slope) =
+                (vec![], vec![], vec![], vec![]);
             let (mx, _) = mean_std(&x);
             let sxx: f64 = x.iter().map(|v| (v - mx).powi(2)).sum();
             for chain in &result.chains {
@@ -588,19 +651,28 @@ mod tests {
                 assert!(bias.abs() < 4.0 * se, "{case}: mean bias {bias} (se {se})");
                 let (bias, se) = s.slope_bias;
                 if method == Method::Pmm {
-                    assert!(bias < 4.0 * se && bias > -0.03 - 4.0 * se, "{case}: slope bias {bias} (se {se})");
+                    assert!(
+                        bias < 4.0 * se && bias > -0.03 - 4.0 * se,
+                        "{case}: slope bias {bias} (se {se})"
+                    );
                 } else {
                     assert!(bias.abs() < 4.0 * se, "{case}: slope bias {bias} (se {se})");
                 }
                 for coverage in [s.mean_coverage, s.slope_coverage] {
-                    assert!((0.92..=0.98).contains(&coverage), "{case}: coverage {coverage}");
+                    assert!(
+                        (0.92..=0.98).contains(&coverage),
+                        "{case}: coverage {coverage}"
+                    );
                 }
                 let (cc, se) = s.complete_case_bias;
                 if mar {
                     // Missing more often where x (and so y) is large: the observed mean is low.
                     assert!(cc < -10.0 * se, "{case}: complete-case bias {cc} (se {se})");
                 } else {
-                    assert!(cc.abs() < 4.0 * se, "{case}: complete-case bias {cc} (se {se})");
+                    assert!(
+                        cc.abs() < 4.0 * se,
+                        "{case}: complete-case bias {cc} (se {se})"
+                    );
                 }
             }
         }
@@ -621,11 +693,18 @@ mod tests {
                 20.0 + 5.0 * x + 5.0 * e
             })
             .collect();
-        let y: Vec<f64> = truth.iter().map(|v| if *v >= 30.0 { f64::NAN } else { *v }).collect();
+        let y: Vec<f64> = truth
+            .iter()
+            .map(|v| if *v >= 30.0 { f64::NAN } else { *v })
+            .collect();
         let censored: Vec<usize> = (0..n).filter(|&i| y[i].is_nan()).collect();
         let true_mean = censored.iter().map(|&i| truth[i]).sum::<f64>() / censored.len() as f64;
         let imputed_mean = |method| {
-            let result = impute(&[y.clone(), x.clone()], &spec(vec![method, Method::Pmm], 5, 10, 1)).unwrap();
+            let result = impute(
+                &[y.clone(), x.clone()],
+                &spec(vec![method, Method::Pmm], 5, 10, 1),
+            )
+            .unwrap();
             let values: Vec<f64> = result
                 .chains
                 .iter()
@@ -633,14 +712,20 @@ mod tests {
                 .collect();
             (values.iter().sum::<f64>() / values.len() as f64, values)
         };
-        let (mean, values) = imputed_mean(Method::Censored { at: 30.0, above: true });
+        let (mean, values) = imputed_mean(Method::Censored {
+            at: 30.0,
+            above: true,
+        });
         assert!(values.iter().all(|v| *v >= 30.0));
         let (pmm, pmm_values) = imputed_mean(Method::Pmm);
         assert!(pmm_values.iter().all(|v| *v < 30.0));
         // The true mean of the censored values is about 33.4 here. The regression is fitted on
         // the uncensored rows only (so its slope is attenuated); its truncated draws still land
         // within 1.0 of the truth, where PMM is off by more than 4.
-        assert!((mean - true_mean).abs() < 1.0, "censored {mean} vs {true_mean}");
+        assert!(
+            (mean - true_mean).abs() < 1.0,
+            "censored {mean} vs {true_mean}"
+        );
         assert!((pmm - true_mean).abs() > 4.0, "pmm {pmm} vs {true_mean}");
     }
 
@@ -648,41 +733,78 @@ mod tests {
     fn truncated_normal_draws_stay_beyond_the_bound_and_have_the_right_mean() {
         let mut rng = ChaCha8Rng::seed_from_u64(5);
         // E[Z | Z ≥ a] = φ(a)/(1 − Φ(a)): 0.7979 at a = 0, 2.3732 at a = 2, 5.1865 at a = 5.
-        for (a, expected) in [(0.0, 0.797_884_6), (2.0, 2.373_215_5), (5.0, 5.186_503_2), (-1.0, 0.287_599_9)] {
-            let draws: Vec<f64> = (0..100_000).map(|_| truncated_normal_above(&mut rng, 0.0, 1.0, a)).collect();
+        for (a, expected) in [
+            (0.0, 0.797_884_6),
+            (2.0, 2.373_215_5),
+            (5.0, 5.186_503_2),
+            (-1.0, 0.287_599_9),
+        ] {
+            let draws: Vec<f64> = (0..100_000)
+                .map(|_| truncated_normal_above(&mut rng, 0.0, 1.0, a))
+                .collect();
             assert!(draws.iter().all(|d| *d >= a));
             let (mean, sd) = mean_std(&draws);
             // Four standard errors of the mean of 100,000 draws.
-            assert!((mean - expected).abs() < 4.0 * sd / 100_000f64.sqrt(), "a = {a}: {mean} vs {expected}");
+            assert!(
+                (mean - expected).abs() < 4.0 * sd / 100_000f64.sqrt(),
+                "a = {a}: {mean} vs {expected}"
+            );
         }
     }
 
     #[test]
     fn chains_do_not_depend_on_threads_and_repeat_exactly() {
-        let y: Vec<f64> = (0..300).map(|i| if i % 3 == 0 { f64::NAN } else { (i % 17) as f64 }).collect();
-        let x: Vec<f64> = (0..300).map(|i| if i % 7 == 0 { f64::NAN } else { (i % 5) as f64 }).collect();
+        let y: Vec<f64> = (0..300)
+            .map(|i| {
+                if i % 3 == 0 {
+                    f64::NAN
+                } else {
+                    (i % 17) as f64
+                }
+            })
+            .collect();
+        let x: Vec<f64> = (0..300)
+            .map(|i| if i % 7 == 0 { f64::NAN } else { (i % 5) as f64 })
+            .collect();
         let s = spec(vec![Method::Pmm, Method::Norm], 4, 3, 42);
         let a = impute(&[y.clone(), x.clone()], &s).unwrap();
         assert_eq!(a, impute(&[y.clone(), x.clone()], &s).unwrap());
-        assert_eq!(a.incomplete, vec![0, 1], "a predictor with missing values is imputed too");
+        assert_eq!(
+            a.incomplete,
+            vec![0, 1],
+            "a predictor with missing values is imputed too"
+        );
         let columns = [y, x];
         for (chain, result) in a.chains.iter().enumerate() {
-            assert_eq!(result, &run_chain(&columns, &s, &a.missing, &a.incomplete, chain));
+            assert_eq!(
+                result,
+                &run_chain(&columns, &s, &a.missing, &a.incomplete, chain)
+            );
         }
         assert_ne!(a.chains[0], a.chains[1]);
-        assert!(a.chains.iter().all(|c| c.columns.iter().flatten().all(|v| v.is_finite())));
+        assert!(a
+            .chains
+            .iter()
+            .all(|c| c.columns.iter().flatten().all(|v| v.is_finite())));
         assert_eq!(a.chains[0].trace.len(), 3 * 2);
     }
 
     #[test]
     fn edge_cases() {
         // Nothing missing: nothing to do.
-        let result = impute(&[vec![1.0, 2.0], vec![3.0, 4.0]], &spec(vec![Method::Pmm; 2], 3, 2, 0)).unwrap();
+        let result = impute(
+            &[vec![1.0, 2.0], vec![3.0, 4.0]],
+            &spec(vec![Method::Pmm; 2], 3, 2, 0),
+        )
+        .unwrap();
         assert!(result.incomplete.is_empty());
         assert!(result.chains.iter().all(|c| c.columns.is_empty()));
         // A column all missing.
         assert_eq!(
-            impute(&[vec![f64::NAN; 3], vec![1.0, 2.0, 3.0]], &spec(vec![Method::Pmm; 2], 1, 1, 0)),
+            impute(
+                &[vec![f64::NAN; 3], vec![1.0, 2.0, 3.0]],
+                &spec(vec![Method::Pmm; 2], 1, 1, 0)
+            ),
             Err(MiceError::AllMissing(0))
         );
         // A constant predictor, and fewer observed values than donors: PMM still gives observed
@@ -690,7 +812,11 @@ mod tests {
         let y = vec![1.0, f64::NAN, 3.0, f64::NAN, 2.0];
         let c = vec![7.0; 5];
         for method in [Method::Pmm, Method::Norm] {
-            let result = impute(&[y.clone(), c.clone()], &spec(vec![method, Method::Pmm], 2, 3, 9)).unwrap();
+            let result = impute(
+                &[y.clone(), c.clone()],
+                &spec(vec![method, Method::Pmm], 2, 3, 9),
+            )
+            .unwrap();
             for chain in &result.chains {
                 for &r in &[1, 3] {
                     let v = chain.columns[0][r];
@@ -704,8 +830,15 @@ mod tests {
         // One observed value, two predictors equal to each other (collinear): the ridge fit.
         let y = vec![f64::NAN, 2.0, f64::NAN];
         let a = vec![1.0, 2.0, 3.0];
-        let result = impute(&[y, a.clone(), a], &spec(vec![Method::Norm, Method::Pmm, Method::Pmm], 2, 2, 1)).unwrap();
-        assert!(result.chains.iter().all(|c| c.columns[0].iter().all(|v| v.is_finite())));
+        let result = impute(
+            &[y, a.clone(), a],
+            &spec(vec![Method::Norm, Method::Pmm, Method::Pmm], 2, 2, 1),
+        )
+        .unwrap();
+        assert!(result
+            .chains
+            .iter()
+            .all(|c| c.columns[0].iter().all(|v| v.is_finite())));
     }
 
     #[test]
@@ -718,5 +851,31 @@ mod tests {
             assert!([1, 3].contains(&picks[1]), "{picks:?}");
             assert!([1, 3].contains(&picks[2]), "{picks:?}");
         }
+    }
+
+    /// Ties at the farthest donor's distance are broken for each target: the strictly nearer
+    /// rows are always donors, the tied ones share the remaining places at random.
+    #[test]
+    fn pmm_breaks_ties_for_each_target() {
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let observed = [1.0, 0.0, 1.0, 1.0, 5.0, 1.0, 1.0, 1.0];
+        let draws = 9000;
+        let picks = match_donors(&observed, &vec![0.1; draws], 3, &mut rng);
+        let mut counts = [0usize; 8];
+        for p in &picks {
+            counts[*p] += 1;
+        }
+        // Row 1 (value 0) is one of the 3 donors every time: picked a third of the time
+        // (standard error √(⅓·⅔/9000) ≈ 0.005); each of the six rows valued 1 a ninth.
+        let share = |c: usize| c as f64 / draws as f64;
+        assert!((share(counts[1]) - 1.0 / 3.0).abs() < 0.02, "{counts:?}");
+        for row in [0, 2, 3, 5, 6, 7] {
+            assert!((share(counts[row]) - 1.0 / 9.0).abs() < 0.015, "{counts:?}");
+        }
+        assert_eq!(counts[4], 0);
+        // A target inside a block of ties draws from the whole block.
+        let picks = match_donors(&[2.0; 50], &vec![2.0; 5000], 5, &mut rng);
+        let distinct: std::collections::BTreeSet<_> = picks.iter().collect();
+        assert_eq!(distinct.len(), 50);
     }
 }

@@ -75,7 +75,7 @@ pub fn barnard_rubin(m: usize, lambda: f64, dfcom: f64) -> f64 {
 impl Pooled {
     /// The `level` (e.g. 0.95) confidence interval q̄ ± t_{df, (1+level)/2} · √t.
     pub fn interval(&self, level: f64) -> Option<(f64, f64)> {
-        if !(self.df > 0.0) || !(self.t >= 0.0) {
+        if self.df.is_nan() || self.df <= 0.0 || self.t.is_nan() || self.t < 0.0 {
             return None;
         }
         let quantile = if self.df.is_infinite() {
@@ -101,8 +101,12 @@ mod tests {
     /// not rounding.
     #[test]
     fn the_mice_pool_scalar_example() {
-        let p = pool_scalar(&[-1.5457, -1.428], &[0.9723f64.powi(2), 1.041f64.powi(2)], 23.0)
-            .unwrap();
+        let p = pool_scalar(
+            &[-1.5457, -1.428],
+            &[0.9723f64.powi(2), 1.041f64.powi(2)],
+            23.0,
+        )
+        .unwrap();
         let close = |a: f64, b: f64| assert!((a - b).abs() < 1e-9, "{a} vs {b}");
         close(p.qbar, -1.48685);
         close(p.ubar, 1.014524145);
@@ -122,9 +126,13 @@ mod tests {
     #[test]
     fn barnard_rubin_limits() {
         let dfcom = 100.0;
-        assert!((barnard_rubin(10, 0.0, dfcom) - dfcom * (dfcom + 1.0) / (dfcom + 3.0)).abs() < 1e-9);
+        assert!(
+            (barnard_rubin(10, 0.0, dfcom) - dfcom * (dfcom + 1.0) / (dfcom + 3.0)).abs() < 1e-9
+        );
         for lambda in [1e-4, 1e-3, 0.2, 1.0] {
-            assert!((barnard_rubin(8, lambda, f64::INFINITY) - 7.0 / (lambda * lambda)).abs() < 1e-6);
+            assert!(
+                (barnard_rubin(8, lambda, f64::INFINITY) - 7.0 / (lambda * lambda)).abs() < 1e-6
+            );
             // Equal to dfold·dfobs / (dfold + dfobs), the textbook form.
             let dfold = 9.0 / (lambda * lambda);
             let dfobs = (dfcom + 1.0) / (dfcom + 3.0) * dfcom * (1.0 - lambda);
