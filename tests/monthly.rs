@@ -192,7 +192,7 @@ fn the_monthly_pipeline_matches_the_seed_semantics_on_the_sample() {
 }
 
 #[test]
-fn a_second_run_skips_both_stages_and_out_moves_the_layout() {
+fn a_second_run_skips_every_stage_and_out_moves_the_layout() {
     let t = monthly();
     let first = t.exec(&["run", "pipelines/monthly.yaml", "--set", "out=out/2017-05"]);
     assert_eq!(first.code, 0, "{}", first.stderr);
@@ -200,12 +200,18 @@ fn a_second_run_skips_both_stages_and_out_moves_the_layout() {
         "cleaned/orders.parquet",
         "cleaned/summaries/clean_summary.json",
         "aggregated/user_imp.parquet",
+        "imputed/user_imp_m0.parquet",
+        "imputed/user_imp_m6.parquet",
+        "imputed/imputed_long.parquet",
+        "imputed/imputed_mean.parquet",
+        "imputed/trace.parquet",
+        "imputed/summaries/impute_summary.json",
     ] {
         assert!(t.path().join("out/2017-05").join(path).is_file(), "{path}");
     }
     let second = t.exec(&["run", "pipelines/monthly.yaml", "--set", "out=out/2017-05"]);
     assert!(
-        second.stderr.contains("0 ran, 2 up to date"),
+        second.stderr.contains("0 ran, 3 up to date"),
         "{}",
         second.stderr
     );
@@ -233,4 +239,157 @@ fn a_missing_column_fails_the_stage_naming_column_param_and_file() {
     ]}, {
         insta::assert_snapshot!(out.stderr.replace(t.path().to_str().unwrap(), "[TMP]"));
     });
+}
+
+fn floats(df: &imba_stages::polars::prelude::DataFrame, column: &str) -> Vec<Option<f64>> {
+    use imba_stages::polars::prelude::DataType;
+    df.column(column)
+        .unwrap()
+        .cast(&DataType::Float64)
+        .unwrap()
+        .f64()
+        .unwrap()
+        .iter()
+        .collect()
+}
+
+/// The imputed layout agrees with itself and with the aggregated table: every imputation keeps
+/// the observed values and fills each missing one with an observed value (PMM); the long table
+/// stacks the imputations; the mean table averages them; the trace has every chain and
+/// iteration. The same seed gives the same bytes; another seed, other imputations.
+#[test]
+fn the_imputed_outputs_agree_with_each_other_and_repeat_exactly() {
+    use imba_stages::table::read_table;
+    let t = monthly();
+    let run = t.exec(&["run", "pipelines/monthly.yaml"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let out = t.path().join("out/monthly");
+    let users = read_table(&out.join("aggregated/user_imp.parquet")).unwrap();
+    let days = floats(&users, "days_imp");
+    let observed: std::collections::BTreeSet<u64> =
+        days.iter().flatten().map(|d| d.to_bits()).collect();
+    let missing = days.iter().filter(|d| d.is_none()).count();
+    let mut per_imputation = Vec::new();
+    for k in 0..7 {
+        let table = read_table(&out.join(format!("imputed/user_imp_m{k}.parquet"))).unwrap();
+        assert_eq!(
+            table.get_column_names(),
+            ["user_id", "days_imp", "frequency"]
+        );
+        assert!(table
+            .column("user_id")
+            .unwrap()
+            .equals(users.column("user_id").unwrap()));
+        assert!(table
+            .column("frequency")
+            .unwrap()
+            .equals(users.column("frequency").unwrap()));
+        let imputed = floats(&table, "days_imp");
+        for (before, after) in days.iter().zip(&imputed) {
+            let after = after.expect("every value is filled");
+            match before {
+                Some(v) => assert_eq!(*v, after),
+                None => assert!(
+                    observed.contains(&after.to_bits()),
+                    "{after} was never observed"
+                ),
+            }
+        }
+        per_imputation.push(imputed);
+    }
+    assert_ne!(per_imputation[0], per_imputation[1]);
+
+    let long = read_table(&out.join("imputed/imputed_long.parquet")).unwrap();
+    assert_eq!(
+        long.get_column_names(),
+        ["impute_id", "user_id", "days_imp", "frequency"]
+    );
+    assert_eq!(long.height(), 7 * users.height());
+    let stacked: Vec<Option<f64>> = per_imputation.iter().flatten().copied().collect();
+    assert_eq!(floats(&long, "days_imp"), stacked);
+
+    let mean = read_table(&out.join("imputed/imputed_mean.parquet")).unwrap();
+    assert_eq!(
+        mean.get_column_names(),
+        [
+            "user_id",
+            "days_imp",
+            "days_imp_std",
+            "frequency",
+            "was_missing"
+        ]
+    );
+    let (avg, std) = (floats(&mean, "days_imp"), floats(&mean, "days_imp_std"));
+    let was_missing: Vec<bool> = mean
+        .column("was_missing")
+        .unwrap()
+        .bool()
+        .unwrap()
+        .iter()
+        .map(|b| b.unwrap())
+        .collect();
+    for r in 0..users.height() {
+        let values: Vec<f64> = per_imputation.iter().map(|v| v[r].unwrap()).collect();
+        let m = values.iter().sum::<f64>() / 7.0;
+        let s = (values.iter().map(|v| (v - m).powi(2)).sum::<f64>() / 6.0).sqrt();
+        assert!((avg[r].unwrap() - m).abs() < 1e-9);
+        assert!((std[r].unwrap() - s).abs() < 1e-9);
+        assert_eq!(was_missing[r], days[r].is_none());
+        if days[r].is_some() {
+            assert_eq!(s, 0.0);
+        }
+    }
+
+    let trace = read_table(&out.join("imputed/trace.parquet")).unwrap();
+    assert_eq!(
+        trace.get_column_names(),
+        ["chain", "iteration", "column", "mean", "std"]
+    );
+    assert_eq!(
+        trace.height(),
+        7 * 10,
+        "7 chains × 10 iterations × 1 incomplete column"
+    );
+
+    let summary: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("imputed/summaries/impute_summary.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(summary["missing"]["days_imp"], missing);
+    assert_eq!(summary["missing"]["frequency"], 0);
+    assert_eq!(summary["m"], 7);
+    assert_eq!(summary["methods"], serde_json::json!({"days_imp": "pmm"}));
+    let first = &summary["imputations"][0]["days_imp"]["mean"];
+    let m0: Vec<f64> = per_imputation[0].iter().flatten().copied().collect();
+    assert!((first.as_f64().unwrap() - m0.iter().sum::<f64>() / m0.len() as f64).abs() < 1e-9);
+
+    // The same seed elsewhere: the same bytes. Another seed: other values.
+    let again = t.exec(&["run", "pipelines/monthly.yaml", "--set", "out=out/again"]);
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    for file in [
+        "user_imp_m3.parquet",
+        "imputed_long.parquet",
+        "imputed_mean.parquet",
+        "trace.parquet",
+        "summaries/impute_summary.json",
+    ] {
+        assert_eq!(
+            std::fs::read(out.join("imputed").join(file)).unwrap(),
+            std::fs::read(t.path().join("out/again/imputed").join(file)).unwrap(),
+            "{file}"
+        );
+    }
+    let other = t.exec(&[
+        "run",
+        "pipelines/monthly.yaml",
+        "--set",
+        "out=out/other",
+        "--set",
+        "impute_days.seed=7",
+    ]);
+    assert_eq!(other.code, 0, "{}", other.stderr);
+    assert_ne!(
+        std::fs::read(out.join("imputed/imputed_long.parquet")).unwrap(),
+        std::fs::read(t.path().join("out/other/imputed/imputed_long.parquet")).unwrap()
+    );
 }

@@ -18,3 +18,6 @@ pub mod table;
 pub use registry::{
     Builtin, BuiltinStage, ParamsError, Registry, StageError, StageIo, StageReport,
 };
+
+/// The polars the stages are built on, for callers that read their tables.
+pub use polars;
