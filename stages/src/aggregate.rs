@@ -134,15 +134,7 @@ fn read_typed(path: &std::path::Path, params: &AggregateParams) -> Result<DataFr
         }
         return crate::table::read_parquet(path, Some(&columns));
     }
-    CsvReadOptions::default()
-        .with_has_header(true)
-        .with_infer_schema_length(Some(10_000))
-        .try_into_reader_with_file_path(Some(path.to_path_buf()))
-        .and_then(|r| r.finish())
-        .map_err(|e| match crate::table::locate_csv_problem(path) {
-            Some(problem) => StageError::new(format!("`{}`: {problem}", path.display())),
-            None => StageError::new(format!("cannot read CSV file `{}`: {e}", path.display())),
-        })
+    crate::table::read_table_inferred(path)
 }
 
 /// Groups `df` (read from `source`, named in errors) as `params` says.

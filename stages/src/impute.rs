@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value as Json};
 
 use crate::mice::{self, Method};
-use crate::table::{pointer, read_table, require_columns, write_table};
+use crate::table::{pointer, read_table_inferred, require_columns, write_table};
 use crate::{BuiltinStage, StageError, StageIo, StageReport};
 
 /// Params of `impute`.
@@ -139,7 +139,7 @@ impl BuiltinStage for Impute {
         let started = std::time::Instant::now();
         let input = io.input(0)?;
         let dir = io.output("imputed", 0)?;
-        let df = read_table(input)?;
+        let df = read_table_inferred(input)?;
         let plan = Plan::new(&df, params, input)?;
         let result = mice::impute(&plan.values, &plan.spec).map_err(|e| match e {
             mice::MiceError::AllMissing(j) => StageError::new(format!(
@@ -486,5 +486,84 @@ fn finite(value: f64) -> Json {
         json!(value)
     } else {
         Json::Null
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(csv: &str, params: Json) -> (Result<Json, StageError>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("users.csv");
+        std::fs::write(&input, csv).unwrap();
+        let params: ImputeParams = serde_json::from_value(params).unwrap();
+        let io = StageIo {
+            inputs: vec![(None, input)],
+            outputs: vec![(Some("imputed".into()), dir.path().join("imputed"))],
+        };
+        (Impute::run(&params, &io).map(|r| r.summary), dir)
+    }
+
+    const CSV: &str = "id,y,x,s\n1,,1,a\n2,2,2,b\n3,3,3,c\n4,,4,d\n5,5,5,e\n";
+
+    #[test]
+    fn params_that_do_not_fit_the_table_name_the_param() {
+        let cases = [
+            (json!({"columns": ["y", "x"], "method": {"z": "norm"}}), "/method/z", "`z` (param `method.z`) is not one of the model's `columns`: y, x"),
+            (json!({"columns": ["y", "x"], "predictors": {"y": ["y"]}}), "/predictors/y/0", "`y` cannot predict itself (param `predictors.y[0]`)"),
+            (json!({"columns": ["y", "x"], "id": "y"}), "/id", "`y` is the `id`; it cannot also be one of the model's `columns`"),
+            (json!({"columns": ["y", "s"]}), "/columns/1", "column `s` of `"),
+            (json!({"columns": ["y", "q"]}), "/columns/1", "column `q` (param `columns[1]`) is not in `"),
+        ];
+        for (params, pointer, message) in cases {
+            let (result, _dir) = run(CSV, params);
+            let error = result.unwrap_err();
+            assert_eq!(error.param.as_deref(), Some(pointer), "{}", error.message);
+            assert!(error.message.contains(message), "{}", error.message);
+        }
+        let (result, _dir) = run("y,x\n,1\n,2\n", json!({"columns": ["y", "x"]}));
+        let error = result.unwrap_err();
+        assert!(error.message.starts_with("column `y` of `"), "{}", error.message);
+        assert!(error.message.ends_with("has no observed value: there is nothing to impute it from"));
+        assert_eq!(error.param.as_deref(), Some("/columns/0"));
+    }
+
+    #[test]
+    fn nothing_missing_gives_the_input_m_times() {
+        let (result, dir) = run("id,y,x\n1,1,2\n2,3,4\n", json!({"columns": ["y", "x"], "id": "id", "m": 3}));
+        let summary = result.unwrap();
+        assert_eq!(summary["nothing_to_impute"], true);
+        assert_eq!(summary["imputed_columns"], json!([]));
+        let input = read_table_inferred(&dir.path().join("users.csv")).unwrap();
+        assert_eq!(input.column("y").unwrap().dtype(), &DataType::Int64);
+        for k in 0..3 {
+            let table = read_table_inferred(&dir.path().join(format!("imputed/users_m{k}.parquet"))).unwrap();
+            assert!(table.equals(&input), "{table}");
+        }
+        let trace = read_table_inferred(&dir.path().join("imputed/trace.parquet")).unwrap();
+        assert_eq!(trace.height(), 0);
+    }
+
+    #[test]
+    fn censored_imputations_lie_beyond_the_bound() {
+        let mut csv = String::from("y,x\n");
+        for i in 0..200 {
+            let x = i as f64 / 10.0;
+            let y = 2.0 * x + (i % 7) as f64;
+            if y >= 30.0 {
+                csv.push_str(&format!(",{x}\n"));
+            } else {
+                csv.push_str(&format!("{y},{x}\n"));
+            }
+        }
+        let (result, dir) = run(&csv, json!({"columns": ["y", "x"], "m": 2, "method": {"y": {"censored": {"at": 30}}}}));
+        let summary = result.unwrap();
+        assert_eq!(summary["methods"]["y"], json!({"censored": {"at": 30.0, "direction": "above"}}));
+        let table = read_table_inferred(&dir.path().join("imputed/users_m1.parquet")).unwrap();
+        let y: Vec<f64> = table.column("y").unwrap().f64().unwrap().iter().map(|v| v.unwrap()).collect();
+        let missing = csv.lines().skip(1).filter(|l| l.starts_with(',')).count();
+        assert!(missing > 20);
+        assert_eq!(y.iter().filter(|v| **v >= 30.0).count(), missing);
     }
 }

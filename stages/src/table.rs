@@ -23,6 +23,31 @@ pub fn read_table(path: &Path) -> Result<DataFrame, StageError> {
     }
 }
 
+/// Reads a table with its column types: Parquet as it is, CSV with types inferred from the values
+/// (from the first 10,000 rows, or from all of them when a later value does not fit).
+pub fn read_table_inferred(path: &Path) -> Result<DataFrame, StageError> {
+    if !is_csv(path) {
+        return read_parquet(path, None);
+    }
+    let read = |rows: Option<usize>| {
+        CsvReadOptions::default()
+            .with_has_header(true)
+            .with_infer_schema_length(rows)
+            .try_into_reader_with_file_path(Some(path.to_path_buf()))
+            .and_then(|r| r.finish())
+    };
+    match read(Some(10_000)).or_else(|_| read(None)) {
+        Ok(df) => {
+            check_csv_shape(path, df.width(), df.height())?;
+            Ok(df)
+        }
+        Err(e) => Err(match locate_csv_problem(path) {
+            Some(problem) => StageError::new(format!("`{}`: {problem}", path.display())),
+            None => StageError::new(format!("cannot read CSV file `{}`: {e}", path.display())),
+        }),
+    }
+}
+
 /// Reads a Parquet file: all its columns, or only `columns` when it has them all (when it does
 /// not, all of them, so that the caller's error can list what there is).
 pub fn read_parquet(path: &Path, columns: Option<&[String]>) -> Result<DataFrame, StageError> {
