@@ -510,11 +510,31 @@ mod tests {
     #[test]
     fn params_that_do_not_fit_the_table_name_the_param() {
         let cases = [
-            (json!({"columns": ["y", "x"], "method": {"z": "norm"}}), "/method/z", "`z` (param `method.z`) is not one of the model's `columns`: y, x"),
-            (json!({"columns": ["y", "x"], "predictors": {"y": ["y"]}}), "/predictors/y/0", "`y` cannot predict itself (param `predictors.y[0]`)"),
-            (json!({"columns": ["y", "x"], "id": "y"}), "/id", "`y` is the `id`; it cannot also be one of the model's `columns`"),
-            (json!({"columns": ["y", "s"]}), "/columns/1", "column `s` of `"),
-            (json!({"columns": ["y", "q"]}), "/columns/1", "column `q` (param `columns[1]`) is not in `"),
+            (
+                json!({"columns": ["y", "x"], "method": {"z": "norm"}}),
+                "/method/z",
+                "`z` (param `method.z`) is not one of the model's `columns`: y, x",
+            ),
+            (
+                json!({"columns": ["y", "x"], "predictors": {"y": ["y"]}}),
+                "/predictors/y/0",
+                "`y` cannot predict itself (param `predictors.y[0]`)",
+            ),
+            (
+                json!({"columns": ["y", "x"], "id": "y"}),
+                "/id",
+                "`y` is the `id`; it cannot also be one of the model's `columns`",
+            ),
+            (
+                json!({"columns": ["y", "s"]}),
+                "/columns/1",
+                "column `s` of `",
+            ),
+            (
+                json!({"columns": ["y", "q"]}),
+                "/columns/1",
+                "column `q` (param `columns[1]`) is not in `",
+            ),
         ];
         for (params, pointer, message) in cases {
             let (result, _dir) = run(CSV, params);
@@ -524,21 +544,32 @@ mod tests {
         }
         let (result, _dir) = run("y,x\n,1\n,2\n", json!({"columns": ["y", "x"]}));
         let error = result.unwrap_err();
-        assert!(error.message.starts_with("column `y` of `"), "{}", error.message);
-        assert!(error.message.ends_with("has no observed value: there is nothing to impute it from"));
+        assert!(
+            error.message.starts_with("column `y` of `"),
+            "{}",
+            error.message
+        );
+        assert!(error
+            .message
+            .ends_with("has no observed value: there is nothing to impute it from"));
         assert_eq!(error.param.as_deref(), Some("/columns/0"));
     }
 
     #[test]
     fn nothing_missing_gives_the_input_m_times() {
-        let (result, dir) = run("id,y,x\n1,1,2\n2,3,4\n", json!({"columns": ["y", "x"], "id": "id", "m": 3}));
+        let (result, dir) = run(
+            "id,y,x\n1,1,2\n2,3,4\n",
+            json!({"columns": ["y", "x"], "id": "id", "m": 3}),
+        );
         let summary = result.unwrap();
         assert_eq!(summary["nothing_to_impute"], true);
         assert_eq!(summary["imputed_columns"], json!([]));
         let input = read_table_inferred(&dir.path().join("users.csv")).unwrap();
         assert_eq!(input.column("y").unwrap().dtype(), &DataType::Int64);
         for k in 0..3 {
-            let table = read_table_inferred(&dir.path().join(format!("imputed/users_m{k}.parquet"))).unwrap();
+            let table =
+                read_table_inferred(&dir.path().join(format!("imputed/users_m{k}.parquet")))
+                    .unwrap();
             assert!(table.equals(&input), "{table}");
         }
         let trace = read_table_inferred(&dir.path().join("imputed/trace.parquet")).unwrap();
@@ -557,11 +588,24 @@ mod tests {
                 csv.push_str(&format!("{y},{x}\n"));
             }
         }
-        let (result, dir) = run(&csv, json!({"columns": ["y", "x"], "m": 2, "method": {"y": {"censored": {"at": 30}}}}));
+        let (result, dir) = run(
+            &csv,
+            json!({"columns": ["y", "x"], "m": 2, "method": {"y": {"censored": {"at": 30}}}}),
+        );
         let summary = result.unwrap();
-        assert_eq!(summary["methods"]["y"], json!({"censored": {"at": 30.0, "direction": "above"}}));
+        assert_eq!(
+            summary["methods"]["y"],
+            json!({"censored": {"at": 30.0, "direction": "above"}})
+        );
         let table = read_table_inferred(&dir.path().join("imputed/users_m1.parquet")).unwrap();
-        let y: Vec<f64> = table.column("y").unwrap().f64().unwrap().iter().map(|v| v.unwrap()).collect();
+        let y: Vec<f64> = table
+            .column("y")
+            .unwrap()
+            .f64()
+            .unwrap()
+            .iter()
+            .map(|v| v.unwrap())
+            .collect();
         let missing = csv.lines().skip(1).filter(|l| l.starts_with(',')).count();
         assert!(missing > 20);
         assert_eq!(y.iter().filter(|v| **v >= 30.0).count(), missing);

@@ -378,46 +378,70 @@ fn match_donors(
             start = i;
         }
     }
+    // Where a target's donors are; it depends on the target's value alone, and targets repeat
+    // (an integer predictor gives a few hundred distinct values), so windows are remembered in
+    // a small direct-mapped cache.
+    let window = |t: f64| -> Window {
+        // The k nearest values of a sorted list are a window of it.
+        let at = starts
+            .get(distinct.partition_point(|v| *v < t))
+            .copied()
+            .unwrap_or(sorted.len());
+        let (mut lo, mut hi) = (at, at);
+        while hi - lo < k {
+            let take_low = if lo == 0 {
+                false
+            } else if hi == sorted.len() {
+                true
+            } else {
+                t - sorted[lo - 1] <= sorted[hi] - t
+            };
+            if take_low {
+                lo -= 1;
+            } else {
+                hi += 1;
+            }
+        }
+        // The farthest donor's distance, and the rows at exactly that distance, on either
+        // side (all equal to the window's end value on that side).
+        let (left, right) = (sorted[lo], sorted[hi - 1]);
+        let far = (t - left).abs().max((right - t).abs());
+        let mut tied: [(usize, usize); 2] = [(0, 0); 2];
+        let (mut nearer_from, mut nearer_to) = (lo, hi);
+        if (t - left).abs() == far {
+            tied[0] = runs[lo];
+            nearer_from = tied[0].1;
+        }
+        if (right - t).abs() == far && right != left {
+            tied[1] = runs[hi - 1];
+            nearer_to = tied[1].0;
+        } else if (right - t).abs() == far {
+            nearer_to = nearer_from;
+        }
+        Window {
+            nearer_from,
+            nearer: nearer_to.saturating_sub(nearer_from),
+            tied,
+        }
+    };
+    let mut cache: Vec<Option<(u64, Window)>> = vec![None; 1024];
     targets
         .iter()
         .map(|&t| {
-            // The k nearest values of a sorted list are a window of it.
-            let at = starts
-                .get(distinct.partition_point(|v| *v < t))
-                .copied()
-                .unwrap_or(sorted.len());
-            let (mut lo, mut hi) = (at, at);
-            while hi - lo < k {
-                let take_low = if lo == 0 {
-                    false
-                } else if hi == sorted.len() {
-                    true
-                } else {
-                    t - sorted[lo - 1] <= sorted[hi] - t
-                };
-                if take_low {
-                    lo -= 1;
-                } else {
-                    hi += 1;
+            let key = t.to_bits();
+            let slot = (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 54) as usize;
+            let Window {
+                nearer_from,
+                nearer,
+                tied,
+            } = match cache[slot] {
+                Some((cached, w)) if cached == key => w,
+                _ => {
+                    let w = window(t);
+                    cache[slot] = Some((key, w));
+                    w
                 }
-            }
-            // The farthest donor's distance, and the rows at exactly that distance, on either
-            // side (all equal to the window's end value on that side).
-            let (left, right) = (sorted[lo], sorted[hi - 1]);
-            let far = (t - left).abs().max((right - t).abs());
-            let mut tied: [(usize, usize); 2] = [(0, 0); 2];
-            let (mut nearer_from, mut nearer_to) = (lo, hi);
-            if (t - left).abs() == far {
-                tied[0] = runs[lo];
-                nearer_from = tied[0].1;
-            }
-            if (right - t).abs() == far && right != left {
-                tied[1] = runs[hi - 1];
-                nearer_to = tied[1].0;
-            } else if (right - t).abs() == far {
-                nearer_to = nearer_from;
-            }
-            let nearer = nearer_to.saturating_sub(nearer_from);
+            };
             let pick = rng.random_range(0..k);
             let position = if pick < nearer {
                 nearer_from + pick
@@ -433,6 +457,16 @@ fn match_donors(
             order[position]
         })
         .collect()
+}
+
+/// The donors of one target value (see [`match_donors`]): `nearer` positions from
+/// `nearer_from` are strictly nearer than the farthest donor, and the rows in `tied` lie exactly
+/// as far.
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    nearer_from: usize,
+    nearer: usize,
+    tied: [(usize, usize); 2],
 }
 
 /// A draw from N(μ, σ²) truncated to [a, ∞): plain rejection when a is below the mean (each try
