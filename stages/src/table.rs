@@ -141,53 +141,38 @@ pub fn read_csv_text_columns(path: &Path, columns: &[String]) -> Result<DataFram
 /// Returns whether the file is *plain*: no quotes, no blank lines, every line with every field,
 /// so that data row `i` is line `i + 2` ([`csv_fields_at`] relies on it).
 pub fn check_csv_shape(path: &Path, columns: usize, rows: usize) -> Result<bool, StageError> {
-    use std::io::Read;
-    let cannot =
-        |e: std::io::Error| StageError::new(format!("cannot read `{}`: {e}", path.display()));
-    let mut file = std::fs::File::open(path).map_err(cannot)?;
-    let mut buffer = vec![0u8; 1 << 20];
-    let (mut commas, mut quotes, mut newlines) = (0usize, 0usize, 0usize);
-    let mut last = b'\n';
-    let mut utf8_ok = true;
-    // Bytes of a UTF-8 sequence cut by the end of the previous chunk.
-    let mut carry = 0usize;
-    loop {
-        let read = file.read(&mut buffer[carry..]).map_err(cannot)?;
-        if read == 0 {
-            utf8_ok &= carry == 0;
-            break;
-        }
-        let chunk = &buffer[..carry + read];
-        commas += bytecount::count(&chunk[carry..], b',');
-        quotes += bytecount::count(&chunk[carry..], b'"');
-        newlines += bytecount::count(&chunk[carry..], b'\n');
-        last = chunk[chunk.len() - 1];
-        carry = match std::str::from_utf8(chunk) {
-            Ok(_) => 0,
-            Err(e) if e.error_len().is_none() => chunk.len() - e.valid_up_to(),
-            Err(_) => {
-                utf8_ok = false;
-                0
-            }
-        };
-        if carry > 0 {
-            let start = chunk.len() - carry;
-            buffer.copy_within(start..start + carry, 0);
-        }
-        if !utf8_ok {
-            break;
-        }
-    }
+    let map = map_file(path)?;
+    let bytes: &[u8] = map.as_deref().unwrap_or_default();
+    let utf8_ok = std::str::from_utf8(bytes).is_ok();
+    let commas = bytecount::count(bytes, b',');
+    let quotes = bytecount::count(bytes, b'"');
     let expected = columns.saturating_sub(1) * (rows + 1);
     if utf8_ok && quotes == 0 && commas == expected {
         // Every line is the header or a row (the last one may lack its newline).
-        let lines = newlines + usize::from(last != b'\n');
+        let newlines = bytecount::count(bytes, b'\n');
+        let lines = newlines + usize::from(bytes.last().is_some_and(|b| *b != b'\n'));
         return Ok(lines == rows + 1);
     }
     match locate_csv_problem(path) {
         Some(problem) => Err(StageError::new(format!("`{}`: {problem}", path.display()))),
         None => Ok(false),
     }
+}
+
+/// A file's bytes, mapped read-only (`None` for an empty file, which cannot be mapped). Like
+/// polars, which maps the same CSV to parse it, this assumes nobody truncates the file while
+/// a stage reads it.
+fn map_file(path: &Path) -> Result<Option<memmap2::Mmap>, StageError> {
+    let cannot =
+        |e: std::io::Error| StageError::new(format!("cannot read `{}`: {e}", path.display()));
+    let file = std::fs::File::open(path).map_err(cannot)?;
+    if file.metadata().map_err(cannot)?.len() == 0 {
+        return Ok(None);
+    }
+    // SAFETY: read-only; the file is an input of the stage, which imba never writes while the
+    // stage runs (see above for other writers).
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(cannot)?;
+    Ok(Some(map))
 }
 
 /// The fields at `columns` (indices) of data rows `rows` (ascending; 0 is the line after the
@@ -199,9 +184,6 @@ pub fn csv_fields_at(
     rows: &[IdxSize],
     columns: &[usize],
 ) -> Result<Vec<Vec<String>>, StageError> {
-    use std::io::Read;
-    let cannot =
-        |e: std::io::Error| StageError::new(format!("cannot read `{}`: {e}", path.display()));
     let fields = |line: &[u8]| -> Vec<String> {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         let all: Vec<&[u8]> = line.split(|b| *b == b',').collect();
@@ -210,42 +192,20 @@ pub fn csv_fields_at(
             .map(|c| String::from_utf8_lossy(all.get(*c).copied().unwrap_or_default()).into_owned())
             .collect()
     };
+    let map = map_file(path)?;
+    let bytes: &[u8] = map.as_deref().unwrap_or_default();
     let mut out = Vec::with_capacity(rows.len());
     let mut wanted = rows.iter().map(|r| *r as u64 + 1).peekable();
-    let mut file = std::fs::File::open(path).map_err(cannot)?;
-    let mut chunk = vec![0u8; 1 << 20];
-    // The start of a line cut by the end of the previous chunk.
-    let mut pending: Vec<u8> = Vec::new();
-    let mut line = 0u64;
-    while wanted.peek().is_some() {
-        let read = file.read(&mut chunk).map_err(cannot)?;
-        if read == 0 {
-            if !pending.is_empty() && wanted.peek() == Some(&line) {
-                out.push(fields(&pending));
-                wanted.next();
-            }
-            break;
+    let (mut line, mut start) = (0u64, 0usize);
+    let ends = memchr::memchr_iter(b'\n', bytes).chain(std::iter::once(bytes.len()));
+    for end in ends {
+        let Some(&next) = wanted.peek() else { break };
+        if line == next && start <= end {
+            out.push(fields(&bytes[start..end]));
+            wanted.next();
         }
-        let chunk = &chunk[..read];
-        let mut start = 0;
-        for end in memchr::memchr_iter(b'\n', chunk) {
-            if wanted.peek() == Some(&line) {
-                if pending.is_empty() {
-                    out.push(fields(&chunk[start..end]));
-                } else {
-                    pending.extend_from_slice(&chunk[start..end]);
-                    out.push(fields(&pending));
-                }
-                wanted.next();
-                if wanted.peek().is_none() {
-                    break;
-                }
-            }
-            pending.clear();
-            line += 1;
-            start = end + 1;
-        }
-        pending.extend_from_slice(&chunk[start..]);
+        line += 1;
+        start = end + 1;
     }
     if out.len() != rows.len() {
         return Err(StageError::new(format!(
