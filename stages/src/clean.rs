@@ -56,6 +56,17 @@ pub enum CastType {
     Date,
 }
 
+impl CastType {
+    /// The polars type of an int64 or float64 cast (`None` for the others).
+    fn number_dtype(self) -> Option<DataType> {
+        match self {
+            CastType::Int64 => Some(DataType::Int64),
+            CastType::Float64 => Some(DataType::Float64),
+            CastType::String | CastType::Bool | CastType::Date => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum OnCastError {
@@ -194,14 +205,11 @@ fn read_input(input: &std::path::Path, params: &CleanParams) -> Result<Input, St
     if !crate::table::is_csv(input) || params.cast.is_empty() {
         return text_path();
     }
-    let mut types = Vec::new();
-    for (column, to) in &params.cast {
-        match to {
-            CastType::Int64 => types.push((column.clone(), DataType::Int64)),
-            CastType::Float64 => types.push((column.clone(), DataType::Float64)),
-            CastType::String | CastType::Bool | CastType::Date => {}
-        }
-    }
+    let types: Vec<(String, DataType)> = params
+        .cast
+        .iter()
+        .filter_map(|(column, to)| Some((column.clone(), to.number_dtype()?)))
+        .collect();
     if types.is_empty() {
         return text_path();
     }
@@ -708,7 +716,7 @@ fn cast(
             .map_err(err)?
             .as_materialized_series()
             .clone();
-        let numeric = matches!(to, CastType::Int64 | CastType::Float64);
+        let numeric = to.number_dtype().is_some();
         let (after, failed, first) = match texts.remove(column) {
             // Parsed while reading; the text of just the values that did not parse.
             Some(Text::Unparsed(unparsed)) if numeric => {
@@ -730,14 +738,10 @@ fn cast(
                     _ => (before, None),
                 };
                 let is_text = matches!(before.dtype(), DataType::String);
-                let after = match (parsed, to) {
+                let after = match (parsed, to.number_dtype()) {
                     (Some(parsed), _) => cast_number(&before, parsed, *to).map_err(err)?,
-                    (None, CastType::Int64) if is_text => {
-                        let direct = before.cast(&DataType::Int64).map_err(err)?;
-                        cast_number(&before, direct, *to).map_err(err)?
-                    }
-                    (None, CastType::Float64) if is_text => {
-                        let direct = before.cast(&DataType::Float64).map_err(err)?;
+                    (None, Some(dtype)) if is_text => {
+                        let direct = before.cast(&dtype).map_err(err)?;
                         cast_number(&before, direct, *to).map_err(err)?
                     }
                     _ => {

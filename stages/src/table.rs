@@ -41,10 +41,18 @@ pub fn read_table_inferred(path: &Path) -> Result<DataFrame, StageError> {
             check_csv_shape(path, df.width(), df.height())?;
             Ok(df)
         }
-        Err(e) => Err(match locate_csv_problem(path) {
-            Some(problem) => StageError::new(format!("`{}`: {problem}", path.display())),
-            None => StageError::new(format!("cannot read CSV file `{}`: {e}", path.display())),
-        }),
+        Err(e) => Err(csv_error(path, e)),
+    }
+}
+
+/// A CSV that polars could not read: the line at fault when one can be found, else polars' words.
+fn csv_error(path: &Path, error: PolarsError) -> StageError {
+    match locate_csv_problem(path) {
+        Some(problem) => StageError::new(format!("`{}`: {problem}", path.display())),
+        None => StageError::new(format!(
+            "cannot read CSV file `{}`: {error}",
+            path.display()
+        )),
     }
 }
 
@@ -89,13 +97,7 @@ fn read_csv_strings(path: &Path) -> Result<DataFrame, StageError> {
             check_csv_shape(path, df.width(), df.height())?;
             Ok(df)
         }
-        Err(error) => Err(match locate_csv_problem(path) {
-            Some(problem) => StageError::new(format!("`{}`: {problem}", path.display())),
-            None => StageError::new(format!(
-                "cannot read CSV file `{}`: {error}",
-                path.display()
-            )),
-        }),
+        Err(error) => Err(csv_error(path, error)),
     }
 }
 
