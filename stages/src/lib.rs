@@ -6,6 +6,7 @@
 
 pub mod aggregate;
 pub mod clean;
+pub mod diagnose;
 pub mod impute;
 pub mod mice;
 pub mod pool;

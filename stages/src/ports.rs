@@ -15,13 +15,6 @@ impl PortError {
             message,
         }
     }
-
-    fn outputs(message: String) -> Self {
-        PortError {
-            outputs: true,
-            message,
-        }
-    }
 }
 
 /// Exactly one input, named anything.
@@ -40,10 +33,33 @@ pub fn named_outputs(
     required: &[&str],
     optional: &[&str],
 ) -> Result<(), PortError> {
+    named(outputs, required, optional, true)
+}
+
+/// Inputs named `required` (and maybe `optional`), or a list in that order.
+pub fn named_inputs(
+    inputs: &[Option<String>],
+    required: &[&str],
+    optional: &[&str],
+) -> Result<(), PortError> {
+    named(inputs, required, optional, false)
+}
+
+fn named(
+    ports: &[Option<String>],
+    required: &[&str],
+    optional: &[&str],
+    outputs_side: bool,
+) -> Result<(), PortError> {
+    let side = if outputs_side { "output" } else { "input" };
+    let error = |message: String| PortError {
+        outputs: outputs_side,
+        message,
+    };
     let all: Vec<&str> = required.iter().chain(optional).copied().collect();
-    let names: Vec<&str> = outputs.iter().filter_map(|n| n.as_deref()).collect();
+    let names: Vec<&str> = ports.iter().filter_map(|n| n.as_deref()).collect();
     let expected = format!(
-        "outputs {}",
+        "{side}s {}",
         all.iter()
             .enumerate()
             .map(|(i, n)| if i < required.len() {
@@ -55,25 +71,25 @@ pub fn named_outputs(
             .join(", ")
     );
     if names.is_empty() {
-        if outputs.len() < required.len() || outputs.len() > all.len() {
-            return Err(PortError::outputs(format!(
+        if ports.len() < required.len() || ports.len() > all.len() {
+            return Err(error(format!(
                 "expects {expected}, in that order; {} given",
-                outputs.len()
+                ports.len()
             )));
         }
         return Ok(());
     }
     for name in &names {
         if !all.contains(name) {
-            return Err(PortError::outputs(format!(
-                "has no output `{name}`; it expects {expected}"
+            return Err(error(format!(
+                "has no {side} `{name}`; it expects {expected}"
             )));
         }
     }
     for name in required {
         if !names.contains(name) {
-            return Err(PortError::outputs(format!(
-                "needs an output `{name}`; it expects {expected}"
+            return Err(error(format!(
+                "needs an {side} `{name}`; it expects {expected}"
             )));
         }
     }

@@ -54,6 +54,18 @@ impl StageIo {
             .ok_or_else(|| StageError::new(format!("the stage needs an output `{name}`")))
     }
 
+    /// The input called `name`, or (when inputs are a list) the one at `position`.
+    pub fn input_named(&self, name: &str, position: usize) -> Result<&std::path::Path, StageError> {
+        let found = if self.inputs.iter().any(|(n, _)| n.is_some()) {
+            self.inputs.iter().find(|(n, _)| n.as_deref() == Some(name))
+        } else {
+            self.inputs.get(position)
+        };
+        found
+            .map(|(_, p)| p.as_path())
+            .ok_or_else(|| StageError::new(format!("the stage needs an input `{name}`")))
+    }
+
     pub fn output_opt(&self, name: &str, position: usize) -> Option<&std::path::Path> {
         if self.outputs.iter().any(|(n, _)| n.is_some()) {
             self.outputs
@@ -223,6 +235,7 @@ impl Registry {
             Builtin::of::<crate::clean::Clean>(),
             Builtin::of::<crate::aggregate::Aggregate>(),
             Builtin::of::<crate::impute::Impute>(),
+            Builtin::of::<crate::diagnose::Diagnose>(),
         ])
     }
 

@@ -1,0 +1,526 @@
+//! `diagnose`: the imputation diagnostics of seed 000 §6 as a stage: per-imputation means and
+//! spreads, R̂ of the chains, observed-vs-imputed distance, the Rubin-pooled mean, plots, an HTML
+//! report and checks with thresholds.
+//!
+//! It reads the `impute` stage's output directory and the table that was imputed (to know which
+//! values were observed), and writes `diagnostics.json`, `report.html` and `plots/`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use polars::prelude::*;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value as Json};
+
+mod plots;
+mod report;
+
+use crate::stats::{gaussian_kde, gelman_rubin, ks_distance, quantile_linear, scott_bandwidth};
+use crate::table::{pointer, read_table_inferred};
+use crate::{BuiltinStage, StageError, StageIo, StageReport};
+
+/// Params of `diagnose`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DiagnoseParams {
+    /// The imputed columns to diagnose (default: every column the impute stage imputed).
+    #[serde(default)]
+    pub columns: Option<Vec<String>>,
+    /// Column → `[lo, hi]`, the x range of its density plots (default: the range of its values).
+    #[serde(default)]
+    pub range: BTreeMap<String, [f64; 2]>,
+    /// The thresholds the imputations are checked against (defaults from the seed).
+    #[serde(default)]
+    pub checks: Checks,
+}
+
+/// The checks, each with its threshold and what a miss does.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Checks {
+    /// (max − min) / mean of the per-imputation means (seed §6: "< 5%").
+    #[serde(default = "five_percent")]
+    pub mean_spread: Check,
+    /// (max − min) / mean of the per-imputation standard deviations.
+    #[serde(default = "five_percent")]
+    pub std_spread: Check,
+    /// R̂ of the chains' per-iteration mean and standard deviation, over the last half of the
+    /// iterations (the larger of the two is checked).
+    #[serde(default = "rhat")]
+    pub rhat: Check,
+}
+
+impl Default for Checks {
+    fn default() -> Self {
+        Checks {
+            mean_spread: five_percent(),
+            std_spread: five_percent(),
+            rhat: rhat(),
+        }
+    }
+}
+
+/// A threshold: the check passes when the value is below `max`.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Check {
+    pub max: f64,
+    /// `warn` records and prints a miss; `fail` fails the stage.
+    #[serde(default)]
+    pub severity: Severity,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    #[default]
+    Warn,
+    Fail,
+}
+
+fn five_percent() -> Check {
+    Check {
+        max: 0.05,
+        severity: Severity::Warn,
+    }
+}
+
+fn rhat() -> Check {
+    Check {
+        max: 1.1,
+        severity: Severity::Warn,
+    }
+}
+
+/// The built-in `diagnose` stage.
+pub struct Diagnose;
+
+impl BuiltinStage for Diagnose {
+    const NAME: &'static str = "diagnose";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str =
+        "imputation diagnostics: spreads, R-hat, KS, pooled means, plots, an HTML report, checks";
+    type Params = DiagnoseParams;
+
+    fn check_ports(
+        inputs: &[Option<String>],
+        outputs: &[Option<String>],
+    ) -> Result<(), crate::ports::PortError> {
+        crate::ports::named_inputs(inputs, &["imputed", "data"], &[])?;
+        crate::ports::named_outputs(outputs, &["diagnostics"], &[])
+    }
+
+    fn run(params: &DiagnoseParams, io: &StageIo) -> Result<StageReport, StageError> {
+        let imputed = io.input_named("imputed", 0)?;
+        let data = io.input_named("data", 1)?;
+        let out = io.output("diagnostics", 0)?;
+        let imputation = Imputation::read(imputed, data, params)?;
+        let diagnostics: Vec<ColumnDiagnostics> = imputation
+            .columns
+            .iter()
+            .map(|column| ColumnDiagnostics::new(&imputation, column))
+            .collect::<Result<_, _>>()?;
+        let checks = evaluate(&diagnostics, &params.checks);
+        let report = json!({
+            "rows": imputation.rows,
+            "m": imputation.m,
+            "iterations": imputation.iterations,
+            "columns": diagnostics.iter().map(|d| (d.name.clone(), d.to_json())).collect::<serde_json::Map<_, _>>(),
+            "checks": checks.iter().map(CheckResult::to_json).collect::<Vec<_>>(),
+            "passed": checks.iter().all(|c| c.status != Status::Fail),
+        });
+        report::write(out, &imputation, &diagnostics, &report, params)?;
+        let failed: Vec<String> = checks
+            .iter()
+            .filter(|c| c.status == Status::Fail)
+            .map(|c| c.message.clone())
+            .collect();
+        if !failed.is_empty() {
+            return Err(StageError::new(format!(
+                "imputation check failed: {}",
+                failed.join("; ")
+            )));
+        }
+        Ok(StageReport { summary: report })
+    }
+}
+
+/// What the impute stage wrote, as the diagnostics need it.
+pub(crate) struct Imputation {
+    pub rows: usize,
+    pub m: usize,
+    pub iterations: usize,
+    pub columns: Vec<String>,
+    /// Per column: its values in each imputation (m × rows).
+    pub values: BTreeMap<String, Vec<Vec<f64>>>,
+    /// Per column: which rows were missing before imputation.
+    pub missing: BTreeMap<String, Vec<bool>>,
+    /// Per column: the trace, per chain, per iteration: (mean, std).
+    pub trace: BTreeMap<String, Vec<Vec<(f64, f64)>>>,
+}
+
+fn polars_error(e: PolarsError) -> StageError {
+    StageError::new(e.to_string())
+}
+
+fn floats(df: &DataFrame, column: &str) -> Result<Vec<f64>, StageError> {
+    let series = df
+        .column(column)
+        .and_then(|c| c.cast(&DataType::Float64))
+        .map_err(polars_error)?;
+    Ok(series
+        .f64()
+        .map_err(polars_error)?
+        .iter()
+        .map(|v| v.unwrap_or(f64::NAN))
+        .collect())
+}
+
+impl Imputation {
+    fn read(dir: &Path, data: &Path, params: &DiagnoseParams) -> Result<Imputation, StageError> {
+        let summary_path = dir.join("summaries/impute_summary.json");
+        let text = std::fs::read_to_string(&summary_path).map_err(|e| {
+            StageError::new(format!(
+                "cannot read `{}` ({e}): input `imputed` must be the output directory of an `impute` stage",
+                summary_path.display()
+            ))
+        })?;
+        let summary: Json = serde_json::from_str(&text).map_err(|e| {
+            StageError::new(format!("`{}` is not JSON: {e}", summary_path.display()))
+        })?;
+        let number = |key: &str| summary[key].as_u64().unwrap_or(0) as usize;
+        let (m, iterations) = (number("m"), number("iterations"));
+        let imputed: Vec<String> = summary["imputed_columns"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+            .unwrap_or_default();
+        let columns = match &params.columns {
+            Some(columns) => {
+                for (i, column) in columns.iter().enumerate() {
+                    if !imputed.contains(column) {
+                        return Err(StageError::new(format!(
+                            "column `{column}` (param `columns[{i}]`) was not imputed; the imputed columns are: {}",
+                            if imputed.is_empty() { "none".to_owned() } else { imputed.join(", ") }
+                        ))
+                        .at_param(pointer(&["columns", &i.to_string()])));
+                    }
+                }
+                columns.clone()
+            }
+            None => imputed,
+        };
+        for column in params.range.keys() {
+            if !columns.contains(column) {
+                return Err(StageError::new(format!(
+                    "`range` names `{column}`, which is not a diagnosed column ({})",
+                    columns.join(", ")
+                ))
+                .at_param(pointer(&["range", column])));
+            }
+        }
+        let long = read_table_inferred(&dir.join("imputed_long.parquet"))?;
+        let before = read_table_inferred(data)?;
+        let rows = before.height();
+        if long.height() != rows * m {
+            return Err(StageError::new(format!(
+                "`{}` has {} rows, but {} imputations of the {rows} rows of `{}` would have {}: is `data` the table that was imputed?",
+                dir.join("imputed_long.parquet").display(),
+                long.height(),
+                m,
+                data.display(),
+                rows * m
+            )));
+        }
+        let trace = read_table_inferred(&dir.join("trace.parquet"))?;
+        let (mut values, mut missing, mut traces) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
+        for column in &columns {
+            let all = floats(&long, column)?;
+            values.insert(
+                column.clone(),
+                (0..m).map(|k| all[k * rows..(k + 1) * rows].to_vec()).collect::<Vec<_>>(),
+            );
+            let original = floats(&before, column)?;
+            missing.insert(column.clone(), original.iter().map(|v| v.is_nan()).collect::<Vec<_>>());
+            let mask = trace
+                .column("column")
+                .and_then(|c| c.str().cloned())
+                .map_err(polars_error)?;
+            let (chain, iteration) = (floats(&trace, "chain")?, floats(&trace, "iteration")?);
+            let (mean, std) = (floats(&trace, "mean")?, floats(&trace, "std")?);
+            let mut per_chain = vec![vec![(f64::NAN, f64::NAN); iterations]; m];
+            for (i, name) in mask.iter().enumerate() {
+                if name == Some(column.as_str()) {
+                    let (c, it) = (chain[i] as usize, iteration[i] as usize);
+                    if c < m && (1..=iterations).contains(&it) {
+                        per_chain[c][it - 1] = (mean[i], std[i]);
+                    }
+                }
+            }
+            traces.insert(column.clone(), per_chain);
+        }
+        Ok(Imputation {
+            rows,
+            m,
+            iterations,
+            columns,
+            values,
+            missing,
+            trace: traces,
+        })
+    }
+}
+
+/// Everything computed about one imputed column.
+pub(crate) struct ColumnDiagnostics {
+    pub name: String,
+    pub observed: Vec<f64>,
+    /// Per imputation: mean and std of the completed column, and of its imputed values.
+    pub per_imputation: Vec<Moments>,
+    pub mean_spread: Option<f64>,
+    pub std_spread: Option<f64>,
+    pub rhat_mean: Option<f64>,
+    pub rhat_std: Option<f64>,
+    /// The iterations R̂ is computed over.
+    pub rhat_iterations: (usize, usize),
+    pub ks: Option<f64>,
+    pub imputed_count: usize,
+    pub pooled: Option<crate::pool::Pooled>,
+    pub interval: Option<(f64, f64)>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Moments {
+    pub mean: f64,
+    pub std: f64,
+    pub imputed_mean: f64,
+    pub imputed_std: f64,
+}
+
+/// (max − min) / |mean| of `values`; `None` with fewer than two or a zero mean.
+fn spread(values: &[f64]) -> Option<f64> {
+    if values.len() < 2 {
+        return None;
+    }
+    let mean = values.iter().sum::<f64>() / values.len() as f64;
+    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+    (mean != 0.0 && mean.is_finite()).then(|| (max - min) / mean.abs())
+}
+
+impl ColumnDiagnostics {
+    fn new(imputation: &Imputation, column: &str) -> Result<ColumnDiagnostics, StageError> {
+        let values = &imputation.values[column];
+        let missing = &imputation.missing[column];
+        let observed: Vec<f64> = values
+            .first()
+            .map(|v| {
+                v.iter()
+                    .zip(missing)
+                    .filter(|(_, m)| !**m)
+                    .map(|(v, _)| *v)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let per_imputation: Vec<Moments> = values
+            .iter()
+            .map(|v| {
+                let (mean, std) = crate::mice::mean_std(v);
+                let imputed: Vec<f64> = v.iter().zip(missing).filter(|(_, m)| **m).map(|(v, _)| *v).collect();
+                let (imputed_mean, imputed_std) = crate::mice::mean_std(&imputed);
+                Moments {
+                    mean,
+                    std,
+                    imputed_mean,
+                    imputed_std,
+                }
+            })
+            .collect();
+        let means: Vec<f64> = per_imputation.iter().map(|p| p.mean).collect();
+        let stds: Vec<f64> = per_imputation.iter().map(|p| p.std).collect();
+        // R̂ over the last half of the iterations (at least two).
+        let iterations = imputation.iterations;
+        let first = (iterations / 2).min(iterations.saturating_sub(2));
+        let trace = &imputation.trace[column];
+        let chains = |pick: fn(&(f64, f64)) -> f64| -> Vec<Vec<f64>> {
+            trace.iter().map(|c| c[first..].iter().map(pick).collect()).collect()
+        };
+        let imputed: Vec<f64> = values
+            .iter()
+            .flat_map(|v| v.iter().zip(missing).filter(|(_, m)| **m).map(|(v, _)| *v))
+            .collect();
+        let n = imputation.rows as f64;
+        let variances: Vec<f64> = stds.iter().map(|s| s * s / n).collect();
+        let pooled = crate::pool::pool_scalar(&means, &variances, n - 1.0);
+        Ok(ColumnDiagnostics {
+            name: column.to_owned(),
+            mean_spread: spread(&means),
+            std_spread: spread(&stds),
+            rhat_mean: gelman_rubin(&chains(|p| p.0)),
+            rhat_std: gelman_rubin(&chains(|p| p.1)),
+            rhat_iterations: (first + 1, iterations),
+            ks: ks_distance(&observed, &imputed),
+            imputed_count: missing.iter().filter(|m| **m).count(),
+            interval: pooled.and_then(|p| p.interval(0.95)),
+            pooled,
+            observed,
+            per_imputation,
+        })
+    }
+
+    fn to_json(&self) -> Json {
+        let (mean, std) = crate::mice::mean_std(&self.observed);
+        json!({
+            "observed": {"count": self.observed.len(), "mean": finite(mean), "std": finite(std)},
+            "missing": self.imputed_count,
+            "imputations": self.per_imputation.iter().enumerate().map(|(k, p)| json!({
+                "impute_id": k,
+                "mean": finite(p.mean),
+                "std": finite(p.std),
+                "imputed_mean": finite(p.imputed_mean),
+                "imputed_std": finite(p.imputed_std),
+            })).collect::<Vec<_>>(),
+            "mean_spread": self.mean_spread.map(finite),
+            "std_spread": self.std_spread.map(finite),
+            "rhat": {
+                "mean": self.rhat_mean.map(finite),
+                "std": self.rhat_std.map(finite),
+                "iterations": [self.rhat_iterations.0, self.rhat_iterations.1],
+            },
+            "ks_distance": self.ks.map(finite),
+            "pooled_mean": self.pooled.map(|p| json!({
+                "estimate": finite(p.qbar),
+                "ci95": self.interval.map(|(lo, hi)| json!([finite(lo), finite(hi)])),
+                "within_variance": finite(p.ubar),
+                "between_variance": finite(p.b),
+                "total_variance": finite(p.t),
+                "df": finite(p.df),
+                "relative_increase_in_variance": finite(p.r),
+                "fraction_of_missing_information": finite(p.fmi),
+            })),
+        })
+    }
+
+    /// The density curves of the plots: (x, observed, per imputation, all imputations), over
+    /// `range` with Scott's bandwidth for each sample.
+    pub fn densities(
+        &self,
+        imputation: &Imputation,
+        range: Option<[f64; 2]>,
+    ) -> (Vec<f64>, Vec<f64>, Vec<Vec<f64>>, Vec<f64>) {
+        let values = &imputation.values[&self.name];
+        let [lo, hi] = range.unwrap_or_else(|| {
+            let all = values.iter().flatten();
+            let lo = all.clone().copied().fold(f64::INFINITY, f64::min);
+            let hi = all.copied().fold(f64::NEG_INFINITY, f64::max);
+            [lo, hi]
+        });
+        let x: Vec<f64> = (0..256).map(|i| lo + (hi - lo) * i as f64 / 255.0).collect();
+        let kde = |sample: &[f64]| match scott_bandwidth(sample) {
+            Some(h) => gaussian_kde(sample, h, &x),
+            None => vec![0.0; x.len()],
+        };
+        let observed = kde(&self.observed);
+        let each: Vec<Vec<f64>> = values.iter().map(|v| kde(v)).collect();
+        let all: Vec<f64> = values.iter().flatten().copied().collect();
+        let all = kde(&all);
+        (x, observed, each, all)
+    }
+
+    /// Box-plot numbers of each imputation's completed column: (q1, median, q3, lower whisker,
+    /// upper whisker), whiskers at the furthest values within 1.5 IQR (Tukey, as seaborn).
+    pub fn boxes(&self, imputation: &Imputation) -> Vec<[f64; 5]> {
+        imputation.values[&self.name]
+            .iter()
+            .map(|v| {
+                let mut sorted: Vec<f64> = v.iter().copied().filter(|x| !x.is_nan()).collect();
+                let q = |sorted: &mut Vec<f64>, p| quantile_linear(sorted, p).unwrap_or(f64::NAN);
+                let (q1, median, q3) = (q(&mut sorted, 0.25), q(&mut sorted, 0.5), q(&mut sorted, 0.75));
+                let (lo, hi) = (q1 - 1.5 * (q3 - q1), q3 + 1.5 * (q3 - q1));
+                let low = sorted.iter().copied().filter(|x| *x >= lo).fold(f64::INFINITY, f64::min);
+                let high = sorted.iter().copied().filter(|x| *x <= hi).fold(f64::NEG_INFINITY, f64::max);
+                [q1, median, q3, low, high]
+            })
+            .collect()
+    }
+}
+
+/// A JSON number, or null for NaN and infinities.
+fn finite(value: f64) -> Json {
+    if value.is_finite() {
+        json!(value)
+    } else {
+        Json::Null
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Status {
+    Pass,
+    Warn,
+    Fail,
+    /// The value cannot be computed (one imputation, one iteration): said, not guessed.
+    Undefined,
+}
+
+pub(crate) struct CheckResult {
+    pub name: &'static str,
+    pub column: String,
+    pub value: Option<f64>,
+    pub max: f64,
+    pub severity: Severity,
+    pub status: Status,
+    pub message: String,
+}
+
+impl CheckResult {
+    fn to_json(&self) -> Json {
+        json!({
+            "check": self.name,
+            "column": self.column,
+            "value": self.value.map(finite),
+            "max": self.max,
+            "severity": self.severity,
+            "status": self.status,
+            "message": self.message,
+        })
+    }
+}
+
+fn evaluate(diagnostics: &[ColumnDiagnostics], checks: &Checks) -> Vec<CheckResult> {
+    let mut out = Vec::new();
+    for d in diagnostics {
+        let rhat = match (d.rhat_mean, d.rhat_std) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        for (name, value, check, what, why) in [
+            ("mean_spread", d.mean_spread, checks.mean_spread, "spread of the per-imputation means", "needs two imputations"),
+            ("std_spread", d.std_spread, checks.std_spread, "spread of the per-imputation standard deviations", "needs two imputations"),
+            ("rhat", rhat, checks.rhat, "R̂ of the chains", "needs two chains and two iterations with variation"),
+        ] {
+            let (status, message) = match value {
+                None => (Status::Undefined, format!("{}: {what} is undefined ({why})", d.name)),
+                Some(v) if v < check.max => (Status::Pass, format!("{}: {what} {v:.4} < {}", d.name, check.max)),
+                Some(v) => (
+                    match check.severity {
+                        Severity::Warn => Status::Warn,
+                        Severity::Fail => Status::Fail,
+                    },
+                    format!("{}: {what} {v:.4} is not below {}", d.name, check.max),
+                ),
+            };
+            out.push(CheckResult {
+                name,
+                column: d.name.clone(),
+                value,
+                max: check.max,
+                severity: check.severity,
+                status,
+                message,
+            });
+        }
+    }
+    out
+}

@@ -1,0 +1,136 @@
+//! Writes the diagnose stage's outputs: `diagnostics.json`, the plots and `report.html`, one
+//! self-contained file (plots embedded as PNG) that reads offline.
+
+use std::path::Path;
+
+use base64::Engine;
+use serde_json::{json, Value as Json};
+
+use super::plots::{render, Boxes, Line, Lines, Trace, OBSERVED};
+use super::{ColumnDiagnostics, DiagnoseParams, Imputation};
+use crate::StageError;
+
+const TEMPLATE: &str = include_str!("report.html");
+
+pub(super) fn write(
+    out: &Path,
+    imputation: &Imputation,
+    diagnostics: &[ColumnDiagnostics],
+    report: &Json,
+    params: &DiagnoseParams,
+) -> Result<(), StageError> {
+    let io = |path: &Path, e: std::io::Error| {
+        StageError::new(format!("cannot write `{}`: {e}", path.display()))
+    };
+    let plots_dir = out.join("plots");
+    std::fs::create_dir_all(&plots_dir).map_err(|e| io(&plots_dir, e))?;
+    let mut text = serde_json::to_string_pretty(report).map_err(|e| StageError::new(e.to_string()))?;
+    text.push('\n');
+    let json_path = out.join("diagnostics.json");
+    std::fs::write(&json_path, text).map_err(|e| io(&json_path, e))?;
+
+    let encode = |png: Vec<u8>| base64::engine::general_purpose::STANDARD.encode(png);
+    let mut columns = Vec::new();
+    for d in diagnostics {
+        let name = &d.name;
+        let (x, observed, each, all) = d.densities(imputation, params.range.get(name).copied());
+        let observed_line = || Line {
+            label: "observed".into(),
+            y: observed.clone(),
+            color: OBSERVED,
+            width: 3,
+        };
+        let mut lines = vec![observed_line()];
+        lines.extend(
+            each.iter()
+                .enumerate()
+                .map(|(k, y)| Line::numbered(k, format!("imputation {k}"), y.clone())),
+        );
+        let by_imputation = Lines {
+            title: format!("{name}: observed vs each imputation"),
+            x_label: name.clone(),
+            y_label: "density".into(),
+            x: x.clone(),
+            lines,
+        };
+        let all_imputed = Lines {
+            title: format!("{name}: observed vs all imputations"),
+            x_label: name.clone(),
+            y_label: "density".into(),
+            x,
+            lines: vec![observed_line(), Line::numbered(0, "all imputations".into(), all)],
+        };
+        let trace = Trace {
+            title: format!("{name}: convergence by chain"),
+            chains: imputation.trace[name].clone(),
+        };
+        let boxes = Boxes {
+            title: format!("{name} across imputations"),
+            y_label: name.clone(),
+            boxes: d.boxes(imputation),
+        };
+        let stem = |kind: &str| plots_dir.join(format!("{}_{kind}", file_safe(name)));
+        let plots = vec![
+            json!({
+                "file": format!("plots/{}_density.png", file_safe(name)),
+                "png": encode(render(&by_imputation, &stem("density"))?),
+                "caption": "Kernel density (Gaussian, Scott's bandwidth) of the observed values and of each completed imputation. The curves should lie close together: an imputation far from the others, or all of them far from the observed curve where the data are missing at random, deserves a look.",
+            }),
+            json!({
+                "file": format!("plots/{}_density_all.png", file_safe(name)),
+                "png": encode(render(&all_imputed, &stem("density_all"))?),
+                "caption": "The observed values against all imputations pooled.",
+            }),
+            json!({
+                "file": format!("plots/{}_trace.png", file_safe(name)),
+                "png": encode(render(&trace, &stem("trace"))?),
+                "caption": "The column's mean and standard deviation after each iteration, one line per chain. Converged chains mix: no trend, and lines that cross. R-hat compares the spread between chains with the spread within them over the last half of the iterations.",
+            }),
+            json!({
+                "file": format!("plots/{}_box.png", file_safe(name)),
+                "png": encode(render(&boxes, &stem("box"))?),
+                "caption": "Quartiles and Tukey whiskers (1.5 IQR) of each completed imputation: medians and boxes should nearly coincide.",
+            }),
+        ];
+        let mut column = report["columns"][name].clone();
+        if let Json::Object(map) = &mut column {
+            map.insert("name".into(), json!(name));
+            map.insert("plots".into(), Json::Array(plots));
+        }
+        columns.push(column);
+    }
+    let mut env = minijinja::Environment::new();
+    env.add_template("report.html", TEMPLATE)
+        .map_err(|e| StageError::new(format!("report template: {e}")))?;
+    // A number as the tables show it: integers whole, others to four decimals, missing as "—".
+    env.add_filter("num", |v: minijinja::Value| -> String {
+        match f64::try_from(v) {
+            Ok(f) if f.is_finite() && f.fract() == 0.0 && f.abs() < 1e15 => format!("{f:.0}"),
+            Ok(f) if f.is_finite() => format!("{f:.4}"),
+            _ => "—".into(),
+        }
+    });
+    let html = env
+        .get_template("report.html")
+        .and_then(|t| {
+            t.render(minijinja::context! {
+                rows => report["rows"],
+                m => report["m"],
+                iterations => report["iterations"],
+                passed => report["passed"],
+                checks => report["checks"],
+                columns => columns,
+            })
+        })
+        .map_err(|e| StageError::new(format!("report template: {e}")))?;
+    let html_path = out.join("report.html");
+    std::fs::write(&html_path, html).map_err(|e| io(&html_path, e))?;
+    Ok(())
+}
+
+/// A column name as a file name: anything but letters, digits, `-` and `_` becomes `_`.
+fn file_safe(name: &str) -> String {
+    name.chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .collect()
+}
