@@ -206,12 +206,16 @@ fn a_second_run_skips_every_stage_and_out_moves_the_layout() {
         "imputed/imputed_mean.parquet",
         "imputed/trace.parquet",
         "imputed/summaries/impute_summary.json",
+        "diagnostics/report.html",
+        "diagnostics/diagnostics.json",
+        "diagnostics/plots/days_imp_density.png",
+        "diagnostics/plots/days_imp_trace.svg",
     ] {
         assert!(t.path().join("out/2017-05").join(path).is_file(), "{path}");
     }
     let second = t.exec(&["run", "pipelines/monthly.yaml", "--set", "out=out/2017-05"]);
     assert!(
-        second.stderr.contains("0 ran, 3 up to date"),
+        second.stderr.contains("0 ran, 4 up to date"),
         "{}",
         second.stderr
     );

@@ -193,7 +193,11 @@ impl Imputation {
         let (m, iterations) = (number("m"), number("iterations"));
         let imputed: Vec<String> = summary["imputed_columns"]
             .as_array()
-            .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect()
+            })
             .unwrap_or_default();
         let columns = match &params.columns {
             Some(columns) => {
@@ -233,15 +237,21 @@ impl Imputation {
             )));
         }
         let trace = read_table_inferred(&dir.join("trace.parquet"))?;
-        let (mut values, mut missing, mut traces) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
+        let (mut values, mut missing, mut traces) =
+            (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
         for column in &columns {
             let all = floats(&long, column)?;
             values.insert(
                 column.clone(),
-                (0..m).map(|k| all[k * rows..(k + 1) * rows].to_vec()).collect::<Vec<_>>(),
+                (0..m)
+                    .map(|k| all[k * rows..(k + 1) * rows].to_vec())
+                    .collect::<Vec<_>>(),
             );
             let original = floats(&before, column)?;
-            missing.insert(column.clone(), original.iter().map(|v| v.is_nan()).collect::<Vec<_>>());
+            missing.insert(
+                column.clone(),
+                original.iter().map(|v| v.is_nan()).collect::<Vec<_>>(),
+            );
             let mask = trace
                 .column("column")
                 .and_then(|c| c.str().cloned())
@@ -326,7 +336,12 @@ impl ColumnDiagnostics {
             .iter()
             .map(|v| {
                 let (mean, std) = crate::mice::mean_std(v);
-                let imputed: Vec<f64> = v.iter().zip(missing).filter(|(_, m)| **m).map(|(v, _)| *v).collect();
+                let imputed: Vec<f64> = v
+                    .iter()
+                    .zip(missing)
+                    .filter(|(_, m)| **m)
+                    .map(|(v, _)| *v)
+                    .collect();
                 let (imputed_mean, imputed_std) = crate::mice::mean_std(&imputed);
                 Moments {
                     mean,
@@ -343,7 +358,10 @@ impl ColumnDiagnostics {
         let first = (iterations / 2).min(iterations.saturating_sub(2));
         let trace = &imputation.trace[column];
         let chains = |pick: fn(&(f64, f64)) -> f64| -> Vec<Vec<f64>> {
-            trace.iter().map(|c| c[first..].iter().map(pick).collect()).collect()
+            trace
+                .iter()
+                .map(|c| c[first..].iter().map(pick).collect())
+                .collect()
         };
         let imputed: Vec<f64> = values
             .iter()
@@ -415,7 +433,9 @@ impl ColumnDiagnostics {
             let hi = all.copied().fold(f64::NEG_INFINITY, f64::max);
             [lo, hi]
         });
-        let x: Vec<f64> = (0..256).map(|i| lo + (hi - lo) * i as f64 / 255.0).collect();
+        let x: Vec<f64> = (0..256)
+            .map(|i| lo + (hi - lo) * i as f64 / 255.0)
+            .collect();
         let kde = |sample: &[f64]| match scott_bandwidth(sample) {
             Some(h) => gaussian_kde(sample, h, &x),
             None => vec![0.0; x.len()],
@@ -435,10 +455,22 @@ impl ColumnDiagnostics {
             .map(|v| {
                 let mut sorted: Vec<f64> = v.iter().copied().filter(|x| !x.is_nan()).collect();
                 let q = |sorted: &mut Vec<f64>, p| quantile_linear(sorted, p).unwrap_or(f64::NAN);
-                let (q1, median, q3) = (q(&mut sorted, 0.25), q(&mut sorted, 0.5), q(&mut sorted, 0.75));
+                let (q1, median, q3) = (
+                    q(&mut sorted, 0.25),
+                    q(&mut sorted, 0.5),
+                    q(&mut sorted, 0.75),
+                );
                 let (lo, hi) = (q1 - 1.5 * (q3 - q1), q3 + 1.5 * (q3 - q1));
-                let low = sorted.iter().copied().filter(|x| *x >= lo).fold(f64::INFINITY, f64::min);
-                let high = sorted.iter().copied().filter(|x| *x <= hi).fold(f64::NEG_INFINITY, f64::max);
+                let low = sorted
+                    .iter()
+                    .copied()
+                    .filter(|x| *x >= lo)
+                    .fold(f64::INFINITY, f64::min);
+                let high = sorted
+                    .iter()
+                    .copied()
+                    .filter(|x| *x <= hi)
+                    .fold(f64::NEG_INFINITY, f64::max);
                 [q1, median, q3, low, high]
             })
             .collect()
@@ -496,13 +528,37 @@ fn evaluate(diagnostics: &[ColumnDiagnostics], checks: &Checks) -> Vec<CheckResu
             (a, b) => a.or(b),
         };
         for (name, value, check, what, why) in [
-            ("mean_spread", d.mean_spread, checks.mean_spread, "spread of the per-imputation means", "needs two imputations"),
-            ("std_spread", d.std_spread, checks.std_spread, "spread of the per-imputation standard deviations", "needs two imputations"),
-            ("rhat", rhat, checks.rhat, "R̂ of the chains", "needs two chains and two iterations with variation"),
+            (
+                "mean_spread",
+                d.mean_spread,
+                checks.mean_spread,
+                "spread of the per-imputation means",
+                "needs two imputations",
+            ),
+            (
+                "std_spread",
+                d.std_spread,
+                checks.std_spread,
+                "spread of the per-imputation standard deviations",
+                "needs two imputations",
+            ),
+            (
+                "rhat",
+                rhat,
+                checks.rhat,
+                "R̂ of the chains",
+                "needs two chains and two iterations with variation",
+            ),
         ] {
             let (status, message) = match value {
-                None => (Status::Undefined, format!("{}: {what} is undefined ({why})", d.name)),
-                Some(v) if v < check.max => (Status::Pass, format!("{}: {what} {v:.4} < {}", d.name, check.max)),
+                None => (
+                    Status::Undefined,
+                    format!("{}: {what} is undefined ({why})", d.name),
+                ),
+                Some(v) if v < check.max => (
+                    Status::Pass,
+                    format!("{}: {what} {v:.4} < {}", d.name, check.max),
+                ),
                 Some(v) => (
                     match check.severity {
                         Severity::Warn => Status::Warn,
@@ -523,4 +579,181 @@ fn evaluate(diagnostics: &[ColumnDiagnostics], checks: &Checks) -> Vec<CheckResu
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::impute::{Impute, ImputeParams};
+
+    /// Imputes a small generated table (`m` imputations, seed 1) and diagnoses it.
+    fn diagnose(m: usize, params: Json) -> (Result<Json, StageError>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("users.csv");
+        let mut csv = String::from("id,y,x\n");
+        for i in 0..60 {
+            let x = (i % 10) as f64;
+            if i % 3 == 0 {
+                csv.push_str(&format!("{i},,{x}\n"));
+            } else {
+                csv.push_str(&format!("{i},{},{x}\n", 2.0 * x + ((i * 7) % 5) as f64));
+            }
+        }
+        std::fs::write(&data, csv).unwrap();
+        let imputed = dir.path().join("imputed");
+        let impute: ImputeParams = serde_json::from_value(
+            json!({"columns": ["y", "x"], "id": "id", "m": m, "iterations": 4, "seed": 1}),
+        )
+        .unwrap();
+        Impute::run(
+            &impute,
+            &StageIo {
+                inputs: vec![(None, data.clone())],
+                outputs: vec![(Some("imputed".into()), imputed.clone())],
+            },
+        )
+        .unwrap();
+        let params: DiagnoseParams = serde_json::from_value(params).unwrap();
+        let io = StageIo {
+            inputs: vec![
+                (Some("imputed".into()), imputed),
+                (Some("data".into()), data),
+            ],
+            outputs: vec![(Some("diagnostics".into()), dir.path().join("diagnostics"))],
+        };
+        (Diagnose::run(&params, &io).map(|r| r.summary), dir)
+    }
+
+    /// Floats to 9 significant digits, so that the snapshot does not hang on the last bits of
+    /// a platform's `sqrt` or `ln`.
+    fn rounded(value: &Json) -> Json {
+        match value {
+            Json::Number(n) if n.is_f64() => {
+                let f = n.as_f64().unwrap_or_default();
+                json!(format!("{f:.9e}").parse::<f64>().unwrap_or(f))
+            }
+            Json::Array(a) => Json::Array(a.iter().map(rounded).collect()),
+            Json::Object(o) => {
+                Json::Object(o.iter().map(|(k, v)| (k.clone(), rounded(v))).collect())
+            }
+            other => other.clone(),
+        }
+    }
+
+    #[test]
+    fn diagnostics_of_a_fixed_seed_imputation() {
+        let (report, dir) = diagnose(3, json!({}));
+        let report = report.unwrap();
+        let written: Json = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join("diagnostics/diagnostics.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(rounded(&written), rounded(&report));
+        insta::assert_json_snapshot!(rounded(&report));
+    }
+
+    #[test]
+    fn plots_are_pngs_and_svgs_and_the_report_stands_alone() {
+        let (report, dir) = diagnose(3, json!({"range": {"y": [0, 25]}}));
+        report.unwrap();
+        let out = dir.path().join("diagnostics");
+        for kind in ["density", "density_all", "trace", "box"] {
+            let png = std::fs::File::open(out.join(format!("plots/y_{kind}.png"))).unwrap();
+            let mut reader = png::Decoder::new(std::io::BufReader::new(png))
+                .read_info()
+                .unwrap();
+            let mut buffer = vec![0; reader.output_buffer_size().unwrap()];
+            let frame = reader.next_frame(&mut buffer).unwrap();
+            assert_eq!((frame.width, frame.height), plots::SIZE);
+            // Not a blank canvas: the text and lines are drawn.
+            assert!(buffer.iter().filter(|b| **b < 128).count() > 1000, "{kind}");
+            let svg = std::fs::read_to_string(out.join(format!("plots/y_{kind}.svg"))).unwrap();
+            roxmltree::Document::parse(&svg).unwrap();
+        }
+        let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+        let document = roxmltree::Document::parse_with_options(
+            &html,
+            roxmltree::ParsingOptions {
+                allow_dtd: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let images: Vec<_> = document
+            .descendants()
+            .filter(|n| n.has_tag_name("img"))
+            .collect();
+        assert_eq!(images.len(), 4);
+        for image in &images {
+            assert!(image
+                .attribute("src")
+                .unwrap()
+                .starts_with("data:image/png;base64,"));
+        }
+        for node in document.descendants() {
+            for attribute in node.attributes() {
+                assert!(
+                    !attribute.value().contains("://"),
+                    "an external reference: {}",
+                    attribute.value()
+                );
+            }
+        }
+        let rows: Vec<_> = document
+            .descendants()
+            .filter(|n| n.has_tag_name("tr") && n.attribute("class").is_some())
+            .collect();
+        assert_eq!(rows.len(), 3, "one row per check");
+    }
+
+    /// One imputation: spreads, R̂ and the pooled mean are undefined, said so, and null in JSON.
+    #[test]
+    fn a_single_imputation_leaves_the_checks_undefined() {
+        let (report, dir) = diagnose(1, json!({}));
+        let report = report.unwrap();
+        assert_eq!(report["passed"], true);
+        for check in report["checks"].as_array().unwrap() {
+            assert_eq!(check["status"], "undefined", "{check}");
+            assert_eq!(check["value"], Json::Null);
+        }
+        assert_eq!(report["columns"]["y"]["mean_spread"], Json::Null);
+        assert_eq!(report["columns"]["y"]["pooled_mean"], Json::Null);
+        let text =
+            std::fs::read_to_string(dir.path().join("diagnostics/diagnostics.json")).unwrap();
+        assert!(!text.contains("NaN"));
+    }
+
+    /// A `fail` check that misses fails the stage and says which; a `warn` one only records it.
+    #[test]
+    fn a_missed_fail_check_fails_the_stage() {
+        let (report, _dir) = diagnose(
+            3,
+            json!({"checks": {"mean_spread": {"max": 0.0, "severity": "fail"}}}),
+        );
+        let error = report.unwrap_err();
+        assert!(
+            error
+                .message
+                .starts_with("imputation check failed: y: spread of the per-imputation means "),
+            "{}",
+            error.message
+        );
+        let (report, _dir) = diagnose(3, json!({"checks": {"mean_spread": {"max": 0.0}}}));
+        let report = report.unwrap();
+        assert_eq!(report["checks"][0]["status"], "warn");
+        assert_eq!(report["passed"], true);
+    }
+
+    #[test]
+    fn params_that_do_not_fit_name_the_param() {
+        let (report, _dir) = diagnose(2, json!({"columns": ["x"]}));
+        let error = report.unwrap_err();
+        assert_eq!(error.param.as_deref(), Some("/columns/0"));
+        assert_eq!(
+            error.message,
+            "column `x` (param `columns[0]`) was not imputed; the imputed columns are: y"
+        );
+        let (report, _dir) = diagnose(2, json!({"range": {"z": [0, 1]}}));
+        assert_eq!(report.unwrap_err().param.as_deref(), Some("/range/z"));
+    }
 }

@@ -47,9 +47,7 @@ pub fn render(plot: &impl Plot, stem: &Path) -> Result<Vec<u8>, StageError> {
         let mut encoder = png::Encoder::new(&mut png, SIZE.0, SIZE.1);
         encoder.set_color(png::ColorType::Rgb);
         encoder.set_depth(png::BitDepth::Eight);
-        let mut writer = encoder
-            .write_header()
-            .map_err(|e| failed(e.to_string()))?;
+        let mut writer = encoder.write_header().map_err(|e| failed(e.to_string()))?;
         writer
             .write_image_data(&pixels)
             .map_err(|e| failed(e.to_string()))?;
@@ -115,7 +113,9 @@ impl Line {
 fn range(values: impl Iterator<Item = f64>) -> (f64, f64) {
     let (lo, hi) = values
         .filter(|v| v.is_finite())
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(v), hi.max(v)));
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+            (lo.min(v), hi.max(v))
+        });
     if !lo.is_finite() {
         return (0.0, 1.0);
     }
@@ -182,11 +182,15 @@ impl Plot for Trace {
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<(), String> {
         let e = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
         root.fill(&WHITE).map_err(e)?;
-        let root = root
-            .titled(&self.title, (FAMILY, 22))
-            .map_err(e)?;
+        let root = root.titled(&self.title, (FAMILY, 22)).map_err(e)?;
         let panels = root.split_evenly((1, 2));
-        let iterations = self.chains.iter().map(|c| c.len()).max().unwrap_or(1).max(2);
+        let iterations = self
+            .chains
+            .iter()
+            .map(|c| c.len())
+            .max()
+            .unwrap_or(1)
+            .max(2);
         for (panel, (name, pick)) in panels.iter().zip([
             ("mean", (|p: &(f64, f64)| p.0) as fn(&(f64, f64)) -> f64),
             ("std", |p: &(f64, f64)| p.1),
@@ -215,7 +219,10 @@ impl Plot for Trace {
                 let style = color(k).stroke_width(2);
                 chart
                     .draw_series(LineSeries::new(
-                        chain.iter().enumerate().map(|(i, p)| ((i + 1) as f64, pick(p))),
+                        chain
+                            .iter()
+                            .enumerate()
+                            .map(|(i, p)| ((i + 1) as f64, pick(p))),
                         style,
                     ))
                     .map_err(e)?
@@ -271,15 +278,33 @@ impl Plot for Boxes {
             let x = k as f64;
             let c = color(k);
             chart
-                .draw_series([Rectangle::new([(x - 0.3, *q1), (x + 0.3, *q3)], c.mix(0.35).filled())])
+                .draw_series([Rectangle::new(
+                    [(x - 0.3, *q1), (x + 0.3, *q3)],
+                    c.mix(0.35).filled(),
+                )])
                 .map_err(e)?;
             chart
                 .draw_series([
-                    PathElement::new(vec![(x - 0.3, *q1), (x + 0.3, *q1), (x + 0.3, *q3), (x - 0.3, *q3), (x - 0.3, *q1)], c.stroke_width(1)),
-                    PathElement::new(vec![(x - 0.3, *median), (x + 0.3, *median)], BLACK.stroke_width(2)),
+                    PathElement::new(
+                        vec![
+                            (x - 0.3, *q1),
+                            (x + 0.3, *q1),
+                            (x + 0.3, *q3),
+                            (x - 0.3, *q3),
+                            (x - 0.3, *q1),
+                        ],
+                        c.stroke_width(1),
+                    ),
+                    PathElement::new(
+                        vec![(x - 0.3, *median), (x + 0.3, *median)],
+                        BLACK.stroke_width(2),
+                    ),
                     PathElement::new(vec![(x, *q3), (x, *high)], c.stroke_width(1)),
                     PathElement::new(vec![(x, *q1), (x, *low)], c.stroke_width(1)),
-                    PathElement::new(vec![(x - 0.15, *high), (x + 0.15, *high)], c.stroke_width(1)),
+                    PathElement::new(
+                        vec![(x - 0.15, *high), (x + 0.15, *high)],
+                        c.stroke_width(1),
+                    ),
                     PathElement::new(vec![(x - 0.15, *low), (x + 0.15, *low)], c.stroke_width(1)),
                 ])
                 .map_err(e)?;

@@ -24,7 +24,8 @@ pub(super) fn write(
     };
     let plots_dir = out.join("plots");
     std::fs::create_dir_all(&plots_dir).map_err(|e| io(&plots_dir, e))?;
-    let mut text = serde_json::to_string_pretty(report).map_err(|e| StageError::new(e.to_string()))?;
+    let mut text =
+        serde_json::to_string_pretty(report).map_err(|e| StageError::new(e.to_string()))?;
     text.push('\n');
     let json_path = out.join("diagnostics.json");
     std::fs::write(&json_path, text).map_err(|e| io(&json_path, e))?;
@@ -58,7 +59,10 @@ pub(super) fn write(
             x_label: name.clone(),
             y_label: "density".into(),
             x,
-            lines: vec![observed_line(), Line::numbered(0, "all imputations".into(), all)],
+            lines: vec![
+                observed_line(),
+                Line::numbered(0, "all imputations".into(), all),
+            ],
         };
         let trace = Trace {
             title: format!("{name}: convergence by chain"),
@@ -131,6 +135,12 @@ pub(super) fn write(
 /// A column name as a file name: anything but letters, digits, `-` and `_` becomes `_`.
 fn file_safe(name: &str) -> String {
     name.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
