@@ -228,3 +228,12 @@ fn built_in_stages_check_their_inputs_and_outputs() {
         "stages:\n  two_inputs:\n    uses: clean\n    inputs: [a.csv, b.csv]\n    outputs: [x.parquet]\n  misnamed:\n    uses: aggregate\n    inputs: [a.csv]\n    outputs: {tabel: y.parquet}\n    params: {by: [k], aggs: {n: {count: \"*\"}}}\n  a:\n    cmd: echo\n    outputs: [a.csv, b.csv]\n"
     ));
 }
+
+/// A built-in's params that fit their type but not each other (`impute`'s method and predictor
+/// names against its columns): every problem at once, each at its param, at validate time.
+#[test]
+fn builtin_params_that_do_not_fit_each_other() {
+    assert_snapshot!(validate(
+        "stages:\n  imp:\n    uses: impute\n    inputs: [users.csv]\n    outputs: [out/imputed/]\n    params:\n      columns: [days, freq]\n      id: days\n      method: {dayz: norm}\n      predictors: {days: [days, frq]}\n"
+    ));
+}

@@ -133,7 +133,17 @@ impl ParamsChecker {
             }
         }
         match builtin.normalize_params(&json) {
-            Ok(normal) => Some(normal),
+            Ok(normal) => {
+                let problems = builtin.check_params(&normal);
+                for problem in &problems {
+                    let node = params.pointer(&problem.pointer).unwrap_or(params);
+                    diagnostics.push(
+                        Diagnostic::error(format!("stage `{stage}`: {}", problem.message))
+                            .at(node.span, "here"),
+                    );
+                }
+                problems.is_empty().then_some(normal)
+            }
             Err(error) => {
                 let node = params.pointer(&error.pointer).unwrap_or(params);
                 diagnostics.push(

@@ -135,6 +135,16 @@ impl BuiltinStage for Impute {
         crate::ports::named_outputs(outputs, &["imputed"], &[])
     }
 
+    fn check_params(params: &ImputeParams) -> Vec<crate::ParamsError> {
+        param_errors(params)
+            .into_iter()
+            .map(|e| crate::ParamsError {
+                pointer: e.param.unwrap_or_default(),
+                message: e.message,
+            })
+            .collect()
+    }
+
     fn run(params: &ImputeParams, io: &StageIo) -> Result<StageReport, StageError> {
         let started = std::time::Instant::now();
         let input = io.input(0)?;
@@ -187,58 +197,20 @@ impl Plan {
             wanted.push((id.as_str(), pointer(&["id"])));
         }
         require_columns(df, wanted, source)?;
-        let index = |column: &str, at: String| {
-            params
-                .columns
-                .iter()
-                .position(|c| c == column)
-                .ok_or_else(|| {
-                    StageError::new(format!(
-                        "`{column}` (param `{}`) is not one of the model's `columns`: {}",
-                        crate::table::dotted(&at),
-                        params.columns.join(", ")
-                    ))
-                    .at_param(at)
-                })
-        };
-        for (i, column) in params.columns.iter().enumerate() {
-            if params.columns[..i].contains(column) {
-                return Err(StageError::new(format!(
-                    "`{column}` is listed twice in param `columns`"
-                ))
-                .at_param(pointer(&["columns", &i.to_string()])));
-            }
-            if params.id.as_ref() == Some(column) {
-                return Err(StageError::new(format!(
-                    "`{column}` is the `id`; it cannot also be one of the model's `columns`"
-                ))
-                .at_param(pointer(&["id"])));
-            }
+        if let Some(first) = param_errors(params).into_iter().next() {
+            return Err(first);
         }
+        let index = |column: &str| params.columns.iter().position(|c| c == column).unwrap_or(0);
         let mut methods = vec![Method::Pmm; params.columns.len()];
         for (column, method) in &params.method {
-            methods[index(column, pointer(&["method", column]))?] = method.method();
+            methods[index(column)] = method.method();
         }
         let mut predictors: Vec<Vec<usize>> = (0..params.columns.len())
             .map(|j| (0..params.columns.len()).filter(|&p| p != j).collect())
             .collect();
         if let Some(matrix) = &params.predictors {
             for (column, list) in matrix {
-                let j = index(column, pointer(&["predictors", column]))?;
-                let mut chosen = Vec::new();
-                for (k, predictor) in list.iter().enumerate() {
-                    let at = pointer(&["predictors", column, &k.to_string()]);
-                    let p = index(predictor, at.clone())?;
-                    if p == j {
-                        return Err(StageError::new(format!(
-                            "`{column}` cannot predict itself (param `{}`)",
-                            crate::table::dotted(&at)
-                        ))
-                        .at_param(at));
-                    }
-                    chosen.push(p);
-                }
-                predictors[j] = chosen;
+                predictors[index(column)] = list.iter().map(|p| index(p)).collect();
             }
         }
         let mut values = Vec::with_capacity(params.columns.len());
@@ -276,6 +248,65 @@ impl Plan {
             },
         })
     }
+}
+
+/// What the params type cannot check alone: names in `method`, `predictors` and `id` against
+/// `columns`. Every problem, each at its param.
+fn param_errors(params: &ImputeParams) -> Vec<StageError> {
+    let mut errors = Vec::new();
+    let known = |column: &str, at: String, errors: &mut Vec<StageError>| {
+        let found = params.columns.iter().any(|c| c == column);
+        if !found {
+            errors.push(
+                StageError::new(format!(
+                    "`{column}` (param `{}`) is not one of the model's `columns`: {}",
+                    crate::table::dotted(&at),
+                    params.columns.join(", ")
+                ))
+                .at_param(at),
+            );
+        }
+        found
+    };
+    for (i, column) in params.columns.iter().enumerate() {
+        if params.columns[..i].contains(column) {
+            errors.push(
+                StageError::new(format!("`{column}` is listed twice in param `columns`"))
+                    .at_param(pointer(&["columns", &i.to_string()])),
+            );
+        }
+        if params.id.as_ref() == Some(column) {
+            errors.push(
+                StageError::new(format!(
+                    "`{column}` is the `id`; it cannot also be one of the model's `columns`"
+                ))
+                .at_param(pointer(&["id"])),
+            );
+        }
+    }
+    for column in params.method.keys() {
+        known(column, pointer(&["method", column]), &mut errors);
+    }
+    if let Some(matrix) = &params.predictors {
+        for (column, list) in matrix {
+            known(column, pointer(&["predictors", column]), &mut errors);
+            for (k, predictor) in list.iter().enumerate() {
+                let at = pointer(&["predictors", column, &k.to_string()]);
+                if predictor == column {
+                    errors.push(
+                        StageError::new(format!(
+                            "`{column}` cannot predict itself (param `{}`)",
+                            crate::table::dotted(&at)
+                        ))
+                        .at_param(at),
+                    );
+                } else {
+                    known(predictor, at, &mut errors);
+                }
+            }
+        }
+    }
+    errors
 }
 
 /// Writes the outputs under `dir` and returns the summary.

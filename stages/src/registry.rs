@@ -27,6 +27,13 @@ pub trait BuiltinStage: 'static {
         Ok(())
     }
 
+    /// Checks what the params type cannot say alone (a name in one param that must appear in
+    /// another, say), at validate time: every problem, each at its param.
+    fn check_params(params: &Self::Params) -> Vec<ParamsError> {
+        let _ = params;
+        Vec::new()
+    }
+
     /// Reads `io.inputs` and writes every path in `io.outputs` (staging paths: the orchestrator
     /// moves them into place once this returned `Ok`).
     fn run(params: &Self::Params, io: &StageIo) -> Result<StageReport, StageError>;
@@ -128,6 +135,7 @@ pub struct Builtin {
     normalize: fn(&serde_json::Value) -> Result<serde_json::Value, ParamsError>,
     run: fn(&serde_json::Value, &StageIo) -> Result<StageReport, StageError>,
     check_ports: PortCheck,
+    check_params: fn(&serde_json::Value) -> Vec<ParamsError>,
 }
 
 /// See [`BuiltinStage::check_ports`].
@@ -153,7 +161,13 @@ impl Builtin {
             normalize: normalize::<S::Params>,
             run: run::<S>,
             check_ports: S::check_ports,
+            check_params: check_params::<S>,
         }
+    }
+
+    /// The problems [`BuiltinStage::check_params`] finds in normalised `params`.
+    pub fn check_params(&self, params: &serde_json::Value) -> Vec<ParamsError> {
+        (self.check_params)(params)
     }
 
     /// Checks the stage's input and output names (see [`BuiltinStage::check_ports`]).
@@ -196,6 +210,13 @@ fn normalize<P: DeserializeOwned + Serialize>(
         pointer: String::new(),
         message: e.to_string(),
     })
+}
+
+fn check_params<S: BuiltinStage>(params: &serde_json::Value) -> Vec<ParamsError> {
+    match serde_json::from_value::<S::Params>(params.clone()) {
+        Ok(params) => S::check_params(&params),
+        Err(_) => Vec::new(),
+    }
 }
 
 fn run<S: BuiltinStage>(

@@ -111,6 +111,24 @@ impl BuiltinStage for Diagnose {
         crate::ports::named_outputs(outputs, &["diagnostics"], &[])
     }
 
+    fn check_params(params: &DiagnoseParams) -> Vec<crate::ParamsError> {
+        let Some(columns) = &params.columns else {
+            return Vec::new();
+        };
+        params
+            .range
+            .keys()
+            .filter(|c| !columns.contains(c))
+            .map(|c| crate::ParamsError {
+                pointer: pointer(&["range", c]),
+                message: format!(
+                    "`range` names `{c}`, which is not a diagnosed column ({})",
+                    columns.join(", ")
+                ),
+            })
+            .collect()
+    }
+
     fn run(params: &DiagnoseParams, io: &StageIo) -> Result<StageReport, StageError> {
         let imputed = io.input_named("imputed", 0)?;
         let data = io.input_named("data", 1)?;
