@@ -784,8 +784,13 @@ async fn run_builtin(
             *param_error = e.param.clone();
             (e.message, None)
         })?;
+    for warning in &report.warnings {
+        ctx.events
+            .event(Event::Warning(format!("stage `{}`: {warning}", stage.name)));
+    }
     record.report = Some(serde_json::json!({
         "summary": report.summary,
+        "warnings": report.warnings,
         "duration_ms": started.elapsed().as_millis() as u64,
     }));
     Ok(())

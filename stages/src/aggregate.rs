@@ -117,6 +117,7 @@ impl BuiltinStage for Aggregate {
         write_table(&mut out, output)?;
         Ok(StageReport {
             summary: json!({"groups": out.height(), "columns": out.get_column_names().iter().map(|c| c.to_string()).collect::<Vec<_>>()}),
+            warnings: Vec::new(),
         })
     }
 }

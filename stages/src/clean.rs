@@ -171,7 +171,10 @@ impl BuiltinStage for Clean {
             std::fs::write(path, text)
                 .map_err(|e| StageError::new(format!("cannot write `{}`: {e}", path.display())))?;
         }
-        Ok(StageReport { summary })
+        Ok(StageReport {
+            summary,
+            warnings: Vec::new(),
+        })
     }
 }
 

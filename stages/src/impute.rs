@@ -174,7 +174,10 @@ impl BuiltinStage for Impute {
                 json!((started.elapsed().as_secs_f64() * 1000.0).round() / 1000.0),
             );
         }
-        Ok(StageReport { summary: report })
+        Ok(StageReport {
+            summary: report,
+            warnings: Vec::new(),
+        })
     }
 }
 

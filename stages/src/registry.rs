@@ -89,6 +89,9 @@ impl StageIo {
 #[derive(Debug, Clone, Default)]
 pub struct StageReport {
     pub summary: serde_json::Value,
+    /// What the person running the stage should hear of, though the stage succeeded (a `warn`
+    /// check that missed, say); printed by the orchestrator and kept in the run record.
+    pub warnings: Vec<String>,
 }
 
 /// Why a built-in stage failed, in words for the person running it.

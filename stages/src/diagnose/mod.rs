@@ -160,7 +160,15 @@ impl BuiltinStage for Diagnose {
                 failed.join("; ")
             )));
         }
-        Ok(StageReport { summary: report })
+        let warnings = checks
+            .iter()
+            .filter(|c| matches!(c.status, Status::Warn | Status::Undefined))
+            .map(|c| format!("check {}: {}", c.name, c.message))
+            .collect();
+        Ok(StageReport {
+            summary: report,
+            warnings,
+        })
     }
 }
 
@@ -606,6 +614,14 @@ mod tests {
 
     /// Imputes a small generated table (`m` imputations, seed 1) and diagnoses it.
     fn diagnose(m: usize, params: Json) -> (Result<Json, StageError>, tempfile::TempDir) {
+        let (report, dir) = diagnose_report(m, params);
+        (report.map(|r| r.summary), dir)
+    }
+
+    fn diagnose_report(
+        m: usize,
+        params: Json,
+    ) -> (Result<StageReport, StageError>, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("users.csv");
         let mut csv = String::from("id,y,x\n");
@@ -639,7 +655,7 @@ mod tests {
             ],
             outputs: vec![(Some("diagnostics".into()), dir.path().join("diagnostics"))],
         };
-        (Diagnose::run(&params, &io).map(|r| r.summary), dir)
+        (Diagnose::run(&params, &io), dir)
     }
 
     /// Floats to 9 significant digits, so that the snapshot does not hang on the last bits of
@@ -756,10 +772,18 @@ mod tests {
             "{}",
             error.message
         );
-        let (report, _dir) = diagnose(3, json!({"checks": {"mean_spread": {"max": 0.0}}}));
+        let (report, _dir) = diagnose_report(3, json!({"checks": {"mean_spread": {"max": 0.0}}}));
         let report = report.unwrap();
-        assert_eq!(report["checks"][0]["status"], "warn");
-        assert_eq!(report["passed"], true);
+        assert_eq!(report.summary["checks"][0]["status"], "warn");
+        assert_eq!(report.summary["passed"], true);
+        assert_eq!(
+            report.warnings.len(),
+            1,
+            "printed by the run: {:?}",
+            report.warnings
+        );
+        assert!(report.warnings[0]
+            .starts_with("check mean_spread: y: spread of the per-imputation means "));
     }
 
     #[test]
