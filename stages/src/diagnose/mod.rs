@@ -559,21 +559,21 @@ fn evaluate(diagnostics: &[ColumnDiagnostics], checks: &Checks) -> Vec<CheckResu
                 d.mean_spread,
                 checks.mean_spread,
                 "spread of the per-imputation means",
-                "needs two imputations",
+                "it needs two imputations and a mean other than 0",
             ),
             (
                 "std_spread",
                 d.std_spread,
                 checks.std_spread,
                 "spread of the per-imputation standard deviations",
-                "needs two imputations",
+                "it needs two imputations and a standard deviation other than 0",
             ),
             (
                 "rhat",
                 rhat,
                 checks.rhat,
                 "R̂ of the chains",
-                "needs two chains and two iterations with variation",
+                "it needs two chains of at least two iterations that vary",
             ),
         ] {
             let (status, message) = match value {
