@@ -62,6 +62,28 @@ pub fn render(plot: &impl Plot, stem: &Path) -> Result<Vec<u8>, StageError> {
     Ok(png)
 }
 
+type Chart<'a, DB> = ChartContext<
+    'a,
+    DB,
+    Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+>;
+
+/// The legend of every plot: a framed, nearly opaque box of the series' labels.
+fn legend<'a, DB: DrawingBackend + 'a>(
+    chart: &mut Chart<'a, DB>,
+    position: SeriesLabelPosition,
+    size: u32,
+) -> Result<(), String> {
+    chart
+        .configure_series_labels()
+        .position(position)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font((FAMILY, size))
+        .draw()
+        .map_err(|e| e.to_string())
+}
+
 fn color(i: usize) -> RGBColor {
     // Category10, as matplotlib and seaborn.
     const COLORS: [(u8, u8, u8); 10] = [
@@ -158,15 +180,7 @@ impl Plot for Lines {
                 .label(line.label.as_str())
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font((FAMILY, 13))
-            .draw()
-            .map_err(e)?;
-        Ok(())
+        legend(&mut chart, SeriesLabelPosition::UpperLeft, 13)
     }
 }
 
@@ -229,14 +243,7 @@ impl Plot for Trace {
                     .label(format!("chain {k}"))
                     .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
             }
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::UpperRight)
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK)
-                .label_font((FAMILY, 12))
-                .draw()
-                .map_err(e)?;
+            legend(&mut chart, SeriesLabelPosition::UpperRight, 12)?;
         }
         Ok(())
     }
