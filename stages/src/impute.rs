@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value as Json};
 
 use crate::mice::{self, Method};
+use crate::stats::finite;
 use crate::table::{pointer, read_table_inferred, require_columns, write_table};
 use crate::{BuiltinStage, StageError, StageIo, StageReport};
 
@@ -512,15 +513,6 @@ fn write_outputs(
     text.push('\n');
     std::fs::write(dir.join("summaries/impute_summary.json"), text).map_err(io)?;
     Ok(summary)
-}
-
-/// A number for JSON: NaN and infinities (a std of one value) become null.
-fn finite(value: f64) -> Json {
-    if value.is_finite() {
-        json!(value)
-    } else {
-        Json::Null
-    }
 }
 
 #[cfg(test)]

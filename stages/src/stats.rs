@@ -130,6 +130,16 @@ pub fn gelman_rubin(chains: &[Vec<f64>]) -> Option<f64> {
     Some((v / w).sqrt())
 }
 
+/// A number for JSON: NaN and infinities (a standard deviation of one value, say) become null,
+/// so that summaries never hold a value JSON cannot.
+pub fn finite(value: f64) -> serde_json::Value {
+    if value.is_finite() {
+        serde_json::json!(value)
+    } else {
+        serde_json::Value::Null
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

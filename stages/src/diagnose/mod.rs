@@ -16,7 +16,9 @@ use serde_json::{json, Value as Json};
 mod plots;
 mod report;
 
-use crate::stats::{gaussian_kde, gelman_rubin, ks_distance, quantile_linear, scott_bandwidth};
+use crate::stats::{
+    finite, gaussian_kde, gelman_rubin, ks_distance, quantile_linear, scott_bandwidth,
+};
 use crate::table::{pointer, read_table_inferred};
 use crate::{BuiltinStage, StageError, StageIo, StageReport};
 
@@ -263,6 +265,12 @@ impl Imputation {
             )));
         }
         let trace = read_table_inferred(&dir.join("trace.parquet"))?;
+        let trace_column = trace
+            .column("column")
+            .and_then(|c| c.str().cloned())
+            .map_err(polars_error)?;
+        let (chain, iteration) = (floats(&trace, "chain")?, floats(&trace, "iteration")?);
+        let (mean, std) = (floats(&trace, "mean")?, floats(&trace, "std")?);
         let (mut values, mut missing, mut traces) =
             (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
         for column in &columns {
@@ -278,14 +286,8 @@ impl Imputation {
                 column.clone(),
                 original.iter().map(|v| v.is_nan()).collect::<Vec<_>>(),
             );
-            let mask = trace
-                .column("column")
-                .and_then(|c| c.str().cloned())
-                .map_err(polars_error)?;
-            let (chain, iteration) = (floats(&trace, "chain")?, floats(&trace, "iteration")?);
-            let (mean, std) = (floats(&trace, "mean")?, floats(&trace, "std")?);
             let mut per_chain = vec![vec![(f64::NAN, f64::NAN); iterations]; m];
-            for (i, name) in mask.iter().enumerate() {
+            for (i, name) in trace_column.iter().enumerate() {
                 if name == Some(column.as_str()) {
                     let (c, it) = (chain[i] as usize, iteration[i] as usize);
                     if c < m && (1..=iterations).contains(&it) {
@@ -500,15 +502,6 @@ impl ColumnDiagnostics {
                 [q1, median, q3, low, high]
             })
             .collect()
-    }
-}
-
-/// A JSON number, or null for NaN and infinities.
-fn finite(value: f64) -> Json {
-    if value.is_finite() {
-        json!(value)
-    } else {
-        Json::Null
     }
 }
 

@@ -73,28 +73,38 @@ pub(super) fn write(
             y_label: name.clone(),
             boxes: d.boxes(imputation),
         };
+        // Draws one plot into plots/{column}_{kind}.{png,svg}; the report embeds the PNG.
+        let plot = |kind: &str, drawn: Result<Vec<u8>, StageError>, caption: &str| {
+            drawn.map(|png| {
+                json!({
+                    "file": format!("plots/{}_{kind}.png", file_safe(name)),
+                    "png": encode(png),
+                    "caption": caption,
+                })
+            })
+        };
         let stem = |kind: &str| plots_dir.join(format!("{}_{kind}", file_safe(name)));
         let plots = vec![
-            json!({
-                "file": format!("plots/{}_density.png", file_safe(name)),
-                "png": encode(render(&by_imputation, &stem("density"))?),
-                "caption": "Kernel density (Gaussian, Scott's bandwidth) of the observed values and of each completed imputation. The curves should lie close together: an imputation far from the others, or all of them far from the observed curve where the data are missing at random, deserves a look.",
-            }),
-            json!({
-                "file": format!("plots/{}_density_all.png", file_safe(name)),
-                "png": encode(render(&all_imputed, &stem("density_all"))?),
-                "caption": "The observed values against all imputations pooled.",
-            }),
-            json!({
-                "file": format!("plots/{}_trace.png", file_safe(name)),
-                "png": encode(render(&trace, &stem("trace"))?),
-                "caption": "The column's mean and standard deviation after each iteration, one line per chain. Converged chains mix: no trend, and lines that cross. R-hat compares the spread between chains with the spread within them over the last half of the iterations.",
-            }),
-            json!({
-                "file": format!("plots/{}_box.png", file_safe(name)),
-                "png": encode(render(&boxes, &stem("box"))?),
-                "caption": "Quartiles and Tukey whiskers (1.5 IQR) of each completed imputation: medians and boxes should nearly coincide.",
-            }),
+            plot(
+                "density",
+                render(&by_imputation, &stem("density")),
+                "Kernel density (Gaussian, Scott's bandwidth) of the observed values and of each completed imputation. The curves should lie close together: an imputation far from the others, or all of them far from the observed curve where the data are missing at random, deserves a look.",
+            )?,
+            plot(
+                "density_all",
+                render(&all_imputed, &stem("density_all")),
+                "The observed values against all imputations pooled.",
+            )?,
+            plot(
+                "trace",
+                render(&trace, &stem("trace")),
+                "The column's mean and standard deviation after each iteration, one line per chain. Converged chains mix: no trend, and lines that cross. R-hat compares the spread between chains with the spread within them over the last half of the iterations.",
+            )?,
+            plot(
+                "box",
+                render(&boxes, &stem("box")),
+                "Quartiles and Tukey whiskers (1.5 IQR) of each completed imputation: medians and boxes should nearly coincide.",
+            )?,
         ];
         let mut column = report["columns"][name].clone();
         if let Json::Object(map) = &mut column {
