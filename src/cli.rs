@@ -56,6 +56,8 @@ pub enum Command {
     Log(LogArgs),
     /// Show one run of a pipeline: each stage's decision, reasons and outputs.
     Show(ShowArgs),
+    /// Print the latest result of every stage's checks as a table.
+    Checks(ChecksArgs),
     /// List the built-in stages and their implementation versions.
     Stages,
     /// Print the JSON Schema of pipeline files, for editors.
@@ -134,6 +136,15 @@ pub struct LogArgs {
     /// How many runs to list.
     #[arg(long, short = 'n', default_value_t = 20)]
     pub limit: usize,
+    /// JSON, for scripts.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ChecksArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
     /// JSON, for scripts.
     #[arg(long)]
     pub json: bool,
@@ -260,6 +271,7 @@ pub fn run(cli: Cli, printer: &Printer) -> ExitCode {
         Command::Status(args) => status_command(args, &registry, printer),
         Command::Log(args) => log_command(args, &registry, printer),
         Command::Show(args) => show_command(args, &registry, printer),
+        Command::Checks(args) => checks_command(args, &registry, printer),
         Command::Stages => {
             let mut out = String::new();
             for builtin in registry.iter() {
@@ -315,7 +327,15 @@ fn checked_dag_and_sources(
         }
     };
     match dag::build(pipeline, BuildOptions::default()) {
-        Ok(dag) => Ok((dag, sources)),
+        Ok(dag) => {
+            let mut diagnostics = crate::columns::check(&dag, registry);
+            if diagnostics.is_empty() {
+                return Ok((dag, sources));
+            }
+            crate::diagnostic::sort(&mut diagnostics);
+            printer.diagnostics(&sources, &diagnostics);
+            Err(ExitCode::from(EXIT_CONFIG))
+        }
         Err(diagnostics) => {
             printer.diagnostics(&sources, &diagnostics);
             Err(ExitCode::from(EXIT_CONFIG))
@@ -604,6 +624,119 @@ fn log_command(args: LogArgs, registry: &Registry, printer: &Printer) -> ExitCod
             count("failed"),
             run.duration_ms as f64 / 1000.0
         ));
+    }
+    printer.data(&out);
+    ExitCode::SUCCESS
+}
+
+fn checks_command(args: ChecksArgs, registry: &Registry, printer: &Printer) -> ExitCode {
+    let dag = match checked_dag(&args.pipeline, registry, printer) {
+        Ok(dag) => dag,
+        Err(code) => return code,
+    };
+    let pipeline = dag.pipeline();
+    let shown = pipeline.file.display().to_string();
+    let runs: Vec<record::RunRecord> = record::list(&StateDir::new(&pipeline.workdir).runs())
+        .into_iter()
+        .filter(|r| r.pipeline == shown)
+        .collect();
+    // Each stage with checks, in run order, with its newest evaluated checks.
+    let latest: Vec<(&str, Option<(&str, &record::StageRecord)>)> = dag
+        .order()
+        .iter()
+        .map(|&i| dag.stage(i))
+        .filter(|stage| !stage.checks.is_empty())
+        .map(|stage| {
+            let found = runs.iter().find_map(|run| {
+                run.stages
+                    .iter()
+                    .find(|s| s.name == stage.name && !s.checks.is_empty())
+                    .map(|s| (run.id.as_str(), s))
+            });
+            (stage.name.as_str(), found)
+        })
+        .collect();
+    if args.json {
+        let value: Vec<serde_json::Value> = latest
+            .iter()
+            .map(|(name, found)| {
+                serde_json::json!({
+                    "stage": name,
+                    "run": found.map(|(run, _)| run),
+                    "decision": found.map(|(_, s)| s.decision.as_str()),
+                    "checks": found.map(|(_, s)| &s.checks),
+                })
+            })
+            .collect();
+        printer.data(&(serde_json::to_string_pretty(&value).unwrap_or_default() + "\n"));
+        return ExitCode::SUCCESS;
+    }
+    if latest.is_empty() {
+        printer.status("no stage of this pipeline has checks");
+        return ExitCode::SUCCESS;
+    }
+    let mut rows: Vec<[String; 6]> = vec![[
+        "STAGE".into(),
+        "CHECK".into(),
+        "SEVERITY".into(),
+        "RESULT".into(),
+        "RUN".into(),
+        "DETAIL".into(),
+    ]];
+    for (name, found) in &latest {
+        match found {
+            None => rows.push([
+                (*name).to_owned(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "not evaluated yet".into(),
+            ]),
+            Some((run, stage)) => {
+                for check in &stage.checks {
+                    use imba_stages::checks::Status;
+                    let result = match (check.status, check.severity) {
+                        (Status::Pass, _) => "pass",
+                        (Status::Error, _) => "ERROR",
+                        (Status::Fail, config::checks::Severity::Warn) => "WARN",
+                        (Status::Fail, config::checks::Severity::Fail) => "FAIL",
+                    };
+                    let severity = match check.severity {
+                        config::checks::Severity::Warn => "warn",
+                        config::checks::Severity::Fail => "fail",
+                    };
+                    rows.push([
+                        (*name).to_owned(),
+                        check.name.clone(),
+                        severity.into(),
+                        result.into(),
+                        (*run).to_owned(),
+                        check.detail.clone(),
+                    ]);
+                }
+            }
+        }
+    }
+    let mut widths = [0usize; 6];
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in &rows {
+        let mut line = String::new();
+        for (i, (cell, width)) in row.iter().zip(widths).enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(cell);
+                line.push_str(&" ".repeat(width - cell.chars().count() + 2));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
     }
     printer.data(&out);
     ExitCode::SUCCESS

@@ -57,6 +57,8 @@ pub enum Event {
         name: String,
         duration: Duration,
         unchanged: bool,
+        /// How many of its checks passed (the others missed with `warn`, and were warned of).
+        checks_passed: usize,
     },
     StageFailed {
         name: String,
@@ -143,6 +145,9 @@ fn stage_record(name: &str, decision: &str) -> StageRecord {
         outputs: BTreeMap::new(),
         log: None,
         report: None,
+        checks: Vec::new(),
+        quarantine: None,
+        hook: None,
     }
 }
 
@@ -339,7 +344,7 @@ async fn schedule(
             };
             let ctx = ctx.clone();
             let force = forced.contains(&stage);
-            tasks.spawn(async move { (stage, run_stage(ctx, stage, force).await) });
+            tasks.spawn(async move { (stage, run_stage_and_hook(ctx, stage, force).await) });
         }
         if tasks.is_empty() {
             break;
@@ -415,6 +420,40 @@ async fn schedule(
         outcomes.insert(stage, outcome);
     }
     (outcomes, interrupted)
+}
+
+/// Runs the stage and, when it failed, its `on_failure` hook (or the pipeline's).
+async fn run_stage_and_hook(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
+    let outcome = run_stage(ctx.clone(), index, force).await;
+    let Outcome::Failed { mut record } = outcome else {
+        return outcome;
+    };
+    let stage = ctx.dag.stage(index);
+    let pipeline = ctx.dag.pipeline();
+    let Some(hook) = stage.on_failure.as_ref().or(pipeline.on_failure.as_ref()) else {
+        return Outcome::Failed { record };
+    };
+    let payload = crate::checks::hook_payload(&pipeline.file, &ctx.run_id, &record);
+    let log = ctx
+        .state
+        .logs(&ctx.run_id)
+        .join(format!("{}.on_failure.log", sanitize(&stage.name)));
+    let pipeline_file = pipeline.file.display().to_string();
+    let env = [
+        ("IMBA_STAGE", stage.name.as_str()),
+        ("IMBA_RUN", ctx.run_id.as_str()),
+        ("IMBA_PIPELINE", pipeline_file.as_str()),
+    ];
+    let hook_record =
+        crate::checks::run_hook(hook, &payload, &pipeline.workdir, &env, &log).await;
+    if let Some(error) = &hook_record.error {
+        ctx.events.event(Event::Warning(format!(
+            "the on_failure hook of stage `{}` failed too ({error}): {}\n  its log: {}",
+            stage.name, hook.command, hook_record.log
+        )));
+    }
+    record.hook = Some(hook_record);
+    Outcome::Failed { record }
 }
 
 /// Decides whether `index` must run, and runs it.
@@ -551,6 +590,79 @@ async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
         }
     }
 
+    // The checks decide whether the outputs are committed at all.
+    if !stage.checks.is_empty() {
+        let evaluated = {
+            let ctx = ctx.clone();
+            let staged = staged.clone();
+            tokio::task::spawn_blocking(move || {
+                crate::checks::evaluate(
+                    ctx.dag.stage(index),
+                    &staged,
+                    &ctx.dag.pipeline().workdir,
+                )
+            })
+            .await
+        };
+        record.checks = match evaluated {
+            Ok(records) => records,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&staging_root);
+                return fail(&ctx, record, format!("internal error: {e}"), None);
+            }
+        };
+        for missed in record
+            .checks
+            .iter()
+            .filter(|c| c.status != imba_stages::checks::Status::Pass && !c.blocks())
+        {
+            ctx.events.event(Event::Warning(format!(
+                "stage `{}`: {}",
+                stage.name,
+                crate::checks::describe(missed)
+            )));
+        }
+        let blocking: Vec<String> = record
+            .checks
+            .iter()
+            .filter(|c| c.blocks())
+            .map(crate::checks::describe)
+            .collect();
+        if !blocking.is_empty() {
+            let quarantine = ctx
+                .state
+                .quarantine(&ctx.run_id)
+                .join(sanitize(&stage.name));
+            let kept = crate::checks::quarantine(stage, &staged, &workdir, &quarantine);
+            let _ = std::fs::remove_dir_all(&staging_root);
+            let count = if blocking.len() == 1 {
+                "a check failed".to_owned()
+            } else {
+                format!("{} checks failed", blocking.len())
+            };
+            let mut error = format!("{count}; the outputs were not committed\n  {}", blocking.join("\n  "));
+            match kept {
+                Ok(()) => {
+                    error.push_str(&format!(
+                        "\n  the new outputs are kept for inspection in {}",
+                        quarantine.display()
+                    ));
+                    record.quarantine = Some(quarantine.display().to_string());
+                }
+                Err(e) => error.push_str(&format!(
+                    "\n  the new outputs could not be kept in {} ({e}) and were discarded",
+                    quarantine.display()
+                )),
+            }
+            return fail(&ctx, record, error, None);
+        }
+    }
+    let checks_passed = record
+        .checks
+        .iter()
+        .filter(|c| c.status == imba_stages::checks::Status::Pass)
+        .count();
+
     let committed = {
         let ctx = ctx.clone();
         let staged = staged.clone();
@@ -570,6 +682,7 @@ async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
                 name: stage.name.clone(),
                 duration: started.elapsed(),
                 unchanged,
+                checks_passed,
             });
             Outcome::Ran { record }
         }

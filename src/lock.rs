@@ -37,6 +37,9 @@ pub struct LockedStage {
     pub cmd: Option<Vec<String>>,
     #[serde(default)]
     pub params: Json,
+    /// The stage's `checks:`, when it has any: a check decides whether outputs are committed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checks: Option<Json>,
     pub inputs: BTreeMap<String, ContentHash>,
     pub outputs: BTreeMap<String, ContentHash>,
 }
@@ -281,6 +284,7 @@ mod journal_tests {
             implementation: None,
             cmd: Some(vec!["true".into()]),
             params: Json::Null,
+            checks: None,
             inputs: BTreeMap::new(),
             outputs: BTreeMap::new(),
         }

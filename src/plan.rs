@@ -27,6 +27,7 @@ pub enum Reason {
     KindChanged { from: String, to: String },
     ImplementationChanged { stage: String, from: u32, to: u32 },
     CommandChanged,
+    ChecksChanged,
     ParamChanged { key: String, old: Json, new: Json },
     InputChanged { path: String },
     InputAdded { path: String },
@@ -56,6 +57,7 @@ impl fmt::Display for Reason {
                 write!(f, "implementation of {stage} changed: {from} → {to}")
             }
             Reason::CommandChanged => write!(f, "command changed"),
+            Reason::ChecksChanged => write!(f, "checks changed"),
             Reason::ParamChanged { key, old, new } => {
                 write!(f, "param {key} changed: {} → {}", show(old), show(new))
             }
@@ -139,7 +141,11 @@ pub fn snapshot(stage: &Stage, workdir: &Path, cache: &StatCache) -> Result<Snap
         .iter()
         .map(|o| o.declared.location.display(workdir))
         .collect();
-    let material = json!({
+    // Checks are hashed only when there are some, so that adding the feature changed no
+    // existing fingerprint.
+    let checks = (!stage.checks.is_empty())
+        .then(|| Json::Array(stage.checks.iter().map(|c| c.to_json()).collect()));
+    let mut material = json!({
         "kind": kind,
         "implementation": implementation,
         "cmd": cmd,
@@ -147,6 +153,9 @@ pub fn snapshot(stage: &Stage, workdir: &Path, cache: &StatCache) -> Result<Snap
         "inputs": inputs.iter().map(|(k, v)| (k.clone(), Json::String(v.hash.clone()))).collect::<serde_json::Map<_, _>>(),
         "outputs": declared_outputs,
     });
+    if let (Some(checks), Json::Object(map)) = (&checks, &mut material) {
+        map.insert("checks".into(), checks.clone());
+    }
     let fingerprint = fingerprint(&material);
     Ok(Snapshot {
         fingerprint: fingerprint.clone(),
@@ -156,6 +165,7 @@ pub fn snapshot(stage: &Stage, workdir: &Path, cache: &StatCache) -> Result<Snap
             implementation,
             cmd,
             params,
+            checks,
             inputs,
             outputs: declared_outputs
                 .into_iter()
@@ -208,6 +218,9 @@ pub fn reasons(
     }
     if locked.cmd != now.entry.cmd {
         reasons.push(Reason::CommandChanged);
+    }
+    if locked.checks != now.entry.checks {
+        reasons.push(Reason::ChecksChanged);
     }
     diff_params("", &locked.params, &now.entry.params, &mut reasons);
     for (path, hash) in &now.entry.inputs {

@@ -48,6 +48,53 @@ pub struct StageRecord {
     /// What a built-in stage reported (its summary, the time it took).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub report: Option<serde_json::Value>,
+    /// The stage's checks, as evaluated on its new outputs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<CheckRecord>,
+    /// Where the outputs of a stage whose checks failed were kept instead of committed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantine: Option<String>,
+    /// The `on_failure` hook run for this stage's failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hook: Option<HookRecord>,
+}
+
+/// One check, evaluated.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CheckRecord {
+    /// `name:`, or a label such as `not_null(user_id)`.
+    pub name: String,
+    /// The check as written.
+    pub check: serde_json::Value,
+    pub severity: crate::config::checks::Severity,
+    /// The table checked, as shown in the lock file.
+    pub output: String,
+    pub status: imba_stages::checks::Status,
+    /// What was measured (`null` when undefined).
+    pub value: serde_json::Value,
+    /// What passing means: `≥ 1000`, `≤ 20%`…
+    pub expected: String,
+    pub detail: String,
+}
+
+impl CheckRecord {
+    /// Passed, or missed with `warn`: the outputs may be committed.
+    pub fn blocks(&self) -> bool {
+        self.status != imba_stages::checks::Status::Pass
+            && self.severity == crate::config::checks::Severity::Fail
+    }
+}
+
+/// What the `on_failure` hook did.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HookRecord {
+    pub command: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_status: Option<i32>,
+    /// Why the hook itself failed, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub log: String,
 }
 
 pub fn save(runs: &Path, record: &RunRecord) -> std::io::Result<()> {

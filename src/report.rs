@@ -203,13 +203,19 @@ impl crate::exec::Events for RunPrinter {
                 name,
                 duration,
                 unchanged,
+                checks_passed,
             } => {
                 self.tick();
                 self.set_running(|r| r.retain(|n| *n != name));
                 if !self.quiet {
                     let same = if unchanged { ", outputs unchanged" } else { "" };
+                    let checks = match checks_passed {
+                        0 => String::new(),
+                        1 => ", 1 check passed".to_owned(),
+                        n => format!(", {n} checks passed"),
+                    };
                     self.line(format!(
-                        "{} {name} ({:.2}s{same})",
+                        "{} {name} ({:.2}s{same}{checks})",
                         self.paint("1;32", "  done"),
                         duration.as_secs_f64()
                     ));

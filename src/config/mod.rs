@@ -4,6 +4,7 @@
 //! `--vars`/`--set` → shape ([`raw`]) → vars, templates, matrices, paths, params ([`resolve`]).
 //! Each step collects every problem it finds; a step runs only when the one before succeeded.
 
+pub mod checks;
 pub mod overrides;
 pub mod params;
 pub mod raw;

@@ -10,11 +10,12 @@ use crate::diagnostic::{did_you_mean, Diagnostic, Span};
 use super::yaml::{Key, Node, Value};
 
 /// Keys allowed at the top of a pipeline file. `docs/pipeline.schema.json` must list the same.
-pub const PIPELINE_KEYS: &[&str] = &["desc", "stages", "vars", "workdir"];
+pub const PIPELINE_KEYS: &[&str] = &["desc", "on_failure", "stages", "vars", "workdir"];
 
 /// Keys allowed in a stage. `docs/pipeline.schema.json` must list the same.
 pub const STAGE_KEYS: &[&str] = &[
-    "cmd", "desc", "foreach", "inputs", "matrix", "outputs", "params", "uses",
+    "checks", "cmd", "desc", "foreach", "inputs", "matrix", "on_failure", "outputs", "params",
+    "uses",
 ];
 
 /// A pipeline file whose shape is right.
@@ -23,6 +24,8 @@ pub struct PipelineFile {
     pub root: Node,
     pub desc: Option<Node>,
     pub workdir: Option<Node>,
+    /// The pipeline's `on_failure:` hook, for stages without their own.
+    pub on_failure: Option<Node>,
     /// In file order: later vars may use earlier ones.
     pub vars: Vec<(Key, Node)>,
     /// In file order.
@@ -52,6 +55,9 @@ pub struct StageSpec {
     pub params: Option<Node>,
     pub matrix: Option<Node>,
     pub foreach: Option<Node>,
+    /// `checks:`, a list (or a template giving one).
+    pub checks: Option<Node>,
+    pub on_failure: Option<Node>,
 }
 
 /// Checks the shape of a parsed pipeline file, collecting every problem. The file that comes back
@@ -84,6 +90,7 @@ pub fn check(root: Node, diagnostics: &mut Vec<Diagnostic>) -> Option<PipelineFi
         root: root.clone(),
         desc: None,
         workdir: None,
+        on_failure: None,
         vars: Vec::new(),
         stages: Vec::new(),
         stages_key: None,
@@ -92,6 +99,7 @@ pub fn check(root: Node, diagnostics: &mut Vec<Diagnostic>) -> Option<PipelineFi
         match key.name.as_str() {
             "desc" => file.desc = expect_string(&key, value, diagnostics),
             "workdir" => file.workdir = expect_string(&key, value, diagnostics),
+            "on_failure" => file.on_failure = expect_string(&key, value, diagnostics),
             "vars" => match value.value {
                 Value::Map(vars) => file.vars = vars,
                 Value::Null => {}
@@ -169,6 +177,8 @@ fn check_stage(name: &Key, node: &Node, diagnostics: &mut Vec<Diagnostic>) -> Op
         params: None,
         matrix: None,
         foreach: None,
+        checks: None,
+        on_failure: None,
     };
     for (key, value) in entries {
         let value = value.clone();
@@ -212,6 +222,12 @@ fn check_stage(name: &Key, node: &Node, diagnostics: &mut Vec<Diagnostic>) -> Op
                 }
             }
             "inputs" => spec.inputs = check_paths(key, value, diagnostics),
+            "checks" => match &value.value {
+                Value::Seq(_) | Value::String(_) => spec.checks = Some(value),
+                Value::Null => {}
+                _ => diagnostics.push(wrong_kind(key, &value, "a list of checks")),
+            },
+            "on_failure" => spec.on_failure = expect_string(key, value, diagnostics),
             "outputs" => spec.outputs = check_paths(key, value, diagnostics),
             "params" => match &value.value {
                 Value::Map(_) => spec.params = Some(value),

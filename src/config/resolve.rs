@@ -11,6 +11,7 @@ use serde_json::{Map, Value as Json};
 use crate::diagnostic::{did_you_mean, Diagnostic, Span};
 use crate::location::Declared;
 
+use super::checks::{Hook, StageCheck};
 use super::params::ParamsChecker;
 use super::raw::{Action, PipelineFile, StageSpec};
 use super::template::{Context, Templates};
@@ -28,6 +29,8 @@ pub struct Pipeline {
     pub vars: Map<String, Json>,
     /// In file order; matrix instances in expansion order.
     pub stages: Vec<Stage>,
+    /// Run when a stage without its own `on_failure:` fails.
+    pub on_failure: Option<Hook>,
 }
 
 /// One stage, ready to plan and run.
@@ -47,6 +50,10 @@ pub struct Stage {
     /// Where each param is in the pipeline file (or a `--set`), by JSON pointer: a map entry's
     /// key, a list item's value. Built-in stages name a param in their errors; this finds it.
     pub param_spans: std::collections::BTreeMap<String, Span>,
+    /// Evaluated on the staged outputs before they are committed.
+    pub checks: Vec<StageCheck>,
+    /// Run when this stage fails (else the pipeline's).
+    pub on_failure: Option<Hook>,
 }
 
 #[derive(Debug, Clone)]
@@ -122,6 +129,11 @@ pub fn resolve(
         None => crate::location::normalize(&base),
     };
     let desc = render(&raw.desc, diagnostics);
+    let on_failure = raw
+        .on_failure
+        .as_ref()
+        .and_then(|node| templates.render_node(node, &ctx, diagnostics))
+        .and_then(|node| super::checks::hook(&node, diagnostics));
 
     let mut resolver = StageResolver {
         templates: &templates,
@@ -147,6 +159,7 @@ pub fn resolve(
         desc,
         vars,
         stages,
+        on_failure,
     })
 }
 
@@ -444,6 +457,19 @@ impl StageResolver<'_> {
                 }
             }
         };
+        let checks = match (&spec.checks, &outputs) {
+            (Some(node), Some(outputs)) => self
+                .templates
+                .render_node(node, &ctx, self.diagnostics)
+                .map(|node| super::checks::parse(&spec.name.name, &node, outputs, self.diagnostics))
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        let on_failure = spec
+            .on_failure
+            .as_ref()
+            .and_then(|node| self.templates.render_node(node, &ctx, self.diagnostics))
+            .and_then(|node| super::checks::hook(&node, self.diagnostics));
         if self.diagnostics.len() > before {
             return None;
         }
@@ -456,6 +482,8 @@ impl StageResolver<'_> {
             outputs: outputs?,
             context,
             param_spans,
+            checks,
+            on_failure,
         })
     }
 

@@ -109,6 +109,30 @@ impl BuiltinStage for Aggregate {
         crate::ports::named_outputs(outputs, &["table"], &[])
     }
 
+    fn output_columns(
+        params: &AggregateParams,
+        _inputs: &[Option<Vec<String>>],
+    ) -> Vec<crate::OutputColumns> {
+        let columns = match &params.select {
+            Some(select) => select.clone(),
+            None => {
+                let mut columns: Vec<String> = params.by.clone();
+                for name in params.aggs.keys().chain(params.derive.keys()) {
+                    if !columns.contains(name) {
+                        columns.push(name.clone());
+                    }
+                }
+                columns
+            }
+        };
+        vec![crate::OutputColumns {
+            output: "table",
+            position: 0,
+            file: None,
+            columns,
+        }]
+    }
+
     fn run(params: &AggregateParams, io: &StageIo) -> Result<StageReport, StageError> {
         let input = io.input(0)?;
         let output = io.output("table", 0)?;

@@ -157,6 +157,22 @@ impl BuiltinStage for Clean {
         crate::ports::named_outputs(outputs, &["table"], &["summary"])
     }
 
+    /// `clean` keeps every column of its input, in order.
+    fn output_columns(
+        _params: &CleanParams,
+        inputs: &[Option<Vec<String>>],
+    ) -> Vec<crate::OutputColumns> {
+        match inputs.first() {
+            Some(Some(columns)) => vec![crate::OutputColumns {
+                output: "table",
+                position: 0,
+                file: None,
+                columns: columns.clone(),
+            }],
+            _ => Vec::new(),
+        }
+    }
+
     fn run(params: &CleanParams, io: &StageIo) -> Result<StageReport, StageError> {
         let input = io.input(0)?;
         let table_path = io.output("table", 0)?;

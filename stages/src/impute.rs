@@ -136,6 +136,22 @@ impl BuiltinStage for Impute {
         crate::ports::named_outputs(outputs, &["imputed"], &[])
     }
 
+    /// The long table's columns do not depend on the data (the mean table's `_std` columns do).
+    fn output_columns(
+        params: &ImputeParams,
+        _inputs: &[Option<Vec<String>>],
+    ) -> Vec<crate::OutputColumns> {
+        let mut columns = vec!["impute_id".to_owned()];
+        columns.extend(params.id.iter().cloned());
+        columns.extend(params.columns.iter().cloned());
+        vec![crate::OutputColumns {
+            output: "imputed",
+            position: 0,
+            file: Some("imputed_long.parquet".to_owned()),
+            columns,
+        }]
+    }
+
     fn check_params(params: &ImputeParams) -> Vec<crate::ParamsError> {
         param_errors(params)
             .into_iter()

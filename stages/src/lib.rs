@@ -5,6 +5,7 @@
 //! `params:` against that type before anything runs.
 
 pub mod aggregate;
+pub mod checks;
 pub mod clean;
 pub mod diagnose;
 pub mod impute;
@@ -17,7 +18,7 @@ pub mod stats;
 pub mod table;
 
 pub use registry::{
-    Builtin, BuiltinStage, ParamsError, Registry, StageError, StageIo, StageReport,
+    Builtin, BuiltinStage, OutputColumns, ParamsError, Registry, StageError, StageIo, StageReport,
 };
 
 /// The polars the stages are built on, for callers that read their tables.

@@ -34,6 +34,15 @@ pub trait BuiltinStage: 'static {
         Vec::new()
     }
 
+    /// The columns of the tables the stage writes, where they follow from its params and the
+    /// columns of its inputs (each `None` when unknown), so that checks naming a missing column
+    /// fail at validate time. Only exact column lists: a table whose columns depend on the data is
+    /// left out.
+    fn output_columns(params: &Self::Params, inputs: &[Option<Vec<String>>]) -> Vec<OutputColumns> {
+        let _ = (params, inputs);
+        Vec::new()
+    }
+
     /// Reads `io.inputs` and writes every path in `io.outputs` (staging paths: the orchestrator
     /// moves them into place once this returned `Ok`).
     fn run(params: &Self::Params, io: &StageIo) -> Result<StageReport, StageError>;
@@ -83,6 +92,18 @@ impl StageIo {
             self.outputs.get(position).map(|(_, p)| p.as_path())
         }
     }
+}
+
+/// The columns of one table a built-in stage writes (see [`BuiltinStage::output_columns`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputColumns {
+    /// The output's name, as in [`StageIo::output`]…
+    pub output: &'static str,
+    /// …or its position, when outputs are a list.
+    pub position: usize,
+    /// The file inside a directory output; `None` for a file output.
+    pub file: Option<String>,
+    pub columns: Vec<String>,
 }
 
 /// What a built-in stage reports about its run (goes into the run record).
@@ -139,6 +160,7 @@ pub struct Builtin {
     run: fn(&serde_json::Value, &StageIo) -> Result<StageReport, StageError>,
     check_ports: PortCheck,
     check_params: fn(&serde_json::Value) -> Vec<ParamsError>,
+    output_columns: fn(&serde_json::Value, &[Option<Vec<String>>]) -> Vec<OutputColumns>,
 }
 
 /// See [`BuiltinStage::check_ports`].
@@ -165,12 +187,23 @@ impl Builtin {
             run: run::<S>,
             check_ports: S::check_ports,
             check_params: check_params::<S>,
+            output_columns: output_columns::<S>,
         }
     }
 
     /// The problems [`BuiltinStage::check_params`] finds in normalised `params`.
     pub fn check_params(&self, params: &serde_json::Value) -> Vec<ParamsError> {
         (self.check_params)(params)
+    }
+
+    /// The columns of the tables the stage writes, where they are knowable (see
+    /// [`BuiltinStage::output_columns`]), for normalised `params`.
+    pub fn output_columns(
+        &self,
+        params: &serde_json::Value,
+        inputs: &[Option<Vec<String>>],
+    ) -> Vec<OutputColumns> {
+        (self.output_columns)(params, inputs)
     }
 
     /// Checks the stage's input and output names (see [`BuiltinStage::check_ports`]).
@@ -218,6 +251,16 @@ fn normalize<P: DeserializeOwned + Serialize>(
 fn check_params<S: BuiltinStage>(params: &serde_json::Value) -> Vec<ParamsError> {
     match serde_json::from_value::<S::Params>(params.clone()) {
         Ok(params) => S::check_params(&params),
+        Err(_) => Vec::new(),
+    }
+}
+
+fn output_columns<S: BuiltinStage>(
+    params: &serde_json::Value,
+    inputs: &[Option<Vec<String>>],
+) -> Vec<OutputColumns> {
+    match serde_json::from_value::<S::Params>(params.clone()) {
+        Ok(params) => S::output_columns(&params, inputs),
         Err(_) => Vec::new(),
     }
 }

@@ -45,6 +45,30 @@ pub fn read_table_inferred(path: &Path) -> Result<DataFrame, StageError> {
     }
 }
 
+/// The column names of a table, from a CSV's header line or a Parquet file's schema, without
+/// reading its rows.
+pub fn columns_of(path: &Path) -> Result<Vec<String>, StageError> {
+    if is_csv(path) {
+        let df = CsvReadOptions::default()
+            .with_has_header(true)
+            .with_n_rows(Some(0))
+            .with_infer_schema_length(Some(0))
+            .try_into_reader_with_file_path(Some(path.to_path_buf()))
+            .and_then(|r| r.finish())
+            .map_err(|e| csv_error(path, e))?;
+        return Ok(df.get_column_names().iter().map(|c| c.to_string()).collect());
+    }
+    let file = std::fs::File::open(path)
+        .map_err(|e| StageError::new(format!("cannot open `{}`: {e}", path.display())))?;
+    let schema = ParquetReader::new(file).schema().map_err(|e| {
+        StageError::new(format!(
+            "cannot read Parquet file `{}`: {e}",
+            path.display()
+        ))
+    })?;
+    Ok(schema.iter_names().map(|c| c.to_string()).collect())
+}
+
 /// A CSV that polars could not read: the line at fault when one can be found, else polars' words.
 fn csv_error(path: &Path, error: PolarsError) -> StageError {
     match locate_csv_problem(path) {
