@@ -801,10 +801,30 @@ fn show_command(args: ShowArgs, registry: &Registry, printer: &Printer) -> ExitC
         for reason in &stage.reasons {
             out.push_str(&format!("           - {reason}\n"));
         }
+        for check in &stage.checks {
+            use imba_stages::checks::Status;
+            let result = match (check.status, check.severity) {
+                (Status::Pass, _) => "pass",
+                (Status::Error, _) => "error",
+                (Status::Fail, config::checks::Severity::Warn) => "warn",
+                (Status::Fail, config::checks::Severity::Fail) => "FAIL",
+            };
+            out.push_str(&format!(
+                "           check {result:<5} {}: {}\n",
+                check.name, check.detail
+            ));
+        }
         if let Some(error) = &stage.error {
             for line in error.lines() {
                 out.push_str(&format!("           ! {line}\n"));
             }
+        }
+        if let Some(hook) = &stage.hook {
+            let how = hook.error.as_deref().unwrap_or("ok");
+            out.push_str(&format!(
+                "           on_failure: {how} (log {})\n",
+                hook.log
+            ));
         }
     }
     printer.data(&out);

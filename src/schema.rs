@@ -25,6 +25,9 @@ pub struct PipelineSchema {
     vars: Option<BTreeMap<String, serde_json::Value>>,
     /// The stages, by name (letters, digits, `_`, `-`, `.`).
     stages: BTreeMap<String, StageSchema>,
+    /// A shell command run when a stage without its own `on_failure` fails, with the failure as
+    /// JSON on stdin (stage, error, checks, quarantine folder, log).
+    on_failure: Option<String>,
 }
 
 /// One stage: a built-in (`uses`) or a shell command (`cmd`), with what it reads and writes.
@@ -50,6 +53,69 @@ pub struct StageSchema {
     matrix: Option<BTreeMap<String, Axis>>,
     /// Expands the stage once per list item (`{{ item }}`) or map entry (`{{ key }}`, `{{ item }}`).
     foreach: Option<Foreach>,
+    /// Data checks on the stage's table outputs, evaluated before they are committed. A failed
+    /// `fail` check fails the stage and keeps its outputs out of place, in `.imba/quarantine/`.
+    checks: Option<Vec<CheckSchema>>,
+    /// A shell command run when this stage fails (instead of the pipeline's `on_failure`), with
+    /// the failure as JSON on stdin.
+    on_failure: Option<String>,
+}
+
+/// One check: exactly one of `rows`, `change`, `not_null`, `unique`, `range`, `sql`.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct CheckSchema {
+    /// The row count lies within `min` and `max` (either may be left out).
+    rows: Option<RowsSchema>,
+    /// A metric moved by at most `max_pct` percent from its value on the output committed at the
+    /// same place (the first run has no baseline and passes).
+    change: Option<ChangeSchema>,
+    /// No missing value (null, or NaN in a float column) in these columns.
+    not_null: Option<Columns>,
+    /// These columns together identify a row: no two rows share their values.
+    unique: Option<Columns>,
+    /// Column → `[lo, hi]`, inclusive; `null` leaves an end open. Missing values are ignored.
+    range: Option<BTreeMap<String, [Option<f64>; 2]>>,
+    /// A polars SQL query over the table `self` whose every value must be `true`, e.g.
+    /// `SELECT count(*) > 0 FROM self WHERE days IS NULL`.
+    sql: Option<String>,
+    /// `fail` (the default) fails the stage; `warn` prints and records.
+    severity: Option<SeveritySchema>,
+    /// The output checked: its name (or path as written), or `NAME/FILE` for a table inside a
+    /// directory output. Default: the stage's only table file.
+    output: Option<String>,
+    /// A name for the check in messages, records and `imba checks`.
+    name: Option<String>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct RowsSchema {
+    min: Option<u64>,
+    max: Option<u64>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct ChangeSchema {
+    /// `rows` (the default), `mean(COLUMN)` or `null_fraction(COLUMN)`.
+    metric: Option<String>,
+    /// The largest change allowed, in percent of the baseline.
+    max_pct: f64,
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(untagged)]
+enum Columns {
+    Many(Vec<String>),
+    One(String),
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+enum SeveritySchema {
+    Warn,
+    Fail,
 }
 
 #[derive(Deserialize, JsonSchema)]

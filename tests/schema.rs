@@ -37,6 +37,13 @@ fn the_schema_and_the_validator_know_the_same_keys() {
     let schema = generated();
     assert_eq!(keys(&schema), PIPELINE_KEYS);
     assert_eq!(keys(&schema["$defs"]["StageSchema"]), STAGE_KEYS);
+    let mut check_keys: Vec<&str> = imba::config::checks::CHECK_KINDS
+        .iter()
+        .chain(imba::config::checks::CHECK_OPTIONS)
+        .copied()
+        .collect();
+    check_keys.sort();
+    assert_eq!(keys(&schema["$defs"]["CheckSchema"]), check_keys);
 }
 
 #[test]

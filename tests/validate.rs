@@ -237,3 +237,74 @@ fn builtin_params_that_do_not_fit_each_other() {
         "stages:\n  imp:\n    uses: impute\n    inputs: [users.csv]\n    outputs: [out/imputed/]\n    params:\n      columns: [days, freq]\n      id: days\n      method: {dayz: norm}\n      predictors: {days: [days, frq]}\n"
     ));
 }
+
+/// Every mistake in `checks:` at once, each at its key or value.
+#[test]
+fn checks_that_cannot_be_evaluated() {
+    assert_snapshot!(validate(
+        r#"stages:
+  two_tables:
+    cmd: touch {{ outputs.a }} {{ outputs.b }}
+    outputs: {a: out/a.csv, b: out/b.parquet, dir: out/parts/}
+    checks:
+      - rows: {min: 10, max: 2}
+      - rows: {}
+      - change: {metric: median(x)}
+      - not_null: []
+      - range: {x: [1], y: [5, 1]}
+      - sql: ""
+      - rows: {min: -1}
+        output: a
+      - unique: [k]
+        rows: {min: 1}
+        output: a
+      - severity: warning
+        output: b
+      - outputs: a
+        rows: {min: 1}
+      - rows: {min: 1}
+      - rows: {min: 1}
+        output: nope
+      - rows: {min: 1}
+        output: dir
+      - rows: {min: 1}
+        output: dir/notes.txt
+"#
+    ));
+}
+
+/// Where the columns of a checked table follow from the source's header and the built-ins'
+/// params, a check naming a column that will not be there fails validation.
+#[test]
+fn checks_naming_columns_the_table_will_not_have() {
+    let t = Test::new()
+        .file("orders.csv", "order_id,user_id,days\n1,1,3\n")
+        .pipeline(
+            r#"stages:
+  clean:
+    uses: clean
+    inputs: [orders.csv]
+    outputs: {table: out/clean.parquet}
+    checks:
+      - not_null: [order_id, user]
+      - change: {metric: mean(day), max_pct: 5}
+  users:
+    uses: aggregate
+    inputs: [out/clean.parquet]
+    outputs: {table: out/users.parquet}
+    params:
+      by: [user_id]
+      aggs: {orders: {count: order_id}}
+    checks:
+      - unique: [user_id]
+      - range: {order: [1, null]}
+  shell:
+    cmd: cp {{ inputs[0] }} {{ outputs[0] }}
+    inputs: [out/users.parquet]
+    outputs: [out/copy.parquet]
+    checks:
+      - not_null: [anything_goes_for_a_shell_stage]
+"#,
+        );
+    assert_snapshot!(t.exec(&["validate", "pipeline.yaml"]).all());
+}

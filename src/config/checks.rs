@@ -16,7 +16,7 @@ use super::yaml::{Key, Node, Value};
 /// The checks a stage can carry, in the order the docs list them.
 pub const CHECK_KINDS: &[&str] = &["rows", "change", "not_null", "unique", "range", "sql"];
 /// What else a check item may say.
-const CHECK_OPTIONS: &[&str] = &["severity", "output", "name"];
+pub const CHECK_OPTIONS: &[&str] = &["severity", "output", "name"];
 
 /// What a failing check does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -86,16 +86,55 @@ pub fn parse(
             return Vec::new();
         }
     };
-    items
+    let mut unplaced = Vec::new();
+    let checks = items
         .iter()
-        .filter_map(|item| parse_item(stage, item, outputs, diagnostics))
-        .collect()
+        .filter_map(|item| parse_item(stage, item, outputs, &mut unplaced, diagnostics))
+        .collect();
+    if let Some((first, rest)) = unplaced.split_first() {
+        diagnostics.push(unplaced_checks(stage, first, rest, outputs));
+    }
+    checks
+}
+
+/// One error for every check of a stage that does not say which of its tables it reads.
+fn unplaced_checks(stage: &str, first: &Key, rest: &[Key], outputs: &[Port]) -> Diagnostic {
+    let tables: Vec<String> = outputs
+        .iter()
+        .filter(|p| !p.declared.dir && is_table(&p.text))
+        .map(shown)
+        .collect();
+    let why = if tables.is_empty() {
+        format!("stage `{stage}` writes no table file (`.parquet` or `.csv`)")
+    } else {
+        format!("stage `{stage}` writes {} tables: {}", tables.len(), tables.join(", "))
+    };
+    let message = if rest.is_empty() {
+        format!("which output does this `{}` check read?", first.name)
+    } else {
+        format!("which outputs do these {} checks read?", rest.len() + 1)
+    };
+    let mut diagnostic = Diagnostic::error(message).at(first.span, "add `output:` to this check");
+    for key in rest {
+        diagnostic = diagnostic.also(key.span, "and to this one");
+    }
+    diagnostic.note(why).help(
+        "name the output, e.g. `output: table`, or a file in a directory output, e.g. `output: imputed/imputed_mean.parquet`",
+    )
+}
+
+fn shown(port: &Port) -> String {
+    match &port.name {
+        Some(name) => format!("`{name}`"),
+        None => format!("`{}`", port.text),
+    }
 }
 
 fn parse_item(
     stage: &str,
     item: &Node,
     outputs: &[Port],
+    unplaced: &mut Vec<Key>,
     diagnostics: &mut Vec<Diagnostic>,
 ) -> Option<StageCheck> {
     let before = diagnostics.len();
@@ -159,7 +198,10 @@ fn parse_item(
     };
     let mut columns = Vec::new();
     let check = parse_check(key, value, &mut columns, diagnostics);
-    let target = select_output(stage, key, output, outputs, diagnostics);
+    let target = select_output(stage, output, outputs, diagnostics);
+    if target.is_none() && output.is_none() {
+        unplaced.push(key.clone());
+    }
     if diagnostics.len() > before {
         return None;
     }
@@ -292,11 +334,20 @@ fn parse_check(
                     }
                     Some((lo, hi)) => ranges.push((column.name.clone(), lo, hi)),
                     None => {
-                        diagnostics.push(wrong_kind(
-                            column,
-                            bounds,
-                            "`[lo, hi]`: two numbers, or `null` for an open end",
-                        ));
+                        diagnostics.push(
+                            Diagnostic::error(format!(
+                                "the range of `{}` must be `[lo, hi]`: two numbers, or `null` for an open end",
+                                column.name
+                            ))
+                            .at(bounds.span, match &bounds.value {
+                                Value::Seq(items) if items.len() == 1 => "1 value here".to_owned(),
+                                Value::Seq(items) if items.len() != 2 => {
+                                    format!("{} values here", items.len())
+                                }
+                                Value::Seq(_) => "not two numbers".to_owned(),
+                                _ => format!("found {}", bounds.kind()),
+                            }),
+                        );
                         ok = false;
                     }
                 }
@@ -305,6 +356,14 @@ fn parse_check(
         }
         "sql" => match value.as_str() {
             Some(query) if !query.trim().is_empty() => Some(Check::Sql(query.to_owned())),
+            Some(_) => {
+                diagnostics.push(
+                    Diagnostic::error("`sql` is empty")
+                        .at(value.span, "no query here")
+                        .help("e.g. `sql: SELECT count(*) > 0 FROM self`: every value it returns must be true"),
+                );
+                None
+            }
             _ => {
                 diagnostics.push(wrong_kind(
                     key,
@@ -334,14 +393,13 @@ fn fields<'a>(
         diagnostics.push(wrong_kind(key, value, &expected));
         return None;
     };
+    // What is there is still checked when something is missing or unknown: every problem at once.
     let mut found = std::collections::BTreeMap::new();
-    let mut ok = true;
     for (k, v) in entries {
         if known.contains(&k.name.as_str()) {
             found.insert(k.name.as_str(), v);
         } else {
             diagnostics.push(unknown_key(k, known, &format!("in `{}`", key.name)));
-            ok = false;
         }
     }
     for name in required {
@@ -350,10 +408,9 @@ fn fields<'a>(
                 Diagnostic::error(format!("`{}` needs `{name}`", key.name))
                     .at(value.span, format!("no `{name}` here")),
             );
-            ok = false;
         }
     }
-    ok.then_some(found)
+    Some(found)
 }
 
 fn count(node: Option<&Node>, diagnostics: &mut Vec<Diagnostic>) -> Option<Option<u64>> {
@@ -399,6 +456,13 @@ fn column_list(
     let items: Vec<&Node> = match &value.value {
         Value::Seq(items) if !items.is_empty() => items.iter().collect(),
         Value::String(_) => vec![value],
+        Value::Seq(_) => {
+            diagnostics.push(
+                Diagnostic::error(format!("`{}` names no columns", key.name))
+                    .at(value.span, "an empty list"),
+            );
+            return None;
+        }
         _ => {
             diagnostics.push(wrong_kind(key, value, "a list of column names"));
             return None;
@@ -421,49 +485,24 @@ fn column_list(
 }
 
 /// The output a check reads: the one `output:` names (a port name or path as written, optionally
-/// followed by `/FILE` inside a directory output), or else the stage's only table file.
+/// followed by `/FILE` inside a directory output), or else the stage's only table file. `None`
+/// with no diagnostic when there is no `output:` and no single table: the caller reports those
+/// checks together.
 fn select_output(
     stage: &str,
-    key: &Key,
     output: Option<&Node>,
     outputs: &[Port],
     diagnostics: &mut Vec<Diagnostic>,
 ) -> Option<(usize, Option<String>)> {
-    let shown = |port: &Port| match &port.name {
-        Some(name) => format!("`{name}`"),
-        None => format!("`{}`", port.text),
-    };
     let Some(node) = output else {
-        let tables: Vec<usize> = outputs
+        let mut tables = outputs
             .iter()
             .enumerate()
             .filter(|(_, p)| !p.declared.dir && is_table(&p.text))
-            .map(|(i, _)| i)
-            .collect();
-        return match tables.as_slice() {
-            [one] => Some((*one, None)),
-            _ => {
-                let why = if tables.is_empty() {
-                    format!("stage `{stage}` writes no table file (`.parquet` or `.csv`)")
-                } else {
-                    format!(
-                        "stage `{stage}` writes {} tables: {}",
-                        tables.len(),
-                        tables
-                            .iter()
-                            .map(|&i| shown(&outputs[i]))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )
-                };
-                diagnostics.push(
-                    Diagnostic::error(format!("which output does this `{}` check read?", key.name))
-                        .at(key.span, "add `output:` to this check")
-                        .note(why)
-                        .help("name the output, e.g. `output: table`, or a file in a directory output, e.g. `output: imputed/imputed_mean.parquet`"),
-                );
-                None
-            }
+            .map(|(i, _)| i);
+        return match (tables.next(), tables.next()) {
+            (Some(one), None) => Some((one, None)),
+            _ => None,
         };
     };
     let text = node.as_str().unwrap_or_default().trim_end_matches('/');

@@ -314,7 +314,7 @@ fn check_one(
             Ok(Verdict::judged(
                 passed,
                 json!(rows),
-                format!("{} rows, expected {}", grouped(rows), check.expected()),
+                format!("{}, expected {}", plural(rows, "row", "rows"), check.expected()),
             ))
         }
         Check::Change { metric, max_pct } => {
@@ -395,9 +395,9 @@ fn check_one(
                 counts.insert(name.clone(), json!(missing));
             }
             let detail = if failing.is_empty() {
-                format!("no missing values in {} rows", grouped(table.rows as u64))
+                format!("no missing values in {}", plural(table.rows as u64, "row", "rows"))
             } else {
-                format!("{} (of {} rows)", failing.join(", "), grouped(table.rows as u64))
+                format!("{} (of {})", failing.join(", "), plural(table.rows as u64, "row", "rows"))
             };
             Ok(Verdict::judged(failing.is_empty(), Json::Object(counts), detail))
         }
@@ -418,7 +418,10 @@ fn check_one(
                 format!("({})", columns.join(", "))
             };
             let detail = match repeats.first() {
-                None => format!("every {key} is unique in {} rows", grouped(df.height() as u64)),
+                None => format!(
+                    "every {key} is unique in {}",
+                    plural(df.height() as u64, "row", "rows")
+                ),
                 Some(&first) => {
                     let example: Vec<String> = columns
                         .iter()
@@ -428,8 +431,8 @@ fn check_one(
                         })
                         .collect();
                     format!(
-                        "{} rows repeat an earlier {key}, first at row {} ({})",
-                        grouped(repeats.len() as u64),
+                        "{} an earlier {key}, first at row {} ({})",
+                        plural(repeats.len() as u64, "row repeats", "rows repeat"),
                         first + 1,
                         example.join(", ")
                     )
@@ -456,8 +459,8 @@ fn check_one(
                 );
                 if outside > 0 {
                     failing.push(format!(
-                        "`{name}` has {} values outside {} (min {}, max {})",
-                        grouped(outside),
+                        "`{name}` has {} outside {} (min {}, max {})",
+                        plural(outside, "value", "values"),
                         interval(*lo, *hi),
                         number(min),
                         number(max)
@@ -585,8 +588,12 @@ fn finite(value: f64) -> Json {
     crate::stats::finite(value)
 }
 
+/// A measured value in a message: whole numbers exactly (`3,430,925`), others to 6 digits.
 fn shown(value: f64) -> String {
-    if value.is_finite() {
+    if value.is_finite() && value == value.trunc() && value.abs() < 1e15 {
+        let sign = if value < 0.0 { "-" } else { "" };
+        format!("{sign}{}", grouped(value.abs() as u64))
+    } else if value.is_finite() {
         number(round_to(value, 6))
     } else {
         "undefined".to_owned()
@@ -609,6 +616,11 @@ fn number(value: f64) -> String {
     } else {
         format!("{value}")
     }
+}
+
+/// `1 row`, `3,012 rows`.
+fn plural(n: u64, one: &str, many: &str) -> String {
+    format!("{} {}", grouped(n), if n == 1 { one } else { many })
 }
 
 /// `1234567` → `1,234,567`.
@@ -706,7 +718,7 @@ mod tests {
         assert_eq!(verdict.value, json!(1));
         assert_eq!(
             verdict.detail,
-            "1 rows repeat an earlier (a, b), first at row 4 (a=1, b=\"x\")"
+            "1 row repeats an earlier (a, b), first at row 4 (a=1, b=\"x\")"
         );
         assert_eq!(
             one(Check::Unique(vec!["a".into()]), &path, None).value,
@@ -726,7 +738,7 @@ mod tests {
         assert_eq!(check(Some(0.0), Some(30.0)).status, Status::Pass);
         let fail = check(Some(4.0), None);
         assert_eq!(fail.status, Status::Fail);
-        assert_eq!(fail.detail, "`days` has 1 values outside [4, ∞] (min 3, max 7)");
+        assert_eq!(fail.detail, "`days` has 1 value outside [4, ∞] (min 3, max 7)");
         assert_eq!(fail.value, json!({"days": {"outside": 1, "min": 3.0, "max": 7.0}}));
         let text = one(Check::Range(vec![("user".into(), None, Some(1.0))]), &path, None);
         assert_eq!(text.status, Status::Error);
@@ -773,6 +785,9 @@ mod tests {
         let mean = change("mean(x)", 16.0, Some(&before));
         assert_eq!(mean.status, Status::Fail);
         assert_eq!(mean.detail, "mean(x) changed by 16.67%: 3 → 3.5, expected ≤ 16%");
+        // Counts are shown exactly, however large.
+        assert_eq!(shown(3_430_925.0), "3,430,925");
+        assert_eq!(shown(2.0 / 3.0), "0.666667");
         let first = change("rows", 1.0, None);
         assert_eq!(first.status, Status::Pass);
         assert!(first.detail.starts_with("no baseline"), "{}", first.detail);
