@@ -86,7 +86,10 @@ pub fn describe(record: &CheckRecord) -> String {
         (_, Severity::Warn) => " missed (warn)",
         _ => "",
     };
-    format!("check `{}`{status} on {}: {}", record.name, record.output, record.detail)
+    format!(
+        "check `{}`{status} on {}: {}",
+        record.name, record.output, record.detail
+    )
 }
 
 /// Moves the staged outputs under `quarantine/`, each at its path relative to the workdir (so

@@ -444,8 +444,7 @@ async fn run_stage_and_hook(ctx: Arc<Context>, index: usize, force: bool) -> Out
         ("IMBA_RUN", ctx.run_id.as_str()),
         ("IMBA_PIPELINE", pipeline_file.as_str()),
     ];
-    let hook_record =
-        crate::checks::run_hook(hook, &payload, &pipeline.workdir, &env, &log).await;
+    let hook_record = crate::checks::run_hook(hook, &payload, &pipeline.workdir, &env, &log).await;
     if let Some(error) = &hook_record.error {
         ctx.events.event(Event::Warning(format!(
             "the on_failure hook of stage `{}` failed too ({error}): {}\n  its log: {}",
@@ -596,11 +595,7 @@ async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
             let ctx = ctx.clone();
             let staged = staged.clone();
             tokio::task::spawn_blocking(move || {
-                crate::checks::evaluate(
-                    ctx.dag.stage(index),
-                    &staged,
-                    &ctx.dag.pipeline().workdir,
-                )
+                crate::checks::evaluate(ctx.dag.stage(index), &staged, &ctx.dag.pipeline().workdir)
             })
             .await
         };
@@ -640,7 +635,10 @@ async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
             } else {
                 format!("{} checks failed", blocking.len())
             };
-            let mut error = format!("{count}; the outputs were not committed\n  {}", blocking.join("\n  "));
+            let mut error = format!(
+                "{count}; the outputs were not committed\n  {}",
+                blocking.join("\n  ")
+            );
             match kept {
                 Ok(()) => {
                     error.push_str(&format!(

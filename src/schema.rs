@@ -75,7 +75,7 @@ struct CheckSchema {
     /// These columns together identify a row: no two rows share their values.
     unique: Option<Columns>,
     /// Column → `[lo, hi]`, inclusive; `null` leaves an end open. Missing values are ignored.
-    range: Option<BTreeMap<String, [Option<f64>; 2]>>,
+    range: Option<BTreeMap<String, [Option<Number>; 2]>>,
     /// A polars SQL query over the table `self` whose every value must be `true`, e.g.
     /// `SELECT count(*) > 0 FROM self WHERE days IS NULL`.
     sql: Option<String>,
@@ -91,8 +91,24 @@ struct CheckSchema {
 #[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RowsSchema {
-    min: Option<u64>,
-    max: Option<u64>,
+    min: Option<Count>,
+    max: Option<Count>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(untagged)]
+enum Count {
+    Number(u64),
+    /// A `{{ var }}` holding a number.
+    Template(String),
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(untagged)]
+enum Number {
+    Number(f64),
+    /// A `{{ var }}` holding a number.
+    Template(String),
 }
 
 #[derive(Deserialize, JsonSchema)]
@@ -101,7 +117,7 @@ struct ChangeSchema {
     /// `rows` (the default), `mean(COLUMN)` or `null_fraction(COLUMN)`.
     metric: Option<String>,
     /// The largest change allowed, in percent of the baseline.
-    max_pct: f64,
+    max_pct: Number,
 }
 
 #[derive(Deserialize, JsonSchema)]

@@ -137,7 +137,10 @@ fn a_warn_check_commits_and_is_recorded() {
     );
     assert_eq!(checks[2]["value"], serde_json::json!({"x": 1}));
     assert_eq!(checks[0]["value"], serde_json::json!(3));
-    assert_eq!(checks[1]["detail"], "no baseline: nothing is committed here yet (rows is 3)");
+    assert_eq!(
+        checks[1]["detail"],
+        "no baseline: nothing is committed here yet (rows is 3)"
+    );
 }
 
 /// One stage per kind of check, each failing; with `--keep-going` every failure is printed.
@@ -319,9 +322,17 @@ fn editing_the_checks_reruns_the_stage() {
     );
     let out = run(&t, &[]);
     assert_eq!(out.code, 0, "{}", out.stderr);
-    assert!(out.stderr.contains("run  copy (checks changed)"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("run  copy (checks changed)"),
+        "{}",
+        out.stderr
+    );
     // Same bytes out: the downstream stage is cut off.
-    assert!(out.stderr.contains("skip count (up to date)"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("skip count (up to date)"),
+        "{}",
+        out.stderr
+    );
     // The change check compared against the table committed before: no change.
     let record = last_record(&t);
     assert_eq!(

@@ -221,6 +221,82 @@ fn a_second_run_skips_every_stage_and_out_moves_the_layout() {
     );
 }
 
+/// The seed's alarm ("清洗行数变化 > X%"): a month whose cleaned orders fall by more than 20%
+/// from the month committed at the same place stops the pipeline before anything is replaced.
+#[test]
+fn a_month_with_far_fewer_orders_is_stopped_by_the_checks() {
+    let t = monthly();
+    let first = t.exec(&["run", "pipelines/monthly.yaml"]);
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    let cleaned = std::fs::read(t.path().join("out/monthly/cleaned/orders.parquet")).unwrap();
+    let users = std::fs::read(t.path().join("out/monthly/aggregated/user_imp.parquet")).unwrap();
+
+    // Two thirds of the orders: the same layout, a third fewer rows.
+    let sample = t.read("examples/instacart/orders.csv");
+    let lines: Vec<&str> = sample.lines().collect();
+    let kept = lines.len() * 2 / 3;
+    t.write("smaller.csv", lines[..kept].join("\n") + "\n");
+    let out = t.exec(&[
+        "run",
+        "pipelines/monthly.yaml",
+        "--set",
+        "input=smaller.csv",
+    ]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    let failure = out
+        .stderr
+        .lines()
+        .skip_while(|l| !l.starts_with("error: stage `clean_orders` failed"))
+        .take(2)
+        .collect::<Vec<_>>();
+    assert_eq!(
+        failure[0],
+        "error: stage `clean_orders` failed: a check failed; the outputs were not committed"
+    );
+    assert!(
+        failure[1].starts_with(
+            "  check `change(rows)` on out/monthly/cleaned/orders.parquet: rows changed by 33."
+        ) && failure[1].ends_with("expected ≤ 20%"),
+        "{}",
+        failure[1]
+    );
+    assert!(out
+        .stderr
+        .contains("skip aggregate_users (upstream clean_orders failed)"));
+    assert_eq!(
+        std::fs::read(t.path().join("out/monthly/cleaned/orders.parquet")).unwrap(),
+        cleaned
+    );
+    assert_eq!(
+        std::fs::read(t.path().join("out/monthly/aggregated/user_imp.parquet")).unwrap(),
+        users
+    );
+
+    // The same smaller month into its own folder has no baseline, and runs through.
+    let own = t.exec(&[
+        "run",
+        "pipelines/monthly.yaml",
+        "--set",
+        "input=smaller.csv",
+        "--set",
+        "out=out/smaller",
+    ]);
+    assert_eq!(own.code, 0, "{}", own.stderr);
+    let table = t.exec(&[
+        "checks",
+        "pipelines/monthly.yaml",
+        "--set",
+        "out=out/smaller",
+    ]);
+    assert!(
+        table
+            .stdout
+            .contains("no baseline: nothing is committed here yet"),
+        "{}",
+        table.stdout
+    );
+}
+
 #[test]
 fn a_missing_column_fails_the_stage_naming_column_param_and_file() {
     let t = Test::new().file("orders.csv", "order_id,user_id\n1,2\n").pipeline(

@@ -107,7 +107,11 @@ fn unplaced_checks(stage: &str, first: &Key, rest: &[Key], outputs: &[Port]) -> 
     let why = if tables.is_empty() {
         format!("stage `{stage}` writes no table file (`.parquet` or `.csv`)")
     } else {
-        format!("stage `{stage}` writes {} tables: {}", tables.len(), tables.join(", "))
+        format!(
+            "stage `{stage}` writes {} tables: {}",
+            tables.len(),
+            tables.join(", ")
+        )
     };
     let message = if rest.is_empty() {
         format!("which output does this `{}` check read?", first.name)
@@ -176,9 +180,11 @@ fn parse_item(
         [] => {
             if diagnostics.len() == before {
                 diagnostics.push(
-                    Diagnostic::error("this check says what to do on failure, but not what to check")
-                        .at(item.span, "no check here")
-                        .help(format!("add one of {}", list(CHECK_KINDS))),
+                    Diagnostic::error(
+                        "this check says what to do on failure, but not what to check",
+                    )
+                    .at(item.span, "no check here")
+                    .help(format!("add one of {}", list(CHECK_KINDS))),
                 );
             }
             return None;
@@ -248,7 +254,13 @@ fn parse_check(
             Some(Check::Rows { min, max })
         }
         "change" => {
-            let fields = fields(key, value, &["metric", "max_pct"], &["max_pct"], diagnostics)?;
+            let fields = fields(
+                key,
+                value,
+                &["metric", "max_pct"],
+                &["max_pct"],
+                diagnostics,
+            )?;
             let metric = match fields.get("metric") {
                 None => Some(Metric::Rows),
                 Some(node) => match node.as_str().map(str::parse::<Metric>) {
@@ -259,10 +271,7 @@ fn parse_check(
                         Some(metric)
                     }
                     Some(Err(message)) => {
-                        diagnostics.push(
-                            Diagnostic::error(message)
-                                .at(node.span, "not a metric"),
-                        );
+                        diagnostics.push(Diagnostic::error(message).at(node.span, "not a metric"));
                         None
                     }
                     None => {
@@ -386,10 +395,7 @@ fn fields<'a>(
     diagnostics: &mut Vec<Diagnostic>,
 ) -> Option<std::collections::BTreeMap<&'a str, &'a Node>> {
     let Some(entries) = value.as_map() else {
-        let expected = format!(
-            "a map with {}",
-            list(known)
-        );
+        let expected = format!("a map with {}", list(known));
         diagnostics.push(wrong_kind(key, value, &expected));
         return None;
     };
@@ -556,10 +562,8 @@ fn select_output(
         }
         None => {
             let names: Vec<String> = outputs.iter().map(shown).collect();
-            let diagnostic = Diagnostic::error(format!(
-                "stage `{stage}` has no output `{text}`"
-            ))
-            .at(node.span, "no such output");
+            let diagnostic = Diagnostic::error(format!("stage `{stage}` has no output `{text}`"))
+                .at(node.span, "no such output");
             diagnostics.push(if names.is_empty() {
                 diagnostic.note("the stage declares no outputs")
             } else {

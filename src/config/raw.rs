@@ -14,7 +14,15 @@ pub const PIPELINE_KEYS: &[&str] = &["desc", "on_failure", "stages", "vars", "wo
 
 /// Keys allowed in a stage. `docs/pipeline.schema.json` must list the same.
 pub const STAGE_KEYS: &[&str] = &[
-    "checks", "cmd", "desc", "foreach", "inputs", "matrix", "on_failure", "outputs", "params",
+    "checks",
+    "cmd",
+    "desc",
+    "foreach",
+    "inputs",
+    "matrix",
+    "on_failure",
+    "outputs",
+    "params",
     "uses",
 ];
 

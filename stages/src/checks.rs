@@ -295,7 +295,8 @@ impl Loaded {
 }
 
 fn parquet_rows(path: &Path) -> Result<usize, String> {
-    let file = std::fs::File::open(path).map_err(|e| format!("cannot open `{}`: {e}", path.display()))?;
+    let file =
+        std::fs::File::open(path).map_err(|e| format!("cannot open `{}`: {e}", path.display()))?;
     ParquetReader::new(file)
         .num_rows()
         .map_err(|e| format!("cannot read Parquet file `{}`: {e}", path.display()))
@@ -314,7 +315,11 @@ fn check_one(
             Ok(Verdict::judged(
                 passed,
                 json!(rows),
-                format!("{}, expected {}", plural(rows, "row", "rows"), check.expected()),
+                format!(
+                    "{}, expected {}",
+                    plural(rows, "row", "rows"),
+                    check.expected()
+                ),
             ))
         }
         Check::Change { metric, max_pct } => {
@@ -333,9 +338,7 @@ fn check_one(
             let before = Loaded::read_columns(baseline, false, &columns)
                 .and_then(|loaded| measure(metric, &loaded, baseline))
                 .map_err(|e| format!("cannot measure the baseline: {e}"))?;
-            let value = |pct: Option<f64>| {
-                json!({"now": finite(now), "baseline": finite(before), "change_pct": pct.and_then(|p| finite(p).as_f64())})
-            };
+            let value = |pct: Option<f64>| json!({"now": finite(now), "baseline": finite(before), "change_pct": pct.and_then(|p| finite(p).as_f64())});
             let (Some(a), Some(b)) = (defined(before), defined(now)) else {
                 return Ok(match (defined(before), defined(now)) {
                     (None, None) => Verdict::pass(
@@ -395,11 +398,22 @@ fn check_one(
                 counts.insert(name.clone(), json!(missing));
             }
             let detail = if failing.is_empty() {
-                format!("no missing values in {}", plural(table.rows as u64, "row", "rows"))
+                format!(
+                    "no missing values in {}",
+                    plural(table.rows as u64, "row", "rows")
+                )
             } else {
-                format!("{} (of {})", failing.join(", "), plural(table.rows as u64, "row", "rows"))
+                format!(
+                    "{} (of {})",
+                    failing.join(", "),
+                    plural(table.rows as u64, "row", "rows")
+                )
             };
-            Ok(Verdict::judged(failing.is_empty(), Json::Object(counts), detail))
+            Ok(Verdict::judged(
+                failing.is_empty(),
+                Json::Object(counts),
+                detail,
+            ))
         }
         Check::Unique(columns) => {
             for name in columns {
@@ -425,10 +439,12 @@ fn check_one(
                 Some(&first) => {
                     let example: Vec<String> = columns
                         .iter()
-                        .map(|c| match df.column(c).and_then(|col| col.get(first as usize)) {
-                            Ok(v) => format!("{c}={}", any_value(&v)),
-                            Err(_) => format!("{c}=?"),
-                        })
+                        .map(
+                            |c| match df.column(c).and_then(|col| col.get(first as usize)) {
+                                Ok(v) => format!("{c}={}", any_value(&v)),
+                                Err(_) => format!("{c}=?"),
+                            },
+                        )
                         .collect();
                     format!(
                         "{} an earlier {key}, first at row {} ({})",
@@ -438,7 +454,11 @@ fn check_one(
                     )
                 }
             };
-            Ok(Verdict::judged(repeats.is_empty(), json!(repeats.len()), detail))
+            Ok(Verdict::judged(
+                repeats.is_empty(),
+                json!(repeats.len()),
+                detail,
+            ))
         }
         Check::Range(ranges) => {
             let mut value = serde_json::Map::new();
@@ -472,7 +492,11 @@ fn check_one(
             } else {
                 failing.join("; ")
             };
-            Ok(Verdict::judged(failing.is_empty(), Json::Object(value), detail))
+            Ok(Verdict::judged(
+                failing.is_empty(),
+                Json::Object(value),
+                detail,
+            ))
         }
         Check::Sql(query) => {
             let Some(df) = &table.df else {
@@ -555,9 +579,7 @@ fn measure(metric: &Metric, table: &Loaded, path: &Path) -> Result<f64, String> 
 /// Nulls, and NaNs in a float column.
 fn missing_count(column: &Column) -> Result<usize, String> {
     if column.dtype().is_float() {
-        let values = column
-            .cast(&DataType::Float64)
-            .map_err(|e| e.to_string())?;
+        let values = column.cast(&DataType::Float64).map_err(|e| e.to_string())?;
         let values = values.f64().map_err(|e| e.to_string())?;
         Ok(values.iter().filter(|v| v.is_none_or(f64::is_nan)).count())
     } else {
@@ -574,9 +596,7 @@ fn numbers(column: &Column, check: &str) -> Result<Float64Chunked, String> {
             column.name()
         ));
     }
-    let cast = column
-        .cast(&DataType::Float64)
-        .map_err(|e| e.to_string())?;
+    let cast = column.cast(&DataType::Float64).map_err(|e| e.to_string())?;
     cast.f64().cloned().map_err(|e| e.to_string())
 }
 
@@ -628,7 +648,7 @@ fn grouped(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::with_capacity(digits.len() + digits.len() / 3);
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -691,7 +711,14 @@ mod tests {
     fn rows_of_a_parquet_file_come_from_its_footer() {
         let dir = tempfile::tempdir().unwrap();
         let path = parquet(dir.path(), "t", ORDERS);
-        let verdict = one(Check::Rows { min: Some(1), max: None }, &path, None);
+        let verdict = one(
+            Check::Rows {
+                min: Some(1),
+                max: None,
+            },
+            &path,
+            None,
+        );
         assert_eq!((verdict.status, verdict.value), (Status::Pass, json!(4)));
     }
 
@@ -738,11 +765,24 @@ mod tests {
         assert_eq!(check(Some(0.0), Some(30.0)).status, Status::Pass);
         let fail = check(Some(4.0), None);
         assert_eq!(fail.status, Status::Fail);
-        assert_eq!(fail.detail, "`days` has 1 value outside [4, ∞] (min 3, max 7)");
-        assert_eq!(fail.value, json!({"days": {"outside": 1, "min": 3.0, "max": 7.0}}));
-        let text = one(Check::Range(vec![("user".into(), None, Some(1.0))]), &path, None);
+        assert_eq!(
+            fail.detail,
+            "`days` has 1 value outside [4, ∞] (min 3, max 7)"
+        );
+        assert_eq!(
+            fail.value,
+            json!({"days": {"outside": 1, "min": 3.0, "max": 7.0}})
+        );
+        let text = one(
+            Check::Range(vec![("user".into(), None, Some(1.0))]),
+            &path,
+            None,
+        );
         assert_eq!(text.status, Status::Error);
-        assert_eq!(text.detail, "`range` needs a numeric column, but `user` is str");
+        assert_eq!(
+            text.detail,
+            "`range` needs a numeric column, but `user` is str"
+        );
     }
 
     #[test]
@@ -752,12 +792,21 @@ mod tests {
         assert_eq!(sql("SELECT count(*) = 4 FROM self").status, Status::Pass);
         assert_eq!(sql("SELECT hour <= 23 FROM self").status, Status::Pass);
         let fail = sql("SELECT hour < 23 FROM self");
-        assert_eq!((fail.status, fail.detail.as_str()), (Status::Fail, "1 false, 0 null, 3 true"));
+        assert_eq!(
+            (fail.status, fail.detail.as_str()),
+            (Status::Fail, "1 false, 0 null, 3 true")
+        );
         let null = sql("SELECT days > 0 FROM self");
         assert_eq!(null.status, Status::Fail, "a null is not a pass: {null:?}");
         let typed = sql("SELECT count(*) FROM self");
         assert_eq!(typed.status, Status::Error);
-        assert!(typed.detail.starts_with("the query must return booleans, but column"), "{}", typed.detail);
+        assert!(
+            typed
+                .detail
+                .starts_with("the query must return booleans, but column"),
+            "{}",
+            typed.detail
+        );
         assert_eq!(sql("SELEC 1").status, Status::Error);
     }
 
@@ -781,10 +830,16 @@ mod tests {
         let fail = change("rows", 19.9, Some(&before));
         assert_eq!(fail.status, Status::Fail);
         assert_eq!(fail.detail, "rows changed by 20%: 5 → 6, expected ≤ 19.9%");
-        assert_eq!(fail.value, json!({"now": 6.0, "baseline": 5.0, "change_pct": 20.0}));
+        assert_eq!(
+            fail.value,
+            json!({"now": 6.0, "baseline": 5.0, "change_pct": 20.0})
+        );
         let mean = change("mean(x)", 16.0, Some(&before));
         assert_eq!(mean.status, Status::Fail);
-        assert_eq!(mean.detail, "mean(x) changed by 16.67%: 3 → 3.5, expected ≤ 16%");
+        assert_eq!(
+            mean.detail,
+            "mean(x) changed by 16.67%: 3 → 3.5, expected ≤ 16%"
+        );
         // Counts are shown exactly, however large.
         assert_eq!(shown(3_430_925.0), "3,430,925");
         assert_eq!(shown(2.0 / 3.0), "0.666667");
@@ -813,8 +868,14 @@ mod tests {
         assert_eq!(from_zero.value["change_pct"], Json::Null);
         assert_eq!(change(&empty, &empty, "rows").status, Status::Pass);
         // The null fraction of no rows is undefined: no baseline to compare with.
-        assert_eq!(change(&some, &empty, "null_fraction(x)").status, Status::Pass);
-        assert_eq!(change(&empty, &some, "null_fraction(x)").status, Status::Fail);
+        assert_eq!(
+            change(&some, &empty, "null_fraction(x)").status,
+            Status::Pass
+        );
+        assert_eq!(
+            change(&empty, &some, "null_fraction(x)").status,
+            Status::Fail
+        );
     }
 
     #[test]

@@ -160,8 +160,11 @@ pub struct Builtin {
     run: fn(&serde_json::Value, &StageIo) -> Result<StageReport, StageError>,
     check_ports: PortCheck,
     check_params: fn(&serde_json::Value) -> Vec<ParamsError>,
-    output_columns: fn(&serde_json::Value, &[Option<Vec<String>>]) -> Vec<OutputColumns>,
+    output_columns: ColumnsOf,
 }
+
+/// See [`BuiltinStage::output_columns`].
+type ColumnsOf = fn(&serde_json::Value, &[Option<Vec<String>>]) -> Vec<OutputColumns>;
 
 /// See [`BuiltinStage::check_ports`].
 type PortCheck = fn(&[Option<String>], &[Option<String>]) -> Result<(), crate::ports::PortError>;

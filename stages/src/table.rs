@@ -56,7 +56,11 @@ pub fn columns_of(path: &Path) -> Result<Vec<String>, StageError> {
             .try_into_reader_with_file_path(Some(path.to_path_buf()))
             .and_then(|r| r.finish())
             .map_err(|e| csv_error(path, e))?;
-        return Ok(df.get_column_names().iter().map(|c| c.to_string()).collect());
+        return Ok(df
+            .get_column_names()
+            .iter()
+            .map(|c| c.to_string())
+            .collect());
     }
     let file = std::fs::File::open(path)
         .map_err(|e| StageError::new(format!("cannot open `{}`: {e}", path.display())))?;
