@@ -4,7 +4,8 @@
 //! stage becomes ready its inputs are hashed and its fingerprint compared with the lock file, so a
 //! stage whose upstream re-ran but wrote identical bytes is skipped (early cutoff). A running
 //! stage writes only to staging paths under `.imba/staging/`; its outputs are moved into place
-//! only after it succeeded, and its lock entry is written only after that. Hashing, commits and
+//! only after it succeeded and its `fail` checks passed (else they go to quarantine, see
+//! [`crate::checks`]), and its lock entry is written only after that. Hashing, commits and
 //! built-in stages run on blocking threads, never on the runtime's workers.
 
 use std::cmp::Reverse;
@@ -595,7 +596,11 @@ async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
             let ctx = ctx.clone();
             let staged = staged.clone();
             tokio::task::spawn_blocking(move || {
-                crate::checks::evaluate(ctx.dag.stage(index), &staged, &ctx.dag.pipeline().workdir)
+                let clock = Instant::now();
+                let stage = ctx.dag.stage(index);
+                let records = crate::checks::evaluate(stage, &staged, &ctx.dag.pipeline().workdir);
+                tracing::debug!(stage = %stage.name, elapsed = ?clock.elapsed(), "checks evaluated");
+                records
             })
             .await
         };

@@ -49,12 +49,19 @@ pub fn read_table_inferred(path: &Path) -> Result<DataFrame, StageError> {
 /// reading its rows.
 pub fn columns_of(path: &Path) -> Result<Vec<String>, StageError> {
     if is_csv(path) {
+        // Only the header line is read (polars would map the whole file to chunk it).
+        use std::io::BufRead;
+        let file = std::fs::File::open(path)
+            .map_err(|e| StageError::new(format!("cannot open `{}`: {e}", path.display())))?;
+        let mut header = Vec::new();
+        std::io::BufReader::new(file)
+            .read_until(b'\n', &mut header)
+            .map_err(|e| StageError::new(format!("cannot read `{}`: {e}", path.display())))?;
         let df = CsvReadOptions::default()
             .with_has_header(true)
-            .with_n_rows(Some(0))
             .with_infer_schema_length(Some(0))
-            .try_into_reader_with_file_path(Some(path.to_path_buf()))
-            .and_then(|r| r.finish())
+            .into_reader_with_file_handle(std::io::Cursor::new(header))
+            .finish()
             .map_err(|e| csv_error(path, e))?;
         return Ok(df
             .get_column_names()
