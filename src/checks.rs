@@ -83,6 +83,7 @@ fn record_of(check: &StageCheck, output: &str, verdict: checks::Verdict) -> Chec
 pub fn describe(record: &CheckRecord) -> String {
     let status = match (record.status, record.severity) {
         (Status::Error, _) => " could not be evaluated",
+        (Status::Undefined, _) => " is undefined",
         (_, Severity::Warn) => " missed (warn)",
         _ => "",
     };

@@ -640,12 +640,12 @@ fn checks_command(args: ChecksArgs, registry: &Registry, printer: &Printer) -> E
         .into_iter()
         .filter(|r| r.pipeline == shown)
         .collect();
-    // Each stage with checks, in run order, with its newest evaluated checks.
+    // Each stage with checks (its `checks:`, or those a built-in evaluates itself), in run
+    // order, with its newest evaluated checks.
     let latest: Vec<(&str, Option<(&str, &record::StageRecord)>)> = dag
         .order()
         .iter()
         .map(|&i| dag.stage(i))
-        .filter(|stage| !stage.checks.is_empty())
         .map(|stage| {
             let found = runs.iter().find_map(|run| {
                 run.stages
@@ -653,8 +653,10 @@ fn checks_command(args: ChecksArgs, registry: &Registry, printer: &Printer) -> E
                     .find(|s| s.name == stage.name && !s.checks.is_empty())
                     .map(|s| (run.id.as_str(), s))
             });
-            (stage.name.as_str(), found)
+            (stage, found)
         })
+        .filter(|(stage, found)| !stage.checks.is_empty() || found.is_some())
+        .map(|(stage, found)| (stage.name.as_str(), found))
         .collect();
     if args.json {
         let value: Vec<serde_json::Value> = latest
@@ -699,6 +701,7 @@ fn checks_command(args: ChecksArgs, registry: &Registry, printer: &Printer) -> E
                     let result = match (check.status, check.severity) {
                         (Status::Pass, _) => "pass",
                         (Status::Error, _) => "ERROR",
+                        (Status::Undefined, _) => "undefined",
                         (Status::Fail, config::checks::Severity::Warn) => "WARN",
                         (Status::Fail, config::checks::Severity::Fail) => "FAIL",
                     };
@@ -806,6 +809,7 @@ fn show_command(args: ShowArgs, registry: &Registry, printer: &Printer) -> ExitC
             let result = match (check.status, check.severity) {
                 (Status::Pass, _) => "pass",
                 (Status::Error, _) => "error",
+                (Status::Undefined, _) => "undef",
                 (Status::Fail, config::checks::Severity::Warn) => "warn",
                 (Status::Fail, config::checks::Severity::Fail) => "FAIL",
             };

@@ -604,13 +604,15 @@ async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
             })
             .await
         };
-        record.checks = match evaluated {
-            Ok(records) => records,
+        match evaluated {
+            Ok(records) => record.checks.extend(records),
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&staging_root);
                 return fail(&ctx, record, format!("internal error: {e}"), None);
             }
-        };
+        }
+    }
+    if !record.checks.is_empty() {
         for missed in record
             .checks
             .iter()
@@ -904,6 +906,26 @@ async fn run_builtin(
         ctx.events
             .event(Event::Warning(format!("stage `{}`: {warning}", stage.name)));
     }
+    // The stage's own checks are about its outputs as a whole: shown against the first.
+    let output = stage
+        .outputs
+        .first()
+        .map(|p| p.declared.location.display(&ctx.dag.pipeline().workdir))
+        .unwrap_or_default();
+    record.checks = report
+        .checks
+        .iter()
+        .map(|c| crate::record::CheckRecord {
+            name: c.name.clone(),
+            check: serde_json::json!({ "builtin": name }),
+            severity: c.severity,
+            output: output.clone(),
+            status: c.status,
+            value: c.value.clone(),
+            expected: c.expected.clone(),
+            detail: c.detail.clone(),
+        })
+        .collect();
     record.report = Some(serde_json::json!({
         "summary": report.summary,
         "warnings": report.warnings,

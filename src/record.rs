@@ -78,10 +78,12 @@ pub struct CheckRecord {
 }
 
 impl CheckRecord {
-    /// Passed, or missed with `warn`: the outputs may be committed.
+    /// Missed (or could not be evaluated) with severity `fail`: the outputs must not be committed.
     pub fn blocks(&self) -> bool {
-        self.status != imba_stages::checks::Status::Pass
-            && self.severity == crate::config::checks::Severity::Fail
+        matches!(
+            self.status,
+            imba_stages::checks::Status::Fail | imba_stages::checks::Status::Error
+        ) && self.severity == crate::config::checks::Severity::Fail
     }
 }
 

@@ -297,6 +297,49 @@ fn a_month_with_far_fewer_orders_is_stopped_by_the_checks() {
     );
 }
 
+/// The diagnose stage's own thresholds act as checks: a missed `fail` one keeps the new report
+/// in quarantine, for a person to read, and the report committed before stays.
+#[test]
+fn a_failed_imputation_check_quarantines_the_report() {
+    let t = monthly();
+    assert_eq!(t.exec(&["run", "pipelines/monthly.yaml"]).code, 0);
+    let report = std::fs::read(t.path().join("out/monthly/diagnostics/report.html")).unwrap();
+    let strict = "diagnose_imputation.checks.mean_spread={max: 0.0, severity: fail}";
+    let out = t.exec(&["run", "pipelines/monthly.yaml", "--set", strict]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("check `mean_spread(days_imp)` on out/monthly/diagnostics: days_imp: spread of the per-imputation means "),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        std::fs::read(t.path().join("out/monthly/diagnostics/report.html")).unwrap(),
+        report
+    );
+    let quarantine = std::fs::read_dir(t.path().join(".imba/quarantine"))
+        .unwrap()
+        .flatten()
+        .next()
+        .expect("a quarantined run")
+        .path();
+    let kept = std::fs::read_to_string(
+        quarantine.join("diagnose_imputation/out/monthly/diagnostics/report.html"),
+    )
+    .unwrap();
+    assert!(
+        kept.contains("mean_spread"),
+        "the kept report shows the check"
+    );
+    let table = t.exec(&["checks", "pipelines/monthly.yaml"]);
+    let line = table
+        .stdout
+        .lines()
+        .find(|l| l.contains("mean_spread(days_imp)"))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(line.contains(" fail ") && line.contains(" FAIL "), "{line}");
+}
+
 #[test]
 fn a_missing_column_fails_the_stage_naming_column_param_and_file() {
     let t = Test::new().file("orders.csv", "order_id,user_id\n1,2\n").pipeline(

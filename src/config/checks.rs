@@ -18,15 +18,7 @@ pub const CHECK_KINDS: &[&str] = &["rows", "change", "not_null", "unique", "rang
 /// What else a check item may say.
 pub const CHECK_OPTIONS: &[&str] = &["severity", "output", "name"];
 
-/// What a failing check does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Severity {
-    /// Print and record; the outputs are committed.
-    Warn,
-    /// Fail the stage: its outputs are quarantined, not committed.
-    Fail,
-}
+pub use imba_stages::checks::Severity;
 
 /// One check of one stage, resolved to the table it reads.
 #[derive(Debug, Clone)]

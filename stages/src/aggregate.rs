@@ -142,6 +142,7 @@ impl BuiltinStage for Aggregate {
         Ok(StageReport {
             summary: json!({"groups": out.height(), "columns": out.get_column_names().iter().map(|c| c.to_string()).collect::<Vec<_>>()}),
             warnings: Vec::new(),
+            checks: Vec::new(),
         })
     }
 }

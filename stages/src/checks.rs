@@ -175,6 +175,32 @@ pub enum Status {
     Fail,
     /// The check could not be evaluated (a missing column, a SQL error…).
     Error,
+    /// The checked quantity does not exist for this data (R̂ of a single imputation): said, not
+    /// guessed, and never a reason to fail.
+    Undefined,
+}
+
+/// What a failing check does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    /// Print and record; the outputs are committed.
+    Warn,
+    /// Fail the stage: its outputs are quarantined, not committed.
+    Fail,
+}
+
+/// A check a built-in stage evaluated itself (the `diagnose` stage's thresholds), reported to
+/// the orchestrator, which treats it as one of the stage's `checks:`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reported {
+    pub name: String,
+    pub severity: Severity,
+    pub status: Status,
+    pub value: Json,
+    /// What passing means: `< 0.05`…
+    pub expected: String,
+    pub detail: String,
 }
 
 /// The outcome of one check.

@@ -190,6 +190,7 @@ impl BuiltinStage for Clean {
         Ok(StageReport {
             summary,
             warnings: Vec::new(),
+            checks: Vec::new(),
         })
     }
 }

@@ -194,6 +194,7 @@ impl BuiltinStage for Impute {
         Ok(StageReport {
             summary: report,
             warnings: Vec::new(),
+            checks: Vec::new(),
         })
     }
 }

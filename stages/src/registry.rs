@@ -113,6 +113,9 @@ pub struct StageReport {
     /// What the person running the stage should hear of, though the stage succeeded (a `warn`
     /// check that missed, say); printed by the orchestrator and kept in the run record.
     pub warnings: Vec<String>,
+    /// Checks the stage evaluated itself; a `fail` one that did not pass fails the stage after
+    /// it returned, and its outputs are quarantined rather than committed.
+    pub checks: Vec<crate::checks::Reported>,
 }
 
 /// Why a built-in stage failed, in words for the person running it.

@@ -151,25 +151,12 @@ impl BuiltinStage for Diagnose {
             "passed": checks.iter().all(|c| c.status != Status::Fail),
         });
         report::write(out, &imputation, &diagnostics, &report, params)?;
-        let failed: Vec<String> = checks
-            .iter()
-            .filter(|c| c.status == Status::Fail)
-            .map(|c| c.message.clone())
-            .collect();
-        if !failed.is_empty() {
-            return Err(StageError::new(format!(
-                "imputation check failed: {}",
-                failed.join("; ")
-            )));
-        }
-        let warnings = checks
-            .iter()
-            .filter(|c| matches!(c.status, Status::Warn | Status::Undefined))
-            .map(|c| format!("check {}: {}", c.name, c.message))
-            .collect();
+        // The orchestrator fails the stage on a missed `fail` check, keeping this report (red
+        // at the top) in quarantine rather than committing it.
         Ok(StageReport {
             summary: report,
-            warnings,
+            warnings: Vec::new(),
+            checks: checks.iter().map(CheckResult::reported).collect(),
         })
     }
 }
@@ -526,6 +513,25 @@ pub(crate) struct CheckResult {
 }
 
 impl CheckResult {
+    fn reported(&self) -> crate::checks::Reported {
+        use crate::checks::{Severity as S, Status as V};
+        crate::checks::Reported {
+            name: format!("{}({})", self.name, self.column),
+            severity: match self.severity {
+                Severity::Warn => S::Warn,
+                Severity::Fail => S::Fail,
+            },
+            status: match self.status {
+                Status::Pass => V::Pass,
+                Status::Warn | Status::Fail => V::Fail,
+                Status::Undefined => V::Undefined,
+            },
+            value: self.value.map(finite).unwrap_or(Json::Null),
+            expected: format!("< {}", self.max),
+            detail: self.message.clone(),
+        }
+    }
+
     fn to_json(&self) -> Json {
         json!({
             "check": self.name,
@@ -750,33 +756,34 @@ mod tests {
         assert!(!text.contains("NaN"));
     }
 
-    /// A `fail` check that misses fails the stage and says which; a `warn` one only records it.
+    /// A check that misses is reported with its severity, for the orchestrator to fail the stage
+    /// (`fail`, keeping this report in quarantine) or warn (`warn`).
     #[test]
-    fn a_missed_fail_check_fails_the_stage() {
-        let (report, _dir) = diagnose(
-            3,
-            json!({"checks": {"mean_spread": {"max": 0.0, "severity": "fail"}}}),
-        );
-        let error = report.unwrap_err();
-        assert!(
-            error
-                .message
-                .starts_with("imputation check failed: y: spread of the per-imputation means "),
-            "{}",
-            error.message
-        );
-        let (report, _dir) = diagnose_report(3, json!({"checks": {"mean_spread": {"max": 0.0}}}));
-        let report = report.unwrap();
-        assert_eq!(report.summary["checks"][0]["status"], "warn");
-        assert_eq!(report.summary["passed"], true);
-        assert_eq!(
-            report.warnings.len(),
-            1,
-            "printed by the run: {:?}",
-            report.warnings
-        );
-        assert!(report.warnings[0]
-            .starts_with("check mean_spread: y: spread of the per-imputation means "));
+    fn missed_checks_are_reported_with_their_severity() {
+        use crate::checks::{Severity as S, Status as V};
+        for (severity, expected) in [("fail", S::Fail), ("warn", S::Warn)] {
+            let (report, dir) = diagnose_report(
+                3,
+                json!({"checks": {"mean_spread": {"max": 0.0, "severity": severity}}}),
+            );
+            let report = report.unwrap();
+            let missed = &report.checks[0];
+            assert_eq!(missed.name, "mean_spread(y)");
+            assert_eq!((missed.severity, missed.status), (expected, V::Fail));
+            assert_eq!(missed.expected, "< 0");
+            assert!(
+                missed
+                    .detail
+                    .starts_with("y: spread of the per-imputation means "),
+                "{}",
+                missed.detail
+            );
+            assert_eq!(report.summary["checks"][0]["status"], severity);
+            assert_eq!(report.summary["passed"], severity == "warn");
+            // The report was written either way, to be committed or kept in quarantine.
+            assert!(dir.path().join("diagnostics/report.html").is_file());
+            assert!(report.warnings.is_empty(), "{:?}", report.warnings);
+        }
     }
 
     #[test]
