@@ -408,7 +408,12 @@ fn static_plan(
     } else {
         StatCache::in_memory()
     };
-    let statuses = plan::static_plan(dag, &lock, &cache, &selected, &forced).map_err(|e| {
+    let storage = crate::storage::Storage::new(pipeline.storage.clone(), state.cache());
+    let hashes = plan::Hashes {
+        cache: &cache,
+        storage: &storage,
+    };
+    let statuses = plan::static_plan(dag, &lock, hashes, &selected, &forced).map_err(|e| {
         printer.error(&e.to_string());
         ExitCode::from(EXIT_STAGE_FAILED)
     })?;

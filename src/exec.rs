@@ -125,6 +125,7 @@ struct Context {
     dag: Arc<Dag>,
     registry: Registry,
     cache: StatCache,
+    storage: crate::storage::Storage,
     lock: Mutex<(LockFile, lock::Journal)>,
     lock_path: PathBuf,
     state: StateDir,
@@ -240,6 +241,7 @@ pub fn run(
     let (cancel_tx, cancel_rx) = watch::channel(false);
     let ctx = Arc::new(Context {
         cache: StatCache::load(state.stat_cache()),
+        storage: crate::storage::Storage::new(pipeline.storage.clone(), state.cache()),
         dag: dag.clone(),
         registry,
         lock: Mutex::new((lock, journal)),
@@ -468,7 +470,11 @@ async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
         tokio::task::spawn_blocking(move || {
             let stage = ctx.dag.stage(index);
             let workdir = &ctx.dag.pipeline().workdir;
-            let now = plan::snapshot(stage, workdir, &ctx.cache)?;
+            let hashes = plan::Hashes {
+                cache: &ctx.cache,
+                storage: &ctx.storage,
+            };
+            let now = plan::snapshot(stage, workdir, hashes)?;
             let locked = ctx
                 .lock
                 .lock()
@@ -477,7 +483,7 @@ async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
                 .stages
                 .get(&stage.name)
                 .cloned();
-            let reasons = plan::reasons(stage, &now, locked.as_ref(), workdir, &ctx.cache)?;
+            let reasons = plan::reasons(stage, &now, locked.as_ref(), workdir, hashes)?;
             Ok::<_, plan::HashError>((now, locked, reasons))
         })
         .await
@@ -538,11 +544,35 @@ async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
         );
     }
 
+    // S3 inputs are read from local copies (downloaded once per ETag).
+    let inputs = {
+        let ctx = ctx.clone();
+        tokio::task::spawn_blocking(move || local_inputs(&ctx, ctx.dag.stage(index)))
+            .await
+            .unwrap_or_else(|e| Err(format!("internal error: {e}")))
+    };
+    let inputs = match inputs {
+        Ok(inputs) => inputs,
+        Err(error) => {
+            let _ = std::fs::remove_dir_all(&staging_root);
+            return fail(&ctx, record, error, None);
+        }
+    };
+
     // A built-in's error may name one of its params.
     let mut param_error: Option<String> = None;
     let executed = match &stage.kind {
         StageKind::Shell { templates, .. } => {
-            run_shell(&ctx, stage, templates, &staged, &workdir, &mut record).await
+            run_shell(
+                &ctx,
+                stage,
+                templates,
+                &inputs,
+                &staged,
+                &workdir,
+                &mut record,
+            )
+            .await
         }
         StageKind::Builtin { name, params, .. } => {
             run_builtin(
@@ -550,6 +580,7 @@ async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
                 stage,
                 name,
                 params,
+                &inputs,
                 &staged,
                 &mut record,
                 &mut param_error,
@@ -751,10 +782,38 @@ fn prepare_staging(stage: &Stage, staged: &[PathBuf]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The template context of a command: vars, `item`, `params`, inputs as written, outputs staged.
-fn command_context(stage: &Stage, staged: &[PathBuf]) -> Map<String, Json> {
+/// The local path of each input: the input itself, or the local copy of an S3 one.
+fn local_inputs(ctx: &Context, stage: &Stage) -> Result<Vec<PathBuf>, String> {
+    stage
+        .inputs
+        .iter()
+        .map(|port| match &port.declared.location {
+            crate::location::Location::Local(path) => Ok(path.clone()),
+            crate::location::Location::S3 { bucket, key } => ctx
+                .storage
+                .fetch(bucket, key, port.declared.dir)
+                .map_err(|e| e.to_string()),
+        })
+        .collect()
+}
+
+/// The template context of a command: vars, `item`, `params`, inputs (local copies of S3 ones)
+/// as written, outputs staged.
+fn command_context(stage: &Stage, inputs: &[PathBuf], staged: &[PathBuf]) -> Map<String, Json> {
     let mut context = stage.context.clone();
-    context.insert("inputs".into(), ports_json(&stage.inputs));
+    let local_ports: Vec<Port> = stage
+        .inputs
+        .iter()
+        .zip(inputs)
+        .map(|(port, path)| match port.declared.location {
+            crate::location::Location::Local(_) => port.clone(),
+            crate::location::Location::S3 { .. } => Port {
+                text: path.display().to_string(),
+                ..port.clone()
+            },
+        })
+        .collect();
+    context.insert("inputs".into(), ports_json(&local_ports));
     let staged_ports: Vec<Port> = stage
         .outputs
         .iter()
@@ -772,12 +831,13 @@ async fn run_shell(
     ctx: &Context,
     stage: &Stage,
     templates: &[(String, crate::diagnostic::Span)],
+    inputs: &[PathBuf],
     staged: &[PathBuf],
     workdir: &Path,
     record: &mut StageRecord,
 ) -> Result<(), (String, Option<PathBuf>)> {
     let renderer = crate::config::template::Templates::default();
-    let context = minijinja::Value::from_serialize(command_context(stage, staged));
+    let context = minijinja::Value::from_serialize(command_context(stage, inputs, staged));
     let logs = ctx.state.logs(&ctx.run_id);
     std::fs::create_dir_all(&logs)
         .map_err(|e| (format!("cannot create {}: {e}", logs.display()), None))?;
@@ -870,6 +930,7 @@ async fn run_builtin(
     stage: &Stage,
     name: &str,
     params: &Json,
+    inputs: &[PathBuf],
     staged: &[PathBuf],
     record: &mut StageRecord,
     param_error: &mut Option<String>,
@@ -884,7 +945,8 @@ async fn run_builtin(
         inputs: stage
             .inputs
             .iter()
-            .map(|p| (p.name.clone(), local_path(&p.declared.location)))
+            .zip(inputs)
+            .map(|(p, path)| (p.name.clone(), path.clone()))
             .collect(),
         outputs: stage
             .outputs
@@ -934,15 +996,6 @@ async fn run_builtin(
     Ok(())
 }
 
-fn local_path(location: &crate::location::Location) -> PathBuf {
-    match location {
-        crate::location::Location::Local(path) => path.clone(),
-        crate::location::Location::S3 { bucket, key } => {
-            PathBuf::from(format!("s3://{bucket}/{key}"))
-        }
-    }
-}
-
 /// Hashes the staged outputs, moves them into place, then writes the lock entry.
 fn commit(
     ctx: &Context,
@@ -954,22 +1007,31 @@ fn commit(
     let workdir = &ctx.dag.pipeline().workdir;
     let staging_cache = StatCache::in_memory();
     let mut outputs = BTreeMap::new();
+    // S3 outputs first: uploading is what fails most, and a failure here leaves every output,
+    // local or not, as it was.
+    for (port, path) in stage.outputs.iter().zip(staged) {
+        if let crate::location::Location::S3 { bucket, key } = &port.declared.location {
+            tracing::trace!(stage = %stage.name, from = %path.display(), to = %port.text, "upload");
+            let hash = ctx
+                .storage
+                .commit(bucket, key, path, port.declared.dir, &ctx.run_id)
+                .map_err(|e| format!("{e}; the output `{}` was not committed", port.text))?;
+            outputs.insert(port.declared.location.display(workdir), hash);
+        }
+    }
     let mut finals = Vec::new();
     for (port, path) in stage.outputs.iter().zip(staged) {
+        let crate::location::Location::Local(target) = &port.declared.location else {
+            continue;
+        };
         let hash = staging_cache
             .hash_path(path)
             .map_err(|e| format!("cannot hash the output `{}`: {e}", port.text))?
             .ok_or_else(|| format!("stage did not write its output `{}`", port.text))?;
         outputs.insert(port.declared.location.display(workdir), hash);
-        let crate::location::Location::Local(target) = &port.declared.location else {
-            return Err(format!(
-                "cannot write `{}`: S3 outputs are not supported by this build of imba yet",
-                port.text
-            ));
-        };
-        finals.push(target.clone());
+        finals.push((port, path, target.clone()));
     }
-    for ((port, path), target) in stage.outputs.iter().zip(staged).zip(&finals) {
+    for (port, path, target) in &finals {
         tracing::trace!(stage = %stage.name, from = %path.display(), to = %target.display(), "commit");
         crate::fsutil::replace(path, target).map_err(|e| {
             format!(
@@ -979,17 +1041,15 @@ fn commit(
             )
         })?;
     }
-    for (port, target) in stage.outputs.iter().zip(&finals) {
+    for (port, path, target) in &finals {
         let key = port.declared.location.display(workdir);
         if let Some(hash) = outputs.get(&key) {
             if hash.files.is_none() {
                 ctx.cache.record(target, &hash.hash);
             }
         }
-    }
-    // The files of a directory output were hashed under their staging paths: remember them under
-    // the paths they have now, so the next status does not read them again.
-    for (path, target) in staged.iter().zip(&finals) {
+        // The files of a directory output were hashed under their staging paths: remember them
+        // under the paths they have now, so the next status does not read them again.
         for (relative, hash) in staging_cache.hashes_under(path) {
             ctx.cache.record(&target.join(relative), &hash);
         }

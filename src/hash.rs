@@ -24,6 +24,10 @@ pub struct ContentHash {
     /// For a directory: how many files it holds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub files: Option<u64>,
+    /// For an S3 object: its ETag (the hash is then of its ETag, size and version, as S3
+    /// reports them, so that its identity is known without downloading it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
 }
 
 /// Files above this size are hashed memory-mapped on all cores.
@@ -212,6 +216,7 @@ impl StatCache {
             hash: self.file_hash(path, &meta)?,
             size: meta.len(),
             files: None,
+            etag: None,
         }))
     }
 
@@ -248,6 +253,7 @@ impl StatCache {
             hash: manifest.finalize().to_hex().to_string(),
             size,
             files: Some(files),
+            etag: None,
         })
     }
 }

@@ -21,3 +21,4 @@ pub mod record;
 pub mod report;
 pub mod schema;
 pub mod state;
+pub mod storage;

@@ -90,35 +90,76 @@ pub struct Snapshot {
     pub entry: LockedStage,
 }
 
-/// Hashes a location as shown in the lock file (relative to `workdir`).
+/// Where content hashes come from: the stat cache for local files, HEAD and LIST for S3.
+#[derive(Clone, Copy)]
+pub struct Hashes<'a> {
+    pub cache: &'a StatCache,
+    pub storage: &'a crate::storage::Storage,
+}
+
+/// Hashes a location as shown in the lock file (relative to `workdir`). An S3 object's hash is
+/// its identity (ETag, size, version), a prefix's that of its listing.
 pub fn hash_location(
-    cache: &StatCache,
+    hashes: Hashes,
     location: &Location,
+    dir: bool,
     workdir: &Path,
 ) -> Result<Option<ContentHash>, HashError> {
     match location {
-        Location::Local(path) => cache.hash_path(path).map_err(|source| HashError {
+        Location::Local(path) => hashes.cache.hash_path(path).map_err(|source| HashError {
             path: location.display(workdir),
             source,
         }),
-        Location::S3 { .. } => Err(HashError {
-            path: location.display(workdir),
-            source: std::io::Error::other("S3 locations cannot be read by this build of imba yet"),
-        }),
+        Location::S3 { bucket, key } => {
+            hashes
+                .storage
+                .identity(bucket, key, dir)
+                .map_err(|e| HashError {
+                    path: location.display(workdir),
+                    source: std::io::Error::other(e.reason),
+                })
+        }
+    }
+}
+
+/// Like [`hash_location`] for an output: an S3 directory output counts only with its manifest.
+fn hash_output(
+    hashes: Hashes,
+    location: &Location,
+    dir: bool,
+    workdir: &Path,
+) -> Result<Option<ContentHash>, HashError> {
+    match location {
+        Location::S3 { bucket, key } if dir => {
+            hashes
+                .storage
+                .committed_dir(bucket, key)
+                .map_err(|e| HashError {
+                    path: location.display(workdir),
+                    source: std::io::Error::other(e.reason),
+                })
+        }
+        _ => hash_location(hashes, location, dir, workdir),
     }
 }
 
 /// The stage's fingerprint material, its inputs hashed as they are on disk now.
-pub fn snapshot(stage: &Stage, workdir: &Path, cache: &StatCache) -> Result<Snapshot, HashError> {
+pub fn snapshot(stage: &Stage, workdir: &Path, hashes: Hashes) -> Result<Snapshot, HashError> {
     let mut inputs = BTreeMap::new();
     for input in &stage.inputs {
         let key = input.declared.location.display(workdir);
-        let hash =
-            hash_location(cache, &input.declared.location, workdir)?.unwrap_or(ContentHash {
-                hash: "missing".to_owned(),
-                size: 0,
-                files: None,
-            });
+        let hash = hash_location(
+            hashes,
+            &input.declared.location,
+            input.declared.dir,
+            workdir,
+        )?
+        .unwrap_or(ContentHash {
+            hash: "missing".to_owned(),
+            size: 0,
+            files: None,
+            etag: None,
+        });
         inputs.insert(key, hash);
     }
     let (kind, implementation, cmd, params) = match &stage.kind {
@@ -176,6 +217,7 @@ pub fn snapshot(stage: &Stage, workdir: &Path, cache: &StatCache) -> Result<Snap
                             hash: String::new(),
                             size: 0,
                             files: None,
+                            etag: None,
                         },
                     )
                 })
@@ -190,7 +232,7 @@ pub fn reasons(
     now: &Snapshot,
     locked: Option<&LockedStage>,
     workdir: &Path,
-    cache: &StatCache,
+    hashes: Hashes,
 ) -> Result<Vec<Reason>, HashError> {
     let mut reasons = Vec::new();
     for (path, hash) in &now.entry.inputs {
@@ -251,7 +293,12 @@ pub fn reasons(
         let Some(recorded) = locked.outputs.get(&path) else {
             continue;
         };
-        match hash_location(cache, &output.declared.location, workdir)? {
+        match hash_output(
+            hashes,
+            &output.declared.location,
+            output.declared.dir,
+            workdir,
+        )? {
             None => reasons.push(Reason::OutputMissing { path }),
             Some(hash) if hash.hash != recorded.hash => {
                 reasons.push(Reason::OutputModified { path })
@@ -367,7 +414,7 @@ pub struct StageStatus {
 pub fn static_plan(
     dag: &Dag,
     lock: &LockFile,
-    cache: &StatCache,
+    hashes: Hashes,
     selected: &BTreeSet<usize>,
     forced: &BTreeSet<usize>,
 ) -> Result<Vec<StageStatus>, HashError> {
@@ -390,8 +437,8 @@ pub fn static_plan(
         if forced.contains(&index) {
             reasons.push(Reason::Forced);
         }
-        let now = snapshot(stage, workdir, cache)?;
-        let own = reasons_for(stage, &now, lock, workdir, cache)?;
+        let now = snapshot(stage, workdir, hashes)?;
+        let own = reasons_for(stage, &now, lock, workdir, hashes)?;
         // An input that an upstream stage is about to write is not "missing".
         let upstream_stale =
             !reasons.is_empty() && reasons.iter().any(|r| matches!(r, Reason::Upstream { .. }));
@@ -417,7 +464,7 @@ fn reasons_for(
     now: &Snapshot,
     lock: &LockFile,
     workdir: &Path,
-    cache: &StatCache,
+    hashes: Hashes,
 ) -> Result<Vec<Reason>, HashError> {
-    reasons(stage, now, lock.stages.get(&stage.name), workdir, cache)
+    reasons(stage, now, lock.stages.get(&stage.name), workdir, hashes)
 }

@@ -34,6 +34,11 @@ impl StateDir {
         self.root.join("staging").join(run)
     }
 
+    /// Downloaded S3 objects, by ETag.
+    pub fn cache(&self) -> PathBuf {
+        self.root.join("cache")
+    }
+
     pub fn quarantine(&self, run: &str) -> PathBuf {
         self.root.join("quarantine").join(run)
     }

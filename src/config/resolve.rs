@@ -31,6 +31,8 @@ pub struct Pipeline {
     pub stages: Vec<Stage>,
     /// Run when a stage without its own `on_failure:` fails.
     pub on_failure: Option<Hook>,
+    /// The `storage:` settings (S3 endpoint, region, addressing).
+    pub storage: crate::storage::Settings,
 }
 
 /// One stage, ready to plan and run.
@@ -134,6 +136,12 @@ pub fn resolve(
         .as_ref()
         .and_then(|node| templates.render_node(node, &ctx, diagnostics))
         .and_then(|node| super::checks::hook(&node, diagnostics));
+    let storage = raw
+        .storage
+        .as_ref()
+        .and_then(|node| templates.render_node(node, &ctx, diagnostics))
+        .map(|node| storage_settings(&node, diagnostics))
+        .unwrap_or_default();
 
     let mut resolver = StageResolver {
         templates: &templates,
@@ -160,7 +168,67 @@ pub fn resolve(
         vars,
         stages,
         on_failure,
+        storage,
     })
+}
+
+/// Keys of `storage:`.
+pub const STORAGE_KEYS: &[&str] = &["endpoint", "path_style", "region", "retries"];
+
+/// The `storage:` section: S3 settings, never secrets.
+fn storage_settings(node: &Node, diagnostics: &mut Vec<Diagnostic>) -> crate::storage::Settings {
+    let mut settings = crate::storage::Settings::default();
+    for (key, value) in node.as_map().unwrap_or_default() {
+        let lower = key.name.to_ascii_lowercase();
+        if ["key", "secret", "token", "password", "credential"]
+            .iter()
+            .any(|s| lower.contains(s))
+        {
+            diagnostics.push(
+                Diagnostic::error(format!(
+                    "`storage.{}` looks like a secret, and secrets never go in a pipeline file",
+                    key.name
+                ))
+                .at(key.span, "remove this")
+                .help("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN) in the environment, or AWS_PROFILE"),
+            );
+            continue;
+        }
+        match key.name.as_str() {
+            "endpoint" | "region" => match value.as_str() {
+                Some(text) if !text.trim().is_empty() => {
+                    if key.name == "endpoint" {
+                        if !(text.starts_with("http://") || text.starts_with("https://")) {
+                            diagnostics.push(
+                                Diagnostic::error(
+                                    "`storage.endpoint` must be an http:// or https:// URL",
+                                )
+                                .at(value.span, "not a URL"),
+                            );
+                        }
+                        settings.endpoint = Some(text.trim_end_matches('/').to_owned());
+                    } else {
+                        settings.region = Some(text.to_owned());
+                    }
+                }
+                _ => diagnostics.push(super::raw::wrong_kind(key, value, "a string")),
+            },
+            "path_style" => match value.value {
+                Value::Bool(b) => settings.path_style = Some(b),
+                _ => diagnostics.push(super::raw::wrong_kind(key, value, "`true` or `false`")),
+            },
+            "retries" => match value.value {
+                Value::Int(n) if (0..=20).contains(&n) => settings.retries = Some(n as usize),
+                _ => diagnostics.push(super::raw::wrong_kind(
+                    key,
+                    value,
+                    "a number of tries from 0 to 20",
+                )),
+            },
+            _ => diagnostics.push(super::raw::unknown_key(key, STORAGE_KEYS, "in `storage`")),
+        }
+    }
+    settings
 }
 
 /// A matrix stage reports the same template error once per instance; keep one.

@@ -1,0 +1,794 @@
+//! S3 behind one storage layer (object_store): identities by HEAD/LIST, a local download cache,
+//! uploads that commit atomically, and errors that name the bucket, the key and the S3 code.
+//!
+//! Stages never see S3: an input is downloaded into `.imba/cache/` (once per ETag) and the stage
+//! reads the local copy; an output is written to local staging and uploaded when the stage and
+//! its checks succeeded. Deciding whether a stage is up to date takes HEAD and LIST requests
+//! only, never a download.
+//!
+//! A directory output (`s3://bucket/prefix/`) is committed in three steps: its files are uploaded
+//! under `s3://bucket/.imba-staging/RUN/…` (the long part, which touches nothing under the
+//! prefix), then copied into place server-side, then the manifest `prefix/_imba_manifest.json`
+//! is written last; files of the previous version that the new one does not have are deleted only
+//! after that. A prefix whose objects do not match what was committed counts as modified, so the
+//! stage runs again.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::path::Path as Key;
+use object_store::{
+    BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig,
+    WriteMultipart,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::hash::ContentHash;
+
+/// The manifest of a directory output: written last, its commit marker.
+pub const MANIFEST: &str = "_imba_manifest.json";
+/// Where directory outputs are uploaded before they are copied into place.
+const STAGING_PREFIX: &str = ".imba-staging";
+/// Files above this size are uploaded in parts, this big.
+const PART_SIZE: usize = 16 << 20;
+/// HEAD/LIST requests in flight at once (status of many inputs).
+pub const CONCURRENCY: usize = 32;
+
+/// What the pipeline's `storage:` section says (secrets never: they come from the environment).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Settings {
+    /// An S3-compatible endpoint (MinIO, a test server); else `AWS_ENDPOINT_URL`, else AWS.
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    /// Path-style requests (`endpoint/bucket/key`), as MinIO and most S3-compatible stores need.
+    pub path_style: Option<bool>,
+    /// Tries of a request that failed on the network or was throttled (default 4).
+    pub retries: Option<usize>,
+}
+
+/// Why an S3 request failed, in words: the operation, the URL, the S3 code when there is one.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("cannot {operation} s3://{bucket}/{key}: {reason}")]
+pub struct StorageError {
+    pub operation: &'static str,
+    pub bucket: String,
+    pub key: String,
+    pub reason: String,
+}
+
+/// An object as HEAD or LIST describe it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectInfo {
+    pub etag: String,
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+}
+
+/// One file of a directory output, in its manifest.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct ManifestFile {
+    path: String,
+    size: u64,
+    blake3: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Manifest {
+    imba_manifest: u32,
+    run: String,
+    files: Vec<ManifestFile>,
+}
+
+/// The S3 side of a run: clients per bucket, built on first use, and a runtime of their own so
+/// that any thread (a blocking task, the CLI) can wait on them.
+pub struct Storage {
+    settings: Settings,
+    cache_dir: PathBuf,
+    runtime: OnceLock<Result<tokio::runtime::Runtime, String>>,
+    stores: Mutex<HashMap<String, Arc<AmazonS3>>>,
+    cache_index: Mutex<Option<CacheIndex>>,
+}
+
+impl std::fmt::Debug for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Storage")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Downloaded objects: `bucket/key` → the ETag downloaded, its BLAKE3 and the cached file.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct CacheIndex {
+    objects: BTreeMap<String, CachedObject>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct CachedObject {
+    etag: String,
+    size: u64,
+    blake3: String,
+    file: String,
+}
+
+impl Storage {
+    /// A storage layer caching downloads under `cache_dir` (`.imba/cache`). Nothing is built
+    /// until the first S3 request.
+    pub fn new(settings: Settings, cache_dir: PathBuf) -> Self {
+        Storage {
+            settings,
+            cache_dir,
+            runtime: OnceLock::new(),
+            stores: Mutex::new(HashMap::new()),
+            cache_index: Mutex::new(None),
+        }
+    }
+
+    /// Runs `future` on the storage runtime and waits for it, from any thread.
+    fn block<F>(&self, future: F) -> Result<F::Output, String>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let runtime = self
+            .runtime
+            .get_or_init(|| {
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .thread_name("imba-s3")
+                    .enable_all()
+                    .build()
+                    .map_err(|e| format!("cannot start the S3 runtime: {e}"))
+            })
+            .as_ref()
+            .map_err(Clone::clone)?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        runtime.spawn(async move {
+            let _ = tx.send(future.await);
+        });
+        rx.recv()
+            .map_err(|_| "an S3 request was cancelled".to_owned())
+    }
+
+    fn store(&self, bucket: &str) -> Result<Arc<AmazonS3>, String> {
+        let mut stores = self.stores.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(store) = stores.get(bucket) {
+            return Ok(store.clone());
+        }
+        let store = Arc::new(self.build(bucket)?);
+        stores.insert(bucket.to_owned(), store.clone());
+        Ok(store)
+    }
+
+    fn build(&self, bucket: &str) -> Result<AmazonS3, String> {
+        let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        // The AWS SDKs' names, which object_store does not all read.
+        let endpoint = self
+            .settings
+            .endpoint
+            .clone()
+            .or_else(|| env("AWS_ENDPOINT_URL_S3"))
+            .or_else(|| env("AWS_ENDPOINT_URL"))
+            .or_else(|| env("AWS_ENDPOINT"));
+        if let Some(endpoint) = &endpoint {
+            builder = builder.with_endpoint(endpoint);
+        }
+        let region = self
+            .settings
+            .region
+            .clone()
+            .or_else(|| env("AWS_REGION"))
+            .or_else(|| env("AWS_DEFAULT_REGION"));
+        if let Some(region) = region {
+            builder = builder.with_region(region);
+        }
+        // Custom endpoints are path-style unless told otherwise; AWS itself is virtual-hosted.
+        let path_style = self.settings.path_style.unwrap_or(endpoint.is_some());
+        builder = builder.with_virtual_hosted_style_request(!path_style);
+        let retries = self.settings.retries.unwrap_or(4);
+        builder = builder
+            .with_retry(RetryConfig {
+                backoff: BackoffConfig {
+                    init_backoff: Duration::from_millis(100),
+                    max_backoff: Duration::from_secs(5),
+                    base: 2.0,
+                },
+                max_retries: retries,
+                retry_timeout: Duration::from_secs(60),
+            })
+            .with_client_options(
+                ClientOptions::new()
+                    .with_allow_http(
+                        endpoint
+                            .as_deref()
+                            .is_some_and(|e| e.starts_with("http://"))
+                            || env("AWS_ALLOW_HTTP").is_some_and(|v| v == "true"),
+                    )
+                    .with_connect_timeout(Duration::from_secs(5))
+                    .with_timeout(Duration::from_secs(300)),
+            );
+        builder
+            .build()
+            .map_err(|e| format!("cannot set up S3 for bucket `{bucket}`: {e}"))
+    }
+
+    /// HEAD: the object's identity, or `None` when there is no such object (in a bucket that
+    /// exists).
+    pub fn head(&self, bucket: &str, key: &str) -> Result<Option<ObjectInfo>, StorageError> {
+        let store = self
+            .store(bucket)
+            .map_err(|r| error("read", bucket, key, r))?;
+        let path = Key::from(key);
+        let outcome = self
+            .block(async move { store.head(&path).await })
+            .map_err(|r| error("read", bucket, key, r))?;
+        match outcome {
+            Ok(meta) => Ok(Some(info(meta.e_tag, meta.size, meta.version))),
+            Err(object_store::Error::NotFound { .. }) => {
+                self.bucket_exists(bucket, key)?;
+                Ok(None)
+            }
+            // HEAD errors have no body; the same request as a GET says which S3 error it is.
+            Err(e) => Err(self.explain("read", bucket, key, e)),
+        }
+    }
+
+    /// Fails with `NoSuchBucket` when the bucket is missing (a HEAD says only "not found").
+    fn bucket_exists(&self, bucket: &str, key: &str) -> Result<(), StorageError> {
+        let store = self
+            .store(bucket)
+            .map_err(|r| error("read", bucket, key, r))?;
+        let prefix = Key::from(key);
+        let listed = self
+            .block(async move { store.list_with_delimiter(Some(&prefix)).await.map(|_| ()) })
+            .map_err(|r| error("read", bucket, key, r))?;
+        listed.map_err(|e| describe_error("read", bucket, key, &e))
+    }
+
+    /// The same failed request again as a one-byte GET, whose error body names the S3 code.
+    fn explain(
+        &self,
+        operation: &'static str,
+        bucket: &str,
+        key: &str,
+        first: object_store::Error,
+    ) -> StorageError {
+        let described = describe_error(operation, bucket, key, &first);
+        if described.reason.contains(':') {
+            return described;
+        }
+        let Ok(store) = self.store(bucket) else {
+            return described;
+        };
+        let path = Key::from(key);
+        match self.block(async move { store.get_range(&path, 0..1).await }) {
+            Ok(Err(e)) => {
+                let again = describe_error(operation, bucket, key, &e);
+                if again.reason.contains(':') {
+                    again
+                } else {
+                    described
+                }
+            }
+            _ => described,
+        }
+    }
+
+    /// LIST: every object under `prefix/`, by its path relative to the prefix, sorted.
+    pub fn list(
+        &self,
+        bucket: &str,
+        prefix: &str,
+    ) -> Result<Vec<(String, ObjectInfo)>, StorageError> {
+        let store = self
+            .store(bucket)
+            .map_err(|r| error("list", bucket, prefix, r))?;
+        let root = Key::from(prefix);
+        let listed = self
+            .block(async move { store.list(Some(&root)).try_collect::<Vec<_>>().await })
+            .map_err(|r| error("list", bucket, prefix, r))?
+            .map_err(|e| describe_error("list", bucket, prefix, &e))?;
+        let base = format!("{}/", prefix.trim_end_matches('/'));
+        let mut objects: Vec<(String, ObjectInfo)> = listed
+            .into_iter()
+            .filter_map(|meta| {
+                let full = meta.location.to_string();
+                let relative = full.strip_prefix(&base)?.to_owned();
+                Some((relative, info(meta.e_tag, meta.size, meta.version)))
+            })
+            .collect();
+        objects.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(objects)
+    }
+
+    /// The identity of an S3 location, from HEAD or LIST only: `None` when absent. A directory
+    /// holding an imba manifest counts only with it; one without any object is absent.
+    pub fn identity(
+        &self,
+        bucket: &str,
+        key: &str,
+        dir: bool,
+    ) -> Result<Option<ContentHash>, StorageError> {
+        if !dir {
+            return Ok(self.head(bucket, key)?.map(|object| ContentHash {
+                hash: object_identity(&object),
+                size: object.size,
+                files: None,
+                etag: Some(object.etag),
+            }));
+        }
+        let objects = self.list(bucket, key)?;
+        if objects.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(prefix_identity(&objects)))
+    }
+
+    /// The identity of a directory output as committed: absent without its manifest.
+    pub fn committed_dir(
+        &self,
+        bucket: &str,
+        key: &str,
+    ) -> Result<Option<ContentHash>, StorageError> {
+        let objects = self.list(bucket, key)?;
+        if !objects.iter().any(|(path, _)| path == MANIFEST) {
+            return Ok(None);
+        }
+        Ok(Some(prefix_identity(&objects)))
+    }
+
+    /// A local copy of an S3 input, downloaded unless the cache holds this ETag already.
+    pub fn fetch(&self, bucket: &str, key: &str, dir: bool) -> Result<PathBuf, StorageError> {
+        if !dir {
+            let object = self
+                .head(bucket, key)?
+                .ok_or_else(|| error("read", bucket, key, "no such object (NoSuchKey)"))?;
+            return self.fetch_object(bucket, key, &object);
+        }
+        let objects = self.list(bucket, key)?;
+        let identity = prefix_identity(&objects);
+        let target = self.cache_dir.join("dirs").join(&identity.hash[..32]);
+        if target.is_dir() {
+            return Ok(target);
+        }
+        let building = self.cache_dir.join("dirs").join(format!(
+            ".{}.{}",
+            &identity.hash[..32],
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&building);
+        for (relative, object) in &objects {
+            if relative.starts_with(STAGING_PREFIX) {
+                continue;
+            }
+            let cached = self.fetch_object(bucket, &format!("{key}/{relative}"), object)?;
+            let path = building.join(relative);
+            let io = |e: std::io::Error| error("download", bucket, key, e.to_string());
+            std::fs::create_dir_all(path.parent().unwrap_or(&building)).map_err(io)?;
+            std::fs::hard_link(&cached, &path)
+                .or_else(|_| std::fs::copy(&cached, &path).map(|_| ()))
+                .map_err(io)?;
+        }
+        std::fs::create_dir_all(&building)
+            .and_then(|()| std::fs::rename(&building, &target))
+            .or_else(|e| if target.is_dir() { Ok(()) } else { Err(e) })
+            .map_err(|e| error("download", bucket, key, e.to_string()))?;
+        Ok(target)
+    }
+
+    fn fetch_object(
+        &self,
+        bucket: &str,
+        key: &str,
+        object: &ObjectInfo,
+    ) -> Result<PathBuf, StorageError> {
+        let id = format!("{bucket}/{key}");
+        let file = self
+            .cache_dir
+            .join("objects")
+            .join(&blake3::hash(format!("{id}\0{}", object.etag).as_bytes()).to_hex()[..32]);
+        {
+            let mut index = self.cache_index.lock().unwrap_or_else(|e| e.into_inner());
+            let index = index.get_or_insert_with(|| self.load_index());
+            if let Some(cached) = index.objects.get(&id) {
+                if cached.etag == object.etag
+                    && std::fs::metadata(&file).is_ok_and(|m| m.len() == cached.size)
+                {
+                    return Ok(file);
+                }
+            }
+        }
+        let io = |e: std::io::Error| error("download", bucket, key, e.to_string());
+        std::fs::create_dir_all(self.cache_dir.join("objects")).map_err(io)?;
+        let partial = file.with_extension(format!("part{}", std::process::id()));
+        let store = self
+            .store(bucket)
+            .map_err(|r| error("download", bucket, key, r))?;
+        let path = Key::from(key);
+        let target = partial.clone();
+        let downloaded = self
+            .block(async move {
+                use tokio::io::AsyncWriteExt;
+                let got = store.get(&path).await?;
+                let mut stream = got.into_stream();
+                let mut out = tokio::fs::File::create(&target).await.map_err(|e| {
+                    object_store::Error::Generic {
+                        store: "local cache",
+                        source: Box::new(e),
+                    }
+                })?;
+                let mut hasher = blake3::Hasher::new();
+                let mut size = 0u64;
+                while let Some(chunk) = stream.next().await {
+                    let chunk = chunk?;
+                    hasher.update(&chunk);
+                    size += chunk.len() as u64;
+                    out.write_all(&chunk)
+                        .await
+                        .map_err(|e| object_store::Error::Generic {
+                            store: "local cache",
+                            source: Box::new(e),
+                        })?;
+                }
+                out.sync_all()
+                    .await
+                    .map_err(|e| object_store::Error::Generic {
+                        store: "local cache",
+                        source: Box::new(e),
+                    })?;
+                Ok::<_, object_store::Error>((hasher.finalize().to_hex().to_string(), size))
+            })
+            .map_err(|r| error("download", bucket, key, r))?;
+        let (blake3, size) = match downloaded {
+            Ok(done) => done,
+            Err(e) => {
+                let _ = std::fs::remove_file(&partial);
+                return Err(describe_error("download", bucket, key, &e));
+            }
+        };
+        std::fs::rename(&partial, &file).map_err(io)?;
+        let mut index = self.cache_index.lock().unwrap_or_else(|e| e.into_inner());
+        let index = index.get_or_insert_with(|| self.load_index());
+        index.objects.insert(
+            id,
+            CachedObject {
+                etag: object.etag.clone(),
+                size,
+                blake3,
+                file: file.display().to_string(),
+            },
+        );
+        let _ = self.save_index(index);
+        Ok(file)
+    }
+
+    fn load_index(&self) -> CacheIndex {
+        std::fs::read(self.cache_dir.join("index.json"))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default()
+    }
+
+    fn save_index(&self, index: &CacheIndex) -> std::io::Result<()> {
+        let text = serde_json::to_vec_pretty(index).map_err(std::io::Error::other)?;
+        crate::fsutil::write_atomic(&self.cache_dir.join("index.json"), &text)
+    }
+
+    /// Uploads one local file to `key`: in one request, or in parts for a large file. S3 makes
+    /// the object visible only when the upload is complete.
+    fn upload_file(&self, bucket: &str, key: &str, file: &Path) -> Result<(), StorageError> {
+        let store = self
+            .store(bucket)
+            .map_err(|r| error("upload", bucket, key, r))?;
+        let path = Key::from(key);
+        let size = std::fs::metadata(file)
+            .map_err(|e| error("upload", bucket, key, e.to_string()))?
+            .len();
+        let source = file.to_path_buf();
+        let uploaded = self
+            .block(async move {
+                if size <= PART_SIZE as u64 {
+                    let bytes = tokio::fs::read(&source).await.map_err(local)?;
+                    store.put(&path, PutPayload::from(bytes)).await?;
+                    return Ok(());
+                }
+                let upload = store.put_multipart(&path).await?;
+                let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+                let mut input = std::fs::File::open(&source).map_err(local)?;
+                let mut buffer = vec![0u8; PART_SIZE];
+                loop {
+                    let n = input.read(&mut buffer).map_err(local)?;
+                    if n == 0 {
+                        break;
+                    }
+                    if let Err(e) = writer.wait_for_capacity(4).await {
+                        let _ = writer.abort().await;
+                        return Err(e);
+                    }
+                    writer.write(&buffer[..n]);
+                }
+                writer.finish().await.map(|_| ())
+            })
+            .map_err(|r| error("upload", bucket, key, r))?;
+        uploaded.map_err(|e| describe_error("upload", bucket, key, &e))
+    }
+
+    /// Commits a staged output to S3 and returns its identity as committed.
+    pub fn commit(
+        &self,
+        bucket: &str,
+        key: &str,
+        staged: &Path,
+        dir: bool,
+        run: &str,
+    ) -> Result<ContentHash, StorageError> {
+        if !dir {
+            self.upload_file(bucket, key, staged)?;
+            return self.identity(bucket, key, false)?.ok_or_else(|| {
+                error("upload", bucket, key, "the object is gone after its upload")
+            });
+        }
+        let mut files = Vec::new();
+        for entry in walkdir::WalkDir::new(staged).sort_by_file_name() {
+            let entry = entry.map_err(|e| error("upload", bucket, key, e.to_string()))?;
+            if entry.file_type().is_file() {
+                let relative = entry
+                    .path()
+                    .strip_prefix(staged)
+                    .unwrap_or(entry.path())
+                    .to_string_lossy()
+                    .replace('\\', "/");
+                files.push((relative, entry.path().to_path_buf()));
+            }
+        }
+        let before = self.list(bucket, key)?;
+        // 1. Everything to staging: nothing under the prefix changes if this fails.
+        let staging = format!("{STAGING_PREFIX}/{run}/{key}");
+        let mut manifest = Manifest {
+            imba_manifest: 1,
+            run: run.to_owned(),
+            files: Vec::new(),
+        };
+        for (relative, path) in &files {
+            self.upload_file(bucket, &format!("{staging}/{relative}"), path)?;
+            let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+            let hash = crate::hash::hash_file_contents(path, size)
+                .map_err(|e| error("upload", bucket, key, e.to_string()))?;
+            manifest.files.push(ManifestFile {
+                path: relative.clone(),
+                size,
+                blake3: hash,
+            });
+        }
+        // 2. Into place, server-side.
+        let store = self
+            .store(bucket)
+            .map_err(|r| error("upload", bucket, key, r))?;
+        let pairs: Vec<(Key, Key)> = files
+            .iter()
+            .map(|(relative, _)| {
+                (
+                    Key::from(format!("{staging}/{relative}")),
+                    Key::from(format!("{key}/{relative}")),
+                )
+            })
+            .collect();
+        let copier = store.clone();
+        self.block(async move {
+            futures::stream::iter(pairs)
+                .map(|(from, to)| {
+                    let store = copier.clone();
+                    async move { store.copy(&from, &to).await }
+                })
+                .buffer_unordered(8)
+                .try_collect::<Vec<()>>()
+                .await
+        })
+        .map_err(|r| error("upload", bucket, key, r))?
+        .map_err(|e| describe_error("upload", bucket, key, &e))?;
+        // 3. The manifest, last: the commit marker.
+        let text = serde_json::to_vec_pretty(&manifest)
+            .map_err(|e| error("upload", bucket, key, e.to_string()))?;
+        let manifest_key = Key::from(format!("{key}/{MANIFEST}"));
+        let putter = store.clone();
+        self.block(async move { putter.put(&manifest_key, PutPayload::from(text)).await })
+            .map_err(|r| error("upload", bucket, key, r))?
+            .map_err(|e| describe_error("upload", bucket, key, &e))?;
+        // Then the old version's leftovers and the staging copies go.
+        let keep: std::collections::BTreeSet<&str> = files
+            .iter()
+            .map(|(relative, _)| relative.as_str())
+            .chain([MANIFEST])
+            .collect();
+        let mut doomed: Vec<Key> = before
+            .iter()
+            .filter(|(relative, _)| !keep.contains(relative.as_str()))
+            .map(|(relative, _)| Key::from(format!("{key}/{relative}")))
+            .collect();
+        doomed.extend(
+            files
+                .iter()
+                .map(|(relative, _)| Key::from(format!("{staging}/{relative}"))),
+        );
+        let deleter = store.clone();
+        let cleaned = self.block(async move {
+            futures::stream::iter(doomed)
+                .map(|path| {
+                    let store = deleter.clone();
+                    async move { store.delete(&path).await }
+                })
+                .buffer_unordered(8)
+                .try_collect::<Vec<()>>()
+                .await
+        });
+        if !matches!(cleaned, Ok(Ok(_))) {
+            tracing::warn!(
+                bucket,
+                key,
+                "could not delete every leftover object after the commit"
+            );
+        }
+        self.committed_dir(bucket, key)?.ok_or_else(|| {
+            error(
+                "upload",
+                bucket,
+                key,
+                "the manifest is gone after the commit",
+            )
+        })
+    }
+}
+
+fn local(e: std::io::Error) -> object_store::Error {
+    object_store::Error::Generic {
+        store: "local file",
+        source: Box::new(e),
+    }
+}
+
+fn info(etag: Option<String>, size: u64, version: Option<String>) -> ObjectInfo {
+    ObjectInfo {
+        etag: etag.unwrap_or_default().trim_matches('"').to_owned(),
+        size,
+        version,
+    }
+}
+
+/// An object's identity as a hash: its ETag, size and version.
+fn object_identity(object: &ObjectInfo) -> String {
+    let text = format!(
+        "s3-object\0{}\0{}\0{}",
+        object.etag,
+        object.size,
+        object.version.as_deref().unwrap_or("")
+    );
+    blake3::hash(text.as_bytes()).to_hex().to_string()
+}
+
+/// A prefix's identity: the sorted listing of its objects (staging excluded).
+fn prefix_identity(objects: &[(String, ObjectInfo)]) -> ContentHash {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(b"s3-prefix\0");
+    let mut size = 0;
+    let mut files = 0;
+    for (relative, object) in objects {
+        if relative.starts_with(STAGING_PREFIX) {
+            continue;
+        }
+        hasher.update(relative.as_bytes());
+        hasher.update(b"\0");
+        hasher.update(object_identity(object).as_bytes());
+        hasher.update(b"\n");
+        size += object.size;
+        files += 1;
+    }
+    ContentHash {
+        hash: hasher.finalize().to_hex().to_string(),
+        size,
+        files: Some(files),
+        etag: None,
+    }
+}
+
+fn error(
+    operation: &'static str,
+    bucket: &str,
+    key: &str,
+    reason: impl Into<String>,
+) -> StorageError {
+    StorageError {
+        operation,
+        bucket: bucket.to_owned(),
+        key: key.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+/// An object_store error in words: the S3 error code and message when the response had them,
+/// else the HTTP status or the network failure, with the endpoint.
+fn describe_error(
+    operation: &'static str,
+    bucket: &str,
+    key: &str,
+    e: &object_store::Error,
+) -> StorageError {
+    let mut chain = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(inner) = source {
+        chain.push_str(": ");
+        chain.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    let tag = |name: &str| {
+        let open = format!("<{name}>");
+        let close = format!("</{name}>");
+        let start = chain.find(&open)? + open.len();
+        let end = chain[start..].find(&close)? + start;
+        Some(chain[start..end].to_owned())
+    };
+    let reason = match (tag("Code"), tag("Message")) {
+        (Some(code), Some(message)) => format!("{code}: {message}"),
+        (Some(code), None) => code,
+        _ => {
+            if matches!(e, object_store::Error::NotFound { .. }) {
+                "no such object (NoSuchKey)".to_owned()
+            } else if let Some(status) = http_status(&chain) {
+                match status {
+                    403 => "access denied (HTTP 403: AccessDenied or SignatureDoesNotMatch; check the credentials in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE)".to_owned(),
+                    404 => "not found (HTTP 404)".to_owned(),
+                    other => format!("HTTP {other}"),
+                }
+            } else if chain.contains("error sending request")
+                || chain.contains("Connection refused")
+                || chain.contains("dns error")
+                || chain.contains("timed out")
+            {
+                format!("the S3 endpoint cannot be reached ({})", last_cause(&chain))
+            } else {
+                last_cause(&chain)
+            }
+        }
+    };
+    error(operation, bucket, key, reason)
+}
+
+fn http_status(text: &str) -> Option<u16> {
+    for marker in ["status: ", "status code ", "status "] {
+        if let Some(at) = text.find(marker) {
+            let digits: String = text[at + marker.len()..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            if let Ok(status) = digits.parse() {
+                return Some(status);
+            }
+        }
+    }
+    None
+}
+
+/// The most specific part of an error chain, shortened.
+fn last_cause(chain: &str) -> String {
+    let last = chain
+        .rsplit(": ")
+        .find(|part| !part.trim().is_empty())
+        .unwrap_or(chain);
+    let last = last.trim();
+    if last.len() > 300 {
+        let mut end = 300;
+        while !last.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}…", &last[..end])
+    } else {
+        last.to_owned()
+    }
+}
