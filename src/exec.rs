@@ -575,17 +575,21 @@ async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
             .await
         }
         StageKind::Builtin { name, params, .. } => {
-            run_builtin(
-                &ctx,
-                stage,
-                name,
-                params,
-                &inputs,
-                &staged,
-                &mut record,
-                &mut param_error,
-            )
-            .await
+            let io = StageIo {
+                inputs: stage
+                    .inputs
+                    .iter()
+                    .zip(&inputs)
+                    .map(|(p, path)| (p.name.clone(), path.clone()))
+                    .collect(),
+                outputs: stage
+                    .outputs
+                    .iter()
+                    .zip(&staged)
+                    .map(|(p, s)| (p.name.clone(), s.clone()))
+                    .collect(),
+            };
+            run_builtin(&ctx, stage, name, params, io, &mut record, &mut param_error).await
         }
     };
     if let Err((error, log)) = executed {
@@ -930,8 +934,7 @@ async fn run_builtin(
     stage: &Stage,
     name: &str,
     params: &Json,
-    inputs: &[PathBuf],
-    staged: &[PathBuf],
+    io: StageIo,
     record: &mut StageRecord,
     param_error: &mut Option<String>,
 ) -> Result<(), (String, Option<PathBuf>)> {
@@ -940,20 +943,6 @@ async fn run_builtin(
             format!("built-in stage `{name}` is not in this build of imba"),
             None,
         ));
-    };
-    let io = StageIo {
-        inputs: stage
-            .inputs
-            .iter()
-            .zip(inputs)
-            .map(|(p, path)| (p.name.clone(), path.clone()))
-            .collect(),
-        outputs: stage
-            .outputs
-            .iter()
-            .zip(staged)
-            .map(|(p, s)| (p.name.clone(), s.clone()))
-            .collect(),
     };
     let params = params.clone();
     let started = Instant::now();

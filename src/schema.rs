@@ -28,6 +28,25 @@ pub struct PipelineSchema {
     /// A shell command run when a stage without its own `on_failure` fails, with the failure as
     /// JSON on stdin (stage, error, checks, quarantine folder, log).
     on_failure: Option<String>,
+    /// S3 settings for `s3://` inputs and outputs. Credentials never go here: they come from
+    /// `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY` (and `AWS_SESSION_TOKEN`) in the environment.
+    storage: Option<StorageSchema>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct StorageSchema {
+    /// An S3-compatible endpoint such as MinIO, e.g. `http://127.0.0.1:9000`. Default:
+    /// `AWS_ENDPOINT_URL`, else AWS.
+    endpoint: Option<String>,
+    /// The region. Default: `AWS_REGION` or `AWS_DEFAULT_REGION`.
+    region: Option<String>,
+    /// Path-style requests (`endpoint/bucket/key`). Default: on with a custom endpoint, off
+    /// for AWS.
+    path_style: Option<bool>,
+    /// How many times a request that failed on the network or was throttled is retried, with
+    /// exponential backoff (default 4).
+    retries: Option<u8>,
 }
 
 /// One stage: a built-in (`uses`) or a shell command (`cmd`), with what it reads and writes.

@@ -181,12 +181,24 @@ impl Storage {
         if let Some(endpoint) = &endpoint {
             builder = builder.with_endpoint(endpoint);
         }
+        let profile = Profile::load();
+        if env("AWS_ACCESS_KEY_ID").is_none() {
+            if let Some((key, secret, token)) = &profile.credentials {
+                builder = builder
+                    .with_access_key_id(key)
+                    .with_secret_access_key(secret);
+                if let Some(token) = token {
+                    builder = builder.with_token(token);
+                }
+            }
+        }
         let region = self
             .settings
             .region
             .clone()
             .or_else(|| env("AWS_REGION"))
-            .or_else(|| env("AWS_DEFAULT_REGION"));
+            .or_else(|| env("AWS_DEFAULT_REGION"))
+            .or(profile.region);
         if let Some(region) = region {
             builder = builder.with_region(region);
         }
@@ -391,10 +403,18 @@ impl Storage {
         object: &ObjectInfo,
     ) -> Result<PathBuf, StorageError> {
         let id = format!("{bucket}/{key}");
+        // The object's own file name, under a folder named by its identity: stages tell CSV
+        // from Parquet by the extension.
+        let name = key
+            .rsplit('/')
+            .next()
+            .filter(|n| !n.is_empty())
+            .unwrap_or("object");
         let file = self
             .cache_dir
             .join("objects")
-            .join(&blake3::hash(format!("{id}\0{}", object.etag).as_bytes()).to_hex()[..32]);
+            .join(&blake3::hash(format!("{id}\0{}", object.etag).as_bytes()).to_hex()[..32])
+            .join(name);
         {
             let mut index = self.cache_index.lock().unwrap_or_else(|e| e.into_inner());
             let index = index.get_or_insert_with(|| self.load_index());
@@ -407,8 +427,9 @@ impl Storage {
             }
         }
         let io = |e: std::io::Error| error("download", bucket, key, e.to_string());
-        std::fs::create_dir_all(self.cache_dir.join("objects")).map_err(io)?;
-        let partial = file.with_extension(format!("part{}", std::process::id()));
+        let folder = file.parent().unwrap_or(&self.cache_dir);
+        std::fs::create_dir_all(folder).map_err(io)?;
+        let partial = folder.join(format!(".{name}.part{}", std::process::id()));
         let store = self
             .store(bucket)
             .map_err(|r| error("download", bucket, key, r))?;
@@ -647,6 +668,57 @@ impl Storage {
     }
 }
 
+/// What the shared AWS files say for `AWS_PROFILE` (or `default`): `~/.aws/credentials` (or
+/// `AWS_SHARED_CREDENTIALS_FILE`) and `~/.aws/config` (or `AWS_CONFIG_FILE`), as the AWS CLI reads
+/// them. The environment wins over both.
+#[derive(Default)]
+struct Profile {
+    credentials: Option<(String, String, Option<String>)>,
+    region: Option<String>,
+}
+
+impl Profile {
+    fn load() -> Self {
+        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let name = env("AWS_PROFILE").unwrap_or_else(|| "default".to_owned());
+        let home = env("HOME").map(PathBuf::from);
+        let file = |var: &str, default: &str| {
+            env(var)
+                .map(PathBuf::from)
+                .or_else(|| home.as_ref().map(|h| h.join(".aws").join(default)))
+        };
+        let read = |path: Option<PathBuf>| path.and_then(|p| ini::Ini::load_from_file(p).ok());
+        let mut profile = Profile::default();
+        if let Some(ini) = read(file("AWS_SHARED_CREDENTIALS_FILE", "credentials")) {
+            if let Some(section) = ini.section(Some(name.as_str())) {
+                if let (Some(key), Some(secret)) = (
+                    section.get("aws_access_key_id"),
+                    section.get("aws_secret_access_key"),
+                ) {
+                    profile.credentials = Some((
+                        key.to_owned(),
+                        secret.to_owned(),
+                        section.get("aws_session_token").map(str::to_owned),
+                    ));
+                }
+            }
+        }
+        if let Some(ini) = read(file("AWS_CONFIG_FILE", "config")) {
+            // `[default]`, or `[profile NAME]`.
+            let section_name = if name == "default" {
+                name.clone()
+            } else {
+                format!("profile {name}")
+            };
+            profile.region = ini
+                .section(Some(section_name.as_str()))
+                .and_then(|s| s.get("region"))
+                .map(str::to_owned);
+        }
+        profile
+    }
+}
+
 fn local(e: std::io::Error) -> object_store::Error {
     object_store::Error::Generic {
         store: "local file",
@@ -735,8 +807,29 @@ fn describe_error(
         Some(chain[start..end].to_owned())
     };
     let reason = match (tag("Code"), tag("Message")) {
-        (Some(code), Some(message)) => format!("{code}: {message}"),
-        (Some(code), None) => code,
+        (Some(code), message) => {
+            let meaning = match code.as_str() {
+                "NoSuchBucket" => Some(format!("bucket `{bucket}` does not exist")),
+                "NoSuchKey" => Some("no such object".to_owned()),
+                "AccessDenied" => Some("the credentials may not do this".to_owned()),
+                "InvalidAccessKeyId" => {
+                    Some("the store knows no such access key (AWS_ACCESS_KEY_ID)".to_owned())
+                }
+                "SignatureDoesNotMatch" => Some(
+                    "the secret key does not match the access key (AWS_SECRET_ACCESS_KEY)"
+                        .to_owned(),
+                ),
+                "ExpiredToken" => {
+                    Some("the session token has expired (AWS_SESSION_TOKEN)".to_owned())
+                }
+                _ => None,
+            };
+            match (meaning, message) {
+                (Some(meaning), _) => format!("{code}: {meaning}"),
+                (None, Some(message)) => format!("{code}: {message}"),
+                (None, None) => code,
+            }
+        }
         _ => {
             if matches!(e, object_store::Error::NotFound { .. }) {
                 "no such object (NoSuchKey)".to_owned()

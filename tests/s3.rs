@@ -116,3 +116,261 @@ fn stages_read_and_write_s3_and_a_second_run_downloads_nothing() {
         third.stderr
     );
 }
+
+/// The shipped monthly pipeline, reading its orders from S3 and writing its whole layout there:
+/// every object is byte for byte what a local run writes.
+#[test]
+fn the_monthly_pipeline_on_s3_writes_what_a_local_run_writes() {
+    let server = S3Server::start();
+    let repo = common::repo();
+    let orders = std::fs::read(repo.join("examples/instacart/orders.csv")).unwrap();
+    server.put("raw/orders.csv", &orders);
+    let t = Test::new()
+        .file(
+            "pipelines/monthly.yaml",
+            std::fs::read(repo.join("pipelines/monthly.yaml")).unwrap(),
+        )
+        .file("examples/instacart/orders.csv", &orders);
+    let local = run(&t, &server, &["run", "pipelines/monthly.yaml"]);
+    assert_eq!(local.code, 0, "{}", local.stderr);
+    let remote = run(
+        &t,
+        &server,
+        &[
+            "run",
+            "pipelines/monthly.yaml",
+            "--set",
+            "input=s3://bucket/raw/orders.csv",
+            "--set",
+            "out=s3://bucket/monthly",
+        ],
+    );
+    assert_eq!(remote.code, 0, "{}", remote.stderr);
+    let mut compared = 0;
+    for entry in walkdir::WalkDir::new(t.path().join("out/monthly")) {
+        let entry = entry.unwrap();
+        if !entry.file_type().is_file() {
+            continue;
+        }
+        let relative = entry
+            .path()
+            .strip_prefix(t.path().join("out/monthly"))
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let key = format!("monthly/{relative}");
+        assert_eq!(
+            server.read(&key).as_deref(),
+            Some(std::fs::read(entry.path()).unwrap().as_slice()),
+            "{key} differs from the local run"
+        );
+        compared += 1;
+    }
+    assert!(compared >= 20, "the whole layout: {compared} files");
+    for manifest in ["imputed", "diagnostics"] {
+        assert!(
+            server
+                .read(&format!("monthly/{manifest}/_imba_manifest.json"))
+                .is_some(),
+            "{manifest}/ is committed with its manifest"
+        );
+    }
+    server.reset_counts();
+    let again = run(
+        &t,
+        &server,
+        &[
+            "run",
+            "pipelines/monthly.yaml",
+            "--set",
+            "input=s3://bucket/raw/orders.csv",
+            "--set",
+            "out=s3://bucket/monthly",
+        ],
+    );
+    assert!(
+        again.stderr.contains("0 ran, 4 up to date"),
+        "{}",
+        again.stderr
+    );
+    assert_eq!(
+        server.counts().get("GET object"),
+        0,
+        "{:?}",
+        server.counts()
+    );
+}
+
+/// The server dies while a directory output is being uploaded: the stage fails naming the
+/// object, nothing under the prefix changed (no manifest, the earlier files intact), and the
+/// next run, with the server back, commits.
+#[test]
+fn a_server_that_dies_mid_upload_leaves_the_committed_version() {
+    let server = S3Server::start();
+    server.put("raw/data.csv", DATA);
+    let t = Test::new().pipeline(
+        r#"
+stages:
+  split:
+    cmd:
+      - cp {{ inputs[0] }} {{ outputs[0] }}/a.csv
+      - cp {{ inputs[0] }} {{ outputs[0] }}/b.csv
+      - cp {{ inputs[0] }} {{ outputs[0] }}/c.csv
+    inputs: [s3://bucket/raw/data.csv]
+    outputs: [s3://bucket/out/parts/]
+"#,
+    );
+    assert_eq!(run(&t, &server, &["run", "pipeline.yaml"]).code, 0);
+    let manifest = server.read("out/parts/_imba_manifest.json").unwrap();
+
+    server.put("raw/data.csv", "id,x\n9,9\n");
+    server.stop_after_puts(2);
+    let failed = run(&t, &server, &["run", "pipeline.yaml"]);
+    assert_eq!(failed.code, 1, "{}", failed.stderr);
+    let error = failed
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("error: stage"))
+        .unwrap_or_default();
+    assert!(
+        error.starts_with("error: stage `split` failed: cannot upload s3://bucket/.imba-staging/")
+            && error.ends_with("the output `s3://bucket/out/parts/` was not committed"),
+        "{error}"
+    );
+    assert_eq!(
+        server.read("out/parts/_imba_manifest.json").unwrap(),
+        manifest
+    );
+    for part in ["a", "b", "c"] {
+        assert_eq!(
+            server.read(&format!("out/parts/{part}.csv")).unwrap(),
+            DATA.as_bytes()
+        );
+    }
+
+    server.resume();
+    let fixed = run(&t, &server, &["run", "pipeline.yaml"]);
+    assert_eq!(fixed.code, 0, "{}", fixed.stderr);
+    assert_eq!(server.read("out/parts/a.csv").unwrap(), b"id,x\n9,9\n");
+    assert!(
+        !server.keys().iter().any(|k| k.starts_with(".imba-staging")),
+        "{:?}",
+        server.keys()
+    );
+}
+
+/// Wrong credentials, a missing bucket, an unreachable endpoint: a clear error naming the
+/// bucket, the key and the S3 error, exit 1, nothing committed.
+#[test]
+fn s3_errors_name_the_bucket_the_key_and_the_code() {
+    let server = S3Server::start();
+    server.put("raw/data.csv", DATA);
+    let pipeline = |input: &str| {
+        format!(
+            "stages:\n  copy:\n    cmd: cp {{{{ inputs[0] }}}} {{{{ outputs[0] }}}}\n    inputs: [{input}]\n    outputs: [out/copy.csv]\n"
+        )
+    };
+    let error_of = |out: &Output| {
+        assert_eq!(out.code, 1, "{}", out.stderr);
+        out.stderr
+            .lines()
+            .find(|l| l.starts_with("error: stage"))
+            .unwrap_or_default()
+            .to_owned()
+    };
+
+    let t = Test::new().pipeline(&pipeline("s3://nobucket/raw/data.csv"));
+    let missing = error_of(&run(&t, &server, &["run", "pipeline.yaml"]));
+    assert!(
+        missing.ends_with(
+            "failed: cannot read `s3://nobucket/raw/data.csv`: NoSuchBucket: bucket `nobucket` does not exist"
+        ),
+        "{missing}"
+    );
+
+    let t = Test::new().pipeline(&pipeline("s3://bucket/raw/nothing.csv"));
+    let out = run(&t, &server, &["run", "pipeline.yaml"]);
+    assert_eq!(
+        error_of(&out),
+        "error: stage `copy` failed: input `s3://bucket/raw/nothing.csv` is missing"
+    );
+
+    let t = Test::new().pipeline(&pipeline("s3://bucket/raw/data.csv"));
+    let mut command = t.command(&["run", "pipeline.yaml"]);
+    for (key, value) in server.env() {
+        command.env(key, value);
+    }
+    command.env("AWS_SECRET_ACCESS_KEY", "not-the-secret");
+    let output = command.output().unwrap();
+    let denied = Output {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::new(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    };
+    let denied = error_of(&denied);
+    assert!(
+        denied.ends_with("failed: cannot read `s3://bucket/raw/data.csv`: SignatureDoesNotMatch: the secret key does not match the access key (AWS_SECRET_ACCESS_KEY)"),
+        "{denied}"
+    );
+
+    let mut command = t.command(&["run", "pipeline.yaml"]);
+    for (key, value) in server.env() {
+        command.env(key, value);
+    }
+    // A port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    command.env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}"));
+    let output = command.output().unwrap();
+    let unreachable = Output {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::new(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    };
+    let unreachable = error_of(&unreachable);
+    assert!(
+        unreachable.contains(
+            "failed: cannot read `s3://bucket/raw/data.csv`: the S3 endpoint cannot be reached"
+        ),
+        "{unreachable}"
+    );
+    assert!(!t.path().join("out/copy.csv").exists());
+}
+
+/// Credentials and region from a profile of the shared AWS files, as the AWS CLI reads them.
+#[test]
+fn credentials_come_from_an_aws_profile() {
+    let server = S3Server::start();
+    server.put("raw/data.csv", DATA);
+    let t = Test::new()
+        .pipeline("stages:\n  copy:\n    cmd: cp {{ inputs[0] }} {{ outputs[0] }}\n    inputs: [s3://bucket/raw/data.csv]\n    outputs: [out/copy.csv]\n")
+        .file(
+            "aws/credentials",
+            format!(
+                "[default]\naws_access_key_id = wrong\naws_secret_access_key = wrong\n\n[imba]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+                s3::ACCESS_KEY,
+                s3::SECRET_KEY
+            ),
+        )
+        .file("aws/config", "[profile imba]\nregion = us-east-1\n");
+    let mut command = t.command(&["run", "pipeline.yaml"]);
+    command
+        .env("AWS_ENDPOINT_URL", &server.endpoint)
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_REGION")
+        .env(
+            "AWS_SHARED_CREDENTIALS_FILE",
+            t.path().join("aws/credentials"),
+        )
+        .env("AWS_CONFIG_FILE", t.path().join("aws/config"))
+        .env("AWS_PROFILE", "imba");
+    let output = command.output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(t.read("out/copy.csv"), DATA);
+}

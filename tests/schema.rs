@@ -44,6 +44,10 @@ fn the_schema_and_the_validator_know_the_same_keys() {
         .collect();
     check_keys.sort();
     assert_eq!(keys(&schema["$defs"]["CheckSchema"]), check_keys);
+    assert_eq!(
+        keys(&schema["$defs"]["StorageSchema"]),
+        imba::config::resolve::STORAGE_KEYS
+    );
 }
 
 #[test]

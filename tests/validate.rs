@@ -308,3 +308,24 @@ fn checks_naming_columns_the_table_will_not_have() {
         );
     assert_snapshot!(t.exec(&["validate", "pipeline.yaml"]).all());
 }
+
+/// `storage:` holds S3 settings, never secrets.
+#[test]
+fn storage_settings_and_secrets() {
+    assert_snapshot!(validate(
+        r#"storage:
+  endpoint: minio.local:9000
+  region: eu-west-1
+  path_style: "yes"
+  retries: 100
+  secret_access_key: abc
+  aws_access_key_id: AKIA
+  bucket: x
+stages:
+  s:
+    cmd: cp {{ inputs[0] }} {{ outputs[0] }}
+    inputs: [s3://bucket/in.csv]
+    outputs: [s3://bucket/out.csv]
+"#
+    ));
+}

@@ -190,7 +190,7 @@ fn storage_settings(node: &Node, diagnostics: &mut Vec<Diagnostic>) -> crate::st
                     key.name
                 ))
                 .at(key.span, "remove this")
-                .help("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN) in the environment, or AWS_PROFILE"),
+                .help("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN) in the environment, or use a profile of ~/.aws/credentials (AWS_PROFILE)"),
             );
             continue;
         }
@@ -219,11 +219,11 @@ fn storage_settings(node: &Node, diagnostics: &mut Vec<Diagnostic>) -> crate::st
             },
             "retries" => match value.value {
                 Value::Int(n) if (0..=20).contains(&n) => settings.retries = Some(n as usize),
-                _ => diagnostics.push(super::raw::wrong_kind(
-                    key,
-                    value,
-                    "a number of tries from 0 to 20",
-                )),
+                Value::Int(n) => diagnostics.push(
+                    Diagnostic::error(format!("`storage.retries` must be from 0 to 20, found {n}"))
+                        .at(value.span, "out of range"),
+                ),
+                _ => diagnostics.push(super::raw::wrong_kind(key, value, "a number from 0 to 20")),
             },
             _ => diagnostics.push(super::raw::unknown_key(key, STORAGE_KEYS, "in `storage`")),
         }
