@@ -251,6 +251,8 @@ pub fn run(
         events: events.clone(),
         cancel: cancel_rx,
     });
+    // Every S3 identity the decisions need, at once rather than one request after another.
+    ctx.storage.prefetch(plan::s3_lookups(&dag, &selected));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(options.jobs.clamp(1, 4))
         .enable_all()

@@ -122,6 +122,27 @@ pub fn hash_location(
     }
 }
 
+/// Every S3 identity the plan of `selected` will look up, to fetch them all at once
+/// ([`crate::storage::Storage::prefetch`]).
+pub fn s3_lookups(dag: &Dag, selected: &BTreeSet<usize>) -> Vec<crate::storage::Lookup> {
+    let mut lookups = Vec::new();
+    for &index in selected {
+        let stage = dag.stage(index);
+        let ports = stage
+            .inputs
+            .iter()
+            .map(|p| (p, false))
+            .chain(stage.outputs.iter().map(|p| (p, true)));
+        for (port, output) in ports {
+            if let Location::S3 { bucket, key } = &port.declared.location {
+                let dir = port.declared.dir;
+                lookups.push((bucket.clone(), key.clone(), dir, dir && output));
+            }
+        }
+    }
+    lookups
+}
+
 /// Like [`hash_location`] for an output: an S3 directory output counts only with its manifest.
 fn hash_output(
     hashes: Hashes,
@@ -419,6 +440,7 @@ pub fn static_plan(
     forced: &BTreeSet<usize>,
 ) -> Result<Vec<StageStatus>, HashError> {
     let workdir = &dag.pipeline().workdir;
+    hashes.storage.prefetch(s3_lookups(dag, selected));
     let mut stale = BTreeSet::new();
     let mut out = Vec::new();
     for &index in dag.order() {

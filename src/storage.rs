@@ -94,7 +94,14 @@ pub struct Storage {
     runtime: OnceLock<Result<tokio::runtime::Runtime, String>>,
     stores: Mutex<HashMap<String, Arc<AmazonS3>>>,
     cache_index: Mutex<Option<CacheIndex>>,
+    /// Identities looked up ahead, concurrently ([`Storage::prefetch`]), until they are used or
+    /// the location is written.
+    memo: Mutex<HashMap<Lookup, Result<Option<ContentHash>, StorageError>>>,
 }
+
+/// One identity lookup: bucket, key, whether it is a prefix, whether only a committed (manifest)
+/// prefix counts.
+pub type Lookup = (String, String, bool, bool);
 
 impl std::fmt::Debug for Storage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -128,7 +135,54 @@ impl Storage {
             runtime: OnceLock::new(),
             stores: Mutex::new(HashMap::new()),
             cache_index: Mutex::new(None),
+            memo: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Looks up many identities at once, at most [`CONCURRENCY`] requests in flight, so that
+    /// the status of a pipeline with many S3 locations takes a few round trips, not one each.
+    pub fn prefetch(&self, lookups: Vec<Lookup>) {
+        let mut lookups = lookups;
+        lookups.sort();
+        lookups.dedup();
+        if lookups.is_empty() {
+            return;
+        }
+        let per_thread = lookups.len().div_ceil(CONCURRENCY);
+        std::thread::scope(|scope| {
+            for chunk in lookups.chunks(per_thread) {
+                scope.spawn(move || {
+                    for lookup in chunk {
+                        let (bucket, key, dir, committed) = lookup;
+                        let found = if *committed {
+                            self.committed_dir_now(bucket, key)
+                        } else {
+                            self.identity_now(bucket, key, *dir)
+                        };
+                        self.memo
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(lookup.clone(), found);
+                    }
+                });
+            }
+        });
+    }
+
+    fn remembered(&self, lookup: Lookup) -> Option<Result<Option<ContentHash>, StorageError>> {
+        self.memo
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&lookup)
+            .cloned()
+    }
+
+    /// Drops what is remembered of a location that is being written.
+    fn forget(&self, bucket: &str, key: &str) {
+        self.memo
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(b, k, _, _), _| !(b == bucket && k == key));
     }
 
     /// Runs `future` on the storage runtime and waits for it, from any thread.
@@ -329,6 +383,18 @@ impl Storage {
         key: &str,
         dir: bool,
     ) -> Result<Option<ContentHash>, StorageError> {
+        match self.remembered((bucket.to_owned(), key.to_owned(), dir, false)) {
+            Some(found) => found,
+            None => self.identity_now(bucket, key, dir),
+        }
+    }
+
+    fn identity_now(
+        &self,
+        bucket: &str,
+        key: &str,
+        dir: bool,
+    ) -> Result<Option<ContentHash>, StorageError> {
         if !dir {
             return Ok(self.head(bucket, key)?.map(|object| ContentHash {
                 hash: object_identity(&object),
@@ -346,6 +412,17 @@ impl Storage {
 
     /// The identity of a directory output as committed: absent without its manifest.
     pub fn committed_dir(
+        &self,
+        bucket: &str,
+        key: &str,
+    ) -> Result<Option<ContentHash>, StorageError> {
+        match self.remembered((bucket.to_owned(), key.to_owned(), true, true)) {
+            Some(found) => found,
+            None => self.committed_dir_now(bucket, key),
+        }
+    }
+
+    fn committed_dir_now(
         &self,
         bucket: &str,
         key: &str,
@@ -551,6 +628,7 @@ impl Storage {
         dir: bool,
         run: &str,
     ) -> Result<ContentHash, StorageError> {
+        self.forget(bucket, key);
         if !dir {
             self.upload_file(bucket, key, staged)?;
             return self.identity(bucket, key, false)?.ok_or_else(|| {
