@@ -17,9 +17,15 @@ use crate::record::{CheckRecord, HookRecord, StageRecord};
 pub const HOOK_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Evaluates the stage's checks on its staged outputs (`staged`, in output order), each table
-/// read once, against what is committed at the final locations. Records come back in the
-/// order the checks are written.
-pub fn evaluate(stage: &Stage, staged: &[PathBuf], workdir: &Path) -> Vec<CheckRecord> {
+/// read once, against what is committed at the final locations (`committed` gives a local copy
+/// of a committed S3 output, only asked for when a `change` check needs it). Records come back
+/// in the order the checks are written.
+pub fn evaluate(
+    stage: &Stage,
+    staged: &[PathBuf],
+    workdir: &Path,
+    committed: &dyn Fn(&crate::config::Port) -> Option<PathBuf>,
+) -> Vec<CheckRecord> {
     // Checks of the same table, together.
     let mut tables: BTreeMap<(usize, Option<&str>), Vec<usize>> = BTreeMap::new();
     for (i, check) in stage.checks.iter().enumerate() {
@@ -33,8 +39,12 @@ pub fn evaluate(stage: &Stage, staged: &[PathBuf], workdir: &Path) -> Vec<CheckR
         let port = &stage.outputs[output];
         let mut shown = port.declared.location.display(workdir);
         let mut table = staged[output].clone();
+        let needs_baseline = indices
+            .iter()
+            .any(|&i| matches!(stage.checks[i].check, checks::Check::Change { .. }));
         let mut committed = match &port.declared.location {
             Location::Local(path) => Some(path.clone()),
+            Location::S3 { .. } if needs_baseline => committed(port),
             Location::S3 { .. } => None,
         };
         if let Some(file) = file {

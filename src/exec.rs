@@ -635,7 +635,28 @@ async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
             tokio::task::spawn_blocking(move || {
                 let clock = Instant::now();
                 let stage = ctx.dag.stage(index);
-                let records = crate::checks::evaluate(stage, &staged, &ctx.dag.pipeline().workdir);
+                // The committed version of an S3 output, downloaded (once per ETag) when a
+                // `change` check compares with it.
+                let committed = |port: &crate::config::Port| match &port.declared.location {
+                    crate::location::Location::S3 { bucket, key } => {
+                        let present = if port.declared.dir {
+                            ctx.storage.committed_dir(bucket, key)
+                        } else {
+                            ctx.storage.identity(bucket, key, false)
+                        };
+                        match present {
+                            Ok(Some(_)) => ctx.storage.fetch(bucket, key, port.declared.dir).ok(),
+                            _ => None,
+                        }
+                    }
+                    crate::location::Location::Local(path) => Some(path.clone()),
+                };
+                let records = crate::checks::evaluate(
+                    stage,
+                    &staged,
+                    &ctx.dag.pipeline().workdir,
+                    &committed,
+                );
                 tracing::debug!(stage = %stage.name, elapsed = ?clock.elapsed(), "checks evaluated");
                 records
             })

@@ -374,3 +374,27 @@ fn credentials_come_from_an_aws_profile() {
     );
     assert_eq!(t.read("out/copy.csv"), DATA);
 }
+
+/// A `change` check on an S3 output compares with the object committed there, and a failed
+/// check keeps the committed object.
+#[test]
+fn a_change_check_compares_with_the_committed_s3_object() {
+    let server = S3Server::start();
+    server.put("raw/data.csv", DATA);
+    let t = Test::new().pipeline(
+        "stages:\n  copy:\n    cmd: cp {{ inputs[0] }} {{ outputs[0] }}\n    inputs: [s3://bucket/raw/data.csv]\n    outputs: [s3://bucket/out/copy.csv]\n    checks:\n      - change: {metric: rows, max_pct: 50}\n",
+    );
+    let first = run(&t, &server, &["run", "pipeline.yaml"]);
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    server.put("raw/data.csv", "id,x\n1,5\n2,7\n3,9\n4,1\n5,1\n6,1\n7,1\n");
+    let second = run(&t, &server, &["run", "pipeline.yaml"]);
+    assert_eq!(second.code, 1, "{}", second.stderr);
+    assert!(
+        second.stderr.contains(
+            "check `change(rows)` on s3://bucket/out/copy.csv: rows changed by 133.33%: 3 → 7, expected ≤ 50%"
+        ),
+        "{}",
+        second.stderr
+    );
+    assert_eq!(server.read("out/copy.csv").unwrap(), DATA.as_bytes());
+}
