@@ -398,3 +398,32 @@ fn a_change_check_compares_with_the_committed_s3_object() {
     );
     assert_eq!(server.read("out/copy.csv").unwrap(), DATA.as_bytes());
 }
+
+/// Throttling (`503 SlowDown`) is retried with backoff; a run through it succeeds.
+#[test]
+fn throttled_requests_are_retried() {
+    let server = S3Server::start();
+    server.put("raw/data.csv", DATA);
+    let t = Test::new().pipeline(PIPELINE);
+    server.throttle(3);
+    let out = run(&t, &server, &["run", "pipeline.yaml", "-j", "1"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(server.counts().get("throttled"), 3);
+    assert_eq!(server.read("out/copy.csv").unwrap(), DATA.as_bytes());
+
+    // Throttled past the last try: the error says so.
+    server.put("raw/data.csv", "id,x\n0,0\n");
+    server.throttle(usize::MAX);
+    let t = Test::new().pipeline(
+        "storage:\n  retries: 1\nstages:\n  copy:\n    cmd: cp {{ inputs[0] }} {{ outputs[0] }}\n    inputs: [s3://bucket/raw/data.csv]\n    outputs: [out/copy.csv]\n",
+    );
+    let out = run(&t, &server, &["run", "pipeline.yaml"]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(
+        out.stderr.contains(
+            "cannot read `s3://bucket/raw/data.csv`: SlowDown: Please reduce your request rate."
+        ),
+        "{}",
+        out.stderr
+    );
+}

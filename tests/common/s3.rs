@@ -31,6 +31,8 @@ struct Shared {
     stop_after_puts: AtomicUsize,
     puts: AtomicUsize,
     stopped: AtomicBool,
+    /// Answer this many more requests with `503 SlowDown`, as S3 does when throttling.
+    throttle: AtomicUsize,
 }
 
 pub struct S3Server {
@@ -51,6 +53,7 @@ impl S3Server {
             stop_after_puts: AtomicUsize::new(usize::MAX),
             puts: AtomicUsize::new(0),
             stopped: AtomicBool::new(false),
+            throttle: AtomicUsize::new(0),
         });
         let (shutdown, stop) = tokio::sync::watch::channel(false);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -136,6 +139,11 @@ impl S3Server {
         self.shared
             .stop_after_puts
             .store(seen + n, Ordering::SeqCst);
+    }
+
+    /// Answer the next `n` requests with `503 SlowDown`.
+    pub fn throttle(&self, n: usize) {
+        self.shared.throttle.store(n, Ordering::SeqCst);
     }
 
     /// Answer again.
@@ -232,6 +240,26 @@ impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for Counting
         }
         if shared.stopped.load(Ordering::SeqCst) {
             return Box::pin(async { Err(boxed("the test stopped the server".to_owned())) });
+        }
+        let throttled = shared
+            .throttle
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if throttled {
+            *shared
+                .counts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .0
+                .entry("throttled".to_owned())
+                .or_default() += 1;
+            let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>";
+            return Box::pin(async move {
+                hyper::Response::builder()
+                    .status(503)
+                    .body(s3s::Body::from(body.to_owned()))
+                    .map_err(|e| boxed(e.to_string()))
+            });
         }
         *shared
             .counts
