@@ -512,36 +512,25 @@ impl Storage {
             .map_err(|r| error("download", bucket, key, r))?;
         let path = Key::from(key);
         let target = partial.clone();
+        let clock = std::time::Instant::now();
         let downloaded = self
             .block(async move {
-                use tokio::io::AsyncWriteExt;
+                use std::io::Write;
                 let got = store.get(&path).await?;
                 let mut stream = got.into_stream();
-                let mut out = tokio::fs::File::create(&target).await.map_err(|e| {
-                    object_store::Error::Generic {
-                        store: "local cache",
-                        source: Box::new(e),
-                    }
-                })?;
+                // Plain blocking writes: this runtime exists for S3 requests, and a write per
+                // chunk through tokio::fs costs a thread hop each.
+                let file = std::fs::File::create(&target).map_err(local)?;
+                let mut out = std::io::BufWriter::with_capacity(4 << 20, file);
                 let mut hasher = blake3::Hasher::new();
                 let mut size = 0u64;
                 while let Some(chunk) = stream.next().await {
                     let chunk = chunk?;
                     hasher.update(&chunk);
                     size += chunk.len() as u64;
-                    out.write_all(&chunk)
-                        .await
-                        .map_err(|e| object_store::Error::Generic {
-                            store: "local cache",
-                            source: Box::new(e),
-                        })?;
+                    out.write_all(&chunk).map_err(local)?;
                 }
-                out.sync_all()
-                    .await
-                    .map_err(|e| object_store::Error::Generic {
-                        store: "local cache",
-                        source: Box::new(e),
-                    })?;
+                out.flush().map_err(local)?;
                 Ok::<_, object_store::Error>((hasher.finalize().to_hex().to_string(), size))
             })
             .map_err(|r| error("download", bucket, key, r))?;
@@ -553,6 +542,7 @@ impl Storage {
             }
         };
         std::fs::rename(&partial, &file).map_err(io)?;
+        tracing::debug!(bucket, key, bytes = size, elapsed = ?clock.elapsed(), "downloaded");
         let mut index = self.cache_index.lock().unwrap_or_else(|e| e.into_inner());
         let index = index.get_or_insert_with(|| self.load_index());
         index.objects.insert(
@@ -591,6 +581,7 @@ impl Storage {
             .map_err(|e| error("upload", bucket, key, e.to_string()))?
             .len();
         let source = file.to_path_buf();
+        let clock = std::time::Instant::now();
         let uploaded = self
             .block(async move {
                 if size <= PART_SIZE as u64 {
@@ -616,7 +607,9 @@ impl Storage {
                 writer.finish().await.map(|_| ())
             })
             .map_err(|r| error("upload", bucket, key, r))?;
-        uploaded.map_err(|e| describe_error("upload", bucket, key, &e))
+        uploaded.map_err(|e| describe_error("upload", bucket, key, &e))?;
+        tracing::debug!(bucket, key, bytes = size, elapsed = ?clock.elapsed(), "uploaded");
+        Ok(())
     }
 
     /// Commits a staged output to S3 and returns its identity as committed.
