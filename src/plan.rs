@@ -110,15 +110,17 @@ pub fn hash_location(
             path: location.display(workdir),
             source,
         }),
-        Location::S3 { bucket, key } => {
-            hashes
-                .storage
-                .identity(bucket, key, dir)
-                .map_err(|e| HashError {
-                    path: location.display(workdir),
-                    source: std::io::Error::other(e.reason),
-                })
-        }
+        Location::S3 { bucket, key } => hashes
+            .storage
+            .identity(bucket, key, dir)
+            .map_err(|e| s3_error(location, workdir, e)),
+    }
+}
+
+fn s3_error(location: &Location, workdir: &Path, e: crate::storage::StorageError) -> HashError {
+    HashError {
+        path: location.display(workdir),
+        source: std::io::Error::other(e.reason),
     }
 }
 
@@ -151,15 +153,10 @@ fn hash_output(
     workdir: &Path,
 ) -> Result<Option<ContentHash>, HashError> {
     match location {
-        Location::S3 { bucket, key } if dir => {
-            hashes
-                .storage
-                .committed_dir(bucket, key)
-                .map_err(|e| HashError {
-                    path: location.display(workdir),
-                    source: std::io::Error::other(e.reason),
-                })
-        }
+        Location::S3 { bucket, key } if dir => hashes
+            .storage
+            .committed_dir(bucket, key)
+            .map_err(|e| s3_error(location, workdir, e)),
         _ => hash_location(hashes, location, dir, workdir),
     }
 }

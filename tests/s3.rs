@@ -9,11 +9,23 @@ use common::{Output, Test};
 use s3::S3Server;
 
 fn run(t: &Test, server: &S3Server, args: &[&str]) -> Output {
+    run_with(t, server, args, &[])
+}
+
+/// [`run`], with these variables set over the server's (an empty value removes one).
+fn run_with(t: &Test, server: &S3Server, args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut command = t.command(args);
     for (key, value) in server.env() {
         command.env(key, value);
     }
     command.env_remove("AWS_PROFILE");
+    for (key, value) in env {
+        if value.is_empty() {
+            command.env_remove(key);
+        } else {
+            command.env(key, value);
+        }
+    }
     let output = command.output().expect("run imba");
     let tmp = t.path().to_string_lossy().into_owned();
     let clean = |bytes: &[u8]| String::from_utf8_lossy(bytes).replace(&tmp, "[TMP]");
@@ -296,38 +308,29 @@ fn s3_errors_name_the_bucket_the_key_and_the_code() {
     );
 
     let t = Test::new().pipeline(&pipeline("s3://bucket/raw/data.csv"));
-    let mut command = t.command(&["run", "pipeline.yaml"]);
-    for (key, value) in server.env() {
-        command.env(key, value);
-    }
-    command.env("AWS_SECRET_ACCESS_KEY", "not-the-secret");
-    let output = command.output().unwrap();
-    let denied = Output {
-        code: output.status.code().unwrap_or(-1),
-        stdout: String::new(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    };
+    let denied = run_with(
+        &t,
+        &server,
+        &["run", "pipeline.yaml"],
+        &[("AWS_SECRET_ACCESS_KEY", "not-the-secret")],
+    );
     let denied = error_of(&denied);
     assert!(
         denied.ends_with("failed: cannot read `s3://bucket/raw/data.csv`: SignatureDoesNotMatch: the secret key does not match the access key (AWS_SECRET_ACCESS_KEY)"),
         "{denied}"
     );
 
-    let mut command = t.command(&["run", "pipeline.yaml"]);
-    for (key, value) in server.env() {
-        command.env(key, value);
-    }
     // A port nothing listens on.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = closed.local_addr().unwrap().port();
     drop(closed);
-    command.env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}"));
-    let output = command.output().unwrap();
-    let unreachable = Output {
-        code: output.status.code().unwrap_or(-1),
-        stdout: String::new(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    };
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let unreachable = run_with(
+        &t,
+        &server,
+        &["run", "pipeline.yaml"],
+        &[("AWS_ENDPOINT_URL", endpoint.as_str())],
+    );
     let unreachable = error_of(&unreachable);
     assert!(
         unreachable.contains(
@@ -354,24 +357,22 @@ fn credentials_come_from_an_aws_profile() {
             ),
         )
         .file("aws/config", "[profile imba]\nregion = us-east-1\n");
-    let mut command = t.command(&["run", "pipeline.yaml"]);
-    command
-        .env("AWS_ENDPOINT_URL", &server.endpoint)
-        .env_remove("AWS_ACCESS_KEY_ID")
-        .env_remove("AWS_SECRET_ACCESS_KEY")
-        .env_remove("AWS_REGION")
-        .env(
-            "AWS_SHARED_CREDENTIALS_FILE",
-            t.path().join("aws/credentials"),
-        )
-        .env("AWS_CONFIG_FILE", t.path().join("aws/config"))
-        .env("AWS_PROFILE", "imba");
-    let output = command.output().unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+    let credentials = t.path().join("aws/credentials");
+    let config = t.path().join("aws/config");
+    let out = run_with(
+        &t,
+        &server,
+        &["run", "pipeline.yaml"],
+        &[
+            ("AWS_ACCESS_KEY_ID", ""),
+            ("AWS_SECRET_ACCESS_KEY", ""),
+            ("AWS_REGION", ""),
+            ("AWS_SHARED_CREDENTIALS_FILE", credentials.to_str().unwrap()),
+            ("AWS_CONFIG_FILE", config.to_str().unwrap()),
+            ("AWS_PROFILE", "imba"),
+        ],
     );
+    assert_eq!(out.code, 0, "{}", out.stderr);
     assert_eq!(t.read("out/copy.csv"), DATA);
 }
 
