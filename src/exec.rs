@@ -704,9 +704,11 @@ async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
                 "{count}; the outputs were not committed\n  {}",
                 blocking.join("\n  ")
             );
-            if record.checks.iter().any(|c| {
-                c.blocks() && c.check.get("change").is_some()
-            }) {
+            if record
+                .checks
+                .iter()
+                .any(|c| c.blocks() && c.check.get("change").is_some())
+            {
                 error.push_str("\n  a `change` check compares with the output committed at the same path: give a deliberately different run its own output folder (e.g. --set out=…), or relax the check");
             }
             match kept {

@@ -177,12 +177,19 @@ impl Storage {
             .cloned()
     }
 
-    /// Drops what is remembered of a location that is being written.
+    /// Drops what is remembered of a location that is being written: the location itself, what
+    /// lies under it (a file in a prefix output) and what holds it (a prefix read as a whole).
     fn forget(&self, bucket: &str, key: &str) {
+        let within = |inner: &str, outer: &str| {
+            inner == outer
+                || inner
+                    .strip_prefix(outer)
+                    .is_some_and(|rest| rest.starts_with('/'))
+        };
         self.memo
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|(b, k, _, _), _| !(b == bucket && k == key));
+            .retain(|(b, k, _, _), _| !(b == bucket && (within(k, key) || within(key, k))));
     }
 
     /// Runs `future` on the storage runtime and waits for it, from any thread.

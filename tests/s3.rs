@@ -428,3 +428,22 @@ fn throttled_requests_are_retried() {
         out.stderr
     );
 }
+
+/// A stage reading one file of a prefix another stage writes, in the same run: what was looked
+/// up before the run does not hide what the upstream stage committed.
+#[test]
+fn a_file_of_a_prefix_written_in_the_same_run_is_read() {
+    let server = S3Server::start();
+    let t = Test::new().file("in.csv", "a\n1\n").pipeline(
+        "stages:\n  dir:\n    cmd: mkdir -p {{ outputs[0] }}/sub && cp {{ inputs[0] }} {{ outputs[0] }}/sub/f.csv\n    inputs: [in.csv]\n    outputs: [s3://bucket/d/]\n  read:\n    cmd: cat {{ inputs[0] }} > {{ outputs[0] }}\n    inputs: [s3://bucket/d/sub/f.csv]\n    outputs: [out.txt]\n",
+    );
+    let out = run(&t, &server, &["run", "pipeline.yaml", "-j", "1"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(t.read("out.txt"), "a\n1\n");
+    let again = run(&t, &server, &["run", "pipeline.yaml"]);
+    assert!(
+        again.stderr.contains("0 ran, 2 up to date"),
+        "{}",
+        again.stderr
+    );
+}
