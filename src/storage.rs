@@ -7,7 +7,7 @@
 //! only, never a download.
 //!
 //! A directory output (`s3://bucket/prefix/`) is committed in three steps: its files are uploaded
-//! under `s3://bucket/.imba-staging/RUN/…` (the long part, which touches nothing under the
+//! under `s3://bucket/.imba-staging/PREFIX/RUN/…` (the long part, which touches nothing under the
 //! prefix), then copied into place server-side, then the manifest `prefix/_imba_manifest.json`
 //! is written last; files of the previous version that the new one does not have are deleted only
 //! after that. A prefix whose objects do not match what was committed counts as modified, so the
@@ -650,7 +650,9 @@ impl Storage {
         }
         let before = self.list(bucket, key)?;
         // 1. Everything to staging: nothing under the prefix changes if this fails.
-        let staging = format!("{STAGING_PREFIX}/{run}/{key}");
+        // By output, then run: a later commit of the same output finds what killed runs left.
+        let staging_root = format!("{STAGING_PREFIX}/{key}");
+        let staging = format!("{staging_root}/{run}");
         let mut manifest = Manifest {
             imba_manifest: 1,
             run: run.to_owned(),
@@ -717,6 +719,29 @@ impl Storage {
                 .iter()
                 .map(|(relative, _)| Key::from(format!("{staging}/{relative}"))),
         );
+        // Uploads of runs that were killed before their commit, a day old or more (younger ones
+        // may belong to a run still going, on another machine).
+        let abandoned_root = Key::from(staging_root.as_str());
+        let lister = store.clone();
+        let own = format!("{staging}/");
+        if let Ok(Ok(old)) = self.block(async move {
+            lister
+                .list(Some(&abandoned_root))
+                .try_collect::<Vec<_>>()
+                .await
+        }) {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0);
+            let cutoff = now - 24 * 3600;
+            doomed.extend(
+                old.into_iter()
+                    .filter(|meta| meta.last_modified.timestamp() < cutoff)
+                    .filter(|meta| !meta.location.as_ref().starts_with(&own))
+                    .map(|meta| meta.location),
+            );
+        }
         let deleter = store.clone();
         let cleaned = self.block(async move {
             futures::stream::iter(doomed)

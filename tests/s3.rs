@@ -264,11 +264,24 @@ stages:
     let fixed = run(&t, &server, &["run", "pipeline.yaml"]);
     assert_eq!(fixed.code, 0, "{}", fixed.stderr);
     assert_eq!(server.read("out/parts/a.csv").unwrap(), b"id,x\n9,9\n");
+    // The successful run's staging copies are gone; the killed run's upload stays a day, in
+    // case it belongs to a run still going elsewhere.
+    let staged = |server: &S3Server| -> Vec<String> {
+        server
+            .keys()
+            .into_iter()
+            .filter(|k| k.starts_with(".imba-staging/"))
+            .collect()
+    };
+    let abandoned = staged(&server);
+    assert_eq!(abandoned.len(), 1, "{abandoned:?}");
     assert!(
-        !server.keys().iter().any(|k| k.starts_with(".imba-staging")),
-        "{:?}",
-        server.keys()
+        abandoned[0].starts_with(".imba-staging/out/parts/") && abandoned[0].ends_with("/a.csv")
     );
+    server.age(&abandoned[0], std::time::Duration::from_secs(2 * 86_400));
+    server.put("raw/data.csv", "id,x\n8,8\n");
+    assert_eq!(run(&t, &server, &["run", "pipeline.yaml"]).code, 0);
+    assert_eq!(staged(&server), Vec::<String>::new());
 }
 
 /// Wrong credentials, a missing bucket, an unreachable endpoint: a clear error naming the

@@ -99,12 +99,22 @@ impl S3Server {
         std::fs::write(path, contents).unwrap();
     }
 
+    /// Makes an object look `age` old (S3's Last-Modified is the file's mtime here).
+    pub fn age(&self, key: &str, age: std::time::Duration) {
+        let file = std::fs::File::options()
+            .write(true)
+            .open(self.bucket_dir().join(key))
+            .unwrap();
+        file.set_modified(std::time::SystemTime::now() - age)
+            .unwrap();
+    }
+
     /// An object's bytes, read from the bucket's directory.
     pub fn read(&self, key: &str) -> Option<Vec<u8>> {
         std::fs::read(self.bucket_dir().join(key)).ok()
     }
 
-    /// Every object key in the bucket, sorted (s3s-fs's own metadata files left out).
+    /// Every object key in the bucket, sorted (s3s-fs keeps its own files outside it).
     pub fn keys(&self) -> Vec<String> {
         let mut keys: Vec<String> = walkdir::WalkDir::new(self.bucket_dir())
             .into_iter()
@@ -112,8 +122,7 @@ impl S3Server {
             .filter(|e| e.file_type().is_file())
             .filter_map(|e| {
                 let relative = e.path().strip_prefix(self.bucket_dir()).ok()?;
-                let text = relative.to_string_lossy().into_owned();
-                (!text.starts_with(".") && !text.contains("/.")).then_some(text)
+                Some(relative.to_string_lossy().into_owned())
             })
             .collect();
         keys.sort();
