@@ -79,10 +79,10 @@ struct ManifestFile {
     blake3: String,
 }
 
+/// Nothing run-specific: the same files give the same manifest, and so the same identity.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Manifest {
     imba_manifest: u32,
-    run: String,
     files: Vec<ManifestFile>,
 }
 
@@ -304,7 +304,7 @@ impl Storage {
             .block(async move { store.head(&path).await })
             .map_err(|r| error("read", bucket, key, r))?;
         match outcome {
-            Ok(meta) => Ok(Some(info(meta.e_tag, meta.size, meta.version))),
+            Ok(meta) => Ok(Some(info(&meta))),
             Err(object_store::Error::NotFound { .. }) => {
                 self.bucket_exists(bucket, key)?;
                 Ok(None)
@@ -366,7 +366,25 @@ impl Storage {
             .map_err(|r| error("list", bucket, prefix, r))?;
         let root = Key::from(prefix);
         let listed = self
-            .block(async move { store.list(Some(&root)).try_collect::<Vec<_>>().await })
+            .block(async move {
+                let listed: Vec<object_store::ObjectMeta> =
+                    store.list(Some(&root)).try_collect().await?;
+                // A store that leaves ETags out of its listings (s3s-fs does; AWS and MinIO do
+                // not) is asked for each one, so that identities stay ETags.
+                futures::stream::iter(listed)
+                    .map(|meta| {
+                        let store = store.clone();
+                        async move {
+                            match meta.e_tag {
+                                Some(_) => Ok(meta),
+                                None => store.head(&meta.location).await,
+                            }
+                        }
+                    })
+                    .buffered(16)
+                    .try_collect::<Vec<_>>()
+                    .await
+            })
             .map_err(|r| error("list", bucket, prefix, r))?
             .map_err(|e| describe_error("list", bucket, prefix, &e))?;
         let base = format!("{}/", prefix.trim_end_matches('/'));
@@ -375,7 +393,7 @@ impl Storage {
             .filter_map(|meta| {
                 let full = meta.location.to_string();
                 let relative = full.strip_prefix(&base)?.to_owned();
-                Some((relative, info(meta.e_tag, meta.size, meta.version)))
+                Some((relative, info(&meta)))
             })
             .collect();
         objects.sort_by(|a, b| a.0.cmp(&b.0));
@@ -655,7 +673,6 @@ impl Storage {
         let staging = format!("{staging_root}/{run}");
         let mut manifest = Manifest {
             imba_manifest: 1,
-            run: run.to_owned(),
             files: Vec::new(),
         };
         for (relative, path) in &files {
@@ -829,11 +846,17 @@ fn local(e: std::io::Error) -> object_store::Error {
     }
 }
 
-fn info(etag: Option<String>, size: u64, version: Option<String>) -> ObjectInfo {
+/// An object's identity as S3 reports it. A store that leaves the ETag out of its listings
+/// (s3s-fs does) gets the modification time in its place, so that a rewrite is still seen.
+fn info(meta: &object_store::ObjectMeta) -> ObjectInfo {
+    let etag = match &meta.e_tag {
+        Some(etag) => etag.trim_matches('"').to_owned(),
+        None => format!("modified:{}", meta.last_modified.to_rfc3339()),
+    };
     ObjectInfo {
-        etag: etag.unwrap_or_default().trim_matches('"').to_owned(),
-        size,
-        version,
+        etag,
+        size: meta.size,
+        version: meta.version.clone(),
     }
 }
 

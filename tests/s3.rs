@@ -460,3 +460,51 @@ fn a_file_of_a_prefix_written_in_the_same_run_is_read() {
         again.stderr
     );
 }
+
+/// `kill -9` of imba while it uploads: the committed version stays, and the next run re-runs
+/// only the stage whose outputs were not committed.
+#[test]
+fn killing_imba_mid_upload_loses_nothing() {
+    let server = S3Server::start();
+    let t = Test::new().file("in.csv", "a\n1\n").pipeline(
+        "stages:\n  local:\n    cmd: cp {{ inputs[0] }} {{ outputs[0] }}\n    inputs: [in.csv]\n    outputs: [out/local.csv]\n  upload:\n    cmd: cp {{ inputs[0] }} {{ outputs[0] }}/a.csv && cp {{ inputs[0] }} {{ outputs[0] }}/b.csv\n    inputs: [out/local.csv]\n    outputs: [s3://bucket/out/parts/]\n",
+    );
+    assert_eq!(
+        run(&t, &server, &["run", "pipeline.yaml", "-j", "1"]).code,
+        0
+    );
+    let manifest = server.read("out/parts/_imba_manifest.json").unwrap();
+
+    t.write("in.csv", "a\n2\n");
+    server.reset_counts();
+    server.hold_puts();
+    let mut command = t.command(&["run", "pipeline.yaml", "-j", "1"]);
+    for (key, value) in server.env() {
+        command.env(key, value);
+    }
+    let mut child = command.stderr(std::process::Stdio::null()).spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while server.counts().get("PUT") == 0 {
+        assert!(std::time::Instant::now() < deadline, "no upload started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    server.release_puts();
+
+    assert_eq!(
+        server.read("out/parts/_imba_manifest.json").unwrap(),
+        manifest
+    );
+    assert_eq!(server.read("out/parts/a.csv").unwrap(), b"a\n1\n");
+    let next = run(&t, &server, &["run", "pipeline.yaml", "-j", "1"]);
+    assert_eq!(next.code, 0, "{}", next.stderr);
+    assert!(
+        next.stderr.contains("skip local (up to date)"),
+        "{}",
+        next.stderr
+    );
+    assert!(next.stderr.contains("run  upload"), "{}", next.stderr);
+    assert_eq!(server.read("out/parts/a.csv").unwrap(), b"a\n2\n");
+    assert_eq!(t.read("out/local.csv"), "a\n2\n");
+}

@@ -33,6 +33,8 @@ struct Shared {
     stopped: AtomicBool,
     /// Answer this many more requests with `503 SlowDown`, as S3 does when throttling.
     throttle: AtomicUsize,
+    /// Hold every `PUT` (after counting it) until this is cleared.
+    hold_puts: AtomicBool,
 }
 
 pub struct S3Server {
@@ -54,6 +56,7 @@ impl S3Server {
             puts: AtomicUsize::new(0),
             stopped: AtomicBool::new(false),
             throttle: AtomicUsize::new(0),
+            hold_puts: AtomicBool::new(false),
         });
         let (shutdown, stop) = tokio::sync::watch::channel(false);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -155,6 +158,16 @@ impl S3Server {
         self.shared.throttle.store(n, Ordering::SeqCst);
     }
 
+    /// Hold every `PUT` until [`S3Server::release_puts`]: an upload in flight, for as long as
+    /// a test needs one.
+    pub fn hold_puts(&self) {
+        self.shared.hold_puts.store(true, Ordering::SeqCst);
+    }
+
+    pub fn release_puts(&self) {
+        self.shared.hold_puts.store(false, Ordering::SeqCst);
+    }
+
     /// Answer again.
     pub fn resume(&self) {
         self.shared
@@ -241,6 +254,7 @@ impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for Counting
             (method, _) => method.to_owned(),
         };
         let shared = self.shared.clone();
+        let hold = kind == "PUT";
         if kind == "PUT" {
             let seen = shared.puts.fetch_add(1, Ordering::SeqCst) + 1;
             if seen >= shared.stop_after_puts.load(Ordering::SeqCst) {
@@ -277,8 +291,15 @@ impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for Counting
             .0
             .entry(kind)
             .or_default() += 1;
-        let future = hyper::service::Service::call(&self.service, request);
-        Box::pin(async move { future.await.map_err(|e| boxed(format!("{e:?}"))) })
+        let service = self.service.clone();
+        Box::pin(async move {
+            while hold && shared.hold_puts.load(Ordering::SeqCst) {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            hyper::service::Service::call(&service, request)
+                .await
+                .map_err(|e| boxed(format!("{e:?}")))
+        })
     }
 }
 
