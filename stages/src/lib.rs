@@ -8,6 +8,7 @@ pub mod aggregate;
 pub mod checks;
 pub mod clean;
 pub mod diagnose;
+pub mod feature;
 pub mod impute;
 pub mod mice;
 pub mod pool;

@@ -309,6 +309,7 @@ impl Registry {
             Builtin::of::<crate::aggregate::Aggregate>(),
             Builtin::of::<crate::impute::Impute>(),
             Builtin::of::<crate::diagnose::Diagnose>(),
+            Builtin::of::<crate::feature::FeatureStage>(),
         ])
     }
 

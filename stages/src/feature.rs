@@ -1,0 +1,651 @@
+//! The `feature` stage: declarative features per entity, in named groups, written in polars SQL.
+//!
+//! Each group reads one input table (by its name under `inputs:`), optionally filtered by a SQL
+//! condition (a time window: `order_month >= '2017-03'`), and either aggregates it per entity
+//! (`features:` of SQL aggregate expressions: `count(*)`, `avg(days)`, `avg(CASE WHEN … END)`)
+//! or, for a table with one row per entity, takes its `columns:` as they are (a repeated entity
+//! is an error naming an example key, never a silent multiplication of rows). The groups are
+//! joined on the entity, starting from the first group's entities, and `derive:` adds features
+//! computed from the others (ratios, flags). Rows come out sorted by entity, columns in the order
+//! written, so the same inputs and definitions always give the same bytes.
+
+use std::collections::BTreeMap;
+
+use polars::prelude::*;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::table::{is_csv, pointer, read_parquet, read_table_inferred, write_table};
+use crate::{BuiltinStage, ParamsError, StageError, StageIo, StageReport};
+
+/// Params of `feature`.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FeatureParams {
+    /// The entity column, present in every group's table (e.g. `user_id`).
+    pub entity: String,
+    /// Feature groups, in the order their columns come out. The first group's entities are the
+    /// rows of the output.
+    pub groups: Vec<Group>,
+    /// Features computed from the groups' features, in order (a later one may use an earlier
+    /// one): `- name: SQL expression over them` (`order_count / nullif(active_months, 0)`).
+    #[serde(default)]
+    pub derive: Features,
+}
+
+/// Features in the order written: a list of `name: SQL` (or `name: {sql, desc}`) entries.
+pub type Features = Vec<BTreeMap<String, Feature>>;
+
+/// The entries of a feature list, in order.
+fn entries(features: &Features) -> impl Iterator<Item = (&String, &Feature)> {
+    features.iter().flat_map(|entry| entry.iter())
+}
+
+/// The entries of a feature list with the JSON pointer of each, under `at`.
+fn located<'a>(
+    features: &'a Features,
+    at: &'a [&'a str],
+) -> impl Iterator<Item = (String, &'a String, &'a Feature)> + 'a {
+    features.iter().enumerate().flat_map(move |(i, entry)| {
+        entry.iter().map(move |(name, feature)| {
+            let index = i.to_string();
+            let mut segments: Vec<&str> = at.to_vec();
+            segments.push(&index);
+            segments.push(name);
+            (pointer(&segments), name, feature)
+        })
+    })
+}
+
+/// One group of features from one input table.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Group {
+    /// The group's name, for messages and the metadata.
+    pub name: String,
+    /// The input table, by its name under `inputs:`.
+    pub from: String,
+    /// What the group is about, for the metadata.
+    #[serde(default)]
+    pub desc: Option<String>,
+    /// A SQL condition on the table's rows before anything is computed (a time window).
+    #[serde(default, rename = "where")]
+    pub filter: Option<String>,
+    /// Aggregated features, in order: `- name: SQL aggregate expression` over the group's rows
+    /// of an entity (`count(*)`, `avg(days)`).
+    #[serde(default)]
+    pub features: Features,
+    /// Columns taken as they are from a table with one row per entity.
+    #[serde(default)]
+    pub columns: Vec<String>,
+}
+
+/// A feature: a SQL expression, or `{sql, desc}`.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(untagged)]
+pub enum Feature {
+    Sql(String),
+    Described {
+        sql: String,
+        /// What the feature means, for the metadata.
+        desc: String,
+    },
+}
+
+impl Feature {
+    pub fn sql(&self) -> &str {
+        match self {
+            Feature::Sql(sql) | Feature::Described { sql, .. } => sql,
+        }
+    }
+
+    pub fn desc(&self) -> Option<&str> {
+        match self {
+            Feature::Sql(_) => None,
+            Feature::Described { desc, .. } => Some(desc),
+        }
+    }
+}
+
+/// The built-in `feature` stage.
+pub struct FeatureStage;
+
+impl BuiltinStage for FeatureStage {
+    const NAME: &'static str = "feature";
+    const VERSION: u32 = 1;
+    const SUMMARY: &'static str =
+        "declarative features per entity in named groups of polars SQL expressions";
+    type Params = FeatureParams;
+
+    fn check_ports(
+        inputs: &[Option<String>],
+        outputs: &[Option<String>],
+    ) -> Result<(), crate::ports::PortError> {
+        if inputs.is_empty() || inputs.iter().any(Option::is_none) {
+            return Err(crate::ports::PortError {
+                outputs: false,
+                message: "needs its input tables as a map of names (`inputs: {orders: …}`), which its groups name in `from:`".to_owned(),
+            });
+        }
+        crate::ports::named_outputs(outputs, &["features"], &[])
+    }
+
+    fn check_params(params: &FeatureParams) -> Vec<ParamsError> {
+        param_errors(params)
+    }
+
+    fn output_columns(
+        params: &FeatureParams,
+        _inputs: &[Option<Vec<String>>],
+    ) -> Vec<crate::OutputColumns> {
+        vec![crate::OutputColumns {
+            output: "features",
+            position: 0,
+            file: None,
+            columns: feature_names(params),
+        }]
+    }
+
+    fn run(params: &FeatureParams, io: &StageIo) -> Result<StageReport, StageError> {
+        let mut tables: BTreeMap<String, DataFrame> = BTreeMap::new();
+        for (name, path) in &io.inputs {
+            let name = name.clone().unwrap_or_default();
+            let df = if is_csv(path) {
+                read_table_inferred(path)?
+            } else {
+                read_parquet(path, None)?
+            };
+            tables.insert(name, df);
+        }
+        let mut out = compute(params, &tables)?;
+        write_table(&mut out, io.output("features", 0)?)?;
+        let described: serde_json::Map<String, serde_json::Value> = descriptions(params)
+            .into_iter()
+            .map(|(name, desc)| (name, json!(desc)))
+            .collect();
+        Ok(StageReport {
+            summary: json!({
+                "rows": out.height(),
+                "features": feature_names(params).len() - 1,
+                "descriptions": described,
+            }),
+            ..Default::default()
+        })
+    }
+}
+
+/// The output's columns: the entity, then every feature in the order written.
+pub fn feature_names(params: &FeatureParams) -> Vec<String> {
+    let mut names = vec![params.entity.clone()];
+    for group in &params.groups {
+        names.extend(entries(&group.features).map(|(n, _)| n.clone()));
+        names.extend(group.columns.iter().cloned());
+    }
+    names.extend(entries(&params.derive).map(|(n, _)| n.clone()));
+    names
+}
+
+/// Each feature's description, where it has one (a `columns:` feature has its group's).
+pub fn descriptions(params: &FeatureParams) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for group in &params.groups {
+        for (name, feature) in entries(&group.features) {
+            if let Some(desc) = feature.desc() {
+                out.push((name.clone(), desc.to_owned()));
+            }
+        }
+        if let Some(desc) = &group.desc {
+            out.extend(group.columns.iter().map(|c| (c.clone(), desc.clone())));
+        }
+    }
+    for (name, feature) in entries(&params.derive) {
+        if let Some(desc) = feature.desc() {
+            out.push((name.clone(), desc.to_owned()));
+        }
+    }
+    out
+}
+
+/// What the params type cannot say: names given twice, empty groups, SQL that does not parse.
+fn param_errors(params: &FeatureParams) -> Vec<ParamsError> {
+    let mut errors = Vec::new();
+    let mut seen: BTreeMap<String, String> = BTreeMap::new();
+    let mut name = |feature: &str, at: String, errors: &mut Vec<ParamsError>| {
+        if feature == params.entity {
+            errors.push(ParamsError {
+                pointer: at,
+                message: format!("`{feature}` is the entity column, not a feature"),
+            });
+        } else if let Some(first) = seen.insert(feature.to_owned(), at.clone()) {
+            errors.push(ParamsError {
+                pointer: at,
+                message: format!(
+                    "feature `{feature}` is defined twice (first at `{}`)",
+                    crate::table::dotted(&first)
+                ),
+            });
+        }
+    };
+    if params.groups.is_empty() {
+        errors.push(ParamsError {
+            pointer: "/groups".to_owned(),
+            message: "at least one group of features is needed".to_owned(),
+        });
+    }
+    for (index, group) in params.groups.iter().enumerate() {
+        let group_name = &group.name;
+        let index = index.to_string();
+        let group_at = ["groups", index.as_str()];
+        for (i, entry) in group.features.iter().enumerate() {
+            if entry.len() != 1 {
+                errors.push(ParamsError {
+                    pointer: pointer(&["groups", &index, "features", &i.to_string()]),
+                    message: "each item of `features:` is one `name: SQL` entry".to_owned(),
+                });
+            }
+        }
+        if group.features.is_empty() == group.columns.is_empty() {
+            errors.push(ParamsError {
+                pointer: pointer(&group_at),
+                message: format!(
+                    "group `{group_name}` needs either `features:` (aggregated per entity) or `columns:` (one row per entity), not {}",
+                    if group.features.is_empty() { "neither" } else { "both" }
+                ),
+            });
+        }
+        if let Some(filter) = &group.filter {
+            if let Err(e) = polars::sql::sql_expr(filter) {
+                errors.push(ParamsError {
+                    pointer: pointer(&["groups", &index, "where"]),
+                    message: format!("the condition does not parse: {e}"),
+                });
+            }
+        }
+        let features_at = ["groups", index.as_str(), "features"];
+        for (at, feature, definition) in located(&group.features, &features_at) {
+            name(feature, at.clone(), &mut errors);
+            if let Err(e) = polars::sql::sql_expr(definition.sql()) {
+                errors.push(ParamsError {
+                    pointer: at,
+                    message: format!("feature `{feature}` does not parse: {e}"),
+                });
+            }
+        }
+        for (i, column) in group.columns.iter().enumerate() {
+            name(
+                column,
+                pointer(&["groups", &index, "columns", &i.to_string()]),
+                &mut errors,
+            );
+        }
+    }
+    for (i, entry) in params.derive.iter().enumerate() {
+        if entry.len() != 1 {
+            errors.push(ParamsError {
+                pointer: pointer(&["derive", &i.to_string()]),
+                message: "each item of `derive:` is one `name: SQL` entry".to_owned(),
+            });
+        }
+    }
+    for (at, feature, definition) in located(&params.derive, &["derive"]) {
+        name(feature, at.clone(), &mut errors);
+        if let Err(e) = polars::sql::sql_expr(definition.sql()) {
+            errors.push(ParamsError {
+                pointer: at,
+                message: format!("feature `{feature}` does not parse: {e}"),
+            });
+        }
+    }
+    errors
+}
+
+/// Quotes a name for polars SQL.
+fn quoted(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// The feature table.
+pub fn compute(
+    params: &FeatureParams,
+    tables: &BTreeMap<String, DataFrame>,
+) -> Result<DataFrame, StageError> {
+    let entity = &params.entity;
+    let mut joined: Option<DataFrame> = None;
+    for (index, group) in params.groups.iter().enumerate() {
+        let group_name = &group.name;
+        let index = index.to_string();
+        let group_at = |rest: &[&str]| {
+            let mut segments = vec!["groups", index.as_str()];
+            segments.extend_from_slice(rest);
+            pointer(&segments)
+        };
+        let Some(table) = tables.get(&group.from) else {
+            let names: Vec<&str> = tables.keys().map(String::as_str).collect();
+            return Err(StageError::new(format!(
+                "group `{group_name}` reads `{}`, which is not among the stage's inputs ({})",
+                group.from,
+                names.join(", ")
+            ))
+            .at_param(group_at(&["from"])));
+        };
+        if table.column(entity).is_err() {
+            return Err(StageError::new(format!(
+                "group `{group_name}`: table `{}` has no entity column `{entity}`",
+                group.from
+            ))
+            .at_param("/entity"));
+        }
+        let mut context = polars::sql::SQLContext::new();
+        context.register("t", table.clone().lazy());
+        let filter = group
+            .filter
+            .as_ref()
+            .map(|f| format!(" WHERE {f}"))
+            .unwrap_or_default();
+        let frame = if !group.features.is_empty() {
+            // Each feature alone on an empty table first, so that an error names its feature.
+            let empty = table.clear();
+            let features_at = ["groups", index.as_str(), "features"];
+            for (at, feature, definition) in located(&group.features, &features_at) {
+                let mut probe = polars::sql::SQLContext::new();
+                probe.register("t", empty.clone().lazy());
+                let query = format!(
+                    "SELECT {e}, {sql} AS {f} FROM t{filter} GROUP BY {e}",
+                    e = quoted(entity),
+                    sql = definition.sql(),
+                    f = quoted(feature)
+                );
+                probe
+                    .execute(&query)
+                    .and_then(|lf| lf.collect())
+                    .map_err(|e| {
+                        StageError::new(format!("feature `{feature}` of group `{group_name}`: {e}"))
+                            .at_param(at.clone())
+                    })?;
+            }
+            let selected: Vec<String> = entries(&group.features)
+                .map(|(feature, definition)| format!("{} AS {}", definition.sql(), quoted(feature)))
+                .collect();
+            let query = format!(
+                "SELECT {e}, {} FROM t{filter} GROUP BY {e}",
+                selected.join(", "),
+                e = quoted(entity)
+            );
+            context
+                .execute(&query)
+                .and_then(|lf| lf.collect())
+                .map_err(|e| {
+                    StageError::new(format!("group `{group_name}`: {e}")).at_param(group_at(&[]))
+                })?
+        } else {
+            let mut columns = vec![quoted(entity)];
+            columns.extend(group.columns.iter().map(|c| quoted(c)));
+            let query = format!("SELECT {} FROM t{filter}", columns.join(", "));
+            let frame = context
+                .execute(&query)
+                .and_then(|lf| lf.collect())
+                .map_err(|e| {
+                    StageError::new(format!("group `{group_name}`: {e}"))
+                        .at_param(group_at(&["columns"]))
+                })?;
+            // One row per entity, or the join would multiply rows.
+            let names = [PlSmallStr::from(entity.as_str())];
+            let alive = BooleanChunked::full("alive".into(), true, frame.height());
+            let repeats = crate::rows::repeated_rows(&frame, &names, &alive)
+                .map_err(|e| StageError::new(e.to_string()))?;
+            if let Some(&row) = repeats.first() {
+                let key = frame
+                    .column(entity)
+                    .and_then(|c| c.get(row as usize))
+                    .map(|v| v.to_string())
+                    .unwrap_or_default();
+                let repeated = match repeats.len() {
+                    1 => "1 row repeats".to_owned(),
+                    n => format!("{n} rows repeat"),
+                };
+                return Err(StageError::new(format!(
+                    "group `{group_name}` takes columns from `{}` as one row per `{entity}`, but {repeated} an entity (e.g. {entity} = {key}); aggregate them with `features:` instead",
+                    group.from
+                ))
+                .at_param(group_at(&["columns"])));
+            }
+            frame
+        };
+        joined = Some(match joined {
+            None => frame,
+            Some(left) => left
+                .lazy()
+                .join(
+                    frame.lazy(),
+                    [col(entity.as_str())],
+                    [col(entity.as_str())],
+                    JoinArgs::new(JoinType::Left),
+                )
+                .collect()
+                .map_err(|e| {
+                    StageError::new(format!("joining group `{group_name}` on `{entity}`: {e}"))
+                        .at_param(group_at(&[]))
+                })?,
+        });
+    }
+    let mut out =
+        joined.ok_or_else(|| StageError::new("no groups of features").at_param("/groups"))?;
+    for (at, feature, definition) in located(&params.derive, &["derive"]) {
+        let expr = polars::sql::sql_expr(definition.sql()).map_err(|e| {
+            StageError::new(format!("derived feature `{feature}`: {e}")).at_param(at.clone())
+        })?;
+        out = out
+            .lazy()
+            .with_column(expr.alias(feature.as_str()))
+            .collect()
+            .map_err(|e| {
+                StageError::new(format!("derived feature `{feature}`: {e}")).at_param(at.clone())
+            })?;
+    }
+    let order: Vec<PlSmallStr> = feature_names(params)
+        .iter()
+        .map(|n| PlSmallStr::from(n.as_str()))
+        .collect();
+    out.lazy()
+        .select(order.iter().map(|n| col(n.clone())).collect::<Vec<_>>())
+        .sort([entity.as_str()], SortMultipleOptions::default())
+        .collect()
+        .map_err(|e| StageError::new(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(csv: &str) -> DataFrame {
+        CsvReadOptions::default()
+            .with_has_header(true)
+            .into_reader_with_file_handle(std::io::Cursor::new(csv.as_bytes().to_vec()))
+            .finish()
+            .unwrap()
+    }
+
+    fn params(value: serde_json::Value) -> FeatureParams {
+        serde_json::from_value(value).unwrap()
+    }
+
+    /// Three users: 2 has three orders (one on a Sunday, one in the old month), 1 has two, 3
+    /// has one order and no imputed row.
+    fn tables() -> BTreeMap<String, DataFrame> {
+        let orders = frame(
+            "user_id,order_id,days,dow,month\n2,10,4.0,0,2017-05\n1,11,,3,2017-05\n2,12,8.0,2,2017-05\n1,13,6.0,6,2017-04\n2,14,,1,2017-03\n3,15,30.0,5,2017-05\n",
+        );
+        let imputed = frame("user_id,days_imp\n1,12.5\n2,7.0\n");
+        BTreeMap::from([
+            ("orders".to_owned(), orders),
+            ("imputed".to_owned(), imputed),
+        ])
+    }
+
+    fn definitions() -> serde_json::Value {
+        json!({
+            "entity": "user_id",
+            "groups": [
+                {"name": "orders", "from": "orders", "features": [
+                    {"order_count": {"sql": "count(*)", "desc": "orders placed"}},
+                    {"days_mean": "avg(days)"},
+                    {"weekend_share": "avg(CASE WHEN dow IN (0, 6) THEN 1.0 ELSE 0.0 END)"}
+                ]},
+                {"name": "recent", "from": "orders", "where": "month >= '2017-05'", "features": [
+                    {"recent_orders": "count(*)"}
+                ]},
+                {"name": "imputed", "from": "imputed", "desc": "MICE", "columns": ["days_imp"]}
+            ],
+            "derive": [
+                {"orders_per_gap": "order_count / days_imp"},
+                {"busy": "orders_per_gap > 0.2"}
+            ]
+        })
+    }
+
+    fn column(df: &DataFrame, name: &str) -> Vec<Option<f64>> {
+        df.column(name)
+            .unwrap()
+            .cast(&DataType::Float64)
+            .unwrap()
+            .f64()
+            .unwrap()
+            .iter()
+            .collect()
+    }
+
+    /// Every feature against values worked out by hand from the rows above.
+    #[test]
+    fn features_match_values_worked_out_by_hand() {
+        let out = compute(&params(definitions()), &tables()).unwrap();
+        let names: Vec<String> = out
+            .get_column_names()
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "user_id",
+                "order_count",
+                "days_mean",
+                "weekend_share",
+                "recent_orders",
+                "days_imp",
+                "orders_per_gap",
+                "busy"
+            ]
+        );
+        assert_eq!(column(&out, "user_id"), [Some(1.0), Some(2.0), Some(3.0)]);
+        assert_eq!(
+            column(&out, "order_count"),
+            [Some(2.0), Some(3.0), Some(1.0)]
+        );
+        // User 1: days (null, 6) → 6; user 2: (4, 8, null) → 6; user 3: 30. Nulls are skipped.
+        assert_eq!(
+            column(&out, "days_mean"),
+            [Some(6.0), Some(6.0), Some(30.0)]
+        );
+        // User 1: dow 3, 6 → 1/2; user 2: 0, 2, 1 → 1/3; user 3: 5 → 0.
+        let weekend = column(&out, "weekend_share");
+        assert_eq!(weekend[0], Some(0.5));
+        assert!((weekend[1].unwrap() - 1.0 / 3.0).abs() < 1e-12);
+        assert_eq!(weekend[2], Some(0.0));
+        // Orders in 2017-05: user 1 one, user 2 two, user 3 one.
+        assert_eq!(
+            column(&out, "recent_orders"),
+            [Some(1.0), Some(2.0), Some(1.0)]
+        );
+        // User 3 has no imputed row: null, and so are its derived features.
+        assert_eq!(column(&out, "days_imp"), [Some(12.5), Some(7.0), None]);
+        let ratio = column(&out, "orders_per_gap");
+        assert!((ratio[0].unwrap() - 2.0 / 12.5).abs() < 1e-12);
+        assert!((ratio[1].unwrap() - 3.0 / 7.0).abs() < 1e-12);
+        assert_eq!(ratio[2], None);
+        let busy: Vec<Option<bool>> = out.column("busy").unwrap().bool().unwrap().iter().collect();
+        assert_eq!(busy, [Some(false), Some(true), None]);
+    }
+
+    #[test]
+    fn a_table_that_repeats_an_entity_is_not_joined_as_one_row_each() {
+        let mut tables = tables();
+        tables.insert(
+            "imputed".into(),
+            frame("user_id,days_imp\n1,12.5\n2,7.0\n2,8.0\n"),
+        );
+        let error = compute(&params(definitions()), &tables).unwrap_err();
+        assert_eq!(
+            error.message,
+            "group `imputed` takes columns from `imputed` as one row per `user_id`, but 1 row repeats an entity (e.g. user_id = 2); aggregate them with `features:` instead"
+        );
+        assert_eq!(error.param.as_deref(), Some("/groups/2/columns"));
+    }
+
+    #[test]
+    fn a_feature_naming_a_missing_column_names_the_feature() {
+        let mut definitions = definitions();
+        definitions["groups"][0]["features"][1] = json!({"days_mean": "avg(dayz)"});
+        let error = compute(&params(definitions), &tables()).unwrap_err();
+        assert!(
+            error
+                .message
+                .starts_with("feature `days_mean` of group `orders`: ")
+                && error.message.contains("dayz"),
+            "{}",
+            error.message
+        );
+        assert_eq!(
+            error.param.as_deref(),
+            Some("/groups/0/features/1/days_mean")
+        );
+    }
+
+    #[test]
+    fn params_that_cannot_work_are_found_before_running() {
+        let errors = param_errors(&params(json!({
+            "entity": "user_id",
+            "groups": [
+                {"name": "a", "from": "orders", "features": [{"n": "count(*)"}, {"n": "count(days"}]},
+                {"name": "b", "from": "orders"},
+                {"name": "c", "from": "orders", "columns": ["user_id"], "where": "month >>= 3"}
+            ],
+            "derive": [{"x": "n * 2", "y": "n"}]
+        })));
+        let found: Vec<(String, String)> = errors
+            .into_iter()
+            .map(|e| {
+                (
+                    e.pointer,
+                    e.message.split(':').next().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            found,
+            [
+                (
+                    "/groups/0/features/1/n".to_owned(),
+                    "feature `n` is defined twice (first at `groups[0].features[0].n`)".to_owned()
+                ),
+                (
+                    "/groups/0/features/1/n".to_owned(),
+                    "feature `n` does not parse".to_owned()
+                ),
+                (
+                    "/groups/1".to_owned(),
+                    "group `b` needs either `features".to_owned()
+                ),
+                (
+                    "/groups/2/where".to_owned(),
+                    "the condition does not parse".to_owned()
+                ),
+                (
+                    "/groups/2/columns/0".to_owned(),
+                    "`user_id` is the entity column, not a feature".to_owned()
+                ),
+                ("/derive/0".to_owned(), "each item of `derive".to_owned()),
+            ]
+        );
+    }
+}
