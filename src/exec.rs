@@ -649,6 +649,10 @@ async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
                             _ => None,
                         }
                     }
+                    // A versioned output's baseline is its latest version.
+                    crate::location::Location::Local(path) if stage.versioning.is_some() => {
+                        crate::versions::latest(path).map(|(_, dir)| dir)
+                    }
                     crate::location::Location::Local(path) => Some(path.clone()),
                 };
                 let records = crate::checks::evaluate(
@@ -736,8 +740,13 @@ async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
     let committed = {
         let ctx = ctx.clone();
         let staged = staged.clone();
+        let report = record
+            .report
+            .as_ref()
+            .and_then(|r| r.get("summary").cloned())
+            .unwrap_or(Json::Null);
         tokio::task::spawn_blocking(move || {
-            commit(&ctx, ctx.dag.stage(index), &staged, now, locked)
+            commit(&ctx, ctx.dag.stage(index), &staged, now, locked, report)
         })
         .await
         .unwrap_or_else(|e| Err(format!("internal error: {e}")))
@@ -1022,8 +1031,40 @@ fn commit(
     staged: &[PathBuf],
     now: plan::Snapshot,
     previous: Option<LockedStage>,
+    report: Json,
 ) -> Result<(BTreeMap<String, ContentHash>, bool), String> {
     let workdir = &ctx.dag.pipeline().workdir;
+    if let (Some(versioning), [port], [path]) =
+        (&stage.versioning, stage.outputs.as_slice(), staged)
+    {
+        let crate::location::Location::Local(root) = &port.declared.location else {
+            return Err(format!("versioned output `{}` must be local", port.text));
+        };
+        let pipeline = ctx.dag.pipeline();
+        let input = crate::versions::MetaInput {
+            pipeline: pipeline.file.display().to_string(),
+            stage: stage.name.clone(),
+            fingerprint: now.fingerprint.clone(),
+            inputs: serde_json::to_value(&now.entry.inputs).unwrap_or(Json::Null),
+            params: now.entry.params.clone(),
+            report,
+            workdir: workdir.clone(),
+        };
+        let committed = crate::versions::commit(path, root, versioning, input)
+            .map_err(|e| format!("output `{}`: {e}", port.text))?;
+        tracing::debug!(stage = %stage.name, version = committed.version, reused = committed.reused, "versioned commit");
+        let hash = ctx
+            .cache
+            .hash_path(&committed.dir)
+            .map_err(|e| format!("cannot hash {}: {e}", committed.dir.display()))?
+            .ok_or_else(|| format!("version {} is gone", committed.dir.display()))?;
+        let mut outputs = BTreeMap::new();
+        outputs.insert(port.declared.location.display(workdir), hash);
+        let unchanged = committed.reused;
+        let mut entry = now.entry;
+        entry.outputs = outputs.clone();
+        return record_commit(ctx, stage, entry, outputs, unchanged);
+    }
     let staging_cache = StatCache::in_memory();
     let mut outputs = BTreeMap::new();
     // S3 outputs first: uploading is what fails most, and a failure here leaves every output,
@@ -1076,6 +1117,17 @@ fn commit(
     let unchanged = previous.as_ref().is_some_and(|p| p.outputs == outputs);
     let mut entry = now.entry;
     entry.outputs = outputs.clone();
+    record_commit(ctx, stage, entry, outputs, unchanged)
+}
+
+/// Journals the stage's new lock entry, then puts it in the lock.
+fn record_commit(
+    ctx: &Context,
+    stage: &Stage,
+    entry: LockedStage,
+    outputs: BTreeMap<String, ContentHash>,
+    unchanged: bool,
+) -> Result<(BTreeMap<String, ContentHash>, bool), String> {
     let mut guard = ctx.lock.lock().unwrap_or_else(|e| e.into_inner());
     let (lock, journal) = &mut *guard;
     journal.append(&stage.name, &entry).map_err(|e| {

@@ -22,3 +22,4 @@ pub mod report;
 pub mod schema;
 pub mod state;
 pub mod storage;
+pub mod versions;

@@ -311,12 +311,21 @@ pub fn reasons(
         let Some(recorded) = locked.outputs.get(&path) else {
             continue;
         };
-        match hash_output(
-            hashes,
-            &output.declared.location,
-            output.declared.dir,
-            workdir,
-        )? {
+        let current = match (&stage.versioning, &output.declared.location) {
+            // A versioned output is its latest version.
+            (Some(_), Location::Local(root)) => crate::versions::current_hash(root, hashes.cache)
+                .map_err(|source| HashError {
+                path: path.clone(),
+                source,
+            })?,
+            _ => hash_output(
+                hashes,
+                &output.declared.location,
+                output.declared.dir,
+                workdir,
+            )?,
+        };
+        match current {
             None => reasons.push(Reason::OutputMissing { path }),
             Some(hash) if hash.hash != recorded.hash => {
                 reasons.push(Reason::OutputModified { path })
@@ -341,6 +350,19 @@ fn diff_params(prefix: &str, old: &Json, new: &Json, reasons: &mut Vec<Reason>) 
                     &path,
                     a.get(key).unwrap_or(&Json::Null),
                     b.get(key).unwrap_or(&Json::Null),
+                    reasons,
+                );
+            }
+        }
+        // Lists of maps (feature groups): item by item, the new or dropped ones as a whole.
+        (Json::Array(a), Json::Array(b))
+            if a.iter().chain(b).any(|v| v.is_object() || v.is_array()) =>
+        {
+            for i in 0..a.len().max(b.len()) {
+                diff_params(
+                    &format!("{}[{i}]", if prefix.is_empty() { "params" } else { prefix }),
+                    a.get(i).unwrap_or(&Json::Null),
+                    b.get(i).unwrap_or(&Json::Null),
                     reasons,
                 );
             }

@@ -78,6 +78,19 @@ pub struct StageSchema {
     /// A shell command run when this stage fails (instead of the pipeline's `on_failure`), with
     /// the failure as JSON on stdin.
     on_failure: Option<String>,
+    /// `auto`: the stage's one output, a local directory, holds immutable versions
+    /// `NAME_v1/`, `NAME_v2/`, … with `_meta.json` each and a `LATEST` pointer; a new version is
+    /// made only when the content differs from the latest.
+    version: Option<VersionSchema>,
+    /// With `version: auto`: how many versions stay in place; older ones move to `archive/`
+    /// beside the output. Default: all stay.
+    keep: Option<u32>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+enum VersionSchema {
+    Auto,
 }
 
 /// One check: exactly one of `rows`, `change`, `not_null`, `unique`, `range`, `sql`.

@@ -329,3 +329,29 @@ stages:
 "#
     ));
 }
+
+/// `version: auto` needs one local directory output; `keep` needs `version`.
+#[test]
+fn versioned_outputs_that_cannot_be() {
+    assert_snapshot!(validate(
+        r#"stages:
+  two_outputs:
+    cmd: touch {{ outputs[0] }} {{ outputs[1] }}
+    outputs: [out/a/, out/b/]
+    version: auto
+  a_file:
+    cmd: touch {{ outputs[0] }}
+    outputs: [out/c.csv]
+    version: auto
+    keep: 0
+  manual:
+    cmd: mkdir -p {{ outputs[0] }}
+    outputs: [out/d/]
+    version: manual
+  keep_alone:
+    cmd: mkdir -p {{ outputs[0] }}
+    outputs: [out/e/]
+    keep: 2
+"#
+    ));
+}

@@ -19,11 +19,13 @@ pub const STAGE_KEYS: &[&str] = &[
     "desc",
     "foreach",
     "inputs",
+    "keep",
     "matrix",
     "on_failure",
     "outputs",
     "params",
     "uses",
+    "version",
 ];
 
 /// A pipeline file whose shape is right.
@@ -68,6 +70,10 @@ pub struct StageSpec {
     /// `checks:`, a list (or a template giving one).
     pub checks: Option<Node>,
     pub on_failure: Option<Node>,
+    /// `version: auto`: the stage's one output is versioned.
+    pub version: Option<(Key, Node)>,
+    /// `keep: N`: versions kept in place.
+    pub keep: Option<(Key, Node)>,
 }
 
 /// Checks the shape of a parsed pipeline file, collecting every problem. The file that comes back
@@ -195,6 +201,8 @@ fn check_stage(name: &Key, node: &Node, diagnostics: &mut Vec<Diagnostic>) -> Op
         foreach: None,
         checks: None,
         on_failure: None,
+        version: None,
+        keep: None,
     };
     for (key, value) in entries {
         let value = value.clone();
@@ -244,6 +252,8 @@ fn check_stage(name: &Key, node: &Node, diagnostics: &mut Vec<Diagnostic>) -> Op
                 _ => diagnostics.push(wrong_kind(key, &value, "a list of checks")),
             },
             "on_failure" => spec.on_failure = expect_string(key, value, diagnostics),
+            "version" => spec.version = Some((key.clone(), value)),
+            "keep" => spec.keep = Some((key.clone(), value)),
             "outputs" => spec.outputs = check_paths(key, value, diagnostics),
             "params" => match &value.value {
                 Value::Map(_) => spec.params = Some(value),

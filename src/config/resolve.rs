@@ -56,6 +56,8 @@ pub struct Stage {
     pub checks: Vec<StageCheck>,
     /// Run when this stage fails (else the pipeline's).
     pub on_failure: Option<Hook>,
+    /// `version: auto`: its one output holds immutable versions.
+    pub versioning: Option<crate::versions::Versioning>,
 }
 
 #[derive(Debug, Clone)]
@@ -170,6 +172,59 @@ pub fn resolve(
         on_failure,
         storage,
     })
+}
+
+/// `version: auto` and `keep: N`, on a stage with one local directory output.
+fn versioning(
+    spec: &StageSpec,
+    outputs: Option<&[Port]>,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> Option<crate::versions::Versioning> {
+    let Some((key, value)) = &spec.version else {
+        if let Some((keep, _)) = &spec.keep {
+            diagnostics.push(
+                Diagnostic::error("`keep` needs `version: auto`")
+                    .at(keep.span, "versions are kept only when there are versions"),
+            );
+        }
+        return None;
+    };
+    let before = diagnostics.len();
+    if value.as_str() != Some("auto") {
+        diagnostics.push(
+            Diagnostic::error("`version` must be `auto`")
+                .at(value.span, "expected `auto`")
+                .help("`version: auto` makes a new version of the output whenever its content changes"),
+        );
+    }
+    let keep = match &spec.keep {
+        None => None,
+        Some((_, node)) => match node.value {
+            Value::Int(n) if n >= 1 => Some(n as u32),
+            _ => {
+                diagnostics.push(
+                    Diagnostic::error("`keep` must be a whole number ≥ 1")
+                        .at(node.span, "how many versions stay in place"),
+                );
+                None
+            }
+        },
+    };
+    if let Some(outputs) = outputs {
+        let fits = matches!(outputs, [one] if one.declared.dir
+            && matches!(one.declared.location, crate::location::Location::Local(_)));
+        if !fits {
+            diagnostics.push(
+                Diagnostic::error(format!(
+                    "stage `{}` is versioned, so it needs exactly one output, a local directory (ending in `/`) that holds the versions",
+                    spec.name.name
+                ))
+                .at(key.span, "versioned here")
+                .help("e.g. `outputs: {features: \"{{ out }}/features/\"}`: versions go to features/features_v1/, features_v2/, …"),
+            );
+        }
+    }
+    (diagnostics.len() == before).then_some(crate::versions::Versioning { keep })
 }
 
 /// Keys of `storage:`.
@@ -538,6 +593,7 @@ impl StageResolver<'_> {
             .as_ref()
             .and_then(|node| self.templates.render_node(node, &ctx, self.diagnostics))
             .and_then(|node| super::checks::hook(&node, self.diagnostics));
+        let versioning = versioning(spec, outputs.as_deref(), self.diagnostics);
         if self.diagnostics.len() > before {
             return None;
         }
@@ -552,6 +608,7 @@ impl StageResolver<'_> {
             param_spans,
             checks,
             on_failure,
+            versioning,
         })
     }
 

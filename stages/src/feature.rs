@@ -32,6 +32,22 @@ pub struct FeatureParams {
     /// one): `- name: SQL expression over them` (`order_count / nullif(active_months, 0)`).
     #[serde(default)]
     pub derive: Features,
+    /// When the output is a directory (a versioned one): the files written in it,
+    /// `features.parquet` and/or `features.csv`.
+    #[serde(default = "parquet_only")]
+    pub formats: Vec<Format>,
+}
+
+fn parquet_only() -> Vec<Format> {
+    vec![Format::Parquet]
+}
+
+/// A file format of a directory output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Parquet,
+    Csv,
 }
 
 /// Features in the order written: a list of `name: SQL` (or `name: {sql, desc}`) entries.
@@ -139,12 +155,16 @@ impl BuiltinStage for FeatureStage {
         params: &FeatureParams,
         _inputs: &[Option<Vec<String>>],
     ) -> Vec<crate::OutputColumns> {
-        vec![crate::OutputColumns {
-            output: "features",
-            position: 0,
-            file: None,
-            columns: feature_names(params),
-        }]
+        let columns = feature_names(params);
+        [None, Some("features.parquet"), Some("features.csv")]
+            .into_iter()
+            .map(|file| crate::OutputColumns {
+                output: "features",
+                position: 0,
+                file: file.map(str::to_owned),
+                columns: columns.clone(),
+            })
+            .collect()
     }
 
     fn run(params: &FeatureParams, io: &StageIo) -> Result<StageReport, StageError> {
@@ -159,7 +179,18 @@ impl BuiltinStage for FeatureStage {
             tables.insert(name, df);
         }
         let mut out = compute(params, &tables)?;
-        write_table(&mut out, io.output("features", 0)?)?;
+        let target = io.output("features", 0)?;
+        if target.is_dir() {
+            for format in &params.formats {
+                let name = match format {
+                    Format::Parquet => "features.parquet",
+                    Format::Csv => "features.csv",
+                };
+                write_table(&mut out, &target.join(name))?;
+            }
+        } else {
+            write_table(&mut out, target)?;
+        }
         let described: serde_json::Map<String, serde_json::Value> = descriptions(params)
             .into_iter()
             .map(|(name, desc)| (name, json!(desc)))
@@ -227,6 +258,12 @@ fn param_errors(params: &FeatureParams) -> Vec<ParamsError> {
             });
         }
     };
+    if params.formats.is_empty() {
+        errors.push(ParamsError {
+            pointer: "/formats".to_owned(),
+            message: "at least one format is needed: `parquet`, `csv` or both".to_owned(),
+        });
+    }
     if params.groups.is_empty() {
         errors.push(ParamsError {
             pointer: "/groups".to_owned(),

@@ -80,6 +80,38 @@ pub fn columns_of(path: &Path) -> Result<Vec<String>, StageError> {
     Ok(schema.iter_names().map(|c| c.to_string()).collect())
 }
 
+/// A table's rows, and per column its dtype, null count and, for numbers, mean, min and max (for
+/// the metadata of a version).
+pub fn describe(path: &Path) -> Result<serde_json::Value, StageError> {
+    let df = read_table_inferred(path)?;
+    let mut columns = Vec::new();
+    for column in df.columns() {
+        let dtype = column.dtype();
+        let mut entry = serde_json::json!({
+            "name": column.name().as_str(),
+            "dtype": dtype.to_string(),
+            "nulls": column.null_count(),
+        });
+        if dtype.is_primitive_numeric() {
+            if let Ok(values) = column.cast(&DataType::Float64) {
+                if let Ok(values) = values.f64() {
+                    let finite: Vec<f64> =
+                        values.iter().flatten().filter(|v| v.is_finite()).collect();
+                    let n = finite.len() as f64;
+                    let mean = finite.iter().sum::<f64>() / n;
+                    let min = finite.iter().copied().fold(f64::INFINITY, f64::min);
+                    let max = finite.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    entry["mean"] = crate::stats::finite(mean);
+                    entry["min"] = crate::stats::finite(min);
+                    entry["max"] = crate::stats::finite(max);
+                }
+            }
+        }
+        columns.push(entry);
+    }
+    Ok(serde_json::json!({"rows": df.height(), "columns": columns}))
+}
+
 /// A CSV that polars could not read: the line at fault when one can be found, else polars' words.
 fn csv_error(path: &Path, error: PolarsError) -> StageError {
     match locate_csv_problem(path) {

@@ -1,0 +1,132 @@
+//! `version: auto`: a new immutable version only when the content differs, `LATEST`, `keep`,
+//! metadata, and a version changed by hand refused; with the `feature` stage.
+
+mod common;
+
+use common::Test;
+
+const PIPELINE: &str = r#"
+stages:
+  user_features:
+    uses: feature
+    inputs: {orders: orders.csv}
+    outputs: {features: out/features/}
+    version: auto
+    keep: 2
+    params:
+      entity: user_id
+      formats: [parquet, csv]
+      groups:
+        - name: orders
+          from: orders
+          desc: Ordering habits
+          features:
+            - order_count: {sql: "count(*)", desc: Orders placed}
+            - days_mean: avg(days)
+"#;
+
+fn run(t: &Test, args: &[&str]) -> common::Output {
+    let mut all = vec!["run", "pipeline.yaml"];
+    all.extend(args);
+    let out = t.exec(&all);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    out
+}
+
+fn latest(t: &Test) -> String {
+    t.read("out/features/LATEST").trim().to_owned()
+}
+
+#[test]
+fn versions_are_made_only_when_the_content_changes_and_never_rewritten() {
+    let t = Test::new()
+        .file("orders.csv", "user_id,days\n1,3\n1,5\n2,7\n")
+        .pipeline(PIPELINE);
+    run(&t, &[]);
+    assert_eq!(latest(&t), "features_v1");
+    assert_eq!(
+        t.read("out/features/features_v1/features.csv"),
+        "user_id,order_count,days_mean\n1,2,4.0\n2,1,7.0\n"
+    );
+    let meta: serde_json::Value =
+        serde_json::from_str(&t.read("out/features/features_v1/_meta.json")).unwrap();
+    assert_eq!(meta["version"], 1);
+    assert_eq!(meta["stage"], "user_features");
+    assert_eq!(
+        meta["report"]["descriptions"]["order_count"],
+        "Orders placed"
+    );
+    assert_eq!(meta["tables"]["features.parquet"]["rows"], 2);
+    assert_eq!(
+        meta["tables"]["features.parquet"]["columns"][2]["mean"],
+        5.5
+    );
+    assert_eq!(meta["files"].as_array().unwrap().len(), 2);
+    assert!(meta["inputs"]["orders.csv"]["hash"].is_string());
+
+    // Forced, same bytes: the same version, nothing new.
+    let forced = run(&t, &["--force"]);
+    assert!(
+        forced.stderr.contains("outputs unchanged"),
+        "{}",
+        forced.stderr
+    );
+    assert_eq!(latest(&t), "features_v1");
+    assert!(!t.path().join("out/features/features_v2").exists());
+
+    // New data: v2.
+    t.write("orders.csv", "user_id,days\n1,3\n1,5\n2,7\n3,1\n");
+    run(&t, &[]);
+    assert_eq!(latest(&t), "features_v2");
+
+    // New definitions: v3, and with `keep: 2` v1 moves to the archive, untouched.
+    let v1 = t.read("out/features/features_v1/features.csv");
+    t.write(
+        "pipeline.yaml",
+        PIPELINE.replace(
+            "            - days_mean: avg(days)\n",
+            "            - days_mean: avg(days)\n            - days_max: max(days)\n",
+        ),
+    );
+    run(&t, &[]);
+    assert_eq!(latest(&t), "features_v3");
+    assert_eq!(t.read("out/archive/features_v1/features.csv"), v1);
+    assert!(t.path().join("out/features/features_v2").is_dir());
+    assert!(!t.path().join("out/features/features_v1").exists());
+    assert!(t
+        .read("out/features/features_v3/features.csv")
+        .starts_with("user_id,order_count,days_mean,days_max\n"));
+
+    // Up to date: nothing runs.
+    let again = run(&t, &[]);
+    assert!(
+        again.stderr.contains("0 ran, 1 up to date"),
+        "{}",
+        again.stderr
+    );
+
+    // A version changed by hand is found, and the commit refuses to touch it.
+    t.write("out/features/features_v3/features.csv", "tampered\n");
+    let status = t.exec(&["status", "pipeline.yaml"]);
+    assert!(
+        status.stdout.contains("output out/features was modified"),
+        "{}",
+        status.stdout
+    );
+    let refused = t.exec(&["run", "pipeline.yaml"]);
+    assert_eq!(refused.code, 1);
+    let error = refused
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("error: stage"))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        error.contains("features_v3 was modified after it was written (`features.csv` differs from its _meta.json); versions are immutable"),
+        "{error}"
+    );
+    assert_eq!(
+        t.read("out/features/features_v3/features.csv"),
+        "tampered\n"
+    );
+}
