@@ -1037,9 +1037,6 @@ fn commit(
     if let (Some(versioning), [port], [path]) =
         (&stage.versioning, stage.outputs.as_slice(), staged)
     {
-        let crate::location::Location::Local(root) = &port.declared.location else {
-            return Err(format!("versioned output `{}` must be local", port.text));
-        };
         let pipeline = ctx.dag.pipeline();
         let input = crate::versions::MetaInput {
             pipeline: pipeline.file.display().to_string(),
@@ -1050,17 +1047,32 @@ fn commit(
             report,
             workdir: workdir.clone(),
         };
-        let committed = crate::versions::commit(path, root, versioning, input)
-            .map_err(|e| format!("output `{}`: {e}", port.text))?;
-        tracing::debug!(stage = %stage.name, version = committed.version, reused = committed.reused, "versioned commit");
-        let hash = ctx
-            .cache
-            .hash_path(&committed.dir)
-            .map_err(|e| format!("cannot hash {}: {e}", committed.dir.display()))?
-            .ok_or_else(|| format!("version {} is gone", committed.dir.display()))?;
+        let (version, reused, hash) = match &port.declared.location {
+            crate::location::Location::Local(root) => {
+                let committed = crate::versions::commit(path, root, versioning, input)
+                    .map_err(|e| format!("output `{}`: {e}", port.text))?;
+                let hash = ctx
+                    .cache
+                    .hash_path(&committed.dir)
+                    .map_err(|e| format!("cannot hash {}: {e}", committed.dir.display()))?
+                    .ok_or_else(|| format!("version {} is gone", committed.dir.display()))?;
+                (committed.version, committed.reused, hash)
+            }
+            crate::location::Location::S3 { bucket, key } => crate::versions::commit_s3(
+                &ctx.storage,
+                bucket,
+                key,
+                path,
+                versioning,
+                input,
+                &ctx.run_id,
+            )
+            .map_err(|e| format!("output `{}`: {e}", port.text))?,
+        };
+        tracing::debug!(stage = %stage.name, version, reused, "versioned commit");
         let mut outputs = BTreeMap::new();
         outputs.insert(port.declared.location.display(workdir), hash);
-        let unchanged = committed.reused;
+        let unchanged = reused;
         let mut entry = now.entry;
         entry.outputs = outputs.clone();
         return record_commit(ctx, stage, entry, outputs, unchanged);

@@ -318,6 +318,14 @@ pub fn reasons(
                 path: path.clone(),
                 source,
             })?,
+            (Some(_), Location::S3 { bucket, key }) => {
+                crate::versions::current_s3_hash(hashes.storage, bucket, key).map_err(|e| {
+                    HashError {
+                        path: path.clone(),
+                        source: std::io::Error::other(e),
+                    }
+                })?
+            }
             _ => hash_output(
                 hashes,
                 &output.declared.location,

@@ -78,7 +78,7 @@ pub struct StageSchema {
     /// A shell command run when this stage fails (instead of the pipeline's `on_failure`), with
     /// the failure as JSON on stdin.
     on_failure: Option<String>,
-    /// `auto`: the stage's one output, a local directory, holds immutable versions
+    /// `auto`: the stage's one output, a directory (local or `s3://…/`), holds immutable versions
     /// `NAME_v1/`, `NAME_v2/`, … with `_meta.json` each and a `LATEST` pointer; a new version is
     /// made only when the content differs from the latest.
     version: Option<VersionSchema>,

@@ -637,6 +637,66 @@ impl Storage {
         Ok(())
     }
 
+    /// A small object's bytes (a pointer, a metadata file); `None` when it is not there.
+    pub fn get_small(&self, bucket: &str, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        let store = self
+            .store(bucket)
+            .map_err(|r| error("read", bucket, key, r))?;
+        let path = Key::from(key);
+        let got = self
+            .block(async move {
+                match store.get(&path).await {
+                    Ok(result) => result.bytes().await.map(Some),
+                    Err(object_store::Error::NotFound { .. }) => Ok(None),
+                    Err(e) => Err(e),
+                }
+            })
+            .map_err(|r| error("read", bucket, key, r))?;
+        got.map(|b| b.map(|b| b.to_vec()))
+            .map_err(|e| describe_error("read", bucket, key, &e))
+    }
+
+    /// Writes a small object in one request.
+    pub fn put_small(&self, bucket: &str, key: &str, bytes: Vec<u8>) -> Result<(), StorageError> {
+        self.forget(bucket, key);
+        let store = self
+            .store(bucket)
+            .map_err(|r| error("upload", bucket, key, r))?;
+        let path = Key::from(key);
+        self.block(async move { store.put(&path, PutPayload::from(bytes)).await })
+            .map_err(|r| error("upload", bucket, key, r))?
+            .map(|_| ())
+            .map_err(|e| describe_error("upload", bucket, key, &e))
+    }
+
+    /// Moves every object under `from/` to `to/` (copy, then delete the original).
+    pub fn move_prefix(&self, bucket: &str, from: &str, to: &str) -> Result<(), StorageError> {
+        self.forget(bucket, from);
+        self.forget(bucket, to);
+        let objects = self.list(bucket, from)?;
+        let store = self
+            .store(bucket)
+            .map_err(|r| error("move", bucket, from, r))?;
+        let pairs: Vec<(Key, Key)> = objects
+            .iter()
+            .map(|(relative, _)| {
+                (
+                    Key::from(format!("{from}/{relative}")),
+                    Key::from(format!("{to}/{relative}")),
+                )
+            })
+            .collect();
+        self.block(async move {
+            for (source, target) in pairs {
+                store.copy(&source, &target).await?;
+                store.delete(&source).await?;
+            }
+            Ok::<_, object_store::Error>(())
+        })
+        .map_err(|r| error("move", bucket, from, r))?
+        .map_err(|e| describe_error("move", bucket, from, &e))
+    }
+
     /// Commits a staged output to S3 and returns its identity as committed.
     pub fn commit(
         &self,

@@ -240,26 +240,8 @@ pub fn commit(
             .last()
             .map_or(0, |(v, _)| *v);
         let next = list(root).last().map_or(0, |(v, _)| *v).max(archived) + 1;
-        let meta = Meta {
-            version: next,
-            name: format!("{base}_v{next}"),
-            created_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
-            pipeline: input.pipeline.clone(),
-            stage: input.stage.clone(),
-            fingerprint: input.fingerprint.clone(),
-            content_hash: content.clone(),
-            files: files.clone(),
-            inputs: input.inputs.clone(),
-            params: input.params.clone(),
-            report: input.report.clone(),
-            tables: tables.clone(),
-            imba_version: env!("CARGO_PKG_VERSION").to_owned(),
-            git_commit: git_commit.clone(),
-        };
-        let mut text = serde_json::to_vec_pretty(&meta).map_err(|e| e.to_string())?;
-        text.push(b'\n');
-        std::fs::write(staged.join(META), &text)
-            .map_err(|e| io("cannot write the version's metadata", e))?;
+        let meta = new_meta(&input, next, &base, &content, &files, &tables, &git_commit);
+        write_meta(staged, &meta)?;
         let target = root.join(&meta.name);
         match std::fs::rename(staged, &target) {
             Ok(()) => {
@@ -284,6 +266,168 @@ pub fn commit(
             }
             Err(e) => return Err(io(&format!("cannot publish {}", target.display()), e)),
         }
+    }
+}
+
+fn new_meta(
+    input: &MetaInput,
+    version: u32,
+    base: &str,
+    content: &str,
+    files: &[MetaFile],
+    tables: &Json,
+    git_commit: &Option<String>,
+) -> Meta {
+    Meta {
+        version,
+        name: format!("{base}_v{version}"),
+        created_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        pipeline: input.pipeline.clone(),
+        stage: input.stage.clone(),
+        fingerprint: input.fingerprint.clone(),
+        content_hash: content.to_owned(),
+        files: files.to_vec(),
+        inputs: input.inputs.clone(),
+        params: input.params.clone(),
+        report: input.report.clone(),
+        tables: tables.clone(),
+        imba_version: env!("CARGO_PKG_VERSION").to_owned(),
+        git_commit: git_commit.clone(),
+    }
+}
+
+fn write_meta(staged: &Path, meta: &Meta) -> Result<(), String> {
+    let mut text = serde_json::to_vec_pretty(meta).map_err(|e| e.to_string())?;
+    text.push(b'\n');
+    std::fs::write(staged.join(META), &text)
+        .map_err(|e| format!("cannot write the version's metadata: {e}"))
+}
+
+/// The versions in place under an S3 prefix, oldest first, each complete (with its manifest).
+fn s3_versions(
+    storage: &crate::storage::Storage,
+    bucket: &str,
+    key: &str,
+    base: &str,
+) -> Result<Vec<u32>, String> {
+    let mut versions: Vec<u32> = storage
+        .list(bucket, key)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .filter_map(|(relative, _)| {
+            let (folder, rest) = relative.split_once('/')?;
+            (rest == crate::storage::MANIFEST).then_some(())?;
+            parse_version(folder, base)
+        })
+        .collect();
+    versions.sort();
+    versions.dedup();
+    Ok(versions)
+}
+
+/// The identity of an S3 versioned output as status compares it: its latest complete version,
+/// found by LIST alone.
+pub fn current_s3_hash(
+    storage: &crate::storage::Storage,
+    bucket: &str,
+    key: &str,
+) -> Result<Option<ContentHash>, String> {
+    let base = base_name(Path::new(key));
+    let Some(&latest) = s3_versions(storage, bucket, key, &base)?.last() else {
+        return Ok(None);
+    };
+    storage
+        .committed_dir(bucket, &format!("{key}/{base}_v{latest}"))
+        .map_err(|e| e.to_string())
+}
+
+/// [`commit`] for an output under `s3://bucket/key/`: the version is uploaded as a directory
+/// output (staging, copy, manifest last), then `LATEST` is written, then old versions move to
+/// `archive/`. Numbers come from a listing: two runs committing the same output at the same
+/// moment on S3 are not kept apart (local outputs are, by a lock).
+pub fn commit_s3(
+    storage: &crate::storage::Storage,
+    bucket: &str,
+    key: &str,
+    staged: &Path,
+    versioning: &Versioning,
+    input: MetaInput,
+    run: &str,
+) -> Result<(u32, bool, ContentHash), String> {
+    let files = files_of(staged).map_err(|e| format!("cannot read the staged output: {e}"))?;
+    let content = content_hash(&files);
+    let base = base_name(Path::new(key));
+    let in_place = s3_versions(storage, bucket, key, &base)?;
+    if let Some(&latest) = in_place.last() {
+        let name = format!("{base}_v{latest}");
+        if let Some(bytes) = storage
+            .get_small(bucket, &format!("{key}/{name}/{META}"))
+            .map_err(|e| e.to_string())?
+        {
+            let meta: Meta = serde_json::from_slice(&bytes)
+                .map_err(|e| format!("s3://{bucket}/{key}/{name}/{META} is not valid: {e}"))?;
+            if meta.content_hash == content {
+                let hash = storage
+                    .committed_dir(bucket, &format!("{key}/{name}"))
+                    .map_err(|e| e.to_string())?
+                    .ok_or_else(|| format!("s3://{bucket}/{key}/{name} is gone"))?;
+                return Ok((latest, true, hash));
+            }
+        }
+    }
+    let archive = archive_key(key);
+    let archived = s3_versions(storage, bucket, &archive, &base)?;
+    let next = in_place
+        .last()
+        .copied()
+        .unwrap_or(0)
+        .max(archived.last().copied().unwrap_or(0))
+        + 1;
+    let tables = describe_tables(staged, &files);
+    let meta = new_meta(
+        &input,
+        next,
+        &base,
+        &content,
+        &files,
+        &tables,
+        &git_commit(&input.workdir),
+    );
+    write_meta(staged, &meta)?;
+    let version_key = format!("{key}/{}", meta.name);
+    let hash = storage
+        .commit(bucket, &version_key, staged, true, run)
+        .map_err(|e| e.to_string())?;
+    storage
+        .put_small(
+            bucket,
+            &format!("{key}/{LATEST}"),
+            format!("{}\n", meta.name).into_bytes(),
+        )
+        .map_err(|e| e.to_string())?;
+    if let Some(keep) = versioning.keep {
+        let mut all = in_place.clone();
+        all.push(next);
+        let excess = all.len().saturating_sub(keep.max(1) as usize);
+        for version in &all[..excess] {
+            let name = format!("{base}_v{version}");
+            storage
+                .move_prefix(
+                    bucket,
+                    &format!("{key}/{name}"),
+                    &format!("{archive}/{name}"),
+                )
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    Ok((next, false, hash))
+}
+
+/// `archive/` beside an S3 output prefix.
+fn archive_key(key: &str) -> String {
+    match key.rsplit_once('/') {
+        Some((parent, _)) => format!("{parent}/archive"),
+        None => "archive".to_owned(),
     }
 }
 

@@ -508,3 +508,79 @@ fn killing_imba_mid_upload_loses_nothing() {
     assert_eq!(server.read("out/parts/a.csv").unwrap(), b"a\n2\n");
     assert_eq!(t.read("out/local.csv"), "a\n2\n");
 }
+
+/// `version: auto` on an S3 prefix: versions uploaded whole (manifest last), `LATEST`, the same
+/// content reusing the latest version, `keep` moving old ones to `archive/`.
+#[test]
+fn versions_on_s3() {
+    let server = S3Server::start();
+    server.put("raw/orders.csv", "user_id,days\n1,3\n1,5\n2,7\n");
+    let t = Test::new().pipeline(
+        r#"
+stages:
+  user_features:
+    uses: feature
+    inputs: {orders: s3://bucket/raw/orders.csv}
+    outputs: {features: s3://bucket/out/features/}
+    version: auto
+    keep: 1
+    params:
+      entity: user_id
+      formats: [csv]
+      groups:
+        - name: orders
+          from: orders
+          features:
+            - order_count: count(*)
+"#,
+    );
+    assert_eq!(run(&t, &server, &["run", "pipeline.yaml"]).code, 0);
+    assert_eq!(
+        server.read("out/features/LATEST").unwrap(),
+        b"features_v1\n"
+    );
+    assert_eq!(
+        server
+            .read("out/features/features_v1/features.csv")
+            .unwrap(),
+        b"user_id,order_count\n1,2\n2,1\n"
+    );
+    assert!(server
+        .read("out/features/features_v1/_imba_manifest.json")
+        .is_some());
+    assert!(server.read("out/features/features_v1/_meta.json").is_some());
+
+    server.reset_counts();
+    let again = run(&t, &server, &["run", "pipeline.yaml"]);
+    assert!(
+        again.stderr.contains("0 ran, 1 up to date"),
+        "{}",
+        again.stderr
+    );
+    assert_eq!(
+        server.counts().get("GET object"),
+        0,
+        "{:?}",
+        server.counts()
+    );
+    let forced = run(&t, &server, &["run", "pipeline.yaml", "--force"]);
+    assert!(
+        forced.stderr.contains("outputs unchanged"),
+        "{}",
+        forced.stderr
+    );
+
+    server.put("raw/orders.csv", "user_id,days\n1,3\n2,7\n");
+    assert_eq!(run(&t, &server, &["run", "pipeline.yaml"]).code, 0);
+    assert_eq!(
+        server.read("out/features/LATEST").unwrap(),
+        b"features_v2\n"
+    );
+    assert_eq!(
+        server.read("out/archive/features_v1/features.csv").unwrap(),
+        b"user_id,order_count\n1,2\n2,1\n"
+    );
+    assert!(server
+        .read("out/features/features_v1/features.csv")
+        .is_none());
+}

@@ -174,7 +174,7 @@ pub fn resolve(
     })
 }
 
-/// `version: auto` and `keep: N`, on a stage with one local directory output.
+/// `version: auto` and `keep: N`, on a stage with one directory output (local or S3).
 fn versioning(
     spec: &StageSpec,
     outputs: Option<&[Port]>,
@@ -211,12 +211,11 @@ fn versioning(
         },
     };
     if let Some(outputs) = outputs {
-        let fits = matches!(outputs, [one] if one.declared.dir
-            && matches!(one.declared.location, crate::location::Location::Local(_)));
+        let fits = matches!(outputs, [one] if one.declared.dir);
         if !fits {
             diagnostics.push(
                 Diagnostic::error(format!(
-                    "stage `{}` is versioned, so it needs exactly one output, a local directory (ending in `/`) that holds the versions",
+                    "stage `{}` is versioned, so it needs exactly one output, a directory (ending in `/`) that holds the versions",
                     spec.name.name
                 ))
                 .at(key.span, "versioned here")
