@@ -230,8 +230,7 @@ pub fn commit(
         .map_err(|e| io(&format!("cannot create {}", root.display()), e))?;
     // One commit at a time per output, across processes: numbering, LATEST and retention move
     // together. (Publishing by an exclusive rename keeps numbers unique even without it.)
-    let _held = Held::lock(&root.join(".versions.lock"))
-        .map_err(|e| io(&format!("cannot lock {}", root.display()), e))?;
+    let _held = Held::lock(root).map_err(|e| io(&format!("cannot lock {}", root.display()), e))?;
     let base = base_name(root);
     let tables = describe_tables(staged, &files);
     let git_commit = git_commit(&input.workdir);
@@ -431,19 +430,16 @@ fn archive_key(key: &str) -> String {
     }
 }
 
-/// An exclusive `flock` on a file, released when dropped (or when the process dies).
+/// An exclusive `flock` on the output directory itself (no lock file among the versions),
+/// released when dropped or when the process dies.
 struct Held {
     _file: std::fs::File,
 }
 
 impl Held {
-    fn lock(path: &Path) -> std::io::Result<Held> {
+    fn lock(dir: &Path) -> std::io::Result<Held> {
         use std::os::fd::AsRawFd;
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)?;
+        let file = std::fs::File::open(dir)?;
         // SAFETY: flock on a descriptor this function owns.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
             return Err(std::io::Error::last_os_error());

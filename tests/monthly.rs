@@ -210,15 +210,121 @@ fn a_second_run_skips_every_stage_and_out_moves_the_layout() {
         "diagnostics/diagnostics.json",
         "diagnostics/plots/days_imp_density.png",
         "diagnostics/plots/days_imp_trace.svg",
+        "features/LATEST",
+        "features/features_v1/features.parquet",
+        "features/features_v1/_meta.json",
     ] {
         assert!(t.path().join("out/2017-05").join(path).is_file(), "{path}");
     }
     let second = t.exec(&["run", "pipelines/monthly.yaml", "--set", "out=out/2017-05"]);
     assert!(
-        second.stderr.contains("0 ran, 4 up to date"),
+        second.stderr.contains("0 ran, 5 up to date"),
         "{}",
         second.stderr
     );
+}
+
+/// The user features, checked row by row against the cleaned orders and the imputed mean table
+/// the same run wrote, recomputed here without SQL.
+#[test]
+fn user_features_agree_with_the_tables_they_come_from() {
+    use imba_stages::polars::prelude::*;
+    let t = monthly();
+    let out = t.exec(&["run", "pipelines/monthly.yaml"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let read = |path: &str| {
+        let file = std::fs::File::open(t.path().join("out/monthly").join(path)).unwrap();
+        ParquetReader::new(file).finish().unwrap()
+    };
+    let orders = read("cleaned/orders.parquet");
+    let imputed = read("imputed/imputed_mean.parquet");
+    let features = read("features/features_v1/features.parquet");
+    let ints = |df: &DataFrame, c: &str| -> Vec<Option<i64>> {
+        df.column(c)
+            .unwrap()
+            .cast(&DataType::Int64)
+            .unwrap()
+            .i64()
+            .unwrap()
+            .iter()
+            .collect()
+    };
+    // Per user: orders, sum and count of days, count at the cap, Sunday orders, evening orders.
+    let mut per_user: BTreeMap<i64, (f64, f64, f64, f64, f64, f64)> = BTreeMap::new();
+    let users = ints(&orders, "user_id");
+    let days = floats(&orders, "days_since_prior_order");
+    let dow = ints(&orders, "order_dow");
+    let hour = ints(&orders, "order_hour_of_day");
+    for i in 0..orders.height() {
+        let Some(user) = users[i] else { continue };
+        let entry = per_user.entry(user).or_default();
+        entry.0 += 1.0;
+        if let Some(d) = days[i] {
+            entry.1 += d;
+            entry.2 += 1.0;
+            if d == 30.0 {
+                entry.3 += 1.0;
+            }
+        }
+        if dow[i] == Some(0) {
+            entry.4 += 1.0;
+        }
+        if hour[i].is_some_and(|h| h >= 18) {
+            entry.5 += 1.0;
+        }
+    }
+    let feature_users = ints(&features, "user_id");
+    assert_eq!(
+        feature_users.iter().map(|u| u.unwrap()).collect::<Vec<_>>(),
+        per_user.keys().copied().collect::<Vec<_>>(),
+        "one row per user with an order, sorted"
+    );
+    let count = floats(&features, "order_count");
+    let mean = floats(&features, "days_mean");
+    let capped = floats(&features, "capped_share");
+    let sunday = floats(&features, "dow_0_share");
+    let evening = floats(&features, "evening_share");
+    let close =
+        |a: Option<f64>, b: f64| a.is_some_and(|a| (a - b).abs() <= 1e-9 * b.abs().max(1.0));
+    for (row, (user, (n, sum, with_days, at_cap, sundays, evenings))) in per_user.iter().enumerate()
+    {
+        assert_eq!(count[row], Some(*n), "user {user}");
+        if *with_days > 0.0 {
+            assert!(
+                close(mean[row], sum / with_days),
+                "user {user}: {:?}",
+                mean[row]
+            );
+        } else {
+            assert_eq!(mean[row], None, "user {user}");
+        }
+        assert!(close(capped[row], at_cap / n), "user {user}");
+        assert!(close(sunday[row], sundays / n), "user {user}");
+        assert!(close(evening[row], evenings / n), "user {user}");
+    }
+    // The imputed columns are the mean table's, matched by user.
+    let imputed_users = ints(&imputed, "user_id");
+    let imputed_days = floats(&imputed, "days_imp");
+    let by_user: BTreeMap<i64, Option<f64>> = imputed_users
+        .iter()
+        .zip(&imputed_days)
+        .map(|(u, d)| (u.unwrap(), *d))
+        .collect();
+    let feature_days = floats(&features, "days_imp");
+    for (row, user) in per_user.keys().enumerate() {
+        assert_eq!(
+            feature_days[row],
+            by_user.get(user).copied().flatten(),
+            "user {user}"
+        );
+    }
+    let meta: serde_json::Value =
+        serde_json::from_str(&t.read("out/monthly/features/features_v1/_meta.json")).unwrap();
+    assert_eq!(
+        meta["report"]["descriptions"]["order_count"],
+        "Orders placed"
+    );
+    assert_eq!(meta["tables"]["features.parquet"]["rows"], per_user.len());
 }
 
 /// The seed's alarm ("清洗行数变化 > X%"): a month whose cleaned orders fall by more than 20%
@@ -439,6 +545,7 @@ fn the_imputed_outputs_agree_with_each_other_and_repeat_exactly() {
             "days_imp",
             "days_imp_std",
             "frequency",
+            "frequency_std",
             "was_missing"
         ]
     );

@@ -375,11 +375,11 @@ pub fn compute(
         }
         let mut context = polars::sql::SQLContext::new();
         context.register("t", table.clone().lazy());
-        let filter = group
-            .filter
-            .as_ref()
-            .map(|f| format!(" WHERE {f}"))
-            .unwrap_or_default();
+        // A row without its entity belongs to no one.
+        let filter = match &group.filter {
+            Some(f) => format!(" WHERE {} IS NOT NULL AND ({f})", quoted(entity)),
+            None => format!(" WHERE {} IS NOT NULL", quoted(entity)),
+        };
         let frame = if !group.features.is_empty() {
             // Each feature alone on an empty table first, so that an error names its feature.
             let empty = table.clear();
@@ -508,10 +508,10 @@ mod tests {
     }
 
     /// Three users: 2 has three orders (one on a Sunday, one in the old month), 1 has two, 3
-    /// has one order and no imputed row.
+    /// has one order and no imputed row; one order has no user, and counts for no one.
     fn tables() -> BTreeMap<String, DataFrame> {
         let orders = frame(
-            "user_id,order_id,days,dow,month\n2,10,4.0,0,2017-05\n1,11,,3,2017-05\n2,12,8.0,2,2017-05\n1,13,6.0,6,2017-04\n2,14,,1,2017-03\n3,15,30.0,5,2017-05\n",
+            "user_id,order_id,days,dow,month\n2,10,4.0,0,2017-05\n1,11,,3,2017-05\n2,12,8.0,2,2017-05\n1,13,6.0,6,2017-04\n2,14,,1,2017-03\n3,15,30.0,5,2017-05\n,16,2.0,3,2017-05\n",
         );
         let imputed = frame("user_id,days_imp\n1,12.5\n2,7.0\n");
         BTreeMap::from([

@@ -123,7 +123,8 @@ pub struct Impute;
 
 impl BuiltinStage for Impute {
     const NAME: &'static str = "impute";
-    const VERSION: u32 = 1;
+    // 2: the mean table has a `_std` column for every imputed column, complete or not.
+    const VERSION: u32 = 2;
     const SUMMARY: &'static str =
         "MICE multiple imputation (pmm, norm, censored), M chains in parallel";
     type Params = ImputeParams;
@@ -136,7 +137,7 @@ impl BuiltinStage for Impute {
         crate::ports::named_outputs(outputs, &["imputed"], &[])
     }
 
-    /// The long table's columns do not depend on the data (the mean table's `_std` columns do).
+    /// Neither the long table's columns nor the mean table's depend on the data.
     fn output_columns(
         params: &ImputeParams,
         _inputs: &[Option<Vec<String>>],
@@ -144,12 +145,26 @@ impl BuiltinStage for Impute {
         let mut columns = vec!["impute_id".to_owned()];
         columns.extend(params.id.iter().cloned());
         columns.extend(params.columns.iter().cloned());
-        vec![crate::OutputColumns {
-            output: "imputed",
-            position: 0,
-            file: Some("imputed_long.parquet".to_owned()),
-            columns,
-        }]
+        let mut mean: Vec<String> = params.id.iter().cloned().collect();
+        for column in &params.columns {
+            mean.push(column.clone());
+            mean.push(format!("{column}_std"));
+        }
+        mean.push("was_missing".to_owned());
+        vec![
+            crate::OutputColumns {
+                output: "imputed",
+                position: 0,
+                file: Some("imputed_long.parquet".to_owned()),
+                columns,
+            },
+            crate::OutputColumns {
+                output: "imputed",
+                position: 0,
+                file: Some("imputed_mean.parquet".to_owned()),
+                columns: mean,
+            },
+        ]
     }
 
     fn check_params(params: &ImputeParams) -> Vec<crate::ParamsError> {
@@ -408,7 +423,16 @@ fn write_outputs(
                 mean_columns.push(Column::new(column.as_str().into(), means));
                 mean_columns.push(Column::new(format!("{column}_std").into(), stds));
             }
-            None => mean_columns.push(df.column(column).map_err(polars)?.clone()),
+            // Nothing was missing: no spread, but the same columns, so that readers of the
+            // table need not know whether this month had censored values.
+            None => {
+                mean_columns.push(df.column(column).map_err(polars)?.clone());
+                mean_columns.push(Column::full_null(
+                    format!("{column}_std").into(),
+                    rows,
+                    &DataType::Float64,
+                ));
+            }
         }
     }
     let mut was_missing = vec![false; rows];
