@@ -58,6 +58,9 @@ pub enum Command {
     Show(ShowArgs),
     /// Print the latest result of every stage's checks as a table.
     Checks(ChecksArgs),
+    /// List the versions of a versioned output (`imba versions FILE [STAGE]`), or compare two
+    /// (`imba versions diff FILE V1 V2`).
+    Versions(VersionsArgs),
     /// List the built-in stages and their implementation versions.
     Stages,
     /// Print the JSON Schema of pipeline files, for editors.
@@ -148,6 +151,46 @@ pub struct ChecksArgs {
     /// JSON, for scripts.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct VersionsArgs {
+    #[command(subcommand)]
+    pub diff: Option<VersionsCommand>,
+    /// The pipeline file.
+    #[arg(required = true)]
+    pub file: Option<PathBuf>,
+    /// The versioned stage (default: the only one).
+    pub stage: Option<String>,
+    /// Override a var, as for `run`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Merge a YAML file of vars, as for `run`.
+    #[arg(long = "vars", value_name = "FILE")]
+    pub vars: Vec<PathBuf>,
+    /// JSON, for scripts.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VersionsCommand {
+    /// Compare two versions: columns added and removed, row count, per-column mean.
+    Diff {
+        #[command(flatten)]
+        pipeline: PipelineArgs,
+        /// The older version: `3`, `v3` or `features_v3`.
+        from: String,
+        /// The newer version.
+        to: String,
+        /// The versioned stage (default: the only one).
+        #[arg(long)]
+        stage: Option<String>,
+        /// JSON, for scripts.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -272,6 +315,7 @@ pub fn run(cli: Cli, printer: &Printer) -> ExitCode {
         Command::Log(args) => log_command(args, &registry, printer),
         Command::Show(args) => show_command(args, &registry, printer),
         Command::Checks(args) => checks_command(args, &registry, printer),
+        Command::Versions(args) => versions_command(args, &registry, printer),
         Command::Stages => {
             let mut out = String::new();
             for builtin in registry.iter() {
@@ -632,6 +676,82 @@ fn log_command(args: LogArgs, registry: &Registry, printer: &Printer) -> ExitCod
     }
     printer.data(&out);
     ExitCode::SUCCESS
+}
+
+fn versions_command(args: VersionsArgs, registry: &Registry, printer: &Printer) -> ExitCode {
+    let (pipeline, stage, json, diff) = match args.diff {
+        Some(VersionsCommand::Diff {
+            pipeline,
+            from,
+            to,
+            stage,
+            json,
+        }) => (pipeline, stage, json, Some((from, to))),
+        None => (
+            PipelineArgs {
+                file: args.file.unwrap_or_default(),
+                set: args.set,
+                vars: args.vars,
+            },
+            args.stage,
+            args.json,
+            None,
+        ),
+    };
+    let dag = match checked_dag(&pipeline, registry, printer) {
+        Ok(dag) => dag,
+        Err(code) => return code,
+    };
+    let versioned: Vec<&config::Stage> = dag
+        .pipeline()
+        .stages
+        .iter()
+        .filter(|s| s.versioning.is_some())
+        .collect();
+    let chosen = match (&stage, versioned.as_slice()) {
+        (Some(name), _) => versioned.iter().find(|s| &s.name == name).copied(),
+        (None, [one]) => Some(*one),
+        (None, _) => None,
+    };
+    let Some(stage) = chosen else {
+        let names: Vec<String> = versioned.iter().map(|s| format!("`{}`", s.name)).collect();
+        printer.error(&match (&stage, names.is_empty()) {
+            (_, true) => "no stage of this pipeline has `version: auto`".to_owned(),
+            (Some(name), false) => format!(
+                "stage `{name}` is not versioned; the versioned stages are {}",
+                names.join(", ")
+            ),
+            (None, false) => format!(
+                "this pipeline has several versioned stages ({}): name one",
+                names.join(", ")
+            ),
+        });
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let root = match &stage.outputs[0].declared.location {
+        crate::location::Location::Local(root) => root.clone(),
+        crate::location::Location::S3 { .. } => {
+            printer.error(
+                "listing versions on S3 is not supported yet: list the prefix with the AWS CLI",
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let shown = stage.outputs[0].text.clone();
+    let result = match diff {
+        None => crate::versions::report_list(&root, &shown, json),
+        Some((from, to)) => crate::versions::report_diff(&root, &from, &to, json),
+    };
+    match result {
+        Ok(text) => {
+            printer.data(&text);
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            printer.error(&message);
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
 }
 
 fn checks_command(args: ChecksArgs, registry: &Registry, printer: &Printer) -> ExitCode {

@@ -130,3 +130,36 @@ fn versions_are_made_only_when_the_content_changes_and_never_rewritten() {
         "tampered\n"
     );
 }
+
+#[test]
+fn imba_versions_lists_and_compares() {
+    let t = Test::new()
+        .file("orders.csv", "user_id,days\n1,3\n1,5\n2,7\n")
+        .pipeline(PIPELINE);
+    run(&t, &[]);
+    t.write("orders.csv", "user_id,days\n1,3\n1,5\n2,7\n3,9\n");
+    run(&t, &[]);
+    t.write(
+        "pipeline.yaml",
+        PIPELINE.replace(
+            "            - days_mean: avg(days)\n",
+            "            - days_mean: avg(days)\n            - days_max: max(days)\n",
+        ),
+    );
+    run(&t, &[]);
+    let list = t.exec(&["versions", "pipeline.yaml"]);
+    let diff = t.exec(&["versions", "diff", "pipeline.yaml", "v1", "3"]);
+    let missing = t.exec(&["versions", "diff", "pipeline.yaml", "1", "v7"]);
+    insta::with_settings!({filters => vec![
+        (r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", "[CREATED]"),
+        (r"  [0-9a-f]{12}  ", "  [FINGERPRINT]  "),
+    ]}, {
+        insta::assert_snapshot!(format!("{}\n{}\n{}", list.all(), diff.all(), missing.all()));
+    });
+    let json: serde_json::Value =
+        serde_json::from_str(&t.exec(&["versions", "pipeline.yaml", "--json"]).stdout).unwrap();
+    assert_eq!(json[1]["changed"], serde_json::json!(["orders.csv"]));
+    assert_eq!(json[2]["changed"], serde_json::json!(["params"]));
+    assert_eq!(json[2]["latest"], true);
+    assert_eq!(json[0]["archived"], true);
+}
