@@ -163,3 +163,44 @@ fn imba_versions_lists_and_compares() {
     assert_eq!(json[2]["latest"], true);
     assert_eq!(json[0]["archived"], true);
 }
+
+/// `kill -9` while a versioned stage is writing: no half-written version appears, and the next
+/// run makes the version whole.
+#[test]
+fn a_killed_run_leaves_no_partial_version() {
+    let t = Test::new().pipeline(
+        "stages:\n  parts:\n    cmd: echo a > {{ outputs[0] }}/a.csv && if [ -e slow ]; then sleep 30; fi && echo b > {{ outputs[0] }}/b.csv\n    outputs: [out/parts/]\n    version: auto\n",
+    );
+    t.write("slow", "");
+    let mut child = t
+        .command(&["run", "pipeline.yaml"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let staged = |dir: &std::path::Path| {
+        walkdir::WalkDir::new(dir)
+            .into_iter()
+            .flatten()
+            .any(|e| e.file_name() == "a.csv")
+    };
+    while !staged(&t.path().join(".imba/staging")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stage never started writing"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        !t.path().join("out/parts/parts_v1").exists(),
+        "no version before the stage finished"
+    );
+    assert!(!t.path().join("out/parts/LATEST").exists());
+
+    std::fs::remove_file(t.path().join("slow")).unwrap();
+    run(&t, &[]);
+    assert_eq!(t.read("out/parts/LATEST"), "parts_v1\n");
+    assert_eq!(t.read("out/parts/parts_v1/b.csv"), "b\n");
+}
