@@ -71,19 +71,11 @@ pub struct ObjectInfo {
     pub version: Option<String>,
 }
 
-/// One file of a directory output, in its manifest.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-struct ManifestFile {
-    path: String,
-    size: u64,
-    blake3: String,
-}
-
 /// Nothing run-specific: the same files give the same manifest, and so the same identity.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Manifest {
     imba_manifest: u32,
-    files: Vec<ManifestFile>,
+    files: Vec<crate::versions::MetaFile>,
 }
 
 /// The S3 side of a run: clients per bucket, built on first use, and a runtime of their own so
@@ -713,38 +705,19 @@ impl Storage {
                 error("upload", bucket, key, "the object is gone after its upload")
             });
         }
-        let mut files = Vec::new();
-        for entry in walkdir::WalkDir::new(staged).sort_by_file_name() {
-            let entry = entry.map_err(|e| error("upload", bucket, key, e.to_string()))?;
-            if entry.file_type().is_file() {
-                let relative = entry
-                    .path()
-                    .strip_prefix(staged)
-                    .unwrap_or(entry.path())
-                    .to_string_lossy()
-                    .replace('\\', "/");
-                files.push((relative, entry.path().to_path_buf()));
-            }
-        }
+        let files = crate::versions::files_in(staged, None)
+            .map_err(|e| error("upload", bucket, key, e.to_string()))?;
         let before = self.list(bucket, key)?;
         // 1. Everything to staging: nothing under the prefix changes if this fails.
         // By output, then run: a later commit of the same output finds what killed runs left.
         let staging_root = format!("{STAGING_PREFIX}/{key}");
         let staging = format!("{staging_root}/{run}");
-        let mut manifest = Manifest {
-            imba_manifest: 1,
-            files: Vec::new(),
-        };
-        for (relative, path) in &files {
-            self.upload_file(bucket, &format!("{staging}/{relative}"), path)?;
-            let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-            let hash = crate::hash::hash_file_contents(path, size)
-                .map_err(|e| error("upload", bucket, key, e.to_string()))?;
-            manifest.files.push(ManifestFile {
-                path: relative.clone(),
-                size,
-                blake3: hash,
-            });
+        for file in &files {
+            self.upload_file(
+                bucket,
+                &format!("{staging}/{}", file.path),
+                &staged.join(&file.path),
+            )?;
         }
         // 2. Into place, server-side.
         let store = self
@@ -752,10 +725,10 @@ impl Storage {
             .map_err(|r| error("upload", bucket, key, r))?;
         let pairs: Vec<(Key, Key)> = files
             .iter()
-            .map(|(relative, _)| {
+            .map(|file| {
                 (
-                    Key::from(format!("{staging}/{relative}")),
-                    Key::from(format!("{key}/{relative}")),
+                    Key::from(format!("{staging}/{}", file.path)),
+                    Key::from(format!("{key}/{}", file.path)),
                 )
             })
             .collect();
@@ -773,6 +746,10 @@ impl Storage {
         .map_err(|r| error("upload", bucket, key, r))?
         .map_err(|e| describe_error("upload", bucket, key, &e))?;
         // 3. The manifest, last: the commit marker.
+        let manifest = Manifest {
+            imba_manifest: 1,
+            files: files.clone(),
+        };
         let text = serde_json::to_vec_pretty(&manifest)
             .map_err(|e| error("upload", bucket, key, e.to_string()))?;
         let manifest_key = Key::from(format!("{key}/{MANIFEST}"));
@@ -783,7 +760,7 @@ impl Storage {
         // Then the old version's leftovers and the staging copies go.
         let keep: std::collections::BTreeSet<&str> = files
             .iter()
-            .map(|(relative, _)| relative.as_str())
+            .map(|file| file.path.as_str())
             .chain([MANIFEST])
             .collect();
         let mut doomed: Vec<Key> = before
@@ -794,7 +771,7 @@ impl Storage {
         doomed.extend(
             files
                 .iter()
-                .map(|(relative, _)| Key::from(format!("{staging}/{relative}"))),
+                .map(|file| Key::from(format!("{staging}/{}", file.path))),
         );
         // Uploads of runs that were killed before their commit, a day old or more (younger ones
         // may belong to a run still going, on another machine).

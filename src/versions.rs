@@ -131,6 +131,12 @@ pub fn read_meta(dir: &Path) -> Result<Meta, String> {
 
 /// The files of a folder, relative, with sizes and BLAKE3, `_meta.json` left out.
 fn files_of(dir: &Path) -> std::io::Result<Vec<MetaFile>> {
+    files_in(dir, Some(META))
+}
+
+/// The files under `dir` (but `skip`), sorted, each with its relative path, size and BLAKE3:
+/// what a version's metadata and an S3 prefix's manifest list.
+pub(crate) fn files_in(dir: &Path, skip: Option<&str>) -> std::io::Result<Vec<MetaFile>> {
     let mut files = Vec::new();
     for entry in walkdir::WalkDir::new(dir).sort_by_file_name() {
         let entry = entry.map_err(std::io::Error::other)?;
@@ -143,7 +149,7 @@ fn files_of(dir: &Path) -> std::io::Result<Vec<MetaFile>> {
             .unwrap_or(entry.path())
             .to_string_lossy()
             .replace('\\', "/");
-        if relative == META {
+        if Some(relative.as_str()) == skip {
             continue;
         }
         let size = entry.metadata().map_err(std::io::Error::other)?.len();
