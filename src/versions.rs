@@ -49,7 +49,10 @@ pub struct Meta {
     pub files: Vec<MetaFile>,
     /// The stage's inputs with their hashes, when the version was made.
     pub inputs: Json,
+    /// The definitions (the stage's params), and their hash over a canonical encoding.
     pub params: Json,
+    #[serde(default)]
+    pub definitions_hash: String,
     /// What the stage reported (a feature stage: its features and their descriptions).
     #[serde(default)]
     pub report: Json,
@@ -294,6 +297,7 @@ fn new_meta(
         files: files.to_vec(),
         inputs: input.inputs.clone(),
         params: input.params.clone(),
+        definitions_hash: crate::lock::fingerprint(&input.params),
         report: input.report.clone(),
         tables: tables.clone(),
         imba_version: env!("CARGO_PKG_VERSION").to_owned(),

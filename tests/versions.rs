@@ -63,6 +63,7 @@ fn versions_are_made_only_when_the_content_changes_and_never_rewritten() {
     );
     assert_eq!(meta["files"].as_array().unwrap().len(), 2);
     assert!(meta["inputs"]["orders.csv"]["hash"].is_string());
+    assert_eq!(meta["definitions_hash"].as_str().map(str::len), Some(64));
 
     // Forced, same bytes: the same version, nothing new.
     let forced = run(&t, &["--force"]);
