@@ -173,8 +173,11 @@ fn a_killed_run_leaves_no_partial_version() {
         "stages:\n  parts:\n    cmd: echo a > {{ outputs[0] }}/a.csv && if [ -e slow ]; then sleep 30; fi && echo b > {{ outputs[0] }}/b.csv\n    outputs: [out/parts/]\n    version: auto\n",
     );
     t.write("slow", "");
+    // No pipes: the stage's `sleep`, left behind by the kill, must not hold the test's output open.
     let mut child = t
         .command(&["run", "pipeline.yaml"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
