@@ -648,6 +648,31 @@ impl Storage {
             .map_err(|e| describe_error("read", bucket, key, &e))
     }
 
+    /// Creates `key` only if nothing is there (`If-None-Match: *`): `true` when this call
+    /// created it, `false` when it existed. Two runs claiming the same key: one wins.
+    pub fn claim(&self, bucket: &str, key: &str) -> Result<bool, StorageError> {
+        let store = self
+            .store(bucket)
+            .map_err(|r| error("upload", bucket, key, r))?;
+        let path = Key::from(key);
+        let outcome = self
+            .block(async move {
+                let options = object_store::PutOptions {
+                    mode: object_store::PutMode::Create,
+                    ..Default::default()
+                };
+                store
+                    .put_opts(&path, PutPayload::from_static(b"claimed\n"), options)
+                    .await
+            })
+            .map_err(|r| error("upload", bucket, key, r))?;
+        match outcome {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(describe_error("upload", bucket, key, &e)),
+        }
+    }
+
     /// Writes a small object in one request.
     pub fn put_small(&self, bucket: &str, key: &str, bytes: Vec<u8>) -> Result<(), StorageError> {
         self.forget(bucket, key);

@@ -350,10 +350,9 @@ pub fn current_s3_hash(
         .map_err(|e| e.to_string())
 }
 
-/// [`commit`] for an output under `s3://bucket/key/`: the version is uploaded as a directory
-/// output (staging, copy, manifest last), then `LATEST` is written, then old versions move to
-/// `archive/`. Numbers come from a listing: two runs committing the same output at the same
-/// moment on S3 are not kept apart (local outputs are, by a lock).
+/// [`commit`] for an output under `s3://bucket/key/`: a number is claimed with a conditional
+/// PUT, the version is uploaded as a directory output (staging, copy, manifest last), then
+/// `LATEST` is written, then old versions move to `archive/`.
 pub fn commit_s3(
     storage: &crate::storage::Storage,
     bucket: &str,
@@ -386,12 +385,23 @@ pub fn commit_s3(
     }
     let archive = archive_key(key);
     let archived = s3_versions(storage, bucket, &archive, &base)?;
-    let next = in_place
+    let mut next = in_place
         .last()
         .copied()
         .unwrap_or(0)
         .max(archived.last().copied().unwrap_or(0))
         + 1;
+    // A number is taken by creating its claim only if it is not there (`If-None-Match`): two
+    // runs committing at once get different numbers.
+    while !storage
+        .claim(
+            bucket,
+            &format!(".imba-staging/{key}/claims/{base}_v{next}"),
+        )
+        .map_err(|e| e.to_string())?
+    {
+        next += 1;
+    }
     let tables = describe_tables(staged, &files);
     let meta = new_meta(
         &input,

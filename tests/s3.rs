@@ -590,3 +590,27 @@ stages:
         .read("out/features/features_v1/features.csv")
         .is_none());
 }
+
+/// A version number another run has claimed (and is still uploading) is not taken again: the
+/// claim is a conditional PUT, so two runs committing at once get different numbers.
+#[test]
+fn a_claimed_version_number_is_not_reused_on_s3() {
+    let server = S3Server::start();
+    server.put("raw/orders.csv", "user_id,days\n1,3\n");
+    server.put(".imba-staging/out/features/claims/features_v1", "claimed\n");
+    let t = Test::new().pipeline(
+        "stages:\n  f:\n    uses: feature\n    inputs: {orders: s3://bucket/raw/orders.csv}\n    outputs: {features: s3://bucket/out/features/}\n    version: auto\n    params:\n      entity: user_id\n      groups:\n        - name: g\n          from: orders\n          features:\n            - n: count(*)\n",
+    );
+    let out = run(&t, &server, &["run", "pipeline.yaml"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(
+        server.read("out/features/LATEST").unwrap(),
+        b"features_v2\n"
+    );
+    assert!(server
+        .read("out/features/features_v1/features.parquet")
+        .is_none());
+    assert!(server
+        .read("out/features/features_v2/features.parquet")
+        .is_some());
+}
