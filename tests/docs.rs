@@ -78,3 +78,91 @@ fn the_format_reference_covers_every_key() {
         );
     }
 }
+
+/// `docs/errors.md`: every rendered error the snapshot tests pin down, exactly as a user sees
+/// it, generated from `tests/snapshots/` so that the catalogue cannot drift.
+#[test]
+fn error_catalogue_is_up_to_date() {
+    let path = common::repo().join("docs/errors.md");
+    let generated = error_catalogue();
+    if std::fs::read_to_string(&path).unwrap_or_default() != generated {
+        if std::env::var_os("IMBA_UPDATE_DOCS").is_some() {
+            std::fs::write(&path, generated).unwrap();
+        } else {
+            panic!(
+                "docs/errors.md is out of date: run `IMBA_UPDATE_DOCS=1 cargo test --test docs`"
+            );
+        }
+    }
+}
+
+fn error_catalogue() -> String {
+    let sections = [
+        (
+            "validate",
+            "Pipeline files (`imba validate`, and every command that reads a pipeline; exit 2)",
+        ),
+        ("params", "Params and `--set` (exit 2)"),
+        ("cli", "The command line (exit 2)"),
+        ("run", "Running (`imba run`; a failed stage exits 1)"),
+        (
+            "checks",
+            "Checks (`checks:` and `on_failure`; a failed check exits 1)",
+        ),
+        ("monthly", "Built-in stages"),
+        ("versions", "Versions"),
+        ("dag", "Drawing the graph"),
+    ];
+    let mut snapshots: Vec<(String, String)> =
+        std::fs::read_dir(common::repo().join("tests/snapshots"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "snap"))
+            .map(|p| {
+                let name = p.file_stem().unwrap().to_string_lossy().into_owned();
+                let text = std::fs::read_to_string(&p).unwrap();
+                // The body: what follows the second `---` line of insta's header.
+                let body = text
+                    .splitn(3, "---\n")
+                    .nth(2)
+                    .unwrap_or_default()
+                    .to_owned();
+                (name, body)
+            })
+            .filter(|(_, body)| body.contains("error:") || body.contains("warning:"))
+            .collect();
+    snapshots.sort();
+    let mut out = String::from(
+        "# Error catalogue\n\n\
+         Every error and warning below is what imba prints, word for word, in the situation its title\n\
+         describes. Generated from the snapshot tests in `tests/snapshots/` (`IMBA_UPDATE_DOCS=1\n\
+         cargo test --test docs` rewrites this file; a test fails when it drifts). `[TMP]` stands for\n\
+         the directory the test ran in, `[RUN]` for a run id, `[TIME]` for a duration.\n",
+    );
+    for (prefix, title) in sections {
+        let mine: Vec<&(String, String)> = snapshots
+            .iter()
+            .filter(|(name, _)| name.starts_with(&format!("{prefix}__")))
+            .collect();
+        if mine.is_empty() {
+            continue;
+        }
+        out.push_str(&format!("\n## {title}\n"));
+        for (name, body) in mine {
+            let heading = name
+                .split_once("__")
+                .map_or(name.as_str(), |(_, rest)| rest)
+                .replace('_', " ");
+            let mut heading = heading;
+            if let Some(first) = heading.get(..1) {
+                heading = first.to_uppercase() + &heading[1..];
+            }
+            out.push_str(&format!(
+                "\n### {heading}\n\n```text\n{}\n```\n",
+                body.trim_end()
+            ));
+        }
+    }
+    out
+}
