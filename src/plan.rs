@@ -130,11 +130,17 @@ pub fn s3_lookups(dag: &Dag, selected: &BTreeSet<usize>) -> Vec<crate::storage::
     let mut lookups = Vec::new();
     for &index in selected {
         let stage = dag.stage(index);
+        // A versioned output is looked up by its versions' listing, not as a whole.
+        let outputs: &[crate::config::Port] = if stage.versioning.is_some() {
+            &[]
+        } else {
+            &stage.outputs
+        };
         let ports = stage
             .inputs
             .iter()
             .map(|p| (p, false))
-            .chain(stage.outputs.iter().map(|p| (p, true)));
+            .chain(outputs.iter().map(|p| (p, true)));
         for (port, output) in ports {
             if let Location::S3 { bucket, key } = &port.declared.location {
                 let dir = port.declared.dir;

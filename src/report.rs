@@ -98,6 +98,30 @@ impl Printer {
     }
 }
 
+/// Rows of cells as aligned columns (two spaces apart, the last column ragged), one line per
+/// row: the tables of `imba checks` and `imba versions`.
+pub fn table<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0usize; N];
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for (i, (cell, width)) in row.iter().zip(widths).enumerate() {
+            line.push_str(cell);
+            if i + 1 < N {
+                line.push_str(&" ".repeat(width - cell.chars().count() + 2));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
 /// Prints run events on stderr: a live progress line on a terminal, one line per event otherwise.
 pub struct RunPrinter {
     /// The pipeline's sources, to show the param a failing built-in names.

@@ -454,9 +454,15 @@ impl Storage {
     /// A local copy of an S3 input, downloaded unless the cache holds this ETag already.
     pub fn fetch(&self, bucket: &str, key: &str, dir: bool) -> Result<PathBuf, StorageError> {
         if !dir {
-            let object = self
-                .head(bucket, key)?
+            // The identity the run decided on (looked up once, ahead), not another HEAD.
+            let found = self
+                .identity(bucket, key, false)?
                 .ok_or_else(|| error("read", bucket, key, "no such object (NoSuchKey)"))?;
+            let object = ObjectInfo {
+                etag: found.etag.unwrap_or_default(),
+                size: found.size,
+                version: None,
+            };
             return self.fetch_object(bucket, key, &object);
         }
         let objects = self.list(bucket, key)?;

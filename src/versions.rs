@@ -593,24 +593,7 @@ pub fn report_list(root: &Path, shown: &str, json: bool) -> Result<String, Strin
             mark.to_owned(),
         ]);
     }
-    let mut widths = [0usize; 7];
-    for line in &table {
-        for (w, c) in widths.iter_mut().zip(line) {
-            *w = (*w).max(c.chars().count());
-        }
-    }
-    let mut out = String::new();
-    for line in &table {
-        let mut text = String::new();
-        for (i, (c, w)) in line.iter().zip(widths).enumerate() {
-            text.push_str(c);
-            if i + 1 < line.len() {
-                text.push_str(&" ".repeat(w - c.chars().count() + 2));
-            }
-        }
-        out.push_str(text.trim_end());
-        out.push('\n');
-    }
+    let out = crate::report::table(&table);
     Ok(out)
 }
 

@@ -34,6 +34,22 @@ fn features(t: &Test, out: &str) -> BTreeMap<String, BTreeMap<String, String>> {
         .collect()
 }
 
+/// The pipeline on the hand-made tables under `in/`, into `out/hand`.
+fn run_hand_made(t: &Test, extra: &[&str]) -> common::Output {
+    let mut args = vec![
+        "run",
+        "pipelines/customer_features.yaml",
+        "--set",
+        "base=in/base.csv",
+        "--set",
+        "behavior=in/behavior.csv",
+        "--set",
+        "out=out/hand",
+    ];
+    args.extend(extra);
+    t.exec(&args)
+}
+
 fn number(row: &BTreeMap<String, String>, column: &str) -> f64 {
     row[column]
         .parse()
@@ -64,16 +80,7 @@ fn every_feature_matches_a_value_worked_out_by_hand() {
             "customer_id,signup_date,age,region,segment,income_band\n1,2023-05-10,40,north,mass,<25k\n2,2024-11-03,30,south,affluent,50-100k\n3,2025-01-01,50,east,private,>200k\n",
         )
         .file("in/behavior.csv", behavior);
-    let out = t.exec(&[
-        "run",
-        "pipelines/customer_features.yaml",
-        "--set",
-        "base=in/base.csv",
-        "--set",
-        "behavior=in/behavior.csv",
-        "--set",
-        "out=out/hand",
-    ]);
+    let out = run_hand_made(&t, &[]);
     assert_eq!(out.code, 0, "{}", out.stderr);
     let rows = features(&t, "out/hand");
     assert_eq!(
@@ -152,18 +159,7 @@ fn every_feature_matches_a_value_worked_out_by_hand() {
     );
 
     // As of June, the windows move and customer 2 is not a customer yet: a new version.
-    let june = t.exec(&[
-        "run",
-        "pipelines/customer_features.yaml",
-        "--set",
-        "base=in/base.csv",
-        "--set",
-        "behavior=in/behavior.csv",
-        "--set",
-        "out=out/hand",
-        "--set",
-        "month=2024-06",
-    ]);
+    let june = run_hand_made(&t, &["--set", "month=2024-06"]);
     assert_eq!(june.code, 0, "{}", june.stderr);
     assert_eq!(t.read("out/hand/features/LATEST"), "features_v2\n");
     let rows = features(&t, "out/hand");

@@ -25,6 +25,14 @@ stages:
             - days_mean: avg(days)
 "#;
 
+/// The pipeline with one more feature: new definitions.
+fn with_days_max() -> String {
+    PIPELINE.replace(
+        "            - days_mean: avg(days)\n",
+        "            - days_mean: avg(days)\n            - days_max: max(days)\n",
+    )
+}
+
 fn run(t: &Test, args: &[&str]) -> common::Output {
     let mut all = vec!["run", "pipeline.yaml"];
     all.extend(args);
@@ -82,13 +90,7 @@ fn versions_are_made_only_when_the_content_changes_and_never_rewritten() {
 
     // New definitions: v3, and with `keep: 2` v1 moves to the archive, untouched.
     let v1 = t.read("out/features/features_v1/features.csv");
-    t.write(
-        "pipeline.yaml",
-        PIPELINE.replace(
-            "            - days_mean: avg(days)\n",
-            "            - days_mean: avg(days)\n            - days_max: max(days)\n",
-        ),
-    );
+    t.write("pipeline.yaml", with_days_max());
     run(&t, &[]);
     assert_eq!(latest(&t), "features_v3");
     assert_eq!(t.read("out/archive/features_v1/features.csv"), v1);
@@ -140,13 +142,7 @@ fn imba_versions_lists_and_compares() {
     run(&t, &[]);
     t.write("orders.csv", "user_id,days\n1,3\n1,5\n2,7\n3,9\n");
     run(&t, &[]);
-    t.write(
-        "pipeline.yaml",
-        PIPELINE.replace(
-            "            - days_mean: avg(days)\n",
-            "            - days_mean: avg(days)\n            - days_max: max(days)\n",
-        ),
-    );
+    t.write("pipeline.yaml", with_days_max());
     run(&t, &[]);
     let list = t.exec(&["versions", "pipeline.yaml"]);
     let diff = t.exec(&["versions", "diff", "pipeline.yaml", "v1", "3"]);
