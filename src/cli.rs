@@ -12,8 +12,7 @@ use crate::config::{self, LoadError, Overrides};
 use crate::dag::{self, BuildOptions, Dag};
 use crate::draw::{self, DrawOptions, Format};
 use crate::exec::{self, RunError, RunOptions};
-use crate::hash::StatCache;
-use crate::plan::{self, Selection, StageStatus};
+use crate::plan::{Selection, StageStatus};
 use crate::record;
 use crate::report::{ColorChoice, Printer};
 use crate::state::StateDir;
@@ -48,6 +47,9 @@ pub enum Command {
     Validate(PipelineArgs),
     /// Run every stage that is out of date, in dependency order, in parallel.
     Run(RunArgs),
+    /// Run what is stale, then watch the pipeline's source inputs, its file and vars files, and
+    /// re-run exactly the stages a change affects, until Ctrl-C.
+    Watch(WatchArgs),
     /// List the stages that are out of date, and why; runs nothing.
     Status(StatusArgs),
     /// Draw the stage graph (text, DOT, Mermaid or JSON) on stdout.
@@ -96,6 +98,36 @@ pub struct SelectArgs {
     /// With --stage: also every stage downstream of it.
     #[arg(long, requires = "stages")]
     pub downstream: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+    /// Quiet time after the last change before anything runs: `100ms`, `1s`, or milliseconds.
+    #[arg(long, value_name = "DURATION", default_value = "100ms", value_parser = parse_duration)]
+    pub debounce: std::time::Duration,
+    /// How often S3 inputs are looked at (HEAD or LIST), since S3 sends no events.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub poll_interval: std::time::Duration,
+    /// When a change arrives during a run, cancel the run and start again, instead of running
+    /// the change after it.
+    #[arg(long)]
+    pub restart: bool,
+    /// Stages to run at once [default: the number of cores].
+    #[arg(long, short = 'j', value_name = "N")]
+    pub jobs: Option<usize>,
+    /// When a stage fails, go on with the stages that do not need it.
+    #[arg(long, short = 'k')]
+    pub keep_going: bool,
+}
+
+/// `100ms`, `2s`, `1m` (humantime), or a bare number of milliseconds.
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    if let Ok(millis) = text.trim().parse::<u64>() {
+        return Ok(std::time::Duration::from_millis(millis));
+    }
+    humantime::parse_duration(text.trim()).map_err(|e| e.to_string())
 }
 
 #[derive(Args, Debug)]
@@ -311,6 +343,7 @@ pub fn run(cli: Cli, printer: &Printer) -> ExitCode {
             Err(code) => code,
         },
         Command::Run(args) => run_command(args, registry, printer),
+        Command::Watch(args) => watch_command(args, registry, printer),
         Command::Status(args) => status_command(args, &registry, printer),
         Command::Log(args) => log_command(args, &registry, printer),
         Command::Show(args) => show_command(args, &registry, printer),
@@ -358,33 +391,34 @@ fn checked_dag_and_sources(
     registry: &Registry,
     printer: &Printer,
 ) -> Result<(Dag, crate::diagnostic::Sources), ExitCode> {
-    let (sources, loaded) = config::load(&args.file, &args.overrides(), registry);
-    let pipeline = match loaded {
-        Ok(pipeline) => pipeline,
-        Err(LoadError::Unreadable(message)) => {
-            printer.error(&message);
-            return Err(ExitCode::from(EXIT_CONFIG));
-        }
-        Err(LoadError::Invalid(diagnostics)) => {
-            printer.diagnostics(&sources, &diagnostics);
-            return Err(ExitCode::from(EXIT_CONFIG));
-        }
-    };
-    match dag::build(pipeline, BuildOptions::default()) {
-        Ok(dag) => {
-            let mut diagnostics = crate::columns::check(&dag, registry);
-            if diagnostics.is_empty() {
-                return Ok((dag, sources));
-            }
-            crate::diagnostic::sort(&mut diagnostics);
-            printer.diagnostics(&sources, &diagnostics);
-            Err(ExitCode::from(EXIT_CONFIG))
-        }
-        Err(diagnostics) => {
-            printer.diagnostics(&sources, &diagnostics);
+    match load_dag(args, registry) {
+        (sources, Ok(dag)) => Ok((dag, sources)),
+        (sources, Err(error)) => {
+            printer.load_error(&sources, &error);
             Err(ExitCode::from(EXIT_CONFIG))
         }
     }
+}
+
+/// Loads the pipeline and builds its checked graph: the file, the graph, the columns.
+fn load_dag(
+    args: &PipelineArgs,
+    registry: &Registry,
+) -> (crate::diagnostic::Sources, Result<Dag, LoadError>) {
+    let (sources, loaded) = config::load(&args.file, &args.overrides(), registry);
+    let pipeline = match loaded {
+        Ok(pipeline) => pipeline,
+        Err(error) => return (sources, Err(error)),
+    };
+    let built = dag::build(pipeline, BuildOptions::default()).and_then(|dag| {
+        let mut diagnostics = crate::columns::check(&dag, registry);
+        if diagnostics.is_empty() {
+            return Ok(dag);
+        }
+        crate::diagnostic::sort(&mut diagnostics);
+        Err(diagnostics)
+    });
+    (sources, built.map_err(LoadError::Invalid))
 }
 
 /// `docs/cli.md`: the help of every command, as the binary prints it.
@@ -439,31 +473,7 @@ fn static_plan(
     selection: &Selection,
     printer: &Printer,
 ) -> Result<Vec<StageStatus>, ExitCode> {
-    let pipeline = dag.pipeline();
-    let state = StateDir::new(&pipeline.workdir);
-    let lock = exec::load_lock(&crate::lock::lock_path(&pipeline.file), &state, |w| {
-        printer.warning(&w)
-    })
-    .map_err(|e| run_error(printer, e))?;
-    let (selected, forced) =
-        plan::select(dag, selection).map_err(|e| run_error(printer, RunError::Config(e)))?;
-    let cache = if state.root.is_dir() {
-        StatCache::load(state.stat_cache())
-    } else {
-        StatCache::in_memory()
-    };
-    let storage = crate::storage::Storage::new(pipeline.storage.clone(), state.cache());
-    let hashes = plan::Hashes {
-        cache: &cache,
-        storage: &storage,
-    };
-    let statuses = plan::static_plan(dag, &lock, hashes, &selected, &forced).map_err(|e| {
-        printer.error(&e.to_string());
-        ExitCode::from(EXIT_STAGE_FAILED)
-    })?;
-    // Remember what was hashed, so the next status does not read the same files again.
-    let _ = cache.save();
-    Ok(statuses)
+    exec::status(dag, selection, |w| printer.warning(&w)).map_err(|e| run_error(printer, e))
 }
 
 fn stale_map(
@@ -533,15 +543,12 @@ fn run_command(args: RunArgs, registry: Registry, printer: &Printer) -> ExitCode
             Err(code) => code,
         };
     }
-    let jobs = args
-        .jobs
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
-        .max(1);
     let options = RunOptions {
-        jobs,
+        jobs: jobs_or_cores(args.jobs),
         selection,
         keep_going: args.keep_going,
         no_wait: args.no_wait,
+        stop: crate::interrupt::listen(),
     };
     let events = Arc::new(crate::report::RunPrinter::new(
         printer,
@@ -552,26 +559,10 @@ fn run_command(args: RunArgs, registry: Registry, printer: &Printer) -> ExitCode
     events.finish();
     match outcome {
         Ok(summary) => {
-            let count = |d: &str| {
-                summary
-                    .record
-                    .stages
-                    .iter()
-                    .filter(|s| s.decision == d)
-                    .count()
-            };
-            let line = format!(
-                "{} ran, {} up to date, {} failed, {} not run ({:.2}s; run {})",
-                count("ran"),
-                count("skipped"),
-                count("failed"),
-                count("blocked") + count("cancelled"),
-                summary.record.duration_ms as f64 / 1000.0,
-                summary.record.id
-            );
+            let line = crate::report::run_summary(&summary.record);
             if summary.interrupted {
                 printer.error(&format!("interrupted: {line}"));
-                ExitCode::from(130)
+                ExitCode::from(crate::interrupt::EXIT_INTERRUPTED)
             } else if summary.failed {
                 printer.error(&format!("the pipeline failed: {line}"));
                 ExitCode::from(EXIT_STAGE_FAILED)
@@ -583,6 +574,48 @@ fn run_command(args: RunArgs, registry: Registry, printer: &Printer) -> ExitCode
         }
         Err(error) => run_error(printer, error),
     }
+}
+
+fn watch_command(args: WatchArgs, registry: Registry, printer: &Printer) -> ExitCode {
+    let (dag, sources) = match checked_dag_and_sources(&args.pipeline, &registry, printer) {
+        Ok(found) => found,
+        Err(code) => return code,
+    };
+    let mut config_files = vec![args.pipeline.file.clone()];
+    config_files.extend(args.pipeline.vars.iter().cloned());
+    let options = crate::watch::Options {
+        debounce: args.debounce,
+        poll_interval: args
+            .poll_interval
+            .max(std::time::Duration::from_millis(100)),
+        restart: args.restart,
+        jobs: jobs_or_cores(args.jobs),
+        keep_going: args.keep_going,
+    };
+    let load = || load_dag(&args.pipeline, &registry);
+    let watched = crate::watch::watch(
+        dag,
+        sources,
+        &load,
+        config_files,
+        registry.clone(),
+        options,
+        printer,
+    );
+    match watched {
+        // A watch ends only when interrupted.
+        Ok(()) => ExitCode::from(crate::interrupt::EXIT_INTERRUPTED),
+        Err(message) => {
+            printer.error(&message);
+            ExitCode::from(EXIT_STAGE_FAILED)
+        }
+    }
+}
+
+/// `--jobs`, or the number of cores.
+fn jobs_or_cores(jobs: Option<usize>) -> usize {
+    jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+        .max(1)
 }
 
 /// "outputs:" and the paths the run's stages wrote (or found up to date); past a dozen, only the

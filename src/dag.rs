@@ -20,6 +20,8 @@ pub struct Dag {
     pipeline: Pipeline,
     graph: DiGraph<usize, Edge>,
     order: Vec<usize>,
+    /// Inputs no stage writes, as (stage, input) indices.
+    sources: Vec<(usize, usize)>,
 }
 
 /// Why one stage needs another: the paths it reads that the other writes.
@@ -75,10 +77,12 @@ pub fn build(pipeline: Pipeline, options: BuildOptions) -> Result<Dag, Vec<Diagn
     let mut graph = DiGraph::with_capacity(stages.len(), stages.len());
     let nodes: Vec<NodeIndex> = (0..stages.len()).map(|i| graph.add_node(i)).collect();
     let mut edges: BTreeMap<(usize, usize), Edge> = BTreeMap::new();
+    let mut sources = Vec::new();
     for (s, stage) in stages.iter().enumerate() {
-        for input in &stage.inputs {
+        for (i, input) in stage.inputs.iter().enumerate() {
             let producers = producers_of(&outputs, &key_of(&input.declared.location));
             if producers.is_empty() {
+                sources.push((s, i));
                 if options.check_sources {
                     check_source(&pipeline, stage, input, &outputs, &mut diagnostics);
                 }
@@ -117,6 +121,7 @@ pub fn build(pipeline: Pipeline, options: BuildOptions) -> Result<Dag, Vec<Diagn
         pipeline,
         graph,
         order,
+        sources,
     })
 }
 
@@ -346,6 +351,12 @@ impl Dag {
 
     pub fn stage(&self, index: usize) -> &Stage {
         &self.pipeline.stages[index]
+    }
+
+    /// The inputs no stage writes (data from outside the pipeline), as (stage, input) indices in
+    /// stage order.
+    pub fn sources(&self) -> &[(usize, usize)] {
+        &self.sources
     }
 
     /// Stage indices in a stable topological order.

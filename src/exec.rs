@@ -22,6 +22,7 @@ use crate::config::resolve::ports_json;
 use crate::config::{Port, Stage, StageKind};
 use crate::dag::Dag;
 use crate::hash::{ContentHash, StatCache};
+use crate::interrupt::Stop;
 use crate::lock::{self, LockFile, LockedStage};
 use crate::plan::{self, Reason, Selection};
 use crate::record::{self, RunRecord, StageRecord};
@@ -35,6 +36,10 @@ pub struct RunOptions {
     pub keep_going: bool,
     /// Fail at once instead of waiting when another run holds the lock.
     pub no_wait: bool,
+    /// Asks the run to stop: [`Stop::Cancel`] cancels running stages and starts nothing new,
+    /// [`Stop::Kill`] kills them and stops waiting. The CLI feeds Ctrl-C and SIGTERM into it
+    /// ([`crate::interrupt::listen`]); `imba watch` also cancels for `--restart`.
+    pub stop: watch::Receiver<Stop>,
 }
 
 /// Something worth telling the person watching a run.
@@ -131,7 +136,7 @@ struct Context {
     state: StateDir,
     run_id: String,
     events: Arc<dyn Events>,
-    cancel: watch::Receiver<bool>,
+    cancel: watch::Receiver<Stop>,
 }
 
 fn stage_record(name: &str, decision: &str) -> StageRecord {
@@ -188,6 +193,34 @@ fn read_lock(path: &Path, warn: impl Fn(String)) -> Result<LockFile, RunError> {
     }
 }
 
+/// What is stale among the selected stages, and why, without running anything: `imba status`,
+/// `run --dry-run`, and `imba watch` before it starts a run.
+pub fn status(
+    dag: &Dag,
+    selection: &Selection,
+    warn: impl Fn(String),
+) -> Result<Vec<plan::StageStatus>, RunError> {
+    let pipeline = dag.pipeline();
+    let state = StateDir::new(&pipeline.workdir);
+    let lock = load_lock(&lock::lock_path(&pipeline.file), &state, warn)?;
+    let (selected, forced) = plan::select(dag, selection).map_err(RunError::Config)?;
+    let cache = if state.root.is_dir() {
+        StatCache::load(state.stat_cache())
+    } else {
+        StatCache::in_memory()
+    };
+    let storage = crate::storage::Storage::new(pipeline.storage.clone(), state.cache());
+    let hashes = plan::Hashes {
+        cache: &cache,
+        storage: &storage,
+    };
+    let statuses = plan::static_plan(dag, &lock, hashes, &selected, &forced)
+        .map_err(|e| RunError::Io(e.to_string()))?;
+    // Remember what was hashed, so the next status (or run) does not read the same files again.
+    let _ = cache.save();
+    Ok(statuses)
+}
+
 /// Runs what is stale in `dag`.
 pub fn run(
     dag: Arc<Dag>,
@@ -238,7 +271,7 @@ pub fn run(
         stages: selected.len(),
     });
 
-    let (cancel_tx, cancel_rx) = watch::channel(false);
+    let (cancel_tx, cancel_rx) = watch::channel(Stop::Go);
     let ctx = Arc::new(Context {
         cache: StatCache::load(state.stat_cache()),
         storage: crate::storage::Storage::new(pipeline.storage.clone(), state.cache()),
@@ -258,14 +291,19 @@ pub fn run(
         .enable_all()
         .build()
         .map_err(|e| RunError::Io(format!("cannot start the runtime: {e}")))?;
-    let (outcomes, interrupted) = runtime.block_on(schedule(
-        ctx.clone(),
-        &selected,
-        &forced,
-        &options,
-        cancel_tx,
-    ));
-    drop(runtime);
+    let (outcomes, interrupted) = {
+        let _armed = crate::interrupt::arm();
+        runtime.block_on(schedule(
+            ctx.clone(),
+            &selected,
+            &forced,
+            &options,
+            cancel_tx,
+        ))
+    };
+    // After a kill, a built-in stage may still be computing on a blocking thread: leave it, it
+    // writes only to this run's staging directory, which nothing commits.
+    runtime.shutdown_background();
 
     {
         let mut guard = ctx.lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -316,7 +354,7 @@ async fn schedule(
     selected: &BTreeSet<usize>,
     forced: &BTreeSet<usize>,
     options: &RunOptions,
-    cancel: watch::Sender<bool>,
+    cancel: watch::Sender<Stop>,
 ) -> (BTreeMap<usize, Outcome>, bool) {
     let dag = ctx.dag.clone();
     let position = dag.positions();
@@ -341,7 +379,8 @@ async fn schedule(
     let mut tasks = tokio::task::JoinSet::new();
     let mut stopping = false;
     let mut interrupted = false;
-    let mut ctrl_c = std::pin::pin!(tokio::signal::ctrl_c());
+    let mut stop = options.stop.clone();
+    let mut listening = true;
     loop {
         while !stopping && tasks.len() < options.jobs.max(1) {
             let Some(Reverse((_, stage))) = ready.pop() else {
@@ -379,17 +418,49 @@ async fn schedule(
                     }
                     Outcome::Failed { .. } if !options.keep_going => {
                         stopping = true;
-                        let _ = cancel.send(true);
+                        cancel.send_if_modified(|level| {
+                            let raise = *level < Stop::Cancel;
+                            if raise {
+                                *level = Stop::Cancel;
+                            }
+                            raise
+                        });
                     }
                     _ => {}
                 }
                 outcomes.insert(stage, outcome);
             }
-            _ = &mut ctrl_c, if !interrupted => {
-                interrupted = true;
-                stopping = true;
-                let _ = cancel.send(true);
-                ctx.events.event(Event::Warning("interrupted: cancelling running stages; outputs and lock stay as they were".to_owned()));
+            changed = stop.changed(), if listening => {
+                let level = if changed.is_ok() { *stop.borrow_and_update() } else { Stop::Go };
+                if level >= Stop::Cancel && !interrupted {
+                    interrupted = true;
+                    stopping = true;
+                    ctx.events.event(Event::Warning("interrupted: cancelling running stages (again to kill them); outputs and lock stay as they were".to_owned()));
+                }
+                if level > *cancel.borrow() {
+                    let _ = cancel.send(level);
+                }
+                if changed.is_err() {
+                    // Nobody can ask any more: stop listening.
+                    listening = false;
+                } else if level == Stop::Kill {
+                    // Commands get SIGKILL from their own tasks; give them a moment to be
+                    // reaped, then stop waiting for whatever is still computing.
+                    let grace = tokio::time::sleep(Duration::from_secs(1));
+                    tokio::pin!(grace);
+                    loop {
+                        tokio::select! {
+                            joined = tasks.join_next() => match joined {
+                                Some(Ok((stage, outcome))) => { outcomes.insert(stage, outcome); }
+                                Some(Err(_)) => {}
+                                None => break,
+                            },
+                            _ = &mut grace => break,
+                        }
+                    }
+                    tasks.abort_all();
+                    break;
+                }
             }
         }
     }
@@ -515,7 +586,7 @@ async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
     {
         return fail(&ctx, record, format!("input `{path}` is missing"), None);
     }
-    if *ctx.cancel.borrow() {
+    if *ctx.cancel.borrow() >= Stop::Cancel {
         record.decision = "cancelled".to_owned();
         ctx.events.event(Event::StageCancelled {
             name: stage.name.clone(),
@@ -596,7 +667,7 @@ async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
     };
     if let Err((error, log)) = executed {
         let _ = std::fs::remove_dir_all(&staging_root);
-        if *ctx.cancel.borrow()
+        if *ctx.cancel.borrow() >= Stop::Cancel
             && record.exit_status.is_none_or(|s| s != 0)
             && error.contains("signal")
         {
@@ -919,20 +990,28 @@ async fn run_shell(
             .map_err(|e| (format!("cannot start `sh`: {e}"), None))?;
         let pid = child.id();
         let mut cancel = ctx.cancel.clone();
-        let cancelled = async move { cancel.wait_for(|c| *c).await.is_ok() };
+        let cancelled = async move { cancel.wait_for(|c| *c >= Stop::Cancel).await.is_ok() };
         let status = tokio::select! {
             status = child.wait() => status,
             true = cancelled => {
-                if let Some(pid) = pid {
-                    // The whole process group: the shell and whatever it started.
-                    unsafe { libc::killpg(pid as i32, libc::SIGTERM) };
-                }
-                match tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
-                    Ok(status) => status,
-                    Err(_) => {
-                        if let Some(pid) = pid {
-                            unsafe { libc::killpg(pid as i32, libc::SIGKILL) };
-                        }
+                // The whole process group: the shell and whatever it started. SIGTERM first,
+                // SIGKILL after a grace period or at once when asked to kill.
+                let signal_group = |signal| {
+                    if let Some(pid) = pid {
+                        unsafe { libc::killpg(pid as i32, signal) };
+                    }
+                };
+                signal_group(libc::SIGTERM);
+                let mut kill = ctx.cancel.clone();
+                let killed = async move { kill.wait_for(|c| *c >= Stop::Kill).await.is_ok() };
+                tokio::select! {
+                    status = child.wait() => status,
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {
+                        signal_group(libc::SIGKILL);
+                        child.wait().await
+                    }
+                    true = killed => {
+                        signal_group(libc::SIGKILL);
                         child.wait().await
                     }
                 }

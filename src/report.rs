@@ -78,6 +78,16 @@ impl Printer {
         let _ = writeln!(std::io::stderr().lock(), "{prefix} {message}{suffix}");
     }
 
+    /// Why a pipeline could not be loaded: one line, or every diagnostic.
+    pub fn load_error(&self, sources: &Sources, error: &crate::config::LoadError) {
+        match error {
+            crate::config::LoadError::Unreadable(message) => self.error(message),
+            crate::config::LoadError::Invalid(diagnostics) => {
+                self.diagnostics(sources, diagnostics)
+            }
+        }
+    }
+
     /// Config diagnostics with their spans, then a one-line count.
     pub fn diagnostics(&self, sources: &Sources, diagnostics: &[Diagnostic]) {
         let rendered =
@@ -96,6 +106,115 @@ impl Printer {
             ));
         }
     }
+}
+
+impl Printer {
+    /// What `imba watch` is doing, on stderr. Stage lines come from a [`RunPrinter`].
+    pub fn watch(&self, event: &crate::watch::Event) {
+        use crate::watch::Event;
+        let listing = |what: &[String]| match what {
+            [] => "nothing".to_owned(),
+            [one] => one.clone(),
+            [first @ .., last] => format!("{} and {last}", first.join(", ")),
+        };
+        match event {
+            Event::Watching {
+                files,
+                dirs,
+                s3,
+                config,
+            } => {
+                let mut parts = Vec::new();
+                let count = |n: usize, one: &str, many: &str| match n {
+                    1 => format!("1 {one}"),
+                    n => format!("{n} {many}"),
+                };
+                if *files > 0 {
+                    parts.push(count(*files, "input file", "input files"));
+                }
+                if *dirs > 0 {
+                    parts.push(count(*dirs, "input directory", "input directories"));
+                }
+                if *s3 > 0 {
+                    parts.push(count(*s3, "S3 input (polled)", "S3 inputs (polled)"));
+                }
+                parts.push(count(*config, "pipeline file", "pipeline and vars files"));
+                self.status(&format!(
+                    "watching {} for changes (Ctrl-C to stop)",
+                    parts.join(", ")
+                ));
+            }
+            Event::Changed { what, stages } if what.is_empty() => {
+                self.status(&format!("running {} (out of date)", listing(stages)));
+            }
+            Event::Changed { what, stages } => self.status(&format!(
+                "{} changed: running {}",
+                listing(what),
+                listing(stages)
+            )),
+            Event::Unchanged { what } => self.status(&format!(
+                "{} written, content unchanged: nothing to run",
+                listing(what)
+            )),
+            Event::Waiting { what, removed } => {
+                if *removed {
+                    self.status(&format!("{what} is gone; waiting for it to come back"));
+                } else {
+                    self.status(&format!("{what} is still being written; waiting"));
+                }
+            }
+            Event::Reloaded { what } => {
+                self.status(&format!("{} changed: pipeline reloaded", listing(what)))
+            }
+            Event::Invalid { sources, error } => {
+                self.load_error(sources, error);
+                self.warning("the edited pipeline is invalid; the last valid one stays in force until it is fixed");
+            }
+            Event::Queued { what } => self.status(&format!(
+                "{} changed during the run; it runs again when this one ends",
+                listing(what)
+            )),
+            Event::Restarting { what } => self.status(&format!(
+                "{} changed: cancelling the run to start again",
+                listing(what)
+            )),
+            Event::Finished(summary) => {
+                let line = run_summary(&summary.record);
+                if summary.interrupted {
+                    self.error(&format!("interrupted: {line}"));
+                } else if summary.failed {
+                    self.error(&format!(
+                        "the pipeline failed: {line}; a change that fixes it runs it again"
+                    ));
+                } else {
+                    self.status(&line);
+                }
+            }
+            Event::RunError(error) => self.error(&error.to_string()),
+            Event::Stopping { running } => {
+                if *running {
+                    self.status("stopping: cancelling the run (again to kill it)");
+                } else {
+                    self.status("stopped");
+                }
+            }
+            Event::Warning(message) => self.warning(message),
+        }
+    }
+}
+
+/// One line about a finished run: how many stages ran, were up to date, failed, did not run.
+pub fn run_summary(record: &crate::record::RunRecord) -> String {
+    let count = |d: &str| record.stages.iter().filter(|s| s.decision == d).count();
+    format!(
+        "{} ran, {} up to date, {} failed, {} not run ({:.2}s; run {})",
+        count("ran"),
+        count("skipped"),
+        count("failed"),
+        count("blocked") + count("cancelled"),
+        record.duration_ms as f64 / 1000.0,
+        record.id
+    )
 }
 
 /// Rows of cells as aligned columns (two spaces apart, the last column ragged), one line per

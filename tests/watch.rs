@@ -1,0 +1,445 @@
+//! `imba watch`, driven from the test: a change runs exactly its downstream, a save without a
+//! change runs nothing, bursts coalesce, editor saves and half-written files are handled, the
+//! pipeline reloads (and survives an invalid edit), failures are survived, imba's own writes
+//! are ignored, and Ctrl-C leaves outputs intact.
+//!
+//! Every wait is for something imba prints or writes, with a generous timeout; no assertion
+//! rests on a fixed sleep.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::Test;
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `a` upper-cases `data/in1.txt`, `b` counts `a`'s bytes, `c` copies `data/in2.txt`. A `bad`
+/// line makes `a` fail; a `slow` line makes it touch `started` and wait for a `release` file.
+const PIPELINE: &str = r#"
+stages:
+  a:
+    cmd: >-
+      if grep -q bad {{ inputs.src }}; then echo "bad input" >&2; exit 3; fi;
+      if grep -q slow {{ inputs.src }}; then
+      touch started; while [ ! -e release ]; do sleep 0.05; done; fi;
+      tr a-z A-Z < {{ inputs.src }} > {{ outputs.out }}
+    inputs: {src: data/in1.txt}
+    outputs: {out: out/a.txt}
+  b:
+    cmd: "wc -c < {{ inputs.a }} | tr -d ' ' > {{ outputs.out }}"
+    inputs: {a: out/a.txt}
+    outputs: {out: out/b.txt}
+  c:
+    cmd: "cat {{ inputs.src }} > {{ outputs.out }}"
+    inputs: {src: data/in2.txt}
+    outputs: {out: out/c.txt}
+"#;
+
+fn project() -> Test {
+    Test::new()
+        .file("data/in1.txt", "hello\n")
+        .file("data/in2.txt", "world\n")
+        .pipeline(PIPELINE)
+}
+
+/// A running `imba watch`, its stderr collected as it comes.
+struct Watching {
+    child: Child,
+    log: Arc<Mutex<String>>,
+}
+
+impl Watching {
+    fn start(test: &Test, extra: &[&str]) -> Watching {
+        let mut args = vec!["watch", "pipeline.yaml", "--debounce", "100ms"];
+        args.extend_from_slice(extra);
+        let mut child = test
+            .command(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn imba watch");
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().expect("stderr");
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        Watching { child, log }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until `done` holds for the log so far; fails with the log after the timeout.
+    fn wait_for(&mut self, what: &str, done: impl Fn(&str) -> bool) {
+        let start = Instant::now();
+        while start.elapsed() < TIMEOUT {
+            if done(&self.log()) {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "imba watch exited ({status}) before {what}:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("timed out waiting for {what}:\n{}", self.log());
+    }
+
+    /// Waits for the `n`th "watching … for changes" line: the watch is idle for the nth time.
+    fn idle(&mut self, n: usize) {
+        self.wait_for(&format!("idle #{n}"), |log| {
+            log.matches("for changes (Ctrl-C to stop)").count() >= n
+        });
+    }
+
+    fn count(&self, text: &str) -> usize {
+        self.log().matches(text).count()
+    }
+
+    fn signal(&self, signal: i32) {
+        let pid = self.child.id() as i32;
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "kill");
+    }
+
+    /// Waits for the watch to exit; its status code and the whole log.
+    fn wait_exit(mut self) -> (Option<i32>, String) {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                // Let the reader drain what is left.
+                std::thread::sleep(Duration::from_millis(50));
+                return (status.code(), self.log());
+            }
+            if start.elapsed() > TIMEOUT {
+                let _ = self.child.kill();
+                panic!("imba watch did not exit:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stop(self) -> (Option<i32>, String) {
+        self.signal(libc::SIGINT);
+        self.wait_exit()
+    }
+}
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Every run record, oldest first: for each, the stages that ran.
+fn runs(test: &Test) -> Vec<Vec<String>> {
+    let dir = test.path().join(".imba/runs");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .map(|entries| entries.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    files.sort();
+    files
+        .iter()
+        .map(|file| {
+            let record: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
+            record["stages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|s| s["decision"] == "ran")
+                .map(|s| s["name"].as_str().unwrap().to_owned())
+                .collect()
+        })
+        .collect()
+}
+
+fn names(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+/// Writes `contents` the way an editor does: to a temporary file, then renamed over `path`.
+fn save_by_rename(dir: &Path, path: &str, contents: &str) {
+    let tmp = dir.join(format!("{path}.swp"));
+    std::fs::write(&tmp, contents).unwrap();
+    std::fs::rename(&tmp, dir.join(path)).unwrap();
+}
+
+#[test]
+fn a_change_runs_exactly_its_downstream() {
+    let t = project();
+    let mut w = Watching::start(&t, &[]);
+    w.idle(1);
+    assert_eq!(runs(&t), vec![names(&["a", "b", "c"])]);
+
+    t.write("data/in1.txt", "hello again\n");
+    w.idle(2);
+    assert_eq!(runs(&t)[1..], [names(&["a", "b"])]);
+    assert_eq!(t.read("out/a.txt"), "HELLO AGAIN\n");
+    assert_eq!(t.read("out/b.txt"), "12\n");
+
+    t.write("data/in2.txt", "earth\n");
+    w.idle(3);
+    assert_eq!(runs(&t)[2..], [names(&["c"])]);
+    let (code, log) = w.stop();
+    assert_eq!(code, Some(130), "{log}");
+    assert!(
+        log.contains("data/in1.txt changed: running a and b\n"),
+        "{log}"
+    );
+    assert!(log.contains("data/in2.txt changed: running c\n"), "{log}");
+}
+
+#[test]
+fn a_save_with_the_same_content_runs_nothing_and_says_so() {
+    let t = project();
+    let mut w = Watching::start(&t, &[]);
+    w.idle(1);
+    t.write("data/in1.txt", "hello\n");
+    w.wait_for("the unchanged note", |log| {
+        log.contains("data/in1.txt written, content unchanged: nothing to run")
+    });
+    w.idle(2);
+    assert_eq!(runs(&t).len(), 1, "{}", w.log());
+}
+
+#[test]
+fn a_burst_of_writes_coalesces_into_one_or_two_runs() {
+    let t = project();
+    let mut w = Watching::start(&t, &[]);
+    w.idle(1);
+    for i in 0..50 {
+        t.write("data/in1.txt", format!("write {i}\n"));
+    }
+    w.wait_for("the last write's output", |_| {
+        std::fs::read_to_string(t.path().join("out/a.txt")).is_ok_and(|s| s == "WRITE 49\n")
+    });
+    let idle = w.count("for changes (Ctrl-C");
+    w.idle(idle);
+    let after = runs(&t).len() - 1;
+    assert!((1..=2).contains(&after), "{after} runs:\n{}", w.log());
+}
+
+#[test]
+fn an_editor_save_by_rename_and_a_delete_then_create_are_seen() {
+    let t = project();
+    let mut w = Watching::start(&t, &[]);
+    w.idle(1);
+    save_by_rename(t.path(), "data/in1.txt", "renamed over\n");
+    w.idle(2);
+    assert_eq!(t.read("out/a.txt"), "RENAMED OVER\n");
+    assert_eq!(runs(&t)[1..], [names(&["a", "b"])]);
+
+    std::fs::remove_file(t.path().join("data/in1.txt")).unwrap();
+    w.wait_for("the note that the input is gone", |log| {
+        log.contains("data/in1.txt is gone; waiting for it to come back")
+    });
+    t.write("data/in1.txt", "back again\n");
+    w.wait_for("the recreated file's run", |_| {
+        std::fs::read_to_string(t.path().join("out/a.txt")).is_ok_and(|s| s == "BACK AGAIN\n")
+    });
+    w.idle(3);
+    // The deletion itself ran nothing: no run failed for a missing input.
+    assert_eq!(runs(&t)[2..], [names(&["a", "b"])], "{}", w.log());
+}
+
+#[test]
+fn a_file_still_being_written_is_waited_for() {
+    let t = project();
+    let mut w = Watching::start(&t, &[]);
+    w.idle(1);
+    let mut file = std::fs::File::create(t.path().join("data/in1.txt")).unwrap();
+    file.write_all(b"first half, ").unwrap();
+    file.flush().unwrap();
+    // Quiet for longer than the debounce, but the file is still open for writing.
+    w.wait_for("the note that the file is being written", |log| {
+        log.contains("data/in1.txt is still being written; waiting")
+    });
+    file.write_all(b"second half\n").unwrap();
+    drop(file);
+    w.wait_for("the whole file's output", |_| {
+        std::fs::read_to_string(t.path().join("out/a.txt"))
+            .is_ok_and(|s| s == "FIRST HALF, SECOND HALF\n")
+    });
+    w.idle(2);
+    assert_eq!(runs(&t).len(), 2, "{}", w.log());
+}
+
+#[test]
+fn an_invalid_pipeline_edit_keeps_the_last_valid_one_until_fixed() {
+    let t = project();
+    let mut w = Watching::start(&t, &[]);
+    w.idle(1);
+    t.write(
+        "pipeline.yaml",
+        PIPELINE.replace("inputs: {src: data/in2.txt}", "inputs: {src: [}"),
+    );
+    w.wait_for("the errors of the edit", |log| {
+        log.contains("the edited pipeline is invalid; the last valid one stays in force")
+    });
+    w.idle(2);
+    // The old pipeline still works.
+    t.write("data/in2.txt", "still watched\n");
+    w.idle(3);
+    assert_eq!(t.read("out/c.txt"), "still watched\n");
+    // Fixed, with `c` changed: only `c` is stale.
+    t.write(
+        "pipeline.yaml",
+        PIPELINE.replace("cat {{ inputs.src }}", "rev {{ inputs.src }}"),
+    );
+    w.wait_for("the reload", |log| {
+        log.contains("pipeline.yaml changed: pipeline reloaded")
+    });
+    w.idle(4);
+    assert_eq!(t.read("out/c.txt"), "dehctaw llits\n");
+    let all = runs(&t);
+    assert_eq!(all[1..], [names(&["c"]), names(&["c"])], "{}", w.log());
+}
+
+#[test]
+fn a_failing_stage_is_reported_and_the_fix_runs_it() {
+    let t = project();
+    let mut w = Watching::start(&t, &[]);
+    w.idle(1);
+    t.write("data/in1.txt", "bad\n");
+    w.wait_for("the failure", |log| log.contains("the pipeline failed:"));
+    w.idle(2);
+    assert!(w.log().contains("stage `a` failed"), "{}", w.log());
+    assert_eq!(t.read("out/a.txt"), "HELLO\n");
+    t.write("data/in1.txt", "good\n");
+    w.idle(3);
+    assert_eq!(t.read("out/a.txt"), "GOOD\n");
+    assert_eq!(runs(&t)[2..], [names(&["a", "b"])]);
+}
+
+#[test]
+fn writes_to_outputs_and_to_imba_state_run_nothing() {
+    let t = project();
+    let mut w = Watching::start(&t, &[]);
+    w.idle(1);
+    // `out/a.txt` is read by `b`, but it is an output, not a source: no run for it.
+    t.write("out/a.txt", "tampered\n");
+    t.write("out/new.txt", "x\n");
+    t.write(".imba/scratch", "x\n");
+    t.write("data/in2.txt", "later change\n");
+    w.idle(2);
+    assert_eq!(runs(&t)[1..], [names(&["c"])], "{}", w.log());
+    assert!(
+        w.log().contains("data/in2.txt changed: running c\n"),
+        "{}",
+        w.log()
+    );
+}
+
+#[test]
+fn a_change_during_a_run_is_queued_into_one_follow_up_run() {
+    let t = project();
+    let mut w = Watching::start(&t, &[]);
+    w.idle(1);
+    t.write("data/in2.txt", "one\n");
+    t.write("data/in1.txt", "slow\n");
+    w.wait_for("the slow stage", |_| t.path().join("started").exists());
+    for i in 0..5 {
+        t.write("data/in2.txt", format!("during {i}\n"));
+    }
+    w.wait_for("the queued note", |log| {
+        log.contains("data/in2.txt changed during the run; it runs again when this one ends")
+    });
+    t.write("release", "");
+    w.idle(2);
+    assert_eq!(t.read("out/a.txt"), "SLOW\n");
+    assert_eq!(t.read("out/c.txt"), "during 4\n");
+    // The five changes made one follow-up run, of `c` alone.
+    assert_eq!(
+        runs(&t)[1..],
+        [names(&["a", "b", "c"]), names(&["c"])],
+        "{}",
+        w.log()
+    );
+    assert_eq!(w.count("changed during the run"), 1, "{}", w.log());
+}
+
+#[test]
+fn restart_cancels_the_run_and_starts_again() {
+    let t = project();
+    let mut w = Watching::start(&t, &["--restart"]);
+    w.idle(1);
+    t.write("data/in1.txt", "slow\n");
+    w.wait_for("the slow stage", |_| t.path().join("started").exists());
+    t.write("data/in1.txt", "quick\n");
+    w.wait_for("the restart", |log| {
+        log.contains("data/in1.txt changed: cancelling the run to start again")
+    });
+    w.wait_for("the restarted run's output", |_| {
+        std::fs::read_to_string(t.path().join("out/a.txt")).is_ok_and(|s| s == "QUICK\n")
+    });
+    w.idle(2);
+    assert_eq!(t.read("out/b.txt"), "6\n");
+    // The cancelled run is recorded as such; the restarted one ran `a` and `b`.
+    assert_eq!(runs(&t).last().unwrap(), &names(&["a", "b"]));
+    let (code, log) = w.stop();
+    assert_eq!(code, Some(130), "{log}");
+}
+
+#[test]
+fn ctrl_c_mid_stage_cancels_it_and_leaves_outputs_and_lock_intact() {
+    let t = project();
+    let mut w = Watching::start(&t, &[]);
+    w.idle(1);
+    let lock_before = t.read("pipeline.lock");
+    t.write("data/in1.txt", "slow\n");
+    w.wait_for("the slow stage", |_| t.path().join("started").exists());
+    let (code, log) = w.stop();
+    assert_eq!(code, Some(130), "{log}");
+    assert!(log.contains("stopping: cancelling the run"), "{log}");
+    assert_eq!(t.read("out/a.txt"), "HELLO\n");
+    assert_eq!(t.read("out/b.txt"), "6\n");
+    assert_eq!(t.read("pipeline.lock"), lock_before);
+    let staging = t.path().join(".imba/staging");
+    assert!(
+        !staging.read_dir().is_ok_and(|mut d| d.next().is_some()),
+        "staging left behind"
+    );
+    // The next run finishes the job, and only it.
+    t.write("release", "");
+    let run = t.exec(&["run", "pipeline.yaml"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(runs(&t).last().unwrap(), &names(&["a", "b"]));
+    assert_eq!(t.read("out/a.txt"), "SLOW\n");
+}
+
+#[test]
+fn a_second_ctrl_c_kills_a_stage_that_ignores_sigterm() {
+    let t = Test::new().file("data/in1.txt", "x\n").pipeline(
+        r#"
+stages:
+  stubborn:
+    cmd: "trap '' TERM; touch started; sleep 30; cp {{ inputs.src }} {{ outputs.out }}"
+    inputs: {src: data/in1.txt}
+    outputs: {out: out/a.txt}
+"#,
+    );
+    let mut w = Watching::start(&t, &[]);
+    w.wait_for("the stage", |_| t.path().join("started").exists());
+    w.signal(libc::SIGINT);
+    w.wait_for("the stopping note", |log| log.contains("stopping:"));
+    w.signal(libc::SIGINT);
+    let (code, log) = w.wait_exit();
+    assert_eq!(code, Some(130), "{log}");
+    assert!(!t.path().join("out/a.txt").exists());
+}
