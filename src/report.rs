@@ -138,10 +138,14 @@ impl Printer {
                 if *s3 > 0 {
                     parts.push(count(*s3, "S3 input (polled)", "S3 inputs (polled)"));
                 }
-                parts.push(count(*config, "pipeline file", "pipeline and vars files"));
+                parts.push(match config.saturating_sub(1) {
+                    0 => "the pipeline file".to_owned(),
+                    1 => "the pipeline file and 1 vars file".to_owned(),
+                    n => format!("the pipeline file and {n} vars files"),
+                });
                 self.status(&format!(
                     "watching {} for changes (Ctrl-C to stop)",
-                    parts.join(", ")
+                    listing(&parts)
                 ));
             }
             Event::Changed { what, stages } if what.is_empty() => {

@@ -7,6 +7,8 @@
 //! rests on a fixed sleep.
 
 mod common;
+#[path = "common/s3.rs"]
+mod s3;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -55,10 +57,18 @@ struct Watching {
 
 impl Watching {
     fn start(test: &Test, extra: &[&str]) -> Watching {
+        Watching::spawn(Self::command(test, extra))
+    }
+
+    /// `imba watch pipeline.yaml --debounce 100ms EXTRA…` in the test dir.
+    fn command(test: &Test, extra: &[&str]) -> std::process::Command {
         let mut args = vec!["watch", "pipeline.yaml", "--debounce", "100ms"];
         args.extend_from_slice(extra);
-        let mut child = test
-            .command(&args)
+        test.command(&args)
+    }
+
+    fn spawn(mut command: std::process::Command) -> Watching {
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -442,4 +452,123 @@ stages:
     let (code, log) = w.wait_exit();
     assert_eq!(code, Some(130), "{log}");
     assert!(!t.path().join("out/a.txt").exists());
+}
+
+#[test]
+fn a_session_prints_what_changed_and_what_runs() {
+    let t = project();
+    let mut w = Watching::start(&t, &["--jobs", "1"]);
+    w.idle(1);
+    t.write("data/in1.txt", "hello again\n");
+    w.idle(2);
+    t.write("data/in2.txt", "world\n");
+    w.idle(3);
+    let (code, log) = w.stop();
+    assert_eq!(code, Some(130));
+    insta::with_settings!({filters => vec![
+        (r"\d+\.\d\ds", "[T]"),
+        (r"run \d{8}T\d{6}\.\d{3}Z-[0-9a-f]{4}", "run [ID]"),
+    ]}, {
+        insta::assert_snapshot!(log);
+    });
+}
+
+#[test]
+fn editing_a_vars_file_reloads_and_runs_what_uses_the_var() {
+    let t = Test::new()
+        .file("data/in.txt", "x\n")
+        .file("vars.yaml", "greeting: hello\n")
+        .pipeline(
+            r#"
+vars:
+  greeting: hi
+stages:
+  greet:
+    cmd: "echo {{ greeting }} > {{ outputs.out }}"
+    outputs: {out: out/greeting.txt}
+  copy:
+    cmd: "cp {{ inputs.src }} {{ outputs.out }}"
+    inputs: {src: data/in.txt}
+    outputs: {out: out/copy.txt}
+"#,
+        );
+    let mut w = Watching::spawn(Watching::command(&t, &["--vars", "vars.yaml"]));
+    w.idle(1);
+    assert_eq!(t.read("out/greeting.txt"), "hello\n");
+    t.write("vars.yaml", "greeting: bonjour\n");
+    w.wait_for("the reload", |log| {
+        log.contains("vars.yaml changed: pipeline reloaded")
+    });
+    w.idle(2);
+    assert_eq!(t.read("out/greeting.txt"), "bonjour\n");
+    assert_eq!(runs(&t)[1..], [names(&["greet"])]);
+}
+
+#[test]
+fn a_new_file_deep_in_an_input_directory_runs_its_reader() {
+    let t = Test::new().file("data/parts/2026/01.csv", "1\n").pipeline(
+        r#"
+stages:
+  count:
+    cmd: "find {{ inputs.dir }} -type f | sort | xargs cat > {{ outputs.out }}"
+    inputs: {dir: data/parts/}
+    outputs: {out: out/all.txt}
+"#,
+    );
+    let mut w = Watching::start(&t, &[]);
+    w.idle(1);
+    // A new subdirectory, then a file in it: both seen.
+    t.write("data/parts/2026/02/a.csv", "2\n");
+    w.wait_for("the new file's run", |_| {
+        std::fs::read_to_string(t.path().join("out/all.txt")).is_ok_and(|s| s == "1\n2\n")
+    });
+    w.idle(2);
+    t.write("data/parts/2026/02/b.csv", "3\n");
+    w.wait_for("the second file's run", |_| {
+        std::fs::read_to_string(t.path().join("out/all.txt")).is_ok_and(|s| s == "1\n2\n3\n")
+    });
+    w.idle(3);
+    let (_, log) = w.stop();
+    assert!(
+        log.contains("data/parts/ changed: running count\n"),
+        "{log}"
+    );
+}
+
+#[test]
+fn s3_inputs_are_polled() {
+    let server = s3::S3Server::start();
+    server.put("raw/data.csv", "a\n");
+    let t = Test::new().file("data/local.txt", "l\n").pipeline(
+        r#"
+stages:
+  fetch:
+    cmd: "cp {{ inputs.src }} {{ outputs.out }}"
+    inputs: {src: "s3://bucket/raw/data.csv"}
+    outputs: {out: out/data.csv}
+  local:
+    cmd: "cp {{ inputs.src }} {{ outputs.out }}"
+    inputs: {src: data/local.txt}
+    outputs: {out: out/local.txt}
+"#,
+    );
+    let mut command = Watching::command(&t, &["--poll-interval", "200ms"]);
+    for (key, value) in server.env() {
+        command.env(key, value);
+    }
+    command.env_remove("AWS_PROFILE");
+    let mut w = Watching::spawn(command);
+    w.idle(1);
+    assert!(w.log().contains("1 S3 input (polled)"), "{}", w.log());
+    server.put("raw/data.csv", "a\nb\n");
+    w.wait_for("the S3 change's run", |_| {
+        std::fs::read_to_string(t.path().join("out/data.csv")).is_ok_and(|s| s == "a\nb\n")
+    });
+    w.idle(2);
+    assert_eq!(runs(&t)[1..], [names(&["fetch"])], "{}", w.log());
+    let (_, log) = w.stop();
+    assert!(
+        log.contains("s3://bucket/raw/data.csv changed: running fetch\n"),
+        "{log}"
+    );
 }
