@@ -1022,12 +1022,16 @@ async fn run_shell(
             use std::os::unix::process::ExitStatusExt;
             record.exit_status = status.code();
             let how = match (status.code(), status.signal()) {
-                (Some(code), _) => format!("exit status {code}"),
-                (None, Some(signal)) => format!("killed by signal {signal}"),
-                _ => "failed".to_owned(),
+                (Some(code), _) => format!("command failed with exit status {code}"),
+                // SIGKILL from outside is most often the kernel's OOM killer.
+                (None, Some(9)) => {
+                    "command was killed by signal 9 (SIGKILL: out of memory?)".to_owned()
+                }
+                (None, Some(signal)) => format!("command was killed by signal {signal}"),
+                _ => "command failed".to_owned(),
             };
             let tail = tail_of(&err_log, 10);
-            let mut error = format!("command failed with {how}: {command}");
+            let mut error = format!("{how}: {command}");
             if !tail.is_empty() {
                 error.push_str("\n--- last lines of its stderr\n");
                 error.push_str(&tail);

@@ -51,7 +51,12 @@ pub fn replace(from: &Path, to: &Path) -> io::Result<()> {
     let source = match std::fs::rename(from, near("new")) {
         Ok(()) => near("new"),
         Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
-            copy_recursive(from, &near("new"))?;
+            // A copy that fails half-way (no space left, say) is removed, so that it neither
+            // lingers beside the output nor keeps holding the space that ran out.
+            if let Err(e) = copy_recursive(from, &near("new")) {
+                remove_any(&near("new"));
+                return Err(e);
+            }
             near("new")
         }
         Err(e) => return Err(e),
@@ -74,7 +79,21 @@ pub fn replace(from: &Path, to: &Path) -> io::Result<()> {
     }
 }
 
-fn copy_recursive(from: &Path, to: &Path) -> io::Result<()> {
+/// Removes a file or a directory tree, ignoring errors: the clean-up of a failed step.
+pub(crate) fn remove_any(path: &Path) {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => {
+            let _ = std::fs::remove_dir_all(path);
+        }
+        Ok(_) => {
+            let _ = std::fs::remove_file(path);
+        }
+        Err(_) => {}
+    }
+}
+
+/// Copies a file or a directory tree (across file systems, where a rename cannot go).
+pub(crate) fn copy_recursive(from: &Path, to: &Path) -> io::Result<()> {
     if std::fs::metadata(from)?.is_dir() {
         std::fs::create_dir_all(to)?;
         for entry in std::fs::read_dir(from)? {

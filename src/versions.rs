@@ -241,17 +241,63 @@ pub fn commit(
     // together. (Publishing by an exclusive rename keeps numbers unique even without it.)
     let _held = Held::lock(root).map_err(|e| io(&format!("cannot lock {}", root.display()), e))?;
     let base = base_name(root);
+    // A run killed after publishing its version but before moving LATEST leaves that version
+    // complete and newer than the latest: the same content is that version, not a new one.
+    let pointed = latest(root).map(|(v, _)| v);
+    if let Some((version, dir)) = list(root).last().cloned() {
+        if Some(version) > pointed && verify(&dir).is_ok_and(|m| m.content_hash == content) {
+            let name = dir.file_name().map(|n| n.to_string_lossy().into_owned());
+            crate::fsutil::write_atomic(
+                &root.join(LATEST),
+                format!("{}\n", name.unwrap_or_default()).as_bytes(),
+            )
+            .map_err(|e| io("cannot move LATEST", e))?;
+            if let Some(keep) = versioning.keep {
+                retire(root, keep).map_err(|e| io("cannot archive old versions", e))?;
+            }
+            return Ok(Committed {
+                version,
+                reused: false,
+                dir,
+            });
+        }
+    }
     let tables = describe_tables(staged, &files);
     let git_commit = git_commit(&input.workdir);
+    // What is renamed into place: the staged folder, or its copy beside the versions when the
+    // output is on another file system than the staging (a rename cannot cross them).
+    let mut source = staged.to_path_buf();
+    let mut copied: Option<PathBuf> = None;
     loop {
         let archived = list_in(&archive_dir(root), &base)
             .last()
             .map_or(0, |(v, _)| *v);
         let next = list(root).last().map_or(0, |(v, _)| *v).max(archived) + 1;
         let meta = new_meta(&input, next, &base, &content, &files, &tables, &git_commit);
-        write_meta(staged, &meta)?;
+        if let Err(e) = write_meta(&source, &meta) {
+            if let Some(copy) = &copied {
+                crate::fsutil::remove_any(copy);
+            }
+            return Err(e);
+        }
         let target = root.join(&meta.name);
-        match std::fs::rename(staged, &target) {
+        match std::fs::rename(&source, &target) {
+            Err(e) if e.raw_os_error() == Some(libc::EXDEV) && copied.is_none() => {
+                // A hidden name that no listing of versions picks up, on the output's file
+                // system; published by the same exclusive rename as above.
+                let local = root.join(format!(".{base}.imba-new-{}", std::process::id()));
+                crate::fsutil::remove_any(&local);
+                if let Err(e) = crate::fsutil::copy_recursive(&source, &local) {
+                    crate::fsutil::remove_any(&local);
+                    return Err(io(
+                        &format!("cannot copy the new version to {}", root.display()),
+                        e,
+                    ));
+                }
+                source = local.clone();
+                copied = Some(local);
+                continue;
+            }
             Ok(()) => {
                 crate::fsutil::write_atomic(
                     &root.join(LATEST),
@@ -272,7 +318,12 @@ pub fn commit(
                 tracing::debug!(version = next, error = %e, "version taken, trying the next");
                 continue;
             }
-            Err(e) => return Err(io(&format!("cannot publish {}", target.display()), e)),
+            Err(e) => {
+                if let Some(copy) = &copied {
+                    crate::fsutil::remove_any(copy);
+                }
+                return Err(io(&format!("cannot publish {}", target.display()), e));
+            }
         }
     }
 }

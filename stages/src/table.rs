@@ -141,7 +141,22 @@ pub fn read_parquet(path: &Path, columns: Option<&[String]>) -> Result<DataFrame
             reader = reader.with_columns(Some(columns.to_vec()));
         }
     }
-    reader.finish().map_err(cannot)
+    // polars panics on some corrupt files (a footer that points past the data, as a file cut
+    // in the middle has): an error naming the file, rather than an internal error naming none.
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reader.finish())) {
+        Ok(read) => read.map_err(cannot),
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("the reader panicked");
+            Err(StageError::new(format!(
+                "cannot read Parquet file `{}`: the file is corrupt ({why})",
+                path.display()
+            )))
+        }
+    }
 }
 
 fn read_csv_strings(path: &Path) -> Result<DataFrame, StageError> {
