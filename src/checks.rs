@@ -42,10 +42,10 @@ pub fn evaluate(
         let needs_baseline = indices
             .iter()
             .any(|&i| matches!(stage.checks[i].check, checks::Check::Change { .. }));
-        let mut committed = match &port.declared.location {
-            Location::Local(path) => Some(path.clone()),
-            Location::S3 { .. } if needs_baseline => committed(port),
-            Location::S3 { .. } => None,
+        let mut committed = if needs_baseline {
+            committed(port)
+        } else {
+            None
         };
         if let Some(file) = file {
             shown = format!("{}/{file}", shown.trim_end_matches('/'));

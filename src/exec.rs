@@ -724,7 +724,31 @@ async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
                     crate::location::Location::Local(path) if stage.versioning.is_some() => {
                         crate::versions::latest(path).map(|(_, dir)| dir)
                     }
-                    crate::location::Location::Local(path) => Some(path.clone()),
+                    // Only what imba committed there is a baseline: a file changed since (by
+                    // hand, or cut short) is not, or a corrupt output could never be repaired.
+                    crate::location::Location::Local(path) => {
+                        let key = port.declared.location.display(&ctx.dag.pipeline().workdir);
+                        let locked = {
+                            let guard = ctx.lock.lock().unwrap_or_else(|e| e.into_inner());
+                            guard
+                                .0
+                                .stages
+                                .get(&stage.name)
+                                .and_then(|s| s.outputs.get(&key))
+                                .map(|h| h.hash.clone())
+                        };
+                        let now = ctx.cache.hash_path(path).ok().flatten().map(|h| h.hash);
+                        match locked {
+                            Some(hash) if now.is_some() && now != Some(hash.clone()) => {
+                                ctx.events.event(Event::Warning(format!(
+                                    "`{key}` was changed after imba committed it: the `change` checks of stage `{}` have no baseline this run",
+                                    stage.name
+                                )));
+                                None
+                            }
+                            _ => Some(path.clone()),
+                        }
+                    }
                 };
                 let records = crate::checks::evaluate(
                     stage,

@@ -139,7 +139,7 @@ fn a_warn_check_commits_and_is_recorded() {
     assert_eq!(checks[0]["value"], serde_json::json!(3));
     assert_eq!(
         checks[1]["detail"],
-        "no baseline: nothing is committed here yet (rows is 3)"
+        "no baseline: no committed output to compare with (rows is 3)"
     );
 }
 
@@ -369,4 +369,63 @@ stages:
         ["warning: stage `split`: check `unique(k)` missed (warn) on out/parts/b.csv: 1 row repeats an earlier `k`, first at row 2 (k=1)"]
     );
     assert_eq!(t.read("out/parts/a.csv"), "k\n1\n2\n");
+}
+
+/// A committed output cut short by hand is not a baseline: the stage re-runs and repairs it,
+/// rather than failing for ever on a file it cannot read.
+#[test]
+fn an_output_changed_after_its_commit_is_not_a_change_baseline() {
+    let t = Test::new().file("data.csv", FOUR_ROWS).pipeline(GUARDED);
+    assert_eq!(run(&t, &[]).code, 0);
+    // Half the rows gone: a "change" of 50% against this would pass, but it is not imba's.
+    t.write("out/table.csv", "id,x\n1,5\n");
+    let out = run(&t, &[]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("warning: `out/table.csv` was changed after imba committed it: the `change` checks of stage `copy` have no baseline this run"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(t.read("out/table.csv"), FOUR_ROWS);
+    let record = last_record(&t);
+    assert_eq!(
+        stage(&record, "copy")["checks"][1]["detail"],
+        "no baseline: no committed output to compare with (rows is 4)"
+    );
+}
+
+/// The baseline of a versioned output is its latest version.
+#[test]
+fn a_versioned_output_is_compared_with_its_latest_version() {
+    let t = Test::new().file("data.csv", FOUR_ROWS).pipeline(
+        r#"
+stages:
+  copy:
+    cmd: mkdir -p {{ outputs[0] }} && cp {{ inputs[0] }} {{ outputs[0] }}/table.csv
+    inputs: [data.csv]
+    outputs: [out/tables/]
+    version: auto
+    checks:
+      - change: {metric: rows, max_pct: 30}
+        output: out/tables/table.csv
+"#,
+    );
+    assert_eq!(run(&t, &[]).code, 0);
+    t.write("data.csv", "id,x\n1,5\n2,7\n3,1\n4,2\n5,0\n");
+    let grew = run(&t, &[]);
+    assert_eq!(grew.code, 0, "{}", grew.stderr);
+    assert_eq!(
+        stage(&last_record(&t), "copy")["checks"][0]["detail"],
+        "rows changed by 25%: 4 → 5, expected ≤ 30%"
+    );
+    t.write("data.csv", "id,x\n1,5\n");
+    let shrank = run(&t, &[]);
+    assert_eq!(shrank.code, 1, "{}", shrank.stderr);
+    assert!(
+        shrank
+            .stderr
+            .contains("rows changed by 80%: 5 → 1, expected ≤ 30%"),
+        "{}",
+        shrank.stderr
+    );
 }

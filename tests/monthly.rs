@@ -397,7 +397,7 @@ fn a_month_with_far_fewer_orders_is_stopped_by_the_checks() {
     assert!(
         table
             .stdout
-            .contains("no baseline: nothing is committed here yet"),
+            .contains("no baseline: no committed output to compare with"),
         "{}",
         table.stdout
     );

@@ -354,7 +354,7 @@ fn check_one(
                 return Ok(Verdict::pass(
                     json!({"now": finite(now), "baseline": null, "change_pct": null}),
                     format!(
-                        "no baseline: nothing is committed here yet ({metric} is {})",
+                        "no baseline: no committed output to compare with ({metric} is {})",
                         shown(now)
                     ),
                 ));
