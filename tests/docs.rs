@@ -111,6 +111,8 @@ fn error_catalogue() -> String {
         ),
         ("monthly", "Built-in stages"),
         ("versions", "Versions"),
+        ("s3", "S3 (a failed request fails its stage: exit 1)"),
+        ("watch", "Watching (`imba watch`)"),
         ("dag", "Drawing the graph"),
     ];
     let mut snapshots: Vec<(String, String)> =

@@ -303,6 +303,15 @@ fn an_invalid_pipeline_edit_keeps_the_last_valid_one_until_fixed() {
         log.contains("the edited pipeline is invalid; the last valid one stays in force")
     });
     w.idle(2);
+    // What the watch printed about the edit, from its first error to the idle line after it.
+    let log = w.log();
+    let from = log.find("error:").expect("an error");
+    let to = from
+        + log[from..]
+            .find("for changes (Ctrl-C to stop)\n")
+            .expect("idle")
+        + 29;
+    insta::assert_snapshot!("an_invalid_edit_of_the_pipeline", &log[from..to]);
     // The old pipeline still works.
     t.write("data/in2.txt", "still watched\n");
     w.idle(3);
