@@ -661,16 +661,17 @@ async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
                     .zip(&staged)
                     .map(|(p, s)| (p.name.clone(), s.clone()))
                     .collect(),
+                cancel: imba_stages::Cancel::default(),
             };
             run_builtin(&ctx, stage, name, params, io, &mut record, &mut param_error).await
         }
     };
     if let Err((error, log)) = executed {
         let _ = std::fs::remove_dir_all(&staging_root);
-        if *ctx.cancel.borrow() >= Stop::Cancel
-            && record.exit_status.is_none_or(|s| s != 0)
-            && error.contains("signal")
-        {
+        // Killed by the cancel's signal (a command), or stopped by its flag (a built-in stage).
+        let stopped = (record.exit_status.is_none_or(|s| s != 0) && error.contains("signal"))
+            || error == imba_stages::CANCELLED;
+        if *ctx.cancel.borrow() >= Stop::Cancel && stopped {
             record.decision = "cancelled".to_owned();
             ctx.events.event(Event::StageCancelled {
                 name: stage.name.clone(),
@@ -1092,8 +1093,17 @@ async fn run_builtin(
     };
     let params = params.clone();
     let started = Instant::now();
-    let report = tokio::task::spawn_blocking(move || builtin.run(&params, &io))
-        .await
+    // A cancelled run sets the stage's flag; a long stage (MICE) stops at its next iteration.
+    let flag = io.cancel.clone();
+    let mut stop = ctx.cancel.clone();
+    let watcher = tokio::spawn(async move {
+        if stop.wait_for(|c| *c >= Stop::Cancel).await.is_ok() {
+            flag.cancel();
+        }
+    });
+    let ran = tokio::task::spawn_blocking(move || builtin.run(&params, &io)).await;
+    watcher.abort();
+    let report = ran
         .map_err(|e| (format!("internal error: {e}"), None))?
         .map_err(|e| {
             *param_error = e.param.clone();

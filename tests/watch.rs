@@ -581,3 +581,36 @@ stages:
         "{log}"
     );
 }
+
+/// A built-in stage cannot be killed like a command, so it looks at a flag between MICE
+/// iterations: Ctrl-C stops an imputation of a million iterations at once, and nothing of it is
+/// committed.
+#[test]
+fn ctrl_c_stops_a_long_imputation_between_iterations() {
+    let mut csv = String::from("x,y\n");
+    // 20,000 rows: a million iterations would take minutes (≈ 0.45 ms each here).
+    for i in 0..20_000 {
+        let x = if i % 3 == 0 {
+            String::new()
+        } else {
+            format!("{}", i % 17)
+        };
+        csv.push_str(&format!("{x},{}\n", i % 11));
+    }
+    let t = Test::new().file("data/users.csv", csv).pipeline(
+        r#"
+stages:
+  impute:
+    uses: impute
+    inputs: {users: data/users.csv}
+    outputs: {imputed: out/imputed/}
+    params: {columns: [x, y], m: 2, iterations: 1000000, seed: 1}
+"#,
+    );
+    let mut w = Watching::start(&t, &[]);
+    w.wait_for("the imputation to start", |log| log.contains("run  impute"));
+    let (code, log) = w.stop();
+    assert_eq!(code, Some(130), "{log}");
+    assert!(log.contains("cancel impute"), "{log}");
+    assert!(!t.path().join("out/imputed").exists());
+}

@@ -183,14 +183,16 @@ impl BuiltinStage for Impute {
         let dir = io.output("imputed", 0)?;
         let df = read_table_inferred(input)?;
         let plan = Plan::new(&df, params, input)?;
-        let result = mice::impute(&plan.values, &plan.spec).map_err(|e| match e {
-            mice::MiceError::AllMissing(j) => StageError::new(format!(
-                "column `{}` of `{}` has no observed value: there is nothing to impute it from",
-                params.columns[j],
-                input.display()
-            ))
-            .at_param(pointer(&["columns", &j.to_string()])),
-        })?;
+        let result =
+            mice::impute_until(&plan.values, &plan.spec, &io.cancel).map_err(|e| match e {
+                mice::MiceError::Cancelled => StageError::new(crate::CANCELLED),
+                mice::MiceError::AllMissing(j) => StageError::new(format!(
+                    "column `{}` of `{}` has no observed value: there is nothing to impute it from",
+                    params.columns[j],
+                    input.display()
+                ))
+                .at_param(pointer(&["columns", &j.to_string()])),
+            })?;
         let name = match &params.name {
             Some(name) => name.clone(),
             None => input
@@ -568,6 +570,7 @@ mod tests {
         let io = StageIo {
             inputs: vec![(None, input)],
             outputs: vec![(Some("imputed".into()), dir.path().join("imputed"))],
+            ..StageIo::default()
         };
         (Impute::run(&params, &io).map(|r| r.summary), dir)
     }

@@ -19,7 +19,8 @@ pub mod stats;
 pub mod table;
 
 pub use registry::{
-    Builtin, BuiltinStage, OutputColumns, ParamsError, Registry, StageError, StageIo, StageReport,
+    Builtin, BuiltinStage, Cancel, OutputColumns, ParamsError, Registry, StageError, StageIo,
+    StageReport, CANCELLED,
 };
 
 /// The polars the stages are built on, for callers that read their tables.

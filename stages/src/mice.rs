@@ -74,10 +74,21 @@ pub struct Imputation {
 pub enum MiceError {
     /// A column has no observed value, so nothing can model it.
     AllMissing(usize),
+    /// `cancel` was set: the chains stopped between iterations.
+    Cancelled,
 }
 
 /// Imputes the missing values (NaN) of `columns` (all of the same length) `spec.m` times.
 pub fn impute(columns: &[Vec<f64>], spec: &Spec) -> Result<Imputation, MiceError> {
+    impute_until(columns, spec, &crate::Cancel::default())
+}
+
+/// [`impute`], stopping between iterations once `cancel` is set.
+pub fn impute_until(
+    columns: &[Vec<f64>],
+    spec: &Spec,
+    cancel: &crate::Cancel,
+) -> Result<Imputation, MiceError> {
     let missing: Vec<Vec<usize>> = columns
         .iter()
         .map(|c| (0..c.len()).filter(|&r| c[r].is_nan()).collect())
@@ -94,7 +105,7 @@ pub fn impute(columns: &[Vec<f64>], spec: &Spec) -> Result<Imputation, MiceError
         .map(|n| n.get())
         .unwrap_or(1)
         .clamp(1, spec.m.max(1));
-    let run = |chain: usize| run_chain(columns, spec, &missing, &incomplete, chain);
+    let run = |chain: usize| run_chain(columns, spec, &missing, &incomplete, chain, cancel);
     let mut chains: Vec<Option<Chain>> = vec![None; spec.m];
     if threads <= 1 {
         for (chain, slot) in chains.iter_mut().enumerate() {
@@ -123,6 +134,9 @@ pub fn impute(columns: &[Vec<f64>], spec: &Spec) -> Result<Imputation, MiceError
             }
         });
     }
+    if cancel.is_cancelled() {
+        return Err(MiceError::Cancelled);
+    }
     Ok(Imputation {
         incomplete,
         missing,
@@ -136,6 +150,7 @@ fn run_chain(
     missing: &[Vec<usize>],
     incomplete: &[usize],
     chain: usize,
+    cancel: &crate::Cancel,
 ) -> Chain {
     let mut rng = ChaCha8Rng::seed_from_u64(spec.seed);
     rng.set_stream(chain as u64);
@@ -163,6 +178,9 @@ fn run_chain(
     }
     let mut trace = Vec::with_capacity(spec.iterations * incomplete.len());
     for iteration in 1..=spec.iterations {
+        if cancel.is_cancelled() {
+            break;
+        }
         for &j in incomplete {
             draw_column(&mut x, j, spec, &observed[j], &missing[j], &mut rng);
         }
@@ -812,7 +830,14 @@ mod tests {
         for (chain, result) in a.chains.iter().enumerate() {
             assert_eq!(
                 result,
-                &run_chain(&columns, &s, &a.missing, &a.incomplete, chain)
+                &run_chain(
+                    &columns,
+                    &s,
+                    &a.missing,
+                    &a.incomplete,
+                    chain,
+                    &crate::Cancel::default()
+                )
             );
         }
         assert_ne!(a.chains[0], a.chains[1]);

@@ -49,11 +49,30 @@ pub trait BuiltinStage: 'static {
 }
 
 /// The paths a built-in stage reads and writes, by their names in the pipeline file.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct StageIo {
     pub inputs: Vec<(Option<String>, std::path::PathBuf)>,
     pub outputs: Vec<(Option<String>, std::path::PathBuf)>,
+    /// Set when the run is cancelled: a long stage looks at it and stops early.
+    pub cancel: Cancel,
 }
+
+/// A cancellation flag the orchestrator sets and a stage polls (between MICE iterations, say).
+#[derive(Debug, Clone, Default)]
+pub struct Cancel(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Cancel {
+    pub fn cancel(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// The error of a stage that stopped because it was cancelled.
+pub const CANCELLED: &str = "cancelled";
 
 impl StageIo {
     /// The `index`-th input.
@@ -369,6 +388,7 @@ mod tests {
         let io = StageIo {
             inputs: Vec::new(),
             outputs: vec![(None, dir.clone())],
+            ..StageIo::default()
         };
         Builtin::of::<Echo>()
             .run(&serde_json::json!({"word": "hi", "times": 2}), &io)

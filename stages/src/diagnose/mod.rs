@@ -643,6 +643,7 @@ mod tests {
             &StageIo {
                 inputs: vec![(None, data.clone())],
                 outputs: vec![(Some("imputed".into()), imputed.clone())],
+                ..StageIo::default()
             },
         )
         .unwrap();
@@ -653,6 +654,7 @@ mod tests {
                 (Some("data".into()), data),
             ],
             outputs: vec![(Some("diagnostics".into()), dir.path().join("diagnostics"))],
+            ..StageIo::default()
         };
         (Diagnose::run(&params, &io), dir)
     }
