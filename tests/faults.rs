@@ -18,24 +18,6 @@ fn run_ok(t: &Test, args: &[&str]) -> Output {
     out
 }
 
-/// The decision of each stage in the latest run, from its record.
-fn decisions(t: &Test) -> Vec<(String, String)> {
-    let out = t.exec(&["show", "pipeline.yaml", "--json"]);
-    assert_eq!(out.code, 0, "{}", out.stderr);
-    let record: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
-    record["stages"]
-        .as_array()
-        .expect("stages")
-        .iter()
-        .map(|s| {
-            (
-                s["name"].as_str().unwrap().to_owned(),
-                s["decision"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect()
-}
-
 fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
     list.iter()
         .map(|(a, b)| (a.to_string(), b.to_string()))
@@ -82,18 +64,14 @@ stages:
 
     let out = t.exec(&["run", "pipeline.yaml", "--set", "die=1"]);
     assert_eq!(out.code, 1, "{}", out.stderr);
-    let error = out
-        .stderr
-        .lines()
-        .find(|l| l.starts_with("error: stage"))
-        .unwrap_or_default();
+    let error = out.stage_error();
     assert!(
         error.starts_with("error: stage `oom` failed: command was killed by signal 9 (SIGKILL"),
         "{}",
         out.stderr
     );
     assert_eq!(
-        decisions(&t),
+        t.decisions(),
         pairs(&[
             ("first", "skipped"),
             ("oom", "failed"),
@@ -110,7 +88,7 @@ stages:
     // Once it stops being killed, it and its downstream run; `first` stays done.
     run_ok(&t, &["--set", "die=2"]);
     assert_eq!(
-        decisions(&t),
+        t.decisions(),
         pairs(&[("first", "skipped"), ("oom", "ran"), ("after", "ran")])
     );
     assert_eq!(t.read("out/after.csv"), "a\n1\ndie=2\n");
@@ -169,7 +147,7 @@ fn a_truncated_parquet_output_reruns_the_stage_that_wrote_it() {
     run_ok(&t, &[]);
     // Rewritten byte for byte, so `top` is cut off early.
     assert_eq!(std::fs::read(&table).unwrap(), good);
-    assert_eq!(decisions(&t), pairs(&[("agg", "ran"), ("top", "skipped")]));
+    assert_eq!(t.decisions(), pairs(&[("agg", "ran"), ("top", "skipped")]));
 }
 
 #[test]
@@ -194,11 +172,7 @@ fn a_corrupt_parquet_input_is_an_error_naming_the_file() {
         );
         let out = t.exec(&["run", "pipeline.yaml"]);
         assert_eq!(out.code, 1, "{}", out.stderr);
-        let error = out
-            .stderr
-            .lines()
-            .find(|l| l.starts_with("error: stage"))
-            .unwrap_or_default();
+        let error = out.stage_error();
         assert!(
             error.starts_with("error: stage `read` failed: cannot read Parquet file `")
                 && error.contains(file)
@@ -219,7 +193,7 @@ fn deleting_the_state_folder_reruns_nothing() {
     std::fs::remove_dir_all(t.path().join(".imba")).unwrap();
     run_ok(&t, &[]);
     assert_eq!(
-        decisions(&t),
+        t.decisions(),
         pairs(&[("agg", "skipped"), ("top", "skipped")])
     );
 }
@@ -246,7 +220,7 @@ fn a_torn_or_garbage_lock_file_reruns_everything_and_is_rewritten() {
             out.stderr
         );
         assert_eq!(
-            decisions(&t),
+            t.decisions(),
             pairs(&[("agg", "ran"), ("top", "ran")]),
             "{what}"
         );
@@ -257,7 +231,7 @@ fn a_torn_or_garbage_lock_file_reruns_everything_and_is_rewritten() {
         );
         run_ok(&t, &[]);
         assert_eq!(
-            decisions(&t),
+            t.decisions(),
             pairs(&[("agg", "skipped"), ("top", "skipped")])
         );
     }
@@ -309,7 +283,7 @@ fn a_version_published_by_a_killed_run_is_adopted_not_duplicated() {
     t.write("pipeline.lock", &lock_v1);
     let out = run_ok(&t, &[]);
     assert_eq!(
-        decisions(&t),
+        t.decisions(),
         pairs(&[("user_features", "ran")]),
         "{}",
         out.stderr
@@ -321,7 +295,7 @@ fn a_version_published_by_a_killed_run_is_adopted_not_duplicated() {
     );
     assert_eq!(t.read("out/features/LATEST"), "features_v2\n");
     run_ok(&t, &[]);
-    assert_eq!(decisions(&t), pairs(&[("user_features", "skipped")]));
+    assert_eq!(t.decisions(), pairs(&[("user_features", "skipped")]));
 }
 
 /// A temporary directory on another file system than the test's (where the staging is), or
@@ -358,7 +332,7 @@ fn a_versioned_output_on_another_file_system_is_published() {
         "features_v2\n"
     );
     run_ok(&t, &[]);
-    assert_eq!(decisions(&t), pairs(&[("user_features", "skipped")]));
+    assert_eq!(t.decisions(), pairs(&[("user_features", "skipped")]));
 }
 
 /// A small tmpfs mounted for the length of a test (root only); unmounted when dropped.
@@ -418,11 +392,7 @@ fn no_space_left_while_committing_an_output_leaves_nothing_behind() {
 
     let full = t.exec(&["run", "pipeline.yaml", "--set", "kib=1024"]);
     assert_eq!(full.code, 1, "{}", full.stderr);
-    let error = full
-        .stderr
-        .lines()
-        .find(|l| l.starts_with("error: stage"))
-        .unwrap_or_default();
+    let error = full.stage_error();
     assert!(
         error.contains("cannot move the output")
             && error.contains("big.bin")

@@ -454,10 +454,7 @@ fn a_missing_column_fails_the_stage_naming_column_param_and_file() {
     let out = t.exec(&["run", "pipeline.yaml"]);
     assert_eq!(out.code, 1);
     let error = out
-        .stderr
-        .lines()
-        .find(|l| l.starts_with("error: stage"))
-        .unwrap_or_default()
+        .stage_error()
         .replace(t.path().to_str().unwrap(), "[TMP]");
     assert_eq!(error, "error: stage `clean_orders` failed: column `order_dow` (param `cast.order_dow`) is not in `[TMP]/orders.csv`; its columns are: order_id, user_id");
     assert!(!t.path().join("out").exists(), "nothing was written");

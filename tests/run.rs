@@ -30,24 +30,6 @@ fn chain() -> Test {
     Test::new().file("data/raw.csv", "a\nb\n").pipeline(CHAIN)
 }
 
-/// The decision of each stage in the latest run, from its record.
-fn decisions(t: &Test) -> Vec<(String, String)> {
-    let out = t.exec(&["show", "pipeline.yaml", "--json"]);
-    assert_eq!(out.code, 0, "{}", out.stderr);
-    let record: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
-    record["stages"]
-        .as_array()
-        .expect("stages")
-        .iter()
-        .map(|s| {
-            (
-                s["name"].as_str().unwrap().to_owned(),
-                s["decision"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect()
-}
-
 /// `imba run pipeline.yaml` in the background, for tests that interrupt or race it.
 fn spawn_run(t: &Test, stderr: std::process::Stdio) -> std::process::Child {
     t.command(&["run", "pipeline.yaml"])
@@ -74,7 +56,7 @@ fn assert_decision(decisions: &[(String, String)], stage: &str, decision: &str) 
 }
 
 fn ran(t: &Test) -> Vec<String> {
-    decisions(t)
+    t.decisions()
         .into_iter()
         .filter(|(_, d)| d == "ran")
         .map(|(n, _)| n)
@@ -97,7 +79,7 @@ fn first_run_runs_everything_and_the_second_nothing() {
     assert_eq!(t.read("out/report.txt"), "lines=2\n");
     assert_eq!(t.read("out/copy.csv"), "a\nb\n");
     run_ok(&t, &[]);
-    assert!(ran(&t).is_empty(), "{:?}", decisions(&t));
+    assert!(ran(&t).is_empty(), "{:?}", t.decisions());
 }
 
 #[test]
@@ -107,7 +89,7 @@ fn touching_a_file_without_changing_it_reruns_nothing() {
     std::thread::sleep(Duration::from_millis(20));
     t.write("data/raw.csv", "a\nb\n");
     run_ok(&t, &[]);
-    assert!(ran(&t).is_empty(), "{:?}", decisions(&t));
+    assert!(ran(&t).is_empty(), "{:?}", t.decisions());
 }
 
 #[test]
@@ -134,7 +116,7 @@ fn early_cutoff_when_outputs_come_out_identical() {
     // Same number of lines: `count` re-runs and writes the same bytes, so `report` does not.
     t.write("data/raw.csv", "x\ny\n");
     run_ok(&t, &[]);
-    let decisions = decisions(&t);
+    let decisions = t.decisions();
     assert_decision(&decisions, "count", "ran");
     assert_decision(&decisions, "report", "skipped");
 }
@@ -234,7 +216,7 @@ fn a_failing_stage_keeps_earlier_outputs_and_the_lock() {
         "the earlier output is intact"
     );
     assert_eq!(t.read("out/report.txt"), "lines=2\n");
-    let decisions = decisions(&t);
+    let decisions = t.decisions();
     assert_decision(&decisions, "report", "blocked");
     // `copy` ran (or was cancelled before starting); the lock changed only for what succeeded.
     let new_lock: serde_json::Value = serde_json::from_str(&t.read("pipeline.lock")).unwrap();
@@ -249,7 +231,7 @@ fn keep_going_finishes_the_other_branches() {
     let out = t.exec(&["run", "pipeline.yaml", "--keep-going", "-j", "2"]);
     assert_eq!(out.code, 1);
     assert_eq!(t.read("good.txt"), "ok\n");
-    let decisions = decisions(&t);
+    let decisions = t.decisions();
     assert_decision(&decisions, "after_bad", "blocked");
     assert_decision(&decisions, "good", "ran");
 }
@@ -265,7 +247,7 @@ fn without_keep_going_a_failure_cancels_running_stages() {
         "the slow stage was stopped"
     );
     assert!(!t.path().join("slow.txt").exists());
-    let decisions = decisions(&t);
+    let decisions = t.decisions();
     assert_decision(&decisions, "slow", "cancelled");
 }
 
@@ -370,7 +352,7 @@ fn kill_9_mid_run_then_rerun_finishes_the_job() {
         t.read("pipeline.yaml").replace("sleep 30", "sleep 0.1"),
     );
     run_ok(&t, &[]);
-    let decisions = decisions(&t);
+    let decisions = t.decisions();
     assert_eq!(
         decisions,
         [

@@ -245,11 +245,7 @@ stages:
     server.stop_after_puts(2);
     let failed = run(&t, &server, &["run", "pipeline.yaml"]);
     assert_eq!(failed.code, 1, "{}", failed.stderr);
-    let error = failed
-        .stderr
-        .lines()
-        .find(|l| l.starts_with("error: stage"))
-        .unwrap_or_default();
+    let error = failed.stage_error();
     assert!(
         error.starts_with("error: stage `split` failed: cannot upload s3://bucket/.imba-staging/")
             && error.ends_with("the output `s3://bucket/out/parts/` was not committed"),

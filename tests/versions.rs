@@ -118,12 +118,7 @@ fn versions_are_made_only_when_the_content_changes_and_never_rewritten() {
     );
     let refused = t.exec(&["run", "pipeline.yaml"]);
     assert_eq!(refused.code, 1);
-    let error = refused
-        .stderr
-        .lines()
-        .find(|l| l.starts_with("error: stage"))
-        .unwrap_or_default()
-        .to_owned();
+    let error = refused.stage_error().to_owned();
     assert!(
         error.contains("features_v3 was modified after it was written (`features.csv` differs from its _meta.json); versions are immutable"),
         "{error}"

@@ -19,6 +19,14 @@ pub struct Output {
 }
 
 impl Output {
+    /// The first `error: stage …` line of stderr (empty when there is none).
+    pub fn stage_error(&self) -> &str {
+        self.stderr
+            .lines()
+            .find(|l| l.starts_with("error: stage"))
+            .unwrap_or_default()
+    }
+
     /// Exit code, stdout and stderr in one string, for snapshots.
     pub fn all(&self) -> String {
         format!(
@@ -99,6 +107,24 @@ impl Test {
     pub fn read(&self, path: &str) -> String {
         std::fs::read_to_string(self.dir.path().join(path))
             .unwrap_or_else(|e| panic!("read {path}: {e}"))
+    }
+
+    /// The decision of each stage in the latest run of `pipeline.yaml`, from its record.
+    pub fn decisions(&self) -> Vec<(String, String)> {
+        let out = self.exec(&["show", "pipeline.yaml", "--json"]);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        let record: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
+        record["stages"]
+            .as_array()
+            .expect("stages")
+            .iter()
+            .map(|s| {
+                (
+                    s["name"].as_str().unwrap().to_owned(),
+                    s["decision"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
     }
 
     /// A command for `imba` in the test dir, for tests that need to spawn it themselves.
