@@ -124,6 +124,28 @@ impl Feature {
     }
 }
 
+/// The columns of `table` (named `name` under `inputs:`) that its groups may use: the entity,
+/// and every column whose name appears, in any case, in a group's SQL or `columns:`. Appearing
+/// is enough: reading a column too many costs memory, one too few would be an error.
+fn used_columns(params: &FeatureParams, name: &str, columns: &[String]) -> Vec<String> {
+    let mut texts: Vec<String> = Vec::new();
+    for group in params.groups.iter().filter(|g| g.from == name) {
+        texts.extend(entries(&group.features).map(|(_, f)| f.sql().to_lowercase()));
+        texts.extend(group.filter.iter().map(|f| f.to_lowercase()));
+        texts.extend(group.columns.iter().map(|c| c.to_lowercase()));
+    }
+    columns
+        .iter()
+        .filter(|c| {
+            **c == params.entity || {
+                let lower = c.to_lowercase();
+                texts.iter().any(|t| t.contains(&lower))
+            }
+        })
+        .cloned()
+        .collect()
+}
+
 /// The built-in `feature` stage.
 pub struct FeatureStage;
 
@@ -174,7 +196,9 @@ impl BuiltinStage for FeatureStage {
             let df = if is_csv(path) {
                 read_table_inferred(path)?
             } else {
-                read_parquet(path, None)?
+                // Only the columns the groups can use: a wide table costs what it is used for.
+                let wanted = used_columns(params, &name, &crate::table::columns_of(path)?);
+                read_parquet(path, Some(&wanted))?
             };
             tables.insert(name, df);
         }
@@ -505,6 +529,31 @@ mod tests {
 
     fn params(value: serde_json::Value) -> FeatureParams {
         serde_json::from_value(value).unwrap()
+    }
+
+    #[test]
+    fn only_the_columns_a_group_names_are_read() {
+        let params = params(json!({
+            "entity": "user_id",
+            "groups": [
+                {"name": "recent", "from": "orders", "where": "MONTH >= '2017-05'",
+                 "features": [{"n": "count(*)"}, {"gap": "avg(days)"}]},
+                {"name": "imputed", "from": "imputed", "columns": ["days_imp"]}
+            ]
+        }));
+        let columns: Vec<String> = ["user_id", "order_id", "days", "dow", "month"]
+            .map(String::from)
+            .to_vec();
+        // `month` only in the condition, and in another case: still read.
+        assert_eq!(
+            used_columns(&params, "orders", &columns),
+            ["user_id", "days", "month"]
+        );
+        let imputed = ["user_id", "days_imp", "other"].map(String::from).to_vec();
+        assert_eq!(
+            used_columns(&params, "imputed", &imputed),
+            ["user_id", "days_imp"]
+        );
     }
 
     /// Three users: 2 has three orders (one on a Sunday, one in the old month), 1 has two, 3
