@@ -345,10 +345,16 @@ fn a_month_with_far_fewer_orders_is_stopped_by_the_checks() {
     let out = t.exec(&[
         "run",
         "pipelines/monthly.yaml",
+        "-j",
+        "1",
         "--set",
         "input=smaller.csv",
     ]);
     assert_eq!(out.code, 1, "{}", out.stderr);
+    snapshot(
+        "a_check_stops_a_month_with_a_third_fewer_orders",
+        &out.stderr,
+    );
     let failure = out
         .stderr
         .lines()
@@ -411,8 +417,9 @@ fn a_failed_imputation_check_quarantines_the_report() {
     assert_eq!(t.exec(&["run", "pipelines/monthly.yaml"]).code, 0);
     let report = std::fs::read(t.path().join("out/monthly/diagnostics/report.html")).unwrap();
     let strict = "diagnose_imputation.checks.mean_spread={max: 0.0, severity: fail}";
-    let out = t.exec(&["run", "pipelines/monthly.yaml", "--set", strict]);
+    let out = t.exec(&["run", "pipelines/monthly.yaml", "-j", "1", "--set", strict]);
     assert_eq!(out.code, 1, "{}", out.stderr);
+    snapshot("a_missed_imputation_threshold_fails_the_stage", &out.stderr);
     assert!(
         out.stderr.contains("check `mean_spread(days_imp)` on out/monthly/diagnostics: days_imp: spread of the per-imputation means "),
         "{}",
@@ -464,6 +471,16 @@ fn a_missing_column_fails_the_stage_naming_column_param_and_file() {
         (r"\d+\.\d{2}s", "[TIME]"),
     ]}, {
         insta::assert_snapshot!(out.stderr.replace(t.path().to_str().unwrap(), "[TMP]"));
+    });
+}
+
+/// A run's stderr as the error catalogue (docs/errors.md) shows it: run ids and times masked.
+fn snapshot(name: &str, stderr: &str) {
+    insta::with_settings!({filters => vec![
+        (r"\d{8}T\d{6}\.\d{3}Z-[0-9a-f]{4}", "[RUN]"),
+        (r"\d+\.\d{2}s", "[TIME]"),
+    ]}, {
+        insta::assert_snapshot!(name, stderr);
     });
 }
 
