@@ -178,8 +178,12 @@ impl BuiltinStage for Clean {
         let table_path = io.output("table", 0)?;
         let summary_path = io.output_opt("summary", 1);
         let table = read_input(input, params)?;
-        let (mut cleaned, summary) = clean_input(table, params, input)?;
-        write_table(&mut cleaned, table_path)?;
+        let (mut table, keep, summary) = clean_marked(table, params, input)?;
+        match keep {
+            None => write_table(&mut table, table_path)?,
+            // The survivors written straight from the table read, never copied whole.
+            Some(keep) => crate::table::write_table_kept(&table, &keep, table_path)?,
+        }
         if let Some(path) = summary_path {
             let mut text = serde_json::to_string_pretty(&summary)
                 .map_err(|e| StageError::new(e.to_string()))?;
@@ -332,13 +336,27 @@ pub fn clean(
     )
 }
 
-/// The four steps. Each one only marks rows dead in one mask (so that every count is exact and
-/// nothing is copied); the survivors are taken once at the end.
+/// The four steps, and the survivors taken from the table.
 fn clean_input(
     input: Input,
     params: &CleanParams,
     source: &std::path::Path,
 ) -> Result<(DataFrame, Json), StageError> {
+    let (df, keep, summary) = clean_marked(input, params, source)?;
+    let df = match keep {
+        Some(keep) => df.filter(&keep).map_err(err)?,
+        None => df,
+    };
+    Ok((df, summary))
+}
+
+/// The four steps. Each one only marks rows dead in one mask (so that every count is exact and
+/// nothing is copied): the table (cast), the rows to keep (`None`: all of them) and the summary.
+fn clean_marked(
+    input: Input,
+    params: &CleanParams,
+    source: &std::path::Path,
+) -> Result<(DataFrame, Option<BooleanChunked>, Json), StageError> {
     let Input { df, text } = input;
     let mut wanted: Vec<(&str, String)> = Vec::new();
     wanted.extend(
@@ -511,23 +529,16 @@ fn clean_input(
         }
     }
     let kept = live(&alive);
-    let df = if kept == df.height() {
-        df
-    } else {
-        df.filter(&alive).map_err(err)?
-    };
-    summary.insert("after_dropna_dedup".into(), json!(df.height()));
-    summary.insert(
-        "removed_dropna_dedup".into(),
-        json!(after_iqr - df.height()),
-    );
+    let keep = (kept != df.height()).then_some(alive);
+    summary.insert("after_dropna_dedup".into(), json!(kept));
+    summary.insert("removed_dropna_dedup".into(), json!(after_iqr - kept));
 
     // More than the seed's keys: where each row went.
     summary.insert("removed_cast".into(), json!(removed_cast));
     summary.insert("cast_nulls".into(), Json::Object(cast_nulls));
     summary.insert("removed_domain_by_rule".into(), Json::Object(by_rule));
     summary.insert("removed_dropna".into(), json!(removed_dropna));
-    summary.insert("removed_dedup".into(), json!(after_dropna - df.height()));
+    summary.insert("removed_dedup".into(), json!(after_dropna - kept));
     summary.insert(
         "columns".into(),
         json!(df
@@ -536,7 +547,7 @@ fn clean_input(
             .map(|c| c.to_string())
             .collect::<Vec<_>>()),
     );
-    Ok((df, Json::Object(summary)))
+    Ok((df, keep, Json::Object(summary)))
 }
 
 /// The cast of `column` to `to`, from whatever it is (a string when read from CSV).

@@ -369,6 +369,50 @@ pub fn write_table(df: &mut DataFrame, path: &Path) -> Result<(), StageError> {
     written.map_err(|e| StageError::new(format!("cannot write `{}`: {e}", path.display())))
 }
 
+/// [`write_table`] of the rows of `df` that `keep` marks, without a copy of all of them: Parquet
+/// is written one row group at a time, each filled from slices of `df`, so that the file is the
+/// same, byte for byte, as `write_table` of the filtered table would write.
+pub fn write_table_kept(
+    df: &DataFrame,
+    keep: &BooleanChunked,
+    path: &Path,
+) -> Result<(), StageError> {
+    let cannot =
+        |e: PolarsError| StageError::new(format!("cannot write `{}`: {e}", path.display()));
+    if is_csv(path) {
+        let mut kept = df.filter(keep).map_err(cannot)?;
+        return write_table(&mut kept, path);
+    }
+    let file = std::fs::File::create(path)
+        .map_err(|e| StageError::new(format!("cannot create `{}`: {e}", path.display())))?;
+    let written = (|| {
+        let mut writer = ParquetWriter::new(std::io::BufWriter::new(file))
+            .with_compression(ParquetCompression::Snappy)
+            .batched(df.schema())?;
+        let mut pending = df.clear();
+        let mut offset = 0;
+        while offset < df.height() {
+            let part = df
+                .slice(offset as i64, ROW_GROUP)
+                .filter(&keep.slice(offset as i64, ROW_GROUP))?;
+            offset += ROW_GROUP;
+            pending.vstack_mut(&part)?;
+            while pending.height() >= ROW_GROUP {
+                let mut group = pending.slice(0, ROW_GROUP);
+                group.rechunk_mut_par();
+                writer.write_batch(&group)?;
+                pending = pending.slice(ROW_GROUP as i64, usize::MAX);
+            }
+        }
+        if pending.height() > 0 {
+            pending.rechunk_mut_par();
+            writer.write_batch(&pending)?;
+        }
+        writer.finish().map(|_| ())
+    })();
+    written.map_err(cannot)
+}
+
 /// Rows per Parquet row group (polars' default).
 const ROW_GROUP: usize = 512 * 512;
 
@@ -444,6 +488,40 @@ pub fn require_columns<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The kept rows written slice by slice make the very file the filtered table makes: across
+    /// row groups, with whole groups dropped, and with nothing kept.
+    #[test]
+    fn writing_the_kept_rows_equals_writing_the_filtered_table() {
+        let n = ROW_GROUP * 2 + 12_345;
+        let ids: Vec<i64> = (0..n as i64).collect();
+        let names: Vec<String> = (0..n).map(|i| format!("n{}", i % 97)).collect();
+        let df = DataFrame::new(
+            n,
+            vec![
+                Column::new("id".into(), ids),
+                Column::new("name".into(), names),
+            ],
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let masks: [Box<dyn Fn(usize) -> bool>; 3] = [
+            Box::new(|i| i % 7 != 3),
+            Box::new(|i| !(ROW_GROUP..ROW_GROUP * 2).contains(&i) && i % 5 != 0),
+            Box::new(|_| false),
+        ];
+        for (k, mask) in masks.iter().enumerate() {
+            let keep: BooleanChunked = (0..n).map(|i| Some(mask(i))).collect();
+            let whole = dir.path().join(format!("whole{k}.parquet"));
+            let kept = dir.path().join(format!("kept{k}.parquet"));
+            write_table(&mut df.filter(&keep).unwrap(), &whole).unwrap();
+            write_table_kept(&df, &keep, &kept).unwrap();
+            assert!(
+                std::fs::read(&whole).unwrap() == std::fs::read(&kept).unwrap(),
+                "mask {k}: the files differ"
+            );
+        }
+    }
 
     fn problem(text: &[u8]) -> Option<String> {
         let dir = tempfile::tempdir().unwrap();
