@@ -386,9 +386,7 @@ pub fn write_table_kept(
     let file = std::fs::File::create(path)
         .map_err(|e| StageError::new(format!("cannot create `{}`: {e}", path.display())))?;
     let written = (|| {
-        let mut writer = ParquetWriter::new(std::io::BufWriter::new(file))
-            .with_compression(ParquetCompression::Snappy)
-            .batched(df.schema())?;
+        let mut writer = parquet_writer(file, df)?;
         let mut pending = df.clear();
         let mut offset = 0;
         while offset < df.height() {
@@ -421,9 +419,7 @@ const ROW_GROUP: usize = 512 * 512;
 /// pandas, pyarrow and Spark write by default: zstd's files are a third smaller but take half as
 /// long again to write (scripts/bench-monthly).
 fn write_parquet(df: &DataFrame, file: std::fs::File) -> PolarsResult<()> {
-    let mut writer = ParquetWriter::new(std::io::BufWriter::new(file))
-        .with_compression(ParquetCompression::Snappy)
-        .batched(df.schema())?;
+    let mut writer = parquet_writer(file, df)?;
     let mut offset = 0;
     while offset < df.height() {
         let mut group = df.slice(offset as i64, ROW_GROUP);
@@ -432,6 +428,16 @@ fn write_parquet(df: &DataFrame, file: std::fs::File) -> PolarsResult<()> {
         offset += ROW_GROUP;
     }
     writer.finish().map(|_| ())
+}
+
+/// A Parquet writer of tables shaped like `df`, fed a row group at a time.
+fn parquet_writer(
+    file: std::fs::File,
+    df: &DataFrame,
+) -> PolarsResult<polars::io::parquet::write::BatchedWriter<std::io::BufWriter<std::fs::File>>> {
+    ParquetWriter::new(std::io::BufWriter::new(file))
+        .with_compression(ParquetCompression::Snappy)
+        .batched(df.schema())
 }
 
 /// A JSON pointer to a param (`["cast", "order_dow"]` → `/cast/order_dow`).
