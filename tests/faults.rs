@@ -8,15 +8,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{Output, Test};
-
-fn run_ok(t: &Test, args: &[&str]) -> Output {
-    let mut all = vec!["run", "pipeline.yaml"];
-    all.extend_from_slice(args);
-    let out = t.exec(&all);
-    assert_eq!(out.code, 0, "run failed:\n{}", out.stderr);
-    out
-}
+use common::Test;
 
 fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
     list.iter()
@@ -59,7 +51,7 @@ stages:
     outputs: [out/after.csv]
 "#,
     );
-    run_ok(&t, &[]);
+    t.run_ok(&[]);
     let lock_before: serde_json::Value = serde_json::from_str(&t.read("pipeline.lock")).unwrap();
 
     let out = t.exec(&["run", "pipeline.yaml", "--set", "die=1"]);
@@ -86,7 +78,7 @@ stages:
     assert!(hidden_leftovers(&t.path().join("out")).is_empty());
 
     // Once it stops being killed, it and its downstream run; `first` stays done.
-    run_ok(&t, &["--set", "die=2"]);
+    t.run_ok(&["--set", "die=2"]);
     assert_eq!(
         t.decisions(),
         pairs(&[("first", "skipped"), ("oom", "ran"), ("after", "ran")])
@@ -131,7 +123,7 @@ fn a_truncated_parquet_output_reruns_the_stage_that_wrote_it() {
     let t = Test::new()
         .file("users.csv", users_csv(3000))
         .pipeline(PARQUET_CHAIN);
-    run_ok(&t, &[]);
+    t.run_ok(&[]);
     let table = t.path().join("out/agg.parquet");
     let good = std::fs::read(&table).unwrap();
     std::fs::write(&table, &good[..good.len() / 2]).unwrap();
@@ -144,7 +136,7 @@ fn a_truncated_parquet_output_reruns_the_stage_that_wrote_it() {
         "{}",
         status.stdout
     );
-    run_ok(&t, &[]);
+    t.run_ok(&[]);
     // Rewritten byte for byte, so `top` is cut off early.
     assert_eq!(std::fs::read(&table).unwrap(), good);
     assert_eq!(t.decisions(), pairs(&[("agg", "ran"), ("top", "skipped")]));
@@ -155,7 +147,7 @@ fn a_corrupt_parquet_input_is_an_error_naming_the_file() {
     let t = Test::new()
         .file("users.csv", users_csv(30_000))
         .pipeline(PARQUET_CHAIN);
-    run_ok(&t, &[]);
+    t.run_ok(&[]);
     let good = std::fs::read(t.path().join("out/agg.parquet")).unwrap();
     assert!(good.len() > 20_000, "{} bytes", good.len());
     // The footer kept, the middle cut out: the footer points past the end of the data.
@@ -189,9 +181,9 @@ fn deleting_the_state_folder_reruns_nothing() {
     let t = Test::new()
         .file("users.csv", users_csv(200))
         .pipeline(PARQUET_CHAIN);
-    run_ok(&t, &[]);
+    t.run_ok(&[]);
     std::fs::remove_dir_all(t.path().join(".imba")).unwrap();
-    run_ok(&t, &[]);
+    t.run_ok(&[]);
     assert_eq!(
         t.decisions(),
         pairs(&[("agg", "skipped"), ("top", "skipped")])
@@ -203,7 +195,7 @@ fn a_torn_or_garbage_lock_file_reruns_everything_and_is_rewritten() {
     let t = Test::new()
         .file("users.csv", users_csv(200))
         .pipeline(PARQUET_CHAIN);
-    run_ok(&t, &[]);
+    t.run_ok(&[]);
     let lock = t.read("pipeline.lock");
     let outputs = std::fs::read(t.path().join("out/top.parquet")).unwrap();
     let torn = lock.as_bytes()[..lock.len() / 2].to_vec();
@@ -212,7 +204,7 @@ fn a_torn_or_garbage_lock_file_reruns_everything_and_is_rewritten() {
         .collect();
     for (what, bytes) in [("torn", torn), ("garbage", garbage)] {
         t.write("pipeline.lock", &bytes);
-        let out = run_ok(&t, &[]);
+        let out = t.run_ok(&[]);
         assert!(
             out.stderr.contains("warning: lock file `pipeline.lock`")
                 && out.stderr.contains("every stage is treated as stale"),
@@ -229,7 +221,7 @@ fn a_torn_or_garbage_lock_file_reruns_everything_and_is_rewritten() {
             std::fs::read(t.path().join("out/top.parquet")).unwrap(),
             outputs
         );
-        run_ok(&t, &[]);
+        t.run_ok(&[]);
         assert_eq!(
             t.decisions(),
             pairs(&[("agg", "skipped"), ("top", "skipped")])
@@ -271,17 +263,17 @@ fn a_version_published_by_a_killed_run_is_adopted_not_duplicated() {
     let t = Test::new()
         .file("orders.csv", "user_id,days\n1,3\n1,5\n2,7\n")
         .pipeline(&VERSIONED.replace("OUT", "out"));
-    run_ok(&t, &[]);
+    t.run_ok(&[]);
     let lock_v1 = t.read("pipeline.lock");
     t.write("orders.csv", "user_id,days\n1,3\n1,9\n2,7\n");
-    run_ok(&t, &[]);
+    t.run_ok(&[]);
     let root = t.path().join("out/features");
     assert_eq!(versions(&root), ["LATEST", "features_v1", "features_v2"]);
 
     // The state such a kill leaves: v2 complete, LATEST and the lock still at v1.
     t.write("out/features/LATEST", "features_v1\n");
     t.write("pipeline.lock", &lock_v1);
-    let out = run_ok(&t, &[]);
+    let out = t.run_ok(&[]);
     assert_eq!(
         t.decisions(),
         pairs(&[("user_features", "ran")]),
@@ -294,7 +286,7 @@ fn a_version_published_by_a_killed_run_is_adopted_not_duplicated() {
         "no features_v3 holding features_v2's content"
     );
     assert_eq!(t.read("out/features/LATEST"), "features_v2\n");
-    run_ok(&t, &[]);
+    t.run_ok(&[]);
     assert_eq!(t.decisions(), pairs(&[("user_features", "skipped")]));
 }
 
@@ -321,17 +313,17 @@ fn a_versioned_output_on_another_file_system_is_published() {
     };
     let out = elsewhere.path().to_str().unwrap().to_owned();
     t.write("pipeline.yaml", VERSIONED.replace("OUT", &out));
-    run_ok(&t, &[]);
+    t.run_ok(&[]);
     let root = elsewhere.path().join("features");
     assert_eq!(versions(&root), ["LATEST", "features_v1"]);
     t.write("orders.csv", "user_id,days\n1,3\n1,9\n2,7\n");
-    run_ok(&t, &[]);
+    t.run_ok(&[]);
     assert_eq!(versions(&root), ["LATEST", "features_v1", "features_v2"]);
     assert_eq!(
         std::fs::read_to_string(root.join("LATEST")).unwrap(),
         "features_v2\n"
     );
-    run_ok(&t, &[]);
+    t.run_ok(&[]);
     assert_eq!(t.decisions(), pairs(&[("user_features", "skipped")]));
 }
 
@@ -387,7 +379,7 @@ fn no_space_left_while_committing_an_output_leaves_nothing_behind() {
             out.display()
         ),
     );
-    run_ok(&t, &[]);
+    t.run_ok(&[]);
     assert_eq!(std::fs::metadata(&out).unwrap().len(), 16 * 1024);
 
     let full = t.exec(&["run", "pipeline.yaml", "--set", "kib=1024"]);
@@ -407,6 +399,6 @@ fn no_space_left_while_committing_an_output_leaves_nothing_behind() {
         "the partial copy is removed"
     );
     // The space is free again: an output that fits commits.
-    run_ok(&t, &["--set", "kib=128"]);
+    t.run_ok(&["--set", "kib=128"]);
     assert_eq!(std::fs::metadata(&out).unwrap().len(), 128 * 1024);
 }

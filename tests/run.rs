@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Output, Test};
+use common::Test;
 use insta::assert_snapshot;
 
 /// raw.csv → count (lines of raw) → report; raw.csv → copy.
@@ -63,41 +63,33 @@ fn ran(t: &Test) -> Vec<String> {
         .collect()
 }
 
-fn run_ok(t: &Test, args: &[&str]) -> Output {
-    let mut all = vec!["run", "pipeline.yaml"];
-    all.extend_from_slice(args);
-    let out = t.exec(&all);
-    assert_eq!(out.code, 0, "run failed:\n{}", out.stderr);
-    out
-}
-
 #[test]
 fn first_run_runs_everything_and_the_second_nothing() {
     let t = chain();
-    run_ok(&t, &[]);
+    t.run_ok(&[]);
     assert_eq!(ran(&t), ["count", "report", "copy"]);
     assert_eq!(t.read("out/report.txt"), "lines=2\n");
     assert_eq!(t.read("out/copy.csv"), "a\nb\n");
-    run_ok(&t, &[]);
+    t.run_ok(&[]);
     assert!(ran(&t).is_empty(), "{:?}", t.decisions());
 }
 
 #[test]
 fn touching_a_file_without_changing_it_reruns_nothing() {
     let t = chain();
-    run_ok(&t, &[]);
+    t.run_ok(&[]);
     std::thread::sleep(Duration::from_millis(20));
     t.write("data/raw.csv", "a\nb\n");
-    run_ok(&t, &[]);
+    t.run_ok(&[]);
     assert!(ran(&t).is_empty(), "{:?}", t.decisions());
 }
 
 #[test]
 fn changing_an_input_reruns_exactly_its_downstream() {
     let t = chain();
-    run_ok(&t, &[]);
+    t.run_ok(&[]);
     t.write("data/raw.csv", "a\nb\nc\n");
-    run_ok(&t, &[]);
+    t.run_ok(&[]);
     assert_eq!(ran(&t), ["count", "report", "copy"]);
     assert_eq!(t.read("out/report.txt"), "lines=3\n");
     // A change that only `copy` sees.
@@ -105,17 +97,17 @@ fn changing_an_input_reruns_exactly_its_downstream() {
         "pipeline.yaml",
         CHAIN.replace("params: {k: 1}", "params: {k: 2}"),
     );
-    run_ok(&t, &[]);
+    t.run_ok(&[]);
     assert_eq!(ran(&t), ["copy"]);
 }
 
 #[test]
 fn early_cutoff_when_outputs_come_out_identical() {
     let t = chain();
-    run_ok(&t, &[]);
+    t.run_ok(&[]);
     // Same number of lines: `count` re-runs and writes the same bytes, so `report` does not.
     t.write("data/raw.csv", "x\ny\n");
-    run_ok(&t, &[]);
+    t.run_ok(&[]);
     let decisions = t.decisions();
     assert_decision(&decisions, "count", "ran");
     assert_decision(&decisions, "report", "skipped");
@@ -125,7 +117,7 @@ fn early_cutoff_when_outputs_come_out_identical() {
 fn status_says_why() {
     let t = chain();
     let never = t.exec(&["status", "pipeline.yaml"]);
-    run_ok(&t, &[]);
+    t.run_ok(&[]);
     let fresh = t.exec(&["status", "pipeline.yaml"]);
     t.write("data/raw.csv", "a\n");
     t.write("out/copy.csv", "tampered\n");
@@ -150,7 +142,7 @@ fn status_says_why() {
 #[test]
 fn dry_run_changes_nothing() {
     let t = chain();
-    let out = run_ok(&t, &["--dry-run"]);
+    let out = t.run_ok(&["--dry-run"]);
     assert_snapshot!(out.all());
     assert!(!t.path().join("out").exists());
     assert!(!t.path().join("pipeline.lock").exists());
@@ -159,15 +151,15 @@ fn dry_run_changes_nothing() {
 #[test]
 fn stage_selection_downstream_and_force() {
     let t = chain();
-    run_ok(&t, &["--stage", "count"]);
+    t.run_ok(&["--stage", "count"]);
     assert_eq!(ran(&t), ["count"]);
-    run_ok(&t, &["--stage", "report"]);
+    t.run_ok(&["--stage", "report"]);
     assert_eq!(ran(&t), ["report"]);
-    run_ok(&t, &["--stage", "count", "--force"]);
+    t.run_ok(&["--stage", "count", "--force"]);
     assert_eq!(ran(&t), ["count"]);
-    run_ok(&t, &["--stage", "count", "--downstream", "--force"]);
+    t.run_ok(&["--stage", "count", "--downstream", "--force"]);
     assert_eq!(ran(&t), ["count", "report"]);
-    run_ok(&t, &["--force"]);
+    t.run_ok(&["--force"]);
     assert_eq!(ran(&t), ["count", "report", "copy"]);
     let unknown = t.exec(&["run", "pipeline.yaml", "--stage", "cuont"]);
     assert_eq!(unknown.code, 2);
@@ -178,7 +170,7 @@ fn stage_selection_downstream_and_force() {
 fn independent_stages_run_in_parallel() {
     let t = Test::new().pipeline("stages:\n  a:\n    cmd: sleep 1 && echo a > {{ outputs[0] }}\n    outputs: [a.txt]\n  b:\n    cmd: sleep 1 && echo b > {{ outputs[0] }}\n    outputs: [b.txt]\n");
     let start = Instant::now();
-    run_ok(&t, &["-j", "2"]);
+    t.run_ok(&["-j", "2"]);
     let took = start.elapsed();
     // Serially this takes 2 s; in parallel about 1 s plus imba's start-up.
     assert!(took < Duration::from_millis(1800), "took {took:?}");
@@ -187,7 +179,7 @@ fn independent_stages_run_in_parallel() {
 #[test]
 fn a_failing_stage_keeps_earlier_outputs_and_the_lock() {
     let t = chain();
-    run_ok(&t, &[]);
+    t.run_ok(&[]);
     let lock = t.read("pipeline.lock");
     t.write("data/raw.csv", "a\nb\nc\n");
     t.write(
@@ -279,9 +271,9 @@ fn failures_name_what_went_wrong() {
 #[test]
 fn a_corrupt_lock_reruns_with_a_warning_and_a_newer_one_is_refused() {
     let t = chain();
-    run_ok(&t, &[]);
+    t.run_ok(&[]);
     t.write("pipeline.lock", "{ this is not json");
-    let out = run_ok(&t, &[]);
+    let out = t.run_ok(&[]);
     assert!(
         out.stderr
             .contains("warning: lock file `pipeline.lock` is not valid JSON"),
@@ -351,7 +343,7 @@ fn kill_9_mid_run_then_rerun_finishes_the_job() {
         "pipeline.yaml",
         t.read("pipeline.yaml").replace("sleep 30", "sleep 0.1"),
     );
-    run_ok(&t, &[]);
+    t.run_ok(&[]);
     let decisions = t.decisions();
     assert_eq!(
         decisions,
@@ -366,8 +358,8 @@ fn kill_9_mid_run_then_rerun_finishes_the_job() {
 #[test]
 fn runs_are_recorded_and_listed() {
     let t = chain();
-    run_ok(&t, &[]);
-    run_ok(&t, &[]);
+    t.run_ok(&[]);
+    t.run_ok(&[]);
     let log = t.exec(&["log", "pipeline.yaml"]);
     assert_eq!(log.code, 0);
     let lines: Vec<&str> = log.stdout.lines().collect();
@@ -388,7 +380,7 @@ fn directory_outputs_are_replaced_whole() {
     let t = Test::new()
         .file("data/raw.csv", "1\n2\n3\n")
         .pipeline("vars:\n  n: 2\nstages:\n  split:\n    cmd: split -l {{ n }} {{ inputs[0] }} {{ outputs.parts }}/part-\n    inputs: [data/raw.csv]\n    outputs: {parts: out/parts/}\n  count:\n    cmd: cat {{ inputs[0] }}/* | wc -l | tr -d ' ' > {{ outputs[0] }}\n    inputs: [out/parts/]\n    outputs: [out/n.txt]\n");
-    run_ok(&t, &[]);
+    t.run_ok(&[]);
     let names = |t: &Test| {
         let mut n: Vec<String> = std::fs::read_dir(t.path().join("out/parts"))
             .unwrap()
@@ -398,7 +390,7 @@ fn directory_outputs_are_replaced_whole() {
         n
     };
     assert_eq!(names(&t), ["part-aa", "part-ab"]);
-    run_ok(&t, &["--set", "n=1"]);
+    t.run_ok(&["--set", "n=1"]);
     assert_eq!(names(&t), ["part-aa", "part-ab", "part-ac"]);
     // The directory changed, so `count` re-ran; it counted the same lines.
     assert_eq!(t.read("out/n.txt"), "3\n");
@@ -472,7 +464,7 @@ fn status_after_a_crash_counts_what_was_committed() {
 #[test]
 fn files_of_a_committed_directory_are_in_the_stat_cache() {
     let t = Test::new().pipeline("stages:\n  parts:\n    cmd: echo a > {{ outputs[0] }}/a && echo b > {{ outputs[0] }}/b\n    outputs: [out/parts/]\n");
-    run_ok(&t, &[]);
+    t.run_ok(&[]);
     let cache = t.read(".imba/stat-cache.json");
     for file in ["out/parts/a", "out/parts/b"] {
         let path = t.path().join(file);

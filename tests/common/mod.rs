@@ -109,6 +109,15 @@ impl Test {
             .unwrap_or_else(|e| panic!("read {path}: {e}"))
     }
 
+    /// `imba run pipeline.yaml ARGS…`, which must succeed.
+    pub fn run_ok(&self, args: &[&str]) -> Output {
+        let mut all = vec!["run", "pipeline.yaml"];
+        all.extend_from_slice(args);
+        let out = self.exec(&all);
+        assert_eq!(out.code, 0, "run failed:\n{}", out.stderr);
+        out
+    }
+
     /// The decision of each stage in the latest run of `pipeline.yaml`, from its record.
     pub fn decisions(&self) -> Vec<(String, String)> {
         let out = self.exec(&["show", "pipeline.yaml", "--json"]);
