@@ -12,7 +12,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::table::{is_csv, require_columns, write_table};
+use crate::table::{is_csv, require_columns, write_table, TableWriter};
 use crate::{BuiltinStage, StageError, StageIo, StageReport};
 
 /// Params of `aggregate`.
@@ -136,29 +136,103 @@ impl BuiltinStage for Aggregate {
     fn run(params: &AggregateParams, io: &StageIo) -> Result<StageReport, StageError> {
         let input = io.input(0)?;
         let output = io.output("table", 0)?;
-        let df = read_typed(input, params)?;
-        let mut out = aggregate(df, params, input)?;
-        write_table(&mut out, output)?;
+        let (groups, columns) = aggregate_file(
+            params,
+            input,
+            output,
+            crate::partition::PASS_ROWS,
+            &io.cancel,
+        )?;
         Ok(StageReport {
-            summary: json!({"groups": out.height(), "columns": out.get_column_names().iter().map(|c| c.to_string()).collect::<Vec<_>>()}),
+            summary: json!({"groups": groups, "columns": columns}),
             warnings: Vec::new(),
             checks: Vec::new(),
         })
     }
 }
 
+/// Aggregates the table at `input` into `output`, a range of the first key at a time when it
+/// is a Parquet table of more than `pass_rows` rows (the file is the same either way: each group
+/// lies in one range and meets its rows in file order). Returns the number of groups and the
+/// output's columns.
+fn aggregate_file(
+    params: &AggregateParams,
+    input: &std::path::Path,
+    output: &std::path::Path,
+    pass_rows: usize,
+    cancel: &crate::Cancel,
+) -> Result<(usize, Vec<String>), StageError> {
+    let names = |df: &DataFrame| -> Vec<String> {
+        df.get_column_names()
+            .iter()
+            .map(|c| c.to_string())
+            .collect()
+    };
+    let columns = read_columns(params);
+    let ranges = match params.by.first() {
+        Some(key)
+            if !is_csv(input)
+                && crate::table::columns_of(input)
+                    .is_ok_and(|present| columns.iter().all(|c| present.contains(c))) =>
+        {
+            crate::partition::KeyRanges::plan(input, key, pass_rows)?
+        }
+        _ => crate::partition::KeyRanges::whole(""),
+    };
+    if ranges.is_whole() {
+        let mut out = aggregate(read_typed(input, params)?, params, input)?;
+        write_table(&mut out, output)?;
+        return Ok((out.height(), names(&out)));
+    }
+    let mut writer: Option<TableWriter> = None;
+    let (mut groups, mut columns_out) = (0, Vec::new());
+    for range in 0..ranges.count() {
+        if cancel.is_cancelled() {
+            return Err(StageError::new(crate::CANCELLED));
+        }
+        let part = crate::partition::read_range(input, &columns, ranges.predicate(range))?;
+        let out = match aggregate(part, params, input) {
+            Ok(out) => out,
+            // The whole table's error, word for word.
+            Err(error) => {
+                return Err(aggregate(read_typed(input, params)?, params, input)
+                    .err()
+                    .unwrap_or(error))
+            }
+        };
+        let writer = match &mut writer {
+            Some(writer) => writer,
+            None => {
+                columns_out = names(&out);
+                writer.insert(TableWriter::create(output, out.schema())?)
+            }
+        };
+        writer.write(&out)?;
+        groups += out.height();
+    }
+    if let Some(writer) = writer {
+        writer.finish()?;
+    }
+    Ok((groups, columns_out))
+}
+
+/// The columns the params read: the keys, then each aggregated column once.
+fn read_columns(params: &AggregateParams) -> Vec<String> {
+    let mut columns: Vec<String> = params.by.clone();
+    for agg in params.aggs.values() {
+        let column = agg.column();
+        if column != "*" && !columns.iter().any(|c| c == column) {
+            columns.push(column.to_owned());
+        }
+    }
+    columns
+}
+
 /// Parquet as it is (just the columns the params name); CSV with types inferred (aggregating
 /// strings would be meaningless).
 fn read_typed(path: &std::path::Path, params: &AggregateParams) -> Result<DataFrame, StageError> {
     if !is_csv(path) {
-        let mut columns: Vec<String> = params.by.clone();
-        for agg in params.aggs.values() {
-            let column = agg.column();
-            if column != "*" && !columns.iter().any(|c| c == column) {
-                columns.push(column.to_owned());
-            }
-        }
-        return crate::table::read_parquet(path, Some(&columns));
+        return crate::table::read_parquet(path, Some(&read_columns(params)));
     }
     crate::table::read_table_inferred(path)
 }
@@ -343,5 +417,83 @@ mod tests {
             "{}",
             error.message
         );
+    }
+}
+
+#[cfg(test)]
+mod ranges_tests {
+    use super::*;
+
+    /// Every aggregation over two keys, in ranges of the first key of ~3,000, ~400 or ~25 rows,
+    /// writes the whole table's file, byte for byte; so does an error.
+    #[test]
+    fn aggregating_in_ranges_writes_the_whole_tables_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = 30_000u64;
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let (mut users, mut shops, mut days) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..n {
+            let r = next();
+            users.push((i % 53 != 0).then_some((r % 900) as i64));
+            shops.push(format!("s{}", (r >> 16) % 3));
+            days.push((i % 11 != 0).then_some(((r >> 24) % 4001) as f64 / 131.0));
+        }
+        let mut df = df!("user" => users, "shop" => shops, "days" => days).unwrap();
+        let input = dir.path().join("in.parquet");
+        write_table(&mut df, &input).unwrap();
+        let p = params(json!({
+            "by": ["user", "shop"],
+            "aggs": {
+                "count": {"count": "days"}, "rows": {"count": "*"}, "sum": {"sum": "days"},
+                "mean": {"mean": "days"}, "first": {"first": "days"}, "last": {"last": "days"},
+                "std": {"std": "days"}, "median": {"median": "days"}, "uniq": {"n_unique": "days"},
+                "q": {"quantile": {"column": "days", "q": 0.3}}, "max": {"max": "days"},
+            },
+            "derive": {"spread": "max - mean"},
+        }));
+        let run = |pass_rows: usize, name: &str| {
+            let output = dir.path().join(name);
+            let out = aggregate_file(&p, &input, &output, pass_rows, &Default::default());
+            out.map(|(groups, columns)| (groups, columns, std::fs::read(&output).unwrap()))
+        };
+        let whole = run(usize::MAX, "whole.parquet").unwrap();
+        assert!(whole.0 > 2_000, "{} groups", whole.0);
+        for pass_rows in [3_000, 400, 25] {
+            let ranges = crate::partition::KeyRanges::plan(&input, "user", pass_rows).unwrap();
+            assert!(ranges.count() > 5, "{pass_rows}: {} ranges", ranges.count());
+            let parts = run(pass_rows, &format!("parts{pass_rows}.parquet")).unwrap();
+            assert_eq!((parts.0, &parts.1), (whole.0, &whole.1));
+            assert!(parts.2 == whole.2, "{pass_rows}: the files differ");
+        }
+        let bad = params(
+            json!({"by": ["user"], "aggs": {"m": {"max": "days"}}, "derive": {"x": "nosuch + 1"}}),
+        );
+        let whole = aggregate_file(
+            &bad,
+            &input,
+            &dir.path().join("e1.parquet"),
+            usize::MAX,
+            &Default::default(),
+        )
+        .unwrap_err();
+        let parts = aggregate_file(
+            &bad,
+            &input,
+            &dir.path().join("e2.parquet"),
+            400,
+            &Default::default(),
+        )
+        .unwrap_err();
+        assert_eq!(parts.message, whole.message);
+    }
+
+    fn params(value: serde_json::Value) -> AggregateParams {
+        serde_json::from_value(value).unwrap()
     }
 }

@@ -177,13 +177,7 @@ impl BuiltinStage for Clean {
         let input = io.input(0)?;
         let table_path = io.output("table", 0)?;
         let summary_path = io.output_opt("summary", 1);
-        let table = read_input(input, params)?;
-        let (mut table, keep, summary) = clean_marked(table, params, input)?;
-        match keep {
-            None => write_table(&mut table, table_path)?,
-            // The survivors written straight from the table read, never copied whole.
-            Some(keep) => crate::table::write_table_kept(&table, &keep, table_path)?,
-        }
+        let summary = clean_file(params, input, table_path, CHUNKED_ABOVE, &io.cancel)?;
         if let Some(path) = summary_path {
             let mut text = serde_json::to_string_pretty(&summary)
                 .map_err(|e| StageError::new(e.to_string()))?;
@@ -197,6 +191,41 @@ impl BuiltinStage for Clean {
             checks: Vec::new(),
         })
     }
+}
+
+/// A CSV input larger than this many bytes is cleaned a chunk at a time, in two passes (see
+/// [`clean_chunked`]); a smaller one (or a Parquet one) is read whole, which is faster and holds
+/// about four times the file's size.
+pub const CHUNKED_ABOVE: u64 = 128 << 20;
+
+/// About how many bytes of CSV records a chunk holds.
+const CHUNK_BYTES: usize = 32 << 20;
+
+/// Cleans the table at `input` into `output` and returns the summary: whole, or, for a CSV file
+/// of more than `chunked_above` bytes, a chunk at a time. Both ways write the same bytes and the
+/// same summary.
+pub fn clean_file(
+    params: &CleanParams,
+    input: &std::path::Path,
+    output: &std::path::Path,
+    chunked_above: u64,
+    cancel: &crate::Cancel,
+) -> Result<Json, StageError> {
+    let size = std::fs::metadata(input)
+        .map_err(|e| StageError::new(format!("cannot open `{}`: {e}", input.display())))?
+        .len();
+    if crate::table::is_csv(input) && size > chunked_above {
+        let chunk_bytes = CHUNK_BYTES.min(chunked_above.max(1) as usize);
+        return clean_chunked(params, input, output, chunk_bytes, cancel);
+    }
+    let table = read_input(input, params)?;
+    let (mut table, keep, summary) = clean_marked(table, params, input)?;
+    match keep {
+        None => write_table(&mut table, output)?,
+        // The survivors written straight from the table read, never copied whole.
+        Some(keep) => crate::table::write_table_kept(&table, &keep, output)?,
+    }
+    Ok(summary)
 }
 
 /// The table to clean, and for some of its int64/float64 cast columns (parsed while reading)
@@ -220,13 +249,30 @@ enum Text {
 /// to retry leniently and count. Anything unusual (no cast, a bool or date cast, a missing column,
 /// a broken file) takes the text path, whose errors say where the problem is.
 fn read_input(input: &std::path::Path, params: &CleanParams) -> Result<Input, StageError> {
+    if !crate::table::is_csv(input) {
+        return Ok(Input {
+            df: read_table(input)?,
+            text: BTreeMap::new(),
+        });
+    }
+    let map = crate::table::map_file(input)?;
+    let text = crate::table::CsvText {
+        path: input,
+        bytes: map.as_deref().unwrap_or_default(),
+        first_line: 2,
+    };
+    read_csv_input(&text, params)
+}
+
+/// [`read_input`] of a CSV document: a whole file or a chunk of one.
+fn read_csv_input(csv: &crate::table::CsvText, params: &CleanParams) -> Result<Input, StageError> {
     let text_path = || {
         Ok(Input {
-            df: read_table(input)?,
+            df: csv.read_strings()?,
             text: BTreeMap::new(),
         })
     };
-    if !crate::table::is_csv(input) || params.cast.is_empty() {
+    if params.cast.is_empty() {
         return text_path();
     }
     let types: Vec<(String, DataType)> = params
@@ -237,9 +283,9 @@ fn read_input(input: &std::path::Path, params: &CleanParams) -> Result<Input, St
     if types.is_empty() {
         return text_path();
     }
-    let (df, lenient) = match crate::table::read_csv_typed(input, &types, false) {
+    let (df, lenient) = match csv.read_typed(&types, false) {
         Ok(df) => (df, false),
-        Err(_) => match crate::table::read_csv_typed(input, &types, true) {
+        Err(_) => match csv.read_typed(&types, true) {
             Ok(df) => (df, true),
             Err(_) => return text_path(),
         },
@@ -248,7 +294,7 @@ fn read_input(input: &std::path::Path, params: &CleanParams) -> Result<Input, St
     if !types.iter().all(|(c, _)| df.column(c).is_ok()) {
         return text_path();
     }
-    let plain = crate::table::check_csv_shape(input, df.width(), df.height())?;
+    let plain = csv.check_shape(df.width(), df.height())?;
     let mut text = BTreeMap::new();
     if !lenient {
         return Ok(Input { df, text });
@@ -287,7 +333,7 @@ fn read_input(input: &std::path::Path, params: &CleanParams) -> Result<Input, St
             .iter()
             .map(|(name, _)| df.get_column_index(name).unwrap_or(usize::MAX))
             .collect();
-        let fields = crate::table::csv_fields_at(input, &rows, &positions)?;
+        let fields = csv.fields_at(&rows, &positions)?;
         for (k, (name, nulls)) in missing.into_iter().enumerate() {
             let unparsed: Vec<(IdxSize, String)> = nulls
                 .into_iter()
@@ -301,7 +347,7 @@ fn read_input(input: &std::path::Path, params: &CleanParams) -> Result<Input, St
         }
     } else {
         let names: Vec<String> = missing.into_iter().map(|(name, _)| name).collect();
-        let strings = crate::table::read_csv_text_columns(input, &names)?;
+        let strings = csv.read_text_columns(&names)?;
         if strings.height() != df.height() {
             return text_path();
         }
@@ -350,13 +396,178 @@ fn clean_input(
     Ok((df, summary))
 }
 
-/// The four steps. Each one only marks rows dead in one mask (so that every count is exact and
-/// nothing is copied): the table (cast), the rows to keep (`None`: all of them) and the summary.
+/// The four steps on a whole table. Each one only marks rows dead in one mask (so that every
+/// count is exact and nothing is copied): the table (cast), the rows to keep (`None`: all of
+/// them) and the summary.
 fn clean_marked(
     input: Input,
     params: &CleanParams,
     source: &std::path::Path,
 ) -> Result<(DataFrame, Option<BooleanChunked>, Json), StageError> {
+    let mut marked = mark(input, params, source, 0)?;
+    let mut gathered = Gathered::for_params(params);
+    gather(&marked, params, &mut gathered)?;
+    let fences = fences(params, gathered);
+    let subset = dedup_subset(params, &marked.df);
+    let alive = survivors(
+        &mut marked,
+        &fences,
+        subset.as_deref(),
+        &mut |df, columns, alive| crate::rows::repeated_rows(df, columns, alive),
+    )?;
+    let keep = (marked.counts.kept != marked.df.height()).then_some(alive);
+    let summary = summary(&marked.counts, params, &fences, &marked.df);
+    Ok((marked.df, keep, summary))
+}
+
+/// Cleans a CSV file too large to hold a chunk at a time, in two passes over its chunks, for
+/// what the steps need to know of the whole file before they can keep or drop a row:
+///
+/// 1. the values of the IQR columns (for their quartiles, exact; counted by value while there
+///    are few distinct ones), and a 64-bit hash of each row that dedup may compare;
+/// 2. every step again, chunk by chunk, with the fences known: a row whose hash came up once in
+///    pass 1 repeats nothing; the rest are compared value by value with the first copies kept so
+///    far, which are all that is remembered. The survivors go to the output as they come.
+///
+/// Memory holds a chunk, 8 bytes a row for the hashes (none without dedup) and the first copies
+/// of repeated rows. Same bytes out, and the same summary, as [`clean_marked`] of the whole file.
+fn clean_chunked(
+    params: &CleanParams,
+    input: &std::path::Path,
+    output: &std::path::Path,
+    chunk_bytes: usize,
+    cancel: &crate::Cancel,
+) -> Result<Json, StageError> {
+    // Each chunk read and marked, with the file's row number of its first row.
+    let chunks =
+        |each: &mut dyn FnMut(Marked) -> Result<(), StageError>| -> Result<(), StageError> {
+            let mut reader = crate::table::CsvChunks::open(input, chunk_bytes)?;
+            let mut first_row = 0;
+            while let Some(chunk) = reader.next_chunk()? {
+                if cancel.is_cancelled() {
+                    return Err(StageError::new(crate::CANCELLED));
+                }
+                let text = crate::table::CsvText {
+                    path: input,
+                    bytes: &chunk.bytes,
+                    first_line: chunk.first_line,
+                };
+                let marked = mark(read_csv_input(&text, params)?, params, input, first_row)?;
+                first_row += marked.counts.initial;
+                each(marked)?;
+            }
+            Ok(())
+        };
+    let mut gathered = Gathered::for_params(params);
+    let dedup = !matches!(params.dedup, None | Some(Dedup::All(false)));
+    let mut hashes: Vec<u64> = Vec::new();
+    if params.iqr.is_some() || dedup {
+        chunks(&mut |marked| {
+            gather(&marked, params, &mut gathered)?;
+            if let Some(subset) = dedup_subset(params, &marked.df) {
+                let candidates = match &marked.dropna {
+                    Some(keep) => &marked.domain & keep,
+                    None => marked.domain.clone(),
+                };
+                let all = crate::rows::row_hashes(&marked.df, &subset).map_err(err)?;
+                hashes.extend(
+                    all.iter()
+                        .zip(candidates.iter())
+                        .filter_map(|(h, c)| (c == Some(true)).then_some(*h)),
+                );
+            }
+            Ok(())
+        })?;
+    }
+    let fences = fences(params, gathered);
+    let mut deduper = crate::rows::Deduper::new(hashes);
+    let mut counts = Counts::default();
+    let mut writer: Option<crate::table::TableWriter> = None;
+    let mut last: Option<DataFrame> = None;
+    chunks(&mut |mut marked| {
+        let subset = dedup_subset(params, &marked.df);
+        let alive = survivors(
+            &mut marked,
+            &fences,
+            subset.as_deref(),
+            &mut |df, columns, alive| deduper.repeats(df, columns, alive),
+        )?;
+        let kept = marked.df.filter(&alive).map_err(err)?;
+        let writer = match &mut writer {
+            Some(writer) => writer,
+            None => writer.insert(crate::table::TableWriter::create(output, kept.schema())?),
+        };
+        writer.write(&kept)?;
+        counts.add(&marked.counts);
+        last = Some(marked.df.clear());
+        Ok(())
+    })?;
+    if let Some(writer) = writer {
+        writer.finish()?;
+    }
+    let empty = last.unwrap_or_default();
+    Ok(summary(&counts, params, &fences, &empty))
+}
+
+/// A table (a whole file, or a chunk of one) after the steps that look at one row at a time:
+/// cast, the domain filter and dropna, each only marking rows.
+struct Marked {
+    /// The table, cast (without the rows `on_cast_error: drop` dropped).
+    df: DataFrame,
+    /// The rows that pass the domain filter.
+    domain: BooleanChunked,
+    /// The rows dropna keeps (`None`: no dropna).
+    dropna: Option<BooleanChunked>,
+    counts: Counts,
+}
+
+/// Where the rows went, summed over chunks.
+#[derive(Debug, Default)]
+struct Counts {
+    initial: usize,
+    after_cast: usize,
+    removed_cast: usize,
+    cast_nulls: BTreeMap<String, usize>,
+    removed_domain_by_rule: BTreeMap<String, usize>,
+    after_domain: usize,
+    after_iqr: usize,
+    after_dropna: usize,
+    kept: usize,
+}
+
+impl Counts {
+    fn add(&mut self, other: &Counts) {
+        self.initial += other.initial;
+        self.after_cast += other.after_cast;
+        self.removed_cast += other.removed_cast;
+        for (column, n) in &other.cast_nulls {
+            *self.cast_nulls.entry(column.clone()).or_default() += n;
+        }
+        for (column, n) in &other.removed_domain_by_rule {
+            *self
+                .removed_domain_by_rule
+                .entry(column.clone())
+                .or_default() += n;
+        }
+        self.after_domain += other.after_domain;
+        self.after_iqr += other.after_iqr;
+        self.after_dropna += other.after_dropna;
+        self.kept += other.kept;
+    }
+}
+
+fn live(mask: &BooleanChunked) -> usize {
+    mask.sum().unwrap_or(0) as usize
+}
+
+/// The row-local steps of `input` (read from `source`; its first row is row `first_row` of the
+/// file, for errors): cast, then the domain filter and dropna as masks.
+fn mark(
+    input: Input,
+    params: &CleanParams,
+    source: &std::path::Path,
+    first_row: usize,
+) -> Result<Marked, StageError> {
     let Input { df, text } = input;
     let mut wanted: Vec<(&str, String)> = Vec::new();
     wanted.extend(
@@ -397,18 +608,19 @@ fn clean_marked(
     }
     require_columns(&df, wanted, source)?;
 
-    let mut summary = serde_json::Map::new();
-    let initial = df.height();
-    summary.insert("initial".into(), json!(initial));
+    let mut counts = Counts {
+        initial: df.height(),
+        ..Default::default()
+    };
 
     // 1. Cast.
-    let (df, cast_nulls, removed_cast) = cast(df, text, params, source)?;
-    summary.insert("after_cast".into(), json!(df.height()));
+    let (df, cast_nulls, removed_cast) = cast(df, text, params, source, first_row)?;
+    counts.after_cast = df.height();
+    counts.removed_cast = removed_cast;
+    counts.cast_nulls = cast_nulls;
     let mut alive = BooleanChunked::full("alive".into(), true, df.height());
-    let live = |mask: &BooleanChunked| mask.sum().unwrap_or(0) as usize;
 
     // 2. Domain: one pass evaluates every rule.
-    let mut by_rule = serde_json::Map::new();
     let mut rules = Vec::new();
     for (column, rule) in &params.domain {
         rules.push((column, domain_expr(&df, column, rule)?));
@@ -430,61 +642,16 @@ fn clean_marked(
                 .column(column)
                 .and_then(|c| c.bool().cloned())
                 .map_err(err)?;
-            by_rule.insert((*column).clone(), json!(ok.len() - live(&ok)));
+            counts
+                .removed_domain_by_rule
+                .insert((*column).clone(), ok.len() - live(&ok));
             alive = alive & ok;
         }
     }
-    let after_domain = live(&alive);
-    summary.insert("after_domain".into(), json!(after_domain));
-    summary.insert("removed_domain".into(), json!(df.height() - after_domain));
+    counts.after_domain = live(&alive);
 
-    // 3. IQR, the bounds of every column from the rows that passed the domain filter.
-    let mut bounds = serde_json::Map::new();
-    if let Some(iqr) = &params.iqr {
-        let mut keep = alive.clone();
-        for column in &iqr.columns {
-            let mut values = numeric_values(&df, column, &alive)?;
-            let q1 = quantile_linear(&mut values, 0.25);
-            let q3 = quantile_linear(&mut values, 0.75);
-            let (lower, upper) = match (q1, q3) {
-                (Some(q1), Some(q3)) => {
-                    (Some(q1 - iqr.k * (q3 - q1)), Some(q3 + iqr.k * (q3 - q1)))
-                }
-                _ => (None, None),
-            };
-            bounds.insert(
-                column.clone(),
-                json!({"q1": q1, "q3": q3, "lower": lower, "upper": upper}),
-            );
-            if let (Some(lower), Some(upper)) = (lower, upper) {
-                let values = df
-                    .column(column)
-                    .and_then(|c| c.cast(&DataType::Float64))
-                    .map_err(err)?;
-                let values = values.f64().map_err(err)?;
-                // Kept: within the fences, or missing (null or NaN, as pandas' `isna`).
-                let ok: BooleanChunked = values
-                    .iter()
-                    .map(|v| v.is_none_or(|v| v.is_nan() || (v >= lower && v <= upper)))
-                    .collect();
-                keep = keep & ok;
-            }
-        }
-        alive = keep;
-    }
-    let after_iqr = live(&alive);
-    summary.insert("after_iqr".into(), json!(after_iqr));
-    summary.insert("removed_iqr".into(), json!(after_domain - after_iqr));
-    if let Some(iqr) = &params.iqr {
-        let value = if iqr.columns.len() == 1 {
-            bounds.values().next().cloned().unwrap_or(Json::Null)
-        } else {
-            Json::Object(bounds)
-        };
-        summary.insert("iqr_bounds".into(), value);
-    }
-
-    // 4. Missing values, then duplicates.
+    // 4a. Missing values (applied after the IQR step, which does not depend on it).
+    let mut dropna_keep = None;
     if let Some(dropna) = &params.dropna {
         let columns: Vec<String> = dropna.subset.clone().unwrap_or_else(|| {
             df.get_column_names()
@@ -508,37 +675,201 @@ fn clean_marked(
                 .column("keep")
                 .and_then(|c| c.bool().cloned())
                 .map_err(err)?;
-            alive = alive & keep;
+            dropna_keep = Some(keep);
         }
     }
-    let after_dropna = live(&alive);
-    let removed_dropna = after_iqr - after_dropna;
-    let subset: Option<Vec<PlSmallStr>> = match &params.dedup {
+    Ok(Marked {
+        df,
+        domain: alive,
+        dropna: dropna_keep,
+        counts,
+    })
+}
+
+/// The IQR columns' values in the rows that passed the domain filter, added to `gathered`.
+fn gather(
+    marked: &Marked,
+    params: &CleanParams,
+    gathered: &mut [Gathered],
+) -> Result<(), StageError> {
+    if let Some(iqr) = &params.iqr {
+        for (column, values) in iqr.columns.iter().zip(gathered.iter_mut()) {
+            values.extend(numeric_values(&marked.df, column, &marked.domain)?);
+        }
+    }
+    Ok(())
+}
+
+/// Tukey's fences of one column: its quartiles, and the bounds `k` IQRs beyond them (all `None`
+/// when the column has no values).
+#[derive(Debug, Clone, Copy)]
+struct Fence {
+    q1: Option<f64>,
+    q3: Option<f64>,
+    lower: Option<f64>,
+    upper: Option<f64>,
+}
+
+/// The fences of every IQR column, from all the values gathered.
+fn fences(params: &CleanParams, gathered: Vec<Gathered>) -> Vec<(String, Fence)> {
+    let Some(iqr) = &params.iqr else {
+        return Vec::new();
+    };
+    iqr.columns
+        .iter()
+        .zip(gathered)
+        .map(|(column, mut values)| {
+            let q1 = values.quantile(0.25);
+            let q3 = values.quantile(0.75);
+            let (lower, upper) = match (q1, q3) {
+                (Some(q1), Some(q3)) => {
+                    (Some(q1 - iqr.k * (q3 - q1)), Some(q3 + iqr.k * (q3 - q1)))
+                }
+                _ => (None, None),
+            };
+            (
+                column.clone(),
+                Fence {
+                    q1,
+                    q3,
+                    lower,
+                    upper,
+                },
+            )
+        })
+        .collect()
+}
+
+/// The columns dedup compares (`None`: no dedup).
+fn dedup_subset(params: &CleanParams, df: &DataFrame) -> Option<Vec<PlSmallStr>> {
+    match &params.dedup {
         None | Some(Dedup::All(false)) => None,
         Some(Dedup::All(true)) => Some(df.get_column_names_owned()),
         Some(Dedup::Subset { subset }) => Some(subset.iter().map(|c| c.as_str().into()).collect()),
-    };
+    }
+}
+
+/// What finds the rows, among those alive, that repeat an earlier row on the given columns.
+type Repeats<'a> =
+    dyn FnMut(&DataFrame, &[PlSmallStr], &BooleanChunked) -> PolarsResult<Vec<IdxSize>> + 'a;
+
+/// The rows of `marked` that survive the IQR fences, dropna and dedup, counted in its counts.
+fn survivors(
+    marked: &mut Marked,
+    fences: &[(String, Fence)],
+    subset: Option<&[PlSmallStr]>,
+    repeats: &mut Repeats,
+) -> Result<BooleanChunked, StageError> {
+    let df = &marked.df;
+    // 3. IQR: kept within the fences, or missing (null or NaN, as pandas' `isna`).
+    let mut alive = marked.domain.clone();
+    for (column, fence) in fences {
+        if let (Some(lower), Some(upper)) = (fence.lower, fence.upper) {
+            let values = df
+                .column(column)
+                .and_then(|c| c.cast(&DataType::Float64))
+                .map_err(err)?;
+            let values = values.f64().map_err(err)?;
+            let ok: BooleanChunked = values
+                .iter()
+                .map(|v| v.is_none_or(|v| v.is_nan() || (v >= lower && v <= upper)))
+                .collect();
+            alive = alive & ok;
+        }
+    }
+    marked.counts.after_iqr = live(&alive);
+    // 4. Missing values, then duplicates.
+    if let Some(keep) = &marked.dropna {
+        alive = alive & keep.clone();
+    }
+    marked.counts.after_dropna = live(&alive);
     if let Some(subset) = subset {
-        let repeats = crate::rows::repeated_rows(&df, &subset, &alive).map_err(err)?;
-        if !repeats.is_empty() {
+        let repeated = repeats(df, subset, &alive).map_err(err)?;
+        if !repeated.is_empty() {
             let mut mask: Vec<bool> = alive.iter().map(|a| a == Some(true)).collect();
-            for row in repeats {
+            for row in repeated {
                 mask[row as usize] = false;
             }
             alive = BooleanChunked::new("alive".into(), mask);
         }
     }
-    let kept = live(&alive);
-    let keep = (kept != df.height()).then_some(alive);
-    summary.insert("after_dropna_dedup".into(), json!(kept));
-    summary.insert("removed_dropna_dedup".into(), json!(after_iqr - kept));
+    marked.counts.kept = live(&alive);
+    Ok(alive)
+}
 
+/// The summary: the seed's keys (`initial`, `after_*`, `removed_*`, `iqr_bounds`), then where
+/// each row went. `df` has the output's columns.
+fn summary(
+    counts: &Counts,
+    params: &CleanParams,
+    fences: &[(String, Fence)],
+    df: &DataFrame,
+) -> Json {
+    let mut summary = serde_json::Map::new();
+    summary.insert("initial".into(), json!(counts.initial));
+    summary.insert("after_cast".into(), json!(counts.after_cast));
+    summary.insert("after_domain".into(), json!(counts.after_domain));
+    summary.insert(
+        "removed_domain".into(),
+        json!(counts.after_cast - counts.after_domain),
+    );
+    summary.insert("after_iqr".into(), json!(counts.after_iqr));
+    summary.insert(
+        "removed_iqr".into(),
+        json!(counts.after_domain - counts.after_iqr),
+    );
+    if params.iqr.is_some() {
+        let bounds: serde_json::Map<String, Json> = fences
+            .iter()
+            .map(|(column, f)| {
+                (
+                    column.clone(),
+                    json!({"q1": f.q1, "q3": f.q3, "lower": f.lower, "upper": f.upper}),
+                )
+            })
+            .collect();
+        let value = if fences.len() == 1 {
+            bounds.values().next().cloned().unwrap_or(Json::Null)
+        } else {
+            Json::Object(bounds)
+        };
+        summary.insert("iqr_bounds".into(), value);
+    }
+    summary.insert("after_dropna_dedup".into(), json!(counts.kept));
+    summary.insert(
+        "removed_dropna_dedup".into(),
+        json!(counts.after_iqr - counts.kept),
+    );
     // More than the seed's keys: where each row went.
-    summary.insert("removed_cast".into(), json!(removed_cast));
-    summary.insert("cast_nulls".into(), Json::Object(cast_nulls));
-    summary.insert("removed_domain_by_rule".into(), Json::Object(by_rule));
-    summary.insert("removed_dropna".into(), json!(removed_dropna));
-    summary.insert("removed_dedup".into(), json!(after_dropna - kept));
+    summary.insert("removed_cast".into(), json!(counts.removed_cast));
+    summary.insert(
+        "cast_nulls".into(),
+        Json::Object(
+            counts
+                .cast_nulls
+                .iter()
+                .map(|(c, n)| (c.clone(), json!(n)))
+                .collect(),
+        ),
+    );
+    summary.insert(
+        "removed_domain_by_rule".into(),
+        Json::Object(
+            counts
+                .removed_domain_by_rule
+                .iter()
+                .map(|(c, n)| (c.clone(), json!(n)))
+                .collect(),
+        ),
+    );
+    summary.insert(
+        "removed_dropna".into(),
+        json!(counts.after_iqr - counts.after_dropna),
+    );
+    summary.insert(
+        "removed_dedup".into(),
+        json!(counts.after_dropna - counts.kept),
+    );
     summary.insert(
         "columns".into(),
         json!(df
@@ -547,7 +878,83 @@ fn clean_marked(
             .map(|c| c.to_string())
             .collect::<Vec<_>>()),
     );
-    Ok((df, keep, Json::Object(summary)))
+    Json::Object(summary)
+}
+
+/// The values of a column, gathered a table (or a chunk) at a time, for its exact quantiles:
+/// counted by value while there are few distinct ones (a gap in days has 31), listed once there
+/// are many. Either way [`Gathered::quantile`] is [`quantile_linear`] of all the values, to the
+/// bit.
+enum Gathered {
+    Counts(PlHashMap<u64, u64>),
+    Values(Vec<f64>),
+}
+
+/// Distinct values counted before the values are listed instead.
+const MAX_DISTINCT: usize = 1 << 16;
+
+impl Gathered {
+    /// One for each IQR column.
+    fn for_params(params: &CleanParams) -> Vec<Gathered> {
+        let columns = params.iqr.as_ref().map_or(0, |iqr| iqr.columns.len());
+        (0..columns)
+            .map(|_| Gathered::Counts(PlHashMap::default()))
+            .collect()
+    }
+
+    fn extend(&mut self, values: Vec<f64>) {
+        match self {
+            Gathered::Values(all) => all.extend(values),
+            Gathered::Counts(counts) => {
+                for v in values {
+                    *counts.entry(v.to_bits()).or_default() += 1;
+                }
+                if counts.len() > MAX_DISTINCT {
+                    let all = counts
+                        .iter()
+                        .flat_map(|(v, n)| std::iter::repeat_n(f64::from_bits(*v), *n as usize))
+                        .collect();
+                    *self = Gathered::Values(all);
+                }
+            }
+        }
+    }
+
+    /// The `q`-quantile, linearly interpolated between order statistics (pandas' default).
+    fn quantile(&mut self, q: f64) -> Option<f64> {
+        let counts = match self {
+            Gathered::Values(all) => return quantile_linear(all, q),
+            Gathered::Counts(counts) => counts,
+        };
+        let mut sorted: Vec<(f64, u64)> = counts
+            .iter()
+            .map(|(v, n)| (f64::from_bits(*v), *n))
+            .collect();
+        sorted.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
+        let n: u64 = sorted.iter().map(|(_, c)| c).sum();
+        if n == 0 {
+            return None;
+        }
+        // The value at 0-based position `at` of the sorted values.
+        let nth = |at: u64| {
+            let mut seen = 0;
+            for (v, c) in &sorted {
+                seen += c;
+                if at < seen {
+                    return *v;
+                }
+            }
+            f64::NAN
+        };
+        let h = (n - 1) as f64 * q.clamp(0.0, 1.0);
+        let lo = h.floor() as u64;
+        let frac = h - lo as f64;
+        let low = nth(lo);
+        if frac == 0.0 || lo + 1 >= n {
+            return Some(low);
+        }
+        Some(low + frac * (nth(lo + 1) - low))
+    }
 }
 
 /// The cast of `column` to `to`, from whatever it is (a string when read from CSV).
@@ -666,7 +1073,8 @@ fn finish_parsed(
     }
 }
 
-type CastOutcome = (DataFrame, serde_json::Map<String, Json>, usize);
+/// The cast table, per cast column the values that could not be cast, and the rows dropped.
+type CastOutcome = (DataFrame, BTreeMap<String, usize>, usize);
 
 /// `"7"`, `" 7 "`, `"7.0"` → 7; anything else → `None`.
 fn lenient_int(text: &str) -> Option<i64> {
@@ -731,8 +1139,9 @@ fn cast(
     mut texts: BTreeMap<String, Text>,
     params: &CleanParams,
     source: &std::path::Path,
+    first_row: usize,
 ) -> Result<CastOutcome, StageError> {
-    let mut nulls = serde_json::Map::new();
+    let mut nulls = BTreeMap::new();
     if params.cast.is_empty() {
         return Ok((df, nulls, 0));
     }
@@ -803,7 +1212,7 @@ fn cast(
                 first_failure = Some((row, value, column.clone()));
             }
         }
-        nulls.insert(column.clone(), json!(failed.sum().unwrap_or(0)));
+        nulls.insert(column.clone(), failed.sum().unwrap_or(0) as usize);
         df.with_column(after.into_column()).map_err(err)?;
         failures.push((column.clone(), failed));
     }
@@ -827,6 +1236,7 @@ fn cast(
                     .get(&column)
                     .map(|t| format!("{t:?}").to_lowercase())
                     .unwrap_or_default();
+                let row = first_row + row;
                 let place = if crate::table::is_csv(source) {
                     format!("line {}", row + 2)
                 } else {
@@ -1288,5 +1698,208 @@ mod typed_read {
         assert_eq!(sparse, Some(false));
         let (_, _, sparse) = agree(&DIRTY.replace("\n5,", "\n\n5,"), "null");
         assert_eq!(sparse, Some(false));
+    }
+}
+
+#[cfg(test)]
+mod chunked {
+    use super::*;
+
+    fn params(on_cast_error: &str, dedup: Json) -> CleanParams {
+        serde_json::from_value(json!({
+            "cast": {"id": "int64", "n": "int64", "x": "float64", "y": "float64", "d": "date"},
+            "on_cast_error": on_cast_error,
+            "domain": {"n": {"between": [-5, 8]}, "s": {"in": ["a", "b", "c"]}},
+            "iqr": {"columns": ["x", "y"], "k": 1.0},
+            "dropna": {"subset": ["n", "x"], "how": "all"},
+            "dedup": dedup,
+        }))
+        .unwrap()
+    }
+
+    /// A file of `rows` rows from a fixed generator: bad numbers (`oops`, ` 4 `, `7.0`, `nan`,
+    /// empty), values out of the domain, outliers, many repeated rows near and far apart (NaN
+    /// and empty ones too), and, when `quoted`, quoted fields (some holding newlines).
+    fn file(rows: usize, seed: u64, quoted: bool) -> String {
+        let mut state = seed | 1;
+        let mut next = move |m: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % m
+        };
+        let mut text = String::from("id,n,x,y,s,d\n");
+        let mut lines: Vec<String> = Vec::new();
+        for i in 0..rows {
+            let line = if !lines.is_empty() && next(5) == 0 {
+                // A repeat of an earlier row, near or far.
+                lines[next(lines.len() as u64) as usize].clone()
+            } else {
+                let n = match next(12) {
+                    0 => "oops".to_owned(),
+                    1 => " 4 ".to_owned(),
+                    2 => "7.0".to_owned(),
+                    3 => String::new(),
+                    _ => (next(16) as i64 - 6).to_string(),
+                };
+                let x = match next(15) {
+                    0 => "nan".to_owned(),
+                    1 => String::new(),
+                    2 => "2.x".to_owned(),
+                    3 => "500".to_owned(),
+                    _ => format!("{}", next(40) as f64 / 4.0),
+                };
+                let y = match next(20) {
+                    0 => "-0.0".to_owned(),
+                    1 => "0".to_owned(),
+                    _ => format!("{}", next(1000) as f64 / 10.0 - 30.0),
+                };
+                let s = match next(9) {
+                    0 if quoted => "\"a,\nb\"".to_owned(),
+                    1 if quoted => "\"c\"".to_owned(),
+                    2 => "z".to_owned(),
+                    _ => ["a", "b", "c"][next(3) as usize].to_owned(),
+                };
+                let d = match next(10) {
+                    0 => "2024-02-30".to_owned(),
+                    _ => format!("2024-03-{:02}", 1 + next(28)),
+                };
+                format!("{},{n},{x},{y},{s},{d}", i / 3)
+            };
+            lines.push(line.clone());
+            text.push_str(&line);
+            text.push_str(if next(7) == 0 { "\r\n" } else { "\n" });
+        }
+        text
+    }
+
+    fn run(csv: &str, params: &CleanParams, chunked_above: u64) -> Result<(Json, Vec<u8>), String> {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in.csv");
+        let output = dir.path().join("out.parquet");
+        std::fs::write(&input, csv).unwrap();
+        match clean_file(params, &input, &output, chunked_above, &Default::default()) {
+            Ok(summary) => Ok((summary, std::fs::read(&output).unwrap())),
+            Err(e) => Err(e
+                .message
+                .replace(&dir.path().display().to_string(), "[TMP]")),
+        }
+    }
+
+    /// Chunks of a few hundred bytes to a few kilobytes give the very file and summary the
+    /// whole table gives, whatever the params.
+    #[test]
+    fn chunks_give_the_whole_files_bytes_and_summary() {
+        let dedups = [json!(true), json!({"subset": ["id", "s"]}), json!(false)];
+        for (k, (seed, quoted)) in [(1u64, false), (2, true), (3, false)]
+            .into_iter()
+            .enumerate()
+        {
+            let csv = file(3_000, seed, quoted);
+            for on_cast_error in ["null", "drop"] {
+                let params = params(on_cast_error, dedups[k].clone());
+                let whole = run(&csv, &params, u64::MAX).unwrap();
+                assert!(
+                    whole.0["removed_iqr"].as_u64() > Some(0)
+                        && whole.0["removed_domain"].as_u64() > Some(0),
+                    "{}",
+                    whole.0
+                );
+                if k < 2 {
+                    assert!(whole.0["removed_dedup"].as_u64() > Some(100), "{}", whole.0);
+                }
+                for chunk in [300, 1_000, 20_000] {
+                    let parts = run(&csv, &params, chunk).unwrap();
+                    assert_eq!(
+                        parts.0, whole.0,
+                        "seed {seed}, {on_cast_error}, chunk {chunk}"
+                    );
+                    assert!(
+                        parts.1 == whole.1,
+                        "seed {seed}, {on_cast_error}, chunk {chunk}: the files differ"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Without IQR and dedup there is one pass; the results are still the whole table's.
+    #[test]
+    fn row_local_steps_take_one_pass() {
+        let csv = file(2_000, 9, true);
+        let mut params = params("null", json!(false));
+        params.iqr = None;
+        let whole = run(&csv, &params, u64::MAX).unwrap();
+        let parts = run(&csv, &params, 500).unwrap();
+        assert_eq!(parts.0, whole.0);
+        assert!(parts.1 == whole.1);
+    }
+
+    /// Errors name the file's line, not the chunk's.
+    #[test]
+    fn errors_name_the_files_line() {
+        let mut csv = file(2_000, 4, false);
+        let failing = run(&csv, &params("fail", json!(true)), 1_000).unwrap_err();
+        assert_eq!(
+            failing,
+            run(&csv, &params("fail", json!(true)), u64::MAX).unwrap_err()
+        );
+        assert!(failing.contains("(on_cast_error: fail)"), "{failing}");
+        csv.push_str("1,2\n");
+        let ragged = run(&csv, &params("null", json!(true)), 1_000).unwrap_err();
+        assert_eq!(
+            ragged,
+            "`[TMP]/in.csv`: line 2002: expected 6 fields (as in the header), found 2"
+        );
+        assert_eq!(
+            ragged,
+            run(&csv, &params("null", json!(true)), u64::MAX).unwrap_err()
+        );
+        let missing = run("a,b\n1,2\n3,4\n", &params("null", json!(true)), 4).unwrap_err();
+        assert_eq!(
+            missing,
+            run("a,b\n1,2\n3,4\n", &params("null", json!(true)), u64::MAX).unwrap_err()
+        );
+    }
+
+    /// Quantiles from counted values are those of the listed values, to the bit (−0 and 0 apart).
+    #[test]
+    fn counted_quantiles_are_the_listed_ones() {
+        use proptest::prelude::*;
+        proptest!(|(values in proptest::collection::vec(prop_oneof![Just(-0.0f64), Just(0.0), (-5i32..40i32).prop_map(|v| v as f64 / 4.0)], 0..200), q in 0.0f64..1.0)| {
+            let mut counted = Gathered::Counts(Default::default());
+            counted.extend(values.clone());
+            let mut listed = values.clone();
+            let want = quantile_linear(&mut listed, q);
+            let got = counted.quantile(q);
+            prop_assert_eq!(got.map(f64::to_bits), want.map(f64::to_bits));
+        });
+    }
+
+    proptest::proptest! {
+        /// Any well-formed file, in chunks of any size, cleans as the whole file does.
+        #[test]
+        fn any_file_cleans_the_same_in_chunks(
+            rows in proptest::collection::vec((0u8..4, 0u8..6, 0u8..5, 0u8..3), 0..80),
+            chunk in 1u64..200,
+        ) {
+            let mut csv = String::from("id,n,x,y,s,d\n");
+            for (id, n, x, s) in &rows {
+                let n = ["1", "x", "", "9", "-2", "3.0"][*n as usize];
+                let x = ["1.5", "nan", "", "100", "2"][*x as usize];
+                let s = ["a", "z", "\"b\""][*s as usize];
+                csv.push_str(&format!("{id},{n},{x},1,{s},2024-01-01\n"));
+            }
+            let params = params("null", json!(true));
+            let whole = run(&csv, &params, u64::MAX);
+            let parts = run(&csv, &params, chunk);
+            match (whole, parts) {
+                (Ok(w), Ok(p)) => {
+                    proptest::prop_assert_eq!(&p.0, &w.0);
+                    proptest::prop_assert!(p.1 == w.1, "the files differ");
+                }
+                (w, p) => proptest::prop_assert_eq!(p.map(|p| p.0), w.map(|w| w.0)),
+            }
+        }
     }
 }

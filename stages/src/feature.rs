@@ -16,7 +16,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::table::{is_csv, pointer, read_parquet, read_table_inferred, write_table};
+use crate::table::{is_csv, pointer, read_parquet, read_table_inferred, write_table, TableWriter};
 use crate::{BuiltinStage, ParamsError, StageError, StageIo, StageReport};
 
 /// Params of `feature`.
@@ -190,44 +190,165 @@ impl BuiltinStage for FeatureStage {
     }
 
     fn run(params: &FeatureParams, io: &StageIo) -> Result<StageReport, StageError> {
-        let mut tables: BTreeMap<String, DataFrame> = BTreeMap::new();
-        for (name, path) in &io.inputs {
-            let name = name.clone().unwrap_or_default();
-            let df = if is_csv(path) {
-                read_table_inferred(path)?
-            } else {
-                // Only the columns the groups can use: a wide table costs what it is used for.
-                let wanted = used_columns(params, &name, &crate::table::columns_of(path)?);
-                read_parquet(path, Some(&wanted))?
-            };
-            tables.insert(name, df);
-        }
-        let mut out = compute(params, &tables)?;
+        let inputs: Vec<(String, &std::path::Path)> = io
+            .inputs
+            .iter()
+            .map(|(name, path)| (name.clone().unwrap_or_default(), path.as_path()))
+            .collect();
         let target = io.output("features", 0)?;
-        if target.is_dir() {
-            for format in &params.formats {
-                let name = match format {
-                    Format::Parquet => "features.parquet",
-                    Format::Csv => "features.csv",
-                };
-                write_table(&mut out, &target.join(name))?;
-            }
+        let files: Vec<std::path::PathBuf> = if target.is_dir() {
+            params
+                .formats
+                .iter()
+                .map(|format| {
+                    target.join(match format {
+                        Format::Parquet => "features.parquet",
+                        Format::Csv => "features.csv",
+                    })
+                })
+                .collect()
         } else {
-            write_table(&mut out, target)?;
-        }
+            vec![target.to_path_buf()]
+        };
+        let rows = write_features(
+            params,
+            &inputs,
+            &files,
+            crate::partition::PASS_ROWS,
+            &io.cancel,
+        )?;
         let described: serde_json::Map<String, serde_json::Value> = descriptions(params)
             .into_iter()
             .map(|(name, desc)| (name, json!(desc)))
             .collect();
         Ok(StageReport {
             summary: json!({
-                "rows": out.height(),
+                "rows": rows,
                 "features": feature_names(params).len() - 1,
                 "descriptions": described,
             }),
             ..Default::default()
         })
     }
+}
+
+/// Computes the features of `inputs` and writes them to `files`, a range of entities at a time
+/// when the largest input has more than `pass_rows` rows (see [`ranges`]); the files are the same
+/// either way. Returns the number of rows.
+fn write_features(
+    params: &FeatureParams,
+    inputs: &[(String, &std::path::Path)],
+    files: &[std::path::PathBuf],
+    pass_rows: usize,
+    cancel: &crate::Cancel,
+) -> Result<usize, StageError> {
+    let ranges = ranges(params, inputs, pass_rows)?;
+    if ranges.is_whole() {
+        let mut out = compute(params, &read_whole(params, inputs)?)?;
+        for file in files {
+            write_table(&mut out, file)?;
+        }
+        return Ok(out.height());
+    }
+    let mut wanted = Vec::new();
+    for (name, path) in inputs {
+        wanted.push(used_columns(params, name, &crate::table::columns_of(path)?));
+    }
+    let mut writers: Vec<TableWriter> = Vec::new();
+    let mut rows = 0;
+    for range in 0..ranges.count() {
+        if cancel.is_cancelled() {
+            return Err(StageError::new(crate::CANCELLED));
+        }
+        let mut tables = BTreeMap::new();
+        for ((name, path), wanted) in inputs.iter().zip(&wanted) {
+            let part = crate::partition::read_range(path, wanted, ranges.predicate(range))?;
+            tables.insert(name.clone(), part);
+        }
+        let out = match compute(params, &tables) {
+            Ok(out) => out,
+            // The whole table's error, word for word: a repeated entity's count and example
+            // are those of the whole table, not of one range.
+            Err(error) => {
+                drop(tables);
+                return Err(compute(params, &read_whole(params, inputs)?)
+                    .err()
+                    .unwrap_or(error));
+            }
+        };
+        if writers.is_empty() {
+            for file in files {
+                writers.push(TableWriter::create(file, out.schema())?);
+            }
+        }
+        for writer in &mut writers {
+            writer.write(&out)?;
+        }
+        rows += out.height();
+    }
+    for writer in writers {
+        writer.finish()?;
+    }
+    Ok(rows)
+}
+
+/// The input tables, whole (a Parquet table just the columns the groups can use: a wide table
+/// costs what it is used for).
+fn read_whole(
+    params: &FeatureParams,
+    inputs: &[(String, &std::path::Path)],
+) -> Result<BTreeMap<String, DataFrame>, StageError> {
+    let mut tables = BTreeMap::new();
+    for (name, path) in inputs {
+        let df = if is_csv(path) {
+            read_table_inferred(path)?
+        } else {
+            let wanted = used_columns(params, name, &crate::table::columns_of(path)?);
+            read_parquet(path, Some(&wanted))?
+        };
+        tables.insert(name.clone(), df);
+    }
+    Ok(tables)
+}
+
+/// The ranges of the entity the features are computed in, one at a time: those of the largest
+/// input, when every input is Parquet and every expression is about one entity's rows (no
+/// subquery, no window over other entities). Otherwise, one: the whole table.
+fn ranges(
+    params: &FeatureParams,
+    inputs: &[(String, &std::path::Path)],
+    pass_rows: usize,
+) -> Result<crate::partition::KeyRanges, StageError> {
+    let whole = crate::partition::KeyRanges::whole(&params.entity);
+    if inputs.iter().any(|(_, path)| is_csv(path)) || !per_entity(params) {
+        return Ok(whole);
+    }
+    let mut largest: Option<(usize, &std::path::Path)> = None;
+    for (_, path) in inputs {
+        let rows = crate::partition::parquet_rows(path)?;
+        if largest.is_none_or(|(most, _)| rows > most) {
+            largest = Some((rows, path));
+        }
+    }
+    match largest {
+        Some((_, path)) => crate::partition::KeyRanges::plan(path, &params.entity, pass_rows),
+        None => Ok(whole),
+    }
+}
+
+/// Whether every feature, condition and derived feature looks only at one entity's rows: no
+/// `SELECT` (a subquery) and no `OVER` (a window) among its words.
+fn per_entity(params: &FeatureParams) -> bool {
+    let mut texts: Vec<&str> = Vec::new();
+    for group in &params.groups {
+        texts.extend(entries(&group.features).map(|(_, f)| f.sql()));
+        texts.extend(group.filter.as_deref());
+    }
+    texts.extend(entries(&params.derive).map(|(_, f)| f.sql()));
+    !texts.iter().any(|text| {
+        text.split(|c: char| !(c.is_alphanumeric() || c == '_'))
+            .any(|word| word.eq_ignore_ascii_case("select") || word.eq_ignore_ascii_case("over"))
+    })
 }
 
 /// The output's columns: the entity, then every feature in the order written.
@@ -733,5 +854,138 @@ mod tests {
                 ("/derive/0".to_owned(), "each item of `derive".to_owned()),
             ]
         );
+    }
+}
+
+#[cfg(test)]
+mod ranges_tests {
+    use super::*;
+
+    /// Orders of 700 users in no particular order (a fixed permutation), with float gaps whose
+    /// sums depend on the order they are added in, and an imputed table of most users.
+    fn inputs(dir: &std::path::Path, repeat_user: bool) -> Vec<(String, std::path::PathBuf)> {
+        let n = 20_000u64;
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut users = Vec::new();
+        let mut days = Vec::new();
+        let mut dows = Vec::new();
+        for _ in 0..n {
+            let r = next();
+            users.push((r % 700) as i64);
+            days.push(((r >> 20) % 3001) as f64 / 97.0);
+            dows.push(((r >> 40) % 7) as i64);
+        }
+        let mut orders = df!("user_id" => users, "days" => days, "dow" => dows).unwrap();
+        let mut ids: Vec<i64> = (0..700).filter(|u| u % 9 != 4).collect();
+        if repeat_user {
+            ids.push(77);
+        }
+        let imputed: Vec<f64> = ids.iter().map(|u| *u as f64 / 7.0).collect();
+        let mut imputed = df!("user_id" => ids, "days_imp" => imputed).unwrap();
+        let paths = [
+            ("orders", dir.join("orders.parquet")),
+            ("imputed", dir.join("imputed.parquet")),
+        ];
+        write_table(&mut orders, &paths[0].1).unwrap();
+        write_table(&mut imputed, &paths[1].1).unwrap();
+        paths.map(|(n, p)| (n.to_owned(), p)).to_vec()
+    }
+
+    fn definitions() -> FeatureParams {
+        serde_json::from_value(json!({
+            "entity": "user_id",
+            "groups": [
+                {"name": "orders", "from": "orders", "features": [
+                    {"n": "count(*)"},
+                    {"days_mean": "avg(days)"},
+                    {"days_std": "stddev(days)"},
+                    {"days_sum": "sum(days)"},
+                    {"weekend_share": "avg(CASE WHEN dow IN (0, 6) THEN 1.0 ELSE 0.0 END)"}
+                ]},
+                {"name": "imputed", "from": "imputed", "columns": ["days_imp"]}
+            ],
+            "derive": [{"ratio": "days_imp / days_mean"}],
+            "formats": ["parquet", "csv"]
+        }))
+        .unwrap()
+    }
+
+    fn write(
+        inputs: &[(String, std::path::PathBuf)],
+        dir: &std::path::Path,
+        pass_rows: usize,
+    ) -> Result<(Vec<u8>, Vec<u8>, usize), StageError> {
+        let inputs: Vec<(String, &std::path::Path)> = inputs
+            .iter()
+            .map(|(n, p)| (n.clone(), p.as_path()))
+            .collect();
+        let files = [dir.join("f.parquet"), dir.join("f.csv")];
+        let rows = write_features(
+            &definitions(),
+            &inputs,
+            &files,
+            pass_rows,
+            &Default::default(),
+        )?;
+        Ok((
+            std::fs::read(&files[0]).unwrap(),
+            std::fs::read(&files[1]).unwrap(),
+            rows,
+        ))
+    }
+
+    /// In ranges of ~2,000, ~500 or ~37 rows, the files are the whole table's, byte for byte:
+    /// the float sums and standard deviations included.
+    #[test]
+    fn features_in_ranges_are_the_whole_tables_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let inputs = inputs(dir.path(), false);
+        let whole = write(&inputs, dir.path(), usize::MAX).unwrap();
+        assert_eq!(whole.2, 700);
+        for pass_rows in [2_000, 500, 37] {
+            let ranges = {
+                let inputs: Vec<(String, &std::path::Path)> = inputs
+                    .iter()
+                    .map(|(n, p)| (n.clone(), p.as_path()))
+                    .collect();
+                ranges(&definitions(), &inputs, pass_rows).unwrap()
+            };
+            assert!(ranges.count() > 5, "{pass_rows}: {} ranges", ranges.count());
+            let parts = write(&inputs, dir.path(), pass_rows).unwrap();
+            assert_eq!(parts.2, whole.2);
+            assert!(parts.0 == whole.0, "{pass_rows}: the Parquet files differ");
+            assert!(parts.1 == whole.1, "{pass_rows}: the CSV files differ");
+        }
+    }
+
+    /// An error found in one range is reported as the whole table's.
+    #[test]
+    fn an_error_in_a_range_is_the_whole_tables() {
+        let dir = tempfile::tempdir().unwrap();
+        let inputs = inputs(dir.path(), true);
+        let whole = write(&inputs, dir.path(), usize::MAX).unwrap_err();
+        let parts = write(&inputs, dir.path(), 500).unwrap_err();
+        assert_eq!(parts.message, whole.message);
+        assert_eq!(
+            whole.message,
+            "group `imputed` takes columns from `imputed` as one row per `user_id`, but 1 row repeats an entity (e.g. user_id = 77); aggregate them with `features:` instead"
+        );
+    }
+
+    #[test]
+    fn windows_and_subqueries_keep_the_whole_table() {
+        let mut params = definitions();
+        assert!(per_entity(&params));
+        params.derive = serde_json::from_value(json!([{"r": "rank() OVER (ORDER BY n)"}])).unwrap();
+        assert!(!per_entity(&params));
+        params.derive =
+            serde_json::from_value(json!([{"r": "n / (SELECT max(n) FROM t)"}])).unwrap();
+        assert!(!per_entity(&params));
     }
 }

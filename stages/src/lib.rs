@@ -11,6 +11,7 @@ pub mod diagnose;
 pub mod feature;
 pub mod impute;
 pub mod mice;
+pub mod partition;
 pub mod pool;
 pub mod ports;
 mod registry;

@@ -21,16 +21,11 @@ pub fn repeated_rows(
     if n == 0 || columns.is_empty() {
         return Ok(Vec::new());
     }
+    let hashes = row_hashes(df, columns)?;
     let columns: Vec<&Column> = columns
         .iter()
         .map(|c| df.column(c))
         .collect::<PolarsResult<_>>()?;
-    let state = PlSeedableRandomStateQuality::fixed();
-    let mut hashes = Vec::with_capacity(n);
-    columns[0].vec_hash(state.clone(), &mut hashes)?;
-    for column in &columns[1..] {
-        column.vec_hash_combine(state.clone(), &mut hashes)?;
-    }
     let alive: Vec<bool> = alive.iter().map(|a| a == Some(true)).collect();
 
     // The hash space split in as many parts as there are threads (on bits the table itself does
@@ -76,11 +71,137 @@ pub fn repeated_rows(
     Ok(repeats)
 }
 
+/// A 64-bit hash of each row of `df` on `columns`, combined column by column (the same values
+/// give the same hash, in any table, whatever its chunks).
+pub fn row_hashes(df: &DataFrame, columns: &[PlSmallStr]) -> PolarsResult<Vec<u64>> {
+    let state = PlSeedableRandomStateQuality::fixed();
+    let mut hashes = Vec::with_capacity(df.height());
+    let mut columns = columns.iter().map(|c| df.column(c));
+    match columns.next() {
+        Some(first) => first?.vec_hash(state.clone(), &mut hashes)?,
+        None => hashes.resize(df.height(), 0),
+    }
+    for column in columns {
+        column?.vec_hash_combine(state.clone(), &mut hashes)?;
+    }
+    Ok(hashes)
+}
+
+/// [`repeated_rows`] a table at a time, over tables read one after the other (the chunks of a
+/// file), given beforehand the hash of every row that may be alive ([`row_hashes`]). Only a row
+/// whose hash comes up more than once can repeat another, so only those rows are looked at, and
+/// only the first copies among them are kept, to compare value by value: a hash collision never
+/// merges two different rows, and memory follows the repeated rows, not the table.
+pub struct Deduper {
+    /// The hashes that came up more than once.
+    repeated: PlHashSet<u64>,
+    /// The first copies so far, on the compared columns, and their hashes.
+    kept: Option<DataFrame>,
+    kept_hashes: Vec<u64>,
+    table: HashTable<IdxSize>,
+}
+
+impl Deduper {
+    /// From the hashes of every row that may be alive, in any order.
+    pub fn new(mut hashes: Vec<u64>) -> Self {
+        hashes.sort_unstable();
+        let mut repeated = PlHashSet::default();
+        for pair in hashes.windows(2) {
+            if pair[0] == pair[1] {
+                repeated.insert(pair[0]);
+            }
+        }
+        Deduper {
+            repeated,
+            kept: None,
+            kept_hashes: Vec::new(),
+            table: HashTable::new(),
+        }
+    }
+
+    /// The rows of `df` (among those `alive`) that repeat, on `columns`, an alive row of this
+    /// table or of one given before; the first copy is not included.
+    pub fn repeats(
+        &mut self,
+        df: &DataFrame,
+        columns: &[PlSmallStr],
+        alive: &BooleanChunked,
+    ) -> PolarsResult<Vec<IdxSize>> {
+        if self.repeated.is_empty() || df.height() == 0 {
+            return Ok(Vec::new());
+        }
+        let hashes = row_hashes(df, columns)?;
+        let candidates: Vec<IdxSize> = hashes
+            .iter()
+            .zip(alive.iter())
+            .enumerate()
+            .filter(|(_, (h, a))| *a == Some(true) && self.repeated.contains(*h))
+            .map(|(row, _)| row as IdxSize)
+            .collect();
+        if candidates.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = df
+            .select(columns.iter().cloned())?
+            .take(&IdxCa::from_vec("rows".into(), candidates.clone()))?;
+        let new: Vec<&Column> = rows.columns().iter().collect();
+        let kept: Vec<&Column> = self
+            .kept
+            .as_ref()
+            .map(|k| k.columns().iter().collect())
+            .unwrap_or_default();
+        let base = self.kept_hashes.len();
+        // Among the candidates, the first copies: kept from now on.
+        let mut firsts: Vec<IdxSize> = Vec::new();
+        let mut repeats = Vec::new();
+        for (at, &row) in candidates.iter().enumerate() {
+            let hash = hashes[row as usize];
+            let kept_hashes = &self.kept_hashes;
+            let same = |&id: &IdxSize| {
+                let id = id as usize;
+                kept_hashes[id] == hash
+                    && if id < base {
+                        same_values(&kept, id, &new, at)
+                    } else {
+                        same_values(&new, firsts[id - base] as usize, &new, at)
+                    }
+            };
+            if self.table.find(hash, same).is_some() {
+                repeats.push(row);
+            } else {
+                let id = self.kept_hashes.len() as IdxSize;
+                self.kept_hashes.push(hash);
+                firsts.push(at as IdxSize);
+                let kept_hashes = &self.kept_hashes;
+                self.table
+                    .insert_unique(hash, id, |&id| kept_hashes[id as usize]);
+            }
+        }
+        let firsts = rows.take(&IdxCa::from_vec("firsts".into(), firsts))?;
+        match &mut self.kept {
+            Some(kept) => {
+                kept.vstack_mut(&firsts)?;
+                if kept.first_col_n_chunks() > 16 {
+                    kept.rechunk_mut_par();
+                }
+            }
+            None => self.kept = Some(firsts),
+        }
+        Ok(repeats)
+    }
+}
+
 /// Whether rows `a` and `b` hold the same values (null = null, NaN = NaN).
 fn same_row(columns: &[&Column], a: usize, b: usize) -> bool {
-    columns
-        .iter()
-        .all(|column| match (column.get(a), column.get(b)) {
+    same_values(columns, a, columns, b)
+}
+
+/// Whether row `a` of `left` and row `b` of `right` (the same columns, of two tables) hold the
+/// same values (null = null, NaN = NaN).
+fn same_values(left: &[&Column], a: usize, right: &[&Column], b: usize) -> bool {
+    left.iter()
+        .zip(right)
+        .all(|(l, r)| match (l.get(a), r.get(b)) {
             (Ok(AnyValue::Float64(x)), Ok(AnyValue::Float64(y))) => {
                 x == y || (x.is_nan() && y.is_nan())
             }
