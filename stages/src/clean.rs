@@ -460,7 +460,9 @@ fn clean_chunked(
         };
     let mut gathered = Gathered::for_params(params);
     let dedup = !matches!(params.dedup, None | Some(Dedup::All(false)));
-    let mut hashes: Vec<u64> = Vec::new();
+    // A vector of hashes per chunk (one vector doubling its way to a hash a row of the file would
+    // hold up to three times that while it grows).
+    let mut hashes: Vec<Vec<u64>> = Vec::new();
     if params.iqr.is_some() || dedup {
         chunks(&mut |marked| {
             gather(&marked, params, &mut gathered)?;
@@ -470,10 +472,11 @@ fn clean_chunked(
                     None => marked.domain.clone(),
                 };
                 let all = crate::rows::row_hashes(&marked.df, &subset).map_err(err)?;
-                hashes.extend(
+                hashes.push(
                     all.iter()
                         .zip(candidates.iter())
-                        .filter_map(|(h, c)| (c == Some(true)).then_some(*h)),
+                        .filter_map(|(h, c)| (c == Some(true)).then_some(*h))
+                        .collect(),
                 );
             }
             Ok(())

@@ -102,13 +102,30 @@ pub struct Deduper {
 }
 
 impl Deduper {
-    /// From the hashes of every row that may be alive, in any order.
-    pub fn new(mut hashes: Vec<u64>) -> Self {
-        hashes.sort_unstable();
+    /// From the hashes of every row that may be alive, in any order, in any number of vectors
+    /// (one per chunk, say): each is sorted in place, then all are merged, so nothing is copied.
+    pub fn new(mut runs: Vec<Vec<u64>>) -> Self {
+        use std::cmp::Reverse;
+        for run in &mut runs {
+            run.sort_unstable();
+        }
+        // The smallest hash left in each run, smallest first.
+        let mut heads: std::collections::BinaryHeap<Reverse<(u64, usize)>> = runs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, run)| run.first().map(|h| Reverse((*h, i))))
+            .collect();
+        let mut next = vec![1usize; runs.len()];
         let mut repeated = PlHashSet::default();
-        for pair in hashes.windows(2) {
-            if pair[0] == pair[1] {
-                repeated.insert(pair[0]);
+        let mut last = None;
+        while let Some(Reverse((hash, i))) = heads.pop() {
+            if last == Some(hash) {
+                repeated.insert(hash);
+            }
+            last = Some(hash);
+            if let Some(h) = runs[i].get(next[i]) {
+                heads.push(Reverse((*h, i)));
+                next[i] += 1;
             }
         }
         Deduper {
@@ -258,6 +275,47 @@ mod tests {
                 .filter(|&i| alive[i] && (0..i).any(|j| alive[j] && a[j] == a[i] && b[j] == b[i]))
                 .map(|i| i as IdxSize)
                 .collect();
+            prop_assert_eq!(got, want);
+        });
+    }
+
+    /// Chunk by chunk, with the hashes given in one vector per chunk, the repeats are those of
+    /// the whole table.
+    #[test]
+    fn chunks_find_the_whole_tables_repeats() {
+        use proptest::prelude::*;
+        proptest!(|(rows in proptest::collection::vec((0i64..4, proptest::option::of(0u8..3), proptest::bool::ANY), 0..80), cuts in proptest::collection::vec(0usize..80, 0..6))| {
+            let a: Vec<i64> = rows.iter().map(|r| r.0).collect();
+            let b: Vec<Option<String>> = rows.iter().map(|r| r.1.map(|v| v.to_string())).collect();
+            let alive: Vec<bool> = rows.iter().map(|r| r.2).collect();
+            let df = df! { "a" => a, "b" => b }.unwrap();
+            let columns: Vec<PlSmallStr> = vec!["a".into(), "b".into()];
+            let mask = BooleanChunked::new("alive".into(), alive.clone());
+            let want = repeated_rows(&df, &columns, &mask).unwrap();
+            let mut cuts: Vec<usize> = cuts.into_iter().filter(|c| *c < rows.len()).collect();
+            cuts.push(0);
+            cuts.push(rows.len());
+            cuts.sort_unstable();
+            cuts.dedup();
+            let hashes = row_hashes(&df, &columns).unwrap();
+            let runs: Vec<Vec<u64>> = cuts
+                .windows(2)
+                .map(|w| (w[0]..w[1]).filter(|i| alive[*i]).map(|i| hashes[i]).collect())
+                .collect();
+            let mut deduper = Deduper::new(runs);
+            let mut got = Vec::new();
+            for w in cuts.windows(2) {
+                let (start, len) = (w[0], w[1] - w[0]);
+                let part = df.slice(start as i64, len);
+                let part_alive = mask.slice(start as i64, len);
+                got.extend(
+                    deduper
+                        .repeats(&part, &columns, &part_alive)
+                        .unwrap()
+                        .into_iter()
+                        .map(|r| r + start as IdxSize),
+                );
+            }
             prop_assert_eq!(got, want);
         });
     }
