@@ -127,6 +127,27 @@ impl KeyRanges {
     }
 }
 
+/// Whether the rows of a Parquet file that have a `key` are in ascending key order (`false` when
+/// it has no such column, or the key is not an integer, string or date).
+pub fn key_sorted(path: &Path, key: &str) -> Result<bool, StageError> {
+    if !crate::table::columns_of(path)?.iter().any(|c| c == key) {
+        return Ok(false);
+    }
+    let keys = read_range(path, &[key.to_owned()], Some(col(key).is_not_null()))?;
+    Ok(keys.column(key).is_ok_and(sorted))
+}
+
+/// Whether a column with no nulls is in ascending order, and of a type whose order a group-by
+/// may rely on: integers, strings and dates.
+pub fn sorted(column: &Column) -> bool {
+    let dtype = column.dtype();
+    (dtype.is_integer() || matches!(dtype, DataType::String | DataType::Date))
+        && column
+            .as_materialized_series()
+            .is_sorted(SortOptions::default())
+            .unwrap_or(false)
+}
+
 /// The number of rows of a Parquet file, from its footer.
 pub fn parquet_rows(path: &Path) -> Result<usize, StageError> {
     let file = std::fs::File::open(path)
