@@ -248,10 +248,7 @@ pub fn aggregate(
     source: &std::path::Path,
 ) -> Result<DataFrame, StageError> {
     let sorted = match params.by.as_slice() {
-        [key] => df
-            .column(key)
-            .map(|c| c.drop_nulls())
-            .is_ok_and(|c| crate::partition::sorted(&c)),
+        [key] => crate::partition::rows_sorted(&df, key),
         _ => false,
     };
     aggregate_in_order(df, params, source, sorted)
@@ -292,19 +289,8 @@ fn aggregate_in_order(
         .map(|(name, agg)| agg.expr().alias(name.as_str()))
         .collect();
     let df = match params.by.as_slice() {
-        [key] if sorted => {
-            let mut rows =
-                df.lazy().filter(not_null.clone()).collect().map_err(|e| {
-                    StageError::new(format!("aggregating `{}`: {e}", source.display()))
-                })?;
-            if let Ok(column) = rows.column(key) {
-                let mut column = column.as_materialized_series().clone();
-                column.set_sorted_flag(polars::series::IsSorted::Ascending);
-                rows.with_column(column.into_column())
-                    .map_err(|e| StageError::new(e.to_string()))?;
-            }
-            rows
-        }
+        [key] if sorted && df.column(key).is_ok() => crate::partition::in_key_order(&df, key)
+            .map_err(|e| StageError::new(format!("aggregating `{}`: {e}", source.display())))?,
         _ => df,
     };
     let grouped = df

@@ -487,16 +487,6 @@ fn param_errors(params: &FeatureParams) -> Vec<ParamsError> {
     errors
 }
 
-/// `table`'s rows with an entity (the only ones any feature counts), marked as in entity order,
-/// which the caller knows they are.
-fn in_entity_order(table: &DataFrame, entity: &str) -> PolarsResult<DataFrame> {
-    let mut rows = table.filter(&table.column(entity)?.is_not_null())?;
-    let mut key = rows.column(entity)?.as_materialized_series().clone();
-    key.set_sorted_flag(polars::series::IsSorted::Ascending);
-    rows.with_column(key.into_column())?;
-    Ok(rows)
-}
-
 /// Quotes a name for polars SQL.
 fn quoted(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
@@ -510,10 +500,7 @@ pub fn compute(
     let sorted = tables
         .iter()
         .map(|(name, df)| {
-            let in_order = df
-                .column(&params.entity)
-                .map(|c| c.drop_nulls())
-                .is_ok_and(|c| crate::partition::sorted(&c));
+            let in_order = crate::partition::rows_sorted(df, &params.entity);
             (name.clone(), in_order)
         })
         .collect();
@@ -557,7 +544,9 @@ fn compute_in_order(
             .at_param("/entity"));
         }
         let table = &if sorted.get(&group.from).copied().unwrap_or(false) {
-            in_entity_order(table, entity).map_err(|e| StageError::new(e.to_string()))?
+            // Only the rows with an entity count in any feature.
+            crate::partition::in_key_order(table, entity)
+                .map_err(|e| StageError::new(e.to_string()))?
         } else {
             table.clone()
         };

@@ -137,6 +137,23 @@ pub fn key_sorted(path: &Path, key: &str) -> Result<bool, StageError> {
     Ok(keys.column(key).is_ok_and(sorted))
 }
 
+/// Whether the rows of `df` that have a `key` are in ascending key order ([`sorted`]).
+pub fn rows_sorted(df: &DataFrame, key: &str) -> bool {
+    df.column(key)
+        .map(|c| c.drop_nulls())
+        .is_ok_and(|c| sorted(&c))
+}
+
+/// The rows of `df` that have a `key`, with the key column marked as ascending, which the caller
+/// knows it is: polars then groups them by slices instead of by hashing.
+pub fn in_key_order(df: &DataFrame, key: &str) -> PolarsResult<DataFrame> {
+    let mut rows = df.filter(&df.column(key)?.is_not_null())?;
+    let mut column = rows.column(key)?.as_materialized_series().clone();
+    column.set_sorted_flag(polars::series::IsSorted::Ascending);
+    rows.with_column(column.into_column())?;
+    Ok(rows)
+}
+
 /// Whether a column with no nulls is in ascending order, and of a type whose order a group-by
 /// may rely on: integers, strings and dates.
 pub fn sorted(column: &Column) -> bool {
