@@ -185,7 +185,7 @@ fn aggregate_file(
         return Ok((out.height(), names(&out)));
     }
     let sorted = match params.by.as_slice() {
-        [key] => crate::partition::key_sorted(input, key)?,
+        [_] => ranges.sorted(),
         _ => false,
     };
     let mut writer: Option<TableWriter> = None;

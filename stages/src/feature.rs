@@ -242,7 +242,7 @@ fn write_features(
     pass_rows: usize,
     cancel: &crate::Cancel,
 ) -> Result<usize, StageError> {
-    let ranges = ranges(params, inputs, pass_rows)?;
+    let (ranges, planned) = ranges(params, inputs, pass_rows)?;
     if ranges.is_whole() {
         let mut out = compute(params, &read_whole(params, inputs)?)?;
         for file in files {
@@ -254,10 +254,12 @@ fn write_features(
     let mut sorted = BTreeMap::new();
     for (name, path) in inputs {
         wanted.push(used_columns(params, name, &crate::table::columns_of(path)?));
-        sorted.insert(
-            name.clone(),
-            crate::partition::key_sorted(path, &params.entity)?,
-        );
+        let in_order = if Some(*path) == planned {
+            ranges.sorted()
+        } else {
+            crate::partition::key_sorted(path, &params.entity)?
+        };
+        sorted.insert(name.clone(), in_order);
     }
     let mut writers: Vec<TableWriter> = Vec::new();
     let mut rows = 0;
@@ -318,15 +320,15 @@ fn read_whole(
 
 /// The ranges of the entity the features are computed in, one at a time: those of the largest
 /// input, when every input is Parquet and every expression is about one entity's rows (no
-/// subquery, no window over other entities). Otherwise, one: the whole table.
-fn ranges(
+/// subquery, no window over other entities), with that input. Otherwise, one: the whole table.
+fn ranges<'a>(
     params: &FeatureParams,
-    inputs: &[(String, &std::path::Path)],
+    inputs: &[(String, &'a std::path::Path)],
     pass_rows: usize,
-) -> Result<crate::partition::KeyRanges, StageError> {
+) -> Result<(crate::partition::KeyRanges, Option<&'a std::path::Path>), StageError> {
     let whole = crate::partition::KeyRanges::whole(&params.entity);
     if inputs.iter().any(|(_, path)| is_csv(path)) || !per_entity(params) {
-        return Ok(whole);
+        return Ok((whole, None));
     }
     let mut largest: Option<(usize, &std::path::Path)> = None;
     for (_, path) in inputs {
@@ -336,8 +338,11 @@ fn ranges(
         }
     }
     match largest {
-        Some((_, path)) => crate::partition::KeyRanges::plan(path, &params.entity, pass_rows),
-        None => Ok(whole),
+        Some((_, path)) => Ok((
+            crate::partition::KeyRanges::plan(path, &params.entity, pass_rows)?,
+            Some(path),
+        )),
+        None => Ok((whole, None)),
     }
 }
 
@@ -1016,7 +1021,7 @@ mod ranges_tests {
                         .iter()
                         .map(|(n, p)| (n.clone(), p.as_path()))
                         .collect();
-                    ranges(&definitions(), &inputs, pass_rows).unwrap()
+                    ranges(&definitions(), &inputs, pass_rows).unwrap().0
                 };
                 assert!(ranges.count() > 5, "{pass_rows}: {} ranges", ranges.count());
                 let parts = write(&inputs, dir.path(), pass_rows).unwrap();

@@ -30,6 +30,8 @@ const SAMPLE: usize = 1 << 16;
 pub struct KeyRanges {
     key: PlSmallStr,
     bounds: Vec<Scalar>,
+    /// Whether the file's rows with a key are in ascending key order, as seen while planning.
+    sorted: bool,
 }
 
 impl KeyRanges {
@@ -38,6 +40,7 @@ impl KeyRanges {
         KeyRanges {
             key: key.into(),
             bounds: Vec::new(),
+            sorted: false,
         }
     }
 
@@ -63,6 +66,7 @@ impl KeyRanges {
         if !(dtype.is_integer() || matches!(dtype, DataType::String | DataType::Date)) {
             return Ok(Self::whole(key));
         }
+        let in_order = sorted(column);
         // The cuts from every so-many-th key (in file order, so a sorted table is sampled evenly):
         // ranges within a few percent of the same size, without a sorted copy of the column.
         let series = column.as_materialized_series();
@@ -99,12 +103,19 @@ impl KeyRanges {
         Ok(KeyRanges {
             key: key.into(),
             bounds,
+            sorted: in_order,
         })
     }
 
     /// How many ranges there are.
     pub fn count(&self) -> usize {
         self.bounds.len() + 1
+    }
+
+    /// Whether the planned file's rows with a key are in ascending key order, known from the key
+    /// column read to cut the ranges (`false` for [`KeyRanges::whole`], which reads nothing).
+    pub fn sorted(&self) -> bool {
+        self.sorted
     }
 
     /// Whether this is the single range of the whole table.
