@@ -18,7 +18,7 @@ use imba_stages::{Registry, StageIo};
 use serde_json::{Map, Value as Json};
 use tokio::sync::watch;
 
-use crate::config::resolve::ports_json;
+use crate::config::resolve::{file_name, ports_json};
 use crate::config::{Port, Stage, StageKind};
 use crate::dag::Dag;
 use crate::hash::{ContentHash, StatCache};
@@ -513,7 +513,7 @@ async fn run_stage_and_hook(ctx: Arc<Context>, index: usize, force: bool) -> Out
     let log = ctx
         .state
         .logs(&ctx.run_id)
-        .join(format!("{}.on_failure.log", sanitize(&stage.name)));
+        .join(format!("{}.on_failure.log", file_name(&stage.name)));
     let pipeline_file = pipeline.file.display().to_string();
     let env = [
         ("IMBA_STAGE", stage.name.as_str()),
@@ -598,7 +598,7 @@ async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
         reasons: record.reasons.clone(),
     });
 
-    let staging_root = ctx.state.staging(&ctx.run_id).join(sanitize(&stage.name));
+    let staging_root = ctx.state.staging(&ctx.run_id).join(file_name(&stage.name));
     let staged: Vec<PathBuf> = stage
         .outputs
         .iter()
@@ -635,11 +635,14 @@ async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
     // A built-in's error may name one of its params.
     let mut param_error: Option<String> = None;
     let executed = match &stage.kind {
-        StageKind::Shell { templates, .. } => {
+        StageKind::Shell {
+            templates, argv, ..
+        } => {
             run_shell(
                 &ctx,
                 stage,
                 templates,
+                *argv,
                 &inputs,
                 &staged,
                 &workdir,
@@ -792,7 +795,7 @@ async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
             let quarantine = ctx
                 .state
                 .quarantine(&ctx.run_id)
-                .join(sanitize(&stage.name));
+                .join(file_name(&stage.name));
             let kept = crate::checks::quarantine(stage, &staged, &workdir, &quarantine);
             let _ = std::fs::remove_dir_all(&staging_root);
             let count = if blocking.len() == 1 {
@@ -887,18 +890,6 @@ fn fail_at(
     Outcome::Failed { record }
 }
 
-fn sanitize(name: &str) -> String {
-    name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
-}
-
 fn staging_path(root: &Path, i: usize, port: &Port) -> PathBuf {
     let name = port
         .text
@@ -966,10 +957,12 @@ fn command_context(stage: &Stage, inputs: &[PathBuf], staged: &[PathBuf]) -> Map
     context
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run_shell(
     ctx: &Context,
     stage: &Stage,
     templates: &[(String, crate::diagnostic::Span)],
+    argv: bool,
     inputs: &[PathBuf],
     staged: &[PathBuf],
     workdir: &Path,
@@ -980,13 +973,55 @@ async fn run_shell(
     let logs = ctx.state.logs(&ctx.run_id);
     std::fs::create_dir_all(&logs)
         .map_err(|e| (format!("cannot create {}: {e}", logs.display()), None))?;
-    let out_log = logs.join(format!("{}.out", sanitize(&stage.name)));
-    let err_log = logs.join(format!("{}.err", sanitize(&stage.name)));
+    let out_log = logs.join(format!("{}.out", file_name(&stage.name)));
+    let err_log = logs.join(format!("{}.err", file_name(&stage.name)));
     record.log = Some(err_log.display().to_string());
-    for (template, _) in templates {
-        let command = renderer
-            .render_text(template, &context)
-            .map_err(|e| (format!("cannot render the command: {e}"), None))?;
+    // Variables passed through must be there: a stage that needs a token should not run
+    // without one and fail half-way.
+    let mut env = Vec::new();
+    for (name, value) in &stage.env {
+        match value {
+            Some(value) => env.push((name.clone(), value.clone())),
+            None => match std::env::var_os(name) {
+                Some(value) => env.push((name.clone(), value.to_string_lossy().into_owned())),
+                None => {
+                    return Err((
+                        format!("the variable `{name}` is not set, and the stage passes it through (`env:`)"),
+                        None,
+                    ))
+                }
+            },
+        }
+    }
+    // A program run without a shell: its words, each rendered on its own.
+    let programs: Vec<(Vec<String>, String)> = if argv {
+        let mut words = Vec::new();
+        for (template, _) in templates {
+            let rendered = renderer
+                .render_words(template, &context)
+                .map_err(|e| (format!("cannot render the command: {e}"), None))?;
+            words.extend(rendered);
+        }
+        let shown = words
+            .iter()
+            .map(|w| crate::config::shell::quote(w))
+            .collect::<Vec<_>>()
+            .join(" ");
+        vec![(words, shown)]
+    } else {
+        let mut commands = Vec::new();
+        for (template, _) in templates {
+            let command = renderer
+                .render_command(template, &context)
+                .map_err(|e| (format!("cannot render the command: {e}"), None))?;
+            commands.push((
+                vec!["sh".to_owned(), "-c".to_owned(), command.clone()],
+                command,
+            ));
+        }
+        commands
+    };
+    for (words, command) in programs {
         tracing::debug!(stage = %stage.name, %command, "running");
         let open = |path: &Path| {
             std::fs::OpenOptions::new()
@@ -1000,10 +1035,13 @@ async fn run_shell(
                 return Err((format!("cannot open the stage's log: {e}"), None))
             }
         };
-        let mut child = tokio::process::Command::new("sh")
-            .arg("-c")
-            .arg(&command)
+        let Some((program, args)) = words.split_first() else {
+            return Err(("the command is empty".to_owned(), None));
+        };
+        let mut child = tokio::process::Command::new(program)
+            .args(args)
             .current_dir(workdir)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env("IMBA_STAGE", &stage.name)
             .env("IMBA_RUN", &ctx.run_id)
             .stdin(std::process::Stdio::null())
@@ -1012,7 +1050,7 @@ async fn run_shell(
             .process_group(0)
             .kill_on_drop(true)
             .spawn()
-            .map_err(|e| (format!("cannot start `sh`: {e}"), None))?;
+            .map_err(|e| (format!("cannot start `{program}`: {e}"), None))?;
         let pid = child.id();
         let mut cancel = ctx.cancel.clone();
         let cancelled = async move { cancel.wait_for(|c| *c >= Stop::Cancel).await.is_ok() };
@@ -1166,6 +1204,8 @@ fn commit(
         };
         let (version, reused, hash) = match &port.declared.location {
             crate::location::Location::Local(root) => {
+                crate::config::confine::check_target(root, workdir)
+                    .map_err(|e| format!("output `{}`: {e}", port.text))?;
                 let committed = crate::versions::commit(path, root, versioning, input)
                     .map_err(|e| format!("output `{}`: {e}", port.text))?;
                 let hash = ctx
@@ -1219,6 +1259,10 @@ fn commit(
             .ok_or_else(|| format!("stage did not write its output `{}`", port.text))?;
         outputs.insert(port.declared.location.display(workdir), hash);
         finals.push((port, path, target.clone()));
+    }
+    for (port, _, target) in &finals {
+        crate::config::confine::check_target(target, workdir)
+            .map_err(|e| format!("output `{}`: {e}", port.text))?;
     }
     for (port, path, target) in &finals {
         tracing::trace!(stage = %stage.name, from = %path.display(), to = %target.display(), "commit");

@@ -221,6 +221,21 @@ pub fn snapshot(stage: &Stage, workdir: &Path, hashes: Hashes) -> Result<Snapsho
     if let (Some(checks), Json::Object(map)) = (&checks, &mut material) {
         map.insert("checks".into(), checks.clone());
     }
+    // Like checks, hashed only when used. A variable passed through is hashed by its name:
+    // its value may be a secret, and never lands in the lock.
+    if let Json::Object(map) = &mut material {
+        if matches!(stage.kind, StageKind::Shell { argv: true, .. }) {
+            map.insert("argv".into(), Json::Bool(true));
+        }
+        if !stage.env.is_empty() {
+            let env: serde_json::Map<String, Json> = stage
+                .env
+                .iter()
+                .map(|(name, value)| (name.clone(), value.clone().map_or(Json::Null, Json::String)))
+                .collect();
+            map.insert("env".into(), Json::Object(env));
+        }
+    }
     let fingerprint = fingerprint(&material);
     Ok(Snapshot {
         fingerprint: fingerprint.clone(),

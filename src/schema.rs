@@ -57,9 +57,20 @@ pub struct StageSchema {
     desc: Option<String>,
     /// A built-in stage, e.g. `clean`. Exclusive with `cmd`.
     uses: Option<String>,
-    /// A shell command, or a list of commands run in order, in `workdir`. Templates may use
-    /// `{{ inputs.NAME }}`, `{{ outputs.NAME }}` and `{{ params.NAME }}`. Exclusive with `uses`.
+    /// A shell command (`sh -c`), or a list of commands run in order, in `workdir`. Templates may
+    /// use `{{ inputs.NAME }}`, `{{ outputs.NAME }}` and `{{ params.NAME }}`; every value they
+    /// insert is shell-quoted for where it lands (`{{ flags | safe }}` inserts a shell fragment
+    /// as it is). Exclusive with `uses` and `argv`.
     cmd: Option<Command>,
+    /// A program and its arguments, run without a shell; each item is one argument (an item
+    /// that is exactly `{{ list }}` gives one argument per element). Exclusive with `uses` and
+    /// `cmd`.
+    argv: Option<Vec<String>>,
+    /// Variables for the command: a map of names to values (fingerprinted), where `null` passes
+    /// the variable through from imba's environment, or a list of names to pass through. A
+    /// variable passed through is fingerprinted by its name only, so a secret never lands in the
+    /// lock file or the run records.
+    env: Option<Env>,
     /// What the stage reads: a map of name to path, or a list of paths. A path is local
     /// (relative to `workdir`) or `s3://bucket/key`; a trailing `/` marks a directory.
     inputs: Option<Paths>,
@@ -171,6 +182,21 @@ enum SeveritySchema {
 enum Command {
     One(String),
     Many(Vec<String>),
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(untagged)]
+enum Env {
+    Values(BTreeMap<String, Option<EnvValue>>),
+    PassThrough(Vec<String>),
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(untagged)]
+enum EnvValue {
+    Text(String),
+    Number(f64),
+    Bool(bool),
 }
 
 #[derive(Deserialize, JsonSchema)]

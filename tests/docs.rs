@@ -114,6 +114,10 @@ fn error_catalogue() -> String {
         ("s3", "S3 (a failed request fails its stage: exit 1)"),
         ("watch", "Watching (`imba watch`)"),
         ("dag", "Drawing the graph"),
+        (
+            "safety",
+            "Safety (confined outputs, stage names, shell quoting, bounded work; exit 2)",
+        ),
     ];
     let mut snapshots: Vec<(String, String)> =
         std::fs::read_dir(common::repo().join("tests/snapshots"))

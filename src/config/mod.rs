@@ -5,10 +5,12 @@
 //! Each step collects every problem it finds; a step runs only when the one before succeeded.
 
 pub mod checks;
+pub mod confine;
 pub mod overrides;
 pub mod params;
 pub mod raw;
 pub mod resolve;
+pub mod shell;
 pub mod template;
 pub mod yaml;
 
@@ -54,6 +56,9 @@ pub fn load(
     // Stages with shape errors are left out of `raw`; the others are still resolved, so that
     // one run reports as much as it can.
     let pipeline = raw.and_then(|raw| resolve::resolve(path, &raw, registry, &mut diagnostics));
+    if let Some(pipeline) = &pipeline {
+        confine::check(pipeline, &overrides.vars_files, &mut diagnostics);
+    }
     match pipeline {
         Some(pipeline) if diagnostics.is_empty() => (sources, Ok(pipeline)),
         _ => {

@@ -14,9 +14,11 @@ pub const PIPELINE_KEYS: &[&str] = &["desc", "on_failure", "stages", "storage", 
 
 /// Keys allowed in a stage. `docs/pipeline.schema.json` must list the same.
 pub const STAGE_KEYS: &[&str] = &[
+    "argv",
     "checks",
     "cmd",
     "desc",
+    "env",
     "foreach",
     "inputs",
     "keep",
@@ -51,8 +53,10 @@ pub struct PipelineFile {
 pub enum Action {
     /// `uses: <built-in>`.
     Uses(Node),
-    /// `cmd:` a string, or a list of strings run one after another.
+    /// `cmd:` a string, or a list of strings run one after another, each with `sh -c`.
     Cmd(Node),
+    /// `argv:` a program and its arguments, run without a shell.
+    Argv(Node),
 }
 
 /// One entry under `stages:`, before templates are rendered or matrices expanded.
@@ -74,6 +78,9 @@ pub struct StageSpec {
     pub version: Option<(Key, Node)>,
     /// `keep: N`: versions kept in place.
     pub keep: Option<(Key, Node)>,
+    /// `env:` variables for the command: a map of names to values, or a list of names passed
+    /// through from imba's environment.
+    pub env: Option<Node>,
 }
 
 /// Checks the shape of a parsed pipeline file, collecting every problem. The file that comes back
@@ -203,7 +210,9 @@ fn check_stage(name: &Key, node: &Node, diagnostics: &mut Vec<Diagnostic>) -> Op
         on_failure: None,
         version: None,
         keep: None,
+        env: None,
     };
+    let mut argv = None;
     for (key, value) in entries {
         let value = value.clone();
         match key.name.as_str() {
@@ -245,6 +254,30 @@ fn check_stage(name: &Key, node: &Node, diagnostics: &mut Vec<Diagnostic>) -> Op
                     cmd = Some((key.clone(), value));
                 }
             }
+            "argv" => match &value.value {
+                Value::Seq(items) if !items.is_empty() => {
+                    let mut ok = true;
+                    for item in items {
+                        if item.as_str().is_none() {
+                            diagnostics.push(wrong_kind(
+                                key,
+                                item,
+                                "a string (the program or one argument)",
+                            ));
+                            ok = false;
+                        }
+                    }
+                    if ok {
+                        argv = Some((key.clone(), value));
+                    }
+                }
+                _ => diagnostics.push(wrong_kind(
+                    key,
+                    &value,
+                    "a non-empty list: the program, then its arguments",
+                )),
+            },
+            "env" => spec.env = check_env(key, value, diagnostics),
             "inputs" => spec.inputs = check_paths(key, value, diagnostics),
             "checks" => match &value.value {
                 Value::Seq(_) | Value::String(_) => spec.checks = Some(value),
@@ -299,29 +332,59 @@ fn check_stage(name: &Key, node: &Node, diagnostics: &mut Vec<Diagnostic>) -> Op
             .help("use `matrix` with one axis instead of `foreach`"),
         );
     }
-    match (uses, cmd) {
-        (Some((_, uses)), None) => spec.action = Action::Uses(uses),
-        (None, Some((_, cmd))) => spec.action = Action::Cmd(cmd),
-        (Some((uses_key, _)), Some((cmd_key, _))) => diagnostics.push(
-            Diagnostic::error(format!("stage `{}` has both `uses` and `cmd`", name.name))
-                .at(cmd_key.span, "`cmd` here")
-                .also(uses_key.span, "`uses` here")
-                .help(
-                    "a stage runs either a built-in (`uses`) or a shell command (`cmd`), not both",
-                ),
-        ),
-        (None, None) => {
+    let actions: Vec<(Span, String)> = [&uses, &cmd, &argv]
+        .into_iter()
+        .flatten()
+        .map(|(key, _)| (key.span, key.name.clone()))
+        .collect();
+    match (uses, cmd, argv) {
+        (Some((_, uses)), None, None) => spec.action = Action::Uses(uses),
+        (None, Some((_, cmd)), None) => spec.action = Action::Cmd(cmd),
+        (None, None, Some((_, argv))) => spec.action = Action::Argv(argv),
+        (None, None, None) => {
             // Only complain when the keys are truly absent, not when they were malformed.
-            if node.get("uses").is_none() && node.get("cmd").is_none() {
+            if ["uses", "cmd", "argv"]
+                .iter()
+                .all(|k| node.get(k).is_none())
+            {
                 diagnostics.push(
                     Diagnostic::error(format!(
                         "stage `{}` has neither `uses` nor `cmd`",
                         name.name
                     ))
                     .at(name.span, "this stage does nothing")
-                    .help("add `uses: <built-in stage>` or `cmd: <shell command>`"),
+                    .help("add `uses: <built-in stage>`, `cmd: <shell command>` or `argv: [program, args…]`"),
                 )
             }
+        }
+        _ => {
+            let (second, second_name) = &actions[1];
+            let (first, first_name) = &actions[0];
+            diagnostics.push(
+                Diagnostic::error(format!(
+                    "stage `{}` has both `{first_name}` and `{second_name}`",
+                    name.name
+                ))
+                .at(*second, format!("`{second_name}` here"))
+                .also(*first, format!("`{first_name}` here"))
+                .help(
+                    "a stage runs one of a built-in (`uses`), a shell command (`cmd`) or a program without a shell (`argv`)",
+                ),
+            )
+        }
+    }
+    if spec.env.is_some() && matches!(spec.action, Action::Uses(_)) {
+        if let Some((env_key, _)) = node.entry("env") {
+            diagnostics.push(
+                Diagnostic::error(format!(
+                    "stage `{}`: `env` is for `cmd` and `argv` stages",
+                    name.name
+                ))
+                .at(
+                    env_key.span,
+                    "a built-in stage runs inside imba and reads no variables",
+                ),
+            );
         }
     }
     (diagnostics.len() == errors_before).then_some(spec)
@@ -374,6 +437,66 @@ fn check_paths(key: &Key, value: Node, diagnostics: &mut Vec<Diagnostic>) -> Opt
         }
     }
     ok.then_some(value)
+}
+
+/// `env:`: a map of variable names to values (a `null` value passes the variable through from
+/// imba's environment), or a list of names to pass through.
+fn check_env(key: &Key, value: Node, diagnostics: &mut Vec<Diagnostic>) -> Option<Node> {
+    let before = diagnostics.len();
+    let name_ok = |name: &str, span: Span, diagnostics: &mut Vec<Diagnostic>| {
+        let valid = name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            diagnostics.push(
+                Diagnostic::error(format!("`{name}` is not a variable name"))
+                    .at(span, "letters, digits and `_`, not starting with a digit"),
+            );
+        } else if name.starts_with("IMBA_") {
+            diagnostics.push(
+                Diagnostic::error(format!("`{name}` is set by imba itself"))
+                    .at(span, "variables starting with `IMBA_` are imba's"),
+            );
+        }
+    };
+    match &value.value {
+        Value::Map(entries) => {
+            for (name, v) in entries {
+                name_ok(&name.name, name.span, diagnostics);
+                if !matches!(
+                    v.value,
+                    Value::String(_)
+                        | Value::Int(_)
+                        | Value::Float(_)
+                        | Value::Bool(_)
+                        | Value::Null
+                ) {
+                    diagnostics.push(wrong_kind(
+                        name,
+                        v,
+                        "a value, or `null` to pass the variable through",
+                    ));
+                }
+            }
+        }
+        Value::Seq(items) => {
+            for item in items {
+                match item.as_str() {
+                    Some(name) => name_ok(name, item.span, diagnostics),
+                    None => diagnostics.push(wrong_kind(key, item, "a variable name")),
+                }
+            }
+        }
+        Value::Null => return None,
+        _ => diagnostics.push(wrong_kind(
+            key,
+            &value,
+            "a map of variable names to values, or a list of names to pass through",
+        )),
+    }
+    (diagnostics.len() == before).then_some(value)
 }
 
 fn expect_string(key: &Key, value: Node, diagnostics: &mut Vec<Diagnostic>) -> Option<Node> {

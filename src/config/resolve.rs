@@ -58,6 +58,9 @@ pub struct Stage {
     pub on_failure: Option<Hook>,
     /// `version: auto`: its one output holds immutable versions.
     pub versioning: Option<crate::versions::Versioning>,
+    /// Variables set for a `cmd`/`argv` stage, sorted by name: a value, or `None` for a variable
+    /// passed through from imba's environment (its name is fingerprinted, never its value).
+    pub env: Vec<(String, Option<String>)>,
 }
 
 #[derive(Debug, Clone)]
@@ -74,6 +77,8 @@ pub enum StageKind {
         /// Each command rendered with the declared paths.
         commands: Vec<String>,
         params: Json,
+        /// `argv:` a program run without a shell: `templates` are its words.
+        argv: bool,
     },
 }
 
@@ -116,13 +121,18 @@ pub fn resolve(
     let base = std::path::absolute(&file_dir).unwrap_or(file_dir);
     // Vars, in order: each may use the ones before it.
     let mut vars = Map::new();
+    // Vars whose templates failed: later errors about them are left out.
+    let mut failed = Vec::new();
     for (key, node) in &raw.vars {
-        let ctx = Context::new(&vars);
-        if let Some(rendered) = templates.render_node(node, &ctx, diagnostics) {
-            vars.insert(key.name.clone(), rendered.to_json());
+        let ctx = Context::new(&vars).with_failed(&failed);
+        match templates.render_node(node, &ctx, diagnostics) {
+            Some(rendered) => {
+                vars.insert(key.name.clone(), rendered.to_json());
+            }
+            None => failed.push(key.name.clone()),
         }
     }
-    let ctx = Context::new(&vars);
+    let ctx = Context::new(&vars).with_failed(&failed);
     let render = |node: &Option<Node>, diagnostics: &mut Vec<Diagnostic>| {
         node.as_ref()
             .and_then(|n| templates.render_node(n, &ctx, diagnostics))
@@ -136,8 +146,7 @@ pub fn resolve(
     let on_failure = raw
         .on_failure
         .as_ref()
-        .and_then(|node| templates.render_node(node, &ctx, diagnostics))
-        .and_then(|node| super::checks::hook(&node, diagnostics));
+        .and_then(|node| render_hook(&templates, node, &ctx, diagnostics));
     let storage = raw
         .storage
         .as_ref()
@@ -151,6 +160,7 @@ pub fn resolve(
         checker: ParamsChecker::default(),
         workdir: &workdir,
         vars: &vars,
+        failed: &failed,
         diagnostics,
     };
     let mut stages = Vec::new();
@@ -301,6 +311,8 @@ fn dedup_vec(diagnostics: &mut Vec<Diagnostic>) {
 
 fn check_unique_names(stages: &[Stage], diagnostics: &mut Vec<Diagnostic>) {
     let mut by_name: std::collections::HashMap<&str, &Stage> = std::collections::HashMap::new();
+    // Names whose files (staging, logs) would be one on a case-insensitive file system.
+    let mut by_file: std::collections::HashMap<String, &Stage> = std::collections::HashMap::new();
     for stage in stages {
         if let Some(first) = by_name.insert(&stage.name, stage) {
             let diagnostic = if first.span == stage.span {
@@ -313,8 +325,49 @@ fn check_unique_names(stages: &[Stage], diagnostics: &mut Vec<Diagnostic>) {
                     .also(first.span, "as this")
             };
             diagnostics.push(diagnostic);
+            continue;
+        }
+        let folded = file_name(&stage.name).to_lowercase();
+        if let Some(first) = by_file.insert(folded, stage) {
+            diagnostics.push(
+                Diagnostic::error(format!(
+                    "stages `{}` and `{}` differ only in case",
+                    first.name, stage.name
+                ))
+                .at(stage.span, format!("`{}` is defined here", stage.name))
+                .also(first.span, format!("`{}` here", first.name))
+                .help("their logs and staging directories would be one on a case-insensitive file system (macOS, Windows): rename one"),
+            );
         }
     }
+}
+
+/// The file name standing for a stage instance under `.imba/` (staging, logs, quarantine):
+/// letters, digits, `_`, `-` and `.` as they are, every other byte as `%XX`, so that no two
+/// names share a file (`r@a` is `r%40a`, `r_a` stays `r_a`). A name too long for a file name
+/// keeps its first 160 bytes and gains the hash of the whole name (after `%~`, which no encoded
+/// name holds).
+pub fn file_name(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for byte in name.bytes() {
+        if byte.is_ascii_alphanumeric()
+            || matches!(byte, b'_' | b'-')
+            || (byte == b'.' && !out.is_empty())
+        {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    if out.len() > 200 {
+        let mut cut = 160;
+        while !out.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let hash = blake3::hash(name.as_bytes()).to_hex();
+        out = format!("{}%~{}", &out[..cut], &hash[..32]);
+    }
+    out
 }
 
 struct StageResolver<'a> {
@@ -323,6 +376,7 @@ struct StageResolver<'a> {
     checker: ParamsChecker,
     workdir: &'a Path,
     vars: &'a Map<String, Json>,
+    failed: &'a [String],
     diagnostics: &'a mut Vec<Diagnostic>,
 }
 
@@ -342,7 +396,7 @@ impl StageResolver<'_> {
     }
 
     fn base_context(&self) -> Context {
-        Context::new(self.vars)
+        Context::new(self.vars).with_failed(self.failed)
     }
 
     fn instances(&mut self, spec: &StageSpec) -> Vec<Instance> {
@@ -474,7 +528,7 @@ impl StageResolver<'_> {
         };
         let mut context = self.vars.clone();
         context.extend(instance.bindings);
-        let ctx = Context::new(&context);
+        let ctx = Context::new(&context).with_failed(self.failed);
 
         let desc = spec
             .desc
@@ -539,7 +593,8 @@ impl StageResolver<'_> {
                     params,
                 }
             }
-            Action::Cmd(cmd) => {
+            Action::Cmd(cmd) | Action::Argv(cmd) => {
+                let argv = matches!(spec.action, Action::Argv(_));
                 let params = params_node.to_json();
                 let mut full = context.clone();
                 full.insert("params".into(), params.clone());
@@ -551,31 +606,57 @@ impl StageResolver<'_> {
                     "outputs".into(),
                     ports_json(outputs.as_deref().unwrap_or_default()),
                 );
-                let full_ctx = Context::new(&full);
+                // Paths that did not parse were reported; the command cannot say more about them.
+                let mut failed = self.failed.to_vec();
+                if inputs.is_none() {
+                    failed.push("inputs".into());
+                }
+                if outputs.is_none() {
+                    failed.push("outputs".into());
+                }
+                let full_ctx = Context::new(&full).with_failed(&failed);
                 let lines: Vec<&Node> = match &cmd.value {
                     Value::Seq(items) => items.iter().collect(),
                     _ => vec![cmd],
                 };
                 let mut templates = Vec::new();
-                let mut commands = Vec::new();
+                let mut words = Vec::new();
                 for line in lines {
                     let Value::String(s) = &line.value else {
                         continue;
                     };
-                    match self.templates.render_string(s, line.span, &full_ctx) {
-                        Ok(rendered) => commands.push(match rendered.to_json() {
-                            Json::String(s) => s,
-                            other => other.to_string(),
-                        }),
-                        Err(diagnostic) => self.diagnostics.push(diagnostic),
+                    let rendered = if argv {
+                        self.templates
+                            .render_string(s, line.span, &full_ctx)
+                            .map(|node| argv_words(&node))
+                    } else {
+                        self.templates
+                            .render_shell(s, line.span, &full_ctx)
+                            .map(|command| vec![command])
+                    };
+                    match rendered {
+                        Ok(rendered) => words.extend(rendered),
+                        Err(errors) => self.diagnostics.extend(errors),
                     }
                     templates.push((s.text.clone(), line.span));
                 }
+                // The fingerprint and the lock show a program run without a shell as one line,
+                // each word quoted as `sh` would need it.
+                let commands = if argv {
+                    vec![words
+                        .iter()
+                        .map(|w| super::shell::quote(w))
+                        .collect::<Vec<_>>()
+                        .join(" ")]
+                } else {
+                    words
+                };
                 context.insert("params".into(), params.clone());
                 StageKind::Shell {
                     templates,
                     commands,
                     params,
+                    argv,
                 }
             }
         };
@@ -590,8 +671,12 @@ impl StageResolver<'_> {
         let on_failure = spec
             .on_failure
             .as_ref()
-            .and_then(|node| self.templates.render_node(node, &ctx, self.diagnostics))
-            .and_then(|node| super::checks::hook(&node, self.diagnostics));
+            .and_then(|node| render_hook(self.templates, node, &ctx, self.diagnostics));
+        let env = spec
+            .env
+            .as_ref()
+            .map(|node| self.env(node, &ctx))
+            .unwrap_or_default();
         let versioning = versioning(spec, outputs.as_deref(), self.diagnostics);
         if self.diagnostics.len() > before {
             return None;
@@ -608,7 +693,41 @@ impl StageResolver<'_> {
             checks,
             on_failure,
             versioning,
+            env,
         })
+    }
+
+    /// `env:` rendered: each variable with its value, or `None` to pass it through.
+    fn env(&mut self, node: &Node, ctx: &Context) -> Vec<(String, Option<String>)> {
+        let mut env = Vec::new();
+        match &node.value {
+            Value::Map(entries) => {
+                for (name, value) in entries {
+                    let value = match &value.value {
+                        Value::Null => None,
+                        _ => self
+                            .templates
+                            .render_node(value, ctx, self.diagnostics)
+                            .map(|v| match v.to_json() {
+                                Json::String(s) => s,
+                                other => other.to_string(),
+                            }),
+                    };
+                    env.push((name.name.clone(), value));
+                }
+            }
+            Value::Seq(items) => {
+                for item in items {
+                    if let Some(name) = item.as_str() {
+                        env.push((name.to_owned(), None));
+                    }
+                }
+            }
+            _ => {}
+        }
+        env.sort();
+        env.dedup_by(|a, b| a.0 == b.0);
+        env
     }
 
     /// `inputs:` or `outputs:`, rendered and parsed.
@@ -682,6 +801,38 @@ fn collect_spans(node: &Node, pointer: String, out: &mut std::collections::BTree
         }
         _ => {}
     }
+}
+
+/// The words an `argv:` item gives: one, or each item of a list it evaluates to.
+fn argv_words(node: &Node) -> Vec<String> {
+    let word = |json: Json| match json {
+        Json::String(s) => s,
+        other => other.to_string(),
+    };
+    match node.to_json() {
+        Json::Array(items) => items.into_iter().map(word).collect(),
+        other => vec![word(other)],
+    }
+}
+
+/// An `on_failure:` hook: a shell command, with every inserted value escaped.
+fn render_hook(
+    templates: &Templates,
+    node: &Node,
+    ctx: &Context,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> Option<super::checks::Hook> {
+    let rendered = match &node.value {
+        Value::String(s) => match templates.render_shell(s, node.span, ctx) {
+            Ok(command) => Node::string(node.span, command),
+            Err(errors) => {
+                diagnostics.extend(errors);
+                return None;
+            }
+        },
+        _ => node.clone(),
+    };
+    super::checks::hook(&rendered, diagnostics)
 }
 
 /// `inputs`/`outputs` as a template sees them: a map by name, or a list.

@@ -3,30 +3,222 @@
 //! A string that is exactly one `{{ expression }}` keeps the type of what it evaluates to (a
 //! number stays a number, a list a list), as in DVC; any other string renders to a string.
 
-use minijinja::{Environment, ErrorKind, UndefinedBehavior};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use minijinja::value::{Value as JinjaValue, ValueKind};
+use minijinja::{AutoEscape, Environment, Error, ErrorKind, Output, State, UndefinedBehavior};
 
 use crate::diagnostic::{did_you_mean, Diagnostic, Span};
 
+use super::shell;
 use super::yaml::{Key, Node, Value, YamlString};
+
+/// Steps one template may take (minijinja's fuel): far above what a pipeline needs, far below
+/// what takes a second.
+const FUEL_PER_RENDER: u64 = 500_000;
+/// Steps all the templates of one pipeline load may take together.
+const FUEL_PER_LOAD: u64 = 5_000_000;
+/// What a whole `{{ expression }}` is charged, since its steps cannot be counted.
+const FUEL_PER_EXPRESSION: u64 = 50;
+/// The most one rendered string may hold.
+pub const MAX_RENDERED: usize = 1 << 20;
+/// The most items `range()` gives (minijinja's own limit is 100,000).
+const MAX_RANGE: usize = 10_000;
+/// The statements a template may use: conditions and loops. `set`, `macro`, `call`, `include`
+/// and the like are left out, since a pipeline names its values under `vars:`, and they are
+/// what lets a short template build a value of any size.
+const STATEMENTS: &[&str] = &[
+    "if",
+    "elif",
+    "else",
+    "endif",
+    "for",
+    "endfor",
+    "raw",
+    "endraw",
+    "filter",
+    "endfilter",
+];
+
+thread_local! {
+    /// Bytes of values written by the render running on this thread.
+    static WRITTEN: Cell<usize> = const { Cell::new(0) };
+}
 
 /// Renders templates; one per pipeline load.
 pub struct Templates {
     env: Environment<'static>,
+    /// For shell commands: every inserted value is escaped ([`shell`]).
+    shell: Environment<'static>,
+    fuel: AtomicU64,
 }
 
 impl Default for Templates {
     fn default() -> Self {
-        let mut env = Environment::new();
-        env.set_undefined_behavior(UndefinedBehavior::Strict);
-        env.set_keep_trailing_newline(true);
-        Templates { env }
+        let env = environment(None);
+        let shell = environment(Some(AutoEscape::Custom("sh")));
+        Templates {
+            env,
+            shell,
+            fuel: AtomicU64::new(FUEL_PER_LOAD),
+        }
     }
+}
+
+fn environment(escape: Option<AutoEscape>) -> Environment<'static> {
+    let mut env = Environment::new();
+    env.set_undefined_behavior(UndefinedBehavior::Strict);
+    env.set_keep_trailing_newline(true);
+    env.set_fuel(Some(FUEL_PER_RENDER));
+    env.add_function("range", range);
+    match escape {
+        Some(escape) => {
+            env.set_auto_escape_callback(move |_| escape);
+            env.set_formatter(format_for_shell);
+        }
+        None => {
+            env.set_auto_escape_callback(|_| AutoEscape::None);
+            env.set_formatter(format_plain);
+        }
+    }
+    env
+}
+
+/// `range()` with a smaller limit than minijinja's.
+fn range(lower: isize, upper: Option<isize>, step: Option<isize>) -> Result<JinjaValue, Error> {
+    let (start, end) = match upper {
+        Some(upper) => (lower, upper),
+        None => (0, lower),
+    };
+    let step = step.unwrap_or(1);
+    if step == 0 {
+        return Err(Error::new(
+            ErrorKind::InvalidOperation,
+            "cannot create a range with a step of 0",
+        ));
+    }
+    let span = (end as i128 - start as i128) / step as i128;
+    if span > MAX_RANGE as i128 {
+        return Err(Error::new(
+            ErrorKind::InvalidOperation,
+            format!("range has too many elements (at most {MAX_RANGE})"),
+        ));
+    }
+    let mut items = Vec::new();
+    let mut at = start;
+    while (step > 0 && at < end) || (step < 0 && at > end) {
+        items.push(JinjaValue::from(at as i64));
+        at += step;
+    }
+    Ok(JinjaValue::from(items))
+}
+
+/// Counts what a render writes, failing past [`MAX_RENDERED`].
+fn count(len: usize) -> Result<(), Error> {
+    let total = WRITTEN.with(|w| {
+        let total = w.get().saturating_add(len);
+        w.set(total);
+        total
+    });
+    if total > MAX_RENDERED {
+        return Err(Error::new(
+            ErrorKind::InvalidOperation,
+            format!("the rendered text is over {} MiB", MAX_RENDERED >> 20),
+        ));
+    }
+    Ok(())
+}
+
+fn format_plain(out: &mut Output, state: &State, value: &JinjaValue) -> Result<(), Error> {
+    let text = value.to_string();
+    count(text.len())?;
+    minijinja::escape_formatter(out, state, &JinjaValue::from_safe_string(text))
+}
+
+/// Writes a value marked for [`shell::finish`]; a list writes each item as a word of its own.
+fn format_for_shell(out: &mut Output, state: &State, value: &JinjaValue) -> Result<(), Error> {
+    let reserved = |e: shell::ShellError| Error::new(ErrorKind::InvalidOperation, e.to_string());
+    if value.is_safe() || state.auto_escape() == AutoEscape::None {
+        let text = value.to_string();
+        count(text.len())?;
+        if shell::has_reserved(&text) {
+            return Err(reserved(shell::ShellError::Reserved));
+        }
+        return out.write_str(&text).map_err(Error::from);
+    }
+    let mut marked = String::new();
+    let scalar = |v: &JinjaValue| {
+        !matches!(
+            v.kind(),
+            ValueKind::Seq | ValueKind::Map | ValueKind::Iterable
+        )
+    };
+    match value.kind() {
+        ValueKind::Seq | ValueKind::Iterable
+            if value
+                .try_iter()
+                .is_ok_and(|mut items| items.all(|i| scalar(&i))) =>
+        {
+            for (i, item) in value.try_iter().into_iter().flatten().enumerate() {
+                if i > 0 {
+                    marked.push(' ');
+                }
+                shell::mark(&mut marked, &item.to_string()).map_err(reserved)?;
+            }
+        }
+        _ => shell::mark(&mut marked, &value.to_string()).map_err(reserved)?,
+    }
+    count(marked.len())?;
+    out.write_str(&marked).map_err(Error::from)
+}
+
+fn statement_error(keyword: &str) -> String {
+    if keyword.is_empty() {
+        "a `{%` statement needs a keyword".to_owned()
+    } else {
+        format!(
+            "`{{% {keyword} %}}` is not allowed in pipeline templates (only `if` and `for`); name values under `vars:`"
+        )
+    }
+}
+
+/// The first statement outside [`STATEMENTS`]: its range in `text` and its keyword.
+fn forbidden_statement(text: &str) -> Option<(std::ops::Range<usize>, String)> {
+    let mut at = 0;
+    let mut raw = false;
+    while let Some(found) = text[at..].find("{%") {
+        let start = at + found;
+        let body = &text[start + 2..];
+        let body = body.strip_prefix(['-', '+']).unwrap_or(body);
+        let trimmed = body.trim_start();
+        let keyword: String = trimmed
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        let offset = text.len() - trimmed.len();
+        at = start + 2;
+        if raw {
+            raw = keyword != "endraw";
+            continue;
+        }
+        if keyword == "raw" {
+            raw = true;
+        }
+        if !STATEMENTS.contains(&keyword.as_str()) {
+            return Some((offset..offset + keyword.len().max(1), keyword));
+        }
+    }
+    None
 }
 
 /// The names a template may use, for rendering and for "did you mean".
 pub struct Context {
     pub value: minijinja::Value,
     pub names: Vec<String>,
+    /// Names whose own definition failed (and was reported): an undefined error about one of
+    /// them is left out.
+    pub failed: Vec<String>,
 }
 
 impl Context {
@@ -34,7 +226,14 @@ impl Context {
         Context {
             value: minijinja::Value::from_serialize(map),
             names: map.keys().cloned().collect(),
+            failed: Vec::new(),
         }
+    }
+
+    /// The same context, leaving out errors about `failed` names.
+    pub fn with_failed(mut self, failed: &[String]) -> Self {
+        self.failed.extend(failed.iter().cloned());
+        self
     }
 
     /// The keys of the map at `name`, when it is one (for "`item` has: …").
@@ -65,8 +264,8 @@ impl Templates {
         match &node.value {
             Value::String(s) => match self.render_string(s, node.span, ctx) {
                 Ok(rendered) => Some(rendered),
-                Err(diagnostic) => {
-                    diagnostics.push(diagnostic);
+                Err(errors) => {
+                    diagnostics.extend(errors);
                     None
                 }
             },
@@ -90,21 +289,28 @@ impl Templates {
         }
     }
 
-    /// Renders one string scalar.
+    /// Renders one string scalar. An error that only follows from a var that failed to render
+    /// before is left out (the error is empty), since that var's own error says it all.
     pub fn render_string(
         &self,
         s: &YamlString,
         span: Span,
         ctx: &Context,
-    ) -> Result<Node, Diagnostic> {
+    ) -> Result<Node, Vec<Diagnostic>> {
         if !is_template(&s.text) {
             return Ok(Node::new(span, Value::String(s.clone())));
         }
+        if let Some(error) = self.forbidden(s, span, ctx) {
+            return Err(vec![error]);
+        }
         if let Some((offset, expr)) = whole_expression(&s.text) {
             let result = self
-                .env
-                .compile_expression(expr)
-                .and_then(|compiled| compiled.eval(&ctx.value));
+                .spend(FUEL_PER_EXPRESSION)
+                .and_then(|()| self.env.compile_expression(expr))
+                .and_then(|compiled| {
+                    WRITTEN.with(|w| w.set(0));
+                    compiled.eval(&ctx.value)
+                });
             return match result {
                 Ok(value) if value.is_undefined() => {
                     let trimmed = expr.trim();
@@ -133,7 +339,7 @@ impl Templates {
                 )),
             };
         }
-        match self.env.render_str(&s.text, &ctx.value) {
+        match self.render_in(&self.env, &s.text, &ctx.value) {
             Ok(text) => Ok(Node::string(span, text)),
             Err(error) => Err(self.diagnose(
                 error.kind(),
@@ -148,16 +354,146 @@ impl Templates {
         }
     }
 
-    /// Renders a string to a string (for commands).
-    pub fn render_text(
+    /// Renders a shell command from the pipeline file: every inserted value escaped for where
+    /// it lands ([`shell`]).
+    pub fn render_shell(
         &self,
-        text: &str,
-        ctx: &minijinja::Value,
-    ) -> Result<String, minijinja::Error> {
+        s: &YamlString,
+        span: Span,
+        ctx: &Context,
+    ) -> Result<String, Vec<Diagnostic>> {
+        if let Some(error) = self.forbidden(s, span, ctx) {
+            return Err(vec![error]);
+        }
+        self.render_command(&s.text, &ctx.value).map_err(|error| {
+            self.diagnose(
+                error.kind(),
+                error.detail(),
+                error.range(),
+                s,
+                span,
+                0,
+                &s.text,
+                ctx,
+            )
+        })
+    }
+
+    /// Renders a string to a string, with nothing escaped (an `argv:` word at run time).
+    pub fn render_text(&self, text: &str, ctx: &JinjaValue) -> Result<String, Error> {
         if !is_template(text) {
             return Ok(text.to_owned());
         }
-        self.env.render_str(text, ctx)
+        self.render_in(&self.env, text, ctx)
+    }
+
+    /// The words of an `argv:` item at run time: one, or each element of a list that a whole
+    /// `{{ expression }}` gives.
+    pub fn render_words(&self, text: &str, ctx: &JinjaValue) -> Result<Vec<String>, Error> {
+        let Some((_, expr)) = whole_expression(text) else {
+            return self.render_text(text, ctx).map(|word| vec![word]);
+        };
+        let value = self.env.compile_expression(expr)?.eval(ctx)?;
+        let word = |v: &JinjaValue| match v.as_str() {
+            Some(s) => s.to_owned(),
+            None => v.to_string(),
+        };
+        Ok(match value.kind() {
+            ValueKind::Seq => value.try_iter()?.map(|v| word(&v)).collect(),
+            _ => vec![word(&value)],
+        })
+    }
+
+    /// Renders a shell command at run time (with staging paths): every inserted value escaped.
+    pub fn render_command(&self, text: &str, ctx: &JinjaValue) -> Result<String, Error> {
+        if shell::has_reserved(text) {
+            return Err(Error::new(
+                ErrorKind::InvalidOperation,
+                shell::ShellError::Reserved.to_string(),
+            ));
+        }
+        let rendered = if is_template(text) {
+            self.render_in(&self.shell, text, ctx)?
+        } else {
+            text.to_owned()
+        };
+        shell::finish(&rendered).map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))
+    }
+
+    /// Renders `text` in `env`, counting its steps against the load's fuel and its size.
+    fn render_in(
+        &self,
+        env: &Environment<'static>,
+        text: &str,
+        ctx: &JinjaValue,
+    ) -> Result<String, Error> {
+        if let Some((range, keyword)) = forbidden_statement(text) {
+            let _ = range;
+            return Err(Error::new(
+                ErrorKind::InvalidOperation,
+                statement_error(&keyword),
+            ));
+        }
+        self.spend(0)?;
+        WRITTEN.with(|w| w.set(0));
+        let template = env.template_from_str(text)?;
+        match template.render_captured(ctx) {
+            Ok(captured) => {
+                let used = captured
+                    .state()
+                    .fuel_levels()
+                    .map_or(0, |(consumed, _)| consumed);
+                self.spend(used)?;
+                let text = captured.into_output();
+                if text.len() > MAX_RENDERED {
+                    return Err(Error::new(
+                        ErrorKind::InvalidOperation,
+                        format!("the rendered text is over {} MiB", MAX_RENDERED >> 20),
+                    ));
+                }
+                Ok(text)
+            }
+            Err(error) => {
+                if error.kind() == ErrorKind::OutOfFuel {
+                    self.spend(FUEL_PER_RENDER)?;
+                    return Err(Error::new(
+                        ErrorKind::OutOfFuel,
+                        format!("this template takes too many steps (more than {FUEL_PER_RENDER})"),
+                    ));
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Takes `amount` from the load's fuel; fails once it is spent.
+    fn spend(&self, amount: u64) -> Result<(), Error> {
+        let left = self.fuel.load(Ordering::Relaxed);
+        if left == 0 {
+            return Err(Error::new(
+                ErrorKind::OutOfFuel,
+                format!("the templates of this pipeline take too many steps together (more than {FUEL_PER_LOAD})"),
+            ));
+        }
+        self.fuel
+            .store(left.saturating_sub(amount), Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// A statement templates may not use, as a diagnostic at its keyword.
+    fn forbidden(&self, s: &YamlString, span: Span, ctx: &Context) -> Option<Diagnostic> {
+        let (range, keyword) = forbidden_statement(&s.text)?;
+        self.diagnose(
+            ErrorKind::InvalidOperation,
+            Some(&statement_error(&keyword)),
+            Some(range),
+            s,
+            span,
+            0,
+            &s.text,
+            ctx,
+        )
+        .pop()
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -171,7 +507,7 @@ impl Templates {
         offset: usize,
         template: &str,
         ctx: &Context,
-    ) -> Diagnostic {
+    ) -> Vec<Diagnostic> {
         let range = range.filter(|r| r.end <= template.len());
         let exact = match (s.verbatim_at, &range) {
             (Some(at), Some(range)) => Some(Span::new(
@@ -193,6 +529,10 @@ impl Templates {
                     None => "undefined template variable".to_owned(),
                 };
                 let root = name.map(|n| n.split(['.', '[', '|', ' ']).next().unwrap_or(n));
+                if root.is_some_and(|r| ctx.failed.iter().any(|f| f == r)) {
+                    // Its definition failed, and said so: this error adds nothing.
+                    return Vec::new();
+                }
                 let suggestion = match root {
                     Some(r) if !ctx.names.iter().any(|n| n == r) => {
                         did_you_mean(r, ctx.names.iter().map(String::as_str)).map(str::to_owned)
@@ -218,25 +558,28 @@ impl Templates {
                 names.sort_unstable();
                 let known_root =
                     root.filter(|r| name.is_some_and(|n| n != *r) && names.contains(r));
-                if let Some(keys) = known_root.and_then(|r| ctx.keys_of(r).map(|k| (r, k))) {
-                    let (root, keys) = keys;
-                    if keys.is_empty() {
-                        diagnostic.help(format!("`{root}` is empty here"))
+                let diagnostic =
+                    if let Some(keys) = known_root.and_then(|r| ctx.keys_of(r).map(|k| (r, k))) {
+                        let (root, keys) = keys;
+                        if keys.is_empty() {
+                            diagnostic.help(format!("`{root}` is empty here"))
+                        } else {
+                            diagnostic.help(format!("`{root}` has: {}", keys.join(", ")))
+                        }
+                    } else if names.is_empty() {
+                        diagnostic.help("define it under `vars:`, or pass `--set NAME=VALUE`")
                     } else {
-                        diagnostic.help(format!("`{root}` has: {}", keys.join(", ")))
-                    }
-                } else if names.is_empty() {
-                    diagnostic.help("define it under `vars:`, or pass `--set NAME=VALUE`")
-                } else {
-                    diagnostic.help(format!(
-                        "defined here: {}; add it under `vars:` or pass `--set NAME=VALUE`",
-                        names.join(", ")
-                    ))
-                }
+                        diagnostic.help(format!(
+                            "defined here: {}; add it under `vars:` or pass `--set NAME=VALUE`",
+                            names.join(", ")
+                        ))
+                    };
+                vec![diagnostic]
             }
             _ => {
                 let detail = detail.unwrap_or("cannot render");
-                Diagnostic::error(format!("invalid template: {detail}")).at(at, detail.to_owned())
+                vec![Diagnostic::error(format!("invalid template: {detail}"))
+                    .at(at, detail.to_owned())]
             }
         }
     }
