@@ -1612,3 +1612,216 @@ fn last_cause(chain: &str) -> String {
         last.to_owned()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn storage(dir: &Path) -> Storage {
+        Storage::new(Settings::default(), dir.join("cache"))
+    }
+
+    /// Puts `contents` in the cache as the download of `s3://bkt/KEY`, as `fetch_object` does.
+    fn admit(storage: &Storage, key: &str, contents: &[u8]) -> PathBuf {
+        let name = key.rsplit('/').next().unwrap();
+        let file = storage.cache_dir.join("objects").join("0123").join(name);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(&file, contents).unwrap();
+        make_read_only(&file).unwrap();
+        storage.with_index(|index| {
+            index.objects.insert(
+                format!("bkt/{key}"),
+                CachedObject {
+                    etag: "etag".to_owned(),
+                    size: contents.len() as u64,
+                    blake3: blake3::hash(contents).to_hex().to_string(),
+                    file: file.display().to_string(),
+                    stamp: Stamp::of(&file).ok(),
+                },
+            )
+        });
+        file
+    }
+
+    /// Writes `contents` over `file` in place (as root, or after a chmod, can), keeping its
+    /// mtime: only its ctime tells.
+    fn overwrite_in_place(file: &Path, contents: &[u8]) {
+        let mtime = std::fs::metadata(file).unwrap().modified().unwrap();
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::write(file, contents).unwrap();
+        let handle = std::fs::File::options().write(true).open(file).unwrap();
+        handle.set_modified(mtime).unwrap();
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o444)).unwrap();
+    }
+
+    /// What `sed -i` does: a new file renamed over the old one.
+    fn replace_by_rename(file: &Path, contents: &[u8]) {
+        let fresh = file.with_extension("sed-tmp");
+        std::fs::write(&fresh, contents).unwrap();
+        std::fs::rename(&fresh, file).unwrap();
+    }
+
+    #[test]
+    fn keys_are_kept_exactly_as_written() {
+        for key in [
+            "raw/ü.csv",
+            "raw/a b.csv",
+            "raw/x~y.csv",
+            "raw/100%.csv",
+            "raw/a+b=c.csv",
+            "o/ü~.csv",
+            "dir ü+1/%C3%BC.csv",
+        ] {
+            assert_eq!(object_path("read", "bkt", key).unwrap().as_ref(), key);
+        }
+        let e = object_path("read", "bkt", "raw/../x.csv").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "cannot read s3://bkt/raw/../x.csv: imba cannot address a key with a `.` or `..` segment"
+        );
+        let e = object_path("upload", "bkt", "raw/a\tb.csv").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "cannot upload s3://bkt/raw/a\tb.csv: imba cannot address a key with a control character"
+        );
+    }
+
+    #[test]
+    fn cached_copies_are_read_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = admit(&storage(dir.path()), "raw/data.csv", b"a\n1\n");
+        let mode = std::fs::metadata(file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o444);
+    }
+
+    #[test]
+    fn an_untouched_copy_and_a_path_outside_the_cache_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = storage(dir.path());
+        let file = admit(&storage, "raw/data.csv", b"a\n1\n");
+        storage.verify_cached(&file).unwrap();
+        let elsewhere = dir.path().join("local.csv");
+        std::fs::write(&elsewhere, "x").unwrap();
+        storage.verify_cached(&elsewhere).unwrap();
+    }
+
+    #[test]
+    fn a_copy_written_in_place_is_caught_by_its_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = storage(dir.path());
+        let file = admit(&storage, "raw/data.csv", b"a\n1\n");
+        overwrite_in_place(&file, b"a\n2\n");
+        let e = storage.verify_cached(&file).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Changed);
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "cannot use s3://bkt/raw/data.csv: its local copy {} was changed (its content is not what was downloaded); a stage must not change its inputs",
+                file.display()
+            )
+        );
+    }
+
+    #[test]
+    fn a_copy_replaced_like_sed_i_does_is_caught() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = storage(dir.path());
+        let file = admit(&storage, "raw/data.csv", b"a\n1\n");
+        replace_by_rename(&file, b"a\n1\n2\n");
+        let e = storage.verify_cached(&file).unwrap_err();
+        assert!(
+            e.to_string().ends_with(&format!(
+                "{} was changed (6 bytes now, 4 downloaded); a stage must not change its inputs",
+                file.display()
+            )),
+            "{e}"
+        );
+        std::fs::remove_file(&file).unwrap();
+        let e = storage.verify_cached(&file).unwrap_err();
+        assert!(e.to_string().contains("was removed"), "{e}");
+    }
+
+    #[test]
+    fn the_same_content_under_a_new_stamp_verifies_and_is_stamped_anew() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = storage(dir.path());
+        let file = admit(&storage, "raw/data.csv", b"a\n1\n");
+        replace_by_rename(&file, b"a\n1\n");
+        storage.verify_cached(&file).unwrap();
+        let recorded = storage.with_index(|index| index.objects["bkt/raw/data.csv"].stamp);
+        assert_eq!(recorded, Some(Stamp::of(&file).unwrap()));
+        // And the index on disk says so too, for the next run.
+        let reloaded = storage.load_index();
+        assert_eq!(reloaded.objects["bkt/raw/data.csv"].stamp, recorded);
+    }
+
+    #[test]
+    fn a_prefix_copy_with_a_file_added_or_changed_is_caught() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = storage(dir.path());
+        let root = storage.cache_dir.join("dirs").join("0123");
+        let mut files = BTreeMap::new();
+        for (relative, contents) in [("a.csv", &b"a\n"[..]), ("sub/b.csv", &b"b\n"[..])] {
+            let path = root.join(relative);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, contents).unwrap();
+            make_read_only(&path).unwrap();
+            files.insert(
+                relative.to_owned(),
+                CachedFile {
+                    size: contents.len() as u64,
+                    blake3: blake3::hash(contents).to_hex().to_string(),
+                    stamp: Stamp::of(&path).ok(),
+                },
+            );
+        }
+        storage.with_index(|index| {
+            index.dirs.insert(
+                root.display().to_string(),
+                CachedDir {
+                    bucket: "bkt".to_owned(),
+                    key: "parts".to_owned(),
+                    files,
+                },
+            )
+        });
+        storage.verify_cached(&root).unwrap();
+
+        std::fs::write(root.join("sub/new.csv"), "x").unwrap();
+        let e = storage.verify_cached(&root).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "cannot use s3://bkt/parts/: its local copy {} was added; a stage must not change its inputs",
+                root.join("sub/new.csv").display()
+            )
+        );
+        std::fs::remove_file(root.join("sub/new.csv")).unwrap();
+        storage.verify_cached(&root).unwrap();
+
+        overwrite_in_place(&root.join("sub/b.csv"), b"c\n");
+        let e = storage.verify_cached(&root).unwrap_err();
+        assert!(
+            e.to_string().contains(&format!(
+                "{} was changed (its content",
+                root.join("sub/b.csv").display()
+            )),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_cancelled_run_makes_no_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_stop, cancel) = watch::channel(Stop::Cancel);
+        // Nothing listens there: a request would fail with another error.
+        let settings = Settings {
+            endpoint: Some("http://127.0.0.1:9".to_owned()),
+            ..Settings::default()
+        };
+        let storage = Storage::new(settings, dir.path().to_path_buf()).with_cancel(cancel);
+        let e = storage.head("bkt", "raw/data.csv").unwrap_err();
+        assert!(e.is_cancelled(), "{e}");
+    }
+}
