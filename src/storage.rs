@@ -222,12 +222,7 @@ impl Stamp {
 /// Whether `path` still holds the `size` bytes hashing to `blake3`: at once when it looks as it
 /// did when last verified (`stamp`), else by reading it. `Ok` is how it looks now; `Err` says
 /// what happened to it, to follow its path in a message.
-fn check_file(
-    path: &Path,
-    size: u64,
-    blake3: &str,
-    stamp: Option<Stamp>,
-) -> Result<Stamp, String> {
+fn check_file(path: &Path, size: u64, blake3: &str, stamp: Option<Stamp>) -> Result<Stamp, String> {
     let now = Stamp::of(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => "was removed".to_owned(),
         _ => format!("cannot be checked ({e})"),
@@ -721,16 +716,17 @@ impl Storage {
                 size: found.size,
                 version: None,
             };
-            return self.fetch_object(bucket, key, &object).map(|(file, _)| file);
+            return self
+                .fetch_object(bucket, key, &object)
+                .map(|(file, _)| file);
         }
         let objects = self.list(bucket, key)?;
         let identity = prefix_identity(&objects);
         let target = self.cache_dir.join("dirs").join(&identity.hash[..32]);
         let io = |e: std::io::Error| error("download", bucket, key, e.to_string());
         if target.is_dir() {
-            let recorded = self.with_index(|index| {
-                index.dirs.get(&target.display().to_string()).cloned()
-            });
+            let recorded =
+                self.with_index(|index| index.dirs.get(&target.display().to_string()).cloned());
             // One without a record (an older imba's) cannot be checked: it is assembled again.
             if let Some(recorded) = recorded {
                 match self.check_dir(&target, &recorded) {
@@ -837,9 +833,9 @@ impl Storage {
             };
         }
         if let Some(recorded) = dir {
-            return self.check_dir(local, &recorded).map_err(|why| {
-                changed(&recorded.bucket, &format!("{}/", recorded.key), why)
-            });
+            return self
+                .check_dir(local, &recorded)
+                .map_err(|why| changed(&recorded.bucket, &format!("{}/", recorded.key), why));
         }
         Ok(())
     }
@@ -1433,9 +1429,7 @@ fn object_path(operation: &'static str, bucket: &str, key: &str) -> Result<Key, 
     Key::parse(key).map_err(|e| {
         let why = match e {
             object_store::path::Error::EmptySegment { .. } => "an empty segment (`//`)",
-            _ if key.split('/').any(|part| part == "." || part == "..") => {
-                "a `.` or `..` segment"
-            }
+            _ if key.split('/').any(|part| part == "." || part == "..") => "a `.` or `..` segment",
             _ if key.chars().any(|c| c.is_ascii_control()) => "a control character",
             _ => "characters object_store cannot send",
         };
@@ -1494,7 +1488,12 @@ impl From<Halt> for Cause {
     }
 }
 
-fn error(operation: &'static str, bucket: &str, key: &str, cause: impl Into<Cause>) -> StorageError {
+fn error(
+    operation: &'static str,
+    bucket: &str,
+    key: &str,
+    cause: impl Into<Cause>,
+) -> StorageError {
     let Cause(reason, kind) = cause.into();
     StorageError {
         operation,

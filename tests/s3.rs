@@ -660,10 +660,7 @@ fn odd_keys_round_trip(
     assert_eq!(keys(), expected, "every object under the exact key written");
     for (name, output) in ODD_NAMES.iter().zip(ODD_OUTPUTS) {
         assert_eq!(read(&format!("out/{output}")), Some(odd_contents(name)));
-        assert_eq!(
-            read(&format!("{ODD_DIR}/{name}")),
-            Some(odd_contents(name))
-        );
+        assert_eq!(read(&format!("{ODD_DIR}/{name}")), Some(odd_contents(name)));
     }
     // A committed prefix's local copy holds its manifest too.
     let mut names: Vec<&str> = ODD_NAMES.to_vec();
@@ -743,16 +740,21 @@ fn a_changed_cached_copy_is_downloaded_again() {
         "stages:\n  copy:\n    cmd: cp {{ inputs[0] }} {{ outputs[0] }}\n    inputs: [s3://bucket/raw/data.csv]\n    outputs: [out/copy.csv]\n",
     );
     assert_eq!(run(&t, &server, &["run", "pipeline.yaml"]).code, 0);
-    let cached: Vec<std::path::PathBuf> = walkdir::WalkDir::new(t.path().join(".imba/cache/objects"))
-        .into_iter()
-        .flatten()
-        .filter(|e| e.file_name() == "data.csv")
-        .map(|e| e.into_path())
-        .collect();
+    let cached: Vec<std::path::PathBuf> =
+        walkdir::WalkDir::new(t.path().join(".imba/cache/objects"))
+            .into_iter()
+            .flatten()
+            .filter(|e| e.file_name() == "data.csv")
+            .map(|e| e.into_path())
+            .collect();
     assert_eq!(cached.len(), 1, "{cached:?}");
     let cached = &cached[0];
     let meta = std::fs::metadata(cached).unwrap();
-    assert_eq!(meta.permissions().mode() & 0o777, 0o444, "cached copies are read-only");
+    assert_eq!(
+        meta.permissions().mode() & 0o777,
+        0o444,
+        "cached copies are read-only"
+    );
 
     // One byte flipped in place, the mtime put back: only the ctime (and the content) differ.
     let mtime = meta.modified().unwrap();
@@ -772,7 +774,9 @@ fn a_changed_cached_copy_is_downloaded_again() {
     let again = run(&t, &server, &["run", "pipeline.yaml", "--force"]);
     assert_eq!(again.code, 0, "{}", again.stderr);
     assert!(
-        again.stderr.contains("the cached copy of s3://bucket/raw/data.csv")
+        again
+            .stderr
+            .contains("the cached copy of s3://bucket/raw/data.csv")
             && again.stderr.contains("was changed")
             && again.stderr.contains("downloading it again"),
         "{}",
@@ -786,7 +790,11 @@ fn a_changed_cached_copy_is_downloaded_again() {
     server.reset_counts();
     let third = run(&t, &server, &["run", "pipeline.yaml", "--force"]);
     assert_eq!(third.code, 0, "{}", third.stderr);
-    assert!(!third.stderr.contains("downloading it again"), "{}", third.stderr);
+    assert!(
+        !third.stderr.contains("downloading it again"),
+        "{}",
+        third.stderr
+    );
     assert_eq!(server.counts().get("GET object"), 0);
 }
 
@@ -801,7 +809,11 @@ fn a_stage_that_changes_its_s3_input_fails() {
     let t = Test::new().pipeline(
         "stages:\n  edit:\n    cmd: sed -i s/5/X/ {{ inputs[0] }} && cp {{ inputs[0] }} {{ outputs[0] }}\n    inputs: [s3://bucket/raw/data.csv]\n    outputs: [edited.csv]\n  read:\n    cmd: cp {{ inputs[0] }} {{ outputs[0] }}\n    inputs: [s3://bucket/raw/data.csv]\n    outputs: [read.csv]\n",
     );
-    let out = run(&t, &server, &["run", "pipeline.yaml", "-j", "1", "--keep-going"]);
+    let out = run(
+        &t,
+        &server,
+        &["run", "pipeline.yaml", "-j", "1", "--keep-going"],
+    );
     assert_eq!(out.code, 1, "{}", out.stderr);
     let error = out.stage_error();
     assert!(
@@ -873,7 +885,11 @@ fn a_stalled_server_fails_requests_within_the_timeout() {
     let storage = storage_for(&endpoint, std::time::Duration::from_secs(1), cache.path());
     let clock = std::time::Instant::now();
     let error = storage.head("bucket", "raw/data.csv").unwrap_err();
-    assert!(clock.elapsed() < std::time::Duration::from_secs(4), "{:?}", clock.elapsed());
+    assert!(
+        clock.elapsed() < std::time::Duration::from_secs(4),
+        "{:?}",
+        clock.elapsed()
+    );
     assert_eq!(
         error.to_string(),
         "cannot read s3://bucket/raw/data.csv: the S3 endpoint stopped answering: nothing for 1s (storage.timeout)"
@@ -885,11 +901,15 @@ fn a_stalled_server_fails_requests_within_the_timeout() {
     let error = storage
         .commit("bucket", "out/upload.csv", &file, false, "run")
         .unwrap_err();
-    assert!(clock.elapsed() < std::time::Duration::from_secs(4), "{:?}", clock.elapsed());
     assert!(
-        error
-            .to_string()
-            .starts_with("cannot upload s3://bucket/out/upload.csv: the S3 endpoint stopped answering"),
+        clock.elapsed() < std::time::Duration::from_secs(4),
+        "{:?}",
+        clock.elapsed()
+    );
+    assert!(
+        error.to_string().starts_with(
+            "cannot upload s3://bucket/out/upload.csv: the S3 endpoint stopped answering"
+        ),
         "{error}"
     );
 }
@@ -931,7 +951,10 @@ fn cancelling_abandons_a_stalled_request_within_a_second() {
     );
 
     let clock = std::time::Instant::now();
-    assert!(storage.head("bucket", "raw/data.csv").unwrap_err().is_cancelled());
+    assert!(storage
+        .head("bucket", "raw/data.csv")
+        .unwrap_err()
+        .is_cancelled());
     assert!(clock.elapsed() < std::time::Duration::from_secs(1));
 }
 
@@ -976,7 +999,10 @@ fn ctrl_c_interrupts_a_stalled_upload_within_a_second() {
     server.release_puts();
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
-    assert!(took < std::time::Duration::from_secs(1), "{took:?}\n{stderr}");
+    assert!(
+        took < std::time::Duration::from_secs(1),
+        "{took:?}\n{stderr}"
+    );
     assert_eq!(status.code(), Some(130), "{stderr}");
     assert!(
         stderr.contains("cancel upload") && !stderr.contains("error: stage"),

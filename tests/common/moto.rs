@@ -32,7 +32,9 @@ impl Moto {
                 panic!("moto's S3 server is needed in CI and did not start: {why}")
             }
             Err(why) => {
-                eprintln!("skipped: moto's S3 server did not start ({why}); pip install 'moto[server]'");
+                eprintln!(
+                    "skipped: moto's S3 server did not start ({why}); pip install 'moto[server]'"
+                );
                 None
             }
         }
@@ -56,7 +58,14 @@ impl Moto {
         };
         let log = tempfile::NamedTempFile::new().map_err(|e| e.to_string())?;
         let child = Command::new("python3")
-            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
             .stdin(Stdio::null())
             .stdout(log.reopen().map_err(|e| e.to_string())?)
             .stderr(log.reopen().map_err(|e| e.to_string())?)
@@ -76,7 +85,10 @@ impl Moto {
                 break;
             }
             if Instant::now() > deadline {
-                return Err(format!("moto did not answer within 60 s: {}", moto.log_tail()));
+                return Err(format!(
+                    "moto did not answer within 60 s: {}",
+                    moto.log_tail()
+                ));
             }
             std::thread::sleep(Duration::from_millis(100));
         }
