@@ -12,6 +12,12 @@
 //! is written last; files of the previous version that the new one does not have are deleted only
 //! after that. A prefix whose objects do not match what was committed counts as modified, so the
 //! stage runs again.
+//!
+//! Keys are sent exactly as written (see `object_path`). Cached copies are read-only and are
+//! checked against the BLAKE3 of their download before reuse and, through
+//! [`Storage::verify_cached`], after a stage read them. Every request has a connect timeout and
+//! an idle timeout ([`Settings`]), and a cancelled run ([`Storage::with_cancel`]) abandons the
+//! request in flight at once.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -29,7 +35,6 @@ use object_store::{
     WriteMultipart,
 };
 use serde::{Deserialize, Serialize};
-
 use tokio::sync::watch;
 
 use crate::hash::ContentHash;
