@@ -12,6 +12,12 @@
 //! is written last; files of the previous version that the new one does not have are deleted only
 //! after that. A prefix whose objects do not match what was committed counts as modified, so the
 //! stage runs again.
+//!
+//! Keys are sent exactly as written (see `object_path`). Cached copies are read-only and are
+//! checked against the BLAKE3 of their download before reuse and, through
+//! [`Storage::verify_cached`], after a stage read them. Every request has a connect timeout and
+//! an idle timeout ([`Settings`]), and a cancelled run ([`Storage::with_cancel`]) abandons the
+//! request in flight at once.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -22,14 +28,17 @@ use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::client::HttpClient;
 use object_store::path::Path as Key;
 use object_store::{
     BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig,
     WriteMultipart,
 };
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
 use crate::hash::ContentHash;
+use crate::interrupt::Stop;
 
 /// The manifest of a directory output: written last, its commit marker.
 pub const MANIFEST: &str = "_imba_manifest.json";
@@ -50,7 +59,21 @@ pub struct Settings {
     pub path_style: Option<bool>,
     /// Tries of a request that failed on the network or was throttled (default 4).
     pub retries: Option<usize>,
+    /// `storage.connect_timeout`: the longest wait for a connection to the endpoint (TCP, and
+    /// TLS for https) before the try counts as failed (default [`CONNECT_TIMEOUT`]).
+    pub connect_timeout: Option<Duration>,
+    /// `storage.timeout`: the longest an S3 request may go without an answer: from its start
+    /// to the response's headers (an upload's body included), then between two chunks of the
+    /// response's body (default [`TIMEOUT`]). A transfer that keeps moving is never cut off;
+    /// a server that stops answering fails the request, and no new try starts after this long
+    /// either, so a stalled server fails an operation after about this long.
+    pub timeout: Option<Duration>,
 }
+
+/// Default of [`Settings::connect_timeout`].
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default of [`Settings::timeout`].
+pub const TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Why an S3 request failed, in words: the operation, the URL, the S3 code when there is one.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -60,6 +83,27 @@ pub struct StorageError {
     pub bucket: String,
     pub key: String,
     pub reason: String,
+    pub kind: ErrorKind,
+}
+
+/// What kind of failure a [`StorageError`] is, for callers that treat some apart.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The request failed (S3 said no, the network, a local file).
+    #[default]
+    Failed,
+    /// The run was cancelled ([`Storage::with_cancel`]) while the request was in flight: it was
+    /// dropped, and nothing after it was done.
+    Cancelled,
+    /// A cached copy no longer holds what was downloaded ([`Storage::verify_cached`]).
+    Changed,
+}
+
+impl StorageError {
+    /// Whether the request was abandoned because the run was cancelled.
+    pub fn is_cancelled(&self) -> bool {
+        self.kind == ErrorKind::Cancelled
+    }
 }
 
 /// An object as HEAD or LIST describe it.
@@ -89,7 +133,15 @@ pub struct Storage {
     /// Identities looked up ahead, concurrently ([`Storage::prefetch`]), until they are used or
     /// the location is written.
     memo: Mutex<HashMap<Lookup, Result<Option<ContentHash>, StorageError>>>,
+    /// The run's stop level: every request in flight is dropped when it reaches
+    /// [`Stop::Cancel`], and the call waiting on it returns a cancelled error at once.
+    cancel: Option<watch::Receiver<Stop>>,
+    /// Where warnings go (a cached copy that had to be downloaded again); the log without one.
+    warn: Option<Warn>,
 }
+
+/// A sink for warnings meant for the person running imba.
+pub type Warn = Arc<dyn Fn(String) + Send + Sync>;
 
 /// One identity lookup: bucket, key, whether it is a prefix, whether only a committed (manifest)
 /// prefix counts.
@@ -103,10 +155,14 @@ impl std::fmt::Debug for Storage {
     }
 }
 
-/// Downloaded objects: `bucket/key` → the ETag downloaded, its BLAKE3 and the cached file.
+/// Downloaded objects: `bucket/key` → the ETag downloaded, its BLAKE3 and the cached file; and
+/// the local copies of prefixes assembled from them.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct CacheIndex {
     objects: BTreeMap<String, CachedObject>,
+    /// A prefix's local copy (its path) → what it holds.
+    #[serde(default)]
+    dirs: BTreeMap<String, CachedDir>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -115,6 +171,103 @@ struct CachedObject {
     size: u64,
     blake3: String,
     file: String,
+    /// The file as it was when its content was last found to be `blake3`.
+    #[serde(default)]
+    stamp: Option<Stamp>,
+}
+
+/// A prefix's local copy: its files (relative path → content), each a hard link to (or a copy
+/// of) a cached object.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct CachedDir {
+    bucket: String,
+    key: String,
+    files: BTreeMap<String, CachedFile>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct CachedFile {
+    size: u64,
+    blake3: String,
+    #[serde(default)]
+    stamp: Option<Stamp>,
+}
+
+/// What a cached file looked like when its content was last verified. Writing it changes its
+/// mtime and ctime, replacing it (`sed -i` renames a new file over it) changes its inode, and
+/// a ctime cannot be set back: while all of these match, the content is what was verified, and
+/// reading it again is not needed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(path: &Path) -> std::io::Result<Stamp> {
+        use std::os::unix::fs::MetadataExt;
+        // Not following a symlink: one put in a file's place is a change.
+        let meta = std::fs::symlink_metadata(path)?;
+        if !meta.is_file() {
+            return Err(std::io::Error::other("not a regular file"));
+        }
+        Ok(Stamp {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        })
+    }
+}
+
+/// Whether `path` still holds the `size` bytes hashing to `blake3`: at once when it looks as it
+/// did when last verified (`stamp`), else by reading it. `Ok` is how it looks now; `Err` says
+/// what happened to it, to follow its path in a message.
+fn check_file(path: &Path, size: u64, blake3: &str, stamp: Option<Stamp>) -> Result<Stamp, String> {
+    let now = Stamp::of(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => "was removed".to_owned(),
+        _ => format!("cannot be checked ({e})"),
+    })?;
+    if Some(now) == stamp {
+        return Ok(now);
+    }
+    if now.size != size {
+        return Err(format!(
+            "was changed ({} bytes now, {size} downloaded)",
+            now.size
+        ));
+    }
+    let mut hasher = blake3::Hasher::new();
+    hasher
+        .update_mmap(path)
+        .map_err(|e| format!("cannot be checked ({e})"))?;
+    if hasher.finalize().to_hex().as_str() != blake3 {
+        return Err("was changed (its content is not what was downloaded)".to_owned());
+    }
+    Ok(now)
+}
+
+/// Makes a cached file read-only (0444), so that a stage writing to its input fails rather than
+/// changing the copy other stages read. (Root ignores modes, and a file can be replaced
+/// without writing to it: [`Storage::verify_cached`] is what catches those.)
+fn make_read_only(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path)?;
+    if meta.permissions().mode() & 0o222 != 0 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o444))?;
+    }
+    Ok(())
+}
+
+/// A name no other download or assembly under way uses: this process, and a counter.
+fn unique_suffix() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{}.{n}", std::process::id())
 }
 
 impl Storage {
@@ -128,7 +281,40 @@ impl Storage {
             stores: Mutex::new(HashMap::new()),
             cache_index: Mutex::new(None),
             memo: Mutex::new(HashMap::new()),
+            cancel: None,
+            warn: None,
         }
+    }
+
+    /// Makes every S3 call give up, within moments, once `cancel` reaches [`Stop::Cancel`]:
+    /// the request in flight is dropped (its connection closed) and the call returns an error
+    /// whose [`StorageError::is_cancelled`] is true. Nothing half-done is committed: a
+    /// directory output's files stay under its staging prefix, without a manifest.
+    pub fn with_cancel(mut self, cancel: watch::Receiver<Stop>) -> Self {
+        self.cancel = Some(cancel);
+        self
+    }
+
+    /// Sends warnings (a cached copy that was changed and is downloaded again) to `warn`
+    /// rather than to the log.
+    pub fn with_warnings(mut self, warn: Warn) -> Self {
+        self.warn = Some(warn);
+        self
+    }
+
+    fn warn(&self, message: String) {
+        match &self.warn {
+            Some(warn) => warn(message),
+            None => tracing::warn!("{message}"),
+        }
+    }
+
+    fn connect_timeout(&self) -> Duration {
+        self.settings.connect_timeout.unwrap_or(CONNECT_TIMEOUT)
+    }
+
+    fn timeout(&self) -> Duration {
+        self.settings.timeout.unwrap_or(TIMEOUT)
     }
 
     /// Looks up many identities at once, at most [`CONCURRENCY`] requests in flight, so that
@@ -184,8 +370,9 @@ impl Storage {
             .retain(|(b, k, _, _), _| !(b == bucket && (within(k, key) || within(key, k))));
     }
 
-    /// Runs `future` on the storage runtime and waits for it, from any thread.
-    fn block<F>(&self, future: F) -> Result<F::Output, String>
+    /// Runs `future` on the storage runtime and waits for it, from any thread. A cancelled run
+    /// drops the future (and with it the request in flight) and returns at once.
+    fn block<F>(&self, future: F) -> Result<F::Output, Halt>
     where
         F: Future + Send + 'static,
         F::Output: Send + 'static,
@@ -201,13 +388,33 @@ impl Storage {
                     .map_err(|e| format!("cannot start the S3 runtime: {e}"))
             })
             .as_ref()
-            .map_err(Clone::clone)?;
+            .map_err(|e| Halt::Failed(e.clone()))?;
+        let cancel = self.cancel.clone();
         let (tx, rx) = std::sync::mpsc::channel();
         runtime.spawn(async move {
-            let _ = tx.send(future.await);
+            let outcome = match cancel {
+                None => Some(future.await),
+                Some(mut cancel) => {
+                    let cancelled = async move {
+                        // A run that ended (its sender gone) never cancels.
+                        if cancel.wait_for(|stop| *stop >= Stop::Cancel).await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    };
+                    tokio::select! {
+                        biased;
+                        () = cancelled => None,
+                        output = future => Some(output),
+                    }
+                }
+            };
+            let _ = tx.send(outcome);
         });
-        rx.recv()
-            .map_err(|_| "an S3 request was cancelled".to_owned())
+        match rx.recv() {
+            Ok(Some(output)) => Ok(output),
+            Ok(None) => Err(Halt::Cancelled),
+            Err(_) => Err(Halt::Failed("the S3 request was dropped".to_owned())),
+        }
     }
 
     fn store(&self, bucket: &str) -> Result<Arc<AmazonS3>, String> {
@@ -259,6 +466,10 @@ impl Storage {
         let path_style = self.settings.path_style.unwrap_or(endpoint.is_some());
         builder = builder.with_virtual_hosted_style_request(!path_style);
         let retries = self.settings.retries.unwrap_or(4);
+        let allow_http = endpoint
+            .as_deref()
+            .is_some_and(|e| e.starts_with("http://"))
+            || env("AWS_ALLOW_HTTP").is_some_and(|v| v == "true");
         builder = builder
             .with_retry(RetryConfig {
                 backoff: BackoffConfig {
@@ -267,19 +478,21 @@ impl Storage {
                     base: 2.0,
                 },
                 max_retries: retries,
-                retry_timeout: Duration::from_secs(60),
+                // No new try after `timeout`: a server that stopped answering fails the
+                // operation after about `timeout`, not once per try.
+                retry_timeout: self.timeout(),
             })
             .with_client_options(
                 ClientOptions::new()
-                    .with_allow_http(
-                        endpoint
-                            .as_deref()
-                            .is_some_and(|e| e.starts_with("http://"))
-                            || env("AWS_ALLOW_HTTP").is_some_and(|v| v == "true"),
-                    )
-                    .with_connect_timeout(Duration::from_secs(5))
-                    .with_timeout(Duration::from_secs(300)),
-            );
+                    .with_allow_http(allow_http)
+                    .with_connect_timeout(self.connect_timeout())
+                    // No limit on a whole request: a large download may take as long as it
+                    // needs while it moves; `timeout` bounds the silences instead.
+                    .with_timeout_disabled(),
+            )
+            .with_http_connector(Connector {
+                idle: self.timeout(),
+            });
         builder
             .build()
             .map_err(|e| format!("cannot set up S3 for bucket `{bucket}`: {e}"))
@@ -291,7 +504,7 @@ impl Storage {
         let store = self
             .store(bucket)
             .map_err(|r| error("read", bucket, key, r))?;
-        let path = Key::from(key);
+        let path = object_path("read", bucket, key)?;
         let outcome = self
             .block(async move { store.head(&path).await })
             .map_err(|r| error("read", bucket, key, r))?;
@@ -311,11 +524,51 @@ impl Storage {
         let store = self
             .store(bucket)
             .map_err(|r| error("read", bucket, key, r))?;
-        let prefix = Key::from(key);
+        // Listed under the key itself (so that nothing is listed in a bucket that exists), in
+        // plain characters only: a listing's prefix travels in the query string, where some
+        // servers read `+` as a space and others do not.
+        let plain: String = key
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "-_./".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let prefix = Key::parse(&plain).unwrap_or_else(|_| Key::from(plain.as_str()));
         let listed = self
             .block(async move { store.list_with_delimiter(Some(&prefix)).await.map(|_| ()) })
             .map_err(|r| error("read", bucket, key, r))?;
-        listed.map_err(|e| describe_error("read", bucket, key, &e))
+        listed.map_err(|e| self.describe("read", bucket, key, &e))
+    }
+
+    /// [`describe_error`], with the setting that applies to a request that timed out.
+    fn describe(
+        &self,
+        operation: &'static str,
+        bucket: &str,
+        key: &str,
+        e: &object_store::Error,
+    ) -> StorageError {
+        let mut described = describe_error(operation, bucket, key, e);
+        let chain = error_chain(e);
+        if chain.contains("timed out") || chain.contains("deadline has elapsed") {
+            let connecting = chain.contains("connect");
+            described.reason = if connecting {
+                format!(
+                    "the S3 endpoint cannot be reached: no connection within {} (storage.connect_timeout)",
+                    humantime::format_duration(self.connect_timeout())
+                )
+            } else {
+                format!(
+                    "the S3 endpoint stopped answering: nothing for {} (storage.timeout)",
+                    humantime::format_duration(self.timeout())
+                )
+            };
+        }
+        described
     }
 
     /// The same failed request again as a one-byte GET, whose error body names the S3 code.
@@ -326,17 +579,19 @@ impl Storage {
         key: &str,
         first: object_store::Error,
     ) -> StorageError {
-        let described = describe_error(operation, bucket, key, &first);
+        let described = self.describe(operation, bucket, key, &first);
         if described.reason.contains(':') {
             return described;
         }
         let Ok(store) = self.store(bucket) else {
             return described;
         };
-        let path = Key::from(key);
+        let Ok(path) = object_path(operation, bucket, key) else {
+            return described;
+        };
         match self.block(async move { store.get_range(&path, 0..1).await }) {
             Ok(Err(e)) => {
-                let again = describe_error(operation, bucket, key, &e);
+                let again = self.describe(operation, bucket, key, &e);
                 if again.reason.contains(':') {
                     again
                 } else {
@@ -356,7 +611,7 @@ impl Storage {
         let store = self
             .store(bucket)
             .map_err(|r| error("list", bucket, prefix, r))?;
-        let root = Key::from(prefix);
+        let root = object_path("list", bucket, prefix)?;
         let listed = self
             .block(async move {
                 let listed: Vec<object_store::ObjectMeta> =
@@ -378,7 +633,7 @@ impl Storage {
                     .await
             })
             .map_err(|r| error("list", bucket, prefix, r))?
-            .map_err(|e| describe_error("list", bucket, prefix, &e))?;
+            .map_err(|e| self.describe("list", bucket, prefix, &e))?;
         let base = format!("{}/", prefix.trim_end_matches('/'));
         let mut objects: Vec<(String, ObjectInfo)> = listed
             .into_iter()
@@ -451,7 +706,10 @@ impl Storage {
         Ok(Some(prefix_identity(&objects)))
     }
 
-    /// A local copy of an S3 input, downloaded unless the cache holds this ETag already.
+    /// A local copy of an S3 input, downloaded unless the cache holds this ETag already. The
+    /// copy is read-only, and it is checked against the BLAKE3 recorded at its download before
+    /// it is used again (without reading it while it looks as it did at the last check): one
+    /// that was changed is downloaded again, with a warning.
     pub fn fetch(&self, bucket: &str, key: &str, dir: bool) -> Result<PathBuf, StorageError> {
         if !dir {
             // The identity the run decided on (looked up once, ahead), not another HEAD.
@@ -463,45 +721,188 @@ impl Storage {
                 size: found.size,
                 version: None,
             };
-            return self.fetch_object(bucket, key, &object);
+            return self
+                .fetch_object(bucket, key, &object)
+                .map(|(file, _)| file);
         }
         let objects = self.list(bucket, key)?;
         let identity = prefix_identity(&objects);
         let target = self.cache_dir.join("dirs").join(&identity.hash[..32]);
+        let io = |e: std::io::Error| error("download", bucket, key, e.to_string());
         if target.is_dir() {
-            return Ok(target);
+            let recorded =
+                self.with_index(|index| index.dirs.get(&target.display().to_string()).cloned());
+            // One without a record (an older imba's) cannot be checked: it is assembled again.
+            if let Some(recorded) = recorded {
+                match self.check_dir(&target, &recorded) {
+                    Ok(()) => return Ok(target),
+                    Err(why) => self.warn(format!(
+                        "the local copy of s3://{bucket}/{key}/: {why}; assembling it again"
+                    )),
+                }
+            }
+            std::fs::remove_dir_all(&target).map_err(io)?;
         }
         let building = self.cache_dir.join("dirs").join(format!(
             ".{}.{}",
             &identity.hash[..32],
-            std::process::id()
+            unique_suffix()
         ));
         let _ = std::fs::remove_dir_all(&building);
+        let mut files = BTreeMap::new();
         for (relative, object) in &objects {
             if relative.starts_with(STAGING_PREFIX) {
                 continue;
             }
-            let cached = self.fetch_object(bucket, &format!("{key}/{relative}"), object)?;
+            let (cached, entry) =
+                self.fetch_object(bucket, &format!("{key}/{relative}"), object)?;
             let path = building.join(relative);
-            let io = |e: std::io::Error| error("download", bucket, key, e.to_string());
             std::fs::create_dir_all(path.parent().unwrap_or(&building)).map_err(io)?;
+            // A copy (where links cannot be made) is read-only too.
             std::fs::hard_link(&cached, &path)
-                .or_else(|_| std::fs::copy(&cached, &path).map(|_| ()))
+                .or_else(|_| std::fs::copy(&cached, &path).and_then(|_| make_read_only(&path)))
                 .map_err(io)?;
+            files.insert(
+                relative.clone(),
+                CachedFile {
+                    size: entry.size,
+                    blake3: entry.blake3,
+                    stamp: None,
+                },
+            );
         }
         std::fs::create_dir_all(&building)
             .and_then(|()| std::fs::rename(&building, &target))
             .or_else(|e| if target.is_dir() { Ok(()) } else { Err(e) })
-            .map_err(|e| error("download", bucket, key, e.to_string()))?;
+            .map_err(io)?;
+        // A link changes its file's ctime: stamped now, as verified just before.
+        for (relative, file) in &mut files {
+            file.stamp = Stamp::of(&target.join(relative)).ok();
+        }
+        self.with_index(|index| {
+            for (relative, file) in &files {
+                let id = format!("{bucket}/{key}/{relative}");
+                if let Some(object) = index.objects.get_mut(&id) {
+                    match Stamp::of(Path::new(&object.file)) {
+                        // The same file, linked: its new ctime is not a change.
+                        Ok(now) if Some(now.ino) == file.stamp.map(|f| f.ino) => {
+                            object.stamp = Some(now);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            index.dirs.insert(
+                target.display().to_string(),
+                CachedDir {
+                    bucket: bucket.to_owned(),
+                    key: key.to_owned(),
+                    files,
+                },
+            );
+            let _ = self.save_index(index);
+        });
         Ok(target)
     }
 
+    /// Checks a local copy that [`Storage::fetch`] returned, after a stage read it: an error
+    /// naming the S3 URL and the file when the copy no longer holds what was downloaded
+    /// (written to, replaced, removed, or a file added to a prefix's copy). A path that is not
+    /// a cached copy is fine. Cheap while the copy's files look as they did at their last check
+    /// (nothing is read then).
+    pub fn verify_cached(&self, local: &Path) -> Result<(), StorageError> {
+        let shown = local.display().to_string();
+        let (object, dir) = self.with_index(|index| {
+            let object = index
+                .objects
+                .iter()
+                .find(|(_, cached)| cached.file == shown)
+                .map(|(id, cached)| (id.clone(), cached.clone()));
+            (object, index.dirs.get(&shown).cloned())
+        });
+        if let Some((id, cached)) = object {
+            let (bucket, key) = id.split_once('/').unwrap_or((id.as_str(), ""));
+            return match check_file(local, cached.size, &cached.blake3, cached.stamp) {
+                Ok(stamp) => {
+                    if Some(stamp) != cached.stamp {
+                        self.with_index(|index| {
+                            if let Some(entry) = index.objects.get_mut(&id) {
+                                entry.stamp = Some(stamp);
+                            }
+                            let _ = self.save_index(index);
+                        });
+                    }
+                    Ok(())
+                }
+                Err(why) => Err(changed(bucket, key, format!("{shown} {why}"))),
+            };
+        }
+        if let Some(recorded) = dir {
+            return self
+                .check_dir(local, &recorded)
+                .map_err(|why| changed(&recorded.bucket, &format!("{}/", recorded.key), why));
+        }
+        Ok(())
+    }
+
+    /// Whether a prefix's local copy holds exactly the files recorded, each as downloaded; the
+    /// stamps of files that had to be read (and were fine) are recorded anew.
+    fn check_dir(&self, root: &Path, recorded: &CachedDir) -> Result<(), String> {
+        let mut present = std::collections::BTreeSet::new();
+        for entry in walkdir::WalkDir::new(root).min_depth(1) {
+            let entry = entry.map_err(|e| format!("cannot be checked ({e})"))?;
+            if entry.file_type().is_dir() {
+                continue;
+            }
+            let relative = entry
+                .path()
+                .strip_prefix(root)
+                .unwrap_or(entry.path())
+                .to_string_lossy()
+                .into_owned();
+            if !recorded.files.contains_key(&relative) {
+                return Err(format!("{} was added", entry.path().display()));
+            }
+            present.insert(relative);
+        }
+        let mut restamped = Vec::new();
+        for (relative, file) in &recorded.files {
+            let path = root.join(relative);
+            let stamp = check_file(&path, file.size, &file.blake3, file.stamp)
+                .map_err(|why| format!("{} {why}", path.display()))?;
+            if Some(stamp) != file.stamp {
+                restamped.push((relative.clone(), stamp));
+            }
+        }
+        if !restamped.is_empty() {
+            self.with_index(|index| {
+                if let Some(dir) = index.dirs.get_mut(&root.display().to_string()) {
+                    for (relative, stamp) in restamped {
+                        if let Some(file) = dir.files.get_mut(&relative) {
+                            file.stamp = Some(stamp);
+                        }
+                    }
+                }
+                let _ = self.save_index(index);
+            });
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on the cache index, loaded on first use.
+    fn with_index<T>(&self, f: impl FnOnce(&mut CacheIndex) -> T) -> T {
+        let mut index = self.cache_index.lock().unwrap_or_else(|e| e.into_inner());
+        f(index.get_or_insert_with(|| self.load_index()))
+    }
+
+    /// The cached copy of one object at `object`'s ETag (checked, and downloaded again when it
+    /// was changed), or a new download; with what the index records of it.
     fn fetch_object(
         &self,
         bucket: &str,
         key: &str,
         object: &ObjectInfo,
-    ) -> Result<PathBuf, StorageError> {
+    ) -> Result<(PathBuf, CachedObject), StorageError> {
         let id = format!("{bucket}/{key}");
         // The object's own file name, under a folder named by its identity: stages tell CSV
         // from Parquet by the extension.
@@ -515,70 +916,92 @@ impl Storage {
             .join("objects")
             .join(&blake3::hash(format!("{id}\0{}", object.etag).as_bytes()).to_hex()[..32])
             .join(name);
-        {
-            let mut index = self.cache_index.lock().unwrap_or_else(|e| e.into_inner());
-            let index = index.get_or_insert_with(|| self.load_index());
-            if let Some(cached) = index.objects.get(&id) {
-                if cached.etag == object.etag
-                    && std::fs::metadata(&file).is_ok_and(|m| m.len() == cached.size)
-                {
-                    return Ok(file);
+        let shown = file.display().to_string();
+        let cached = self
+            .with_index(|index| index.objects.get(&id).cloned())
+            .filter(|cached| cached.etag == object.etag && cached.file == shown);
+        if let Some(mut cached) = cached {
+            match check_file(&file, cached.size, &cached.blake3, cached.stamp) {
+                Ok(stamp) => {
+                    // Copies made before they were kept read-only become so now.
+                    let stamp = match make_read_only(&file) {
+                        Ok(()) => Stamp::of(&file).unwrap_or(stamp),
+                        Err(_) => stamp,
+                    };
+                    if Some(stamp) != cached.stamp {
+                        cached.stamp = Some(stamp);
+                        self.with_index(|index| {
+                            index.objects.insert(id.clone(), cached.clone());
+                            let _ = self.save_index(index);
+                        });
+                    }
+                    return Ok((file, cached));
                 }
+                Err(why) if file.exists() => self.warn(format!(
+                    "the cached copy of s3://{bucket}/{key}: {shown} {why}; downloading it again"
+                )),
+                Err(_) => {}
             }
         }
         let io = |e: std::io::Error| error("download", bucket, key, e.to_string());
         let folder = file.parent().unwrap_or(&self.cache_dir);
         std::fs::create_dir_all(folder).map_err(io)?;
-        let partial = folder.join(format!(".{name}.part{}", std::process::id()));
+        let partial = folder.join(format!(".{name}.part{}", unique_suffix()));
         let store = self
             .store(bucket)
             .map_err(|r| error("download", bucket, key, r))?;
-        let path = Key::from(key);
+        let path = object_path("download", bucket, key)?;
         let target = partial.clone();
         let clock = std::time::Instant::now();
-        let downloaded = self
-            .block(async move {
-                use std::io::Write;
-                let got = store.get(&path).await?;
-                let mut stream = got.into_stream();
-                // Plain blocking writes: this runtime exists for S3 requests, and a write per
-                // chunk through tokio::fs costs a thread hop each.
-                let file = std::fs::File::create(&target).map_err(local)?;
-                let mut out = std::io::BufWriter::with_capacity(4 << 20, file);
-                let mut hasher = blake3::Hasher::new();
-                let mut size = 0u64;
-                while let Some(chunk) = stream.next().await {
-                    let chunk = chunk?;
-                    hasher.update(&chunk);
-                    size += chunk.len() as u64;
-                    out.write_all(&chunk).map_err(local)?;
-                }
-                out.flush().map_err(local)?;
-                Ok::<_, object_store::Error>((hasher.finalize().to_hex().to_string(), size))
-            })
-            .map_err(|r| error("download", bucket, key, r))?;
+        let downloaded = self.block(async move {
+            use std::io::Write;
+            let got = store.get(&path).await?;
+            let mut stream = got.into_stream();
+            // Plain blocking writes: this runtime exists for S3 requests, and a write per
+            // chunk through tokio::fs costs a thread hop each.
+            let file = std::fs::File::create(&target).map_err(local)?;
+            let mut out = std::io::BufWriter::with_capacity(4 << 20, file);
+            let mut hasher = blake3::Hasher::new();
+            let mut size = 0u64;
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk?;
+                hasher.update(&chunk);
+                size += chunk.len() as u64;
+                out.write_all(&chunk).map_err(local)?;
+            }
+            out.flush().map_err(local)?;
+            Ok::<_, object_store::Error>((hasher.finalize().to_hex().to_string(), size))
+        });
         let (blake3, size) = match downloaded {
-            Ok(done) => done,
-            Err(e) => {
+            Ok(Ok(done)) => done,
+            Ok(Err(e)) => {
                 let _ = std::fs::remove_file(&partial);
-                return Err(describe_error("download", bucket, key, &e));
+                return Err(self.describe("download", bucket, key, &e));
+            }
+            Err(halt) => {
+                let _ = std::fs::remove_file(&partial);
+                return Err(error("download", bucket, key, halt));
             }
         };
-        std::fs::rename(&partial, &file).map_err(io)?;
+        make_read_only(&partial)
+            .and_then(|()| std::fs::rename(&partial, &file))
+            .map_err(|e| {
+                let _ = std::fs::remove_file(&partial);
+                io(e)
+            })?;
         tracing::debug!(bucket, key, bytes = size, elapsed = ?clock.elapsed(), "downloaded");
-        let mut index = self.cache_index.lock().unwrap_or_else(|e| e.into_inner());
-        let index = index.get_or_insert_with(|| self.load_index());
-        index.objects.insert(
-            id,
-            CachedObject {
-                etag: object.etag.clone(),
-                size,
-                blake3,
-                file: file.display().to_string(),
-            },
-        );
-        let _ = self.save_index(index);
-        Ok(file)
+        let cached = CachedObject {
+            etag: object.etag.clone(),
+            size,
+            blake3,
+            file: shown,
+            stamp: Stamp::of(&file).ok(),
+        };
+        self.with_index(|index| {
+            index.objects.insert(id, cached.clone());
+            let _ = self.save_index(index);
+        });
+        Ok((file, cached))
     }
 
     fn load_index(&self) -> CacheIndex {
@@ -599,7 +1022,7 @@ impl Storage {
         let store = self
             .store(bucket)
             .map_err(|r| error("upload", bucket, key, r))?;
-        let path = Key::from(key);
+        let path = object_path("upload", bucket, key)?;
         let size = std::fs::metadata(file)
             .map_err(|e| error("upload", bucket, key, e.to_string()))?
             .len();
@@ -630,7 +1053,7 @@ impl Storage {
                 writer.finish().await.map(|_| ())
             })
             .map_err(|r| error("upload", bucket, key, r))?;
-        uploaded.map_err(|e| describe_error("upload", bucket, key, &e))?;
+        uploaded.map_err(|e| self.describe("upload", bucket, key, &e))?;
         tracing::debug!(bucket, key, bytes = size, elapsed = ?clock.elapsed(), "uploaded");
         Ok(())
     }
@@ -640,7 +1063,7 @@ impl Storage {
         let store = self
             .store(bucket)
             .map_err(|r| error("read", bucket, key, r))?;
-        let path = Key::from(key);
+        let path = object_path("read", bucket, key)?;
         let got = self
             .block(async move {
                 match store.get(&path).await {
@@ -651,7 +1074,7 @@ impl Storage {
             })
             .map_err(|r| error("read", bucket, key, r))?;
         got.map(|b| b.map(|b| b.to_vec()))
-            .map_err(|e| describe_error("read", bucket, key, &e))
+            .map_err(|e| self.describe("read", bucket, key, &e))
     }
 
     /// Creates `key` only if nothing is there (`If-None-Match: *`): `true` when this call
@@ -660,7 +1083,7 @@ impl Storage {
         let store = self
             .store(bucket)
             .map_err(|r| error("upload", bucket, key, r))?;
-        let path = Key::from(key);
+        let path = object_path("upload", bucket, key)?;
         let outcome = self
             .block(async move {
                 let options = object_store::PutOptions {
@@ -675,7 +1098,7 @@ impl Storage {
         match outcome {
             Ok(_) => Ok(true),
             Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
-            Err(e) => Err(describe_error("upload", bucket, key, &e)),
+            Err(e) => Err(self.describe("upload", bucket, key, &e)),
         }
     }
 
@@ -685,11 +1108,11 @@ impl Storage {
         let store = self
             .store(bucket)
             .map_err(|r| error("upload", bucket, key, r))?;
-        let path = Key::from(key);
+        let path = object_path("upload", bucket, key)?;
         self.block(async move { store.put(&path, PutPayload::from(bytes)).await })
             .map_err(|r| error("upload", bucket, key, r))?
             .map(|_| ())
-            .map_err(|e| describe_error("upload", bucket, key, &e))
+            .map_err(|e| self.describe("upload", bucket, key, &e))
     }
 
     /// Moves every object under `from/` to `to/` (copy, then delete the original).
@@ -700,15 +1123,15 @@ impl Storage {
         let store = self
             .store(bucket)
             .map_err(|r| error("move", bucket, from, r))?;
-        let pairs: Vec<(Key, Key)> = objects
+        let pairs = objects
             .iter()
             .map(|(relative, _)| {
-                (
-                    Key::from(format!("{from}/{relative}")),
-                    Key::from(format!("{to}/{relative}")),
-                )
+                Ok((
+                    object_path("move", bucket, &format!("{from}/{relative}"))?,
+                    object_path("move", bucket, &format!("{to}/{relative}"))?,
+                ))
             })
-            .collect();
+            .collect::<Result<Vec<(Key, Key)>, StorageError>>()?;
         self.block(async move {
             for (source, target) in pairs {
                 store.copy(&source, &target).await?;
@@ -717,7 +1140,7 @@ impl Storage {
             Ok::<_, object_store::Error>(())
         })
         .map_err(|r| error("move", bucket, from, r))?
-        .map_err(|e| describe_error("move", bucket, from, &e))
+        .map_err(|e| self.describe("move", bucket, from, &e))
     }
 
     /// Commits a staged output to S3 and returns its identity as committed.
@@ -754,15 +1177,15 @@ impl Storage {
         let store = self
             .store(bucket)
             .map_err(|r| error("upload", bucket, key, r))?;
-        let pairs: Vec<(Key, Key)> = files
+        let pairs = files
             .iter()
             .map(|file| {
-                (
-                    Key::from(format!("{staging}/{}", file.path)),
-                    Key::from(format!("{key}/{}", file.path)),
-                )
+                Ok((
+                    object_path("upload", bucket, &format!("{staging}/{}", file.path))?,
+                    object_path("upload", bucket, &format!("{key}/{}", file.path))?,
+                ))
             })
-            .collect();
+            .collect::<Result<Vec<(Key, Key)>, StorageError>>()?;
         let copier = store.clone();
         self.block(async move {
             futures::stream::iter(pairs)
@@ -775,7 +1198,7 @@ impl Storage {
                 .await
         })
         .map_err(|r| error("upload", bucket, key, r))?
-        .map_err(|e| describe_error("upload", bucket, key, &e))?;
+        .map_err(|e| self.describe("upload", bucket, key, &e))?;
         // 3. The manifest, last: the commit marker.
         let manifest = Manifest {
             imba_manifest: 1,
@@ -783,11 +1206,11 @@ impl Storage {
         };
         let text = serde_json::to_vec_pretty(&manifest)
             .map_err(|e| error("upload", bucket, key, e.to_string()))?;
-        let manifest_key = Key::from(format!("{key}/{MANIFEST}"));
+        let manifest_key = object_path("upload", bucket, &format!("{key}/{MANIFEST}"))?;
         let putter = store.clone();
         self.block(async move { putter.put(&manifest_key, PutPayload::from(text)).await })
             .map_err(|r| error("upload", bucket, key, r))?
-            .map_err(|e| describe_error("upload", bucket, key, &e))?;
+            .map_err(|e| self.describe("upload", bucket, key, &e))?;
         // Then the old version's leftovers and the staging copies go.
         let keep: std::collections::BTreeSet<&str> = files
             .iter()
@@ -797,16 +1220,16 @@ impl Storage {
         let mut doomed: Vec<Key> = before
             .iter()
             .filter(|(relative, _)| !keep.contains(relative.as_str()))
-            .map(|(relative, _)| Key::from(format!("{key}/{relative}")))
+            .filter_map(|(relative, _)| Key::parse(format!("{key}/{relative}")).ok())
             .collect();
         doomed.extend(
             files
                 .iter()
-                .map(|file| Key::from(format!("{staging}/{}", file.path))),
+                .filter_map(|file| Key::parse(format!("{staging}/{}", file.path)).ok()),
         );
         // Uploads of runs that were killed before their commit, a day old or more (younger ones
         // may belong to a run still going, on another machine).
-        let abandoned_root = Key::from(staging_root.as_str());
+        let abandoned_root = object_path("upload", bucket, &staging_root)?;
         let lister = store.clone();
         let own = format!("{staging}/");
         if let Ok(Ok(old)) = self.block(async move {
@@ -853,6 +1276,44 @@ impl Storage {
                 "the manifest is gone after the commit",
             )
         })
+    }
+}
+
+/// object_store's HTTP client, with an idle timeout: reqwest's read timeout, which object_store's
+/// [`ClientOptions`] do not reach, bounds the wait for a response's headers and for each chunk
+/// of its body. Everything else follows the options object_store passes in (its metadata
+/// client, for instance, allows http and connects within a second).
+#[derive(Debug)]
+struct Connector {
+    idle: Duration,
+}
+
+impl object_store::client::HttpConnector for Connector {
+    fn connect(&self, options: &ClientOptions) -> object_store::Result<HttpClient> {
+        use object_store::ClientConfigKey;
+        let value = |key| options.get_config_value(&key);
+        let connect = value(ClientConfigKey::ConnectTimeout)
+            .and_then(|text| humantime::parse_duration(&text).ok())
+            .unwrap_or(CONNECT_TIMEOUT);
+        let client = reqwest::Client::builder()
+            .user_agent(concat!("imba/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(connect)
+            .read_timeout(self.idle)
+            .https_only(value(ClientConfigKey::AllowHttp).as_deref() != Some("true"))
+            .danger_accept_invalid_certs(
+                value(ClientConfigKey::AllowInvalidCertificates).as_deref() == Some("true"),
+            )
+            // Sizes come from Content-Length: nothing may decompress a body on the way.
+            .no_gzip()
+            .no_brotli()
+            .no_zstd()
+            .no_deflate()
+            .build()
+            .map_err(|e| object_store::Error::Generic {
+                store: "S3",
+                source: Box::new(e),
+            })?;
+        Ok(HttpClient::new(client))
     }
 }
 
@@ -964,17 +1425,87 @@ fn prefix_identity(objects: &[(String, ObjectInfo)]) -> ContentHash {
     }
 }
 
+/// `key` as an object_store path, exactly as written. `Path::parse` keeps every character
+/// (UTF-8, spaces, `~`, `%`, `+`, `=`), and the S3 client percent-encodes it once for the URL
+/// and its signature; `Path::from` would encode `%`, `~` and every non-ASCII byte first, so
+/// that the request named another key (`ü.csv` as `%C3%BC.csv`). A key object_store cannot
+/// carry (a `.` or `..` segment, a control character) is an error naming it.
+fn object_path(operation: &'static str, bucket: &str, key: &str) -> Result<Key, StorageError> {
+    Key::parse(key).map_err(|e| {
+        let why = match e {
+            object_store::path::Error::EmptySegment { .. } => "an empty segment (`//`)",
+            _ if key.split('/').any(|part| part == "." || part == "..") => "a `.` or `..` segment",
+            _ if key.chars().any(|c| c.is_ascii_control()) => "a control character",
+            _ => "characters object_store cannot send",
+        };
+        error(
+            operation,
+            bucket,
+            key,
+            format!("imba cannot address a key with {why}"),
+        )
+    })
+}
+
+/// The error of a cached copy that no longer holds what was downloaded.
+fn changed(bucket: &str, key: &str, what: String) -> StorageError {
+    StorageError {
+        operation: "use",
+        bucket: bucket.to_owned(),
+        key: key.to_owned(),
+        reason: format!("its local copy {what}; a stage must not change its inputs"),
+        kind: ErrorKind::Changed,
+    }
+}
+
+/// Why a call on the storage runtime returned without its future's output.
+#[derive(Debug)]
+enum Halt {
+    Failed(String),
+    /// The run was cancelled ([`Storage::with_cancel`]).
+    Cancelled,
+}
+
+/// The reason of a [`StorageError`] and its kind: plain text is a failure.
+struct Cause(String, ErrorKind);
+
+impl From<String> for Cause {
+    fn from(reason: String) -> Self {
+        Cause(reason, ErrorKind::Failed)
+    }
+}
+
+impl From<&str> for Cause {
+    fn from(reason: &str) -> Self {
+        Cause(reason.to_owned(), ErrorKind::Failed)
+    }
+}
+
+impl From<Halt> for Cause {
+    fn from(halt: Halt) -> Self {
+        match halt {
+            Halt::Failed(reason) => Cause(reason, ErrorKind::Failed),
+            Halt::Cancelled => Cause(
+                "cancelled (interrupted); the request was abandoned".to_owned(),
+                ErrorKind::Cancelled,
+            ),
+        }
+    }
+}
+
 fn error(
     operation: &'static str,
     bucket: &str,
     key: &str,
-    reason: impl Into<String>,
+    cause: impl Into<Cause>,
 ) -> StorageError {
+    let Cause(reason, kind) = cause.into();
     StorageError {
         operation,
         bucket: bucket.to_owned(),
         key: key.to_owned(),
-        reason: reason.into(),
+        reason,
+        kind,
     }
 }
 
@@ -986,13 +1517,7 @@ fn describe_error(
     key: &str,
     e: &object_store::Error,
 ) -> StorageError {
-    let mut chain = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(inner) = source {
-        chain.push_str(": ");
-        chain.push_str(&inner.to_string());
-        source = inner.source();
-    }
+    let chain = error_chain(e);
     let tag = |name: &str| {
         let open = format!("<{name}>");
         let close = format!("</{name}>");
@@ -1047,6 +1572,18 @@ fn describe_error(
     error(operation, bucket, key, reason)
 }
 
+/// An error and its sources, joined by `: `.
+fn error_chain(e: &object_store::Error) -> String {
+    let mut chain = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(inner) = source {
+        chain.push_str(": ");
+        chain.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    chain
+}
+
 fn http_status(text: &str) -> Option<u16> {
     for marker in ["status: ", "status code ", "status "] {
         if let Some(at) = text.find(marker) {
@@ -1077,5 +1614,218 @@ fn last_cause(chain: &str) -> String {
         format!("{}…", &last[..end])
     } else {
         last.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn storage(dir: &Path) -> Storage {
+        Storage::new(Settings::default(), dir.join("cache"))
+    }
+
+    /// Puts `contents` in the cache as the download of `s3://bkt/KEY`, as `fetch_object` does.
+    fn admit(storage: &Storage, key: &str, contents: &[u8]) -> PathBuf {
+        let name = key.rsplit('/').next().unwrap();
+        let file = storage.cache_dir.join("objects").join("0123").join(name);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(&file, contents).unwrap();
+        make_read_only(&file).unwrap();
+        storage.with_index(|index| {
+            index.objects.insert(
+                format!("bkt/{key}"),
+                CachedObject {
+                    etag: "etag".to_owned(),
+                    size: contents.len() as u64,
+                    blake3: blake3::hash(contents).to_hex().to_string(),
+                    file: file.display().to_string(),
+                    stamp: Stamp::of(&file).ok(),
+                },
+            )
+        });
+        file
+    }
+
+    /// Writes `contents` over `file` in place (as root, or after a chmod, can), keeping its
+    /// mtime: only its ctime tells.
+    fn overwrite_in_place(file: &Path, contents: &[u8]) {
+        let mtime = std::fs::metadata(file).unwrap().modified().unwrap();
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::write(file, contents).unwrap();
+        let handle = std::fs::File::options().write(true).open(file).unwrap();
+        handle.set_modified(mtime).unwrap();
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o444)).unwrap();
+    }
+
+    /// What `sed -i` does: a new file renamed over the old one.
+    fn replace_by_rename(file: &Path, contents: &[u8]) {
+        let fresh = file.with_extension("sed-tmp");
+        std::fs::write(&fresh, contents).unwrap();
+        std::fs::rename(&fresh, file).unwrap();
+    }
+
+    #[test]
+    fn keys_are_kept_exactly_as_written() {
+        for key in [
+            "raw/ü.csv",
+            "raw/a b.csv",
+            "raw/x~y.csv",
+            "raw/100%.csv",
+            "raw/a+b=c.csv",
+            "o/ü~.csv",
+            "dir ü+1/%C3%BC.csv",
+        ] {
+            assert_eq!(object_path("read", "bkt", key).unwrap().as_ref(), key);
+        }
+        let e = object_path("read", "bkt", "raw/../x.csv").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "cannot read s3://bkt/raw/../x.csv: imba cannot address a key with a `.` or `..` segment"
+        );
+        let e = object_path("upload", "bkt", "raw/a\tb.csv").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "cannot upload s3://bkt/raw/a\tb.csv: imba cannot address a key with a control character"
+        );
+    }
+
+    #[test]
+    fn cached_copies_are_read_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = admit(&storage(dir.path()), "raw/data.csv", b"a\n1\n");
+        let mode = std::fs::metadata(file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o444);
+    }
+
+    #[test]
+    fn an_untouched_copy_and_a_path_outside_the_cache_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = storage(dir.path());
+        let file = admit(&storage, "raw/data.csv", b"a\n1\n");
+        storage.verify_cached(&file).unwrap();
+        let elsewhere = dir.path().join("local.csv");
+        std::fs::write(&elsewhere, "x").unwrap();
+        storage.verify_cached(&elsewhere).unwrap();
+    }
+
+    #[test]
+    fn a_copy_written_in_place_is_caught_by_its_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = storage(dir.path());
+        let file = admit(&storage, "raw/data.csv", b"a\n1\n");
+        overwrite_in_place(&file, b"a\n2\n");
+        let e = storage.verify_cached(&file).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Changed);
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "cannot use s3://bkt/raw/data.csv: its local copy {} was changed (its content is not what was downloaded); a stage must not change its inputs",
+                file.display()
+            )
+        );
+    }
+
+    #[test]
+    fn a_copy_replaced_like_sed_i_does_is_caught() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = storage(dir.path());
+        let file = admit(&storage, "raw/data.csv", b"a\n1\n");
+        replace_by_rename(&file, b"a\n1\n2\n");
+        let e = storage.verify_cached(&file).unwrap_err();
+        assert!(
+            e.to_string().ends_with(&format!(
+                "{} was changed (6 bytes now, 4 downloaded); a stage must not change its inputs",
+                file.display()
+            )),
+            "{e}"
+        );
+        std::fs::remove_file(&file).unwrap();
+        let e = storage.verify_cached(&file).unwrap_err();
+        assert!(e.to_string().contains("was removed"), "{e}");
+    }
+
+    #[test]
+    fn the_same_content_under_a_new_stamp_verifies_and_is_stamped_anew() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = storage(dir.path());
+        let file = admit(&storage, "raw/data.csv", b"a\n1\n");
+        replace_by_rename(&file, b"a\n1\n");
+        storage.verify_cached(&file).unwrap();
+        let recorded = storage.with_index(|index| index.objects["bkt/raw/data.csv"].stamp);
+        assert_eq!(recorded, Some(Stamp::of(&file).unwrap()));
+        // And the index on disk says so too, for the next run.
+        let reloaded = storage.load_index();
+        assert_eq!(reloaded.objects["bkt/raw/data.csv"].stamp, recorded);
+    }
+
+    #[test]
+    fn a_prefix_copy_with_a_file_added_or_changed_is_caught() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = storage(dir.path());
+        let root = storage.cache_dir.join("dirs").join("0123");
+        let mut files = BTreeMap::new();
+        for (relative, contents) in [("a.csv", &b"a\n"[..]), ("sub/b.csv", &b"b\n"[..])] {
+            let path = root.join(relative);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, contents).unwrap();
+            make_read_only(&path).unwrap();
+            files.insert(
+                relative.to_owned(),
+                CachedFile {
+                    size: contents.len() as u64,
+                    blake3: blake3::hash(contents).to_hex().to_string(),
+                    stamp: Stamp::of(&path).ok(),
+                },
+            );
+        }
+        storage.with_index(|index| {
+            index.dirs.insert(
+                root.display().to_string(),
+                CachedDir {
+                    bucket: "bkt".to_owned(),
+                    key: "parts".to_owned(),
+                    files,
+                },
+            )
+        });
+        storage.verify_cached(&root).unwrap();
+
+        std::fs::write(root.join("sub/new.csv"), "x").unwrap();
+        let e = storage.verify_cached(&root).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "cannot use s3://bkt/parts/: its local copy {} was added; a stage must not change its inputs",
+                root.join("sub/new.csv").display()
+            )
+        );
+        std::fs::remove_file(root.join("sub/new.csv")).unwrap();
+        storage.verify_cached(&root).unwrap();
+
+        overwrite_in_place(&root.join("sub/b.csv"), b"c\n");
+        let e = storage.verify_cached(&root).unwrap_err();
+        assert!(
+            e.to_string().contains(&format!(
+                "{} was changed (its content",
+                root.join("sub/b.csv").display()
+            )),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_cancelled_run_makes_no_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_stop, cancel) = watch::channel(Stop::Cancel);
+        // Nothing listens there: a request would fail with another error.
+        let settings = Settings {
+            endpoint: Some("http://127.0.0.1:9".to_owned()),
+            ..Settings::default()
+        };
+        let storage = Storage::new(settings, dir.path().to_path_buf()).with_cancel(cancel);
+        let e = storage.head("bkt", "raw/data.csv").unwrap_err();
+        assert!(e.is_cancelled(), "{e}");
     }
 }
