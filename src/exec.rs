@@ -272,9 +272,12 @@ pub fn run(
     });
 
     let (cancel_tx, cancel_rx) = watch::channel(Stop::Go);
+    let warnings = events.clone();
     let ctx = Arc::new(Context {
         cache: StatCache::load(state.stat_cache()),
-        storage: crate::storage::Storage::new(pipeline.storage.clone(), state.cache()),
+        storage: crate::storage::Storage::new(pipeline.storage.clone(), state.cache())
+            .with_cancel(cancel_rx.clone())
+            .with_warnings(Arc::new(move |w| warnings.event(Event::Warning(w)))),
         dag: dag.clone(),
         registry,
         lock: Mutex::new((lock, journal)),
@@ -628,7 +631,7 @@ async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
         Ok(inputs) => inputs,
         Err(error) => {
             let _ = std::fs::remove_dir_all(&staging_root);
-            return fail(&ctx, record, error, None);
+            return failed_unless_cancelled(&ctx, record, error);
         }
     };
 
@@ -683,6 +686,30 @@ async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
         }
         let param = param_error.and_then(|pointer| stage.param_spans.get(&pointer).copied());
         return fail_at(&ctx, record, error, log, param);
+    }
+
+    // The local copies of S3 inputs are shared (with other stages, and later runs): a stage
+    // that changed one fails, naming it, and nothing of it is committed.
+    let verified = {
+        let ctx = ctx.clone();
+        let inputs = inputs.clone();
+        tokio::task::spawn_blocking(move || {
+            let stage = ctx.dag.stage(index);
+            for (port, local) in stage.inputs.iter().zip(&inputs) {
+                if let crate::location::Location::S3 { .. } = port.declared.location {
+                    ctx.storage
+                        .verify_cached(local)
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+            Ok::<(), String>(())
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("internal error: {e}")))
+    };
+    if let Err(error) = verified {
+        let _ = std::fs::remove_dir_all(&staging_root);
+        return fail(&ctx, record, error, None);
     }
 
     // Every declared output must have been written.
@@ -864,8 +891,21 @@ async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
             });
             Outcome::Ran { record }
         }
-        Err(error) => fail(&ctx, record, error, None),
+        Err(error) => failed_unless_cancelled(&ctx, record, error),
     }
+}
+
+/// A stage whose download or upload was abandoned because the run was cancelled (the storage
+/// layer drops S3 requests then) is cancelled, not failed.
+fn failed_unless_cancelled(ctx: &Context, mut record: StageRecord, error: String) -> Outcome {
+    if *ctx.cancel.borrow() >= Stop::Cancel {
+        record.decision = "cancelled".to_owned();
+        ctx.events.event(Event::StageCancelled {
+            name: record.name.clone(),
+        });
+        return Outcome::Cancelled { record };
+    }
+    fail(ctx, record, error, None)
 }
 
 fn fail(ctx: &Context, record: StageRecord, error: String, log: Option<PathBuf>) -> Outcome {

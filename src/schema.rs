@@ -47,6 +47,11 @@ struct StorageSchema {
     /// How many times a request that failed on the network or was throttled is retried, with
     /// exponential backoff (default 4).
     retries: Option<u8>,
+    /// How long opening a connection may take, e.g. `5s` (default 5s).
+    connect_timeout: Option<String>,
+    /// How long a request may go without a byte from the server before it fails, e.g. `60s`
+    /// (default 60s). A large transfer that keeps moving is never cut off.
+    timeout: Option<String>,
 }
 
 /// One stage: a built-in (`uses`) or a shell command (`cmd`), with what it reads and writes.

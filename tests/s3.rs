@@ -802,7 +802,6 @@ fn a_changed_cached_copy_is_downloaded_again() {
 /// mode does not stop it, nor does anything stop root): the stage fails naming the file, and
 /// the stage after it reads the object as it is on S3.
 #[test]
-#[ignore = "needs exec.rs to call Storage::verify_cached on each S3 input after a stage runs"]
 fn a_stage_that_changes_its_s3_input_fails() {
     let server = S3Server::start();
     server.put("raw/data.csv", DATA);
@@ -961,7 +960,6 @@ fn cancelling_abandons_a_stalled_request_within_a_second() {
 /// Ctrl-C while an upload is stalled (the server holds the PUT): the run stops within a second,
 /// as interrupted, and nothing is committed.
 #[test]
-#[ignore = "needs exec.rs to hand the run's cancel receiver to Storage::with_cancel"]
 fn ctrl_c_interrupts_a_stalled_upload_within_a_second() {
     let server = S3Server::start();
     let t = Test::new().file("in.csv", "a\n1\n").pipeline(

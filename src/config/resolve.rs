@@ -237,7 +237,14 @@ fn versioning(
 }
 
 /// Keys of `storage:`.
-pub const STORAGE_KEYS: &[&str] = &["endpoint", "path_style", "region", "retries"];
+pub const STORAGE_KEYS: &[&str] = &[
+    "connect_timeout",
+    "endpoint",
+    "path_style",
+    "region",
+    "retries",
+    "timeout",
+];
 
 /// The `storage:` section: S3 settings, never secrets.
 fn storage_settings(node: &Node, diagnostics: &mut Vec<Diagnostic>) -> crate::storage::Settings {
@@ -289,6 +296,34 @@ fn storage_settings(node: &Node, diagnostics: &mut Vec<Diagnostic>) -> crate::st
                 ),
                 _ => diagnostics.push(super::raw::wrong_kind(key, value, "a number from 0 to 20")),
             },
+            "timeout" | "connect_timeout" => {
+                match value
+                    .as_str()
+                    .map(|text| humantime::parse_duration(text.trim()))
+                {
+                    Some(Ok(duration)) if !duration.is_zero() => {
+                        if key.name == "timeout" {
+                            settings.timeout = Some(duration);
+                        } else {
+                            settings.connect_timeout = Some(duration);
+                        }
+                    }
+                    Some(Ok(_)) => diagnostics.push(
+                        Diagnostic::error(format!("`storage.{}` must be longer than 0s", key.name))
+                            .at(value.span, "zero"),
+                    ),
+                    Some(Err(e)) => diagnostics.push(
+                        Diagnostic::error(format!("`storage.{}` is not a duration: {e}", key.name))
+                            .at(value.span, "not a duration")
+                            .help("a number and a unit: `500ms`, `30s`, `2m`"),
+                    ),
+                    None => diagnostics.push(super::raw::wrong_kind(
+                        key,
+                        value,
+                        "a duration such as `30s`",
+                    )),
+                }
+            }
             _ => diagnostics.push(super::raw::unknown_key(key, STORAGE_KEYS, "in `storage`")),
         }
     }
