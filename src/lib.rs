@@ -4,6 +4,7 @@
 //! [`config::Pipeline`], [`dag`] turns it into a checked graph, [`draw`] shows the graph, and
 //! [`report`] prints everything a person reads. Built-in stages live in the `imba-stages` crate.
 
+pub mod budget;
 pub mod checks;
 pub mod cli;
 pub mod columns;

@@ -1,5 +1,9 @@
 //! The `imba` binary: all of it lives in the library; this only calls it.
 
+/// Work a pipeline file controls (its templates) runs within a memory budget ([`imba::budget`]).
+#[global_allocator]
+static ALLOCATOR: imba::budget::Guarded = imba::budget::Guarded;
+
 fn main() -> std::process::ExitCode {
     one_malloc_arena();
     imba::cli::main()

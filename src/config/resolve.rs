@@ -111,7 +111,7 @@ pub fn resolve(
     diagnostics: &mut Vec<Diagnostic>,
 ) -> Option<Pipeline> {
     let before = diagnostics.len();
-    let templates = Templates::default();
+    let templates = Templates::for_file(file);
     let file_dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
     let file_dir = if file_dir.as_os_str().is_empty() {
         PathBuf::from(".")

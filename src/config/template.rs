@@ -52,6 +52,8 @@ pub struct Templates {
     /// For shell commands: every inserted value is escaped ([`shell`]).
     shell: Environment<'static>,
     fuel: AtomicU64,
+    /// The pipeline file, for messages.
+    file: Option<String>,
 }
 
 impl Default for Templates {
@@ -62,8 +64,34 @@ impl Default for Templates {
             env,
             shell,
             fuel: AtomicU64::new(FUEL_PER_LOAD),
+            file: None,
         }
     }
+}
+
+impl Templates {
+    /// Templates of the pipeline file `file` (named in messages).
+    pub fn for_file(file: &std::path::Path) -> Self {
+        Templates {
+            file: Some(file.display().to_string()),
+            ..Templates::default()
+        }
+    }
+}
+
+/// Fails when a whole expression's value is larger than a rendered string may be.
+fn check_size(value: &JinjaValue) -> Result<(), Error> {
+    let size = match value.as_str() {
+        Some(text) => text.len(),
+        None => value.to_string().len(),
+    };
+    if size > MAX_RENDERED {
+        return Err(Error::new(
+            ErrorKind::InvalidOperation,
+            format!("the value is over {} MiB", MAX_RENDERED >> 20),
+        ));
+    }
+    Ok(())
 }
 
 fn environment(escape: Option<AutoEscape>) -> Environment<'static> {
@@ -309,7 +337,15 @@ impl Templates {
                 .and_then(|()| self.env.compile_expression(expr))
                 .and_then(|compiled| {
                     WRITTEN.with(|w| w.set(0));
-                    compiled.eval(&ctx.value)
+                    crate::budget::within(
+                        crate::budget::TEMPLATE_BYTES,
+                        &self.place(&s.text),
+                        || {
+                            let value = compiled.eval(&ctx.value)?;
+                            check_size(&value)?;
+                            Ok(value)
+                        },
+                    )
                 });
             return match result {
                 Ok(value) if value.is_undefined() => {
@@ -437,7 +473,10 @@ impl Templates {
         self.spend(0)?;
         WRITTEN.with(|w| w.set(0));
         let template = env.template_from_str(text)?;
-        match template.render_captured(ctx) {
+        let rendered = crate::budget::within(crate::budget::TEMPLATE_BYTES, &self.place(text), || {
+            template.render_captured(ctx)
+        });
+        match rendered {
             Ok(captured) => {
                 let used = captured
                     .state()
@@ -463,6 +502,18 @@ impl Templates {
                 }
                 Err(error)
             }
+        }
+    }
+
+    /// The template, as the message of a broken memory budget names it.
+    fn place(&self, text: &str) -> String {
+        let mut shown: String = text.chars().take(60).collect();
+        if shown.len() < text.len() {
+            shown.push('…');
+        }
+        match &self.file {
+            Some(file) => format!("{file}: the template {shown:?}"),
+            None => format!("the template {shown:?}"),
         }
     }
 
