@@ -39,6 +39,7 @@ pub fn load(
     registry: &Registry,
 ) -> (Sources, Result<Pipeline, LoadError>) {
     let mut sources = Sources::default();
+    crate::diagnostic::reset_suggestions();
     let text = match read_text(path, "pipeline file") {
         Ok(text) => text,
         Err(message) => return (sources, Err(LoadError::Unreadable(message))),
