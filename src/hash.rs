@@ -42,22 +42,23 @@ const MMAP_WINDOW: u64 = 64 << 20;
 const RACY_MARGIN_NS: i128 = 2_000_000_000;
 const CACHE_FORMAT: u32 = 1;
 
-/// Hashes one file's bytes.
+/// Hashes one file's bytes. Only a regular file is read: a FIFO, socket or device is an error
+/// carrying [`imba_stages::safe::NotAFile`], at once (a FIFO would block the read forever).
 pub fn hash_file_contents(path: &Path, size: u64) -> io::Result<String> {
+    let mut file = imba_stages::safe::open_file(path)?;
     let mut hasher = blake3::Hasher::new();
     if size >= MMAP_THRESHOLD {
-        hash_mapped(&mut hasher, path, MMAP_WINDOW)?;
+        hash_mapped(&mut hasher, &file, MMAP_WINDOW)?;
     } else {
         let mut bytes = Vec::with_capacity(size as usize);
-        std::fs::File::open(path)?.read_to_end(&mut bytes)?;
+        file.read_to_end(&mut bytes)?;
         hasher.update(&bytes);
     }
     Ok(hasher.finalize().to_hex().to_string())
 }
 
 /// Feeds a file to `hasher` a mapped window of `window` bytes at a time, each on all cores.
-fn hash_mapped(hasher: &mut blake3::Hasher, path: &Path, window: u64) -> io::Result<()> {
-    let file = std::fs::File::open(path)?;
+fn hash_mapped(hasher: &mut blake3::Hasher, file: &std::fs::File, window: u64) -> io::Result<()> {
     let len = file.metadata()?.len();
     let mut offset = 0;
     while offset < len {
@@ -68,12 +69,41 @@ fn hash_mapped(hasher: &mut blake3::Hasher, path: &Path, window: u64) -> io::Res
             memmap2::MmapOptions::new()
                 .offset(offset)
                 .len(take as usize)
-                .map(&file)?
+                .map(file)?
         };
         hasher.update_rayon(&map);
         offset += take;
     }
     Ok(())
+}
+
+/// A file inside a directory input that imba does not read (a FIFO, a socket, a device), with
+/// its path relative to the directory. Carried inside an [`io::Error`] from
+/// [`StatCache::hash_path`], so that the caller can name it: "`data/dir/x` is a FIFO …".
+#[derive(Debug)]
+pub struct NotAFileInDir {
+    pub relative: PathBuf,
+    pub not: imba_stages::safe::NotAFile,
+}
+
+impl std::fmt::Display for NotAFileInDir {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "holds `{}`, which {}",
+            imba_stages::safe::escape(&self.relative.to_string_lossy()),
+            self.not
+        )
+    }
+}
+
+impl std::error::Error for NotAFileInDir {}
+
+impl NotAFileInDir {
+    /// The [`NotAFileInDir`] inside an I/O error, when that is what it is.
+    pub fn of(error: &io::Error) -> Option<&NotAFileInDir> {
+        error.get_ref()?.downcast_ref::<NotAFileInDir>()
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -126,10 +156,24 @@ impl StatCache {
         }
     }
 
-    /// Loads the cache at `file`; a missing or unreadable cache is an empty one.
+    /// Loads the cache at `file`; a missing or unreadable cache is an empty one (and one that is
+    /// not a regular file, a FIFO say, is not read: saving the cache replaces it).
     pub fn load(file: PathBuf) -> Self {
-        let entries = std::fs::read(&file)
-            .ok()
+        let read = || -> io::Result<Vec<u8>> {
+            let mut bytes = Vec::new();
+            imba_stages::safe::open_file(&file)?.read_to_end(&mut bytes)?;
+            Ok(bytes)
+        };
+        let bytes = match read() {
+            Ok(bytes) => Some(bytes),
+            Err(e) => {
+                if e.kind() != io::ErrorKind::NotFound {
+                    tracing::warn!("stat cache {} not read: {e}", file.display());
+                }
+                None
+            }
+        };
+        let entries = bytes
             .and_then(|bytes| serde_json::from_slice::<CacheFile>(&bytes).ok())
             .filter(|c| c.version == CACHE_FORMAT)
             .map(|c| c.entries)
@@ -238,6 +282,8 @@ impl StatCache {
         if meta.is_dir() {
             return self.hash_dir(path).map(Some);
         }
+        // A FIFO, socket or device is refused before anything opens it.
+        imba_stages::safe::check_walked(meta.file_type())?;
         Ok(Some(ContentHash {
             hash: self.file_hash(path, &meta)?,
             size: meta.len(),
@@ -260,12 +306,25 @@ impl StatCache {
                     .unwrap_or_else(|| dir.to_path_buf());
                 io::Error::other(format!("{}: {e}", path.display()))
             })?;
-            if !entry.file_type().is_file() {
+            if entry.file_type().is_dir() {
                 continue;
             }
-            let meta = entry.metadata().map_err(io::Error::other)?;
-            let hash = self.file_hash(entry.path(), &meta)?;
             let relative = entry.path().strip_prefix(dir).unwrap_or(entry.path());
+            // A FIFO, socket or device in the directory is an error naming it, not skipped:
+            // its content is not part of the hash, so changing it would go unnoticed.
+            let in_dir = |error: io::Error| match imba_stages::safe::NotAFile::of(&error) {
+                Some(not) => io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    NotAFileInDir {
+                        relative: relative.to_path_buf(),
+                        not: not.clone(),
+                    },
+                ),
+                None => error,
+            };
+            imba_stages::safe::check_walked(entry.file_type()).map_err(in_dir)?;
+            let meta = entry.metadata().map_err(io::Error::other)?;
+            let hash = self.file_hash(entry.path(), &meta).map_err(in_dir)?;
             manifest.update(relative.to_string_lossy().as_bytes());
             manifest.update(&[0]);
             manifest.update(meta.len().to_string().as_bytes());
@@ -285,7 +344,7 @@ impl StatCache {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -313,9 +372,64 @@ mod tests {
         let whole = blake3::hash(&bytes);
         for window in [4096, 1 << 20, 1 << 30] {
             let mut hasher = blake3::Hasher::new();
-            hash_mapped(&mut hasher, &path, window).unwrap();
+            hash_mapped(&mut hasher, &std::fs::File::open(&path).unwrap(), window).unwrap();
             assert_eq!(hasher.finalize(), whole, "window {window}");
         }
+    }
+
+    /// Makes a FIFO at `path`.
+    pub(crate) fn mkfifo(path: &Path) {
+        use std::os::unix::ffi::OsStrExt;
+        let name = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o644) }, 0, "mkfifo");
+    }
+
+    #[test]
+    fn a_fifo_is_refused_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("in.csv");
+        mkfifo(&fifo);
+        let cache = StatCache::in_memory();
+        // Returns at once: nothing opens the FIFO to read it.
+        let error = cache.hash_path(&fifo).unwrap_err();
+        assert_eq!(
+            imba_stages::safe::NotAFile::of(&error).unwrap().kind,
+            "a FIFO (named pipe)"
+        );
+        let error = hash_file_contents(&fifo, 0).unwrap_err();
+        assert!(imba_stages::safe::NotAFile::of(&error).is_some());
+    }
+
+    #[test]
+    fn a_fifo_in_a_directory_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("d");
+        std::fs::create_dir_all(d.join("sub")).unwrap();
+        std::fs::write(d.join("a"), "1").unwrap();
+        mkfifo(&d.join("sub/p"));
+        let error = StatCache::in_memory().hash_path(&d).unwrap_err();
+        let inner = NotAFileInDir::of(&error).expect("names the entry");
+        assert_eq!(inner.relative, Path::new("sub/p"));
+        assert_eq!(
+            inner.to_string(),
+            "holds `sub/p`, which is a FIFO (named pipe); imba reads only regular files and directories"
+        );
+    }
+
+    #[test]
+    fn a_fifo_stat_cache_is_an_empty_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cache.json");
+        mkfifo(&file);
+        let cache = StatCache::load(file.clone());
+        assert!(cache.hashes_under(dir.path()).is_empty());
+        // Saving replaces the FIFO with the cache.
+        let path = dir.path().join("f");
+        std::fs::write(&path, "x").unwrap();
+        cache.hash_path(&path).unwrap();
+        cache.save().unwrap();
+        assert!(std::fs::metadata(&file).unwrap().is_file());
     }
 
     #[test]

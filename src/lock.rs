@@ -61,11 +61,18 @@ pub enum Loaded {
 }
 
 pub fn load(path: &Path) -> Loaded {
-    let bytes = match std::fs::read(path) {
+    let bytes = match read_regular(path) {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Loaded::Missing,
         Err(e) => {
-            return Loaded::Corrupt(format!("cannot read lock file `{}`: {e}", path.display()))
+            return Loaded::Corrupt(match imba_stages::safe::NotAFile::of(&e) {
+                Some(not) => format!(
+                    "lock file `{}` is {}, not a regular file",
+                    path.display(),
+                    not.kind
+                ),
+                None => format!("cannot read lock file `{}`: {e}", path.display()),
+            })
         }
     };
     let value: Json = match serde_json::from_slice(&bytes) {
@@ -94,6 +101,15 @@ pub fn load(path: &Path) -> Loaded {
             path.display()
         )),
     }
+}
+
+/// The bytes of `path` when it is a regular file; a FIFO (which would block the read until
+/// something writes to it) or a device is an error carrying [`imba_stages::safe::NotAFile`].
+fn read_regular(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    imba_stages::safe::open_file(path)?.read_to_end(&mut bytes)?;
+    Ok(bytes)
 }
 
 /// Writes the lock file atomically.
@@ -177,6 +193,35 @@ mod tests {
     }
 
     #[test]
+    fn a_fifo_lock_file_is_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.lock");
+        crate::hash::tests::mkfifo(&path);
+        match load(&path) {
+            Loaded::Corrupt(message) => assert_eq!(
+                message,
+                format!(
+                    "lock file `{}` is a FIFO (named pipe), not a regular file",
+                    path.display()
+                )
+            ),
+            other => panic!("{other:?}"),
+        }
+        // Neither is a FIFO journal: replaying it finds nothing, opening it is an error.
+        let journal = dir.path().join("j.jsonl");
+        crate::hash::tests::mkfifo(&journal);
+        assert_eq!(replay(&mut LockFile::default(), &journal), 0);
+        let error = Journal::open(&journal).err().expect("a FIFO");
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "`{}` is a FIFO (named pipe), not a regular file",
+                journal.display()
+            )
+        );
+    }
+
+    #[test]
     fn lock_path_sits_beside_the_pipeline() {
         assert_eq!(
             lock_path(Path::new("pipelines/monthly.yaml")),
@@ -214,10 +259,12 @@ impl Journal {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)?;
+        // Only a regular file: opening a FIFO to write would wait for a reader.
+        let file = imba_stages::safe::open_with(
+            std::fs::OpenOptions::new().create(true).append(true),
+            path,
+        )
+        .map_err(|e| crate::state::named(e, path))?;
         let pending = file.metadata()?.len() > 0;
         Ok(Journal {
             file,
@@ -260,7 +307,11 @@ impl Journal {
 /// Applies the complete lines of the journal at `path` to `lock`; returns how many. A torn last
 /// line (the process died while writing it) is ignored: its stage will simply run again.
 pub fn replay(lock: &mut LockFile, path: &Path) -> usize {
-    let Ok(text) = std::fs::read_to_string(path) else {
+    // A journal that is not a regular file is not read here; opening it to append says so.
+    let Some(text) = read_regular(path)
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+    else {
         return 0;
     };
     let mut applied = 0;

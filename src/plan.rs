@@ -74,12 +74,35 @@ impl fmt::Display for Reason {
 }
 
 /// An I/O failure while hashing, with the path it happened on.
-#[derive(Debug, thiserror::Error)]
-#[error("cannot read `{path}`: {source}")]
+#[derive(Debug)]
 pub struct HashError {
     pub path: String,
-    #[source]
     pub source: std::io::Error,
+}
+
+impl fmt::Display for HashError {
+    /// "cannot read `path`: why", or, for what imba does not read at all, "`path` is a FIFO …".
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(not) = imba_stages::safe::NotAFile::of(&self.source) {
+            return write!(f, "`{}` {not}", self.path);
+        }
+        if let Some(inner) = crate::hash::NotAFileInDir::of(&self.source) {
+            return write!(
+                f,
+                "`{}/{}` {}",
+                self.path,
+                inner.relative.to_string_lossy(),
+                inner.not
+            );
+        }
+        write!(f, "cannot read `{}`: {}", self.path, self.source)
+    }
+}
+
+impl std::error::Error for HashError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
 }
 
 /// What a stage's fingerprint covers, as it is now.
@@ -172,6 +195,18 @@ pub fn snapshot(stage: &Stage, workdir: &Path, hashes: Hashes) -> Result<Snapsho
     let mut inputs = BTreeMap::new();
     for input in &stage.inputs {
         let key = input.declared.location.display(workdir);
+        // A built-in reads each input as one table file: a directory there would fail deep in
+        // its reader ("No such device"); say what is wrong before it runs.
+        if let (StageKind::Builtin { .. }, Location::Local(path), false) =
+            (&stage.kind, &input.declared.location, input.declared.dir)
+        {
+            if path.is_dir() {
+                return Err(HashError {
+                    path: key,
+                    source: imba_stages::safe::NotAFile::new("a directory").into_io(),
+                });
+            }
+        }
         let hash = hash_location(
             hashes,
             &input.declared.location,

@@ -2,8 +2,15 @@
 //!
 //! Data (a drawing, a schema, completions) goes to stdout; diagnostics and status go to stderr.
 //! Color only on a terminal, never with `NO_COLOR`.
+//!
+//! Text printed here often holds bytes from files (column names, values, paths, a command's
+//! stderr): its control characters are escaped ([`imba_stages::safe::escape_message`]) before
+//! it is written, so that no file can clear the screen or retitle the terminal. The printer's own
+//! colors are added after.
 
 use std::io::{IsTerminal, Write};
+
+use imba_stages::safe::escape_message as safe;
 
 use crate::diagnostic::{self, Diagnostic, RenderOptions, Sources};
 
@@ -46,14 +53,14 @@ impl Printer {
     /// Writes data to stdout. A closed pipe (`imba dag | head`) is not an error.
     pub fn data(&self, text: &str) {
         let mut out = std::io::stdout().lock();
-        let _ = out.write_all(text.as_bytes());
+        let _ = out.write_all(safe(text).as_bytes());
         let _ = out.flush();
     }
 
     /// A short status line on stderr, unless `-q`.
     pub fn status(&self, text: &str) {
         if !self.quiet {
-            let _ = writeln!(std::io::stderr().lock(), "{text}");
+            let _ = writeln!(std::io::stderr().lock(), "{}", safe(text));
         }
     }
 
@@ -64,7 +71,7 @@ impl Printer {
         } else {
             "warning:"
         };
-        let _ = writeln!(std::io::stderr().lock(), "{prefix} {message}");
+        let _ = writeln!(std::io::stderr().lock(), "{prefix} {}", safe(message));
     }
 
     /// `error: …` on stderr.
@@ -75,7 +82,11 @@ impl Printer {
             "error:"
         };
         let suffix = if self.color { "\x1b[0m" } else { "" };
-        let _ = writeln!(std::io::stderr().lock(), "{prefix} {message}{suffix}");
+        let _ = writeln!(
+            std::io::stderr().lock(),
+            "{prefix} {}{suffix}",
+            safe(message)
+        );
     }
 
     /// Why a pipeline could not be loaded: one line, or every diagnostic.
@@ -331,19 +342,24 @@ impl crate::exec::Events for RunPrinter {
                 }
             }
             Event::StageRunning { name, reasons } => {
-                self.set_running(|r| r.push(name.clone()));
+                self.set_running(|r| r.push(safe(&name).into_owned()));
                 if !self.quiet {
                     self.line(format!(
-                        "{} {name} ({})",
+                        "{} {} ({})",
                         self.paint("1;36", "  run "),
-                        reasons.join("; ")
+                        safe(&name),
+                        safe(&reasons.join("; "))
                     ));
                 }
             }
             Event::StageSkipped { name } => {
                 self.tick();
                 if !self.quiet {
-                    self.line(format!("{} {name} (up to date)", self.paint("2", "  skip")));
+                    self.line(format!(
+                        "{} {} (up to date)",
+                        self.paint("2", "  skip"),
+                        safe(&name)
+                    ));
                 }
             }
             Event::StageDone {
@@ -353,7 +369,7 @@ impl crate::exec::Events for RunPrinter {
                 checks_passed,
             } => {
                 self.tick();
-                self.set_running(|r| r.retain(|n| *n != name));
+                self.set_running(|r| r.retain(|n| *n != safe(&name)));
                 if !self.quiet {
                     let same = if unchanged { ", outputs unchanged" } else { "" };
                     let checks = match checks_passed {
@@ -362,8 +378,9 @@ impl crate::exec::Events for RunPrinter {
                         n => format!(", {n} checks passed"),
                     };
                     self.line(format!(
-                        "{} {name} ({:.2}s{same}{checks})",
+                        "{} {} ({:.2}s{same}{checks})",
                         self.paint("1;32", "  done"),
+                        safe(&name),
                         duration.as_secs_f64()
                     ));
                 }
@@ -375,13 +392,16 @@ impl crate::exec::Events for RunPrinter {
                 param,
             } => {
                 self.tick();
-                self.set_running(|r| r.retain(|n| *n != name));
+                self.set_running(|r| r.retain(|n| *n != safe(&name)));
                 let log = log
                     .map(|l| format!("\n  full log: {}", l.display()))
                     .unwrap_or_default();
+                // The error may quote a file (a column name, the tail of a command's stderr).
                 self.line(format!(
-                    "{} stage `{name}` failed: {error}{log}",
-                    self.paint("1;31", "error:")
+                    "{} stage `{}` failed: {}",
+                    self.paint("1;31", "error:"),
+                    safe(&name),
+                    safe(&format!("{error}{log}"))
                 ));
                 if let (Some(span), Some(sources)) = (param, &self.sources) {
                     let note = Diagnostic::context("the param is set here").at(span, "this param");
@@ -394,21 +414,25 @@ impl crate::exec::Events for RunPrinter {
                 self.tick();
                 if !self.quiet {
                     self.line(format!(
-                        "{} {name} (upstream {by} failed)",
-                        self.paint("33", "  skip")
+                        "{} {} (upstream {} failed)",
+                        self.paint("33", "  skip"),
+                        safe(&name),
+                        safe(&by)
                     ));
                 }
             }
             Event::StageCancelled { name } => {
                 self.tick();
-                self.set_running(|r| r.retain(|n| *n != name));
+                self.set_running(|r| r.retain(|n| *n != safe(&name)));
                 if !self.quiet {
-                    self.line(format!("{} {name}", self.paint("33", "cancel")));
+                    self.line(format!("{} {}", self.paint("33", "cancel"), safe(&name)));
                 }
             }
-            Event::Warning(message) => {
-                self.line(format!("{} {message}", self.paint("1;33", "warning:")))
-            }
+            Event::Warning(message) => self.line(format!(
+                "{} {}",
+                self.paint("1;33", "warning:"),
+                safe(&message)
+            )),
         }
     }
 }

@@ -52,12 +52,16 @@ impl StateDir {
     ) -> io::Result<Option<RunLock>> {
         std::fs::create_dir_all(&self.root)?;
         let path = self.root.join("run.lock");
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)?;
+        // Only a regular file: a FIFO put there would otherwise be locked and written to.
+        let mut file = imba_stages::safe::open_with(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false),
+            &path,
+        )
+        .map_err(|e| named(e, &path))?;
         match file.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
@@ -78,6 +82,15 @@ impl StateDir {
     }
 }
 
+/// An error about a file under `.imba/` that is not a regular file, naming it: the callers'
+/// messages name only the directory.
+pub(crate) fn named(error: io::Error, path: &Path) -> io::Error {
+    match imba_stages::safe::NotAFile::of(&error) {
+        Some(not) => not.clone().naming(path).into_io(),
+        None => error,
+    }
+}
+
 /// Held for the length of a run; released when dropped (or when the process dies).
 pub struct RunLock {
     _file: File,
@@ -94,4 +107,34 @@ pub fn new_run_id() -> String {
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
     format!("{stamp}-{:04x}", (nanos ^ std::process::id()) & 0xffff)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fifo_run_lock_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        std::fs::create_dir_all(&state.root).unwrap();
+        let path = state.root.join("run.lock");
+        crate::hash::tests::mkfifo(&path);
+        let error = state.lock(false, |_| {}).err().expect("a FIFO");
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "`{}` is a FIFO (named pipe), not a regular file",
+                path.display()
+            )
+        );
+        // A regular one is taken, and holds the pid.
+        std::fs::remove_file(&path).unwrap();
+        let held = state.lock(false, |_| {}).unwrap();
+        assert!(held.is_some());
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            std::process::id().to_string()
+        );
+    }
 }

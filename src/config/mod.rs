@@ -41,6 +41,7 @@ pub fn load(
     registry: &Registry,
 ) -> (Sources, Result<Pipeline, LoadError>) {
     let mut sources = Sources::default();
+    crate::diagnostic::reset_suggestions();
     let text = match read_text(path, "pipeline file") {
         Ok(text) => text,
         Err(message) => return (sources, Err(LoadError::Unreadable(message))),
@@ -69,19 +70,27 @@ pub fn load(
 }
 
 /// The text of a file (`what`: "pipeline file", "vars file"), or a one-line reason it cannot be had.
+/// Only a regular file is read: a directory, FIFO, socket or device is refused at once (reading a
+/// FIFO would wait for a writer, forever).
 pub(crate) fn read_text(path: &Path, what: &str) -> Result<String, String> {
+    use std::io::Read;
     let shown = path.display();
-    if path.is_dir() {
-        return Err(format!("cannot read {what} `{shown}`: it is a directory"));
-    }
-    let bytes = std::fs::read(path).map_err(|error| {
-        let reason = match error.kind() {
-            io::ErrorKind::NotFound => "no such file".to_owned(),
-            io::ErrorKind::PermissionDenied => "permission denied".to_owned(),
-            _ => error.to_string(),
+    let reason = |error: io::Error| {
+        let reason = match imba_stages::safe::NotAFile::of(&error) {
+            Some(not) if not.kind == "a directory" => "it is a directory".to_owned(),
+            Some(not) => format!("it is {}, not a regular file", not.kind),
+            None => match error.kind() {
+                io::ErrorKind::NotFound => "no such file".to_owned(),
+                io::ErrorKind::PermissionDenied => "permission denied".to_owned(),
+                _ => error.to_string(),
+            },
         };
         format!("cannot read {what} `{shown}`: {reason}")
-    })?;
+    };
+    let mut bytes = Vec::new();
+    imba_stages::safe::open_file(path)
+        .and_then(|mut file| file.read_to_end(&mut bytes))
+        .map_err(reason)?;
     String::from_utf8(bytes).map_err(|error| {
         let at = error.utf8_error().valid_up_to();
         let line = error.as_bytes()[..at]
@@ -91,4 +100,25 @@ pub(crate) fn read_text(path: &Path, what: &str) -> Result<String, String> {
             + 1;
         format!("{what} `{shown}` is not valid UTF-8 (line {line}, byte {at})")
     })
+}
+
+/// Whether a key's name says it holds a secret (`secret_access_key`, `aws_session_token`,
+/// `password`, `api_key`): the value of such a `--set` is never shown in a message. Narrower
+/// than the `storage:` check, where any `…key…` is refused: a bare `key` is a common param name.
+pub fn looks_secret(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase().replace('-', "_");
+    [
+        "secret",
+        "token",
+        "password",
+        "passwd",
+        "credential",
+        "access_key",
+        "accesskey",
+        "api_key",
+        "apikey",
+        "private_key",
+    ]
+    .iter()
+    .any(|s| lower.contains(s))
 }

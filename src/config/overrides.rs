@@ -36,6 +36,12 @@ pub fn apply(
     for set in &overrides.sets {
         let id = sources.add("--set", set.as_str());
         let whole = Span::new(id, 0..set.len());
+        // `--set storage.secret_access_key=…`: whatever the error, the value is not shown.
+        if let Some((key, _)) = set.split_once('=') {
+            if key.split('.').any(super::looks_secret) {
+                sources.mask(whole.sub(key.len() + 1..set.len()));
+            }
+        }
         if let Err(diagnostic) = apply_set(root, set, whole) {
             diagnostics.push(*diagnostic);
         }

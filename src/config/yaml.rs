@@ -4,7 +4,7 @@
 //! message needs: where each value and each key is, whether a key was given twice, and where a
 //! string's characters sit in the file (for carets inside `{{ templates }}`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use saphyr_parser::{Event, Parser, ScalarStyle, ScanError};
 
@@ -183,6 +183,33 @@ pub fn pointer_segments(pointer: &str) -> impl Iterator<Item = String> + '_ {
         .map(|s| s.replace("~1", "/").replace("~0", "~"))
 }
 
+/// How deep collections may nest. Deeper YAML is refused while it is parsed: the code that walks
+/// a [`Node`] (and drops it) recurses once per level, and a pipeline needs a handful of levels.
+pub const MAX_DEPTH: usize = 128;
+
+/// How many nodes aliases may create, at least: see [`alias_budget`].
+pub const MIN_ALIAS_NODES: usize = 10_000;
+/// How many nodes aliases may create, at most, however large the file.
+pub const MAX_ALIAS_NODES: usize = 250_000;
+/// How many nodes aliases may create for each node written in the file.
+pub const ALIAS_NODES_PER_NODE: usize = 100;
+
+/// How many nodes aliases (and the copies anchors keep) may create once `written` nodes have been
+/// read: 100 per node written, at least 10,000 and at most 250,000.
+///
+/// An alias copies the node its anchor names, so nine levels of nine aliases (a 436-byte file)
+/// ask for 9⁹ copies: the "billion laughs". Legitimate use (a map of defaults merged into each
+/// stage) creates a few times the nodes written, far from 100 times. The ceiling bounds what any
+/// file costs: a copied node costs some 300 bytes by the time the pipeline is resolved (its
+/// params as JSON, its template context), so a million of them took 420 MB and 2.5 s of
+/// `imba validate`; 250,000 stay near 100 MB. Nodes written before the alias are what count, as
+/// an alias can only name what was written before it.
+pub fn alias_budget(written: usize) -> usize {
+    written
+        .saturating_mul(ALIAS_NODES_PER_NODE)
+        .clamp(MIN_ALIAS_NODES, MAX_ALIAS_NODES)
+}
+
 /// Parses one YAML document. An empty document is `Null`.
 pub fn parse(source: SourceId, text: &str) -> Result<Node, Vec<Diagnostic>> {
     let offsets = CharOffsets::new(text);
@@ -195,6 +222,9 @@ pub fn parse(source: SourceId, text: &str) -> Result<Node, Vec<Diagnostic>> {
         documents: 0,
         root: None,
         diagnostics: Vec::new(),
+        written: 0,
+        copied: 0,
+        stopped: false,
     };
     for event in Parser::new_from_str(text) {
         match event {
@@ -205,6 +235,9 @@ pub fn parse(source: SourceId, text: &str) -> Result<Node, Vec<Diagnostic>> {
                     .push(scan_error(source, &offsets, &error));
                 return Err(builder.diagnostics);
             }
+        }
+        if builder.stopped {
+            return Err(builder.diagnostics);
         }
     }
     if !builder.diagnostics.is_empty() {
@@ -218,8 +251,13 @@ pub fn parse(source: SourceId, text: &str) -> Result<Node, Vec<Diagnostic>> {
 fn scan_error(source: SourceId, offsets: &CharOffsets, error: &ScanError) -> Diagnostic {
     let at = offsets.byte(error.marker().index());
     let end = offsets.byte(error.marker().index() + 1).max(at);
-    Diagnostic::error(format!("invalid YAML: {}", error.info()))
-        .at(Span::new(source, at..end), "here")
+    let diagnostic = Diagnostic::error(format!("invalid YAML: {}", error.info()))
+        .at(Span::new(source, at..end), "here");
+    if error.info() == "recursion limit exceeded" {
+        diagnostic.note("YAML flow collections (`[` and `{`) nest at most 255 deep")
+    } else {
+        diagnostic
+    }
 }
 
 /// Maps saphyr's character indices to byte offsets.
@@ -246,19 +284,44 @@ impl CharOffsets {
     }
 }
 
+/// How big a finished node is: its nodes (itself included) and its levels.
+#[derive(Clone, Copy, Debug, Default)]
+struct Extent {
+    nodes: usize,
+    height: usize,
+}
+
+impl Extent {
+    const LEAF: Extent = Extent {
+        nodes: 1,
+        height: 1,
+    };
+
+    /// A collection's extent, from the extents of its items so far.
+    fn add_child(&mut self, child: Extent) {
+        self.nodes = self.nodes.saturating_add(child.nodes);
+        self.height = self.height.max(child.height + 1);
+    }
+}
+
 enum Frame {
     Seq {
         start: usize,
         anchor: usize,
         items: Vec<Node>,
+        extent: Extent,
     },
     Map {
         start: usize,
         anchor: usize,
         entries: Vec<(Key, Node)>,
+        /// Where each key is in `entries`, so that a map of many keys is checked for duplicates
+        /// in linear time.
+        index: HashMap<String, usize>,
         key: Option<Key>,
         /// Keys that came from a `<<` merge: explicit keys may override these.
-        merged: Vec<String>,
+        merged: HashSet<String>,
+        extent: Extent,
     },
 }
 
@@ -267,10 +330,17 @@ struct Builder<'a> {
     text: &'a str,
     offsets: &'a CharOffsets,
     stack: Vec<Frame>,
-    anchors: HashMap<usize, Node>,
+    /// Each anchor's node and its extent.
+    anchors: HashMap<usize, (Node, Extent)>,
     documents: usize,
     root: Option<Node>,
     diagnostics: Vec<Diagnostic>,
+    /// Nodes as written in the file: scalars, collections, aliases.
+    written: usize,
+    /// Nodes created by copying: by aliases, and by anchors keeping their node.
+    copied: usize,
+    /// A limit was hit: the rest of the file is not read.
+    stopped: bool,
 }
 
 impl Builder<'_> {
@@ -279,6 +349,74 @@ impl Builder<'_> {
             self.source,
             self.offsets.byte(span.start.index())..self.offsets.byte(span.end.index()),
         )
+    }
+
+    /// Counts `nodes` more copies against [`alias_budget`]; false (with the error) past it.
+    /// `alias`: the copy is an alias's (else an anchor keeping its node).
+    fn copy(&mut self, nodes: usize, span: Span, alias: bool) -> bool {
+        self.copied = self.copied.saturating_add(nodes);
+        let budget = alias_budget(self.written);
+        // An anchor's copy is counted, but the error is an alias's to give, as aliases are what
+        // multiply: an anchor stops the parse only far past the budget (nested anchors, each
+        // keeping a copy of the one inside it, multiply too).
+        let limit = if alias {
+            budget
+        } else {
+            budget.saturating_mul(2)
+        };
+        if self.copied <= limit {
+            return true;
+        }
+        let (message, at, label) = if alias {
+            let name = self.text.get(span.range()).unwrap_or("").trim();
+            (
+                format!("YAML alias `{name}` makes the document too large"),
+                span,
+                format!(
+                    "copies {} nodes, bringing the copies to {}",
+                    thousands(nodes),
+                    thousands(self.copied)
+                ),
+            )
+        } else {
+            (
+                "a YAML anchor makes the document too large".to_owned(),
+                Span::new(span.source, span.start..span.start),
+                format!(
+                    "this anchored value, kept to be copied, brings the copies to {}",
+                    thousands(self.copied)
+                ),
+            )
+        };
+        self.diagnostics.push(
+            Diagnostic::error(message)
+                .at(at, label)
+                .note(format!(
+                    "anchors and aliases may copy at most {ALIAS_NODES_PER_NODE} times the nodes written before them (at least {}, at most {}); {} nodes are written before this one, so {} copies may be made",
+                    thousands(MIN_ALIAS_NODES),
+                    thousands(MAX_ALIAS_NODES),
+                    thousands(self.written),
+                    thousands(budget),
+                ))
+                .help("nested aliases multiply: write the repeated values out, or use fewer levels of aliases"),
+        );
+        self.stopped = true;
+        false
+    }
+
+    /// Refuses to go deeper than [`MAX_DEPTH`]; `height` more levels below the current one.
+    fn deepen(&mut self, height: usize, span: Span) -> bool {
+        if self.stack.len() + height <= MAX_DEPTH {
+            return true;
+        }
+        self.diagnostics.push(
+            Diagnostic::error(format!(
+                "YAML nested too deep: a pipeline file may nest lists and maps at most {MAX_DEPTH} levels deep"
+            ))
+            .at(span, "nested too deep here"),
+        );
+        self.stopped = true;
+        false
     }
 
     fn on_event(&mut self, event: Event<'_>, span: saphyr_parser::Span) {
@@ -296,55 +434,87 @@ impl Builder<'_> {
                 }
             }
             Event::Scalar(text, style, anchor, tag) => {
+                self.written += 1;
+                if !self.deepen(1, span) {
+                    return;
+                }
                 let node = self.scalar(&text, style, tag.as_deref(), span);
-                self.push(node, anchor);
+                self.push(node, Extent::LEAF, anchor);
             }
             Event::Alias(anchor) => {
-                let node = match self.anchors.get(&anchor) {
-                    Some(node) => node.clone(),
+                self.written += 1;
+                let (node, extent) = match self.anchors.get(&anchor).map(|(_, e)| *e) {
+                    Some(extent) => {
+                        // Counted before the copy is made: a copy past the budget never is.
+                        if !self.deepen(extent.height, span) || !self.copy(extent.nodes, span, true)
+                        {
+                            return;
+                        }
+                        match self.anchors.get(&anchor) {
+                            Some((node, _)) => (node.clone(), extent),
+                            None => return,
+                        }
+                    }
                     None => {
                         self.diagnostics.push(
                             Diagnostic::error("unknown YAML alias")
                                 .at(span, "no anchor of this name"),
                         );
-                        Node::new(span, Value::Null)
+                        (Node::new(span, Value::Null), Extent::LEAF)
                     }
                 };
-                self.push(node, 0);
+                self.push(node, extent, 0);
             }
-            Event::SequenceStart(anchor, _) => self.stack.push(Frame::Seq {
-                start: span.start,
-                anchor,
-                items: Vec::new(),
-            }),
-            Event::MappingStart(anchor, _) => self.stack.push(Frame::Map {
-                start: span.start,
-                anchor,
-                entries: Vec::new(),
-                key: None,
-                merged: Vec::new(),
-            }),
+            Event::SequenceStart(anchor, _) => {
+                self.written += 1;
+                if !self.deepen(1, span) {
+                    return;
+                }
+                self.stack.push(Frame::Seq {
+                    start: span.start,
+                    anchor,
+                    items: Vec::new(),
+                    extent: Extent::LEAF,
+                })
+            }
+            Event::MappingStart(anchor, _) => {
+                self.written += 1;
+                if !self.deepen(1, span) {
+                    return;
+                }
+                self.stack.push(Frame::Map {
+                    start: span.start,
+                    anchor,
+                    entries: Vec::new(),
+                    index: HashMap::new(),
+                    key: None,
+                    merged: HashSet::new(),
+                    extent: Extent::LEAF,
+                })
+            }
             Event::SequenceEnd | Event::MappingEnd => {
                 let Some(frame) = self.stack.pop() else {
                     return;
                 };
-                let (start, anchor, value, last_end) = match frame {
+                let (start, anchor, value, last_end, extent) = match frame {
                     Frame::Seq {
                         start,
                         anchor,
                         items,
+                        extent,
                     } => {
                         let end = items.last().map(|n| n.span.end);
-                        (start, anchor, Value::Seq(items), end)
+                        (start, anchor, Value::Seq(items), end, extent)
                     }
                     Frame::Map {
                         start,
                         anchor,
                         entries,
+                        extent,
                         ..
                     } => {
                         let end = entries.last().map(|(_, n)| n.span.end);
-                        (start, anchor, Value::Map(entries), end)
+                        (start, anchor, Value::Map(entries), end, extent)
                     }
                 };
                 // Block collections end where their last item ends; flow ones at their bracket.
@@ -361,7 +531,8 @@ impl Builder<'_> {
                     }
                     _ => span.end.max(start),
                 };
-                self.push(Node::new(Span::new(self.source, start..end), value), anchor);
+                let node = Node::new(Span::new(self.source, start..end), value);
+                self.push(node, extent, anchor);
             }
             Event::StreamStart | Event::StreamEnd | Event::DocumentEnd | Event::Nothing => {}
         }
@@ -385,7 +556,7 @@ impl Builder<'_> {
             Some(span.start)
         } else if matches!(style, ScalarStyle::SingleQuoted | ScalarStyle::DoubleQuoted)
             && source.len() >= 2
-            && &source[1..source.len() - 1] == text
+            && source.get(1..source.len() - 1) == Some(text)
         {
             Some(span.start + 1)
         } else {
@@ -400,9 +571,13 @@ impl Builder<'_> {
         )
     }
 
-    fn push(&mut self, node: Node, anchor: usize) {
+    fn push(&mut self, node: Node, extent: Extent, anchor: usize) {
         if anchor != 0 {
-            self.anchors.insert(anchor, node.clone());
+            // The anchor keeps a copy of its node, which counts as copies do.
+            if !self.copy(extent.nodes, node.span, false) {
+                return;
+            }
+            self.anchors.insert(anchor, (node.clone(), extent));
         }
         match self.stack.last_mut() {
             None => {
@@ -410,61 +585,88 @@ impl Builder<'_> {
                     self.root = Some(node);
                 }
             }
-            Some(Frame::Seq { items, .. }) => items.push(node),
+            Some(Frame::Seq {
+                items, extent: e, ..
+            }) => {
+                e.add_child(extent);
+                items.push(node)
+            }
             Some(Frame::Map {
                 entries,
+                index,
                 key,
                 merged,
+                extent: e,
                 ..
-            }) => match key.take() {
-                None => {
-                    let name = match &node.value {
-                        Value::String(s) => s.text.clone(),
-                        Value::Null => "null".to_owned(),
-                        Value::Bool(b) => b.to_string(),
-                        Value::Int(i) => i.to_string(),
-                        Value::Float(f) => f.to_string(),
-                        Value::Seq(_) | Value::Map(_) => {
+            }) => {
+                e.add_child(extent);
+                match key.take() {
+                    None => {
+                        let name = match &node.value {
+                            Value::String(s) => s.text.clone(),
+                            Value::Null => "null".to_owned(),
+                            Value::Bool(b) => b.to_string(),
+                            Value::Int(i) => i.to_string(),
+                            Value::Float(f) => f.to_string(),
+                            Value::Seq(_) | Value::Map(_) => {
+                                self.diagnostics.push(
+                                    Diagnostic::error(
+                                        "a map key must be a plain value, not a list or map",
+                                    )
+                                    .at(node.span, "complex key"),
+                                );
+                                String::new()
+                            }
+                        };
+                        *key = Some(Key {
+                            name,
+                            span: node.span,
+                        });
+                    }
+                    Some(k) => {
+                        if k.name == "<<" {
+                            merge_into(entries, index, merged, node);
+                        } else if merged.remove(&k.name) {
+                            if let Some(&at) = index.get(&k.name) {
+                                entries[at] = (k, node);
+                            }
+                        } else if let Some(&at) = index.get(&k.name) {
                             self.diagnostics.push(
-                                Diagnostic::error(
-                                    "a map key must be a plain value, not a list or map",
-                                )
-                                .at(node.span, "complex key"),
+                                Diagnostic::error(format!("key `{}` is given twice", k.name))
+                                    .at(k.span, "given again here")
+                                    .also(entries[at].0.span, "first given here"),
                             );
-                            String::new()
+                        } else {
+                            index.insert(k.name.clone(), entries.len());
+                            entries.push((k, node));
                         }
-                    };
-                    *key = Some(Key {
-                        name,
-                        span: node.span,
-                    });
-                }
-                Some(k) => {
-                    if k.name == "<<" {
-                        merge_into(entries, merged, node);
-                    } else if let Some(at) = merged.iter().position(|m| *m == k.name) {
-                        merged.remove(at);
-                        if let Some(entry) = entries.iter_mut().find(|(e, _)| e.name == k.name) {
-                            *entry = (k, node);
-                        }
-                    } else if let Some((first, _)) = entries.iter().find(|(e, _)| e.name == k.name)
-                    {
-                        self.diagnostics.push(
-                            Diagnostic::error(format!("key `{}` is given twice", k.name))
-                                .at(k.span, "given again here")
-                                .also(first.span, "first given here"),
-                        );
-                    } else {
-                        entries.push((k, node));
                     }
                 }
-            },
+            }
         }
     }
 }
 
+/// `1234567` as `1,234,567`, for counts in messages.
+fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// YAML's merge key (`<<: *defaults`): keys of the merged maps that the map lacks.
-fn merge_into(entries: &mut Vec<(Key, Node)>, merged_names: &mut Vec<String>, node: Node) {
+fn merge_into(
+    entries: &mut Vec<(Key, Node)>,
+    index: &mut HashMap<String, usize>,
+    merged_names: &mut HashSet<String>,
+    node: Node,
+) {
     let maps = match node.value {
         Value::Seq(items) => items,
         _ => vec![node],
@@ -472,8 +674,9 @@ fn merge_into(entries: &mut Vec<(Key, Node)>, merged_names: &mut Vec<String>, no
     for map in maps {
         if let Value::Map(merged) = map.value {
             for (k, v) in merged {
-                if !entries.iter().any(|(e, _)| e.name == k.name) {
-                    merged_names.push(k.name.clone());
+                if !index.contains_key(&k.name) {
+                    merged_names.insert(k.name.clone());
+                    index.insert(k.name.clone(), entries.len());
                     entries.push((k, v));
                 }
             }
@@ -601,6 +804,103 @@ mod tests {
         let (_, node) = load("base: &b {x: 1, y: 2}\nc:\n  <<: *b\n  y: 3\n");
         let json = node.expect("valid").to_json();
         assert_eq!(json["c"], serde_json::json!({"y": 3, "x": 1}));
+    }
+
+    #[test]
+    fn the_alias_budget_grows_with_the_file_within_bounds() {
+        assert_eq!(alias_budget(0), MIN_ALIAS_NODES);
+        assert_eq!(alias_budget(500), 50_000);
+        assert_eq!(alias_budget(5_000), MAX_ALIAS_NODES);
+        assert_eq!(alias_budget(usize::MAX), MAX_ALIAS_NODES);
+    }
+
+    #[test]
+    fn aliases_that_multiply_stop_at_the_alias() {
+        let mut text = String::from("a: &a [x, x, x, x, x, x, x, x, x]\n");
+        for (prev, next) in ["a", "b", "c", "d", "e", "f", "g", "h"]
+            .iter()
+            .zip(["b", "c", "d", "e", "f", "g", "h", "i"])
+        {
+            text.push_str(&format!(
+                "{next}: &{next} [{}]\n",
+                vec![format!("*{prev}"); 9].join(", ")
+            ));
+        }
+        let started = std::time::Instant::now();
+        let (sources, node) = load(&text);
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        let errors = node.expect_err("too large");
+        assert_eq!(errors.len(), 1);
+        assert_eq!(
+            errors[0].message,
+            "YAML alias `*d` makes the document too large"
+        );
+        let span = errors[0].primary_span().unwrap();
+        assert_eq!(sources.line_col(span.source, span.start), (5, 8));
+    }
+
+    #[test]
+    fn aliases_within_the_budget_expand() {
+        // A map of defaults merged into 200 stages, and a list aliased in each.
+        let mut text = String::from(
+            "defaults: &d {a: 1, b: [1, 2, 3], c: {x: y}}\nlist: &l [1, 2, 3, 4]\nstages:\n",
+        );
+        for i in 0..200 {
+            text.push_str(&format!("  s{i}: {{<<: *d, b: 2, tags: *l}}\n"));
+        }
+        let (_, node) = load(&text);
+        let json = node.expect("valid").to_json();
+        assert_eq!(
+            json["stages"]["s199"],
+            serde_json::json!({"a": 1, "b": 2, "c": {"x": "y"}, "tags": [1, 2, 3, 4]})
+        );
+    }
+
+    #[test]
+    fn nesting_deeper_than_the_limit_is_an_error() {
+        let ok = format!("{}1", "- ".repeat(MAX_DEPTH - 1));
+        assert!(load(&ok).1.is_ok());
+        let deep = format!("{}1", "- ".repeat(MAX_DEPTH));
+        let errors = load(&deep).1.expect_err("too deep");
+        assert!(
+            errors[0].message.starts_with("YAML nested too deep"),
+            "{errors:?}"
+        );
+        // An alias stacks its anchor's levels on where it is used.
+        let anchored = format!(
+            "a: &a {}1{}\nb: [[[[*a]]]]\n",
+            "[".repeat(MAX_DEPTH - 3),
+            "]".repeat(MAX_DEPTH - 3)
+        );
+        let errors = load(&anchored).1.expect_err("too deep");
+        assert!(
+            errors[0].message.starts_with("YAML nested too deep"),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn a_map_of_many_keys_is_checked_in_linear_time() {
+        let mut text = String::new();
+        for i in 0..100_000 {
+            text.push_str(&format!("k{i}: {i}\n"));
+        }
+        text.push_str("k5: again\n");
+        let started = std::time::Instant::now();
+        let errors = load(&text).1.expect_err("duplicate");
+        assert_eq!(errors[0].message, "key `k5` is given twice");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[test]
+    fn merged_keys_may_be_overridden_once() {
+        let (_, node) = load("base: &b {x: 1}\nc:\n  <<: *b\n  x: 2\n  x: 3\n");
+        let errors = node.expect_err("twice");
+        assert_eq!(errors[0].message, "key `x` is given twice");
     }
 
     #[test]

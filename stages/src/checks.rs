@@ -309,11 +309,12 @@ impl Loaded {
             let present: Vec<String> = df
                 .get_column_names()
                 .iter()
-                .map(|c| format!("`{c}`"))
+                .map(|c| format!("`{}`", crate::safe::escape(c)))
                 .collect();
             format!(
-                "column `{name}` is not in `{}`; its columns are {}",
-                path.display(),
+                "column `{}` is not in `{}`; its columns are {}",
+                crate::safe::escape(name),
+                crate::safe::escape(&path.to_string_lossy()),
                 present.join(", ")
             )
         })
@@ -321,8 +322,7 @@ impl Loaded {
 }
 
 fn parquet_rows(path: &Path) -> Result<usize, String> {
-    let file =
-        std::fs::File::open(path).map_err(|e| format!("cannot open `{}`: {e}", path.display()))?;
+    let file = crate::table::open(path).map_err(|e| e.message)?;
     ParquetReader::new(file)
         .num_rows()
         .map_err(|e| format!("cannot read Parquet file `{}`: {e}", path.display()))

@@ -16,6 +16,7 @@ pub mod pool;
 pub mod ports;
 mod registry;
 pub mod rows;
+pub mod safe;
 pub mod stats;
 pub mod table;
 

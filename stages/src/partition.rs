@@ -178,8 +178,7 @@ pub fn sorted(column: &Column) -> bool {
 
 /// The number of rows of a Parquet file, from its footer.
 pub fn parquet_rows(path: &Path) -> Result<usize, StageError> {
-    let file = std::fs::File::open(path)
-        .map_err(|e| StageError::new(format!("cannot open `{}`: {e}", path.display())))?;
+    let file = crate::table::open(path)?;
     ParquetReader::new(file)
         .num_rows()
         .map_err(|e| cannot_read(path, e))
@@ -191,6 +190,8 @@ pub fn read_range(
     columns: &[String],
     predicate: Option<Expr>,
 ) -> Result<DataFrame, StageError> {
+    // Polars opens the file itself: first check that it is a regular file (a FIFO would block).
+    crate::table::open(path)?;
     guarded(path, || {
         let mut frame = scan_lazy(path)?;
         if !columns.is_empty() {

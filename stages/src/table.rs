@@ -7,6 +7,13 @@ use polars::prelude::*;
 
 use crate::StageError;
 
+/// Opens a table file to read it: only a regular file, never blocking on a FIFO; the error names
+/// the file ("`data/in.csv` is a directory, but this stage reads it as a file").
+pub fn open(path: &Path) -> Result<std::fs::File, StageError> {
+    crate::safe::open_file(path)
+        .map_err(|e| StageError::new(crate::safe::describe_error("open", path, &e)))
+}
+
 /// Whether a path names a CSV file (by extension); anything else is Parquet.
 pub fn is_csv(path: &Path) -> bool {
     path.extension()
@@ -29,19 +36,27 @@ pub fn read_table_inferred(path: &Path) -> Result<DataFrame, StageError> {
     if !is_csv(path) {
         return read_parquet(path, None);
     }
+    // Mapped here rather than opened by polars, so that only a regular file is read.
+    let map = map_file(path)?;
+    let bytes = map.as_deref().unwrap_or_default();
     let read = |rows: Option<usize>| {
         CsvReadOptions::default()
             .with_has_header(true)
             .with_infer_schema_length(rows)
-            .try_into_reader_with_file_path(Some(path.to_path_buf()))
-            .and_then(|r| r.finish())
+            .into_reader_with_file_handle(std::io::Cursor::new(bytes))
+            .finish()
     };
     match read(Some(10_000)).or_else(|_| read(None)) {
         Ok(df) => {
-            check_csv_shape(path, df.width(), df.height())?;
+            CsvText {
+                path,
+                bytes,
+                first_line: 2,
+            }
+            .check_shape(df.width(), df.height())?;
             Ok(df)
         }
-        Err(e) => Err(csv_error(path, e)),
+        Err(e) => Err(csv_text_error(path, locate_csv_problem(bytes, 2), e)),
     }
 }
 
@@ -51,8 +66,7 @@ pub fn columns_of(path: &Path) -> Result<Vec<String>, StageError> {
     if is_csv(path) {
         // Only the header line is read (polars would map the whole file to chunk it).
         use std::io::BufRead;
-        let file = std::fs::File::open(path)
-            .map_err(|e| StageError::new(format!("cannot open `{}`: {e}", path.display())))?;
+        let file = open(path)?;
         let mut header = Vec::new();
         std::io::BufReader::new(file)
             .read_until(b'\n', &mut header)
@@ -69,8 +83,7 @@ pub fn columns_of(path: &Path) -> Result<Vec<String>, StageError> {
             .map(|c| c.to_string())
             .collect());
     }
-    let file = std::fs::File::open(path)
-        .map_err(|e| StageError::new(format!("cannot open `{}`: {e}", path.display())))?;
+    let file = open(path)?;
     let schema = ParquetReader::new(file).schema().map_err(|e| {
         StageError::new(format!(
             "cannot read Parquet file `{}`: {e}",
@@ -133,8 +146,7 @@ fn csv_text_error(path: &Path, problem: Option<String>, error: PolarsError) -> S
 /// Reads a Parquet file: all its columns, or only `columns` when it has them all (when it does
 /// not, all of them, so that the caller's error can list what there is).
 pub fn read_parquet(path: &Path, columns: Option<&[String]>) -> Result<DataFrame, StageError> {
-    let file = std::fs::File::open(path)
-        .map_err(|e| StageError::new(format!("cannot open `{}`: {e}", path.display())))?;
+    let file = open(path)?;
     let mut reader = ParquetReader::new(file);
     if let Some(columns) = columns.filter(|c| !c.is_empty()) {
         let schema = reader.schema().map_err(|e| {
@@ -325,9 +337,8 @@ pub fn check_csv_shape(path: &Path, columns: usize, rows: usize) -> Result<bool,
 /// polars, which maps the same CSV to parse it, this assumes nobody truncates the file while
 /// a stage reads it.
 pub fn map_file(path: &Path) -> Result<Option<memmap2::Mmap>, StageError> {
-    let cannot =
-        |e: std::io::Error| StageError::new(format!("cannot read `{}`: {e}", path.display()));
-    let file = std::fs::File::open(path).map_err(cannot)?;
+    let cannot = |e: std::io::Error| StageError::new(crate::safe::describe_error("read", path, &e));
+    let file = crate::safe::open_file(path).map_err(cannot)?;
     if file.metadata().map_err(cannot)?.len() == 0 {
         return Ok(None);
     }
@@ -366,8 +377,7 @@ pub struct CsvChunk {
 impl CsvChunks {
     /// Opens `path` to read about `target` bytes of records at a time.
     pub fn open(path: &Path, target: usize) -> Result<Self, StageError> {
-        let file = std::fs::File::open(path)
-            .map_err(|e| StageError::new(format!("cannot open `{}`: {e}", path.display())))?;
+        let file = open(path)?;
         let mut chunks = CsvChunks {
             path: path.to_path_buf(),
             file,
@@ -714,11 +724,14 @@ pub fn require_columns<'a>(
         .collect();
     for (column, pointer) in columns {
         if !present.iter().any(|p| p == column) {
+            // The names come from the file: escaped, so that a header cannot drive the terminal.
+            let shown: Vec<_> = present.iter().map(|c| crate::safe::escape(c)).collect();
             return Err(StageError::new(format!(
-                "column `{column}` (param `{}`) is not in `{}`; its columns are: {}",
+                "column `{}` (param `{}`) is not in `{}`; its columns are: {}",
+                crate::safe::escape(column),
                 dotted(&pointer),
-                file.display(),
-                present.join(", ")
+                crate::safe::escape(&file.to_string_lossy()),
+                shown.join(", ")
             ))
             .at_param(pointer));
         }

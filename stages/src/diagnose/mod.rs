@@ -195,7 +195,13 @@ fn floats(df: &DataFrame, column: &str) -> Result<Vec<f64>, StageError> {
 impl Imputation {
     fn read(dir: &Path, data: &Path, params: &DiagnoseParams) -> Result<Imputation, StageError> {
         let summary_path = dir.join("summaries/impute_summary.json");
-        let text = std::fs::read_to_string(&summary_path).map_err(|e| {
+        let read = || -> std::io::Result<String> {
+            use std::io::Read;
+            let mut text = String::new();
+            crate::safe::open_file(&summary_path)?.read_to_string(&mut text)?;
+            Ok(text)
+        };
+        let text = read().map_err(|e| {
             StageError::new(format!(
                 "cannot read `{}` ({e}): input `imputed` must be the output directory of an `impute` stage",
                 summary_path.display()
