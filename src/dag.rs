@@ -78,13 +78,21 @@ pub fn build(pipeline: Pipeline, options: BuildOptions) -> Result<Dag, Vec<Diagn
     let nodes: Vec<NodeIndex> = (0..stages.len()).map(|i| graph.add_node(i)).collect();
     let mut edges: BTreeMap<(usize, usize), Edge> = BTreeMap::new();
     let mut sources = Vec::new();
+    let mut written = None;
     for (s, stage) in stages.iter().enumerate() {
         for (i, input) in stage.inputs.iter().enumerate() {
             let producers = producers_of(&outputs, &key_of(&input.declared.location));
             if producers.is_empty() {
                 sources.push((s, i));
                 if options.check_sources {
-                    check_source(&pipeline, stage, input, &outputs, &mut diagnostics);
+                    check_source(
+                        &pipeline,
+                        stage,
+                        input,
+                        &outputs,
+                        &mut written,
+                        &mut diagnostics,
+                    );
                 }
                 continue;
             }
@@ -212,6 +220,7 @@ fn check_source(
     stage: &Stage,
     input: &Port,
     outputs: &BTreeMap<PathKey, Vec<(usize, usize)>>,
+    written: &mut Option<Vec<String>>,
     diagnostics: &mut Vec<Diagnostic>,
 ) {
     let Location::Local(path) = &input.declared.location else {
@@ -226,16 +235,19 @@ fn check_source(
         "input `{}` of stage `{}` does not exist, and no stage writes it",
         input.text, stage.name
     ));
-    let written: Vec<String> = outputs
-        .values()
-        .flatten()
-        .map(|&(s, p)| {
-            pipeline.stages[s].outputs[p]
-                .declared
-                .location
-                .display(&pipeline.workdir)
-        })
-        .collect();
+    // Every output, for "did you mean": listed once, not once per missing input.
+    let written = written.get_or_insert_with(|| {
+        outputs
+            .values()
+            .flatten()
+            .map(|&(s, p)| {
+                pipeline.stages[s].outputs[p]
+                    .declared
+                    .location
+                    .display(&pipeline.workdir)
+            })
+            .collect()
+    });
     let diagnostic = match did_you_mean(&shown, written.iter().map(String::as_str)) {
         Some(s) => diagnostic.at(
             input.span,

@@ -185,6 +185,7 @@ fn read_lock(path: &Path, warn: impl Fn(String)) -> Result<LockFile, RunError> {
                 stages: BTreeMap::new(),
             })
         }
+        lock::Loaded::Unreadable(message) => Err(RunError::Config(message)),
         lock::Loaded::TooNew(version) => Err(RunError::Config(format!(
             "lock file `{}` was written by a newer imba (format {version}; this imba reads format {})",
             path.display(),

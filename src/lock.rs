@@ -54,6 +54,8 @@ pub fn lock_path(pipeline: &Path) -> PathBuf {
 pub enum Loaded {
     Found(LockFile),
     Missing,
+    /// Not a file imba can read or replace (a FIFO, a socket, a device): an error.
+    Unreadable(String),
     /// Unreadable or not a lock file: treated as empty, with this warning.
     Corrupt(String),
     /// Written by a newer imba.
@@ -65,14 +67,14 @@ pub fn load(path: &Path) -> Loaded {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Loaded::Missing,
         Err(e) => {
-            return Loaded::Corrupt(match imba_stages::safe::NotAFile::of(&e) {
-                Some(not) => format!(
-                    "lock file `{}` is {}, not a regular file",
+            return match imba_stages::safe::NotAFile::of(&e) {
+                Some(not) => Loaded::Unreadable(format!(
+                    "lock file `{}` is {}, not a regular file: remove it",
                     path.display(),
                     not.kind
-                ),
-                None => format!("cannot read lock file `{}`: {e}", path.display()),
-            })
+                )),
+                None => Loaded::Corrupt(format!("cannot read lock file `{}`: {e}", path.display())),
+            }
         }
     };
     let value: Json = match serde_json::from_slice(&bytes) {

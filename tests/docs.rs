@@ -118,6 +118,10 @@ fn error_catalogue() -> String {
             "safety",
             "Safety (confined outputs, stage names, shell quoting, bounded work; exit 2)",
         ),
+        (
+            "safety_input",
+            "Unsafe input: hostile YAML, FIFOs, control characters",
+        ),
     ];
     let mut snapshots: Vec<(String, String)> =
         std::fs::read_dir(common::repo().join("tests/snapshots"))

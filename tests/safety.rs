@@ -634,3 +634,16 @@ mod adversarial {
         }
     }
 }
+
+#[test]
+fn a_template_building_a_huge_value_is_stopped_within_its_memory_budget() {
+    // Five terms of 100 MB each: a handful of steps, and 500 MB without a memory budget.
+    let term = "('x' * 100000000)";
+    let terms = [term; 5].join(" ~ ");
+    let t = Test::new().pipeline(&format!(
+        "vars:\n  a: \"{{{{ {terms} }}}}\"\nstages:\n  s:\n    cmd: echo {{{{ a }}}} > {{{{ outputs[0] }}}}\n    outputs: [o.txt]\n"
+    ));
+    let out = t.exec(&["validate", "pipeline.yaml"]);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert_snapshot!(out.stderr);
+}

@@ -261,6 +261,7 @@ fn storage_settings(node: &Node, diagnostics: &mut Vec<Diagnostic>) -> crate::st
                     key.name
                 ))
                 .at(key.span, "remove this")
+                .masking(value.span)
                 .help("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN) in the environment, or use a profile of ~/.aws/credentials (AWS_PROFILE)"),
             );
             continue;

@@ -332,21 +332,15 @@ impl Templates {
             return Err(vec![error]);
         }
         if let Some((offset, expr)) = whole_expression(&s.text) {
-            let result = self
-                .spend(FUEL_PER_EXPRESSION)
-                .and_then(|()| self.env.compile_expression(expr))
-                .and_then(|compiled| {
-                    WRITTEN.with(|w| w.set(0));
-                    crate::budget::within(
-                        crate::budget::TEMPLATE_BYTES,
-                        &self.place(&s.text),
-                        || {
-                            let value = compiled.eval(&ctx.value)?;
-                            check_size(&value)?;
-                            Ok(value)
-                        },
-                    )
-                });
+            // Compiling folds constants (`'x' * 100000000`): it runs within the budget too.
+            let result = self.spend(FUEL_PER_EXPRESSION).and_then(|()| {
+                WRITTEN.with(|w| w.set(0));
+                crate::budget::within(crate::budget::TEMPLATE_BYTES, &self.place(&s.text), || {
+                    let value = self.env.compile_expression(expr)?.eval(&ctx.value)?;
+                    check_size(&value)?;
+                    Ok(value)
+                })
+            });
             return match result {
                 Ok(value) if value.is_undefined() => {
                     let trimmed = expr.trim();
@@ -472,10 +466,11 @@ impl Templates {
         }
         self.spend(0)?;
         WRITTEN.with(|w| w.set(0));
-        let template = env.template_from_str(text)?;
-        let rendered = crate::budget::within(crate::budget::TEMPLATE_BYTES, &self.place(text), || {
-            template.render_captured(ctx)
-        });
+        // Compiling folds constants: it runs within the budget too.
+        let rendered =
+            crate::budget::within(crate::budget::TEMPLATE_BYTES, &self.place(text), || {
+                env.template_from_str(text)?.render_captured(ctx)
+            });
         match rendered {
             Ok(captured) => {
                 let used = captured

@@ -15,6 +15,8 @@ use std::io;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
+use libc::O_NONBLOCK;
+
 /// What a path names when it is not a regular file, in words: "a FIFO (named pipe)".
 pub fn kind_of(file_type: std::fs::FileType) -> Option<&'static str> {
     if file_type.is_file() {
@@ -147,26 +149,6 @@ pub fn check_walked(file_type: std::fs::FileType) -> io::Result<()> {
         Some(kind) => Err(NotAFile::new(kind).into_io()),
     }
 }
-
-/// `O_NONBLOCK`, which this crate has no libc to take from: its value on Linux but for the
-/// architectures that define their own (alpha, mips, parisc, sparc), and on macOS and the BSDs.
-#[cfg(all(
-    target_os = "linux",
-    not(any(
-        target_arch = "mips",
-        target_arch = "mips64",
-        target_arch = "sparc",
-        target_arch = "sparc64"
-    ))
-))]
-const O_NONBLOCK: i32 = 0o4000;
-#[cfg(any(
-    target_os = "macos",
-    target_os = "freebsd",
-    target_os = "openbsd",
-    target_os = "netbsd"
-))]
-const O_NONBLOCK: i32 = 0x0004;
 
 /// Text from a file or a name (a column, a value, a path), safe to put in a message printed on a
 /// terminal: control characters become escapes (`\x1b`, `\n`, `\u{9b}`), and so do the
