@@ -200,10 +200,10 @@ mod tests {
         let path = dir.path().join("p.lock");
         crate::hash::tests::mkfifo(&path);
         match load(&path) {
-            Loaded::Corrupt(message) => assert_eq!(
+            Loaded::Unreadable(message) => assert_eq!(
                 message,
                 format!(
-                    "lock file `{}` is a FIFO (named pipe), not a regular file",
+                    "lock file `{}` is a FIFO (named pipe), not a regular file: remove it",
                     path.display()
                 )
             ),
