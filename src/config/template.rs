@@ -371,16 +371,7 @@ impl Templates {
         }
         match self.render_in(&self.env, &s.text, &ctx.value) {
             Ok(text) => Ok(Node::string(span, text)),
-            Err(error) => Err(self.diagnose(
-                error.kind(),
-                error.detail(),
-                error.range(),
-                s,
-                span,
-                0,
-                &s.text,
-                ctx,
-            )),
+            Err(error) => Err(self.diagnose_whole(&error, s, span, ctx)),
         }
     }
 
@@ -395,18 +386,8 @@ impl Templates {
         if let Some(error) = self.forbidden(s, span, ctx) {
             return Err(vec![error]);
         }
-        self.render_command(&s.text, &ctx.value).map_err(|error| {
-            self.diagnose(
-                error.kind(),
-                error.detail(),
-                error.range(),
-                s,
-                span,
-                0,
-                &s.text,
-                ctx,
-            )
-        })
+        self.render_command(&s.text, &ctx.value)
+            .map_err(|error| self.diagnose_whole(&error, s, span, ctx))
     }
 
     /// Renders a string to a string, with nothing escaped (an `argv:` word at run time).
@@ -540,6 +521,26 @@ impl Templates {
             ctx,
         )
         .pop()
+    }
+
+    /// The diagnostics of an error in the whole string `s`.
+    fn diagnose_whole(
+        &self,
+        error: &Error,
+        s: &YamlString,
+        span: Span,
+        ctx: &Context,
+    ) -> Vec<Diagnostic> {
+        self.diagnose(
+            error.kind(),
+            error.detail(),
+            error.range(),
+            s,
+            span,
+            0,
+            &s.text,
+            ctx,
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
