@@ -374,35 +374,21 @@ mod tests {
     }
 
     #[test]
-    fn every_value_arrives_as_data_unquoted() {
-        for value in NASTY {
-            assert_eq!(
-                words(&render("printf '%s|' {}", value)),
-                format!("{value}|"),
-                "{value:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn every_value_arrives_as_data_inside_double_quotes() {
-        for value in NASTY {
-            assert_eq!(
-                words(&render("printf '%s|' \"x{}y\"", value)),
-                format!("x{value}y|"),
-                "{value:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn every_value_arrives_as_data_inside_single_quotes() {
-        for value in NASTY {
-            assert_eq!(
-                words(&render("printf '%s|' 'x{}y'", value)),
-                format!("x{value}y|"),
-                "{value:?}"
-            );
+    fn every_value_arrives_as_data_bare_and_inside_quotes() {
+        // The template, and the text around the value in what the command receives.
+        let cases = [
+            ("printf '%s|' {}", "", ""),
+            ("printf '%s|' \"x{}y\"", "x", "y"),
+            ("printf '%s|' 'x{}y'", "x", "y"),
+        ];
+        for (template, before, after) in cases {
+            for value in NASTY {
+                assert_eq!(
+                    words(&render(template, value)),
+                    format!("{before}{value}{after}|"),
+                    "{template} with {value:?}"
+                );
+            }
         }
     }
 

@@ -53,7 +53,7 @@ impl KeyRanges {
         if passes <= 1 || !crate::table::columns_of(path)?.iter().any(|c| c == key) {
             return Ok(Self::whole(key));
         }
-        let keys = guarded(path, || {
+        let keys = crate::table::guarded(path, || {
             scan_lazy(path)?
                 .select([col(key)])
                 .filter(col(key).is_not_null())
@@ -82,7 +82,7 @@ impl KeyRanges {
         };
         let sorted = sample
             .and_then(|s| s.sort(SortOptions::default()))
-            .map_err(|e| cannot_read(path, e))?;
+            .map_err(|e| crate::table::cannot_read(path, e))?;
         drop(keys);
         let n = sorted.len();
         let mut bounds: Vec<Scalar> = Vec::new();
@@ -181,7 +181,7 @@ pub fn parquet_rows(path: &Path) -> Result<usize, StageError> {
     let file = crate::table::open(path)?;
     ParquetReader::new(file)
         .num_rows()
-        .map_err(|e| cannot_read(path, e))
+        .map_err(|e| crate::table::cannot_read(path, e))
 }
 
 /// Reads `columns` (all of them when empty) of the rows of a Parquet file that meet `predicate`.
@@ -192,7 +192,7 @@ pub fn read_range(
 ) -> Result<DataFrame, StageError> {
     // Polars opens the file itself: first check that it is a regular file (a FIFO would block).
     crate::table::open(path)?;
-    guarded(path, || {
+    crate::table::guarded(path, || {
         let mut frame = scan_lazy(path)?;
         if !columns.is_empty() {
             frame = frame.select(columns.iter().map(|c| col(c.as_str())).collect::<Vec<_>>());
@@ -206,33 +206,6 @@ pub fn read_range(
 
 fn scan_lazy(path: &Path) -> PolarsResult<LazyFrame> {
     LazyFrame::scan_parquet(PlRefPath::try_from_path(path)?, ScanArgsParquet::default())
-}
-
-fn cannot_read(path: &Path, e: PolarsError) -> StageError {
-    StageError::new(format!(
-        "cannot read Parquet file `{}`: {e}",
-        path.display()
-    ))
-}
-
-/// Runs a read of the Parquet file at `path`: polars panics on some corrupt files (a footer that
-/// points past the data, as a file cut in the middle has), and that becomes an error naming the
-/// file rather than an internal error naming none.
-pub fn guarded<T>(path: &Path, read: impl FnOnce() -> PolarsResult<T>) -> Result<T, StageError> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(read)) {
-        Ok(read) => read.map_err(|e| cannot_read(path, e)),
-        Err(panic) => {
-            let why = panic
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| panic.downcast_ref::<&str>().copied())
-                .unwrap_or("the reader panicked");
-            Err(StageError::new(format!(
-                "cannot read Parquet file `{}`: the file is corrupt ({why})",
-                path.display()
-            )))
-        }
-    }
 }
 
 #[cfg(test)]

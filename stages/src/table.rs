@@ -159,7 +159,7 @@ pub fn read_parquet(path: &Path, columns: Option<&[String]>) -> Result<DataFrame
             reader = reader.with_columns(Some(columns.to_vec()));
         }
     }
-    crate::partition::guarded(path, || reader.finish())
+    guarded(path, || reader.finish())
 }
 
 fn read_csv_strings(path: &Path) -> Result<DataFrame, StageError> {
@@ -737,6 +737,33 @@ pub fn require_columns<'a>(
         }
     }
     Ok(())
+}
+
+pub(crate) fn cannot_read(path: &Path, e: PolarsError) -> StageError {
+    StageError::new(format!(
+        "cannot read Parquet file `{}`: {e}",
+        path.display()
+    ))
+}
+
+/// Runs a read of the Parquet file at `path`: polars panics on some corrupt files (a footer that
+/// points past the data, as a file cut in the middle has), and that becomes an error naming the
+/// file rather than an internal error naming none.
+pub fn guarded<T>(path: &Path, read: impl FnOnce() -> PolarsResult<T>) -> Result<T, StageError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(read)) {
+        Ok(read) => read.map_err(|e| cannot_read(path, e)),
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("the reader panicked");
+            Err(StageError::new(format!(
+                "cannot read Parquet file `{}`: the file is corrupt ({why})",
+                path.display()
+            )))
+        }
+    }
 }
 
 #[cfg(test)]
