@@ -6,7 +6,7 @@
 //! cargo run --example censoring_figure -- out/monthly/aggregated/user_imp.parquet docs/img/censoring.svg
 //! ```
 
-use imba_stages::mice::{impute, Method, Spec};
+use imba_stages::stats::mice::{impute, Method, Spec};
 use plotters::prelude::*;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -14,7 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let [input, output] = args.as_slice() else {
         return Err("usage: censoring_figure USER_IMP.parquet OUT.svg".into());
     };
-    let users = imba_stages::table::read_table(std::path::Path::new(input))?;
+    let users = imba_stages::io::table::read_table(std::path::Path::new(input))?;
     let column = |name: &str| -> Result<Vec<f64>, Box<dyn std::error::Error>> {
         let values = users
             .column(name)?

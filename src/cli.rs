@@ -9,12 +9,12 @@ use imba_stages::Registry;
 use std::sync::Arc;
 
 use crate::config::{self, LoadError, Overrides};
-use crate::dag::{self, BuildOptions, Dag};
-use crate::draw::{self, DrawOptions, Format};
-use crate::exec::{self, RunError, RunOptions};
+use crate::graph::dag::{self, BuildOptions, Dag};
+use crate::graph::draw::{self, DrawOptions, Format};
 use crate::plan::{Selection, StageStatus};
-use crate::record;
 use crate::report::{ColorChoice, Printer};
+use crate::run::{Events, RunError, RunOptions};
+use crate::state::record;
 use crate::state::StateDir;
 
 /// Exit status for a usage or config error.
@@ -364,7 +364,7 @@ pub fn run(cli: Cli, printer: &Printer) -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Schema => {
-            printer.data(&crate::schema::pipeline_schema_json());
+            printer.data(&crate::config::schema::pipeline_schema_json());
             ExitCode::SUCCESS
         }
         Command::Completions { shell } => {
@@ -411,7 +411,7 @@ fn load_dag(
         Err(error) => return (sources, Err(error)),
     };
     let built = dag::build(pipeline, BuildOptions::default()).and_then(|dag| {
-        let mut diagnostics = crate::columns::check(&dag, registry);
+        let mut diagnostics = crate::graph::columns::check(&dag, registry);
         if diagnostics.is_empty() {
             return Ok(dag);
         }
@@ -473,7 +473,8 @@ fn static_plan(
     selection: &Selection,
     printer: &Printer,
 ) -> Result<Vec<StageStatus>, ExitCode> {
-    exec::status(dag, selection, |w| printer.warning(&w)).map_err(|e| run_error(printer, e))
+    crate::plan::status(dag, selection, |w| printer.warning(&w))
+        .map_err(|e| run_error(printer, e.into()))
 }
 
 fn stale_map(
@@ -488,27 +489,6 @@ fn stale_map(
         .collect())
 }
 
-fn describe_plan(statuses: &[StageStatus], verb: &str) -> String {
-    let stale: Vec<&StageStatus> = statuses.iter().filter(|s| s.stale).collect();
-    let mut out = String::new();
-    for status in &stale {
-        out.push_str(&format!("{}\n", status.name));
-        for reason in &status.reasons {
-            out.push_str(&format!("  - {reason}\n"));
-        }
-    }
-    if stale.is_empty() {
-        out.push_str(&format!("all {} stages are up to date\n", statuses.len()));
-    } else {
-        out.push_str(&format!(
-            "{} of {} stages {verb}\n",
-            stale.len(),
-            statuses.len()
-        ));
-    }
-    out
-}
-
 fn status_command(args: StatusArgs, registry: &Registry, printer: &Printer) -> ExitCode {
     let dag = match checked_dag(&args.pipeline, registry, printer) {
         Ok(dag) => dag,
@@ -520,7 +500,7 @@ fn status_command(args: StatusArgs, registry: &Registry, printer: &Printer) -> E
                 let json = serde_json::json!({ "stages": statuses });
                 printer.data(&(serde_json::to_string_pretty(&json).unwrap_or_default() + "\n"));
             } else {
-                printer.data(&describe_plan(&statuses, "are stale"));
+                printer.data(&crate::report::tables::plan(&statuses, "are stale"));
             }
             ExitCode::SUCCESS
         }
@@ -537,7 +517,7 @@ fn run_command(args: RunArgs, registry: Registry, printer: &Printer) -> ExitCode
     if args.dry_run {
         return match static_plan(&dag, &selection, printer) {
             Ok(statuses) => {
-                printer.data(&describe_plan(&statuses, "would run"));
+                printer.data(&crate::report::tables::plan(&statuses, "would run"));
                 ExitCode::SUCCESS
             }
             Err(code) => code,
@@ -555,7 +535,7 @@ fn run_command(args: RunArgs, registry: Registry, printer: &Printer) -> ExitCode
         Some(Arc::new(sources)),
     ));
     let dag = Arc::new(dag);
-    let outcome = exec::run(dag.clone(), registry, options, events.clone());
+    let outcome = crate::run::run(dag.clone(), registry, options, events.clone());
     events.finish();
     match outcome {
         Ok(summary) => {
@@ -568,7 +548,7 @@ fn run_command(args: RunArgs, registry: Registry, printer: &Printer) -> ExitCode
                 ExitCode::from(EXIT_STAGE_FAILED)
             } else {
                 printer.status(&line);
-                printer.status(&where_outputs_are(&dag, &summary.record));
+                printer.status(&crate::report::tables::outputs(&dag, &summary.record));
                 ExitCode::SUCCESS
             }
         }
@@ -618,50 +598,6 @@ fn jobs_or_cores(jobs: Option<usize>) -> usize {
         .max(1)
 }
 
-/// "outputs:" and the paths the run's stages wrote (or found up to date); past a dozen, only the
-/// final ones (those no stage reads).
-fn where_outputs_are(dag: &Dag, record: &record::RunRecord) -> String {
-    let workdir = &dag.pipeline().workdir;
-    let names: std::collections::BTreeSet<&str> = record
-        .stages
-        .iter()
-        .filter(|s| s.decision == "ran" || s.decision == "skipped")
-        .map(|s| s.name.as_str())
-        .collect();
-    let mut all = Vec::new();
-    let mut finals = Vec::new();
-    for &index in dag.order() {
-        let stage = dag.stage(index);
-        if !names.contains(stage.name.as_str()) {
-            continue;
-        }
-        let read = !dag.dependents(index).is_empty();
-        for port in &stage.outputs {
-            let path =
-                port.declared.location.display(workdir) + if port.declared.dir { "/" } else { "" };
-            if !read {
-                finals.push(path.clone());
-            }
-            all.push(path);
-        }
-    }
-    let (shown, head) = if all.len() <= 12 {
-        (all, "outputs:".to_owned())
-    } else {
-        let total = all.len();
-        (
-            finals.into_iter().take(12).collect(),
-            format!("{total} outputs; the final ones:"),
-        )
-    };
-    let mut out = head;
-    for path in shown {
-        out.push_str("\n  ");
-        out.push_str(&path);
-    }
-    out
-}
-
 fn runs_of(
     args: &PipelineArgs,
     registry: &Registry,
@@ -690,24 +626,7 @@ fn log_command(args: LogArgs, registry: &Registry, printer: &Printer) -> ExitCod
         printer.status("no runs yet");
         return ExitCode::SUCCESS;
     }
-    let mut out = format!(
-        "{:<25} {:<20} {:<11} {:>4} {:>4} {:>6} {:>9}\n",
-        "RUN", "STARTED", "STATUS", "RAN", "SKIP", "FAILED", "DURATION"
-    );
-    for run in runs {
-        let count = |d: &str| run.stages.iter().filter(|s| s.decision == d).count();
-        out.push_str(&format!(
-            "{:<25} {:<20} {:<11} {:>4} {:>4} {:>6} {:>8.2}s\n",
-            run.id,
-            run.started,
-            run.status,
-            count("ran"),
-            count("skipped"),
-            count("failed"),
-            run.duration_ms as f64 / 1000.0
-        ));
-    }
-    printer.data(&out);
+    printer.data(&crate::report::tables::runs(&runs));
     ExitCode::SUCCESS
 }
 
@@ -735,7 +654,7 @@ fn versions_command(args: VersionsArgs, registry: &Registry, printer: &Printer) 
         Ok(dag) => dag,
         Err(code) => return code,
     };
-    let versioned: Vec<&config::Stage> = dag
+    let versioned: Vec<&crate::model::Stage> = dag
         .pipeline()
         .stages
         .iter()
@@ -761,9 +680,9 @@ fn versions_command(args: VersionsArgs, registry: &Registry, printer: &Printer) 
         });
         return ExitCode::from(EXIT_CONFIG);
     };
-    let root = match &stage.outputs[0].declared.location {
-        crate::location::Location::Local(root) => root.clone(),
-        crate::location::Location::S3 { .. } => {
+    let root = match stage.outputs[0].declared.location.local_path() {
+        Some(root) => root.to_path_buf(),
+        None => {
             printer.error(
                 "listing versions on S3 is not supported yet: list the prefix with the AWS CLI",
             );
@@ -772,8 +691,8 @@ fn versions_command(args: VersionsArgs, registry: &Registry, printer: &Printer) 
     };
     let shown = stage.outputs[0].text.clone();
     let result = match diff {
-        None => crate::versions::report_list(&root, &shown, json),
-        Some((from, to)) => crate::versions::report_diff(&root, &from, &to, json),
+        None => crate::report::versions::list(&root, &shown, json),
+        Some((from, to)) => crate::report::versions::diff(&root, &from, &to, json),
     };
     match result {
         Ok(text) => {
@@ -835,52 +754,7 @@ fn checks_command(args: ChecksArgs, registry: &Registry, printer: &Printer) -> E
         printer.status("no stage of this pipeline has checks");
         return ExitCode::SUCCESS;
     }
-    let mut rows: Vec<[String; 6]> = vec![[
-        "STAGE".into(),
-        "CHECK".into(),
-        "SEVERITY".into(),
-        "RESULT".into(),
-        "RUN".into(),
-        "DETAIL".into(),
-    ]];
-    for (name, found) in &latest {
-        match found {
-            None => rows.push([
-                (*name).to_owned(),
-                "-".into(),
-                "-".into(),
-                "-".into(),
-                "-".into(),
-                "not evaluated yet".into(),
-            ]),
-            Some((run, stage)) => {
-                for check in &stage.checks {
-                    use imba_stages::checks::Status;
-                    let result = match (check.status, check.severity) {
-                        (Status::Pass, _) => "pass",
-                        (Status::Error, _) => "ERROR",
-                        (Status::Undefined, _) => "undefined",
-                        (Status::Fail, config::checks::Severity::Warn) => "WARN",
-                        (Status::Fail, config::checks::Severity::Fail) => "FAIL",
-                    };
-                    let severity = match check.severity {
-                        config::checks::Severity::Warn => "warn",
-                        config::checks::Severity::Fail => "fail",
-                    };
-                    rows.push([
-                        (*name).to_owned(),
-                        check.name.clone(),
-                        severity.into(),
-                        result.into(),
-                        (*run).to_owned(),
-                        check.detail.clone(),
-                    ]);
-                }
-            }
-        }
-    }
-    let out = crate::report::table(&rows);
-    printer.data(&out);
+    printer.data(&crate::report::tables::checks(&latest));
     ExitCode::SUCCESS
 }
 
@@ -918,58 +792,6 @@ fn show_command(args: ShowArgs, registry: &Registry, printer: &Printer) -> ExitC
         printer.data(&(serde_json::to_string_pretty(run).unwrap_or_default() + "\n"));
         return ExitCode::SUCCESS;
     }
-    let mut out = format!(
-        "run {} of {}: {} ({:.2}s, started {})\n",
-        run.id,
-        run.pipeline,
-        run.status,
-        run.duration_ms as f64 / 1000.0,
-        run.started
-    );
-    for stage in &run.stages {
-        out.push_str(&format!("{:<10} {}", stage.decision, stage.name));
-        if stage.decision == "ran" {
-            out.push_str(&format!(
-                " ({:.2}s{})",
-                stage.duration_ms as f64 / 1000.0,
-                if stage.unchanged {
-                    ", outputs unchanged"
-                } else {
-                    ""
-                }
-            ));
-        }
-        out.push('\n');
-        for reason in &stage.reasons {
-            out.push_str(&format!("           - {reason}\n"));
-        }
-        for check in &stage.checks {
-            use imba_stages::checks::Status;
-            let result = match (check.status, check.severity) {
-                (Status::Pass, _) => "pass",
-                (Status::Error, _) => "error",
-                (Status::Undefined, _) => "undef",
-                (Status::Fail, config::checks::Severity::Warn) => "warn",
-                (Status::Fail, config::checks::Severity::Fail) => "FAIL",
-            };
-            out.push_str(&format!(
-                "           check {result:<5} {}: {}\n",
-                check.name, check.detail
-            ));
-        }
-        if let Some(error) = &stage.error {
-            for line in error.lines() {
-                out.push_str(&format!("           ! {line}\n"));
-            }
-        }
-        if let Some(hook) = &stage.hook {
-            let how = hook.error.as_deref().unwrap_or("ok");
-            out.push_str(&format!(
-                "           on_failure: {how} (log {})\n",
-                hook.log
-            ));
-        }
-    }
-    printer.data(&out);
+    printer.data(&crate::report::tables::run(run));
     ExitCode::SUCCESS
 }

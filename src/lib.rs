@@ -1,28 +1,33 @@
 //! imba: a declarative DAG orchestrator for data and feature pipelines.
 //!
-//! The binary is glue around these pieces: [`config`] reads a pipeline file into a validated
-//! [`config::Pipeline`], [`dag`] turns it into a checked graph, [`draw`] shows the graph, and
-//! [`report`] prints everything a person reads. Built-in stages live in the `imba-stages` crate.
+//! The modules form layers; each uses only the layers below it (`tests/layers.rs` keeps it so):
+//!
+//! - [`cli`]: the command line: clap and dispatch.
+//! - [`report`]: the one printer, and every table and message a person reads.
+//! - [`watch`]: re-running what a change affects.
+//! - [`run`]: the scheduler and the stage lifecycle (decide, stage, execute, verify, gate, commit).
+//! - [`plan`]: fingerprints, reasons, selection, status: what is stale and why.
+//! - [`state`]: the workdir's `.imba/`: the run mutex, the lock file and its journal, run records.
+//! - [`store`]: where data lives: the [`store::Store`] trait, local and S3, content hashes,
+//!   versions; atomic commits happen here and nowhere else.
+//! - [`graph`]: the stage DAG, its drawings, column inference.
+//! - [`config`]: from pipeline files to a [`model::Pipeline`]: YAML, overrides, templates.
+//! - [`model`]: what a pipeline is: stages, ports, locations, checks, settings.
+//! - [`diagnostic`], [`budget`], [`interrupt`]: foundations (error rendering, memory budget,
+//!   signals) that any layer may use.
+//!
+//! Built-in stages live in the `imba-stages` crate.
 
 pub mod budget;
-pub mod checks;
 pub mod cli;
-pub mod columns;
 pub mod config;
-pub mod dag;
 pub mod diagnostic;
-pub mod draw;
-pub mod exec;
-pub mod fsutil;
-pub mod hash;
+pub mod graph;
 pub mod interrupt;
-pub mod location;
-pub mod lock;
+pub mod model;
 pub mod plan;
-pub mod record;
 pub mod report;
-pub mod schema;
+pub mod run;
 pub mod state;
-pub mod storage;
-pub mod versions;
+pub mod store;
 pub mod watch;

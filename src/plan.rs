@@ -12,11 +12,12 @@ use std::path::Path;
 use serde::Serialize;
 use serde_json::{json, Value as Json};
 
-use crate::config::{Stage, StageKind};
-use crate::dag::Dag;
-use crate::hash::{ContentHash, StatCache};
-use crate::location::Location;
-use crate::lock::{fingerprint, LockFile, LockedStage};
+use crate::graph::dag::Dag;
+use crate::model::Declared;
+use crate::model::{Stage, StageKind};
+use crate::state::lock::{self, fingerprint, LockFile, LockedStage};
+use crate::state::StateDir;
+use crate::store::{ContentHash, StatCache, Store, StoreError, Stores};
 
 /// Why a stage runs.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -86,7 +87,7 @@ impl fmt::Display for HashError {
         if let Some(not) = imba_stages::safe::NotAFile::of(&self.source) {
             return write!(f, "`{}` {not}", self.path);
         }
-        if let Some(inner) = crate::hash::NotAFileInDir::of(&self.source) {
+        if let Some(inner) = crate::store::hash::NotAFileInDir::of(&self.source) {
             return write!(
                 f,
                 "`{}/{}` {}",
@@ -109,52 +110,42 @@ impl std::error::Error for HashError {
 #[derive(Clone, Debug)]
 pub struct Snapshot {
     pub fingerprint: String,
+    /// Inputs that are not there, as the lock shows them (they are not in `entry.inputs`).
+    pub missing: BTreeSet<String>,
     /// A lock entry without outputs.
     pub entry: LockedStage,
 }
 
-/// Where content hashes come from: the stat cache for local files, HEAD and LIST for S3.
-#[derive(Clone, Copy)]
-pub struct Hashes<'a> {
-    pub cache: &'a StatCache,
-    pub storage: &'a crate::storage::Storage,
+/// A store error while deciding, as a [`HashError`] on the location as the lock shows it.
+fn hash_error(path: String, error: StoreError) -> HashError {
+    let source = match error {
+        StoreError::Read { source, .. } => source,
+        StoreError::S3(e) => std::io::Error::other(e.reason),
+        StoreError::Other(message) => std::io::Error::other(message),
+    };
+    HashError { path, source }
 }
 
-/// Hashes a location as shown in the lock file (relative to `workdir`). An S3 object's hash is
+/// Hashes an input as shown in the lock file (relative to `workdir`). An S3 object's hash is
 /// its identity (ETag, size, version), a prefix's that of its listing.
 pub fn hash_location(
-    hashes: Hashes,
-    location: &Location,
-    dir: bool,
+    store: &dyn Store,
+    declared: &Declared,
     workdir: &Path,
 ) -> Result<Option<ContentHash>, HashError> {
-    match location {
-        Location::Local(path) => hashes.cache.hash_path(path).map_err(|source| HashError {
-            path: location.display(workdir),
-            source,
-        }),
-        Location::S3 { bucket, key } => hashes
-            .storage
-            .identity(bucket, key, dir)
-            .map_err(|e| s3_error(location, workdir, e)),
-    }
+    store
+        .identity(declared)
+        .map_err(|e| hash_error(declared.location.display(workdir), e))
 }
 
-fn s3_error(location: &Location, workdir: &Path, e: crate::storage::StorageError) -> HashError {
-    HashError {
-        path: location.display(workdir),
-        source: std::io::Error::other(e.reason),
-    }
-}
-
-/// Every S3 identity the plan of `selected` will look up, to fetch them all at once
-/// ([`crate::storage::Storage::prefetch`]).
-pub fn s3_lookups(dag: &Dag, selected: &BTreeSet<usize>) -> Vec<crate::storage::Lookup> {
+/// Every identity the plan of `selected` will look up, to fetch them all at once
+/// ([`Store::prefetch`]): each location, and whether it is an output.
+pub fn lookups<'a>(dag: &'a Dag, selected: &BTreeSet<usize>) -> Vec<(&'a Declared, bool)> {
     let mut lookups = Vec::new();
     for &index in selected {
         let stage = dag.stage(index);
         // A versioned output is looked up by its versions' listing, not as a whole.
-        let outputs: &[crate::config::Port] = if stage.versioning.is_some() {
+        let outputs: &[crate::model::Port] = if stage.versioning.is_some() {
             &[]
         } else {
             &stage.outputs
@@ -165,41 +156,25 @@ pub fn s3_lookups(dag: &Dag, selected: &BTreeSet<usize>) -> Vec<crate::storage::
             .map(|p| (p, false))
             .chain(outputs.iter().map(|p| (p, true)));
         for (port, output) in ports {
-            if let Location::S3 { bucket, key } = &port.declared.location {
-                let dir = port.declared.dir;
-                lookups.push((bucket.clone(), key.clone(), dir, dir && output));
-            }
+            lookups.push((&port.declared, output));
         }
     }
     lookups
 }
 
-/// Like [`hash_location`] for an output: an S3 directory output counts only with its manifest.
-fn hash_output(
-    hashes: Hashes,
-    location: &Location,
-    dir: bool,
-    workdir: &Path,
-) -> Result<Option<ContentHash>, HashError> {
-    match location {
-        Location::S3 { bucket, key } if dir => hashes
-            .storage
-            .committed_dir(bucket, key)
-            .map_err(|e| s3_error(location, workdir, e)),
-        _ => hash_location(hashes, location, dir, workdir),
-    }
-}
-
 /// The stage's fingerprint material, its inputs hashed as they are on disk now.
-pub fn snapshot(stage: &Stage, workdir: &Path, hashes: Hashes) -> Result<Snapshot, HashError> {
+pub fn snapshot(stage: &Stage, workdir: &Path, store: &dyn Store) -> Result<Snapshot, HashError> {
     let mut inputs = BTreeMap::new();
+    let mut missing = BTreeSet::new();
     for input in &stage.inputs {
         let key = input.declared.location.display(workdir);
         // A built-in reads each input as one table file: a directory there would fail deep in
         // its reader ("No such device"); say what is wrong before it runs.
-        if let (StageKind::Builtin { .. }, Location::Local(path), false) =
-            (&stage.kind, &input.declared.location, input.declared.dir)
-        {
+        if let (StageKind::Builtin { .. }, Some(path), false) = (
+            &stage.kind,
+            input.declared.location.local_path(),
+            input.declared.dir,
+        ) {
             if path.is_dir() {
                 return Err(HashError {
                     path: key,
@@ -207,19 +182,14 @@ pub fn snapshot(stage: &Stage, workdir: &Path, hashes: Hashes) -> Result<Snapsho
                 });
             }
         }
-        let hash = hash_location(
-            hashes,
-            &input.declared.location,
-            input.declared.dir,
-            workdir,
-        )?
-        .unwrap_or(ContentHash {
-            hash: "missing".to_owned(),
-            size: 0,
-            files: None,
-            etag: None,
-        });
-        inputs.insert(key, hash);
+        match hash_location(store, &input.declared, workdir)? {
+            Some(hash) => {
+                inputs.insert(key, hash);
+            }
+            None => {
+                missing.insert(key);
+            }
+        }
     }
     let (kind, implementation, cmd, params) = match &stage.kind {
         StageKind::Builtin {
@@ -250,7 +220,13 @@ pub fn snapshot(stage: &Stage, workdir: &Path, hashes: Hashes) -> Result<Snapsho
         "implementation": implementation,
         "cmd": cmd,
         "params": params,
-        "inputs": inputs.iter().map(|(k, v)| (k.clone(), Json::String(v.hash.clone()))).collect::<serde_json::Map<_, _>>(),
+        // A missing input stands as `missing`: such a stage cannot run, so this fingerprint is
+        // shown (by status) but never committed.
+        "inputs": inputs
+            .iter()
+            .map(|(k, v)| (k.clone(), Json::String(v.hash.clone())))
+            .chain(missing.iter().map(|k| (k.clone(), Json::String("missing".to_owned()))))
+            .collect::<serde_json::Map<_, _>>(),
         "outputs": declared_outputs,
     });
     if let (Some(checks), Json::Object(map)) = (&checks, &mut material) {
@@ -274,6 +250,7 @@ pub fn snapshot(stage: &Stage, workdir: &Path, hashes: Hashes) -> Result<Snapsho
     let fingerprint = fingerprint(&material);
     Ok(Snapshot {
         fingerprint: fingerprint.clone(),
+        missing,
         entry: LockedStage {
             fingerprint,
             kind,
@@ -306,14 +283,13 @@ pub fn reasons(
     now: &Snapshot,
     locked: Option<&LockedStage>,
     workdir: &Path,
-    hashes: Hashes,
+    store: &dyn Store,
 ) -> Result<Vec<Reason>, HashError> {
-    let mut reasons = Vec::new();
-    for (path, hash) in &now.entry.inputs {
-        if hash.hash == "missing" {
-            reasons.push(Reason::InputMissing { path: path.clone() });
-        }
-    }
+    let mut reasons: Vec<Reason> = now
+        .missing
+        .iter()
+        .map(|path| Reason::InputMissing { path: path.clone() })
+        .collect();
     let Some(locked) = locked else {
         reasons.push(Reason::NeverRun);
         return Ok(reasons);
@@ -339,17 +315,29 @@ pub fn reasons(
         reasons.push(Reason::ChecksChanged);
     }
     diff_params("", &locked.params, &now.entry.params, &mut reasons);
-    for (path, hash) in &now.entry.inputs {
-        match locked.inputs.get(path) {
-            None => reasons.push(Reason::InputAdded { path: path.clone() }),
-            Some(old) if old.hash != hash.hash && hash.hash != "missing" => {
-                reasons.push(Reason::InputChanged { path: path.clone() })
+    // In path order, as the lock lists them, missing ones among the others.
+    let declared: BTreeMap<&String, Option<&ContentHash>> = now
+        .entry
+        .inputs
+        .iter()
+        .map(|(path, hash)| (path, Some(hash)))
+        .chain(now.missing.iter().map(|path| (path, None)))
+        .collect();
+    for (path, hash) in &declared {
+        match (locked.inputs.get(*path), hash) {
+            (None, _) => reasons.push(Reason::InputAdded {
+                path: (*path).clone(),
+            }),
+            (Some(old), Some(hash)) if old.hash != hash.hash => {
+                reasons.push(Reason::InputChanged {
+                    path: (*path).clone(),
+                })
             }
             _ => {}
         }
     }
     for path in locked.inputs.keys() {
-        if !now.entry.inputs.contains_key(path) {
+        if !declared.contains_key(path) {
             reasons.push(Reason::InputRemoved { path: path.clone() });
         }
     }
@@ -367,28 +355,13 @@ pub fn reasons(
         let Some(recorded) = locked.outputs.get(&path) else {
             continue;
         };
-        let current = match (&stage.versioning, &output.declared.location) {
+        let current = if stage.versioning.is_some() {
             // A versioned output is its latest version.
-            (Some(_), Location::Local(root)) => crate::versions::current_hash(root, hashes.cache)
-                .map_err(|source| HashError {
-                path: path.clone(),
-                source,
-            })?,
-            (Some(_), Location::S3 { bucket, key }) => {
-                crate::versions::current_s3_hash(hashes.storage, bucket, key).map_err(|e| {
-                    HashError {
-                        path: path.clone(),
-                        source: std::io::Error::other(e),
-                    }
-                })?
-            }
-            _ => hash_output(
-                hashes,
-                &output.declared.location,
-                output.declared.dir,
-                workdir,
-            )?,
-        };
+            store.version_identity(&output.declared)
+        } else {
+            store.committed_identity(&output.declared)
+        }
+        .map_err(|e| hash_error(path.clone(), e))?;
         match current {
             None => reasons.push(Reason::OutputMissing { path }),
             Some(hash) if hash.hash != recorded.hash => {
@@ -518,12 +491,12 @@ pub struct StageStatus {
 pub fn static_plan(
     dag: &Dag,
     lock: &LockFile,
-    hashes: Hashes,
+    store: &dyn Store,
     selected: &BTreeSet<usize>,
     forced: &BTreeSet<usize>,
 ) -> Result<Vec<StageStatus>, HashError> {
     let workdir = &dag.pipeline().workdir;
-    hashes.storage.prefetch(s3_lookups(dag, selected));
+    store.prefetch(&lookups(dag, selected));
     let mut stale = BTreeSet::new();
     let mut out = Vec::new();
     for &index in dag.order() {
@@ -542,8 +515,8 @@ pub fn static_plan(
         if forced.contains(&index) {
             reasons.push(Reason::Forced);
         }
-        let now = snapshot(stage, workdir, hashes)?;
-        let own = reasons_for(stage, &now, lock, workdir, hashes)?;
+        let now = snapshot(stage, workdir, store)?;
+        let own = self::reasons(stage, &now, lock.stages.get(&stage.name), workdir, store)?;
         // An input that an upstream stage is about to write is not "missing".
         let upstream_stale =
             !reasons.is_empty() && reasons.iter().any(|r| matches!(r, Reason::Upstream { .. }));
@@ -564,12 +537,38 @@ pub fn static_plan(
     Ok(out)
 }
 
-fn reasons_for(
-    stage: &Stage,
-    now: &Snapshot,
-    lock: &LockFile,
-    workdir: &Path,
-    hashes: Hashes,
-) -> Result<Vec<Reason>, HashError> {
-    reasons(stage, now, lock.stages.get(&stage.name), workdir, hashes)
+/// Why a status could not be computed.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    /// The selection or the lock file is wrong: the user's to fix.
+    #[error("{0}")]
+    Config(String),
+    #[error("{0}")]
+    Io(String),
+}
+
+/// What is stale among the selected stages, and why, without running anything: `imba status`,
+/// `run --dry-run`, and `imba watch` before it starts a run.
+pub fn status(
+    dag: &Dag,
+    selection: &Selection,
+    warn: impl Fn(String),
+) -> Result<Vec<StageStatus>, PlanError> {
+    let pipeline = dag.pipeline();
+    let state = StateDir::new(&pipeline.workdir);
+    let lock = lock::load_for_run(&lock::lock_path(&pipeline.file), &state, warn)
+        .map_err(PlanError::Config)?;
+    let (selected, forced) = select(dag, selection).map_err(PlanError::Config)?;
+    let cache = if state.root.is_dir() {
+        StatCache::load(state.stat_cache())
+    } else {
+        StatCache::in_memory()
+    };
+    let storage = crate::store::s3::Storage::new(pipeline.storage.clone(), state.cache());
+    let store = Stores::new(&pipeline.workdir, cache, storage);
+    let statuses = static_plan(dag, &lock, &store, &selected, &forced)
+        .map_err(|e| PlanError::Io(e.to_string()))?;
+    // Remember what was hashed, so the next status (or run) does not read the same files again.
+    let _ = store.cache().save();
+    Ok(statuses)
 }

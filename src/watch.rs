@@ -25,13 +25,14 @@ use notify::{RecursiveMode, Watcher};
 use tokio::sync::watch;
 
 use crate::config::LoadError;
-use crate::dag::Dag;
 use crate::diagnostic::Sources;
-use crate::exec::{self, RunError, RunOptions, RunSummary};
+use crate::graph::dag::Dag;
 use crate::interrupt::Stop;
-use crate::location::{normalize, Location};
-use crate::plan::Selection;
-use crate::report::{Printer, RunPrinter};
+use crate::model::location::normalize;
+use crate::model::Declared;
+use crate::plan::{self, Selection};
+use crate::run::{self, RunError, RunOptions, RunSummary};
+use crate::store::{S3Store, Store};
 
 /// How to watch.
 #[derive(Clone, Debug)]
@@ -49,7 +50,7 @@ pub struct Options {
 /// Reloads the pipeline after its file or a vars file changed.
 pub type Loader<'a> = &'a dyn Fn() -> (Sources, Result<Dag, LoadError>);
 
-/// What the watch tells the person watching; [`Printer::watch`] prints it.
+/// What the watch tells the person watching, through its [`Listener`].
 #[derive(Debug)]
 pub enum Event {
     /// Idle, listening.
@@ -101,6 +102,13 @@ pub enum Event {
     Warning(String),
 }
 
+/// Where a watch's events go (the printer, in the CLI): its own, and those of each run it starts.
+pub trait Listener {
+    fn watch(&self, event: &Event);
+    /// The sink of one run's events; `sources` are the pipeline's, for diagnostics.
+    fn run_events(&self, sources: Arc<Sources>) -> Arc<dyn run::Events>;
+}
+
 /// Watches until interrupted. `dag` is the pipeline as loaded by the caller, `config_files` the
 /// pipeline file and vars files whose edits reload it through `load`.
 pub fn watch(
@@ -110,7 +118,7 @@ pub fn watch(
     config_files: Vec<PathBuf>,
     registry: Registry,
     options: Options,
-    printer: &Printer,
+    printer: &dyn Listener,
 ) -> Result<(), String> {
     let _armed = crate::interrupt::arm();
     let (tx, rx) = mpsc::channel();
@@ -186,11 +194,10 @@ struct LocalSource {
     stages: BTreeSet<usize>,
 }
 
+/// One remote source input, polled.
 #[derive(Debug)]
 struct S3Source {
-    bucket: String,
-    key: String,
-    dir: bool,
+    declared: Declared,
     shown: String,
     stages: BTreeSet<usize>,
     /// The identity last seen; `None` before the first look or while absent.
@@ -217,31 +224,30 @@ impl Targets {
         };
         for &(stage, input) in dag.sources() {
             let port = &dag.stage(stage).inputs[input];
-            match &port.declared.location {
-                Location::Local(path) => {
-                    let source = targets
-                        .local
-                        .entry(path.clone())
-                        .or_insert_with(|| LocalSource {
-                            dir: port.declared.dir || path.is_dir(),
-                            shown: port.text.clone(),
-                            stages: BTreeSet::new(),
-                        });
+            match port.declared.location.local_path() {
+                Some(path) => {
+                    let source =
+                        targets
+                            .local
+                            .entry(path.to_path_buf())
+                            .or_insert_with(|| LocalSource {
+                                dir: port.declared.dir || path.is_dir(),
+                                shown: port.text.clone(),
+                                stages: BTreeSet::new(),
+                            });
                     source.stages.insert(stage);
                 }
-                Location::S3 { bucket, key } => {
+                None => {
                     match targets
                         .s3
                         .iter_mut()
-                        .find(|s| &s.bucket == bucket && &s.key == key)
+                        .find(|s| s.declared.location == port.declared.location)
                     {
                         Some(source) => {
                             source.stages.insert(stage);
                         }
                         None => targets.s3.push(S3Source {
-                            bucket: bucket.clone(),
-                            key: key.clone(),
-                            dir: port.declared.dir,
+                            declared: port.declared.clone(),
                             shown: port.text.clone(),
                             stages: BTreeSet::from([stage]),
                             seen: None,
@@ -254,11 +260,11 @@ impl Targets {
         targets.ignored.push(absolute(&state.root));
         targets
             .ignored
-            .push(absolute(&crate::lock::lock_path(&pipeline.file)));
+            .push(absolute(&crate::state::lock::lock_path(&pipeline.file)));
         for stage in &pipeline.stages {
             for port in &stage.outputs {
-                if let Location::Local(path) = &port.declared.location {
-                    targets.ignored.push(path.clone());
+                if let Some(path) = port.declared.location.local_path() {
+                    targets.ignored.push(path.to_path_buf());
                 }
             }
         }
@@ -360,7 +366,7 @@ struct Running {
 }
 
 struct State<'a> {
-    printer: &'a Printer,
+    printer: &'a dyn Listener,
     load: Loader<'a>,
     registry: Registry,
     options: Options,
@@ -705,7 +711,7 @@ impl State<'_> {
             downstream: !all,
             force: false,
         };
-        let stale = match exec::status(&self.dag, &selection, |w| {
+        let stale = match plan::status(&self.dag, &selection, |w| {
             self.printer.watch(&Event::Warning(w))
         }) {
             Ok(statuses) => statuses
@@ -714,7 +720,7 @@ impl State<'_> {
                 .map(|s| s.name)
                 .collect::<Vec<_>>(),
             Err(error) => {
-                self.printer.watch(&Event::RunError(error));
+                self.printer.watch(&Event::RunError(error.into()));
                 self.idle();
                 return;
             }
@@ -740,12 +746,12 @@ impl State<'_> {
         };
         let dag = self.dag.clone();
         let registry = self.registry.clone();
-        let events = Arc::new(RunPrinter::new(self.printer, Some(self.sources.clone())));
+        let events = self.printer.run_events(self.sources.clone());
         let tx = self.tx.clone();
         let spawned = std::thread::Builder::new()
             .name("imba-run".to_owned())
             .spawn(move || {
-                let result = exec::run(dag, registry, options, events.clone());
+                let result = run::run(dag, registry, options, events.clone());
                 events.finish();
                 let _ = tx.send(Message::RunDone(result));
             });
@@ -838,12 +844,12 @@ impl State<'_> {
 
     /// Looks at every S3 source on a thread of its own; the answer comes back as a message.
     fn poll_s3(&mut self) {
-        let lookups: Vec<(usize, String, String, bool)> = self
+        let lookups: Vec<(usize, Declared)> = self
             .targets
             .s3
             .iter()
             .enumerate()
-            .map(|(i, s)| (i, s.bucket.clone(), s.key.clone(), s.dir))
+            .map(|(i, s)| (i, s.declared.clone()))
             .collect();
         let pipeline = self.dag.pipeline();
         let settings = pipeline.storage.clone();
@@ -853,12 +859,12 @@ impl State<'_> {
         let spawned = std::thread::Builder::new()
             .name("imba-s3-poll".to_owned())
             .spawn(move || {
-                let storage = crate::storage::Storage::new(settings, cache);
+                let store = S3Store::new(crate::store::s3::Storage::new(settings, cache));
                 let seen = lookups
                     .into_iter()
-                    .filter_map(|(i, bucket, key, dir)| {
+                    .filter_map(|(i, declared)| {
                         // An unreachable server is no change; the next poll tries again.
-                        let identity = storage.identity(&bucket, &key, dir).ok()?;
+                        let identity = store.identity(&declared).ok()?;
                         Some((i, identity.map(|h| h.hash)))
                     })
                     .collect();

@@ -21,7 +21,7 @@ fn check(text: &[u8], sets: Vec<String>) {
     let (sources, loaded) = config::load(Path::new(&path), &overrides, &Registry::standard());
     match loaded {
         Ok(pipeline) => {
-            if let Err(diagnostics) = imba::dag::build(pipeline, Default::default()) {
+            if let Err(diagnostics) = imba::graph::dag::build(pipeline, Default::default()) {
                 let _ = imba::diagnostic::render_plain(&sources, &diagnostics);
             }
         }

@@ -152,7 +152,8 @@ fn the_monthly_pipeline_matches_the_seed_semantics_on_the_sample() {
         );
     }
 
-    let users = imba_stages::table::read_table(&out.join("aggregated/user_imp.parquet")).unwrap();
+    let users =
+        imba_stages::io::table::read_table(&out.join("aggregated/user_imp.parquet")).unwrap();
     assert_eq!(
         users.get_column_names(),
         ["user_id", "days_imp", "frequency"]
@@ -502,7 +503,7 @@ fn floats(df: &imba_stages::polars::prelude::DataFrame, column: &str) -> Vec<Opt
 /// iteration. The same seed gives the same bytes; another seed, other imputations.
 #[test]
 fn the_imputed_outputs_agree_with_each_other_and_repeat_exactly() {
-    use imba_stages::table::read_table;
+    use imba_stages::io::table::read_table;
     let t = monthly();
     let run = t.exec(&["run", "pipelines/monthly.yaml"]);
     assert_eq!(run.code, 0, "{}", run.stderr);

@@ -5,8 +5,9 @@
 
 use std::path::Path;
 
-use imba::config::{self, LoadError, Overrides, StageKind};
+use imba::config::{self, LoadError, Overrides};
 use imba::diagnostic::render_plain;
+use imba::model::StageKind;
 use imba_stages::{Builtin, BuiltinStage, Registry, StageError, StageIo, StageReport};
 use insta::assert_snapshot;
 use schemars::JsonSchema;
@@ -56,6 +57,8 @@ impl BuiltinStage for Trim {
     const VERSION: u32 = 3;
     const SUMMARY: &'static str = "trims outliers";
     type Params = TrimParams;
+    const INPUTS: imba_stages::ports::Inputs = imba_stages::ports::Inputs::Named(&[]);
+    const OUTPUTS: &'static [imba_stages::ports::Port] = &[];
 
     fn run(params: &TrimParams, io: &StageIo) -> Result<StageReport, StageError> {
         std::fs::write(&io.outputs[0].1, params.columns.join(","))
@@ -64,7 +67,7 @@ impl BuiltinStage for Trim {
     }
 }
 
-fn load(yaml: &str, sets: &[&str]) -> Result<config::Pipeline, String> {
+fn load(yaml: &str, sets: &[&str]) -> Result<imba::model::Pipeline, String> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("pipeline.yaml");
     std::fs::write(&path, yaml).unwrap();

@@ -830,15 +830,15 @@ fn storage_for(
     endpoint: &str,
     timeout: std::time::Duration,
     cache: &std::path::Path,
-) -> imba::storage::Storage {
+) -> imba::store::s3::Storage {
     static CREDENTIALS: std::sync::Once = std::sync::Once::new();
     CREDENTIALS.call_once(|| {
         std::env::set_var("AWS_ACCESS_KEY_ID", s3::ACCESS_KEY);
         std::env::set_var("AWS_SECRET_ACCESS_KEY", s3::SECRET_KEY);
         std::env::set_var("AWS_REGION", "us-east-1");
     });
-    imba::storage::Storage::new(
-        imba::storage::Settings {
+    imba::store::s3::Storage::new(
+        imba::model::StorageSettings {
             endpoint: Some(endpoint.to_owned()),
             timeout: Some(timeout),
             connect_timeout: Some(std::time::Duration::from_secs(1)),

@@ -628,7 +628,7 @@ mod adversarial {
 
         #[test]
         fn stage_file_names_are_injective(a in nasty(), b in nasty()) {
-            let (fa, fb) = (imba::config::resolve::file_name(&a), imba::config::resolve::file_name(&b));
+            let (fa, fb) = (imba::model::file_name(&a), imba::model::file_name(&b));
             prop_assert_eq!(a == b, fa == fb, "{:?} {:?} -> {} {}", a, b, fa, fb);
             prop_assert!(!fa.contains('/') && fa != "." && fa != ".." && !fa.is_empty() || a.is_empty());
         }

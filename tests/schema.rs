@@ -5,7 +5,7 @@ mod common;
 use imba::config::raw::{PIPELINE_KEYS, STAGE_KEYS};
 
 fn generated() -> serde_json::Value {
-    serde_json::from_str(&imba::schema::pipeline_schema_json()).unwrap()
+    serde_json::from_str(&imba::config::schema::pipeline_schema_json()).unwrap()
 }
 
 fn keys(schema: &serde_json::Value) -> Vec<String> {
@@ -23,9 +23,9 @@ fn keys(schema: &serde_json::Value) -> Vec<String> {
 fn docs_schema_is_up_to_date() {
     let path = common::repo().join("docs/pipeline.schema.json");
     let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
-    if checked_in != imba::schema::pipeline_schema_json() {
+    if checked_in != imba::config::schema::pipeline_schema_json() {
         if std::env::var_os("IMBA_UPDATE_SCHEMA").is_some() {
-            std::fs::write(&path, imba::schema::pipeline_schema_json()).unwrap();
+            std::fs::write(&path, imba::config::schema::pipeline_schema_json()).unwrap();
         } else {
             panic!("docs/pipeline.schema.json is out of date: run `IMBA_UPDATE_SCHEMA=1 cargo test --test schema`");
         }

@@ -5,59 +5,18 @@
 //! every item is reported, each at its own key or value.
 
 use imba_stages::checks::{Check, Metric};
-use serde_json::{json, Value as Json};
 
 use crate::diagnostic::{Diagnostic, Span};
+use crate::model::{Hook, Severity, StageCheck};
 
 use super::raw::{list, unknown_key, wrong_kind};
-use super::resolve::Port;
 use super::yaml::{Key, Node, Value};
+use crate::model::Port;
 
 /// The checks a stage can carry, in the order the docs list them.
 pub const CHECK_KINDS: &[&str] = &["rows", "change", "not_null", "unique", "range", "sql"];
 /// What else a check item may say.
 pub const CHECK_OPTIONS: &[&str] = &["severity", "output", "name"];
-
-pub use imba_stages::checks::Severity;
-
-/// One check of one stage, resolved to the table it reads.
-#[derive(Debug, Clone)]
-pub struct StageCheck {
-    pub check: Check,
-    pub severity: Severity,
-    /// `name:` if given, else the check's label (`not_null(user_id)`).
-    pub name: String,
-    /// The position of the checked output in the stage's outputs.
-    pub output: usize,
-    /// The file inside a directory output.
-    pub file: Option<String>,
-    /// The check's key (`rows:`…), where messages about the check point.
-    pub span: Span,
-    /// Each column the check names, where it is named.
-    pub columns: Vec<(String, Span)>,
-}
-
-impl StageCheck {
-    /// The check as written, for fingerprints and records.
-    pub fn to_json(&self) -> Json {
-        let mut value = self.check.to_json();
-        if let Json::Object(map) = &mut value {
-            map.insert("severity".into(), json!(self.severity));
-            map.insert("output".into(), json!(self.output));
-            if let Some(file) = &self.file {
-                map.insert("file".into(), json!(file));
-            }
-        }
-        value
-    }
-}
-
-/// A shell command run when a stage fails, with the failure as JSON on stdin.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Hook {
-    pub command: String,
-    pub span: Span,
-}
 
 /// Parses a rendered `checks:` list against the stage's outputs.
 pub fn parse(

@@ -9,14 +9,15 @@
 use std::path::{Path, PathBuf};
 
 use crate::diagnostic::Diagnostic;
-use crate::location::Location;
 
-use super::resolve::{Pipeline, Port};
+use crate::model::{Pipeline, Port};
 
 /// The files of a pipeline that no output may touch, with what each is.
 pub fn protected(pipeline: &Pipeline, vars_files: &[PathBuf]) -> Vec<(PathBuf, &'static str)> {
     let absolute = |p: &Path| {
-        crate::location::normalize(&std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()))
+        crate::model::location::normalize(
+            &std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()),
+        )
     };
     let file = absolute(&pipeline.file);
     // The lock file sits beside the pipeline file (`lock::lock_path`).
@@ -40,7 +41,7 @@ pub fn check(pipeline: &Pipeline, vars_files: &[PathBuf], diagnostics: &mut Vec<
     let protected = protected(pipeline, vars_files);
     for stage in &pipeline.stages {
         for output in &stage.outputs {
-            let Location::Local(path) = &output.declared.location else {
+            let Some(path) = output.declared.location.local_path() else {
                 continue;
             };
             if let Some(problem) = problem(path, &pipeline.workdir, &protected) {

@@ -10,6 +10,7 @@ pub mod overrides;
 pub mod params;
 pub mod raw;
 pub mod resolve;
+pub mod schema;
 pub mod shell;
 pub mod template;
 pub mod yaml;
@@ -20,9 +21,9 @@ use std::path::Path;
 use imba_stages::Registry;
 
 use crate::diagnostic::{Diagnostic, Sources};
+use crate::model::Pipeline;
 
 pub use overrides::Overrides;
-pub use resolve::{Pipeline, Port, Stage, StageKind};
 
 /// Why a pipeline could not be loaded.
 #[derive(Debug)]

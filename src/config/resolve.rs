@@ -9,99 +9,13 @@ use imba_stages::Registry;
 use serde_json::{Map, Value as Json};
 
 use crate::diagnostic::{did_you_mean, Diagnostic, Span};
-use crate::location::Declared;
+use crate::model::location::Declared;
 
-use super::checks::{Hook, StageCheck};
 use super::params::ParamsChecker;
 use super::raw::{Action, PipelineFile, StageSpec};
 use super::template::{Context, Templates};
 use super::yaml::{Key, Node, Value};
-
-/// A validated pipeline: every template rendered, every matrix expanded, every path parsed.
-#[derive(Debug, Clone)]
-pub struct Pipeline {
-    /// The pipeline file, as given on the command line.
-    pub file: PathBuf,
-    /// Directory that relative paths and commands are resolved in.
-    pub workdir: PathBuf,
-    pub desc: Option<String>,
-    /// The resolved vars.
-    pub vars: Map<String, Json>,
-    /// In file order; matrix instances in expansion order.
-    pub stages: Vec<Stage>,
-    /// Run when a stage without its own `on_failure:` fails.
-    pub on_failure: Option<Hook>,
-    /// The `storage:` settings (S3 endpoint, region, addressing).
-    pub storage: crate::storage::Settings,
-}
-
-/// One stage, ready to plan and run.
-#[derive(Debug, Clone)]
-pub struct Stage {
-    /// Unique name: the spec's name, plus `@suffix` for a matrix or foreach instance.
-    pub name: String,
-    /// Where the stage is defined (its key in `stages:`).
-    pub span: Span,
-    pub desc: Option<String>,
-    pub kind: StageKind,
-    pub inputs: Vec<Port>,
-    pub outputs: Vec<Port>,
-    /// Template context of a `cmd` stage without its `inputs`/`outputs`: vars, `item`, `params`.
-    /// The runner adds staging paths for `outputs` and renders the command again.
-    pub context: Map<String, Json>,
-    /// Where each param is in the pipeline file (or a `--set`), by JSON pointer: a map entry's
-    /// key, a list item's value. Built-in stages name a param in their errors; this finds it.
-    pub param_spans: std::collections::BTreeMap<String, Span>,
-    /// Evaluated on the staged outputs before they are committed.
-    pub checks: Vec<StageCheck>,
-    /// Run when this stage fails (else the pipeline's).
-    pub on_failure: Option<Hook>,
-    /// `version: auto`: its one output holds immutable versions.
-    pub versioning: Option<crate::versions::Versioning>,
-    /// Variables set for a `cmd`/`argv` stage, sorted by name: a value, or `None` for a variable
-    /// passed through from imba's environment (its name is fingerprinted, never its value).
-    pub env: Vec<(String, Option<String>)>,
-}
-
-#[derive(Debug, Clone)]
-pub enum StageKind {
-    Builtin {
-        name: String,
-        version: u32,
-        /// Normalised: every default filled in, keys sorted.
-        params: Json,
-    },
-    Shell {
-        /// Each command as written (a template), with its span.
-        templates: Vec<(String, Span)>,
-        /// Each command rendered with the declared paths.
-        commands: Vec<String>,
-        params: Json,
-        /// `argv:` a program run without a shell: `templates` are its words.
-        argv: bool,
-    },
-}
-
-impl StageKind {
-    /// `clean`, `aggregate`…, or `cmd`.
-    pub fn label(&self) -> &str {
-        match self {
-            StageKind::Builtin { name, .. } => name,
-            StageKind::Shell { .. } => "cmd",
-        }
-    }
-}
-
-/// A declared input or output.
-#[derive(Debug, Clone)]
-pub struct Port {
-    /// The name in an `inputs:`/`outputs:` map; `None` in a list.
-    pub name: Option<String>,
-    /// The path as written, after templates.
-    pub text: String,
-    pub declared: Declared,
-    pub span: Span,
-}
+use crate::model::{file_name, ports_json, Hook, Pipeline, Port, Stage, StageKind};
 
 /// Resolves a shape-checked file. `file` is the path given by the user.
 pub fn resolve(
@@ -139,8 +53,8 @@ pub fn resolve(
             .and_then(|n| n.as_str().map(str::to_owned))
     };
     let workdir = match render(&raw.workdir, diagnostics) {
-        Some(dir) => crate::location::normalize(&base.join(dir)),
-        None => crate::location::normalize(&base),
+        Some(dir) => crate::model::location::normalize(&base.join(dir)),
+        None => crate::model::location::normalize(&base),
     };
     let desc = render(&raw.desc, diagnostics);
     let on_failure = raw
@@ -189,7 +103,7 @@ fn versioning(
     spec: &StageSpec,
     outputs: Option<&[Port]>,
     diagnostics: &mut Vec<Diagnostic>,
-) -> Option<crate::versions::Versioning> {
+) -> Option<crate::model::Versioning> {
     let Some((key, value)) = &spec.version else {
         if let Some((keep, _)) = &spec.keep {
             diagnostics.push(
@@ -233,7 +147,7 @@ fn versioning(
             );
         }
     }
-    (diagnostics.len() == before).then_some(crate::versions::Versioning { keep })
+    (diagnostics.len() == before).then_some(crate::model::Versioning { keep })
 }
 
 /// Keys of `storage:`.
@@ -247,8 +161,11 @@ pub const STORAGE_KEYS: &[&str] = &[
 ];
 
 /// The `storage:` section: S3 settings, never secrets.
-fn storage_settings(node: &Node, diagnostics: &mut Vec<Diagnostic>) -> crate::storage::Settings {
-    let mut settings = crate::storage::Settings::default();
+fn storage_settings(
+    node: &Node,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> crate::model::StorageSettings {
+    let mut settings = crate::model::StorageSettings::default();
     for (key, value) in node.as_map().unwrap_or_default() {
         let lower = key.name.to_ascii_lowercase();
         if ["key", "secret", "token", "password", "credential"]
@@ -376,34 +293,6 @@ fn check_unique_names(stages: &[Stage], diagnostics: &mut Vec<Diagnostic>) {
             );
         }
     }
-}
-
-/// The file name standing for a stage instance under `.imba/` (staging, logs, quarantine):
-/// letters, digits, `_`, `-` and `.` as they are, every other byte as `%XX`, so that no two
-/// names share a file (`r@a` is `r%40a`, `r_a` stays `r_a`). A name too long for a file name
-/// keeps its first 160 bytes and gains the hash of the whole name (after `%~`, which no encoded
-/// name holds).
-pub fn file_name(name: &str) -> String {
-    let mut out = String::with_capacity(name.len());
-    for byte in name.bytes() {
-        if byte.is_ascii_alphanumeric()
-            || matches!(byte, b'_' | b'-')
-            || (byte == b'.' && !out.is_empty())
-        {
-            out.push(byte as char);
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    if out.len() > 200 {
-        let mut cut = 160;
-        while !out.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        let hash = blake3::hash(name.as_bytes()).to_hex();
-        out = format!("{}%~{}", &out[..cut], &hash[..32]);
-    }
-    out
 }
 
 struct StageResolver<'a> {
@@ -820,10 +709,7 @@ fn collect_spans(node: &Node, pointer: String, out: &mut std::collections::BTree
     match &node.value {
         Value::Map(entries) => {
             for (key, value) in entries {
-                let child = format!(
-                    "{pointer}/{}",
-                    key.name.replace('~', "~0").replace('/', "~1")
-                );
+                let child = format!("{pointer}/{}", imba_stages::pointer::escape(&key.name));
                 out.insert(child.clone(), key.span);
                 collect_spans(value, child, out);
             }
@@ -857,7 +743,7 @@ fn render_hook(
     node: &Node,
     ctx: &Context,
     diagnostics: &mut Vec<Diagnostic>,
-) -> Option<super::checks::Hook> {
+) -> Option<Hook> {
     let rendered = match &node.value {
         Value::String(s) => match templates.render_shell(s, node.span, ctx) {
             Ok(command) => Node::string(node.span, command),
@@ -869,25 +755,6 @@ fn render_hook(
         _ => node.clone(),
     };
     super::checks::hook(&rendered, diagnostics)
-}
-
-/// `inputs`/`outputs` as a template sees them: a map by name, or a list.
-pub fn ports_json(ports: &[Port]) -> Json {
-    if ports.iter().all(|p| p.name.is_some()) && !ports.is_empty() {
-        Json::Object(
-            ports
-                .iter()
-                .map(|p| {
-                    (
-                        p.name.clone().unwrap_or_default(),
-                        Json::String(p.text.clone()),
-                    )
-                })
-                .collect(),
-        )
-    } else {
-        Json::Array(ports.iter().map(|p| Json::String(p.text.clone())).collect())
-    }
 }
 
 fn suffix_of(value: &Json, index: usize) -> String {

@@ -180,7 +180,7 @@ pub fn pointer_segments(pointer: &str) -> impl Iterator<Item = String> + '_ {
     pointer
         .split('/')
         .skip(1)
-        .map(|s| s.replace("~1", "/").replace("~0", "~"))
+        .map(imba_stages::pointer::unescape)
 }
 
 /// How deep collections may nest. Deeper YAML is refused while it is parsed: the code that walks
@@ -201,9 +201,8 @@ pub const ALIAS_NODES_PER_NODE: usize = 100;
 /// ask for 9⁹ copies: the "billion laughs". Legitimate use (a map of defaults merged into each
 /// stage) creates a few times the nodes written, far from 100 times. The ceiling bounds what any
 /// file costs: a copied node costs some 300 bytes by the time the pipeline is resolved (its
-/// params as JSON, its template context), so a million of them took 420 MB and 2.5 s of
-/// `imba validate`; 250,000 stay near 100 MB. Nodes written before the alias are what count, as
-/// an alias can only name what was written before it.
+/// params as JSON, its template context), so 250,000 stay near 100 MB. Nodes written before the
+/// alias are what count, as an alias can only name what was written before it.
 pub fn alias_budget(written: usize) -> usize {
     written
         .saturating_mul(ALIAS_NODES_PER_NODE)

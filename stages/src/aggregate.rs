@@ -12,7 +12,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::table::{is_csv, require_columns, write_table, TableWriter};
+use crate::io::table::{is_csv, require_columns, write_table, TableWriter};
+use crate::ports::{Inputs, Port};
 use crate::{BuiltinStage, StageError, StageIo, StageReport};
 
 /// Params of `aggregate`.
@@ -95,19 +96,17 @@ impl Agg {
 /// The built-in `aggregate` stage.
 pub struct Aggregate;
 
+/// The aggregated table.
+const TABLE: Port = Port::required("table", 0);
+
 impl BuiltinStage for Aggregate {
     const NAME: &'static str = "aggregate";
     const VERSION: u32 = 2;
     const SUMMARY: &'static str = "group-by with declarative aggregations and derived SQL columns";
     type Params = AggregateParams;
 
-    fn check_ports(
-        inputs: &[Option<String>],
-        outputs: &[Option<String>],
-    ) -> Result<(), crate::ports::PortError> {
-        crate::ports::exactly_one_input(inputs)?;
-        crate::ports::named_outputs(outputs, &["table"], &[])
-    }
+    const INPUTS: Inputs = Inputs::One;
+    const OUTPUTS: &'static [Port] = &[TABLE];
 
     fn output_columns(
         params: &AggregateParams,
@@ -126,8 +125,7 @@ impl BuiltinStage for Aggregate {
             }
         };
         vec![crate::OutputColumns {
-            output: "table",
-            position: 0,
+            output: TABLE,
             file: None,
             columns,
         }]
@@ -135,12 +133,12 @@ impl BuiltinStage for Aggregate {
 
     fn run(params: &AggregateParams, io: &StageIo) -> Result<StageReport, StageError> {
         let input = io.input(0)?;
-        let output = io.output("table", 0)?;
+        let output = io.output(TABLE)?;
         let (groups, columns) = aggregate_file(
             params,
             input,
             output,
-            crate::partition::PASS_ROWS,
+            crate::io::partition::PASS_ROWS,
             &io.cancel,
         )?;
         Ok(StageReport {
@@ -172,12 +170,12 @@ fn aggregate_file(
     let ranges = match params.by.first() {
         Some(key)
             if !is_csv(input)
-                && crate::table::columns_of(input)
+                && crate::io::table::columns_of(input)
                     .is_ok_and(|present| columns.iter().all(|c| present.contains(c))) =>
         {
-            crate::partition::KeyRanges::plan(input, key, pass_rows)?
+            crate::io::partition::KeyRanges::plan(input, key, pass_rows)?
         }
-        _ => crate::partition::KeyRanges::whole(""),
+        _ => crate::io::partition::KeyRanges::whole(""),
     };
     if ranges.is_whole() {
         let mut out = aggregate(read_typed(input, params)?, params, input)?;
@@ -194,7 +192,7 @@ fn aggregate_file(
         if cancel.is_cancelled() {
             return Err(StageError::new(crate::CANCELLED));
         }
-        let part = crate::partition::read_range(input, &columns, ranges.predicate(range))?;
+        let part = crate::io::partition::read_range(input, &columns, ranges.predicate(range))?;
         let out = match aggregate_in_order(part, params, input, sorted) {
             Ok(out) => out,
             // The whole table's error, word for word.
@@ -236,9 +234,9 @@ fn read_columns(params: &AggregateParams) -> Vec<String> {
 /// strings would be meaningless).
 fn read_typed(path: &std::path::Path, params: &AggregateParams) -> Result<DataFrame, StageError> {
     if !is_csv(path) {
-        return crate::table::read_parquet(path, Some(&read_columns(params)));
+        return crate::io::table::read_parquet(path, Some(&read_columns(params)));
     }
-    crate::table::read_table_inferred(path)
+    crate::io::table::read_table_inferred(path)
 }
 
 /// Groups `df` (read from `source`, named in errors) as `params` says.
@@ -248,7 +246,7 @@ pub fn aggregate(
     source: &std::path::Path,
 ) -> Result<DataFrame, StageError> {
     let sorted = match params.by.as_slice() {
-        [key] => crate::partition::rows_sorted(&df, key),
+        [key] => crate::io::partition::rows_sorted(&df, key),
         _ => false,
     };
     aggregate_in_order(df, params, source, sorted)
@@ -268,11 +266,11 @@ fn aggregate_in_order(
         .by
         .iter()
         .enumerate()
-        .map(|(i, c)| (c.as_str(), crate::table::pointer(&["by", &i.to_string()])))
+        .map(|(i, c)| (c.as_str(), crate::pointer::of(&["by", &i.to_string()])))
         .collect();
     for (name, agg) in &params.aggs {
         if agg.column() != "*" {
-            wanted.push((agg.column(), crate::table::pointer(&["aggs", name])));
+            wanted.push((agg.column(), crate::pointer::of(&["aggs", name])));
         }
     }
     require_columns(&df, wanted, source)?;
@@ -289,8 +287,10 @@ fn aggregate_in_order(
         .map(|(name, agg)| agg.expr().alias(name.as_str()))
         .collect();
     let df = match params.by.as_slice() {
-        [key] if sorted && df.column(key).is_ok() => crate::partition::in_key_order(&df, key)
-            .map_err(|e| StageError::new(format!("aggregating `{}`: {e}", source.display())))?,
+        [key] if sorted && df.column(key).is_ok() => {
+            crate::io::partition::in_key_order(&df, key)
+                .map_err(|e| StageError::new(format!("aggregating `{}`: {e}", source.display())))?
+        }
         _ => df,
     };
     let grouped = df
@@ -319,7 +319,7 @@ fn aggregate_in_order(
                 StageError::new(format!(
                     "derived column `{name}` (param `derive.{name}`): {e}"
                 ))
-                .at_param(crate::table::pointer(&["derive", name]))
+                .at_param(crate::pointer::of(&["derive", name]))
             })?;
         derived.extend(column.columns().iter().cloned());
     }
@@ -507,7 +507,8 @@ mod ranges_tests {
             let whole = run(usize::MAX, "whole.parquet").unwrap();
             assert!(whole.0 > 800, "{} groups", whole.0);
             for pass_rows in [3_000, 400, 25] {
-                let ranges = crate::partition::KeyRanges::plan(&input, "user", pass_rows).unwrap();
+                let ranges =
+                    crate::io::partition::KeyRanges::plan(&input, "user", pass_rows).unwrap();
                 assert!(ranges.count() > 5, "{pass_rows}: {} ranges", ranges.count());
                 let parts = run(pass_rows, &format!("parts{pass_rows}.parquet")).unwrap();
                 assert_eq!((parts.0, &parts.1), (whole.0, &whole.1));

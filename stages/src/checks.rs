@@ -16,7 +16,7 @@ use std::path::Path;
 use polars::prelude::*;
 use serde_json::{json, Value as Json};
 
-use crate::table::{is_csv, read_parquet, read_table_inferred};
+use crate::io::table::{is_csv, read_parquet, read_table_inferred};
 
 /// One check on one table.
 #[derive(Debug, Clone, PartialEq)]
@@ -322,7 +322,7 @@ impl Loaded {
 }
 
 fn parquet_rows(path: &Path) -> Result<usize, String> {
-    let file = crate::table::open(path).map_err(|e| e.message)?;
+    let file = crate::io::table::open(path).map_err(|e| e.message)?;
     ParquetReader::new(file)
         .num_rows()
         .map_err(|e| format!("cannot read Parquet file `{}`: {e}", path.display()))
@@ -450,7 +450,7 @@ fn check_one(
             };
             let names: Vec<PlSmallStr> = columns.iter().map(|c| c.as_str().into()).collect();
             let alive = BooleanChunked::full("alive".into(), true, df.height());
-            let repeats = crate::rows::repeated_rows(df, &names, &alive)
+            let repeats = crate::io::rows::repeated_rows(df, &names, &alive)
                 .map_err(|e| format!("cannot compare rows: {e}"))?;
             let key = if columns.len() == 1 {
                 format!("`{}`", columns[0])
@@ -712,7 +712,7 @@ mod tests {
         std::fs::write(&source, csv).unwrap();
         let mut df = read_table_inferred(&source).unwrap();
         let path = dir.join(format!("{name}.parquet"));
-        crate::table::write_table(&mut df, &path).unwrap();
+        crate::io::table::write_table(&mut df, &path).unwrap();
         path
     }
 

@@ -16,7 +16,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::table::{is_csv, pointer, read_parquet, read_table_inferred, write_table, TableWriter};
+use crate::io::table::{is_csv, read_parquet, read_table_inferred, write_table, TableWriter};
+use crate::pointer::of as pointer;
+use crate::ports::{Inputs, Port};
 use crate::{BuiltinStage, ParamsError, StageError, StageIo, StageReport};
 
 /// Params of `feature`.
@@ -149,6 +151,9 @@ fn used_columns(params: &FeatureParams, name: &str, columns: &[String]) -> Vec<S
 /// The built-in `feature` stage.
 pub struct FeatureStage;
 
+/// The features table (a file, or a folder of them).
+const FEATURES: Port = Port::required("features", 0);
+
 impl BuiltinStage for FeatureStage {
     const NAME: &'static str = "feature";
     const VERSION: u32 = 2;
@@ -156,18 +161,10 @@ impl BuiltinStage for FeatureStage {
         "declarative features per entity in named groups of polars SQL expressions";
     type Params = FeatureParams;
 
-    fn check_ports(
-        inputs: &[Option<String>],
-        outputs: &[Option<String>],
-    ) -> Result<(), crate::ports::PortError> {
-        if inputs.is_empty() || inputs.iter().any(Option::is_none) {
-            return Err(crate::ports::PortError {
-                outputs: false,
-                message: "needs its input tables as a map of names (`inputs: {orders: …}`), which its groups name in `from:`".to_owned(),
-            });
-        }
-        crate::ports::named_outputs(outputs, &["features"], &[])
-    }
+    const INPUTS: Inputs = Inputs::Map {
+        why: "needs its input tables as a map of names (`inputs: {orders: …}`), which its groups name in `from:`",
+    };
+    const OUTPUTS: &'static [Port] = &[FEATURES];
 
     fn check_params(params: &FeatureParams) -> Vec<ParamsError> {
         param_errors(params)
@@ -181,8 +178,7 @@ impl BuiltinStage for FeatureStage {
         [None, Some("features.parquet"), Some("features.csv")]
             .into_iter()
             .map(|file| crate::OutputColumns {
-                output: "features",
-                position: 0,
+                output: FEATURES,
                 file: file.map(str::to_owned),
                 columns: columns.clone(),
             })
@@ -195,7 +191,7 @@ impl BuiltinStage for FeatureStage {
             .iter()
             .map(|(name, path)| (name.clone().unwrap_or_default(), path.as_path()))
             .collect();
-        let target = io.output("features", 0)?;
+        let target = io.output(FEATURES)?;
         let files: Vec<std::path::PathBuf> = if target.is_dir() {
             params
                 .formats
@@ -214,7 +210,7 @@ impl BuiltinStage for FeatureStage {
             params,
             &inputs,
             &files,
-            crate::partition::PASS_ROWS,
+            crate::io::partition::PASS_ROWS,
             &io.cancel,
         )?;
         let described: serde_json::Map<String, serde_json::Value> = descriptions(params)
@@ -253,11 +249,15 @@ fn write_features(
     let mut wanted = Vec::new();
     let mut sorted = BTreeMap::new();
     for (name, path) in inputs {
-        wanted.push(used_columns(params, name, &crate::table::columns_of(path)?));
+        wanted.push(used_columns(
+            params,
+            name,
+            &crate::io::table::columns_of(path)?,
+        ));
         let in_order = if Some(*path) == planned {
             ranges.sorted()
         } else {
-            crate::partition::key_sorted(path, &params.entity)?
+            crate::io::partition::key_sorted(path, &params.entity)?
         };
         sorted.insert(name.clone(), in_order);
     }
@@ -269,7 +269,7 @@ fn write_features(
         }
         let mut tables = BTreeMap::new();
         for ((name, path), wanted) in inputs.iter().zip(&wanted) {
-            let part = crate::partition::read_range(path, wanted, ranges.predicate(range))?;
+            let part = crate::io::partition::read_range(path, wanted, ranges.predicate(range))?;
             tables.insert(name.clone(), part);
         }
         let out = match compute_in_order(params, &tables, &sorted) {
@@ -310,7 +310,7 @@ fn read_whole(
         let df = if is_csv(path) {
             read_table_inferred(path)?
         } else {
-            let wanted = used_columns(params, name, &crate::table::columns_of(path)?);
+            let wanted = used_columns(params, name, &crate::io::table::columns_of(path)?);
             read_parquet(path, Some(&wanted))?
         };
         tables.insert(name.clone(), df);
@@ -325,21 +325,21 @@ fn ranges<'a>(
     params: &FeatureParams,
     inputs: &[(String, &'a std::path::Path)],
     pass_rows: usize,
-) -> Result<(crate::partition::KeyRanges, Option<&'a std::path::Path>), StageError> {
-    let whole = crate::partition::KeyRanges::whole(&params.entity);
+) -> Result<(crate::io::partition::KeyRanges, Option<&'a std::path::Path>), StageError> {
+    let whole = crate::io::partition::KeyRanges::whole(&params.entity);
     if inputs.iter().any(|(_, path)| is_csv(path)) || !per_entity(params) {
         return Ok((whole, None));
     }
     let mut largest: Option<(usize, &std::path::Path)> = None;
     for (_, path) in inputs {
-        let rows = crate::partition::parquet_rows(path)?;
+        let rows = crate::io::partition::parquet_rows(path)?;
         if largest.is_none_or(|(most, _)| rows > most) {
             largest = Some((rows, path));
         }
     }
     match largest {
         Some((_, path)) => Ok((
-            crate::partition::KeyRanges::plan(path, &params.entity, pass_rows)?,
+            crate::io::partition::KeyRanges::plan(path, &params.entity, pass_rows)?,
             Some(path),
         )),
         None => Ok((whole, None)),
@@ -408,7 +408,7 @@ fn param_errors(params: &FeatureParams) -> Vec<ParamsError> {
                 pointer: at,
                 message: format!(
                     "feature `{feature}` is defined twice (first at `{}`)",
-                    crate::table::dotted(&first)
+                    crate::pointer::dotted(&first)
                 ),
             });
         }
@@ -505,7 +505,7 @@ pub fn compute(
     let sorted = tables
         .iter()
         .map(|(name, df)| {
-            let in_order = crate::partition::rows_sorted(df, &params.entity);
+            let in_order = crate::io::partition::rows_sorted(df, &params.entity);
             (name.clone(), in_order)
         })
         .collect();
@@ -550,7 +550,7 @@ fn compute_in_order(
         }
         let table = &if sorted.get(&group.from).copied().unwrap_or(false) {
             // Only the rows with an entity count in any feature.
-            crate::partition::in_key_order(table, entity)
+            crate::io::partition::in_key_order(table, entity)
                 .map_err(|e| StageError::new(e.to_string()))?
         } else {
             table.clone()
@@ -611,7 +611,7 @@ fn compute_in_order(
             // One row per entity, or the join would multiply rows.
             let names = [PlSmallStr::from(entity.as_str())];
             let alive = BooleanChunked::full("alive".into(), true, frame.height());
-            let repeats = crate::rows::repeated_rows(&frame, &names, &alive)
+            let repeats = crate::io::rows::repeated_rows(&frame, &names, &alive)
                 .map_err(|e| StageError::new(e.to_string()))?;
             if let Some(&row) = repeats.first() {
                 let key = frame
@@ -1040,7 +1040,7 @@ mod ranges_tests {
         let read = |order| {
             let inputs = inputs(dir.path(), false, order);
             write(&inputs, dir.path(), usize::MAX).unwrap();
-            crate::table::read_parquet(&dir.path().join("f.parquet"), None).unwrap()
+            crate::io::table::read_parquet(&dir.path().join("f.parquet"), None).unwrap()
         };
         let (random, sorted) = (read(Order::Random), read(Order::Sorted));
         let mut differ = 0;

@@ -2,7 +2,7 @@
 //! mean table with each imputed column's spread across imputations, a convergence trace and a
 //! summary (seed 000, sections 5 and 7).
 //!
-//! The algorithm is in [`crate::mice`]; this module reads the table, checks the params against
+//! The algorithm is in [`crate::stats::mice`]; this module reads the table, checks the params against
 //! it, and writes the outputs.
 
 use std::collections::BTreeMap;
@@ -13,9 +13,11 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value as Json};
 
-use crate::mice::{self, Method};
+use crate::io::table::{read_table_inferred, require_columns, write_table};
+use crate::pointer::of as pointer;
+use crate::ports::{Inputs, Port};
 use crate::stats::finite;
-use crate::table::{pointer, read_table_inferred, require_columns, write_table};
+use crate::stats::mice::{self, Method};
 use crate::{BuiltinStage, StageError, StageIo, StageReport};
 
 /// Params of `impute`.
@@ -121,6 +123,9 @@ impl MethodParam {
 /// The built-in `impute` stage.
 pub struct Impute;
 
+/// The folder of imputed tables, their long and mean forms, the trace and the summary.
+const IMPUTED: Port = Port::required("imputed", 0);
+
 impl BuiltinStage for Impute {
     const NAME: &'static str = "impute";
     // 2: the mean table has a `_std` column for every imputed column, complete or not.
@@ -129,13 +134,8 @@ impl BuiltinStage for Impute {
         "MICE multiple imputation (pmm, norm, censored), M chains in parallel";
     type Params = ImputeParams;
 
-    fn check_ports(
-        inputs: &[Option<String>],
-        outputs: &[Option<String>],
-    ) -> Result<(), crate::ports::PortError> {
-        crate::ports::exactly_one_input(inputs)?;
-        crate::ports::named_outputs(outputs, &["imputed"], &[])
-    }
+    const INPUTS: Inputs = Inputs::One;
+    const OUTPUTS: &'static [Port] = &[IMPUTED];
 
     /// Neither the long table's columns nor the mean table's depend on the data.
     fn output_columns(
@@ -153,14 +153,12 @@ impl BuiltinStage for Impute {
         mean.push("was_missing".to_owned());
         vec![
             crate::OutputColumns {
-                output: "imputed",
-                position: 0,
+                output: IMPUTED,
                 file: Some("imputed_long.parquet".to_owned()),
                 columns,
             },
             crate::OutputColumns {
-                output: "imputed",
-                position: 0,
+                output: IMPUTED,
                 file: Some("imputed_mean.parquet".to_owned()),
                 columns: mean,
             },
@@ -180,7 +178,7 @@ impl BuiltinStage for Impute {
     fn run(params: &ImputeParams, io: &StageIo) -> Result<StageReport, StageError> {
         let started = std::time::Instant::now();
         let input = io.input(0)?;
-        let dir = io.output("imputed", 0)?;
+        let dir = io.output(IMPUTED)?;
         let df = read_table_inferred(input)?;
         let plan = Plan::new(&df, params, input)?;
         let result =
@@ -298,7 +296,7 @@ fn param_errors(params: &ImputeParams) -> Vec<StageError> {
             errors.push(
                 StageError::new(format!(
                     "`{column}` (param `{}`) is not one of the model's `columns`: {}",
-                    crate::table::dotted(&at),
+                    crate::pointer::dotted(&at),
                     params.columns.join(", ")
                 ))
                 .at_param(at),
@@ -334,7 +332,7 @@ fn param_errors(params: &ImputeParams) -> Vec<StageError> {
                     errors.push(
                         StageError::new(format!(
                             "`{column}` cannot predict itself (param `{}`)",
-                            crate::table::dotted(&at)
+                            crate::pointer::dotted(&at)
                         ))
                         .at_param(at),
                     );
@@ -551,10 +549,7 @@ fn write_outputs(
             "trace": "trace.parquet",
         },
     });
-    let mut text =
-        serde_json::to_string_pretty(&summary).map_err(|e| StageError::new(e.to_string()))?;
-    text.push('\n');
-    std::fs::write(dir.join("summaries/impute_summary.json"), text).map_err(io)?;
+    StageIo::write_json(&dir.join("summaries/impute_summary.json"), &summary)?;
     Ok(summary)
 }
 

@@ -10,15 +10,12 @@ pub mod clean;
 pub mod diagnose;
 pub mod feature;
 pub mod impute;
-pub mod mice;
-pub mod partition;
-pub mod pool;
+pub mod io;
+pub mod pointer;
 pub mod ports;
 mod registry;
-pub mod rows;
 pub mod safe;
 pub mod stats;
-pub mod table;
 
 pub use registry::{
     Builtin, BuiltinStage, Cancel, OutputColumns, ParamsError, Registry, StageError, StageIo,

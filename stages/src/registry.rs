@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::{de::DeserializeOwned, Serialize};
 
+use crate::ports::{Inputs, Port};
+
 /// A built-in stage, as its implementation declares it.
 pub trait BuiltinStage: 'static {
     /// The name used in `uses:`.
@@ -16,16 +18,12 @@ pub trait BuiltinStage: 'static {
     const SUMMARY: &'static str;
     /// The typed `params:` of the stage.
     type Params: DeserializeOwned + Serialize + JsonSchema;
-
-    /// Checks the names (or, for a list, the count) of the stage's inputs and outputs, at
-    /// validate time. The error says what is expected.
-    fn check_ports(
-        inputs: &[Option<String>],
-        outputs: &[Option<String>],
-    ) -> Result<(), crate::ports::PortError> {
-        let _ = (inputs, outputs);
-        Ok(())
-    }
+    /// What the stage reads: the names (or, for a list, the count) a pipeline must declare are
+    /// checked against it at validate time.
+    const INPUTS: Inputs;
+    /// What the stage writes, each output once: [`StageIo::output`] and [`OutputColumns`] name
+    /// them by these.
+    const OUTPUTS: &'static [Port];
 
     /// Checks what the params type cannot say alone (a name in one param that must appear in
     /// another, say), at validate time: every problem, each at its param.
@@ -75,7 +73,7 @@ impl Cancel {
 pub const CANCELLED: &str = "cancelled";
 
 impl StageIo {
-    /// The `index`-th input.
+    /// The `index`-th input (of a stage that takes inputs in order or any one).
     pub fn input(&self, index: usize) -> Result<&std::path::Path, StageError> {
         self.inputs
             .get(index)
@@ -83,43 +81,50 @@ impl StageIo {
             .ok_or_else(|| StageError::new(format!("the stage needs an input #{}", index + 1)))
     }
 
-    /// The output called `name`, or (when outputs are a list) the one at `position`.
-    pub fn output(&self, name: &str, position: usize) -> Result<&std::path::Path, StageError> {
-        self.output_opt(name, position)
-            .ok_or_else(|| StageError::new(format!("the stage needs an output `{name}`")))
+    /// The output `port`: by its name, or (when outputs are a list) by its position.
+    pub fn output(&self, port: Port) -> Result<&std::path::Path, StageError> {
+        self.output_opt(port)
+            .ok_or_else(|| StageError::new(format!("the stage needs an output `{}`", port.name)))
     }
 
-    /// The input called `name`, or (when inputs are a list) the one at `position`.
-    pub fn input_named(&self, name: &str, position: usize) -> Result<&std::path::Path, StageError> {
-        let found = if self.inputs.iter().any(|(n, _)| n.is_some()) {
-            self.inputs.iter().find(|(n, _)| n.as_deref() == Some(name))
-        } else {
-            self.inputs.get(position)
-        };
-        found
+    /// The input `port`: by its name, or (when inputs are a list) by its position.
+    pub fn input_at(&self, port: Port) -> Result<&std::path::Path, StageError> {
+        find(&self.inputs, port)
+            .ok_or_else(|| StageError::new(format!("the stage needs an input `{}`", port.name)))
+    }
+
+    /// The output `port` when the pipeline declares it (an optional one).
+    pub fn output_opt(&self, port: Port) -> Option<&std::path::Path> {
+        find(&self.outputs, port)
+    }
+
+    /// Writes a stage's JSON (a summary, a report) as people read it: pretty, one trailing
+    /// newline.
+    pub fn write_json(path: &std::path::Path, value: &impl Serialize) -> Result<(), StageError> {
+        let mut text =
+            serde_json::to_string_pretty(value).map_err(|e| StageError::new(e.to_string()))?;
+        text.push('\n');
+        std::fs::write(path, text)
+            .map_err(|e| StageError::new(format!("cannot write `{}`: {e}", path.display())))
+    }
+}
+
+fn find(ports: &[(Option<String>, std::path::PathBuf)], port: Port) -> Option<&std::path::Path> {
+    if ports.iter().any(|(n, _)| n.is_some()) {
+        ports
+            .iter()
+            .find(|(n, _)| n.as_deref() == Some(port.name))
             .map(|(_, p)| p.as_path())
-            .ok_or_else(|| StageError::new(format!("the stage needs an input `{name}`")))
-    }
-
-    pub fn output_opt(&self, name: &str, position: usize) -> Option<&std::path::Path> {
-        if self.outputs.iter().any(|(n, _)| n.is_some()) {
-            self.outputs
-                .iter()
-                .find(|(n, _)| n.as_deref() == Some(name))
-                .map(|(_, p)| p.as_path())
-        } else {
-            self.outputs.get(position).map(|(_, p)| p.as_path())
-        }
+    } else {
+        ports.get(port.position).map(|(_, p)| p.as_path())
     }
 }
 
 /// The columns of one table a built-in stage writes (see [`BuiltinStage::output_columns`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutputColumns {
-    /// The output's name, as in [`StageIo::output`]…
-    pub output: &'static str,
-    /// …or its position, when outputs are a list.
-    pub position: usize,
+    /// The output, one of the stage's [`BuiltinStage::OUTPUTS`].
+    pub output: Port,
     /// The file inside a directory output; `None` for a file output.
     pub file: Option<String>,
     pub columns: Vec<String>,
@@ -188,7 +193,7 @@ pub struct Builtin {
 /// See [`BuiltinStage::output_columns`].
 type ColumnsOf = fn(&serde_json::Value, &[Option<Vec<String>>]) -> Vec<OutputColumns>;
 
-/// See [`BuiltinStage::check_ports`].
+/// See [`Builtin::check_ports`].
 type PortCheck = fn(&[Option<String>], &[Option<String>]) -> Result<(), crate::ports::PortError>;
 
 impl std::fmt::Debug for Builtin {
@@ -210,7 +215,7 @@ impl Builtin {
             schema: || schemars::schema_for!(S::Params),
             normalize: normalize::<S::Params>,
             run: run::<S>,
-            check_ports: S::check_ports,
+            check_ports: check_ports::<S>,
             check_params: check_params::<S>,
             output_columns: output_columns::<S>,
         }
@@ -231,7 +236,8 @@ impl Builtin {
         (self.output_columns)(params, inputs)
     }
 
-    /// Checks the stage's input and output names (see [`BuiltinStage::check_ports`]).
+    /// Checks the stage's input and output names against its [`BuiltinStage::INPUTS`] and
+    /// [`BuiltinStage::OUTPUTS`].
     pub fn check_ports(
         &self,
         inputs: &[Option<String>],
@@ -273,6 +279,13 @@ fn normalize<P: DeserializeOwned + Serialize>(
     })
 }
 
+fn check_ports<S: BuiltinStage>(
+    inputs: &[Option<String>],
+    outputs: &[Option<String>],
+) -> Result<(), crate::ports::PortError> {
+    crate::ports::check(S::INPUTS, S::OUTPUTS, inputs, outputs)
+}
+
 fn check_params<S: BuiltinStage>(params: &serde_json::Value) -> Vec<ParamsError> {
     match serde_json::from_value::<S::Params>(params.clone()) {
         Ok(params) => S::check_params(&params),
@@ -306,7 +319,7 @@ fn pointer_of(path: &serde_path_to_error::Path) -> String {
         out.push('/');
         match segment {
             Segment::Seq { index } => out.push_str(&index.to_string()),
-            Segment::Map { key } => out.push_str(&key.replace('~', "~0").replace('/', "~1")),
+            Segment::Map { key } => out.push_str(&crate::pointer::escape(key)),
             Segment::Enum { variant } => out.push_str(variant),
             Segment::Unknown => out.push('?'),
         }
@@ -374,6 +387,8 @@ mod tests {
         const VERSION: u32 = 2;
         const SUMMARY: &'static str = "repeats a word";
         type Params = EchoParams;
+        const INPUTS: Inputs = Inputs::Named(&[]);
+        const OUTPUTS: &'static [Port] = &[Port::required("text", 0)];
 
         fn run(params: &EchoParams, io: &StageIo) -> Result<StageReport, StageError> {
             let text = vec![params.word.as_str(); params.times as usize].join(" ");

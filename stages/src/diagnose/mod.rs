@@ -16,10 +16,12 @@ use serde_json::{json, Value as Json};
 mod plots;
 mod report;
 
+use crate::io::table::read_table_inferred;
+use crate::pointer::of as pointer;
+use crate::ports::{Inputs, Port};
 use crate::stats::{
     finite, gaussian_kde, gelman_rubin, ks_distance, quantile_linear, scott_bandwidth,
 };
-use crate::table::{pointer, read_table_inferred};
 use crate::{BuiltinStage, StageError, StageIo, StageReport};
 
 /// Params of `diagnose`.
@@ -98,6 +100,13 @@ fn rhat() -> Check {
 /// The built-in `diagnose` stage.
 pub struct Diagnose;
 
+/// The imputed long table (`impute`'s `imputed_long.parquet`).
+const IMPUTED: Port = Port::required("imputed", 0);
+/// The table before imputation, for the observed values.
+const DATA: Port = Port::required("data", 1);
+/// The report folder: HTML, JSON and plots.
+const DIAGNOSTICS: Port = Port::required("diagnostics", 0);
+
 impl BuiltinStage for Diagnose {
     const NAME: &'static str = "diagnose";
     const VERSION: u32 = 1;
@@ -105,13 +114,8 @@ impl BuiltinStage for Diagnose {
         "imputation diagnostics: spreads, R-hat, KS, pooled means, plots, an HTML report, checks";
     type Params = DiagnoseParams;
 
-    fn check_ports(
-        inputs: &[Option<String>],
-        outputs: &[Option<String>],
-    ) -> Result<(), crate::ports::PortError> {
-        crate::ports::named_inputs(inputs, &["imputed", "data"], &[])?;
-        crate::ports::named_outputs(outputs, &["diagnostics"], &[])
-    }
+    const INPUTS: Inputs = Inputs::Named(&[IMPUTED, DATA]);
+    const OUTPUTS: &'static [Port] = &[DIAGNOSTICS];
 
     fn check_params(params: &DiagnoseParams) -> Vec<crate::ParamsError> {
         let Some(columns) = &params.columns else {
@@ -132,9 +136,9 @@ impl BuiltinStage for Diagnose {
     }
 
     fn run(params: &DiagnoseParams, io: &StageIo) -> Result<StageReport, StageError> {
-        let imputed = io.input_named("imputed", 0)?;
-        let data = io.input_named("data", 1)?;
-        let out = io.output("diagnostics", 0)?;
+        let imputed = io.input_at(IMPUTED)?;
+        let data = io.input_at(DATA)?;
+        let out = io.output(DIAGNOSTICS)?;
         let imputation = Imputation::read(imputed, data, params)?;
         let diagnostics: Vec<ColumnDiagnostics> = imputation
             .columns
@@ -316,7 +320,7 @@ pub(crate) struct ColumnDiagnostics {
     pub rhat_iterations: (usize, usize),
     pub ks: Option<f64>,
     pub imputed_count: usize,
-    pub pooled: Option<crate::pool::Pooled>,
+    pub pooled: Option<crate::stats::pool::Pooled>,
     pub interval: Option<(f64, f64)>,
 }
 
@@ -356,14 +360,14 @@ impl ColumnDiagnostics {
         let per_imputation: Vec<Moments> = values
             .iter()
             .map(|v| {
-                let (mean, std) = crate::mice::mean_std(v);
+                let (mean, std) = crate::stats::mice::mean_std(v);
                 let imputed: Vec<f64> = v
                     .iter()
                     .zip(missing)
                     .filter(|(_, m)| **m)
                     .map(|(v, _)| *v)
                     .collect();
-                let (imputed_mean, imputed_std) = crate::mice::mean_std(&imputed);
+                let (imputed_mean, imputed_std) = crate::stats::mice::mean_std(&imputed);
                 Moments {
                     mean,
                     std,
@@ -390,7 +394,7 @@ impl ColumnDiagnostics {
             .collect();
         let n = imputation.rows as f64;
         let variances: Vec<f64> = stds.iter().map(|s| s * s / n).collect();
-        let pooled = crate::pool::pool_scalar(&means, &variances, n - 1.0);
+        let pooled = crate::stats::pool::pool_scalar(&means, &variances, n - 1.0);
         Ok(ColumnDiagnostics {
             name: column.to_owned(),
             mean_spread: spread(&means),
@@ -408,7 +412,7 @@ impl ColumnDiagnostics {
     }
 
     fn to_json(&self) -> Json {
-        let (mean, std) = crate::mice::mean_std(&self.observed);
+        let (mean, std) = crate::stats::mice::mean_std(&self.observed);
         json!({
             "observed": {"count": self.observed.len(), "mean": finite(mean), "std": finite(std)},
             "missing": self.imputed_count,

@@ -24,11 +24,7 @@ pub(super) fn write(
     };
     let plots_dir = out.join("plots");
     std::fs::create_dir_all(&plots_dir).map_err(|e| io(&plots_dir, e))?;
-    let mut text =
-        serde_json::to_string_pretty(report).map_err(|e| StageError::new(e.to_string()))?;
-    text.push('\n');
-    let json_path = out.join("diagnostics.json");
-    std::fs::write(&json_path, text).map_err(|e| io(&json_path, e))?;
+    crate::StageIo::write_json(&out.join("diagnostics.json"), report)?;
 
     let encode = |png: Vec<u8>| base64::engine::general_purpose::STANDARD.encode(png);
     let mut columns = Vec::new();

@@ -1,0 +1,221 @@
+//! What a pipeline is once it is read: stages, ports, locations, checks and settings, the types
+//! every layer above shares. Nothing here reads a file or prints.
+
+pub mod location;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use imba_stages::checks::Check;
+use serde_json::{json, Map, Value as Json};
+
+use crate::diagnostic::Span;
+
+pub use location::{Declared, Location};
+
+/// A validated pipeline: every template rendered, every matrix expanded, every path parsed.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    /// The pipeline file, as given on the command line.
+    pub file: PathBuf,
+    /// Directory that relative paths and commands are resolved in.
+    pub workdir: PathBuf,
+    pub desc: Option<String>,
+    /// The resolved vars.
+    pub vars: Map<String, Json>,
+    /// In file order; matrix instances in expansion order.
+    pub stages: Vec<Stage>,
+    /// Run when a stage without its own `on_failure:` fails.
+    pub on_failure: Option<Hook>,
+    /// The `storage:` settings (S3 endpoint, region, addressing).
+    pub storage: StorageSettings,
+}
+
+/// One stage, ready to plan and run.
+#[derive(Debug, Clone)]
+pub struct Stage {
+    /// Unique name: the spec's name, plus `@suffix` for a matrix or foreach instance.
+    pub name: String,
+    /// Where the stage is defined (its key in `stages:`).
+    pub span: Span,
+    pub desc: Option<String>,
+    pub kind: StageKind,
+    pub inputs: Vec<Port>,
+    pub outputs: Vec<Port>,
+    /// Template context of a `cmd` stage without its `inputs`/`outputs`: vars, `item`, `params`.
+    /// The runner adds staging paths for `outputs` and renders the command again.
+    pub context: Map<String, Json>,
+    /// Where each param is in the pipeline file (or a `--set`), by JSON pointer: a map entry's
+    /// key, a list item's value. Built-in stages name a param in their errors; this finds it.
+    pub param_spans: std::collections::BTreeMap<String, Span>,
+    /// Evaluated on the staged outputs before they are committed.
+    pub checks: Vec<StageCheck>,
+    /// Run when this stage fails (else the pipeline's).
+    pub on_failure: Option<Hook>,
+    /// `version: auto`: its one output holds immutable versions.
+    pub versioning: Option<Versioning>,
+    /// Variables set for a `cmd`/`argv` stage, sorted by name: a value, or `None` for a variable
+    /// passed through from imba's environment (its name is fingerprinted, never its value).
+    pub env: Vec<(String, Option<String>)>,
+}
+
+#[derive(Debug, Clone)]
+pub enum StageKind {
+    Builtin {
+        name: String,
+        version: u32,
+        /// Normalised: every default filled in, keys sorted.
+        params: Json,
+    },
+    Shell {
+        /// Each command as written (a template), with its span.
+        templates: Vec<(String, Span)>,
+        /// Each command rendered with the declared paths.
+        commands: Vec<String>,
+        params: Json,
+        /// `argv:` a program run without a shell: `templates` are its words.
+        argv: bool,
+    },
+}
+
+impl StageKind {
+    /// `clean`, `aggregate`…, or `cmd`.
+    pub fn label(&self) -> &str {
+        match self {
+            StageKind::Builtin { name, .. } => name,
+            StageKind::Shell { .. } => "cmd",
+        }
+    }
+}
+
+/// A declared input or output.
+#[derive(Debug, Clone)]
+pub struct Port {
+    /// The name in an `inputs:`/`outputs:` map; `None` in a list.
+    pub name: Option<String>,
+    /// The path as written, after templates.
+    pub text: String,
+    pub declared: Declared,
+    pub span: Span,
+}
+
+/// The file name standing for a stage instance under `.imba/` (staging, logs, quarantine):
+/// letters, digits, `_`, `-` and `.` as they are, every other byte as `%XX`, so that no two
+/// names share a file (`r@a` is `r%40a`, `r_a` stays `r_a`). A name too long for a file name
+/// keeps its first 160 bytes and gains the hash of the whole name (after `%~`, which no encoded
+/// name holds).
+pub fn file_name(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for byte in name.bytes() {
+        if byte.is_ascii_alphanumeric()
+            || matches!(byte, b'_' | b'-')
+            || (byte == b'.' && !out.is_empty())
+        {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    if out.len() > 200 {
+        let mut cut = 160;
+        while !out.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let hash = blake3::hash(name.as_bytes()).to_hex();
+        out = format!("{}%~{}", &out[..cut], &hash[..32]);
+    }
+    out
+}
+
+/// `inputs`/`outputs` as a template sees them: a map by name, or a list.
+pub fn ports_json(ports: &[Port]) -> Json {
+    if ports.iter().all(|p| p.name.is_some()) && !ports.is_empty() {
+        Json::Object(
+            ports
+                .iter()
+                .map(|p| {
+                    (
+                        p.name.clone().unwrap_or_default(),
+                        Json::String(p.text.clone()),
+                    )
+                })
+                .collect(),
+        )
+    } else {
+        Json::Array(ports.iter().map(|p| Json::String(p.text.clone())).collect())
+    }
+}
+
+pub use imba_stages::checks::Severity;
+
+/// One check of one stage, resolved to the table it reads.
+#[derive(Debug, Clone)]
+pub struct StageCheck {
+    pub check: Check,
+    pub severity: Severity,
+    /// `name:` if given, else the check's label (`not_null(user_id)`).
+    pub name: String,
+    /// The position of the checked output in the stage's outputs.
+    pub output: usize,
+    /// The file inside a directory output.
+    pub file: Option<String>,
+    /// The check's key (`rows:`…), where messages about the check point.
+    pub span: Span,
+    /// Each column the check names, where it is named.
+    pub columns: Vec<(String, Span)>,
+}
+
+impl StageCheck {
+    /// The check as written, for fingerprints and records.
+    pub fn to_json(&self) -> Json {
+        let mut value = self.check.to_json();
+        if let Json::Object(map) = &mut value {
+            map.insert("severity".into(), json!(self.severity));
+            map.insert("output".into(), json!(self.output));
+            if let Some(file) = &self.file {
+                map.insert("file".into(), json!(file));
+            }
+        }
+        value
+    }
+}
+
+/// A shell command run when a stage fails, with the failure as JSON on stdin.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hook {
+    pub command: String,
+    pub span: Span,
+}
+
+/// A stage's `version:` settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Versioning {
+    /// Keep this many versions in place; older ones move to `archive/`.
+    pub keep: Option<u32>,
+}
+
+/// What the pipeline's `storage:` section says (secrets never: they come from the environment).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StorageSettings {
+    /// An S3-compatible endpoint (MinIO, a test server); else `AWS_ENDPOINT_URL`, else AWS.
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    /// Path-style requests (`endpoint/bucket/key`), as MinIO and most S3-compatible stores need.
+    pub path_style: Option<bool>,
+    /// Tries of a request that failed on the network or was throttled (default 4).
+    pub retries: Option<usize>,
+    /// `storage.connect_timeout`: the longest wait for a connection to the endpoint (TCP, and
+    /// TLS for https) before the try counts as failed (default [`CONNECT_TIMEOUT`]).
+    pub connect_timeout: Option<Duration>,
+    /// `storage.timeout`: the longest an S3 request may go without an answer: from its start
+    /// to the response's headers (an upload's body included), then between two chunks of the
+    /// response's body (default [`TIMEOUT`]). A transfer that keeps moving is never cut off;
+    /// a server that stops answering fails the request, and no new try starts after this long
+    /// either, so a stalled server fails an operation after about this long.
+    pub timeout: Option<Duration>,
+}
+
+/// Default of [`StorageSettings::connect_timeout`].
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default of [`StorageSettings::timeout`].
+pub const TIMEOUT: Duration = Duration::from_secs(60);

@@ -1,0 +1,204 @@
+//! The tables and texts of `status`, `log`, `show` and `checks`, and where a run's outputs are.
+
+use imba_stages::checks::Status;
+
+use super::table;
+use crate::graph::Dag;
+use crate::model::Severity;
+use crate::plan::StageStatus;
+use crate::state::record::{CheckRecord, Decision, RunRecord, StageRecord};
+
+/// `imba status` (and `run --dry-run`): each stale stage with its reasons, then a count.
+pub fn plan(statuses: &[StageStatus], verb: &str) -> String {
+    let stale: Vec<&StageStatus> = statuses.iter().filter(|s| s.stale).collect();
+    let mut out = String::new();
+    for status in &stale {
+        out.push_str(&format!("{}\n", status.name));
+        for reason in &status.reasons {
+            out.push_str(&format!("  - {reason}\n"));
+        }
+    }
+    if stale.is_empty() {
+        out.push_str(&format!("all {} stages are up to date\n", statuses.len()));
+    } else {
+        out.push_str(&format!(
+            "{} of {} stages {verb}\n",
+            stale.len(),
+            statuses.len()
+        ));
+    }
+    out
+}
+
+/// `imba log`: one line per run, newest first.
+pub fn runs(runs: &[RunRecord]) -> String {
+    let mut out = format!(
+        "{:<25} {:<20} {:<11} {:>4} {:>4} {:>6} {:>9}\n",
+        "RUN", "STARTED", "STATUS", "RAN", "SKIP", "FAILED", "DURATION"
+    );
+    for run in runs {
+        let count = |d| run.count(d);
+        out.push_str(&format!(
+            "{:<25} {:<20} {:<11} {:>4} {:>4} {:>6} {:>8.2}s\n",
+            run.id,
+            run.started,
+            run.status,
+            count(Decision::Ran),
+            count(Decision::Skipped),
+            count(Decision::Failed),
+            run.duration_ms as f64 / 1000.0
+        ));
+    }
+    out
+}
+
+/// `imba show`: a run, each stage's decision, reasons, checks, error and hook.
+pub fn run(run: &RunRecord) -> String {
+    let mut out = format!(
+        "run {} of {}: {} ({:.2}s, started {})\n",
+        run.id,
+        run.pipeline,
+        run.status,
+        run.duration_ms as f64 / 1000.0,
+        run.started
+    );
+    for stage in &run.stages {
+        out.push_str(&format!("{:<10} {}", stage.decision, stage.name));
+        if stage.decision == Decision::Ran {
+            out.push_str(&format!(
+                " ({:.2}s{})",
+                stage.duration_ms as f64 / 1000.0,
+                if stage.unchanged {
+                    ", outputs unchanged"
+                } else {
+                    ""
+                }
+            ));
+        }
+        out.push('\n');
+        for reason in &stage.reasons {
+            out.push_str(&format!("           - {reason}\n"));
+        }
+        for check in &stage.checks {
+            let result = check_result(check, true);
+            out.push_str(&format!(
+                "           check {result:<5} {}: {}\n",
+                check.name, check.detail
+            ));
+        }
+        if let Some(error) = &stage.error {
+            for line in error.lines() {
+                out.push_str(&format!("           ! {line}\n"));
+            }
+        }
+        if let Some(hook) = &stage.hook {
+            let how = hook.error.as_deref().unwrap_or("ok");
+            out.push_str(&format!(
+                "           on_failure: {how} (log {})\n",
+                hook.log
+            ));
+        }
+    }
+    out
+}
+
+/// `imba checks`: each stage with checks and its newest evaluated ones (`None`: never yet).
+pub fn checks(latest: &[(&str, Option<(&str, &StageRecord)>)]) -> String {
+    let mut rows: Vec<[String; 6]> = vec![[
+        "STAGE".into(),
+        "CHECK".into(),
+        "SEVERITY".into(),
+        "RESULT".into(),
+        "RUN".into(),
+        "DETAIL".into(),
+    ]];
+    for (name, found) in latest {
+        match found {
+            None => rows.push([
+                (*name).to_owned(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "not evaluated yet".into(),
+            ]),
+            Some((run, stage)) => {
+                for check in &stage.checks {
+                    let result = check_result(check, false);
+                    let severity = match check.severity {
+                        Severity::Warn => "warn",
+                        Severity::Fail => "fail",
+                    };
+                    rows.push([
+                        (*name).to_owned(),
+                        check.name.clone(),
+                        severity.into(),
+                        result.into(),
+                        (*run).to_owned(),
+                        check.detail.clone(),
+                    ]);
+                }
+            }
+        }
+    }
+    table(&rows)
+}
+
+/// How a check's result reads: in a table (`imba checks`), or in a run's details (`imba
+/// show`), where the column is narrower.
+fn check_result(check: &CheckRecord, narrow: bool) -> &'static str {
+    match (check.status, check.severity, narrow) {
+        (Status::Pass, _, _) => "pass",
+        (Status::Error, _, false) => "ERROR",
+        (Status::Error, _, true) => "error",
+        (Status::Undefined, _, false) => "undefined",
+        (Status::Undefined, _, true) => "undef",
+        (Status::Fail, Severity::Warn, false) => "WARN",
+        (Status::Fail, Severity::Warn, true) => "warn",
+        (Status::Fail, Severity::Fail, _) => "FAIL",
+    }
+}
+
+/// "outputs:" and the paths the run's stages wrote (or found up to date); past a dozen, only the
+/// final ones (those no stage reads).
+pub fn outputs(dag: &Dag, record: &RunRecord) -> String {
+    let workdir = &dag.pipeline().workdir;
+    let names: std::collections::BTreeSet<&str> = record
+        .stages
+        .iter()
+        .filter(|s| s.decision.succeeded())
+        .map(|s| s.name.as_str())
+        .collect();
+    let mut all = Vec::new();
+    let mut finals = Vec::new();
+    for &index in dag.order() {
+        let stage = dag.stage(index);
+        if !names.contains(stage.name.as_str()) {
+            continue;
+        }
+        let read = !dag.dependents(index).is_empty();
+        for port in &stage.outputs {
+            let path =
+                port.declared.location.display(workdir) + if port.declared.dir { "/" } else { "" };
+            if !read {
+                finals.push(path.clone());
+            }
+            all.push(path);
+        }
+    }
+    let (shown, head) = if all.len() <= 12 {
+        (all, "outputs:".to_owned())
+    } else {
+        let total = all.len();
+        (
+            finals.into_iter().take(12).collect(),
+            format!("{total} outputs; the final ones:"),
+        )
+    };
+    let mut out = head;
+    for path in shown {
+        out.push_str("\n  ");
+        out.push_str(&path);
+    }
+    out
+}

@@ -1,0 +1,60 @@
+//! Executing one stage on local inputs into staging paths: the step of the lifecycle that could
+//! run on another machine. It takes no lock, touches no store and knows no scheduler; what it
+//! writes is the staged outputs and the stage's logs.
+
+use std::path::{Path, PathBuf};
+
+use imba_stages::Registry;
+use serde_json::Value as Json;
+use tokio::sync::watch;
+
+mod builtin;
+mod shell;
+
+use super::failure::StageFailure;
+use crate::interrupt::Stop;
+use crate::model::{Stage, StageKind};
+use crate::state::record::CheckRecord;
+
+/// One stage, ready to execute.
+pub struct Execution<'a> {
+    pub stage: &'a Stage,
+    /// Where commands run and relative paths resolve.
+    pub workdir: &'a Path,
+    /// The local path of each input, in the stage's input order.
+    pub inputs: &'a [PathBuf],
+    /// Where each output is to be written, in output order; nothing else is committed.
+    pub staged: &'a [PathBuf],
+    /// The folder for the commands' stdout and stderr.
+    pub logs: &'a Path,
+    pub run_id: &'a str,
+    pub registry: &'a Registry,
+    /// At [`Stop::Cancel`] a command gets SIGTERM (SIGKILL at [`Stop::Kill`]) and a built-in
+    /// its cancel flag.
+    pub cancel: watch::Receiver<Stop>,
+}
+
+/// What an execution reports besides its staged outputs.
+#[derive(Debug, Default)]
+pub struct Executed {
+    /// The last command's exit status (0): shell stages only.
+    pub exit_status: Option<i32>,
+    /// The stage's stderr log: shell stages only.
+    pub log: Option<PathBuf>,
+    /// A built-in's own checks.
+    pub checks: Vec<CheckRecord>,
+    /// A built-in's report: its summary, warnings and duration.
+    pub report: Option<Json>,
+    /// A built-in's warnings, for the person running imba.
+    pub warnings: Vec<String>,
+}
+
+/// Runs the stage's command or built-in.
+pub async fn execute(ex: &Execution<'_>) -> Result<Executed, StageFailure> {
+    match &ex.stage.kind {
+        StageKind::Shell {
+            templates, argv, ..
+        } => shell::run(ex, templates, *argv).await,
+        StageKind::Builtin { name, params, .. } => builtin::run(ex, name, params).await,
+    }
+}

@@ -1,0 +1,197 @@
+//! Shell stages: `cmd:` commands run by `sh -c`, `argv:` programs run without a shell.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{Map, Value as Json};
+
+use super::{Executed, Execution};
+use crate::interrupt::Stop;
+use crate::model::{file_name, ports_json, Port, Stage};
+use crate::run::failure::{CommandEnd, StageFailure};
+
+/// Runs a `cmd:` or `argv:` stage: each command in turn, in the workdir, in a process group of
+/// its own, stdout and stderr appended to the stage's logs.
+pub(super) async fn run(
+    ex: &Execution<'_>,
+    templates: &[(String, crate::diagnostic::Span)],
+    argv: bool,
+) -> Result<Executed, StageFailure> {
+    let stage = ex.stage;
+    let renderer = crate::config::template::Templates::default();
+    let context = minijinja::Value::from_serialize(command_context(stage, ex.inputs, ex.staged));
+    let logs = ex.logs;
+    std::fs::create_dir_all(logs)
+        .map_err(|e| StageFailure::Other(format!("cannot create {}: {e}", logs.display())))?;
+    let out_log = logs.join(format!("{}.out", file_name(&stage.name)));
+    let err_log = logs.join(format!("{}.err", file_name(&stage.name)));
+    let mut executed = Executed {
+        log: Some(err_log.clone()),
+        ..Executed::default()
+    };
+    // Variables passed through must be there: a stage that needs a token should not run
+    // without one and fail half-way.
+    let mut env = Vec::new();
+    for (name, value) in &stage.env {
+        match value {
+            Some(value) => env.push((name.clone(), value.clone())),
+            None => match std::env::var_os(name) {
+                Some(value) => env.push((name.clone(), value.to_string_lossy().into_owned())),
+                None => {
+                    return Err(StageFailure::Other(format!(
+                        "the variable `{name}` is not set, and the stage passes it through (`env:`)"
+                    )))
+                }
+            },
+        }
+    }
+    // A program run without a shell: its words, each rendered on its own.
+    let programs: Vec<(Vec<String>, String)> = if argv {
+        let mut words = Vec::new();
+        for (template, _) in templates {
+            let rendered = renderer
+                .render_words(template, &context)
+                .map_err(|e| StageFailure::Other(format!("cannot render the command: {e}")))?;
+            words.extend(rendered);
+        }
+        let shown = words
+            .iter()
+            .map(|w| crate::config::shell::quote(w))
+            .collect::<Vec<_>>()
+            .join(" ");
+        vec![(words, shown)]
+    } else {
+        let mut commands = Vec::new();
+        for (template, _) in templates {
+            let command = renderer
+                .render_command(template, &context)
+                .map_err(|e| StageFailure::Other(format!("cannot render the command: {e}")))?;
+            commands.push((
+                vec!["sh".to_owned(), "-c".to_owned(), command.clone()],
+                command,
+            ));
+        }
+        commands
+    };
+    for (words, command) in programs {
+        tracing::debug!(stage = %stage.name, %command, "running");
+        let open = |path: &Path| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+        };
+        let (stdout, stderr) = match (open(&out_log), open(&err_log)) {
+            (Ok(o), Ok(e)) => (o, e),
+            (Err(e), _) | (_, Err(e)) => {
+                return Err(StageFailure::Other(format!(
+                    "cannot open the stage's log: {e}"
+                )))
+            }
+        };
+        let Some((program, args)) = words.split_first() else {
+            return Err(StageFailure::Other("the command is empty".to_owned()));
+        };
+        let mut child = tokio::process::Command::new(program)
+            .args(args)
+            .current_dir(ex.workdir)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .env("IMBA_STAGE", &stage.name)
+            .env("IMBA_RUN", ex.run_id)
+            .stdin(std::process::Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| StageFailure::Other(format!("cannot start `{program}`: {e}")))?;
+        let pid = child.id();
+        let mut cancel = ex.cancel.clone();
+        let cancelled = async move { cancel.wait_for(|c| *c >= Stop::Cancel).await.is_ok() };
+        let status = tokio::select! {
+            status = child.wait() => status,
+            true = cancelled => {
+                // The whole process group: the shell and whatever it started. SIGTERM first,
+                // SIGKILL after a grace period or at once when asked to kill.
+                let signal_group = |signal| {
+                    if let Some(pid) = pid {
+                        unsafe { libc::killpg(pid as i32, signal) };
+                    }
+                };
+                signal_group(libc::SIGTERM);
+                let mut kill = ex.cancel.clone();
+                let killed = async move { kill.wait_for(|c| *c >= Stop::Kill).await.is_ok() };
+                tokio::select! {
+                    status = child.wait() => status,
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {
+                        signal_group(libc::SIGKILL);
+                        child.wait().await
+                    }
+                    true = killed => {
+                        signal_group(libc::SIGKILL);
+                        child.wait().await
+                    }
+                }
+            }
+        }
+        .map_err(|e| StageFailure::Other(format!("cannot wait for the command: {e}")))?;
+        if !status.success() {
+            use std::os::unix::process::ExitStatusExt;
+            let end = match (status.code(), status.signal()) {
+                (Some(code), _) => CommandEnd::Exit(code),
+                (None, Some(signal)) => CommandEnd::Signal(signal),
+                (None, None) => CommandEnd::Exit(-1),
+            };
+            return Err(StageFailure::Command {
+                end,
+                command,
+                tail: tail_of(&err_log, 10),
+                log: err_log,
+            });
+        }
+        executed.exit_status = Some(0);
+    }
+    Ok(executed)
+}
+
+fn tail_of(path: &Path, lines: usize) -> String {
+    let text = std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// The template context of a command: vars, `item`, `params`, inputs (as written, or their
+/// local copies), outputs staged.
+fn command_context(stage: &Stage, inputs: &[PathBuf], staged: &[PathBuf]) -> Map<String, Json> {
+    let mut context = stage.context.clone();
+    let local_ports: Vec<Port> = stage
+        .inputs
+        .iter()
+        .zip(inputs)
+        .map(|(port, path)| {
+            // A local input as written; anything else (a download) by its local copy.
+            if port.declared.location.local_path() == Some(path.as_path()) {
+                port.clone()
+            } else {
+                Port {
+                    text: path.display().to_string(),
+                    ..port.clone()
+                }
+            }
+        })
+        .collect();
+    context.insert("inputs".into(), ports_json(&local_ports));
+    let staged_ports: Vec<Port> = stage
+        .outputs
+        .iter()
+        .zip(staged)
+        .map(|(port, path)| Port {
+            text: path.display().to_string(),
+            ..port.clone()
+        })
+        .collect();
+    context.insert("outputs".into(), ports_json(&staged_ports));
+    context
+}

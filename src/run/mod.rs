@@ -1,0 +1,353 @@
+//! Running a pipeline: the run as a whole (the workdir lock, the lock file and journal, the run
+//! record), over the scheduler ([`schedule`]) and each stage's lifecycle ([`stage`]).
+//!
+//! Stages run on tokio, at most `jobs` at a time, each as soon as what it needs is done. When a
+//! stage becomes ready its inputs are hashed and its fingerprint compared with the lock file, so a
+//! stage whose upstream re-ran but wrote identical bytes is skipped (early cutoff). A running
+//! stage writes only to staging paths under `.imba/staging/`; its outputs are moved into place
+//! only after it succeeded and its `fail` checks passed (else they go to quarantine, see
+//! [`crate::run::gate`]), and its lock entry is written only after that. Hashing, commits and
+//! built-in stages run on blocking threads, never on the runtime's workers.
+
+pub mod execute;
+pub mod failure;
+pub mod gate;
+mod schedule;
+mod stage;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use imba_stages::Registry;
+use tokio::sync::watch;
+
+use crate::graph::Dag;
+use crate::interrupt::Stop;
+use crate::plan::{self, Selection};
+use crate::state::lock::{self, LockFile, LockedStage};
+use crate::state::record::{self, RunRecord, RunStatus, StageRecord};
+use crate::state::StateDir;
+use crate::store::{StatCache, Store, Stores};
+
+/// How to run.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub jobs: usize,
+    pub selection: Selection,
+    pub keep_going: bool,
+    /// Fail at once instead of waiting when another run holds the lock.
+    pub no_wait: bool,
+    /// Asks the run to stop: [`Stop::Cancel`] cancels running stages and starts nothing new,
+    /// [`Stop::Kill`] kills them and stops waiting. The CLI feeds Ctrl-C and SIGTERM into it
+    /// ([`crate::interrupt::listen`]); `imba watch` also cancels for `--restart`.
+    pub stop: watch::Receiver<Stop>,
+}
+
+/// Something worth telling the person watching a run.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Waiting {
+        pid: Option<u32>,
+    },
+    Started {
+        run: String,
+        stages: usize,
+    },
+    StageRunning {
+        name: String,
+        reasons: Vec<String>,
+    },
+    StageSkipped {
+        name: String,
+    },
+    StageDone {
+        name: String,
+        duration: Duration,
+        unchanged: bool,
+        /// How many of its checks passed (the others missed with `warn`, and were warned of).
+        checks_passed: usize,
+    },
+    StageFailed {
+        name: String,
+        error: String,
+        log: Option<PathBuf>,
+        /// The param the error is about, in the pipeline file.
+        param: Option<crate::diagnostic::Span>,
+    },
+    StageBlocked {
+        name: String,
+        by: String,
+    },
+    StageCancelled {
+        name: String,
+    },
+    Warning(String),
+}
+
+/// Where events go (the printer, on a terminal or not).
+pub trait Events: Send + Sync {
+    fn event(&self, event: Event);
+    /// The run is over: nothing more will come.
+    fn finish(&self) {}
+}
+
+/// Why a run could not start at all.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("another imba run holds the lock on {0} (--no-wait was given)")]
+    Busy(String),
+    #[error("{0}")]
+    Config(String),
+    #[error("{0}")]
+    Io(String),
+}
+
+impl From<plan::PlanError> for RunError {
+    fn from(error: plan::PlanError) -> Self {
+        match error {
+            plan::PlanError::Config(message) => RunError::Config(message),
+            plan::PlanError::Io(message) => RunError::Io(message),
+        }
+    }
+}
+
+/// How a run ended.
+#[derive(Debug)]
+pub struct RunSummary {
+    pub record: RunRecord,
+    pub failed: bool,
+    pub interrupted: bool,
+}
+
+/// What became of a stage, with its record.
+#[derive(Debug, Clone)]
+enum Outcome {
+    Ran { record: StageRecord },
+    Skipped { record: StageRecord },
+    Failed { record: StageRecord },
+    Cancelled { record: StageRecord },
+}
+
+impl Outcome {
+    fn record(self) -> StageRecord {
+        match self {
+            Outcome::Ran { record }
+            | Outcome::Skipped { record }
+            | Outcome::Failed { record }
+            | Outcome::Cancelled { record } => record,
+        }
+    }
+}
+
+/// What every stage of a run shares.
+pub(crate) struct Context {
+    dag: Arc<Dag>,
+    registry: Registry,
+    store: Arc<dyn Store>,
+    lock: Mutex<(LockFile, lock::Journal)>,
+    lock_path: PathBuf,
+    state: StateDir,
+    run_id: String,
+    events: Arc<dyn Events>,
+    cancel: watch::Receiver<Stop>,
+}
+
+impl Context {
+    /// The lock entry of a stage as it is now (an earlier stage of this run may have written it).
+    fn locked(&self, stage: &str) -> Option<LockedStage> {
+        self.lock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .stages
+            .get(stage)
+            .cloned()
+    }
+
+    /// Journals a stage's new lock entry, then puts it in the lock.
+    fn record_commit(&self, stage: &str, entry: LockedStage) -> Result<(), String> {
+        let mut guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let (lock, journal) = &mut *guard;
+        journal.append(stage, &entry).map_err(|e| {
+            format!(
+                "outputs are in place, but the run journal {} could not be written: {e}",
+                journal.path().display()
+            )
+        })?;
+        lock.stages.insert(stage.to_owned(), entry);
+        Ok(())
+    }
+}
+
+/// Runs what is stale in `dag`, reading and writing data through the local and S3 stores.
+pub fn run(
+    dag: Arc<Dag>,
+    registry: Registry,
+    options: RunOptions,
+    events: Arc<dyn Events>,
+) -> Result<RunSummary, RunError> {
+    let pipeline = dag.pipeline();
+    let state = StateDir::new(&pipeline.workdir);
+    let settings = pipeline.storage.clone();
+    let workdir = pipeline.workdir.clone();
+    let warnings = events.clone();
+    let stores = move |cancel: watch::Receiver<Stop>| -> Arc<dyn Store> {
+        let storage = crate::store::s3::Storage::new(settings, state.cache())
+            .with_cancel(cancel)
+            .with_warnings(Arc::new(move |w| warnings.event(Event::Warning(w))));
+        Arc::new(Stores::new(
+            &workdir,
+            StatCache::load(state.stat_cache()),
+            storage,
+        ))
+    };
+    run_with(dag, registry, options, events, stores)
+}
+
+/// [`run`] through the store `store` makes, given the run's stop signal (a store drops its
+/// requests when the run is cancelled).
+pub fn run_with(
+    dag: Arc<Dag>,
+    registry: Registry,
+    options: RunOptions,
+    events: Arc<dyn Events>,
+    store: impl FnOnce(watch::Receiver<Stop>) -> Arc<dyn Store>,
+) -> Result<RunSummary, RunError> {
+    let pipeline = dag.pipeline();
+    let state = StateDir::new(&pipeline.workdir);
+    let held = state
+        .lock(!options.no_wait, |pid| events.event(Event::Waiting { pid }))
+        .map_err(|e| RunError::Io(format!("cannot lock {}: {e}", state.root.display())))?;
+    let Some(_held) = held else {
+        return Err(RunError::Busy(state.root.display().to_string()));
+    };
+    let (lock_path, lock, journal) = open_lock(&state, &pipeline.file, &events)?;
+    let (selected, forced) = plan::select(&dag, &options.selection).map_err(RunError::Config)?;
+    let run_id = crate::state::new_run_id();
+    let mut record = RunRecord {
+        id: run_id.clone(),
+        pipeline: pipeline.file.display().to_string(),
+        started: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        finished: None,
+        status: RunStatus::Running,
+        duration_ms: 0,
+        stages: Vec::new(),
+    };
+    let _ = record::save(&state.runs(), &record);
+    let clock = Instant::now();
+    events.event(Event::Started {
+        run: run_id.clone(),
+        stages: selected.len(),
+    });
+
+    let (cancel_tx, cancel_rx) = watch::channel(Stop::Go);
+    let ctx = Arc::new(Context {
+        store: store(cancel_rx.clone()),
+        dag: dag.clone(),
+        registry,
+        lock: Mutex::new((lock, journal)),
+        lock_path,
+        state: state.clone(),
+        run_id: run_id.clone(),
+        events: events.clone(),
+        cancel: cancel_rx,
+    });
+    // Every remote identity the decisions need, at once rather than one request after another.
+    ctx.store.prefetch(&plan::lookups(&dag, &selected));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(options.jobs.clamp(1, 4))
+        .enable_all()
+        .build()
+        .map_err(|e| RunError::Io(format!("cannot start the runtime: {e}")))?;
+    let (outcomes, interrupted) = {
+        let _armed = crate::interrupt::arm();
+        runtime.block_on(schedule::schedule(
+            ctx.clone(),
+            &selected,
+            &forced,
+            &options,
+            cancel_tx,
+        ))
+    };
+    // After a kill, a built-in stage may still be computing on a blocking thread: leave it, it
+    // writes only to this run's staging directory, which nothing commits.
+    runtime.shutdown_background();
+    close(&ctx);
+
+    let failed = outcomes
+        .values()
+        .any(|o| matches!(o, Outcome::Failed { .. }));
+    record.stages = dag
+        .order()
+        .iter()
+        .filter_map(|i| outcomes.get(i).cloned().map(Outcome::record))
+        .collect();
+    record.finished =
+        Some(humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string());
+    record.duration_ms = clock.elapsed().as_millis() as u64;
+    record.status = if interrupted {
+        RunStatus::Interrupted
+    } else if failed {
+        RunStatus::Failed
+    } else {
+        RunStatus::Ok
+    };
+    if let Err(e) = record::save(&state.runs(), &record) {
+        events.event(Event::Warning(format!("cannot save the run record: {e}")));
+    }
+    Ok(RunSummary {
+        record,
+        failed,
+        interrupted,
+    })
+}
+
+/// The lock file with an interrupted run's journal replayed onto it, made durable, and the
+/// journal this run appends to.
+fn open_lock(
+    state: &StateDir,
+    pipeline: &std::path::Path,
+    events: &Arc<dyn Events>,
+) -> Result<(PathBuf, LockFile, lock::Journal), RunError> {
+    let lock_path = lock::lock_path(pipeline);
+    let lock = lock::load_for_run(&lock_path, state, |w| events.event(Event::Warning(w)))
+        .map_err(RunError::Config)?;
+    let mut journal =
+        lock::Journal::open(&lock::journal_path(&state.root, &lock_path)).map_err(|e| {
+            RunError::Io(format!(
+                "cannot open the run journal under {}: {e}",
+                state.root.display()
+            ))
+        })?;
+    // Whatever an interrupted run committed is in `lock` now; make it durable before going on.
+    journal.checkpoint(&lock_path, &lock).map_err(|e| {
+        RunError::Io(format!(
+            "cannot write the lock file {}: {e}",
+            lock_path.display()
+        ))
+    })?;
+    Ok((lock_path, lock, journal))
+}
+
+/// After the last stage: the lock file rewritten from the journal, the stat cache saved, the
+/// run's staging removed. A failure here loses nothing (the journal keeps the commits), so it is
+/// a warning.
+fn close(ctx: &Context) {
+    {
+        let mut guard = ctx.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let (lock, journal) = &mut *guard;
+        if let Err(e) = journal.checkpoint(&ctx.lock_path, lock) {
+            ctx.events.event(Event::Warning(format!(
+                "cannot write the lock file {} ({e}); the journal {} keeps what this run committed",
+                ctx.lock_path.display(),
+                journal.path().display()
+            )));
+        }
+    }
+    if let Err(e) = ctx.store.save() {
+        ctx.events
+            .event(Event::Warning(format!("cannot save the stat cache: {e}")));
+    }
+    let _ = std::fs::remove_dir_all(ctx.state.staging(&ctx.run_id));
+}

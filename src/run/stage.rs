@@ -1,0 +1,437 @@
+//! One stage's lifecycle, top to bottom: decide → stage → fetch → execute → verify → gate →
+//! commit. Each step is a function that either moves on or ends the stage with a
+//! [`StageFailure`]; [`conclude`] turns a failure into the stage's outcome.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::Value as Json;
+
+use super::execute::{execute, Executed, Execution};
+use super::failure::StageFailure;
+use super::{Context, Event, Outcome};
+use crate::interrupt::Stop;
+use crate::model::{file_name, Port, Stage, StageKind};
+use crate::plan::{self, Reason};
+use crate::state::lock::LockedStage;
+use crate::state::record::{Decision, StageRecord};
+use crate::store::{versions, ContentHash, Staged};
+
+pub(super) fn stage_record(name: &str, decision: Decision) -> StageRecord {
+    StageRecord {
+        name: name.to_owned(),
+        decision,
+        reasons: Vec::new(),
+        fingerprint: None,
+        duration_ms: 0,
+        exit_status: None,
+        error: None,
+        unchanged: false,
+        outputs: BTreeMap::new(),
+        log: None,
+        report: None,
+        checks: Vec::new(),
+        quarantine: None,
+        hook: None,
+    }
+}
+
+/// Runs the stage and, when it failed, its `on_failure` hook (or the pipeline's).
+pub(super) async fn run_stage_and_hook(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
+    let outcome = run_stage(ctx.clone(), index, force).await;
+    let Outcome::Failed { record } = outcome else {
+        return outcome;
+    };
+    Outcome::Failed {
+        record: super::gate::after_failure(&ctx, ctx.dag.stage(index), record).await,
+    }
+}
+
+/// What deciding found: the stage as it is now, its lock entry, and why it must run.
+struct Decided {
+    now: plan::Snapshot,
+    locked: Option<LockedStage>,
+    reasons: Vec<Reason>,
+}
+
+/// Decides whether `index` must run, and runs it.
+async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
+    // Borrowed from the shared graph, never cloned: a no-op run of many stages stays cheap.
+    let stage = ctx.dag.stage(index);
+    let started = Instant::now();
+    let mut record = stage_record(&stage.name, Decision::Ran);
+    let Decided {
+        now,
+        locked,
+        mut reasons,
+    } = match decide(&ctx, index).await {
+        Ok(decided) => decided,
+        Err(failure) => return conclude(&ctx, stage, record, failure),
+    };
+    record.fingerprint = Some(now.fingerprint.clone());
+    if force {
+        reasons.insert(0, Reason::Forced);
+    }
+    tracing::debug!(stage = %stage.name, fingerprint = %now.fingerprint, ?reasons, "decided");
+    if reasons.is_empty() {
+        record.decision = Decision::Skipped;
+        ctx.events.event(Event::StageSkipped {
+            name: stage.name.clone(),
+        });
+        return Outcome::Skipped { record };
+    }
+    record.reasons = reasons.iter().map(ToString::to_string).collect();
+    if let Some(Reason::InputMissing { path }) = reasons
+        .iter()
+        .find(|r| matches!(r, Reason::InputMissing { .. }))
+    {
+        let failure = StageFailure::InputMissing { path: path.clone() };
+        return conclude(&ctx, stage, record, failure);
+    }
+    if *ctx.cancel.borrow() >= Stop::Cancel {
+        return cancelled(&ctx, record);
+    }
+    ctx.events.event(Event::StageRunning {
+        name: stage.name.clone(),
+        reasons: record.reasons.clone(),
+    });
+
+    let staging = Staging::new(&ctx, stage);
+    let done = produce_and_commit(&ctx, index, &staging, now, locked, &mut record).await;
+    staging.remove();
+    match done {
+        Ok(Committed {
+            outputs,
+            unchanged,
+            checks_passed,
+        }) => {
+            record.outputs = outputs;
+            record.unchanged = unchanged;
+            record.duration_ms = started.elapsed().as_millis() as u64;
+            ctx.events.event(Event::StageDone {
+                name: stage.name.clone(),
+                duration: started.elapsed(),
+                unchanged,
+                checks_passed,
+            });
+            Outcome::Ran { record }
+        }
+        Err(failure) => conclude(&ctx, stage, record, failure),
+    }
+}
+
+/// Hashes what the stage reads and compares it with the lock entry.
+async fn decide(ctx: &Arc<Context>, index: usize) -> Result<Decided, StageFailure> {
+    let ctx = ctx.clone();
+    blocking(move || {
+        let stage = ctx.dag.stage(index);
+        let workdir = &ctx.dag.pipeline().workdir;
+        let fail = |e: plan::HashError| StageFailure::Other(e.to_string());
+        let now = plan::snapshot(stage, workdir, &*ctx.store).map_err(fail)?;
+        let locked = ctx.locked(&stage.name);
+        let reasons =
+            plan::reasons(stage, &now, locked.as_ref(), workdir, &*ctx.store).map_err(fail)?;
+        Ok(Decided {
+            now,
+            locked,
+            reasons,
+        })
+    })
+    .await
+}
+
+/// What committing a stage gave.
+struct Committed {
+    outputs: BTreeMap<String, ContentHash>,
+    /// Every output came out as the lock already had it.
+    unchanged: bool,
+    checks_passed: usize,
+}
+
+/// The steps after the decision that write anything, each into the stage's staging directory
+/// until the commit.
+async fn produce_and_commit(
+    ctx: &Arc<Context>,
+    index: usize,
+    staging: &Staging,
+    now: plan::Snapshot,
+    locked: Option<LockedStage>,
+    record: &mut StageRecord,
+) -> Result<Committed, StageFailure> {
+    let stage = ctx.dag.stage(index);
+    staging.prepare(stage)?;
+    let inputs = fetch_inputs(ctx, index).await?;
+    let logs = ctx.state.logs(&ctx.run_id);
+    let execution = Execution {
+        stage,
+        workdir: &ctx.dag.pipeline().workdir,
+        inputs: &inputs,
+        staged: &staging.outputs,
+        logs: &logs,
+        run_id: &ctx.run_id,
+        registry: &ctx.registry,
+        cancel: ctx.cancel.clone(),
+    };
+    let executed = execute(&execution).await;
+    let Executed {
+        exit_status,
+        log,
+        checks,
+        report,
+        warnings,
+    } = match executed {
+        Ok(executed) => executed,
+        Err(failure) => {
+            record.log = failure.log().map(|l| l.display().to_string());
+            return Err(failure);
+        }
+    };
+    record.exit_status = exit_status;
+    record.log = log.map(|l| l.display().to_string());
+    record.checks = checks;
+    record.report = report;
+    for warning in warnings {
+        ctx.events
+            .event(Event::Warning(format!("stage `{}`: {warning}", stage.name)));
+    }
+    verify_inputs(ctx, index, inputs).await?;
+    verify_outputs(stage, &staging.outputs)?;
+    let checks_passed = super::gate::gate(ctx, index, &staging.outputs, record).await?;
+    let summary = record
+        .report
+        .as_ref()
+        .and_then(|r| r.get("summary").cloned())
+        .unwrap_or(Json::Null);
+    let (outputs, unchanged) = commit(ctx, index, &staging.outputs, now, locked, summary).await?;
+    Ok(Committed {
+        outputs,
+        unchanged,
+        checks_passed,
+    })
+}
+
+/// Where a stage writes: `.imba/staging/RUN/STAGE/N/NAME` for its N-th output.
+struct Staging {
+    root: PathBuf,
+    outputs: Vec<PathBuf>,
+}
+
+impl Staging {
+    fn new(ctx: &Context, stage: &Stage) -> Self {
+        let root = ctx.state.staging(&ctx.run_id).join(file_name(&stage.name));
+        let outputs = stage
+            .outputs
+            .iter()
+            .enumerate()
+            .map(|(i, port)| staging_path(&root, i, port))
+            .collect();
+        Staging { root, outputs }
+    }
+
+    /// Creates each directory output, and the parent of each file output.
+    fn prepare(&self, stage: &Stage) -> Result<(), StageFailure> {
+        let prepared = || -> std::io::Result<()> {
+            for (port, path) in stage.outputs.iter().zip(&self.outputs) {
+                if port.declared.dir {
+                    std::fs::create_dir_all(path)?;
+                } else if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+            }
+            Ok(())
+        };
+        prepared().map_err(|e| {
+            StageFailure::Other(format!(
+                "cannot prepare staging under {}: {e}",
+                self.root.display()
+            ))
+        })
+    }
+
+    /// Whatever is left: committed outputs were moved away, the rest is dropped.
+    fn remove(&self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+fn staging_path(root: &Path, i: usize, port: &Port) -> PathBuf {
+    let name = port
+        .text
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .filter(|n| !n.is_empty() && *n != "." && *n != "..")
+        .unwrap_or("output");
+    root.join(i.to_string()).join(name)
+}
+
+/// The local path of each input: the input itself, or the local copy of a remote one
+/// (downloaded once per identity).
+async fn fetch_inputs(ctx: &Arc<Context>, index: usize) -> Result<Vec<PathBuf>, StageFailure> {
+    let ctx = ctx.clone();
+    blocking(move || {
+        ctx.dag
+            .stage(index)
+            .inputs
+            .iter()
+            .map(|port| ctx.store.local_copy(&port.declared))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| StageFailure::Storage(e.to_string()))
+    })
+    .await
+}
+
+/// Local copies of remote inputs are shared (with other stages, and later runs): a stage that
+/// changed one fails, naming it, and nothing of it is committed.
+async fn verify_inputs(
+    ctx: &Arc<Context>,
+    index: usize,
+    inputs: Vec<PathBuf>,
+) -> Result<(), StageFailure> {
+    let ctx = ctx.clone();
+    blocking(move || {
+        for (port, local) in ctx.dag.stage(index).inputs.iter().zip(&inputs) {
+            ctx.store
+                .verify_copy(&port.declared, local)
+                .map_err(|e| StageFailure::Other(e.to_string()))?;
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// Every declared output must have been written.
+fn verify_outputs(stage: &Stage, staged: &[PathBuf]) -> Result<(), StageFailure> {
+    match stage.outputs.iter().zip(staged).find(|(_, p)| !p.exists()) {
+        Some((port, _)) => Err(StageFailure::MissingOutput {
+            output: port.text.clone(),
+            shell: matches!(stage.kind, StageKind::Shell { .. }),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Moves the staged outputs into place through the store, then writes the lock entry.
+async fn commit(
+    ctx: &Arc<Context>,
+    index: usize,
+    staged: &[PathBuf],
+    now: plan::Snapshot,
+    previous: Option<LockedStage>,
+    summary: Json,
+) -> Result<(BTreeMap<String, ContentHash>, bool), StageFailure> {
+    let ctx = ctx.clone();
+    let staged = staged.to_vec();
+    blocking(move || {
+        let stage = ctx.dag.stage(index);
+        let pipeline = ctx.dag.pipeline();
+        let workdir = &pipeline.workdir;
+        let failed = |e: crate::store::StoreError| StageFailure::Storage(e.to_string());
+        let (outputs, unchanged) = match (&stage.versioning, stage.outputs.as_slice()) {
+            (Some(versioning), [port]) => {
+                let meta = versions::MetaInput {
+                    pipeline: pipeline.file.display().to_string(),
+                    stage: stage.name.clone(),
+                    fingerprint: now.fingerprint.clone(),
+                    inputs: serde_json::to_value(&now.entry.inputs).unwrap_or(Json::Null),
+                    params: now.entry.params.clone(),
+                    report: summary,
+                    workdir: workdir.clone(),
+                };
+                let to = Staged {
+                    from: &staged[0],
+                    to: &port.declared,
+                    shown: &port.text,
+                };
+                let version = ctx
+                    .store
+                    .commit_version(to, versioning, meta, &ctx.run_id)
+                    .map_err(failed)?;
+                tracing::debug!(stage = %stage.name, version = version.number, reused = version.reused, "versioned commit");
+                let outputs =
+                    BTreeMap::from([(port.declared.location.display(workdir), version.hash)]);
+                (outputs, version.reused)
+            }
+            _ => {
+                let all: Vec<Staged> = stage
+                    .outputs
+                    .iter()
+                    .zip(&staged)
+                    .map(|(port, from)| Staged {
+                        from,
+                        to: &port.declared,
+                        shown: &port.text,
+                    })
+                    .collect();
+                let hashes = ctx.store.commit(&all, &ctx.run_id).map_err(failed)?;
+                let outputs: BTreeMap<String, ContentHash> = stage
+                    .outputs
+                    .iter()
+                    .map(|port| port.declared.location.display(workdir))
+                    .zip(hashes)
+                    .collect();
+                let unchanged = previous.as_ref().is_some_and(|p| p.outputs == outputs);
+                (outputs, unchanged)
+            }
+        };
+        let mut entry = now.entry;
+        entry.outputs = outputs.clone();
+        ctx.record_commit(&stage.name, entry)
+            .map_err(StageFailure::Storage)?;
+        Ok((outputs, unchanged))
+    })
+    .await
+}
+
+/// Ends a stage that did not succeed: cancelled when the run was, and the failure looks like
+/// what a cancellation does; else failed, with its error, log and the param it names.
+pub(super) fn conclude(
+    ctx: &Context,
+    stage: &Stage,
+    mut record: StageRecord,
+    failure: StageFailure,
+) -> Outcome {
+    if *ctx.cancel.borrow() >= Stop::Cancel && failure.may_be_cancellation() {
+        return cancelled(ctx, record);
+    }
+    if let Some(code) = failure.exit_status() {
+        record.exit_status = Some(code);
+    }
+    let param = match &failure {
+        StageFailure::Builtin {
+            param: Some(pointer),
+            ..
+        } => stage.param_spans.get(pointer).copied(),
+        _ => None,
+    };
+    record.decision = Decision::Failed;
+    let error = failure.to_string();
+    record.error = Some(error.clone());
+    ctx.events.event(Event::StageFailed {
+        name: record.name.clone(),
+        error,
+        log: failure.log().cloned(),
+        param,
+    });
+    Outcome::Failed { record }
+}
+
+fn cancelled(ctx: &Context, mut record: StageRecord) -> Outcome {
+    record.decision = Decision::Cancelled;
+    ctx.events.event(Event::StageCancelled {
+        name: record.name.clone(),
+    });
+    Outcome::Cancelled { record }
+}
+
+/// Runs `f` on a blocking thread (hashing, file moves, requests), never on the runtime's
+/// workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StageFailure> + Send + 'static,
+) -> Result<T, StageFailure> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(StageFailure::Other(format!("internal error: {e}"))))
+}

@@ -1,0 +1,199 @@
+//! Run records: one JSON file per run under `.imba/runs/`, for `imba log` and `imba show`.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::store::hash::ContentHash;
+
+/// How a run ended (or that it has not: `running`, also the status of a run killed outright).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    Running,
+    Ok,
+    Failed,
+    Interrupted,
+}
+
+impl RunStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Running => "running",
+            RunStatus::Ok => "ok",
+            RunStatus::Failed => "failed",
+            RunStatus::Interrupted => "interrupted",
+        }
+    }
+}
+
+impl std::fmt::Display for RunStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// What became of one stage in a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    /// It was stale, ran, and its outputs were committed.
+    Ran,
+    /// Up to date: nothing ran.
+    Skipped,
+    /// It ran, or tried to, and failed: nothing of it was committed.
+    Failed,
+    /// An upstream stage failed, so it never started.
+    Blocked,
+    /// The run was cancelled before it finished.
+    Cancelled,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Ran => "ran",
+            Decision::Skipped => "skipped",
+            Decision::Failed => "failed",
+            Decision::Blocked => "blocked",
+            Decision::Cancelled => "cancelled",
+        }
+    }
+
+    /// Whether its outputs are in place as the lock says (dependents may go on).
+    pub fn succeeded(self) -> bool {
+        matches!(self, Decision::Ran | Decision::Skipped)
+    }
+}
+
+impl std::fmt::Display for Decision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// What one run did.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub id: String,
+    /// The pipeline file, as given.
+    pub pipeline: String,
+    pub started: String,
+    #[serde(default)]
+    pub finished: Option<String>,
+    pub status: RunStatus,
+    #[serde(default)]
+    pub duration_ms: u64,
+    /// In topological order.
+    pub stages: Vec<StageRecord>,
+}
+
+impl RunRecord {
+    /// How many of its stages were decided so.
+    pub fn count(&self, decision: Decision) -> usize {
+        self.stages
+            .iter()
+            .filter(|s| s.decision == decision)
+            .count()
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StageRecord {
+    pub name: String,
+    pub decision: Decision,
+    #[serde(default)]
+    pub reasons: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
+    #[serde(default)]
+    pub duration_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_status: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Ran, and every output came out identical to the last run (dependents may skip).
+    #[serde(default)]
+    pub unchanged: bool,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub outputs: std::collections::BTreeMap<String, ContentHash>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<String>,
+    /// What a built-in stage reported (its summary, the time it took).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<serde_json::Value>,
+    /// The stage's checks, as evaluated on its new outputs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<CheckRecord>,
+    /// Where the outputs of a stage whose checks failed were kept instead of committed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantine: Option<String>,
+    /// The `on_failure` hook run for this stage's failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hook: Option<HookRecord>,
+}
+
+/// One check, evaluated.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CheckRecord {
+    /// `name:`, or a label such as `not_null(user_id)`.
+    pub name: String,
+    /// The check as written.
+    pub check: serde_json::Value,
+    pub severity: crate::model::Severity,
+    /// The table checked, as shown in the lock file.
+    pub output: String,
+    pub status: imba_stages::checks::Status,
+    /// What was measured (`null` when undefined).
+    pub value: serde_json::Value,
+    /// What passing means: `≥ 1000`, `≤ 20%`…
+    pub expected: String,
+    pub detail: String,
+}
+
+impl CheckRecord {
+    /// Missed (or could not be evaluated) with severity `fail`: the outputs must not be committed.
+    pub fn blocks(&self) -> bool {
+        matches!(
+            self.status,
+            imba_stages::checks::Status::Fail | imba_stages::checks::Status::Error
+        ) && self.severity == crate::model::Severity::Fail
+    }
+}
+
+/// What the `on_failure` hook did.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HookRecord {
+    pub command: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_status: Option<i32>,
+    /// Why the hook itself failed, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub log: String,
+}
+
+pub fn save(runs: &Path, record: &RunRecord) -> std::io::Result<()> {
+    let mut text = serde_json::to_string_pretty(record).map_err(std::io::Error::other)?;
+    text.push('\n');
+    crate::store::fs::write_atomic(&runs.join(format!("{}.json", record.id)), text.as_bytes())
+}
+
+/// Records in `runs`, newest first; unreadable files are skipped.
+pub fn list(runs: &Path) -> Vec<RunRecord> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(runs)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "json"))
+                .collect()
+        })
+        .unwrap_or_default();
+    paths.sort();
+    paths.reverse();
+    paths
+        .into_iter()
+        .filter_map(|p| serde_json::from_slice(&std::fs::read(p).ok()?).ok())
+        .collect()
+}

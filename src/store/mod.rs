@@ -1,0 +1,267 @@
+//! Where data lives: the [`Store`] trait and its two implementations, local files
+//! ([`local::LocalStore`]) and S3 ([`s3::S3Store`]), with content hashes ([`hash`]), the
+//! local-file primitives ([`fs`]) and versioned outputs ([`versions`]) beneath them.
+//!
+//! Everything above this layer reaches data through [`Store`]: identities for deciding, a
+//! local copy for reading, an atomic commit for writing, the committed baseline of a `change`
+//! check, versions, and small objects written once (the run cache's entries). Atomic commits
+//! happen here and nowhere else, and nothing above matches on a location's scheme: [`Stores`]
+//! routes each location to the store that holds it.
+
+pub mod fs;
+pub mod hash;
+pub mod local;
+pub mod s3;
+pub mod versions;
+
+use std::path::{Path, PathBuf};
+
+use crate::model::{Declared, Location, Versioning};
+
+pub use hash::{ContentHash, StatCache};
+pub use local::LocalStore;
+pub use s3::S3Store;
+
+/// Why a store could not do what it was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A local path could not be read (hashing, listing).
+    #[error("cannot read `{}`: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// An S3 request failed, was cancelled, or found a cached copy changed.
+    #[error(transparent)]
+    S3(#[from] s3::StorageError),
+    /// Anything else, in words ready to show.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl StoreError {
+    /// Whether the request was abandoned because the run was cancelled.
+    pub fn is_cancelled(&self) -> bool {
+        matches!(self, StoreError::S3(e) if e.is_cancelled())
+    }
+}
+
+/// One staged output to commit: the finished file or folder, where it goes, and how the
+/// pipeline names it (for messages).
+#[derive(Clone, Copy, Debug)]
+pub struct Staged<'a> {
+    pub from: &'a Path,
+    pub to: &'a Declared,
+    pub shown: &'a str,
+}
+
+/// What a `change` check compares a new output with.
+#[derive(Debug, PartialEq)]
+pub enum Baseline {
+    /// What imba committed there, as a local path.
+    Found(PathBuf),
+    /// Nothing was committed there yet.
+    None,
+    /// Something is there, but not what imba committed (changed by hand, or cut short): it is
+    /// no baseline, or a corrupt output could never be repaired.
+    Modified,
+}
+
+/// How a versioned output was committed.
+#[derive(Clone, Debug)]
+pub struct Version {
+    pub number: u32,
+    /// The content equalled the latest version's, which stays the latest.
+    pub reused: bool,
+    /// The identity of the version's folder, as the lock records it.
+    pub hash: ContentHash,
+}
+
+/// A place that holds data: identities, local copies, atomic commits, versions, and small
+/// objects. Every method is blocking; call it from a blocking thread.
+pub trait Store: Send + Sync {
+    /// The identity of what is at `at` now (a BLAKE3 content hash locally, the ETag-based
+    /// identity in S3), or `None` when nothing is there.
+    fn identity(&self, at: &Declared) -> Result<Option<ContentHash>, StoreError>;
+
+    /// Like [`Store::identity`] for an output: a directory counts only as imba committed it
+    /// (in S3, with its manifest).
+    fn committed_identity(&self, at: &Declared) -> Result<Option<ContentHash>, StoreError> {
+        self.identity(at)
+    }
+
+    /// Looks up the identities a plan will need, ahead and at once where the store can; each
+    /// `(location, as_output)`.
+    fn prefetch(&self, _wanted: &[(&Declared, bool)]) {}
+
+    /// A local path holding the content at `at`: the path itself, or a read-only cached copy.
+    fn local_copy(&self, at: &Declared) -> Result<PathBuf, StoreError>;
+
+    /// Checks that a copy from [`Store::local_copy`] still holds what it held when it was
+    /// handed out (a stage must not change its inputs).
+    fn verify_copy(&self, _at: &Declared, _copy: &Path) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Moves each staged output into place, each atomically, and returns their identities in
+    /// order. A failure leaves what it could not commit as it was.
+    fn commit(&self, outputs: &[Staged], run: &str) -> Result<Vec<ContentHash>, StoreError>;
+
+    /// The committed content at `at` that a `change` check compares with; `recorded` is the
+    /// hash the lock file holds for it.
+    fn baseline(&self, at: &Declared, recorded: Option<&str>) -> Baseline;
+
+    /// Commits the staged folder as a version under `at`: the latest again when the content is
+    /// the same, else a new one.
+    fn commit_version(
+        &self,
+        staged: Staged,
+        versioning: &Versioning,
+        meta: versions::MetaInput,
+        run: &str,
+    ) -> Result<Version, StoreError>;
+
+    /// The identity of a versioned output as the lock records it: its latest version's.
+    fn version_identity(&self, at: &Declared) -> Result<Option<ContentHash>, StoreError>;
+
+    /// The latest version of a versioned output, as a local path (a `change` check's baseline).
+    fn latest_version(&self, at: &Declared) -> Option<PathBuf>;
+
+    /// The bytes of a small object, `None` when absent.
+    fn get(&self, at: &Location) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Writes a small object whole, replacing what was there atomically.
+    fn put(&self, at: &Location, bytes: &[u8]) -> Result<(), StoreError>;
+
+    /// Writes a small object only if nothing is there: `true` when this call created it. Of two
+    /// callers creating the same object at once, exactly one gets `true`.
+    fn create(&self, at: &Location, bytes: &[u8]) -> Result<bool, StoreError>;
+
+    /// Keeps what the store learnt for next time (the stat cache of local hashes).
+    fn save(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Both stores behind one [`Store`]: each location goes to the store of its scheme.
+pub struct Stores {
+    pub local: LocalStore,
+    pub s3: S3Store,
+}
+
+impl Stores {
+    /// Local files under `workdir` (hashed through `cache`) and S3 through `storage`.
+    pub fn new(workdir: &Path, cache: StatCache, storage: s3::Storage) -> Self {
+        Stores {
+            local: LocalStore::new(workdir, cache),
+            s3: S3Store::new(storage),
+        }
+    }
+
+    /// The stat cache of local hashes, to save when a run or status is done.
+    pub fn cache(&self) -> &StatCache {
+        self.local.cache()
+    }
+
+    fn of(&self, at: &Location) -> &dyn Store {
+        match at {
+            Location::Local(_) => &self.local,
+            Location::S3 { .. } => &self.s3,
+        }
+    }
+}
+
+impl Store for Stores {
+    fn identity(&self, at: &Declared) -> Result<Option<ContentHash>, StoreError> {
+        self.of(&at.location).identity(at)
+    }
+
+    fn committed_identity(&self, at: &Declared) -> Result<Option<ContentHash>, StoreError> {
+        self.of(&at.location).committed_identity(at)
+    }
+
+    fn prefetch(&self, wanted: &[(&Declared, bool)]) {
+        let remote: Vec<(&Declared, bool)> = wanted
+            .iter()
+            .filter(|(d, _)| d.location.is_remote())
+            .copied()
+            .collect();
+        self.s3.prefetch(&remote);
+    }
+
+    fn local_copy(&self, at: &Declared) -> Result<PathBuf, StoreError> {
+        self.of(&at.location).local_copy(at)
+    }
+
+    fn verify_copy(&self, at: &Declared, copy: &Path) -> Result<(), StoreError> {
+        self.of(&at.location).verify_copy(at, copy)
+    }
+
+    /// Remote outputs first: uploading is what fails most, and a failure there leaves every
+    /// output, local or not, as it was. An output that was not written fails the commit before
+    /// anything moves.
+    fn commit(&self, outputs: &[Staged], run: &str) -> Result<Vec<ContentHash>, StoreError> {
+        if let Some(missing) = outputs.iter().find(|s| s.from.symlink_metadata().is_err()) {
+            return Err(StoreError::Other(format!(
+                "stage did not write its output `{}`",
+                missing.shown
+            )));
+        }
+        let mut hashes: Vec<Option<ContentHash>> = vec![None; outputs.len()];
+        for remote in [true, false] {
+            let (indices, part): (Vec<usize>, Vec<Staged>) = outputs
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.to.location.is_remote() == remote)
+                .map(|(i, s)| (i, *s))
+                .unzip();
+            if part.is_empty() {
+                continue;
+            }
+            let store: &dyn Store = if remote { &self.s3 } else { &self.local };
+            for (i, hash) in indices.into_iter().zip(store.commit(&part, run)?) {
+                hashes[i] = Some(hash);
+            }
+        }
+        Ok(hashes.into_iter().flatten().collect())
+    }
+
+    fn baseline(&self, at: &Declared, recorded: Option<&str>) -> Baseline {
+        self.of(&at.location).baseline(at, recorded)
+    }
+
+    fn commit_version(
+        &self,
+        staged: Staged,
+        versioning: &Versioning,
+        meta: versions::MetaInput,
+        run: &str,
+    ) -> Result<Version, StoreError> {
+        self.of(&staged.to.location)
+            .commit_version(staged, versioning, meta, run)
+    }
+
+    fn version_identity(&self, at: &Declared) -> Result<Option<ContentHash>, StoreError> {
+        self.of(&at.location).version_identity(at)
+    }
+
+    fn latest_version(&self, at: &Declared) -> Option<PathBuf> {
+        self.of(&at.location).latest_version(at)
+    }
+
+    fn get(&self, at: &Location) -> Result<Option<Vec<u8>>, StoreError> {
+        self.of(at).get(at)
+    }
+
+    fn put(&self, at: &Location, bytes: &[u8]) -> Result<(), StoreError> {
+        self.of(at).put(at, bytes)
+    }
+
+    fn create(&self, at: &Location, bytes: &[u8]) -> Result<bool, StoreError> {
+        self.of(at).create(at, bytes)
+    }
+
+    fn save(&self) -> std::io::Result<()> {
+        self.local.save()
+    }
+}

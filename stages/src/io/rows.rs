@@ -1,0 +1,323 @@
+//! Whole-row operations polars does more slowly for our purpose: finding repeated rows.
+//!
+//! `unique_stable` over every column of a wide table encodes each row into a byte string and
+//! sorts or hashes those, a copy of the whole table as bytes (docs/performance.md measures it).
+//! Here each row gets a
+//! 64-bit hash combined column by column (polars' own vectorised hashers, which hash floats by
+//! their canonical bits so that NaN = NaN and −0 = 0), and a hash table of row numbers finds the
+//! first copy; rows whose hashes meet are compared value by value, so a hash collision never
+//! merges two different rows.
+
+use hashbrown::hash_table::{Entry, HashTable};
+use polars::prelude::*;
+
+/// The rows of `df` (among those `alive`) that repeat an earlier alive row on `columns`: nulls
+/// equal nulls and NaN equals NaN, as in pandas' `duplicated`. The first copy is not included.
+pub fn repeated_rows(
+    df: &DataFrame,
+    columns: &[PlSmallStr],
+    alive: &BooleanChunked,
+) -> PolarsResult<Vec<IdxSize>> {
+    let n = df.height();
+    if n == 0 || columns.is_empty() {
+        return Ok(Vec::new());
+    }
+    let hashes = row_hashes(df, columns)?;
+    let columns: Vec<&Column> = columns
+        .iter()
+        .map(|c| df.column(c))
+        .collect::<PolarsResult<_>>()?;
+    let alive: Vec<bool> = alive.iter().map(|a| a == Some(true)).collect();
+
+    // The hash space split in as many parts as there are threads (on bits the table itself does
+    // not use): a row and its copies share a hash, so each part finds its repeats alone, visiting
+    // its rows in order.
+    let parts = std::thread::available_parallelism()
+        .map(|p| p.get())
+        .unwrap_or(1)
+        .clamp(1, 8);
+    let alive_count = alive.iter().filter(|a| **a).count();
+    let find = |part: usize| -> Vec<IdxSize> {
+        let mut table: HashTable<IdxSize> = HashTable::with_capacity(alive_count / parts + 16);
+        let mut repeats = Vec::new();
+        for (row, hash) in hashes.iter().enumerate() {
+            if !alive[row] || (*hash >> 32) as usize % parts != part {
+                continue;
+            }
+            match table.entry(
+                *hash,
+                |&first| hashes[first as usize] == *hash && same_row(&columns, first as usize, row),
+                |&first| hashes[first as usize],
+            ) {
+                Entry::Occupied(_) => repeats.push(row as IdxSize),
+                Entry::Vacant(slot) => {
+                    slot.insert(row as IdxSize);
+                }
+            }
+        }
+        repeats
+    };
+    let mut repeats: Vec<IdxSize> = if parts == 1 {
+        find(0)
+    } else {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..parts).map(|p| scope.spawn(move || find(p))).collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                .collect()
+        })
+    };
+    repeats.sort_unstable();
+    Ok(repeats)
+}
+
+/// A 64-bit hash of each row of `df` on `columns`, combined column by column (the same values
+/// give the same hash, in any table, whatever its chunks).
+pub fn row_hashes(df: &DataFrame, columns: &[PlSmallStr]) -> PolarsResult<Vec<u64>> {
+    let state = PlSeedableRandomStateQuality::fixed();
+    let mut hashes = Vec::with_capacity(df.height());
+    let mut columns = columns.iter().map(|c| df.column(c));
+    match columns.next() {
+        Some(first) => first?.vec_hash(state.clone(), &mut hashes)?,
+        None => hashes.resize(df.height(), 0),
+    }
+    for column in columns {
+        column?.vec_hash_combine(state.clone(), &mut hashes)?;
+    }
+    Ok(hashes)
+}
+
+/// [`repeated_rows`] a table at a time, over tables read one after the other (the chunks of a
+/// file), given beforehand the hash of every row that may be alive ([`row_hashes`]). Only a row
+/// whose hash comes up more than once can repeat another, so only those rows are looked at, and
+/// only the first copies among them are kept, to compare value by value: a hash collision never
+/// merges two different rows, and memory follows the repeated rows, not the table.
+pub struct Deduper {
+    /// The hashes that came up more than once.
+    repeated: PlHashSet<u64>,
+    /// The first copies so far, on the compared columns, and their hashes.
+    kept: Option<DataFrame>,
+    kept_hashes: Vec<u64>,
+    table: HashTable<IdxSize>,
+}
+
+impl Deduper {
+    /// From the hashes of every row that may be alive, in any order, in any number of vectors
+    /// (one per chunk, say): each is sorted in place, then all are merged, so nothing is copied.
+    pub fn new(mut runs: Vec<Vec<u64>>) -> Self {
+        use std::cmp::Reverse;
+        for run in &mut runs {
+            run.sort_unstable();
+        }
+        // The smallest hash left in each run, smallest first.
+        let mut heads: std::collections::BinaryHeap<Reverse<(u64, usize)>> = runs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, run)| run.first().map(|h| Reverse((*h, i))))
+            .collect();
+        let mut next = vec![1usize; runs.len()];
+        let mut repeated = PlHashSet::default();
+        let mut last = None;
+        while let Some(Reverse((hash, i))) = heads.pop() {
+            if last == Some(hash) {
+                repeated.insert(hash);
+            }
+            last = Some(hash);
+            if let Some(h) = runs[i].get(next[i]) {
+                heads.push(Reverse((*h, i)));
+                next[i] += 1;
+            }
+        }
+        Deduper {
+            repeated,
+            kept: None,
+            kept_hashes: Vec::new(),
+            table: HashTable::new(),
+        }
+    }
+
+    /// The rows of `df` (among those `alive`) that repeat, on `columns`, an alive row of this
+    /// table or of one given before; the first copy is not included.
+    pub fn repeats(
+        &mut self,
+        df: &DataFrame,
+        columns: &[PlSmallStr],
+        alive: &BooleanChunked,
+    ) -> PolarsResult<Vec<IdxSize>> {
+        if self.repeated.is_empty() || df.height() == 0 {
+            return Ok(Vec::new());
+        }
+        let hashes = row_hashes(df, columns)?;
+        let candidates: Vec<IdxSize> = hashes
+            .iter()
+            .zip(alive.iter())
+            .enumerate()
+            .filter(|(_, (h, a))| *a == Some(true) && self.repeated.contains(*h))
+            .map(|(row, _)| row as IdxSize)
+            .collect();
+        if candidates.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = df
+            .select(columns.iter().cloned())?
+            .take(&IdxCa::from_vec("rows".into(), candidates.clone()))?;
+        let new: Vec<&Column> = rows.columns().iter().collect();
+        let kept: Vec<&Column> = self
+            .kept
+            .as_ref()
+            .map(|k| k.columns().iter().collect())
+            .unwrap_or_default();
+        let base = self.kept_hashes.len();
+        // Among the candidates, the first copies: kept from now on.
+        let mut firsts: Vec<IdxSize> = Vec::new();
+        let mut repeats = Vec::new();
+        for (at, &row) in candidates.iter().enumerate() {
+            let hash = hashes[row as usize];
+            let kept_hashes = &self.kept_hashes;
+            let same = |&id: &IdxSize| {
+                let id = id as usize;
+                kept_hashes[id] == hash
+                    && if id < base {
+                        same_values(&kept, id, &new, at)
+                    } else {
+                        same_values(&new, firsts[id - base] as usize, &new, at)
+                    }
+            };
+            if self.table.find(hash, same).is_some() {
+                repeats.push(row);
+            } else {
+                let id = self.kept_hashes.len() as IdxSize;
+                self.kept_hashes.push(hash);
+                firsts.push(at as IdxSize);
+                let kept_hashes = &self.kept_hashes;
+                self.table
+                    .insert_unique(hash, id, |&id| kept_hashes[id as usize]);
+            }
+        }
+        let firsts = rows.take(&IdxCa::from_vec("firsts".into(), firsts))?;
+        match &mut self.kept {
+            Some(kept) => {
+                kept.vstack_mut(&firsts)?;
+                if kept.first_col_n_chunks() > 16 {
+                    kept.rechunk_mut_par();
+                }
+            }
+            None => self.kept = Some(firsts),
+        }
+        Ok(repeats)
+    }
+}
+
+/// Whether rows `a` and `b` hold the same values (null = null, NaN = NaN).
+fn same_row(columns: &[&Column], a: usize, b: usize) -> bool {
+    same_values(columns, a, columns, b)
+}
+
+/// Whether row `a` of `left` and row `b` of `right` (the same columns, of two tables) hold the
+/// same values (null = null, NaN = NaN).
+fn same_values(left: &[&Column], a: usize, right: &[&Column], b: usize) -> bool {
+    left.iter()
+        .zip(right)
+        .all(|(l, r)| match (l.get(a), r.get(b)) {
+            (Ok(AnyValue::Float64(x)), Ok(AnyValue::Float64(y))) => {
+                x == y || (x.is_nan() && y.is_nan())
+            }
+            (Ok(AnyValue::Float32(x)), Ok(AnyValue::Float32(y))) => {
+                x == y || (x.is_nan() && y.is_nan())
+            }
+            (Ok(x), Ok(y)) => x == y,
+            _ => false,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn repeats(df: &DataFrame, columns: &[&str]) -> Vec<IdxSize> {
+        let columns: Vec<PlSmallStr> = columns.iter().map(|c| (*c).into()).collect();
+        let alive = BooleanChunked::full("alive".into(), true, df.height());
+        repeated_rows(df, &columns, &alive).unwrap()
+    }
+
+    #[test]
+    fn finds_later_copies_with_nulls_and_nans_equal() {
+        let df = df! {
+            "a" => [Some(1i64), Some(1), None, None, Some(1), Some(2)],
+            "x" => [Some(f64::NAN), Some(f64::NAN), None, None, Some(0.0), Some(-0.0)],
+            "s" => ["p", "p", "q", "q", "p", "p"],
+        }
+        .unwrap();
+        assert_eq!(repeats(&df, &["a", "x", "s"]), vec![1, 3]);
+        assert_eq!(repeats(&df, &["s"]), vec![1, 3, 4, 5]);
+        assert_eq!(repeats(&df, &["x"]), vec![1, 3, 5], "−0 equals 0");
+    }
+
+    #[test]
+    fn dead_rows_are_neither_kept_nor_counted() {
+        let df = df! { "a" => [1i64, 1, 1, 2] }.unwrap();
+        let alive = BooleanChunked::new("alive".into(), [false, true, true, true]);
+        let out = repeated_rows(&df, &["a".into()], &alive).unwrap();
+        assert_eq!(out, vec![2], "row 1 is the first live copy");
+    }
+
+    /// Against a quadratic reference on random small tables with many ties.
+    #[test]
+    fn agrees_with_a_pairwise_comparison() {
+        use proptest::prelude::*;
+        proptest!(|(rows in proptest::collection::vec((0i64..3, proptest::option::of(0u8..3), proptest::bool::ANY), 0..60))| {
+            let a: Vec<i64> = rows.iter().map(|r| r.0).collect();
+            let b: Vec<Option<String>> = rows.iter().map(|r| r.1.map(|v| v.to_string())).collect();
+            let alive: Vec<bool> = rows.iter().map(|r| r.2).collect();
+            let df = df! { "a" => a.clone(), "b" => b.clone() }.unwrap();
+            let got = repeated_rows(&df, &["a".into(), "b".into()], &BooleanChunked::new("alive".into(), alive.clone())).unwrap();
+            let want: Vec<IdxSize> = (0..rows.len())
+                .filter(|&i| alive[i] && (0..i).any(|j| alive[j] && a[j] == a[i] && b[j] == b[i]))
+                .map(|i| i as IdxSize)
+                .collect();
+            prop_assert_eq!(got, want);
+        });
+    }
+
+    /// Chunk by chunk, with the hashes given in one vector per chunk, the repeats are those of
+    /// the whole table.
+    #[test]
+    fn chunks_find_the_whole_tables_repeats() {
+        use proptest::prelude::*;
+        proptest!(|(rows in proptest::collection::vec((0i64..4, proptest::option::of(0u8..3), proptest::bool::ANY), 0..80), cuts in proptest::collection::vec(0usize..80, 0..6))| {
+            let a: Vec<i64> = rows.iter().map(|r| r.0).collect();
+            let b: Vec<Option<String>> = rows.iter().map(|r| r.1.map(|v| v.to_string())).collect();
+            let alive: Vec<bool> = rows.iter().map(|r| r.2).collect();
+            let df = df! { "a" => a, "b" => b }.unwrap();
+            let columns: Vec<PlSmallStr> = vec!["a".into(), "b".into()];
+            let mask = BooleanChunked::new("alive".into(), alive.clone());
+            let want = repeated_rows(&df, &columns, &mask).unwrap();
+            let mut cuts: Vec<usize> = cuts.into_iter().filter(|c| *c < rows.len()).collect();
+            cuts.push(0);
+            cuts.push(rows.len());
+            cuts.sort_unstable();
+            cuts.dedup();
+            let hashes = row_hashes(&df, &columns).unwrap();
+            let runs: Vec<Vec<u64>> = cuts
+                .windows(2)
+                .map(|w| (w[0]..w[1]).filter(|i| alive[*i]).map(|i| hashes[i]).collect())
+                .collect();
+            let mut deduper = Deduper::new(runs);
+            let mut got = Vec::new();
+            for w in cuts.windows(2) {
+                let (start, len) = (w[0], w[1] - w[0]);
+                let part = df.slice(start as i64, len);
+                let part_alive = mask.slice(start as i64, len);
+                got.extend(
+                    deduper
+                        .repeats(&part, &columns, &part_alive)
+                        .unwrap()
+                        .into_iter()
+                        .map(|r| r + start as IdxSize),
+                );
+            }
+            prop_assert_eq!(got, want);
+        });
+    }
+}
