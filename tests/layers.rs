@@ -319,3 +319,32 @@ fn only_the_store_and_the_model_look_at_a_locations_scheme() {
     }
     assert!(found.is_empty(), "{}", found.join("\n"));
 }
+
+#[test]
+fn nothing_below_the_report_layer_prints() {
+    let mut found = Vec::new();
+    for (module, file) in modules(&crate_root("src")) {
+        let top = module.split('/').next().unwrap_or_default();
+        if matches!(top, "report" | "cli" | "main") {
+            continue;
+        }
+        let source = std::fs::read_to_string(&file).unwrap();
+        for (n, line) in without_tests(&source).lines().enumerate() {
+            let code = line.split("//").next().unwrap_or_default();
+            if [
+                "println!",
+                "eprintln!",
+                "print!(",
+                "eprint!(",
+                "stdout()",
+                "stderr()",
+            ]
+            .iter()
+            .any(|p| code.contains(p))
+            {
+                found.push(format!("{}:{}: {}", file.display(), n + 1, line.trim()));
+            }
+        }
+    }
+    assert!(found.is_empty(), "{}", found.join("\n"));
+}

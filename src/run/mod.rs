@@ -274,7 +274,21 @@ pub fn run_with(
     // writes only to this run's staging directory, which nothing commits.
     runtime.shutdown_background();
     close(&ctx);
+    let summary = summarise(&dag, outcomes, interrupted, record, clock);
+    if let Err(e) = record::save(&state.runs(), &summary.record) {
+        events.event(Event::Warning(format!("cannot save the run record: {e}")));
+    }
+    Ok(summary)
+}
 
+/// The run record of a finished run: each stage's in the pipeline's order, and how it ended.
+fn summarise(
+    dag: &Dag,
+    outcomes: std::collections::BTreeMap<usize, Outcome>,
+    interrupted: bool,
+    mut record: RunRecord,
+    clock: Instant,
+) -> RunSummary {
     let failed = outcomes
         .values()
         .any(|o| matches!(o, Outcome::Failed { .. }));
@@ -293,14 +307,11 @@ pub fn run_with(
     } else {
         RunStatus::Ok
     };
-    if let Err(e) = record::save(&state.runs(), &record) {
-        events.event(Event::Warning(format!("cannot save the run record: {e}")));
-    }
-    Ok(RunSummary {
+    RunSummary {
         record,
         failed,
         interrupted,
-    })
+    }
 }
 
 /// The lock file with an interrupted run's journal replayed onto it, made durable, and the

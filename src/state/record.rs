@@ -197,3 +197,61 @@ pub fn list(runs: &Path) -> Vec<RunRecord> {
         .filter_map(|p| serde_json::from_slice(&std::fs::read(p).ok()?).ok())
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record as imba wrote them before decisions and statuses were typed.
+    const OLD: &str = r#"{
+      "id": "20261124T221003.123Z-1a2b", "pipeline": "p.yaml",
+      "started": "2026-11-24T22:10:03Z", "finished": "2026-11-24T22:10:04Z",
+      "status": "failed", "duration_ms": 812,
+      "stages": [
+        {"name": "a", "decision": "ran", "duration_ms": 5},
+        {"name": "b", "decision": "skipped"},
+        {"name": "c", "decision": "failed", "error": "boom"},
+        {"name": "d", "decision": "blocked", "reasons": ["upstream c failed"]},
+        {"name": "e", "decision": "cancelled"}
+      ]
+    }"#;
+
+    #[test]
+    fn records_written_before_typed_states_read_and_write_the_same_words() {
+        let record: RunRecord = serde_json::from_str(OLD).unwrap();
+        assert_eq!(record.status, RunStatus::Failed);
+        let decisions: Vec<Decision> = record.stages.iter().map(|s| s.decision).collect();
+        assert_eq!(
+            decisions,
+            [
+                Decision::Ran,
+                Decision::Skipped,
+                Decision::Failed,
+                Decision::Blocked,
+                Decision::Cancelled
+            ]
+        );
+        let written = serde_json::to_value(&record).unwrap();
+        let old: serde_json::Value = serde_json::from_str(OLD).unwrap();
+        assert_eq!(written["status"], old["status"]);
+        for (new, old) in written["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(old["stages"].as_array().unwrap())
+        {
+            assert_eq!(new["decision"], old["decision"]);
+            assert_eq!(
+                new["decision"].as_str().unwrap(),
+                serde_json::from_value::<Decision>(old["decision"].clone())
+                    .unwrap()
+                    .to_string()
+            );
+        }
+        for status in ["running", "ok", "failed", "interrupted"] {
+            let typed: RunStatus = serde_json::from_value(serde_json::json!(status)).unwrap();
+            assert_eq!(typed.to_string(), status);
+        }
+        assert_eq!(record.count(Decision::Failed), 1);
+    }
+}
