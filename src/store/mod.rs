@@ -143,6 +143,17 @@ pub trait Store: Send + Sync {
     }
 }
 
+/// An error naming the first staged output that is not there.
+fn all_written(outputs: &[Staged]) -> Result<(), StoreError> {
+    match outputs.iter().find(|s| s.from.symlink_metadata().is_err()) {
+        Some(missing) => Err(StoreError::Other(format!(
+            "stage did not write its output `{}`",
+            missing.shown
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Both stores behind one [`Store`]: each location goes to the store of its scheme.
 pub struct Stores {
     pub local: LocalStore,
@@ -201,12 +212,7 @@ impl Store for Stores {
     /// output, local or not, as it was. An output that was not written fails the commit before
     /// anything moves.
     fn commit(&self, outputs: &[Staged], run: &str) -> Result<Vec<ContentHash>, StoreError> {
-        if let Some(missing) = outputs.iter().find(|s| s.from.symlink_metadata().is_err()) {
-            return Err(StoreError::Other(format!(
-                "stage did not write its output `{}`",
-                missing.shown
-            )));
-        }
+        all_written(outputs)?;
         let mut hashes: Vec<Option<ContentHash>> = vec![None; outputs.len()];
         for remote in [true, false] {
             let (indices, part): (Vec<usize>, Vec<Staged>) = outputs

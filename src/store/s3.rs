@@ -1825,12 +1825,7 @@ impl Store for S3Store {
     /// every output as it was. (A request failing half-way leaves the outputs before it
     /// committed: each is atomic, the set is not.)
     fn commit(&self, outputs: &[Staged], run: &str) -> Result<Vec<ContentHash>, StoreError> {
-        if let Some(missing) = outputs.iter().find(|s| s.from.symlink_metadata().is_err()) {
-            return Err(StoreError::Other(format!(
-                "stage did not write its output `{}`",
-                missing.shown
-            )));
-        }
+        super::all_written(outputs)?;
         let mut hashes = Vec::with_capacity(outputs.len());
         for staged in outputs {
             let (bucket, key) = parts(&staged.to.location)?;
