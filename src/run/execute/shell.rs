@@ -18,140 +18,173 @@ pub(super) async fn run(
     argv: bool,
 ) -> Result<Executed, StageFailure> {
     let stage = ex.stage;
-    let renderer = crate::config::template::Templates::default();
-    let context = minijinja::Value::from_serialize(command_context(stage, ex.inputs, ex.staged));
     let logs = ex.logs;
     std::fs::create_dir_all(logs)
         .map_err(|e| StageFailure::Other(format!("cannot create {}: {e}", logs.display())))?;
-    let out_log = logs.join(format!("{}.out", file_name(&stage.name)));
-    let err_log = logs.join(format!("{}.err", file_name(&stage.name)));
-    let mut executed = Executed {
-        log: Some(err_log.clone()),
-        ..Executed::default()
+    let log = Logs {
+        out: logs.join(format!("{}.out", file_name(&stage.name))),
+        err: logs.join(format!("{}.err", file_name(&stage.name))),
     };
-    // Variables passed through must be there: a stage that needs a token should not run
-    // without one and fail half-way.
-    let mut env = Vec::new();
-    for (name, value) in &stage.env {
-        match value {
-            Some(value) => env.push((name.clone(), value.clone())),
-            None => match std::env::var_os(name) {
-                Some(value) => env.push((name.clone(), value.to_string_lossy().into_owned())),
-                None => {
-                    return Err(StageFailure::Other(format!(
-                        "the variable `{name}` is not set, and the stage passes it through (`env:`)"
-                    )))
-                }
-            },
-        }
+    let env = environment(stage)?;
+    for (words, command) in programs(ex, templates, argv)? {
+        tracing::debug!(stage = %stage.name, %command, "running");
+        run_one(ex, &words, command, &env, &log).await?;
     }
-    // A program run without a shell: its words, each rendered on its own.
-    let programs: Vec<(Vec<String>, String)> = if argv {
+    Ok(Executed {
+        exit_status: Some(0),
+        log: Some(log.err),
+        ..Executed::default()
+    })
+}
+
+/// Where a stage's commands write, appended to across its commands.
+struct Logs {
+    out: PathBuf,
+    err: PathBuf,
+}
+
+/// The stage's `env:`: set values, and those passed through from imba's environment, which must
+/// be there: a stage that needs a token should not run without one and fail half-way.
+fn environment(stage: &Stage) -> Result<Vec<(String, String)>, StageFailure> {
+    stage
+        .env
+        .iter()
+        .map(|(name, value)| match value {
+            Some(value) => Ok((name.clone(), value.clone())),
+            None => match std::env::var_os(name) {
+                Some(value) => Ok((name.clone(), value.to_string_lossy().into_owned())),
+                None => Err(StageFailure::Other(format!(
+                    "the variable `{name}` is not set, and the stage passes it through (`env:`)"
+                ))),
+            },
+        })
+        .collect()
+}
+
+/// Each program to run, as its words and as shown: `sh -c COMMAND` per command, or for `argv:`
+/// one program whose words are each rendered on their own.
+fn programs(
+    ex: &Execution<'_>,
+    templates: &[(String, crate::diagnostic::Span)],
+    argv: bool,
+) -> Result<Vec<(Vec<String>, String)>, StageFailure> {
+    let renderer = crate::config::template::Templates::default();
+    let context =
+        minijinja::Value::from_serialize(command_context(ex.stage, ex.inputs, ex.staged));
+    let unrendered = |e| StageFailure::Other(format!("cannot render the command: {e}"));
+    if argv {
         let mut words = Vec::new();
         for (template, _) in templates {
-            let rendered = renderer
-                .render_words(template, &context)
-                .map_err(|e| StageFailure::Other(format!("cannot render the command: {e}")))?;
-            words.extend(rendered);
+            words.extend(
+                renderer
+                    .render_words(template, &context)
+                    .map_err(unrendered)?,
+            );
         }
         let shown = words
             .iter()
             .map(|w| crate::config::shell::quote(w))
             .collect::<Vec<_>>()
             .join(" ");
-        vec![(words, shown)]
-    } else {
-        let mut commands = Vec::new();
-        for (template, _) in templates {
+        return Ok(vec![(words, shown)]);
+    }
+    templates
+        .iter()
+        .map(|(template, _)| {
             let command = renderer
                 .render_command(template, &context)
-                .map_err(|e| StageFailure::Other(format!("cannot render the command: {e}")))?;
-            commands.push((
+                .map_err(unrendered)?;
+            Ok((
                 vec!["sh".to_owned(), "-c".to_owned(), command.clone()],
                 command,
-            ));
-        }
-        commands
+            ))
+        })
+        .collect()
+}
+
+/// Runs one program to its end, or until the run is cancelled: then its whole process group
+/// gets SIGTERM, and SIGKILL after a grace period or at once when asked to kill.
+async fn run_one(
+    ex: &Execution<'_>,
+    words: &[String],
+    command: String,
+    env: &[(String, String)],
+    log: &Logs,
+) -> Result<(), StageFailure> {
+    let open = |path: &Path| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
     };
-    for (words, command) in programs {
-        tracing::debug!(stage = %stage.name, %command, "running");
-        let open = |path: &Path| {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-        };
-        let (stdout, stderr) = match (open(&out_log), open(&err_log)) {
-            (Ok(o), Ok(e)) => (o, e),
-            (Err(e), _) | (_, Err(e)) => {
-                return Err(StageFailure::Other(format!(
-                    "cannot open the stage's log: {e}"
-                )))
-            }
-        };
-        let Some((program, args)) = words.split_first() else {
-            return Err(StageFailure::Other("the command is empty".to_owned()));
-        };
-        let mut child = tokio::process::Command::new(program)
-            .args(args)
-            .current_dir(ex.workdir)
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .env("IMBA_STAGE", &stage.name)
-            .env("IMBA_RUN", ex.run_id)
-            .stdin(std::process::Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr)
-            .process_group(0)
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| StageFailure::Other(format!("cannot start `{program}`: {e}")))?;
-        let pid = child.id();
-        let mut cancel = ex.cancel.clone();
-        let cancelled = async move { cancel.wait_for(|c| *c >= Stop::Cancel).await.is_ok() };
-        let status = tokio::select! {
-            status = child.wait() => status,
-            true = cancelled => {
-                // The whole process group: the shell and whatever it started. SIGTERM first,
-                // SIGKILL after a grace period or at once when asked to kill.
-                let signal_group = |signal| {
-                    if let Some(pid) = pid {
-                        unsafe { libc::killpg(pid as i32, signal) };
-                    }
-                };
-                signal_group(libc::SIGTERM);
-                let mut kill = ex.cancel.clone();
-                let killed = async move { kill.wait_for(|c| *c >= Stop::Kill).await.is_ok() };
-                tokio::select! {
-                    status = child.wait() => status,
-                    _ = tokio::time::sleep(Duration::from_secs(5)) => {
-                        signal_group(libc::SIGKILL);
-                        child.wait().await
-                    }
-                    true = killed => {
-                        signal_group(libc::SIGKILL);
-                        child.wait().await
-                    }
+    let (stdout, stderr) = match (open(&log.out), open(&log.err)) {
+        (Ok(o), Ok(e)) => (o, e),
+        (Err(e), _) | (_, Err(e)) => {
+            return Err(StageFailure::Other(format!(
+                "cannot open the stage's log: {e}"
+            )))
+        }
+    };
+    let Some((program, args)) = words.split_first() else {
+        return Err(StageFailure::Other("the command is empty".to_owned()));
+    };
+    let mut child = tokio::process::Command::new(program)
+        .args(args)
+        .current_dir(ex.workdir)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .env("IMBA_STAGE", &ex.stage.name)
+        .env("IMBA_RUN", ex.run_id)
+        .stdin(std::process::Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| StageFailure::Other(format!("cannot start `{program}`: {e}")))?;
+    let pid = child.id();
+    let mut cancel = ex.cancel.clone();
+    let cancelled = async move { cancel.wait_for(|c| *c >= Stop::Cancel).await.is_ok() };
+    let status = tokio::select! {
+        status = child.wait() => status,
+        true = cancelled => {
+            // The whole process group: the shell and whatever it started.
+            let signal_group = |signal| {
+                if let Some(pid) = pid {
+                    unsafe { libc::killpg(pid as i32, signal) };
+                }
+            };
+            signal_group(libc::SIGTERM);
+            let mut kill = ex.cancel.clone();
+            let killed = async move { kill.wait_for(|c| *c >= Stop::Kill).await.is_ok() };
+            tokio::select! {
+                status = child.wait() => status,
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {
+                    signal_group(libc::SIGKILL);
+                    child.wait().await
+                }
+                true = killed => {
+                    signal_group(libc::SIGKILL);
+                    child.wait().await
                 }
             }
         }
-        .map_err(|e| StageFailure::Other(format!("cannot wait for the command: {e}")))?;
-        if !status.success() {
-            use std::os::unix::process::ExitStatusExt;
-            let end = match (status.code(), status.signal()) {
-                (Some(code), _) => CommandEnd::Exit(code),
-                (None, Some(signal)) => CommandEnd::Signal(signal),
-                (None, None) => CommandEnd::Exit(-1),
-            };
-            return Err(StageFailure::Command {
-                end,
-                command,
-                tail: tail_of(&err_log, 10),
-                log: err_log,
-            });
-        }
-        executed.exit_status = Some(0);
     }
-    Ok(executed)
+    .map_err(|e| StageFailure::Other(format!("cannot wait for the command: {e}")))?;
+    if status.success() {
+        return Ok(());
+    }
+    use std::os::unix::process::ExitStatusExt;
+    let end = match (status.code(), status.signal()) {
+        (Some(code), _) => CommandEnd::Exit(code),
+        (None, Some(signal)) => CommandEnd::Signal(signal),
+        (None, None) => CommandEnd::Exit(-1),
+    };
+    Err(StageFailure::Command {
+        end,
+        command,
+        tail: tail_of(&log.err, 10),
+        log: log.err.clone(),
+    })
 }
 
 fn tail_of(path: &Path, lines: usize) -> String {
