@@ -69,8 +69,7 @@ fn programs(
     argv: bool,
 ) -> Result<Vec<(Vec<String>, String)>, StageFailure> {
     let renderer = crate::config::template::Templates::default();
-    let context =
-        minijinja::Value::from_serialize(command_context(ex.stage, ex.inputs, ex.staged));
+    let context = minijinja::Value::from_serialize(command_context(ex.stage, ex.inputs, ex.staged));
     let unrendered = |e| StageFailure::Other(format!("cannot render the command: {e}"));
     if argv {
         let mut words = Vec::new();
