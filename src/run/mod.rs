@@ -225,7 +225,7 @@ pub fn run_with(
     let (lock_path, lock, journal) = open_lock(&state, &pipeline.file, &events)?;
     let (selected, forced) = plan::select(&dag, &options.selection).map_err(RunError::Config)?;
     let run_id = crate::state::new_run_id();
-    let mut record = RunRecord {
+    let record = RunRecord {
         id: run_id.clone(),
         pipeline: pipeline.file.display().to_string(),
         started: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
