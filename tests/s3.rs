@@ -407,6 +407,43 @@ fn a_change_check_compares_with_the_committed_s3_object() {
     assert_eq!(server.read("out/copy.csv").unwrap(), DATA.as_bytes());
 }
 
+/// The baseline of a versioned S3 output is its latest version (not the whole prefix, with every
+/// version in it), as for a local one.
+#[test]
+fn a_versioned_s3_output_is_compared_with_its_latest_version() {
+    let server = S3Server::start();
+    server.put("raw/data.csv", "id,x\n1,5\n2,7\n3,1\n4,2\n");
+    let t = Test::new().pipeline(
+        r#"
+stages:
+  copy:
+    cmd: mkdir -p {{ outputs[0] }} && cp {{ inputs[0] }} {{ outputs[0] }}/table.csv
+    inputs: [s3://bucket/raw/data.csv]
+    outputs: [s3://bucket/out/tables/]
+    version: auto
+    checks:
+      - change: {metric: rows, max_pct: 30}
+        output: s3://bucket/out/tables/table.csv
+"#,
+    );
+    let first = run(&t, &server, &["run", "pipeline.yaml"]);
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    server.put("raw/data.csv", "id,x\n1,5\n2,7\n3,1\n4,2\n5,0\n");
+    let grew = run(&t, &server, &["run", "pipeline.yaml"]);
+    assert_eq!(grew.code, 0, "{}", grew.stderr);
+    server.put("raw/data.csv", "id,x\n1,5\n");
+    let shrank = run(&t, &server, &["run", "pipeline.yaml"]);
+    assert_eq!(shrank.code, 1, "{}", shrank.stderr);
+    assert!(
+        shrank
+            .stderr
+            .contains("rows changed by 80%: 5 → 1, expected ≤ 30%"),
+        "{}",
+        shrank.stderr
+    );
+    assert!(server.read("out/tables/tables_v3/table.csv").is_none());
+}
+
 /// Throttling (`503 SlowDown`) is retried with backoff; a run through it succeeds.
 #[test]
 fn throttled_requests_are_retried() {
