@@ -13,8 +13,7 @@ use serde::Serialize;
 use serde_json::{json, Value as Json};
 
 use crate::graph::dag::Dag;
-use crate::model::Declared;
-use crate::model::{Stage, StageKind};
+use crate::model::{Declared, Stage, StageKind};
 use crate::state::lock::{self, fingerprint, LockFile, LockedStage};
 use crate::state::StateDir;
 use crate::store::{ContentHash, StatCache, Store, StoreError, Stores};

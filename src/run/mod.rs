@@ -225,15 +225,7 @@ pub fn run_with(
     let (lock_path, lock, journal) = open_lock(&state, &pipeline.file, &events)?;
     let (selected, forced) = plan::select(&dag, &options.selection).map_err(RunError::Config)?;
     let run_id = crate::state::new_run_id();
-    let record = RunRecord {
-        id: run_id.clone(),
-        pipeline: pipeline.file.display().to_string(),
-        started: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
-        finished: None,
-        status: RunStatus::Running,
-        duration_ms: 0,
-        stages: Vec::new(),
-    };
+    let record = RunRecord::start(&run_id, &pipeline.file);
     let _ = record::save(&state.runs(), &record);
     let clock = Instant::now();
     events.event(Event::Started {
@@ -292,21 +284,19 @@ fn summarise(
     let failed = outcomes
         .values()
         .any(|o| matches!(o, Outcome::Failed { .. }));
-    record.stages = dag
+    let stages = dag
         .order()
         .iter()
         .filter_map(|i| outcomes.get(i).cloned().map(Outcome::record))
         .collect();
-    record.finished =
-        Some(humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string());
-    record.duration_ms = clock.elapsed().as_millis() as u64;
-    record.status = if interrupted {
+    let status = if interrupted {
         RunStatus::Interrupted
     } else if failed {
         RunStatus::Failed
     } else {
         RunStatus::Ok
     };
+    record.finish(stages, status, clock.elapsed());
     RunSummary {
         record,
         failed,

@@ -1,6 +1,7 @@
 //! Run records: one JSON file per run under `.imba/runs/`, for `imba log` and `imba show`.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -72,6 +73,11 @@ impl std::fmt::Display for Decision {
     }
 }
 
+/// The time now, as records write it (RFC 3339, seconds).
+fn now() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
 /// What one run did.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RunRecord {
@@ -89,6 +95,27 @@ pub struct RunRecord {
 }
 
 impl RunRecord {
+    /// The record of a run starting now.
+    pub fn start(id: &str, pipeline: &Path) -> Self {
+        RunRecord {
+            id: id.to_owned(),
+            pipeline: pipeline.display().to_string(),
+            started: now(),
+            finished: None,
+            status: RunStatus::Running,
+            duration_ms: 0,
+            stages: Vec::new(),
+        }
+    }
+
+    /// The run ended now, after `took`, with these stages (in the pipeline's order).
+    pub fn finish(&mut self, stages: Vec<StageRecord>, status: RunStatus, took: Duration) {
+        self.stages = stages;
+        self.status = status;
+        self.finished = Some(now());
+        self.duration_ms = took.as_millis() as u64;
+    }
+
     /// How many of its stages were decided so.
     pub fn count(&self, decision: Decision) -> usize {
         self.stages
