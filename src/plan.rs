@@ -568,6 +568,6 @@ pub fn status(
     let statuses = static_plan(dag, &lock, &store, &selected, &forced)
         .map_err(|e| PlanError::Io(e.to_string()))?;
     // Remember what was hashed, so the next status (or run) does not read the same files again.
-    let _ = store.cache().save();
+    let _ = store.save();
     Ok(statuses)
 }

@@ -232,7 +232,13 @@ fn a_failed_commit_leaves_every_output_as_it_was() {
     let fixture = fixture(&server);
     let ones = places(&fixture, "one.txt");
     let twos = places(&fixture, "two.txt");
-    for (first, second) in ones.iter().zip(&twos) {
+    // Each scheme alone, and an S3 output (committed first) beside a local one not written.
+    let pairs = [
+        (&ones[0], &twos[0]),
+        (&ones[1], &twos[1]),
+        (&ones[1], &twos[0]),
+    ];
+    for (first, second) in pairs {
         let shown = first.location.display(&fixture.workdir);
         let old = staged_file(&fixture, "old/one.txt", b"old");
         fixture

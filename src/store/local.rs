@@ -14,16 +14,12 @@ pub struct LocalStore {
 
 impl LocalStore {
     /// `cache` remembers file hashes by size, times and inode, so an unchanged file is not read
-    /// again; [`LocalStore::cache`] gives it back for saving.
+    /// again; [`Store::save`] writes it back.
     pub fn new(workdir: &Path, cache: StatCache) -> Self {
         LocalStore {
             workdir: workdir.to_path_buf(),
             cache,
         }
-    }
-
-    pub fn cache(&self) -> &StatCache {
-        &self.cache
     }
 }
 

@@ -1770,16 +1770,29 @@ impl S3Store {
         S3Store { storage }
     }
 
-    /// Every identity wanted, at once ([`Storage::prefetch`]).
-    pub fn prefetch(&self, wanted: &[(&Declared, bool)]) {
-        let lookups = wanted
-            .iter()
-            .filter_map(|(at, output)| {
-                let (bucket, key) = parts(&at.location).ok()?;
-                Some(Lookup::new(bucket, key, at.dir, at.dir && *output))
-            })
-            .collect();
-        self.storage.prefetch(lookups);
+    /// Uploads each staged output in turn (each atomic: the set is not), without first checking
+    /// that all of them were written; [`Store::commit`] does.
+    pub(super) fn upload(
+        &self,
+        outputs: &[Staged],
+        run: &str,
+    ) -> Result<Vec<ContentHash>, StoreError> {
+        let mut hashes = Vec::with_capacity(outputs.len());
+        for staged in outputs {
+            let (bucket, key) = parts(&staged.to.location)?;
+            tracing::trace!(from = %staged.from.display(), to = %staged.shown, "upload");
+            let hash = self
+                .storage
+                .commit(bucket, key, staged.from, staged.to.dir, run)
+                .map_err(|e| {
+                    StoreError::Other(format!(
+                        "{e}; the output `{}` was not committed",
+                        staged.shown
+                    ))
+                })?;
+            hashes.push(hash);
+        }
+        Ok(hashes)
     }
 }
 
@@ -1808,8 +1821,16 @@ impl Store for S3Store {
         }
     }
 
+    /// Every identity wanted, at once ([`Storage::prefetch`]); local locations are skipped.
     fn prefetch(&self, wanted: &[(&Declared, bool)]) {
-        S3Store::prefetch(self, wanted)
+        let lookups = wanted
+            .iter()
+            .filter_map(|(at, output)| {
+                let (bucket, key) = parts(&at.location).ok()?;
+                Some(Lookup::new(bucket, key, at.dir, at.dir && *output))
+            })
+            .collect();
+        self.storage.prefetch(lookups);
     }
 
     fn local_copy(&self, at: &Declared) -> Result<PathBuf, StoreError> {
@@ -1826,22 +1847,7 @@ impl Store for S3Store {
     /// committed: each is atomic, the set is not.)
     fn commit(&self, outputs: &[Staged], run: &str) -> Result<Vec<ContentHash>, StoreError> {
         super::all_written(outputs)?;
-        let mut hashes = Vec::with_capacity(outputs.len());
-        for staged in outputs {
-            let (bucket, key) = parts(&staged.to.location)?;
-            tracing::trace!(from = %staged.from.display(), to = %staged.shown, "upload");
-            let hash = self
-                .storage
-                .commit(bucket, key, staged.from, staged.to.dir, run)
-                .map_err(|e| {
-                    StoreError::Other(format!(
-                        "{e}; the output `{}` was not committed",
-                        staged.shown
-                    ))
-                })?;
-            hashes.push(hash);
-        }
-        Ok(hashes)
+        self.upload(outputs, run)
     }
 
     /// Downloaded (once per ETag) only when a check asks for it.
