@@ -16,7 +16,8 @@ use crate::graph::dag::Dag;
 use crate::model::{Declared, Stage, StageKind};
 use crate::state::lock::{self, fingerprint, LockFile, LockedStage};
 use crate::state::StateDir;
-use crate::store::{ContentHash, StatCache, Store, StoreError, Stores};
+use crate::store::cache;
+use crate::store::{ContentHash, RunCache, StatCache, Store, StoreError, Stores};
 
 /// Why a stage runs.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -163,6 +164,18 @@ pub fn lookups<'a>(dag: &'a Dag, selected: &BTreeSet<usize>) -> Vec<(&'a Declare
 
 /// The stage's fingerprint material, its inputs hashed as they are on disk now.
 pub fn snapshot(stage: &Stage, workdir: &Path, store: &dyn Store) -> Result<Snapshot, HashError> {
+    snapshot_with(stage, workdir, &|declared| {
+        hash_location(store, declared, workdir)
+    })
+}
+
+/// [`snapshot`] with each input's identity from `identity` (what it is now, or what a restore
+/// from the run cache would make it).
+pub fn snapshot_with(
+    stage: &Stage,
+    workdir: &Path,
+    identity: &dyn Fn(&Declared) -> Result<Option<ContentHash>, HashError>,
+) -> Result<Snapshot, HashError> {
     let mut inputs = BTreeMap::new();
     let mut missing = BTreeSet::new();
     for input in &stage.inputs {
@@ -181,7 +194,7 @@ pub fn snapshot(stage: &Stage, workdir: &Path, store: &dyn Store) -> Result<Snap
                 });
             }
         }
-        match hash_location(store, &input.declared, workdir)? {
+        match identity(&input.declared)? {
             Some(hash) => {
                 inputs.insert(key, hash);
             }
@@ -372,6 +385,55 @@ pub fn reasons(
     Ok(reasons)
 }
 
+/// What the run cache can do for a stale stage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FromCache {
+    /// Its outputs already hold what the cache recorded for its fingerprint: nothing to do
+    /// but record it (`up to date (cached)`).
+    Held,
+    /// The cache holds its outputs: they are restored instead of computed.
+    Restore,
+}
+
+/// The run-cache entry of the stage's fingerprint as it is `now`, if the cache holds a usable
+/// one (its declared outputs, every blob present), and whether the outputs already hold it.
+pub fn from_cache(
+    stage: &Stage,
+    now: &Snapshot,
+    cache: &RunCache,
+    store: &dyn Store,
+    workdir: &Path,
+) -> Option<(cache::Entry, FromCache)> {
+    if !now.missing.is_empty() {
+        return None;
+    }
+    let entry = cache
+        .entry(&now.fingerprint)
+        .filter(|e| e.outputs.keys().eq(now.entry.outputs.keys()))?;
+    let held = stage.outputs.iter().all(|port| {
+        let key = port.declared.location.display(workdir);
+        let Some(cached) = entry.outputs.get(&key) else {
+            return false;
+        };
+        let current = if stage.versioning.is_some() {
+            store.version_identity(&port.declared)
+        } else {
+            store.committed_identity(&port.declared)
+        };
+        matches!(current, Ok(Some(hash)) if hash.hash == cached.committed.hash)
+    });
+    if held {
+        return Some((entry, FromCache::Held));
+    }
+    // Blobs collected since, or never fully written: it is computed.
+    entry
+        .outputs
+        .values()
+        .all(|o| cache.holds(o))
+        .then_some((entry, FromCache::Restore))
+}
+
 fn diff_params(prefix: &str, old: &Json, new: &Json, reasons: &mut Vec<Reason>) {
     match (old, new) {
         (Json::Object(a), Json::Object(b)) => {
@@ -481,22 +543,35 @@ pub struct StageStatus {
     pub name: String,
     pub stale: bool,
     pub reasons: Vec<Reason>,
+    /// A stale stage the run cache can bring back (after its stale upstream stages are brought
+    /// back) rather than compute.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from_cache: Option<FromCache>,
     #[serde(skip)]
     pub index: usize,
 }
 
 /// What would run, without running anything: `status` and `run --dry-run`. A stage downstream
 /// of a stale one is stale too, since its inputs may change.
+///
+/// With a run cache, a stale stage whose fingerprint it holds is marked [`FromCache`]; so is a
+/// stage downstream whose every stale upstream stage is, with its inputs as the restore will
+/// leave them (a local output's identity is its content hash, so the restore is predicted
+/// exactly; an S3 output's identity is only known once it is written, so its readers are not).
 pub fn static_plan(
     dag: &Dag,
     lock: &LockFile,
     store: &dyn Store,
+    cache: Option<&RunCache>,
     selected: &BTreeSet<usize>,
     forced: &BTreeSet<usize>,
 ) -> Result<Vec<StageStatus>, HashError> {
     let workdir = &dag.pipeline().workdir;
     store.prefetch(&lookups(dag, selected));
     let mut stale = BTreeSet::new();
+    // Stale stages the cache brings back, and the identities their outputs will have.
+    let mut restorable = BTreeSet::new();
+    let mut predicted: BTreeMap<String, ContentHash> = BTreeMap::new();
     let mut out = Vec::new();
     for &index in dag.order() {
         if !selected.contains(&index) {
@@ -523,6 +598,40 @@ pub fn static_plan(
             !(upstream_stale
                 && matches!(r, Reason::InputMissing { .. } | Reason::InputChanged { .. }))
         }));
+        let mut from = None;
+        let upstream_restorable = dag
+            .needs(index)
+            .iter()
+            .all(|(s, _)| !stale.contains(s) || restorable.contains(s));
+        if let (Some(cache), false, true) = (cache, reasons.is_empty(), upstream_restorable) {
+            if !forced.contains(&index) {
+                let now = if upstream_stale {
+                    snapshot_with(stage, workdir, &|declared| {
+                        let key = declared.location.display(workdir);
+                        match predict(&predicted, cache, &key) {
+                            Some(hash) => Ok(Some(hash)),
+                            None => hash_location(store, declared, workdir),
+                        }
+                    })?
+                } else {
+                    now
+                };
+                if let Some((entry, how)) = from_cache(stage, &now, cache, store, workdir) {
+                    from = Some(how);
+                    restorable.insert(index);
+                    for (key, output) in entry.outputs {
+                        // Only a local file's identity is its content hash.
+                        let local = stage.outputs.iter().any(|p| {
+                            p.declared.location.display(workdir) == key
+                                && !p.declared.location.is_remote()
+                        });
+                        if local && stage.versioning.is_none() {
+                            predicted.insert(key, output.committed);
+                        }
+                    }
+                }
+            }
+        }
         if !reasons.is_empty() {
             stale.insert(index);
         }
@@ -530,10 +639,35 @@ pub fn static_plan(
             name: stage.name.clone(),
             stale: !reasons.is_empty(),
             reasons,
+            from_cache: from,
             index,
         });
     }
     Ok(out)
+}
+
+/// The identity `key` will have once the restorable stages are restored: an output of theirs,
+/// or a file inside a folder output (from the folder's manifest).
+fn predict(
+    predicted: &BTreeMap<String, ContentHash>,
+    cache: &RunCache,
+    key: &str,
+) -> Option<ContentHash> {
+    if let Some(hash) = predicted.get(key) {
+        return Some(hash.clone());
+    }
+    let (folder, hash) = predicted.iter().find(|(folder, hash)| {
+        hash.files.is_some() && key.starts_with(&format!("{}/", folder.trim_end_matches('/')))
+    })?;
+    let relative = &key[folder.trim_end_matches('/').len() + 1..];
+    let files = cache.manifest(&hash.hash).ok()?;
+    let file = files.into_iter().find(|f| f.path == relative)?;
+    Some(ContentHash {
+        hash: file.blake3,
+        size: file.size,
+        files: None,
+        etag: None,
+    })
 }
 
 /// Why a status could not be computed.
@@ -565,7 +699,8 @@ pub fn status(
     };
     let storage = crate::store::s3::Storage::new(pipeline.storage.clone(), state.cache());
     let store = Stores::new(&pipeline.workdir, cache, storage);
-    let statuses = static_plan(dag, &lock, &store, &selected, &forced)
+    let cache = RunCache::new(state.cache());
+    let statuses = static_plan(dag, &lock, &store, Some(&cache), &selected, &forced)
         .map_err(|e| PlanError::Io(e.to_string()))?;
     // Remember what was hashed, so the next status (or run) does not read the same files again.
     let _ = store.save();

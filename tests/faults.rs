@@ -137,7 +137,16 @@ fn a_truncated_parquet_output_reruns_the_stage_that_wrote_it() {
         status.stdout
     );
     t.run_ok(&[]);
-    // Rewritten byte for byte, so `top` is cut off early.
+    // Restored byte for byte from the run cache, so `top` is cut off early.
+    assert_eq!(std::fs::read(&table).unwrap(), good);
+    assert_eq!(
+        t.decisions(),
+        pairs(&[("agg", "restored"), ("top", "skipped")])
+    );
+    // Without the cache (a clone that never ran it) it is computed, with the same bytes.
+    std::fs::write(&table, &good[..good.len() / 2]).unwrap();
+    std::fs::remove_dir_all(t.path().join(".imba/cache")).unwrap();
+    t.run_ok(&[]);
     assert_eq!(std::fs::read(&table).unwrap(), good);
     assert_eq!(t.decisions(), pairs(&[("agg", "ran"), ("top", "skipped")]));
 }
@@ -211,9 +220,10 @@ fn a_torn_or_garbage_lock_file_reruns_everything_and_is_rewritten() {
             "{what}: {}",
             out.stderr
         );
+        // Nothing is computed again: the outputs in place hold what the run cache recorded.
         assert_eq!(
             t.decisions(),
-            pairs(&[("agg", "ran"), ("top", "ran")]),
+            pairs(&[("agg", "cached"), ("top", "cached")]),
             "{what}"
         );
         assert_eq!(t.read("pipeline.lock"), lock, "{what}: rewritten whole");
@@ -273,6 +283,8 @@ fn a_version_published_by_a_killed_run_is_adopted_not_duplicated() {
     // The state such a kill leaves: v2 complete, LATEST and the lock still at v1.
     t.write("out/features/LATEST", "features_v1\n");
     t.write("pipeline.lock", &lock_v1);
+    // Computed, not restored (the run cache would restore it into the same version).
+    std::fs::remove_dir_all(t.path().join(".imba/cache")).unwrap();
     let out = t.run_ok(&[]);
     assert_eq!(
         t.decisions(),

@@ -280,7 +280,9 @@ fn a_corrupt_lock_reruns_with_a_warning_and_a_newer_one_is_refused() {
         "{}",
         out.stderr
     );
-    assert_eq!(ran(&t), ["count", "report", "copy"]);
+    // Every stage is stale, and none is computed: the outputs hold what the run cache recorded.
+    assert!(ran(&t).is_empty(), "{}", out.stderr);
+    assert!(out.stderr.contains("0 ran, 3 up to date"), "{}", out.stderr);
     t.write("pipeline.lock", r#"{"version": 9, "stages": {}}"#);
     let newer = t.exec(&["run", "pipeline.yaml"]);
     assert_eq!(newer.code, 2);

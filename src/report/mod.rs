@@ -225,10 +225,15 @@ impl Printer {
 pub fn run_summary(record: &crate::state::record::RunRecord) -> String {
     use crate::state::record::Decision;
     let count = |d| record.count(d);
+    // Restored stages are counted only when there are some: most runs have none.
+    let restored = match count(Decision::Restored) {
+        0 => String::new(),
+        n => format!("{n} restored, "),
+    };
     format!(
-        "{} ran, {} up to date, {} failed, {} not run ({:.2}s; run {})",
+        "{} ran, {restored}{} up to date, {} failed, {} not run ({:.2}s; run {})",
         count(Decision::Ran),
-        count(Decision::Skipped),
+        count(Decision::Skipped) + count(Decision::Cached),
         count(Decision::Failed),
         count(Decision::Blocked) + count(Decision::Cancelled),
         record.duration_ms as f64 / 1000.0,
@@ -376,6 +381,52 @@ impl crate::run::Events for RunPrinter {
                         "{} {} (up to date)",
                         self.paint("2", "  skip"),
                         safe(&name)
+                    ));
+                }
+            }
+            Event::StageCached { name } => {
+                self.tick();
+                if !self.quiet {
+                    self.line(format!(
+                        "{} {} (up to date (cached): its outputs already hold what the run cache has for it)",
+                        self.paint("2", "  skip"),
+                        safe(&name)
+                    ));
+                }
+            }
+            Event::StageRestoring { name, reasons } => {
+                self.set_running(|r| r.push(safe(&name).into_owned()));
+                if !self.quiet {
+                    self.line(format!(
+                        "{} {} ({}; restoring from the run cache)",
+                        self.paint("1;36", "  run "),
+                        safe(&name),
+                        safe(&reasons.join("; "))
+                    ));
+                }
+            }
+            Event::StageRestored {
+                name,
+                duration,
+                unchanged,
+                checks_passed,
+                computed,
+            } => {
+                self.tick();
+                self.set_running(|r| r.retain(|n| *n != safe(&name)));
+                if !self.quiet {
+                    let same = if unchanged { ", outputs unchanged" } else { "" };
+                    let checks = match checks_passed {
+                        0 => String::new(),
+                        1 => ", 1 check passed".to_owned(),
+                        n => format!(", {n} checks passed"),
+                    };
+                    self.line(format!(
+                        "{} {} (restored from the run cache in {:.2}s, computed in {:.2}s{same}{checks})",
+                        self.paint("1;32", "  done"),
+                        safe(&name),
+                        duration.as_secs_f64(),
+                        computed.as_secs_f64()
                     ));
                 }
             }

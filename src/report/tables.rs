@@ -5,7 +5,7 @@ use imba_stages::checks::Status;
 use super::table;
 use crate::graph::Dag;
 use crate::model::Severity;
-use crate::plan::StageStatus;
+use crate::plan::{FromCache, StageStatus};
 use crate::state::record::{CheckRecord, Decision, RunRecord, StageRecord};
 
 /// `imba status` (and `run --dry-run`): each stale stage with its reasons, then a count.
@@ -13,13 +13,25 @@ pub fn plan(statuses: &[StageStatus], verb: &str) -> String {
     let stale: Vec<&StageStatus> = statuses.iter().filter(|s| s.stale).collect();
     let mut out = String::new();
     for status in &stale {
-        out.push_str(&format!("{}\n", status.name));
+        let cached = match status.from_cache {
+            Some(FromCache::Held) => " (up to date in the run cache: its outputs hold it already)",
+            Some(FromCache::Restore) => " (can be restored from the run cache)",
+            None => "",
+        };
+        out.push_str(&format!("{}{cached}\n", status.name));
         for reason in &status.reasons {
             out.push_str(&format!("  - {reason}\n"));
         }
     }
+    let restorable = stale.iter().filter(|s| s.from_cache.is_some()).count();
     if stale.is_empty() {
         out.push_str(&format!("all {} stages are up to date\n", statuses.len()));
+    } else if restorable > 0 {
+        out.push_str(&format!(
+            "{} of {} stages {verb}; {restorable} from the run cache, without computing\n",
+            stale.len(),
+            statuses.len()
+        ));
     } else {
         out.push_str(&format!(
             "{} of {} stages {verb}\n",
@@ -33,18 +45,19 @@ pub fn plan(statuses: &[StageStatus], verb: &str) -> String {
 /// `imba log`: one line per run, newest first.
 pub fn runs(runs: &[RunRecord]) -> String {
     let mut out = format!(
-        "{:<25} {:<20} {:<11} {:>4} {:>4} {:>6} {:>9}\n",
-        "RUN", "STARTED", "STATUS", "RAN", "SKIP", "FAILED", "DURATION"
+        "{:<25} {:<20} {:<11} {:>4} {:>8} {:>4} {:>6} {:>9}\n",
+        "RUN", "STARTED", "STATUS", "RAN", "RESTORED", "SKIP", "FAILED", "DURATION"
     );
     for run in runs {
         let count = |d| run.count(d);
         out.push_str(&format!(
-            "{:<25} {:<20} {:<11} {:>4} {:>4} {:>6} {:>8.2}s\n",
+            "{:<25} {:<20} {:<11} {:>4} {:>8} {:>4} {:>6} {:>8.2}s\n",
             run.id,
             run.started,
             run.status,
             count(Decision::Ran),
-            count(Decision::Skipped),
+            count(Decision::Restored),
+            count(Decision::Skipped) + count(Decision::Cached),
             count(Decision::Failed),
             run.duration_ms as f64 / 1000.0
         ));
@@ -64,7 +77,7 @@ pub fn run(run: &RunRecord) -> String {
     );
     for stage in &run.stages {
         out.push_str(&format!("{:<10} {}", stage.decision, stage.name));
-        if stage.decision == Decision::Ran {
+        if matches!(stage.decision, Decision::Ran | Decision::Restored) {
             out.push_str(&format!(
                 " ({:.2}s{})",
                 stage.duration_ms as f64 / 1000.0,

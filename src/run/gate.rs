@@ -22,11 +22,17 @@ pub const HOOK_TIMEOUT: Duration = Duration::from_secs(60);
 /// The check gate: evaluates the stage's checks (its own `checks:`; a built-in's come with it
 /// in `record`), warns of those that missed with `warn`, and, when one with `fail` missed, keeps
 /// the staged outputs in quarantine instead of committing them. Gives how many checks passed.
+///
+/// `restored`: the outputs come from the run cache, and these are the stage's checks as they
+/// were evaluated when it was computed. Every check is evaluated again on the restored outputs
+/// but a `change` check, whose result is the one recorded then: it measured that computation
+/// against the output it replaced, and a restore is not a new computation (docs/caching.md).
 pub(super) async fn gate(
     ctx: &Arc<Context>,
     index: usize,
     staged: &[PathBuf],
     record: &mut StageRecord,
+    restored: Option<Vec<CheckRecord>>,
 ) -> Result<usize, StageFailure> {
     let stage = ctx.dag.stage(index);
     if !stage.checks.is_empty() {
@@ -36,8 +42,21 @@ pub(super) async fn gate(
             tokio::task::spawn_blocking(move || {
                 let clock = std::time::Instant::now();
                 let stage = ctx.dag.stage(index);
-                let baseline = |port: &Port| baseline(&ctx, stage, port);
-                let records = evaluate(stage, &staged, &ctx.dag.pipeline().workdir, &baseline);
+                let baseline = |port: &Port| match &restored {
+                    Some(_) => None,
+                    None => baseline(&ctx, stage, port),
+                };
+                let mut records =
+                    evaluate(stage, &staged, &ctx.dag.pipeline().workdir, &baseline);
+                if let Some(recorded) = restored {
+                    for ((check, record), then) in
+                        stage.checks.iter().zip(records.iter_mut()).zip(recorded)
+                    {
+                        if matches!(check.check, checks::Check::Change { .. }) {
+                            *record = then;
+                        }
+                    }
+                }
                 tracing::debug!(stage = %stage.name, elapsed = ?clock.elapsed(), "checks evaluated");
                 records
             })

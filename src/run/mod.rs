@@ -28,7 +28,7 @@ use crate::plan::{self, Selection};
 use crate::state::lock::{self, LockFile, LockedStage};
 use crate::state::record::{self, RunRecord, RunStatus, StageRecord};
 use crate::state::StateDir;
-use crate::store::{StatCache, Store, Stores};
+use crate::store::{RunCache, StatCache, Store, Stores};
 
 /// How to run.
 #[derive(Clone, Debug)]
@@ -60,6 +60,24 @@ pub enum Event {
     },
     StageSkipped {
         name: String,
+    },
+    /// Stale by the lock, but its outputs already hold what the run cache recorded for its
+    /// fingerprint: nothing to do.
+    StageCached {
+        name: String,
+    },
+    /// Stale, and its fingerprint is in the run cache: its outputs are being restored.
+    StageRestoring {
+        name: String,
+        reasons: Vec<String>,
+    },
+    StageRestored {
+        name: String,
+        duration: Duration,
+        unchanged: bool,
+        checks_passed: usize,
+        /// How long computing it took, when it was computed.
+        computed: Duration,
     },
     StageDone {
         name: String,
@@ -145,6 +163,8 @@ pub(crate) struct Context {
     dag: Arc<Dag>,
     registry: Registry,
     store: Arc<dyn Store>,
+    /// Outputs by content, per fingerprint: what a stale stage may be restored from.
+    cache: RunCache,
     lock: Mutex<(LockFile, lock::Journal)>,
     lock_path: PathBuf,
     state: StateDir,
@@ -236,6 +256,7 @@ pub fn run_with(
     let (cancel_tx, cancel_rx) = watch::channel(Stop::Go);
     let ctx = Arc::new(Context {
         store: store(cancel_rx.clone()),
+        cache: RunCache::new(state.cache()),
         dag: dag.clone(),
         registry,
         lock: Mutex::new((lock, journal)),

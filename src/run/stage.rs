@@ -17,6 +17,7 @@ use crate::model::{file_name, Port, Stage, StageKind};
 use crate::plan::{self, Reason};
 use crate::state::lock::LockedStage;
 use crate::state::record::{Decision, StageRecord};
+use crate::store::cache::{self, CachedOutput, Entry, Stored};
 use crate::store::{versions, ContentHash, Staged};
 
 pub(super) fn stage_record(name: &str, decision: Decision) -> StageRecord {
@@ -93,6 +94,13 @@ async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
     if *ctx.cancel.borrow() >= Stop::Cancel {
         return cancelled(&ctx, record);
     }
+    // `--force` means computing it, whatever the cache holds.
+    if !force {
+        if let Some(outcome) = from_cache(&ctx, index, &now, &locked, record.clone(), started).await
+        {
+            return outcome;
+        }
+    }
     ctx.events.event(Event::StageRunning {
         name: stage.name.clone(),
         reasons: record.reasons.clone(),
@@ -106,10 +114,15 @@ async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
             outputs,
             unchanged,
             checks_passed,
+            stored,
+            reported,
         }) => {
             record.outputs = outputs;
             record.unchanged = unchanged;
             record.duration_ms = started.elapsed().as_millis() as u64;
+            if let Some(stored) = stored {
+                remember(&ctx, index, &record, stored, reported).await;
+            }
             ctx.events.event(Event::StageDone {
                 name: stage.name.clone(),
                 duration: started.elapsed(),
@@ -148,6 +161,10 @@ struct Committed {
     /// Every output came out as the lock already had it.
     unchanged: bool,
     checks_passed: usize,
+    /// Its outputs as the run cache keeps them (`None` when they could not be kept).
+    stored: Option<Vec<Stored>>,
+    /// How many of the record's checks the built-in reported (the rest are its `checks:`).
+    reported: usize,
 }
 
 /// The steps after the decision that write anything, each into the stage's staging directory
@@ -198,18 +215,282 @@ async fn produce_and_commit(
     }
     verify_inputs(ctx, index, inputs).await?;
     verify_outputs(stage, &staging.outputs)?;
-    let checks_passed = super::gate::gate(ctx, index, &staging.outputs, record).await?;
+    let reported = record.checks.len();
+    let checks_passed = super::gate::gate(ctx, index, &staging.outputs, record, None).await?;
     let summary = record
         .report
         .as_ref()
         .and_then(|r| r.get("summary").cloned())
         .unwrap_or(Json::Null);
+    // Into the run cache before the commit moves the staged outputs away.
+    let stored = keep_in_cache(ctx, index, &staging.outputs).await;
     let (outputs, unchanged) = commit(ctx, index, &staging.outputs, now, locked, summary).await?;
     Ok(Committed {
         outputs,
         unchanged,
         checks_passed,
+        stored,
+        reported,
     })
+}
+
+/// Copies the staged outputs into the run cache. A cache that cannot be written costs the
+/// next restore, not this run: a warning.
+async fn keep_in_cache(
+    ctx: &Arc<Context>,
+    index: usize,
+    staged: &[PathBuf],
+) -> Option<Vec<Stored>> {
+    let ctx2 = ctx.clone();
+    let staged = staged.to_vec();
+    let kept = blocking(move || {
+        let stage = ctx2.dag.stage(index);
+        stage
+            .outputs
+            .iter()
+            .zip(&staged)
+            .map(|(port, path)| {
+                ctx2.cache
+                    .store(path, port.declared.dir || path.is_dir())
+                    .map_err(|e| {
+                        StageFailure::Other(format!(
+                            "cannot keep `{}` in the run cache {}: {e}",
+                            port.text,
+                            ctx2.cache.root().display()
+                        ))
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await;
+    match kept {
+        Ok(stored) => Some(stored),
+        Err(e) => {
+            ctx.events.event(Event::Warning(format!(
+                "stage `{}`: {e}",
+                ctx.dag.stage(index).name
+            )));
+            None
+        }
+    }
+}
+
+/// Writes the run-cache entry of a stage that was computed and committed.
+async fn remember(
+    ctx: &Arc<Context>,
+    index: usize,
+    record: &StageRecord,
+    stored: Vec<Stored>,
+    reported: usize,
+) {
+    let Some(fingerprint) = record.fingerprint.clone() else {
+        return;
+    };
+    let stage = ctx.dag.stage(index);
+    let workdir = &ctx.dag.pipeline().workdir;
+    let outputs = stage
+        .outputs
+        .iter()
+        .zip(stored)
+        .filter_map(|(port, stored)| {
+            let key = port.declared.location.display(workdir);
+            let committed = record.outputs.get(&key)?.clone();
+            Some((
+                key,
+                CachedOutput {
+                    blake3: stored.blake3,
+                    size: stored.size,
+                    files: stored.files,
+                    committed,
+                },
+            ))
+        })
+        .collect();
+    let json = |checks: &[crate::state::record::CheckRecord]| {
+        checks
+            .iter()
+            .filter_map(|c| serde_json::to_value(c).ok())
+            .collect()
+    };
+    let reported = reported.min(record.checks.len());
+    let entry = Entry {
+        format: cache::ENTRY_FORMAT,
+        imba: cache::release_line(),
+        fingerprint,
+        stage: stage.name.clone(),
+        created_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        duration_ms: record.duration_ms,
+        outputs,
+        reported_checks: json(&record.checks[..reported]),
+        checks: json(&record.checks[reported..]),
+        report: record.report.clone().unwrap_or(Json::Null),
+    };
+    let ctx2 = ctx.clone();
+    let written = blocking(move || {
+        ctx2.cache
+            .put_entry(&entry)
+            .map_err(|e| StageFailure::Other(e.to_string()))
+    })
+    .await;
+    if let Err(e) = written {
+        ctx.events.event(Event::Warning(format!(
+            "stage `{}`: cannot write its run-cache entry under {}: {e}",
+            stage.name,
+            ctx.cache.root().display()
+        )));
+    }
+}
+
+/// A stale stage whose fingerprint the run cache holds. When its outputs already hold what the
+/// cache recorded (the lock points elsewhere: another `out`, a param changed and back), the
+/// lock entry is written and nothing else happens; else the outputs are restored into staging
+/// and committed as a computed stage's are, checks and all. `None`: compute it (no usable
+/// entry; a blob that is missing or corrupt is warned of).
+async fn from_cache(
+    ctx: &Arc<Context>,
+    index: usize,
+    now: &plan::Snapshot,
+    locked: &Option<LockedStage>,
+    mut record: StageRecord,
+    started: Instant,
+) -> Option<Outcome> {
+    let stage = ctx.dag.stage(index);
+    let found = {
+        let ctx = ctx.clone();
+        let now = now.clone();
+        blocking(move || {
+            let stage = ctx.dag.stage(index);
+            let workdir = &ctx.dag.pipeline().workdir;
+            Ok(plan::from_cache(
+                stage,
+                &now,
+                &ctx.cache,
+                &*ctx.store,
+                workdir,
+            ))
+        })
+        .await
+        .ok()
+        .flatten()?
+    };
+    let (entry, how) = found;
+    let held = how == plan::FromCache::Held;
+    let checks = |list: &[Json]| -> Vec<crate::state::record::CheckRecord> {
+        list.iter()
+            .filter_map(|c| serde_json::from_value(c.clone()).ok())
+            .collect()
+    };
+    let committed: BTreeMap<String, ContentHash> = entry
+        .outputs
+        .iter()
+        .map(|(k, o)| (k.clone(), o.committed.clone()))
+        .collect();
+    record.report = (!entry.report.is_null()).then(|| entry.report.clone());
+    if held {
+        let mut lock_entry = now.entry.clone();
+        lock_entry.outputs = committed.clone();
+        if let Err(e) = ctx.record_commit(&stage.name, lock_entry) {
+            return Some(conclude(ctx, stage, record, StageFailure::Storage(e)));
+        }
+        ctx.cache.touch(&entry.fingerprint);
+        record.decision = Decision::Cached;
+        record.outputs = committed;
+        record.checks = checks(&entry.reported_checks);
+        record.checks.extend(checks(&entry.checks));
+        record.duration_ms = started.elapsed().as_millis() as u64;
+        ctx.events.event(Event::StageCached {
+            name: stage.name.clone(),
+        });
+        return Some(Outcome::Skipped { record });
+    }
+    ctx.events.event(Event::StageRestoring {
+        name: stage.name.clone(),
+        reasons: record.reasons.clone(),
+    });
+    let staging = Staging::new(ctx, stage);
+    let restored = restore(ctx, index, &staging, &entry).await;
+    if let Err(e) = restored {
+        staging.remove();
+        ctx.events.event(Event::Warning(format!(
+            "stage `{}`: {e}; computing it instead",
+            stage.name
+        )));
+        return None;
+    }
+    record.checks = checks(&entry.reported_checks);
+    let gated = super::gate::gate(
+        ctx,
+        index,
+        &staging.outputs,
+        &mut record,
+        Some(checks(&entry.checks)),
+    )
+    .await;
+    let summary = entry.report.get("summary").cloned().unwrap_or(Json::Null);
+    let done = match gated {
+        Ok(passed) => commit(
+            ctx,
+            index,
+            &staging.outputs,
+            now.clone(),
+            locked.clone(),
+            summary,
+        )
+        .await
+        .map(|c| (passed, c)),
+        Err(failure) => Err(failure),
+    };
+    staging.remove();
+    match done {
+        Ok((checks_passed, (outputs, unchanged))) => {
+            ctx.cache.touch(&entry.fingerprint);
+            record.decision = Decision::Restored;
+            record.outputs = outputs;
+            record.unchanged = unchanged;
+            record.duration_ms = started.elapsed().as_millis() as u64;
+            ctx.events.event(Event::StageRestored {
+                name: stage.name.clone(),
+                duration: started.elapsed(),
+                unchanged,
+                checks_passed,
+                computed: std::time::Duration::from_millis(entry.duration_ms),
+            });
+            Some(Outcome::Ran { record })
+        }
+        Err(failure) => Some(conclude(ctx, stage, record, failure)),
+    }
+}
+
+/// Writes the entry's outputs into the stage's staging paths, each checked against its hash.
+async fn restore(
+    ctx: &Arc<Context>,
+    index: usize,
+    staging: &Staging,
+    entry: &Entry,
+) -> Result<(), StageFailure> {
+    staging.prepare(ctx.dag.stage(index))?;
+    let ctx = ctx.clone();
+    let entry = entry.clone();
+    let staged = staging.outputs.clone();
+    blocking(move || {
+        let stage = ctx.dag.stage(index);
+        let workdir = &ctx.dag.pipeline().workdir;
+        for (port, to) in stage.outputs.iter().zip(&staged) {
+            let key = port.declared.location.display(workdir);
+            let Some(output) = entry.outputs.get(&key) else {
+                return Err(StageFailure::Other(format!("the run cache has no `{key}`")));
+            };
+            if output.files.is_some() {
+                // The folder is made whole by the restore.
+                let _ = std::fs::remove_dir_all(to);
+            }
+            ctx.cache
+                .restore(output, to, &key)
+                .map_err(|e| StageFailure::Other(e.to_string()))?;
+        }
+        Ok(())
+    })
+    .await
 }
 
 /// Where a stage writes: `.imba/staging/RUN/STAGE/N/NAME` for its N-th output.

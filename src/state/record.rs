@@ -42,6 +42,11 @@ pub enum Decision {
     Ran,
     /// Up to date: nothing ran.
     Skipped,
+    /// Stale by the lock file, but its outputs already held what the run cache recorded for
+    /// its fingerprint: nothing ran (`up to date (cached)`).
+    Cached,
+    /// Stale, and its outputs were restored from the run cache and committed instead of run.
+    Restored,
     /// It ran, or tried to, and failed: nothing of it was committed.
     Failed,
     /// An upstream stage failed, so it never started.
@@ -55,6 +60,8 @@ impl Decision {
         match self {
             Decision::Ran => "ran",
             Decision::Skipped => "skipped",
+            Decision::Cached => "cached",
+            Decision::Restored => "restored",
             Decision::Failed => "failed",
             Decision::Blocked => "blocked",
             Decision::Cancelled => "cancelled",
@@ -63,7 +70,10 @@ impl Decision {
 
     /// Whether its outputs are in place as the lock says (dependents may go on).
     pub fn succeeded(self) -> bool {
-        matches!(self, Decision::Ran | Decision::Skipped)
+        matches!(
+            self,
+            Decision::Ran | Decision::Skipped | Decision::Cached | Decision::Restored
+        )
     }
 }
 

@@ -8,6 +8,7 @@
 //! happen here and nowhere else, and nothing above matches on a location's scheme: [`Stores`]
 //! routes each location to the store that holds it.
 
+pub mod cache;
 pub mod fs;
 pub mod hash;
 pub mod local;
@@ -18,6 +19,7 @@ use std::path::{Path, PathBuf};
 
 use crate::model::{Declared, Location, Versioning};
 
+pub use cache::RunCache;
 pub use hash::{ContentHash, StatCache};
 pub use local::LocalStore;
 pub use s3::S3Store;

@@ -235,26 +235,28 @@ pub fn commit(
     // together. (Publishing by an exclusive rename keeps numbers unique even without it.)
     let _held = Held::lock(root).map_err(|e| io(&format!("cannot lock {}", root.display()), e))?;
     let base = base_name(root);
-    // A run killed after publishing its version but before moving LATEST leaves that version
-    // complete and newer than the latest: the same content is that version, not a new one.
-    let pointed = latest(root).map(|(v, _)| v);
-    if let Some((version, dir)) = list(root).last().cloned() {
-        if Some(version) > pointed && verify(&dir).is_ok_and(|m| m.content_hash == content) {
-            let name = dir.file_name().map(|n| n.to_string_lossy().into_owned());
-            crate::store::fs::write_atomic(
-                &root.join(LATEST),
-                format!("{}\n", name.unwrap_or_default()).as_bytes(),
-            )
-            .map_err(|e| io("cannot move LATEST", e))?;
-            if let Some(keep) = versioning.keep {
-                retire(root, keep).map_err(|e| io("cannot archive old versions", e))?;
-            }
-            return Ok(Committed {
-                version,
-                reused: false,
-                dir,
-            });
+    // The same content as a version in place is that version, never a duplicate: LATEST moves
+    // back to it (a param changed and changed back, a restore from the run cache), or on to it
+    // (a run killed after publishing its version but before moving LATEST). Archived versions
+    // are retired and do not count.
+    let same = list(root).into_iter().rev().find(|(_, dir)| {
+        read_meta(dir).is_ok_and(|m| m.content_hash == content) && verify(dir).is_ok()
+    });
+    if let Some((version, dir)) = same {
+        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned());
+        crate::store::fs::write_atomic(
+            &root.join(LATEST),
+            format!("{}\n", name.unwrap_or_default()).as_bytes(),
+        )
+        .map_err(|e| io("cannot move LATEST", e))?;
+        if let Some(keep) = versioning.keep {
+            retire(root, keep).map_err(|e| io("cannot archive old versions", e))?;
         }
+        return Ok(Committed {
+            version,
+            reused: false,
+            dir,
+        });
     }
     let tables = describe_tables(staged, &files);
     let git_commit = git_commit(&input.workdir);
@@ -375,10 +377,16 @@ impl Held {
     }
 }
 
-/// Moves every version but the latest `keep` to `archive/`.
+/// Moves every version but the latest `keep` to `archive/`: the one LATEST names, and the
+/// newest `keep - 1` of the others.
 fn retire(root: &Path, keep: u32) -> std::io::Result<()> {
-    let versions = list(root);
-    let excess = versions.len().saturating_sub(keep.max(1) as usize);
+    let pointed = latest(root).map(|(v, _)| v);
+    let versions: Vec<(u32, PathBuf)> = list(root)
+        .into_iter()
+        .filter(|(v, _)| Some(*v) != pointed)
+        .collect();
+    let others = keep.max(1) as usize - usize::from(pointed.is_some());
+    let excess = versions.len().saturating_sub(others);
     if excess == 0 {
         return Ok(());
     }
