@@ -63,6 +63,17 @@ pub enum Command {
     /// List the versions of a versioned output (`imba versions FILE [STAGE]`), or compare two
     /// (`imba versions diff FILE V1 V2`).
     Versions(VersionsArgs),
+    /// Show the run cache of a pipeline's workdir: entries, blobs and their size, last uses.
+    Cache(CacheArgs),
+    /// Remove the run-cache entries that none of the given pipelines' lock files refers to, and
+    /// the blobs only they referred to.
+    Gc(GcArgs),
+    /// Send the outputs the lock file refers to (their run-cache entries and blobs) to the
+    /// remote run cache; only what it lacks moves.
+    Push(PushArgs),
+    /// Bring the outputs of the lock file into place from the run cache, here or in the
+    /// remote, computing nothing (a fresh clone gets the team's results).
+    Pull(PullArgs),
     /// List the built-in stages and their implementation versions.
     Stages,
     /// Print the JSON Schema of pipeline files, for editors.
@@ -151,6 +162,36 @@ pub struct RunArgs {
     /// Fail at once if another run of this workdir is in progress, instead of waiting.
     #[arg(long)]
     pub no_wait: bool,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+}
+
+/// Which remote run cache to use.
+#[derive(Args, Debug, Clone)]
+pub struct RemoteArgs {
+    /// The remote run cache: an S3 prefix (`s3://bucket/imba-cache`) or a shared folder
+    /// [default: `IMBA_REMOTE`, else the pipeline's `cache.remote`].
+    #[arg(long, value_name = "URL", conflicts_with = "no_remote")]
+    pub remote: Option<String>,
+    /// Use no remote run cache, whatever the pipeline or `IMBA_REMOTE` says.
+    #[arg(long)]
+    pub no_remote: bool,
+}
+
+impl RemoteArgs {
+    fn choice(&self) -> crate::run::RemoteChoice {
+        match (&self.remote, self.no_remote) {
+            (_, true) => crate::run::RemoteChoice::Off,
+            (Some(url), false) => crate::run::RemoteChoice::Url(url.clone()),
+            (None, false) => crate::run::RemoteChoice::Configured,
+        }
+    }
+}
+
+impl RunArgs {
+    fn remote_choice(&self) -> crate::run::RemoteChoice {
+        self.remote.choice()
+    }
 }
 
 #[derive(Args, Debug)]
@@ -232,6 +273,58 @@ pub struct ShowArgs {
     /// The run id (or a unique prefix of it) [default: the latest run].
     #[arg(long)]
     pub run: Option<String>,
+    /// JSON, for scripts.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CacheArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+    /// JSON, for scripts.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct PushArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+    /// Every entry of the local run cache, not only those of the lock file.
+    #[arg(long)]
+    pub all: bool,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+    /// JSON, for scripts.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct PullArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+    #[command(flatten)]
+    pub select: SelectArgs,
+    /// Stages to restore at once [default: the number of cores].
+    #[arg(long, short = 'j', value_name = "N")]
+    pub jobs: Option<usize>,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct GcArgs {
+    /// The pipelines whose results to keep (their lock files'); all in one workdir.
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+    /// Also keep entries used within this long: `30d`, `12h`.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub older_than: Option<std::time::Duration>,
+    /// Say what would be removed, and remove nothing.
+    #[arg(long)]
+    pub dry_run: bool,
     /// JSON, for scripts.
     #[arg(long)]
     pub json: bool,
@@ -349,6 +442,10 @@ pub fn run(cli: Cli, printer: &Printer) -> ExitCode {
         Command::Show(args) => show_command(args, &registry, printer),
         Command::Checks(args) => checks_command(args, &registry, printer),
         Command::Versions(args) => versions_command(args, &registry, printer),
+        Command::Cache(args) => cache_command(args, &registry, printer),
+        Command::Gc(args) => gc_command(args, &registry, printer),
+        Command::Push(args) => push_command(args, &registry, printer),
+        Command::Pull(args) => pull_command(args, registry, printer),
         Command::Stages => {
             let mut out = String::new();
             for builtin in registry.iter() {
@@ -529,6 +626,8 @@ fn run_command(args: RunArgs, registry: Registry, printer: &Printer) -> ExitCode
         keep_going: args.keep_going,
         no_wait: args.no_wait,
         stop: crate::interrupt::listen(),
+        remote: args.remote_choice(),
+        restore_only: false,
     };
     let events = Arc::new(crate::report::RunPrinter::new(
         printer,
@@ -756,6 +855,170 @@ fn checks_command(args: ChecksArgs, registry: &Registry, printer: &Printer) -> E
     }
     printer.data(&crate::report::tables::checks(&latest));
     ExitCode::SUCCESS
+}
+
+fn cache_command(args: CacheArgs, registry: &Registry, printer: &Printer) -> ExitCode {
+    let dag = match checked_dag(&args.pipeline, registry, printer) {
+        Ok(dag) => dag,
+        Err(code) => return code,
+    };
+    let state = StateDir::new(&dag.pipeline().workdir);
+    let usage = crate::store::RunCache::new(state.cache()).usage();
+    if args.json {
+        printer.data(
+            &(serde_json::to_string_pretty(&crate::report::tables::cache_json(&usage))
+                .unwrap_or_default()
+                + "\n"),
+        );
+        return ExitCode::SUCCESS;
+    }
+    printer.data(&crate::report::tables::cache(&state.cache(), &usage));
+    ExitCode::SUCCESS
+}
+
+fn push_command(args: PushArgs, registry: &Registry, printer: &Printer) -> ExitCode {
+    let dag = match checked_dag(&args.pipeline, registry, printer) {
+        Ok(dag) => dag,
+        Err(code) => return code,
+    };
+    let pipeline = dag.pipeline();
+    let remote = match crate::run::remote_location(&args.remote.choice(), pipeline) {
+        Ok(Some(remote)) => remote,
+        Ok(None) => {
+            printer.error(NO_REMOTE);
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        Err(message) => {
+            printer.error(&message);
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let bar = printer.transfer_bar();
+    let progress = |bytes: u64| bar.add(bytes);
+    let pushed = crate::run::housekeeping::push(pipeline, remote, args.all, &progress, |w| {
+        printer.warning(&w)
+    });
+    bar.finish();
+    match pushed {
+        Ok(pushed) => {
+            if args.json {
+                printer.data(&(serde_json::to_string_pretty(&pushed).unwrap_or_default() + "\n"));
+            } else {
+                for stage in &pushed.not_cached {
+                    printer.warning(&format!(
+                        "stage `{stage}` is not in the local run cache (computed before it, or collected): `imba run --force -s {stage}` computes it again"
+                    ));
+                }
+                printer.status(&crate::report::tables::pushed(&pushed));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            printer.error(&message);
+            ExitCode::from(EXIT_STAGE_FAILED)
+        }
+    }
+}
+
+const NO_REMOTE: &str = "no remote run cache: set `cache.remote` in the pipeline file, `IMBA_REMOTE`, or give --remote URL";
+
+fn pull_command(args: PullArgs, registry: Registry, printer: &Printer) -> ExitCode {
+    let (dag, sources) = match checked_dag_and_sources(&args.pipeline, &registry, printer) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
+    };
+    match crate::run::remote_location(&args.remote.choice(), dag.pipeline()) {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            printer.error(NO_REMOTE);
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        Err(message) => {
+            printer.error(&message);
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    }
+    let options = RunOptions {
+        jobs: jobs_or_cores(args.jobs),
+        selection: args.select.selection(false),
+        keep_going: true,
+        no_wait: false,
+        stop: crate::interrupt::listen(),
+        remote: args.remote.choice(),
+        restore_only: true,
+    };
+    let events = Arc::new(crate::report::RunPrinter::new(
+        printer,
+        Some(Arc::new(sources)),
+    ));
+    let outcome = crate::run::run(Arc::new(dag), registry, options, events.clone());
+    events.finish();
+    match outcome {
+        Ok(summary) => {
+            let line = crate::report::run_summary(&summary.record);
+            if summary.failed || summary.interrupted {
+                printer.error(&format!("the pull is incomplete: {line}"));
+                ExitCode::from(EXIT_STAGE_FAILED)
+            } else {
+                printer.status(&line);
+                ExitCode::SUCCESS
+            }
+        }
+        Err(error) => run_error(printer, error),
+    }
+}
+
+fn gc_command(args: GcArgs, registry: &Registry, printer: &Printer) -> ExitCode {
+    let mut workdir: Option<PathBuf> = None;
+    let mut locks = Vec::new();
+    for file in &args.files {
+        let pipeline_args = PipelineArgs {
+            file: file.clone(),
+            set: Vec::new(),
+            vars: Vec::new(),
+        };
+        let dag = match checked_dag(&pipeline_args, registry, printer) {
+            Ok(dag) => dag,
+            Err(code) => return code,
+        };
+        let pipeline = dag.pipeline();
+        match &workdir {
+            Some(first) if *first != pipeline.workdir => {
+                printer.error(&format!(
+                    "`{}` works in {}, not in {} as `{}` does: collect each workdir on its own",
+                    file.display(),
+                    pipeline.workdir.display(),
+                    first.display(),
+                    args.files[0].display()
+                ));
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            Some(_) => {}
+            None => workdir = Some(pipeline.workdir.clone()),
+        }
+        locks.push(crate::state::lock::lock_path(&pipeline.file));
+    }
+    let Some(workdir) = workdir else {
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    let keep = crate::run::housekeeping::Keep {
+        locks,
+        used_within: args.older_than,
+    };
+    match crate::run::housekeeping::gc(&workdir, &keep, args.dry_run, |w| printer.warning(&w)) {
+        Ok(removed) => {
+            if args.json {
+                printer.data(&(serde_json::to_string_pretty(&removed).unwrap_or_default() + "\n"));
+            } else {
+                printer.data(&crate::report::tables::removed(&removed, args.dry_run));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            printer.error(&message);
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
 }
 
 fn show_command(args: ShowArgs, registry: &Registry, printer: &Printer) -> ExitCode {

@@ -743,6 +743,8 @@ impl State<'_> {
             keep_going: self.options.keep_going,
             no_wait: false,
             stop: stop_rx,
+            remote: Default::default(),
+            restore_only: false,
         };
         let dag = self.dag.clone();
         let registry = self.registry.clone();

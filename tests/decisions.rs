@@ -190,6 +190,8 @@ impl Fixture {
             keep_going: false,
             no_wait: false,
             stop,
+            remote: Default::default(),
+            restore_only: false,
         };
         let store = self.store.clone();
         let summary = run::run_with(

@@ -112,6 +112,10 @@ fn error_catalogue() -> String {
         ("monthly", "Built-in stages"),
         ("versions", "Versions"),
         ("s3", "S3 (a failed request fails its stage: exit 1)"),
+        (
+            "remote",
+            "The remote run cache (a remote that fails is a warning: the run computes)",
+        ),
         ("watch", "Watching (`imba watch`)"),
         ("dag", "Drawing the graph"),
         (

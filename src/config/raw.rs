@@ -10,7 +10,15 @@ use crate::diagnostic::{did_you_mean, Diagnostic, Span};
 use super::yaml::{Key, Node, Value};
 
 /// Keys allowed at the top of a pipeline file. `docs/pipeline.schema.json` must list the same.
-pub const PIPELINE_KEYS: &[&str] = &["desc", "on_failure", "stages", "storage", "vars", "workdir"];
+pub const PIPELINE_KEYS: &[&str] = &[
+    "cache",
+    "desc",
+    "on_failure",
+    "stages",
+    "storage",
+    "vars",
+    "workdir",
+];
 
 /// Keys allowed in a stage. `docs/pipeline.schema.json` must list the same.
 pub const STAGE_KEYS: &[&str] = &[
@@ -40,6 +48,8 @@ pub struct PipelineFile {
     pub on_failure: Option<Node>,
     /// `storage:`, the S3 settings that are not secrets.
     pub storage: Option<Node>,
+    /// `cache:`, the run cache's size and remote.
+    pub cache: Option<Node>,
     /// In file order: later vars may use earlier ones.
     pub vars: Vec<(Key, Node)>,
     /// In file order.
@@ -115,6 +125,7 @@ pub fn check(root: Node, diagnostics: &mut Vec<Diagnostic>) -> Option<PipelineFi
         workdir: None,
         on_failure: None,
         storage: None,
+        cache: None,
         vars: Vec::new(),
         stages: Vec::new(),
         stages_key: None,
@@ -124,6 +135,11 @@ pub fn check(root: Node, diagnostics: &mut Vec<Diagnostic>) -> Option<PipelineFi
             "desc" => file.desc = expect_string(&key, value, diagnostics),
             "workdir" => file.workdir = expect_string(&key, value, diagnostics),
             "on_failure" => file.on_failure = expect_string(&key, value, diagnostics),
+            "cache" => match value.value {
+                Value::Map(_) => file.cache = Some(value),
+                Value::Null => {}
+                _ => diagnostics.push(wrong_kind(&key, &value, "a map of run-cache settings")),
+            },
             "storage" => match value.value {
                 Value::Map(_) => file.storage = Some(value),
                 Value::Null => {}

@@ -67,6 +67,12 @@ pub fn resolve(
         .and_then(|node| templates.render_node(node, &ctx, diagnostics))
         .map(|node| storage_settings(&node, diagnostics))
         .unwrap_or_default();
+    let cache = raw
+        .cache
+        .as_ref()
+        .and_then(|node| templates.render_node(node, &ctx, diagnostics))
+        .map(|node| cache_settings(&node, &workdir, diagnostics))
+        .unwrap_or_default();
 
     let mut resolver = StageResolver {
         templates: &templates,
@@ -95,7 +101,62 @@ pub fn resolve(
         stages,
         on_failure,
         storage,
+        cache,
     })
+}
+
+/// Keys of `cache:`.
+pub const CACHE_KEYS: &[&str] = &["max_size", "push", "remote"];
+
+/// The `cache:` section: how big the local run cache may grow, and the remote a team shares.
+fn cache_settings(
+    node: &Node,
+    workdir: &std::path::Path,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> crate::model::CacheSettings {
+    let mut settings = crate::model::CacheSettings::default();
+    for (key, value) in node.as_map().unwrap_or_default() {
+        match key.name.as_str() {
+            "max_size" => {
+                let text = match &value.value {
+                    Value::Int(n) if *n >= 0 => Some(n.to_string()),
+                    _ => value.as_str().map(str::to_owned),
+                };
+                match text.map(|t| t.trim().parse::<bytesize::ByteSize>()) {
+                    Some(Ok(size)) => settings.max_size = Some(size.as_u64()),
+                    Some(Err(_)) | None => diagnostics.push(
+                        Diagnostic::error("`cache.max_size` is not a size")
+                            .at(value.span, "not a size")
+                            .help("bytes, or a number and a unit: `500MB`, `10GB`, `2GiB`"),
+                    ),
+                }
+            }
+            "remote" => match value.as_str() {
+                Some(text) if !text.trim().is_empty() => {
+                    match crate::model::Declared::parse(text, workdir) {
+                        Ok(declared) => settings.remote = Some(declared.location),
+                        Err(e) => diagnostics.push(
+                            Diagnostic::error(format!("`cache.remote` is not a location: {e}"))
+                                .at(value.span, "here")
+                                .help("an S3 prefix such as `s3://team-bucket/imba-cache`, or a shared folder"),
+                        ),
+                    }
+                }
+                _ => diagnostics.push(super::raw::wrong_kind(key, value, "an s3:// URL or a path")),
+            },
+            "push" => match value.as_str() {
+                Some("auto") => settings.push = crate::model::Push::Auto,
+                Some("manual") => settings.push = crate::model::Push::Manual,
+                _ => diagnostics.push(
+                    Diagnostic::error("`cache.push` must be `auto` or `manual`")
+                        .at(value.span, "here")
+                        .help("`auto`: every run pushes what it computed; `manual` (the default): only `imba push` does"),
+                ),
+            },
+            _ => diagnostics.push(super::raw::unknown_key(key, CACHE_KEYS, "in `cache`")),
+        }
+    }
+    settings
 }
 
 /// `version: auto` and `keep: N`, on a stage with one directory output (local or S3).

@@ -31,6 +31,39 @@ pub struct PipelineSchema {
     /// S3 settings for `s3://` inputs and outputs. Credentials never go here: they come from
     /// `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY` (and `AWS_SESSION_TOKEN`) in the environment.
     storage: Option<StorageSchema>,
+    /// The run cache (docs/caching.md): how big it may grow here, and the remote a team
+    /// shares it through.
+    cache: Option<CacheSchema>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct CacheSchema {
+    /// After each run, the least recently used entries are removed until the cache's blobs
+    /// take at most this much: bytes, or `500MB`, `10GB`, `2GiB`.
+    max_size: Option<SizeSchema>,
+    /// Where a team shares results: an S3 prefix (`s3://bucket/imba-cache`, through the same
+    /// settings and credentials as data) or a shared folder. Also `--remote` and `IMBA_REMOTE`.
+    remote: Option<String>,
+    /// `auto`: every run pushes what it computed to the remote, and takes a lease on a stage
+    /// before computing it, so that two machines never compute it both. `manual` (default):
+    /// only `imba push` pushes.
+    push: Option<PushSchema>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+enum SizeSchema {
+    Bytes(u64),
+    Text(String),
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+enum PushSchema {
+    Auto,
+    Manual,
 }
 
 #[derive(Deserialize, JsonSchema)]

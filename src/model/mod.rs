@@ -29,6 +29,8 @@ pub struct Pipeline {
     pub on_failure: Option<Hook>,
     /// The `storage:` settings (S3 endpoint, region, addressing).
     pub storage: StorageSettings,
+    /// The `cache:` settings (the run cache's size, its remote).
+    pub cache: CacheSettings,
 }
 
 /// One stage, ready to plan and run.
@@ -213,6 +215,28 @@ pub struct StorageSettings {
     /// a server that stops answering fails the request, and no new try starts after this long
     /// either, so a stalled server fails an operation after about this long.
     pub timeout: Option<Duration>,
+}
+
+/// What the pipeline's `cache:` section says.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CacheSettings {
+    /// `cache.max_size`: after a run, least recently used entries go until the blobs take at
+    /// most this many bytes.
+    pub max_size: Option<u64>,
+    /// `cache.remote`: where a team shares its run cache (an S3 prefix, or a shared folder).
+    pub remote: Option<Location>,
+    /// `cache.push`: whether a run pushes what it computed.
+    pub push: Push,
+}
+
+/// When computed results go to the remote cache.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Push {
+    /// Only `imba push` pushes (as DVC: a local run does not publish by itself).
+    #[default]
+    Manual,
+    /// Every run pushes what it computed, and takes a lease on what it computes.
+    Auto,
 }
 
 /// Default of [`StorageSettings::connect_timeout`].

@@ -67,6 +67,22 @@ impl Printer {
         }
     }
 
+    /// A progress bar of bytes moved, on a terminal (nothing otherwise).
+    pub fn transfer_bar(&self) -> TransferBar {
+        let bar = (std::io::stderr().is_terminal() && !self.quiet).then(|| {
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} {binary_bytes} moved in {elapsed} ({binary_bytes_per_sec})",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            );
+            bar.enable_steady_tick(std::time::Duration::from_millis(120));
+            bar
+        });
+        TransferBar { bar }
+    }
+
     /// `warning: …` on stderr.
     pub fn warning(&self, message: &str) {
         let prefix = if self.color {
@@ -263,6 +279,25 @@ pub fn table<const N: usize>(rows: &[[String; N]]) -> String {
         out.push('\n');
     }
     out
+}
+
+/// Bytes moved to or from a remote run cache, live on a terminal.
+pub struct TransferBar {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl TransferBar {
+    pub fn add(&self, bytes: u64) {
+        if let Some(bar) = &self.bar {
+            bar.inc(bytes);
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
 }
 
 /// Prints run events on stderr: a live progress line on a terminal, one line per event otherwise.
@@ -476,6 +511,20 @@ impl crate::run::Events for RunPrinter {
                     let text =
                         diagnostic::render(sources, &[note], RenderOptions { color: self.color });
                     self.line(String::from_utf8_lossy(&text).trim_end().to_owned());
+                }
+            }
+            Event::StageWaiting {
+                name,
+                holder,
+                since,
+            } => {
+                if !self.quiet {
+                    self.line(format!(
+                        "{} {} ({} has been computing it since {since}; waiting for its result)",
+                        self.paint("33", "  wait"),
+                        safe(&name),
+                        safe(&holder)
+                    ));
                 }
             }
             Event::StageBlocked { name, by } => {

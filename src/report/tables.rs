@@ -215,3 +215,75 @@ pub fn outputs(dag: &Dag, record: &RunRecord) -> String {
     }
     out
 }
+
+fn size(bytes: u64) -> String {
+    bytesize::ByteSize(bytes).to_string()
+}
+
+fn when(at: Option<std::time::SystemTime>) -> String {
+    at.map(|t| humantime::format_rfc3339_seconds(t).to_string())
+        .unwrap_or_else(|| "never".to_owned())
+}
+
+/// `imba cache`: how big the run cache is, and how recently it was used.
+pub fn cache(root: &std::path::Path, usage: &crate::store::cache::Usage) -> String {
+    let rows = [
+        ["run cache".to_owned(), root.display().to_string()],
+        ["entries".to_owned(), usage.entries.to_string()],
+        [
+            "blobs".to_owned(),
+            format!("{} ({})", usage.blobs, size(usage.bytes)),
+        ],
+        ["folders".to_owned(), usage.trees.to_string()],
+        ["last used".to_owned(), when(usage.newest_use)],
+        ["oldest use".to_owned(), when(usage.oldest_use)],
+    ];
+    table(&rows)
+}
+
+/// `imba cache --json`.
+pub fn cache_json(usage: &crate::store::cache::Usage) -> serde_json::Value {
+    let at = |t: Option<std::time::SystemTime>| {
+        t.map(|t| humantime::format_rfc3339_seconds(t).to_string())
+    };
+    serde_json::json!({
+        "entries": usage.entries,
+        "blobs": usage.blobs,
+        "bytes": usage.bytes,
+        "folders": usage.trees,
+        "last_used": at(usage.newest_use),
+        "oldest_use": at(usage.oldest_use),
+    })
+}
+
+/// `imba gc`: what went (or, with `--dry-run`, would go).
+pub fn removed(removed: &crate::store::cache::Removed, dry_run: bool) -> String {
+    let verb = if dry_run { "would remove" } else { "removed" };
+    let plural = |n: u64, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+    format!(
+        "{verb} {}, {} ({}), {}\n",
+        plural(removed.entries, "entry", "entries"),
+        plural(removed.blobs, "blob", "blobs"),
+        size(removed.bytes),
+        plural(removed.trees, "folder manifest", "folder manifests"),
+    )
+}
+
+/// `imba push`: what went to the remote.
+pub fn pushed(pushed: &crate::run::housekeeping::Pushed) -> String {
+    let moved = &pushed.moved;
+    format!(
+        "pushed {} {} to {}: {} {} ({}), {} already there",
+        moved.entries,
+        if moved.entries == 1 {
+            "entry"
+        } else {
+            "entries"
+        },
+        pushed.remote,
+        moved.blobs,
+        if moved.blobs == 1 { "blob" } else { "blobs" },
+        size(moved.bytes),
+        moved.present
+    )
+}

@@ -12,6 +12,7 @@
 pub mod execute;
 pub mod failure;
 pub mod gate;
+pub mod housekeeping;
 mod schedule;
 mod stage;
 
@@ -42,6 +43,43 @@ pub struct RunOptions {
     /// [`Stop::Kill`] kills them and stops waiting. The CLI feeds Ctrl-C and SIGTERM into it
     /// ([`crate::interrupt::listen`]); `imba watch` also cancels for `--restart`.
     pub stop: watch::Receiver<Stop>,
+    /// The remote run cache to consult (and, with `cache.push: auto`, to push to).
+    pub remote: RemoteChoice,
+    /// Bring outputs back from the run cache (local or remote) and compute nothing: a stage
+    /// that cannot be restored fails (`imba pull`).
+    pub restore_only: bool,
+}
+
+/// Which remote run cache a run uses.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum RemoteChoice {
+    /// `IMBA_REMOTE`, else the pipeline's `cache.remote`, else none.
+    #[default]
+    Configured,
+    /// `--remote URL`.
+    Url(String),
+    /// `--no-remote`.
+    Off,
+}
+
+/// The remote run cache `choice` names for `pipeline`, if any.
+pub fn remote_location(
+    choice: &RemoteChoice,
+    pipeline: &crate::model::Pipeline,
+) -> Result<Option<crate::model::Location>, String> {
+    let parse = |text: &str, what: &str| {
+        crate::model::Declared::parse(text, &pipeline.workdir)
+            .map(|d| Some(d.location))
+            .map_err(|e| format!("{what} `{text}` is not a location: {e}"))
+    };
+    match choice {
+        RemoteChoice::Off => Ok(None),
+        RemoteChoice::Url(url) => parse(url, "--remote"),
+        RemoteChoice::Configured => match std::env::var("IMBA_REMOTE") {
+            Ok(url) if !url.trim().is_empty() => parse(&url, "IMBA_REMOTE"),
+            _ => Ok(pipeline.cache.remote.clone()),
+        },
+    }
 }
 
 /// Something worth telling the person watching a run.
@@ -96,6 +134,13 @@ pub enum Event {
     StageBlocked {
         name: String,
         by: String,
+    },
+    /// Another machine holds the lease on the stage's fingerprint: this run waits for its
+    /// result rather than compute it too.
+    StageWaiting {
+        name: String,
+        holder: String,
+        since: String,
     },
     StageCancelled {
         name: String,
@@ -165,6 +210,15 @@ pub(crate) struct Context {
     store: Arc<dyn Store>,
     /// Outputs by content, per fingerprint: what a stale stage may be restored from.
     cache: RunCache,
+    /// The remote run cache, while it answers.
+    remote: Option<crate::model::Location>,
+    /// Set when the remote failed once: the rest of the run does without it.
+    remote_down: std::sync::atomic::AtomicBool,
+    /// Whether the remote answered its first question ([`crate::store::remote::Remote::probe`]).
+    remote_probed: std::sync::OnceLock<bool>,
+    /// `cache.push: auto` with a remote: push what is computed, under a lease.
+    push: bool,
+    restore_only: bool,
     lock: Mutex<(LockFile, lock::Journal)>,
     lock_path: PathBuf,
     state: StateDir,
@@ -174,6 +228,42 @@ pub(crate) struct Context {
 }
 
 impl Context {
+    /// The remote run cache, unless there is none or it failed earlier in this run.
+    fn remote(&self) -> Option<crate::store::remote::Remote<'_>> {
+        if self.remote_down.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        let root = self.remote.clone()?;
+        let remote = crate::store::remote::Remote::new(&*self.store, root, &self.cache);
+        let usable = *self.remote_probed.get_or_init(|| match remote.probe() {
+            Ok(()) => true,
+            Err(e) => {
+                self.remote_failed(&e);
+                false
+            }
+        });
+        usable.then_some(remote)
+    }
+
+    /// The remote failed: warn once, and do without it for the rest of the run.
+    fn remote_failed(&self, error: &dyn std::fmt::Display) {
+        if !self
+            .remote_down
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            let url = self
+                .remote
+                .clone()
+                .map(|root| {
+                    crate::store::remote::Remote::new(&*self.store, root, &self.cache).root_url()
+                })
+                .unwrap_or_default();
+            self.events.event(Event::Warning(format!(
+                "the remote run cache {url} cannot be used ({error}); this run computes without it"
+            )));
+        }
+    }
+
     /// The lock entry of a stage as it is now (an earlier stage of this run may have written it).
     fn locked(&self, stage: &str) -> Option<LockedStage> {
         self.lock
@@ -244,6 +334,8 @@ pub fn run_with(
     };
     let (lock_path, lock, journal) = open_lock(&state, &pipeline.file, &events)?;
     let (selected, forced) = plan::select(&dag, &options.selection).map_err(RunError::Config)?;
+    let remote = remote_location(&options.remote, pipeline).map_err(RunError::Config)?;
+    let push = remote.is_some() && pipeline.cache.push == crate::model::Push::Auto;
     let run_id = crate::state::new_run_id();
     let record = RunRecord::start(&run_id, &pipeline.file);
     let _ = record::save(&state.runs(), &record);
@@ -257,6 +349,11 @@ pub fn run_with(
     let ctx = Arc::new(Context {
         store: store(cancel_rx.clone()),
         cache: RunCache::new(state.cache()),
+        remote,
+        remote_down: std::sync::atomic::AtomicBool::new(false),
+        remote_probed: std::sync::OnceLock::new(),
+        push,
+        restore_only: options.restore_only,
         dag: dag.clone(),
         registry,
         lock: Mutex::new((lock, journal)),
@@ -370,6 +467,17 @@ fn close(ctx: &Context) {
     if let Err(e) = ctx.store.save() {
         ctx.events
             .event(Event::Warning(format!("cannot save the stat cache: {e}")));
+    }
+    if let Some(max) = ctx.dag.pipeline().cache.max_size {
+        let removed = ctx.cache.evict(max);
+        if removed.entries > 0 {
+            tracing::info!(
+                entries = removed.entries,
+                blobs = removed.blobs,
+                bytes = removed.bytes,
+                "run cache evicted"
+            );
+        }
     }
     let _ = std::fs::remove_dir_all(ctx.state.staging(&ctx.run_id));
 }

@@ -18,6 +18,7 @@ use crate::plan::{self, Reason};
 use crate::state::lock::LockedStage;
 use crate::state::record::{Decision, StageRecord};
 use crate::store::cache::{self, CachedOutput, Entry, Stored};
+use crate::store::remote::{FetchError, Lease, Taken};
 use crate::store::{versions, ContentHash, Staged};
 
 pub(super) fn stage_record(name: &str, decision: Decision) -> StageRecord {
@@ -95,10 +96,24 @@ async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
         return cancelled(&ctx, record);
     }
     // `--force` means computing it, whatever the cache holds.
+    let mut lease = None;
     if !force {
+        pull_remote(&ctx, &now.fingerprint).await;
         if let Some(outcome) = from_cache(&ctx, index, &now, &locked, record.clone(), started).await
         {
             return outcome;
+        }
+        if ctx.restore_only {
+            let failure = StageFailure::Other(
+                "it is in no run cache, here or in the remote: `imba run` computes it".to_owned(),
+            );
+            return conclude(&ctx, stage, record, failure);
+        }
+        if ctx.push {
+            match claim(&ctx, index, &now, &locked, &record, started).await {
+                Claim::Compute(held) => lease = held,
+                Claim::Done(outcome) => return *outcome,
+            }
         }
     }
     ctx.events.event(Event::StageRunning {
@@ -109,6 +124,7 @@ async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
     let staging = Staging::new(&ctx, stage);
     let done = produce_and_commit(&ctx, index, &staging, now, locked, &mut record).await;
     staging.remove();
+    let lease = lease.map(LeaseGuard::stop);
     match done {
         Ok(Committed {
             outputs,
@@ -120,9 +136,14 @@ async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
             record.outputs = outputs;
             record.unchanged = unchanged;
             record.duration_ms = started.elapsed().as_millis() as u64;
-            if let Some(stored) = stored {
-                remember(&ctx, index, &record, stored, reported).await;
+            let entry = match stored {
+                Some(stored) => remember(&ctx, index, &record, stored, reported).await,
+                None => None,
+            };
+            if let (true, Some(entry)) = (ctx.push, entry) {
+                push(&ctx, entry).await;
             }
+            release(&ctx, lease).await;
             ctx.events.event(Event::StageDone {
                 name: stage.name.clone(),
                 duration: started.elapsed(),
@@ -131,7 +152,211 @@ async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
             });
             Outcome::Ran { record }
         }
-        Err(failure) => conclude(&ctx, stage, record, failure),
+        Err(failure) => {
+            release(&ctx, lease).await;
+            conclude(&ctx, stage, record, failure)
+        }
+    }
+}
+
+/// With a remote run cache and no local entry for `fingerprint`: brings the remote's entry and
+/// its blobs here, so that the stage is restored rather than computed. A corrupt object is
+/// warned of and not used; a remote that fails is warned of once and not asked again.
+async fn pull_remote(ctx: &Arc<Context>, fingerprint: &str) {
+    if ctx.remote.is_none() || ctx.cache.entry(fingerprint).is_some() {
+        return;
+    }
+    let ctx2 = ctx.clone();
+    let fingerprint = fingerprint.to_owned();
+    let pulled = tokio::task::spawn_blocking(move || {
+        let Some(remote) = ctx2.remote() else {
+            return Ok(());
+        };
+        match remote.entry(&fingerprint) {
+            Ok(Some(entry)) => remote.fetch(&entry, &|_| {}).map(|_| ()),
+            Ok(None) => Ok(()),
+            Err(e) => Err(FetchError::Store(e)),
+        }
+    })
+    .await;
+    match pulled {
+        Ok(Ok(())) => {}
+        Ok(Err(FetchError::Store(e))) => ctx.remote_failed(&e),
+        Ok(Err(e)) => ctx
+            .events
+            .event(Event::Warning(format!("{e}; it is not used"))),
+        Err(e) => ctx.remote_failed(&e),
+    }
+}
+
+/// How long a lease lives without being renewed, and how often it is renewed.
+const LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+const LEASE_RENEW: std::time::Duration = std::time::Duration::from_secs(20);
+/// How often a run waiting for another machine's result looks for it.
+const LEASE_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// A lease this run holds while it computes a fingerprint, renewed in the background.
+struct LeaseGuard {
+    fingerprint: String,
+    renewing: tokio::task::JoinHandle<()>,
+}
+
+impl LeaseGuard {
+    /// Stops renewing; the lease stays until [`release`].
+    fn stop(self) -> String {
+        self.renewing.abort();
+        self.fingerprint
+    }
+}
+
+/// Gives up the lease on a fingerprint, if this run held one.
+async fn release(ctx: &Arc<Context>, fingerprint: Option<String>) {
+    let Some(fingerprint) = fingerprint else {
+        return;
+    };
+    let ctx2 = ctx.clone();
+    let released = tokio::task::spawn_blocking(move || match ctx2.remote() {
+        Some(remote) => remote.release(&fingerprint).map_err(|e| e.to_string()),
+        None => Ok(()),
+    })
+    .await;
+    if let Ok(Err(e)) = released {
+        ctx.remote_failed(&e);
+    }
+}
+
+enum Claim {
+    /// This run computes it (under the lease, when the remote answered).
+    Compute(Option<LeaseGuard>),
+    /// Another machine computed it meanwhile, and it was restored (or failed restoring).
+    Done(Box<Outcome>),
+}
+
+/// Takes the remote lease on the stage's fingerprint before computing it. When another
+/// machine holds it, waits for its result and restores that; when its lease expires (its
+/// holder was killed) or is given up without a result, takes it over.
+async fn claim(
+    ctx: &Arc<Context>,
+    index: usize,
+    now: &plan::Snapshot,
+    locked: &Option<LockedStage>,
+    record: &StageRecord,
+    started: Instant,
+) -> Claim {
+    let stage = ctx.dag.stage(index);
+    let mut told = false;
+    loop {
+        if *ctx.cancel.borrow() >= Stop::Cancel {
+            return Claim::Done(Box::new(cancelled(ctx, record.clone())));
+        }
+        let ctx2 = ctx.clone();
+        let fingerprint = now.fingerprint.clone();
+        let taken = tokio::task::spawn_blocking(move || {
+            let remote = ctx2.remote()?;
+            let lease = Lease::new(&ctx2.run_id, LEASE_TTL);
+            Some(remote.take_lease(&fingerprint, &lease))
+        })
+        .await;
+        let held = match taken {
+            Ok(None) => return Claim::Compute(None),
+            Ok(Some(Ok(Taken::Mine))) => {
+                return Claim::Compute(Some(renew(ctx, &now.fingerprint)));
+            }
+            Ok(Some(Ok(Taken::TookOver(gone)))) => {
+                ctx.events.event(Event::Warning(format!(
+                    "stage `{}`: the lease of {} (run {}), computing it since {}, expired without a result; this run computes it",
+                    stage.name, gone.holder, gone.run, gone.since
+                )));
+                return Claim::Compute(Some(renew(ctx, &now.fingerprint)));
+            }
+            Ok(Some(Ok(Taken::Held(held)))) => held,
+            Ok(Some(Err(e))) => {
+                ctx.remote_failed(&e);
+                return Claim::Compute(None);
+            }
+            Err(e) => {
+                ctx.remote_failed(&e);
+                return Claim::Compute(None);
+            }
+        };
+        if !told {
+            told = true;
+            ctx.events.event(Event::StageWaiting {
+                name: stage.name.clone(),
+                holder: format!("{} (run {})", held.holder, held.run),
+                since: held.since.clone(),
+            });
+        }
+        // Wait while the lease is live and there is no result.
+        loop {
+            let mut cancel = ctx.cancel.clone();
+            tokio::select! {
+                _ = tokio::time::sleep(LEASE_POLL) => {}
+                _ = cancel.wait_for(|s| *s >= Stop::Cancel) => {
+                    return Claim::Done(Box::new(cancelled(ctx, record.clone())));
+                }
+            }
+            pull_remote(ctx, &now.fingerprint).await;
+            if let Some(outcome) =
+                from_cache(ctx, index, now, locked, record.clone(), started).await
+            {
+                return Claim::Done(Box::new(outcome));
+            }
+            let ctx2 = ctx.clone();
+            let fingerprint = now.fingerprint.clone();
+            let lease =
+                tokio::task::spawn_blocking(move || ctx2.remote().map(|r| r.lease(&fingerprint)))
+                    .await;
+            match lease {
+                Ok(Some(Ok(Some(lease)))) if !lease.expired() => continue,
+                Ok(None) => return Claim::Compute(None),
+                // Given up, or expired: try to take it.
+                _ => break,
+            }
+        }
+    }
+}
+
+/// Renews the lease on `fingerprint` in the background until the guard stops it.
+fn renew(ctx: &Arc<Context>, fingerprint: &str) -> LeaseGuard {
+    let ctx2 = ctx.clone();
+    let fp = fingerprint.to_owned();
+    let renewing = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(LEASE_RENEW).await;
+            let ctx3 = ctx2.clone();
+            let fp = fp.clone();
+            let renewed = tokio::task::spawn_blocking(move || match ctx3.remote() {
+                Some(remote) => remote
+                    .renew(&fp, &Lease::new(&ctx3.run_id, LEASE_TTL))
+                    .map_err(|e| e.to_string()),
+                None => Ok(()),
+            })
+            .await;
+            if let Ok(Err(e)) = renewed {
+                ctx2.remote_failed(&e);
+                return;
+            }
+        }
+    });
+    LeaseGuard {
+        fingerprint: fingerprint.to_owned(),
+        renewing,
+    }
+}
+
+/// Sends a computed stage's entry and blobs to the remote (`cache.push: auto`).
+async fn push(ctx: &Arc<Context>, entry: Entry) {
+    let ctx2 = ctx.clone();
+    let pushed = tokio::task::spawn_blocking(move || match ctx2.remote() {
+        Some(remote) => remote.push(&entry, &|_| {}).map(|_| ()),
+        None => Ok(()),
+    })
+    .await;
+    match pushed {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => ctx.remote_failed(&e),
+        Err(e) => ctx.remote_failed(&e),
     }
 }
 
@@ -224,7 +449,8 @@ async fn produce_and_commit(
         .unwrap_or(Json::Null);
     // Into the run cache before the commit moves the staged outputs away.
     let stored = keep_in_cache(ctx, index, &staging.outputs).await;
-    let (outputs, unchanged) = commit(ctx, index, &staging.outputs, now, locked, summary).await?;
+    let (outputs, unchanged) =
+        commit(ctx, index, &staging.outputs, now, locked, summary, None).await?;
     Ok(Committed {
         outputs,
         unchanged,
@@ -282,10 +508,8 @@ async fn remember(
     record: &StageRecord,
     stored: Vec<Stored>,
     reported: usize,
-) {
-    let Some(fingerprint) = record.fingerprint.clone() else {
-        return;
-    };
+) -> Option<Entry> {
+    let fingerprint = record.fingerprint.clone()?;
     let stage = ctx.dag.stage(index);
     let workdir = &ctx.dag.pipeline().workdir;
     let outputs = stage
@@ -295,6 +519,13 @@ async fn remember(
         .filter_map(|(port, stored)| {
             let key = port.declared.location.display(workdir);
             let committed = record.outputs.get(&key)?.clone();
+            // A local version's metadata, kept so that a restore makes the same version.
+            let meta = stage
+                .versioning
+                .as_ref()
+                .filter(|_| !port.declared.location.is_remote())
+                .and_then(|_| ctx.store.latest_version(&port.declared))
+                .and_then(|dir| ctx.cache.store_blob(&dir.join(versions::META)).ok());
             Some((
                 key,
                 CachedOutput {
@@ -302,6 +533,7 @@ async fn remember(
                     size: stored.size,
                     files: stored.files,
                     committed,
+                    meta,
                 },
             ))
         })
@@ -329,15 +561,20 @@ async fn remember(
     let written = blocking(move || {
         ctx2.cache
             .put_entry(&entry)
+            .map(|()| entry)
             .map_err(|e| StageFailure::Other(e.to_string()))
     })
     .await;
-    if let Err(e) = written {
-        ctx.events.event(Event::Warning(format!(
-            "stage `{}`: cannot write its run-cache entry under {}: {e}",
-            stage.name,
-            ctx.cache.root().display()
-        )));
+    match written {
+        Ok(entry) => Some(entry),
+        Err(e) => {
+            ctx.events.event(Event::Warning(format!(
+                "stage `{}`: cannot write its run-cache entry under {}: {e}",
+                stage.name,
+                ctx.cache.root().display()
+            )));
+            None
+        }
     }
 }
 
@@ -428,16 +665,24 @@ async fn from_cache(
     .await;
     let summary = entry.report.get("summary").cloned().unwrap_or(Json::Null);
     let done = match gated {
-        Ok(passed) => commit(
-            ctx,
-            index,
-            &staging.outputs,
-            now.clone(),
-            locked.clone(),
-            summary,
-        )
-        .await
-        .map(|c| (passed, c)),
+        Ok(passed) => {
+            let meta = entry
+                .outputs
+                .values()
+                .find_map(|o| o.meta.as_ref())
+                .and_then(|m| ctx.cache.read_blob(m))
+                .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+            let committed = commit(
+                ctx,
+                index,
+                &staging.outputs,
+                now.clone(),
+                locked.clone(),
+                summary,
+                meta,
+            );
+            committed.await.map(|c| (passed, c))
+        }
         Err(failure) => Err(failure),
     };
     staging.remove();
@@ -602,6 +847,7 @@ async fn commit(
     now: plan::Snapshot,
     previous: Option<LockedStage>,
     summary: Json,
+    restored: Option<versions::Meta>,
 ) -> Result<(BTreeMap<String, ContentHash>, bool), StageFailure> {
     let ctx = ctx.clone();
     let staged = staged.to_vec();
@@ -620,6 +866,7 @@ async fn commit(
                     params: now.entry.params.clone(),
                     report: summary,
                     workdir: workdir.clone(),
+                    restored,
                 };
                 let to = Staged {
                     from: &staged[0],

@@ -57,6 +57,10 @@ pub struct CachedOutput {
     /// What the lock file recorded for it when it was committed (a local output: the same
     /// hash; an S3 output: its ETag-based identity; a versioned one: its version's folder).
     pub committed: ContentHash,
+    /// A local versioned output: the blob of its version's `_meta.json`, which a restore
+    /// into a new version keeps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta: Option<String>,
 }
 
 /// What a stage fingerprint produced.
@@ -166,7 +170,7 @@ fn copy_and_hash(from: &Path, to: &Path) -> io::Result<(String, u64)> {
 }
 
 /// Copies `from` to `to` in one pass, hashing the bytes on the way.
-fn copy_hashing(from: &Path, to: &Path) -> io::Result<(String, u64)> {
+pub(super) fn copy_hashing(from: &Path, to: &Path) -> io::Result<(String, u64)> {
     let mut input = imba_stages::safe::open_file(from)?;
     let mut output = std::fs::File::create(to)?;
     let mut hasher = blake3::Hasher::new();
@@ -289,6 +293,29 @@ impl RunCache {
         placed.map(|()| (hash, size))
     }
 
+    /// A fresh temporary path among the blobs, for a blob on its way in ([`RunCache::adopt`]).
+    pub fn incoming(&self) -> io::Result<PathBuf> {
+        let blobs = self.root.join("blobs");
+        std::fs::create_dir_all(&blobs)?;
+        Ok(temporary(&blobs, "incoming"))
+    }
+
+    /// Makes the file `tmp`, whose BLAKE3 the caller checked to be `hash`, the blob `hash`.
+    pub fn adopt(&self, tmp: &Path, hash: &str) -> io::Result<()> {
+        let target = self.blob_path(hash);
+        let placed = (|| {
+            std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(0o444))?;
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::rename(tmp, &target)
+        })();
+        if placed.is_err() {
+            let _ = std::fs::remove_file(tmp);
+        }
+        placed
+    }
+
     /// Writes the entry of a fingerprint (after its blobs), replacing one that was there.
     pub fn put_entry(&self, entry: &Entry) -> io::Result<()> {
         let mut text = serde_json::to_vec_pretty(entry).map_err(io::Error::other)?;
@@ -316,8 +343,26 @@ impl RunCache {
         }
     }
 
+    /// Keeps one file as a blob; its BLAKE3.
+    pub fn store_blob(&self, path: &Path) -> io::Result<String> {
+        self.store_file(path).map(|(hash, _)| hash)
+    }
+
+    /// The bytes of a blob, checked against its name.
+    pub fn read_blob(&self, hash: &str) -> Option<Vec<u8>> {
+        let bytes = std::fs::read(self.blob_path(hash)).ok()?;
+        (blake3::hash(&bytes).to_hex().as_str() == hash).then_some(bytes)
+    }
+
     /// Whether every blob (and manifest) of `output` is here, without reading them.
     pub fn holds(&self, output: &CachedOutput) -> bool {
+        if output
+            .meta
+            .as_ref()
+            .is_some_and(|m| !self.blob_path(m).is_file())
+        {
+            return false;
+        }
         match output.files {
             None => self.blob_path(&output.blake3).is_file(),
             Some(_) => self
@@ -461,8 +506,13 @@ impl RunCache {
     }
 
     /// Removes every entry `keep` refuses, then every blob and manifest no remaining entry
-    /// refers to (and temporaries left by a killed process).
-    pub fn collect(&self, keep: impl Fn(&Entry, Option<SystemTime>) -> bool) -> Removed {
+    /// refers to (and temporaries left by a killed process). With `dry_run`, only counts them.
+    pub fn collect(
+        &self,
+        keep: impl Fn(&Entry, Option<SystemTime>) -> bool,
+        dry_run: bool,
+    ) -> Removed {
+        let remove = |file: &Path| dry_run || std::fs::remove_file(file).is_ok();
         let mut removed = Removed::default();
         let mut blobs = BTreeSet::new();
         let mut trees = BTreeSet::new();
@@ -473,6 +523,7 @@ impl RunCache {
             match entry {
                 Some(entry) if keep(&entry, used_at(&file)) => {
                     for output in entry.outputs.values() {
+                        blobs.extend(output.meta.iter().cloned());
                         match output.files {
                             None => {
                                 blobs.insert(output.blake3.clone());
@@ -487,7 +538,7 @@ impl RunCache {
                     }
                 }
                 _ => {
-                    if std::fs::remove_file(&file).is_ok() {
+                    if remove(&file) {
                         removed.entries += 1;
                     }
                 }
@@ -503,7 +554,7 @@ impl RunCache {
             let referenced = name_of(&file, "").is_some_and(|h| blobs.contains(&h));
             if !referenced {
                 let size = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
-                if std::fs::remove_file(&file).is_ok() {
+                if remove(&file) {
                     removed.blobs += 1;
                     removed.bytes += size;
                 }
@@ -511,7 +562,7 @@ impl RunCache {
         }
         for file in walk_files(&self.root.join("trees")) {
             let referenced = name_of(&file, ".json").is_some_and(|h| trees.contains(&h));
-            if !referenced && std::fs::remove_file(&file).is_ok() {
+            if !referenced && remove(&file) {
                 removed.trees += 1;
             }
         }
@@ -559,7 +610,7 @@ impl RunCache {
             counted.extend(new);
             kept.insert(entry.fingerprint.clone());
         }
-        self.collect(|entry, _| kept.contains(&entry.fingerprint))
+        self.collect(|entry, _| kept.contains(&entry.fingerprint), false)
     }
 }
 
@@ -589,6 +640,7 @@ mod tests {
                 files: stored.files,
                 etag: None,
             },
+            meta: None,
         }
     }
 
@@ -722,7 +774,10 @@ mod tests {
         let removed = cache.evict(24);
         assert_eq!((removed.entries, removed.blobs, removed.bytes), (1, 1, 3));
         assert!(cache.entry(&fps[0]).is_none() && cache.entry(&fps[1]).is_some());
-        let removed = cache.collect(|e, _| e.fingerprint == fps[2]);
+        let removed = cache.collect(|e, _| e.fingerprint == fps[2], true);
+        assert_eq!((removed.entries, removed.blobs), (1, 1));
+        assert_eq!(cache.usage().bytes, 24, "a dry run removes nothing");
+        let removed = cache.collect(|e, _| e.fingerprint == fps[2], false);
         assert_eq!((removed.entries, removed.blobs), (1, 1));
         assert_eq!(cache.usage().bytes, 17);
     }

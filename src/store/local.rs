@@ -174,6 +174,55 @@ impl Store for LocalStore {
         let path = path_of(at)?;
         super::fs::create_new(path, bytes).map_err(|e| written(path, e))
     }
+
+    /// A copy beside the target, then a rename: a reader never sees half a file.
+    fn send(&self, from: &Path, at: &Location) -> Result<(), StoreError> {
+        let path = path_of(at)?;
+        let parent = path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent).map_err(|e| written(path, e))?;
+        let tmp = parent.join(format!(
+            ".{}.imba-send-{}",
+            path.file_name().unwrap_or_default().to_string_lossy(),
+            std::process::id()
+        ));
+        let copied = reflink_copy::reflink_or_copy(from, &tmp)
+            .map(|_| ())
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = copied {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(written(path, e));
+        }
+        Ok(())
+    }
+
+    fn receive(&self, at: &Location, to: &Path) -> Result<Option<(String, u64)>, StoreError> {
+        let path = path_of(at)?;
+        if !path.is_file() {
+            return Ok(None);
+        }
+        super::cache::copy_hashing(path, to)
+            .map(Some)
+            .map_err(|source| StoreError::Read {
+                path: path.to_path_buf(),
+                source,
+            })
+    }
+
+    fn exists(&self, at: &Location) -> Result<bool, StoreError> {
+        Ok(path_of(at)?.is_file())
+    }
+
+    fn delete(&self, at: &Location) -> Result<(), StoreError> {
+        let path = path_of(at)?;
+        match std::fs::remove_file(path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StoreError::Other(format!(
+                "cannot remove {}: {e}",
+                path.display()
+            ))),
+        }
+    }
 }
 
 fn written(path: &Path, e: std::io::Error) -> StoreError {

@@ -12,6 +12,7 @@ pub mod cache;
 pub mod fs;
 pub mod hash;
 pub mod local;
+pub mod remote;
 pub mod s3;
 pub mod versions;
 
@@ -131,6 +132,43 @@ pub trait Store: Send + Sync {
     /// Writes a small object only if nothing is there: `true` when this call created it. Of two
     /// callers creating the same object at once, exactly one gets `true`.
     fn create(&self, at: &Location, bytes: &[u8]) -> Result<bool, StoreError>;
+
+    /// Copies the local file `from` to the object `at` whole (a blob of a remote run cache).
+    /// The default reads it into memory and [`Store::put`]s it.
+    fn send(&self, from: &Path, at: &Location) -> Result<(), StoreError> {
+        let bytes = std::fs::read(from).map_err(|source| StoreError::Read {
+            path: from.to_path_buf(),
+            source,
+        })?;
+        self.put(at, &bytes)
+    }
+
+    /// Copies the object `at` into the local file `to`, giving the BLAKE3 and size of what was
+    /// written; `None` when nothing is at `at`. The default [`Store::get`]s it whole.
+    fn receive(&self, at: &Location, to: &Path) -> Result<Option<(String, u64)>, StoreError> {
+        let Some(bytes) = self.get(at)? else {
+            return Ok(None);
+        };
+        std::fs::write(to, &bytes)
+            .map_err(|e| StoreError::Other(format!("cannot write {}: {e}", to.display())))?;
+        Ok(Some((
+            blake3::hash(&bytes).to_hex().to_string(),
+            bytes.len() as u64,
+        )))
+    }
+
+    /// Whether an object is at `at`. The default reads it.
+    fn exists(&self, at: &Location) -> Result<bool, StoreError> {
+        Ok(self.get(at)?.is_some())
+    }
+
+    /// Removes the object at `at`; nothing there is fine.
+    fn delete(&self, at: &Location) -> Result<(), StoreError> {
+        Err(StoreError::Other(format!(
+            "this store cannot delete `{}`",
+            at.sort_key()
+        )))
+    }
 
     /// Keeps what the store learnt for next time (the stat cache of local hashes).
     fn save(&self) -> std::io::Result<()> {
@@ -256,6 +294,22 @@ impl Store for Stores {
 
     fn create(&self, at: &Location, bytes: &[u8]) -> Result<bool, StoreError> {
         self.of(at).create(at, bytes)
+    }
+
+    fn send(&self, from: &Path, at: &Location) -> Result<(), StoreError> {
+        self.of(at).send(from, at)
+    }
+
+    fn receive(&self, at: &Location, to: &Path) -> Result<Option<(String, u64)>, StoreError> {
+        self.of(at).receive(at, to)
+    }
+
+    fn exists(&self, at: &Location) -> Result<bool, StoreError> {
+        self.of(at).exists(at)
+    }
+
+    fn delete(&self, at: &Location) -> Result<(), StoreError> {
+        self.of(at).delete(at)
     }
 
     fn save(&self) -> std::io::Result<()> {

@@ -941,42 +941,10 @@ impl Storage {
         let folder = file.parent().unwrap_or(&self.cache_dir);
         std::fs::create_dir_all(folder).map_err(io)?;
         let partial = folder.join(format!(".{name}.part{}", unique_suffix()));
-        let store = self
-            .store(bucket)
-            .map_err(|r| error("download", bucket, key, r))?;
-        let path = object_path("download", bucket, key)?;
-        let target = partial.clone();
         let clock = std::time::Instant::now();
-        let downloaded = self.block(async move {
-            use std::io::Write;
-            let got = store.get(&path).await?;
-            let mut stream = got.into_stream();
-            // Plain blocking writes: this runtime exists for S3 requests, and a write per
-            // chunk through tokio::fs costs a thread hop each.
-            let file = std::fs::File::create(&target).map_err(local)?;
-            let mut out = std::io::BufWriter::with_capacity(4 << 20, file);
-            let mut hasher = blake3::Hasher::new();
-            let mut size = 0u64;
-            while let Some(chunk) = stream.next().await {
-                let chunk = chunk?;
-                hasher.update(&chunk);
-                size += chunk.len() as u64;
-                out.write_all(&chunk).map_err(local)?;
-            }
-            out.flush().map_err(local)?;
-            Ok::<_, object_store::Error>((hasher.finalize().to_hex().to_string(), size))
-        });
-        let (blake3, size) = match downloaded {
-            Ok(Ok(done)) => done,
-            Ok(Err(e)) => {
-                let _ = std::fs::remove_file(&partial);
-                return Err(self.describe("download", bucket, key, &e));
-            }
-            Err(halt) => {
-                let _ = std::fs::remove_file(&partial);
-                return Err(error("download", bucket, key, halt));
-            }
-        };
+        let (blake3, size) = self
+            .download(bucket, key, &partial)?
+            .ok_or_else(|| error("download", bucket, key, "the object is gone".to_owned()))?;
         make_read_only(&partial)
             .and_then(|()| std::fs::rename(&partial, &file))
             .map_err(|e| {
@@ -1012,7 +980,77 @@ impl Storage {
 
     /// Uploads one local file to `key`: in one request, or in parts for a large file. S3 makes
     /// the object visible only when the upload is complete.
-    fn upload_file(&self, bucket: &str, key: &str, file: &Path) -> Result<(), StorageError> {
+    /// Downloads `key` into the local file `to`, hashing it on the way: its BLAKE3 and size, or
+    /// `None` when there is no such object. A failed download leaves no file at `to`.
+    pub fn download(
+        &self,
+        bucket: &str,
+        key: &str,
+        to: &Path,
+    ) -> Result<Option<(String, u64)>, StorageError> {
+        let store = self
+            .store(bucket)
+            .map_err(|r| error("download", bucket, key, r))?;
+        let path = object_path("download", bucket, key)?;
+        let target = to.to_path_buf();
+        let downloaded = self.block(async move {
+            use std::io::Write;
+            let got = match store.get(&path).await {
+                Ok(got) => got,
+                Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let mut stream = got.into_stream();
+            // Plain blocking writes: this runtime exists for S3 requests, and a write per
+            // chunk through tokio::fs costs a thread hop each.
+            let file = std::fs::File::create(&target).map_err(local)?;
+            let mut out = std::io::BufWriter::with_capacity(4 << 20, file);
+            let mut hasher = blake3::Hasher::new();
+            let mut size = 0u64;
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk?;
+                hasher.update(&chunk);
+                size += chunk.len() as u64;
+                out.write_all(&chunk).map_err(local)?;
+            }
+            out.flush().map_err(local)?;
+            Ok::<_, object_store::Error>(Some((hasher.finalize().to_hex().to_string(), size)))
+        });
+        match downloaded {
+            Ok(Ok(done)) => Ok(done),
+            Ok(Err(e)) => {
+                let _ = std::fs::remove_file(to);
+                Err(self.describe("download", bucket, key, &e))
+            }
+            Err(halt) => {
+                let _ = std::fs::remove_file(to);
+                Err(error("download", bucket, key, halt))
+            }
+        }
+    }
+
+    /// Deletes `key` (nothing there is fine).
+    pub fn delete(&self, bucket: &str, key: &str) -> Result<(), StorageError> {
+        self.forget(bucket, key);
+        let store = self
+            .store(bucket)
+            .map_err(|r| error("delete", bucket, key, r))?;
+        let path = object_path("delete", bucket, key)?;
+        let outcome = self
+            .block(async move { store.delete(&path).await })
+            .map_err(|r| error("delete", bucket, key, r))?;
+        match outcome {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.describe("delete", bucket, key, &e)),
+        }
+    }
+
+    pub(super) fn upload_file(
+        &self,
+        bucket: &str,
+        key: &str,
+        file: &Path,
+    ) -> Result<(), StorageError> {
         let store = self
             .store(bucket)
             .map_err(|r| error("upload", bucket, key, r))?;
@@ -1912,6 +1950,27 @@ impl Store for S3Store {
     fn create(&self, at: &Location, bytes: &[u8]) -> Result<bool, StoreError> {
         let (bucket, key) = parts(at)?;
         Ok(self.storage.create(bucket, key, bytes.to_vec())?)
+    }
+
+    fn send(&self, from: &Path, at: &Location) -> Result<(), StoreError> {
+        let (bucket, key) = parts(at)?;
+        self.storage.forget(bucket, key);
+        Ok(self.storage.upload_file(bucket, key, from)?)
+    }
+
+    fn receive(&self, at: &Location, to: &Path) -> Result<Option<(String, u64)>, StoreError> {
+        let (bucket, key) = parts(at)?;
+        Ok(self.storage.download(bucket, key, to)?)
+    }
+
+    fn exists(&self, at: &Location) -> Result<bool, StoreError> {
+        let (bucket, key) = parts(at)?;
+        Ok(self.storage.head(bucket, key)?.is_some())
+    }
+
+    fn delete(&self, at: &Location) -> Result<(), StoreError> {
+        let (bucket, key) = parts(at)?;
+        Ok(self.storage.delete(bucket, key)?)
     }
 }
 

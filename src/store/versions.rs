@@ -206,6 +206,10 @@ pub struct MetaInput {
     pub params: Json,
     pub report: Json,
     pub workdir: PathBuf,
+    /// The metadata this content had when it was computed (a restore from the run cache): a
+    /// new version of the same content keeps it, under its own number, so that a version
+    /// restored into an empty output is byte for byte the one computed.
+    pub restored: Option<Meta>,
 }
 
 /// Commits the finished folder `staged` as a version under `root`: the latest version again when
@@ -333,6 +337,17 @@ pub(super) fn new_meta(
     tables: &Json,
     git_commit: &Option<String>,
 ) -> Meta {
+    if let Some(then) = input
+        .restored
+        .as_ref()
+        .filter(|m| m.content_hash == content && m.files == files)
+    {
+        return Meta {
+            version,
+            name: format!("{base}_v{version}"),
+            ..then.clone()
+        };
+    }
     Meta {
         version,
         name: format!("{base}_v{version}"),
@@ -510,6 +525,7 @@ mod tests {
             params: Json::Null,
             report: Json::Null,
             workdir: PathBuf::from("/"),
+            restored: None,
         }
     }
 

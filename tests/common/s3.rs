@@ -35,6 +35,9 @@ struct Shared {
     throttle: AtomicUsize,
     /// Hold every `PUT` (after counting it) until this is cleared.
     hold_puts: AtomicBool,
+    /// s3s-fs checks `If-None-Match: *` and then writes, so two conditional creates at once
+    /// could both succeed; one at a time, they are atomic as in S3.
+    conditional: tokio::sync::Mutex<()>,
 }
 
 pub struct S3Server {
@@ -57,6 +60,7 @@ impl S3Server {
             stopped: AtomicBool::new(false),
             throttle: AtomicUsize::new(0),
             hold_puts: AtomicBool::new(false),
+            conditional: tokio::sync::Mutex::new(()),
         });
         let (shutdown, stop) = tokio::sync::watch::channel(false);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -110,6 +114,11 @@ impl S3Server {
             .unwrap();
         file.set_modified(std::time::SystemTime::now() - age)
             .unwrap();
+    }
+
+    /// Deletes an object behind imba's back.
+    pub fn delete(&self, key: &str) {
+        let _ = std::fs::remove_file(self.bucket_dir().join(key));
     }
 
     /// An object's bytes, read from the bucket's directory.
@@ -292,10 +301,15 @@ impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for Counting
             .entry(kind)
             .or_default() += 1;
         let service = self.service.clone();
+        let conditional = hold && request.headers().get("if-none-match").is_some();
         Box::pin(async move {
             while hold && shared.hold_puts.load(Ordering::SeqCst) {
                 tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             }
+            let _one_at_a_time = match conditional {
+                true => Some(shared.conditional.lock().await),
+                false => None,
+            };
             hyper::service::Service::call(&service, request)
                 .await
                 .map_err(|e| boxed(format!("{e:?}")))

@@ -1,0 +1,124 @@
+//! The run cache outside a run: `imba gc` (keep what the lock files still refer to) and
+//! `imba push` (send what they refer to to the remote a team shares).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use crate::state::lock;
+use crate::state::StateDir;
+use crate::store::cache::{Removed, RunCache};
+
+/// What to keep in a collection.
+#[derive(Clone, Debug, Default)]
+pub struct Keep {
+    /// Lock files whose stages' fingerprints stay.
+    pub locks: Vec<PathBuf>,
+    /// Entries used within this long stay too.
+    pub used_within: Option<Duration>,
+}
+
+/// Removes from the run cache of `workdir` every entry that none of `keep.locks` refers to
+/// (and that was not used within `keep.used_within`), then the blobs no entry refers to. Waits
+/// for a run of the workdir to finish first, so that nothing a run is writing goes.
+pub fn gc(
+    workdir: &Path,
+    keep: &Keep,
+    dry_run: bool,
+    warn: impl Fn(String),
+) -> Result<Removed, String> {
+    let state = StateDir::new(workdir);
+    let _held = state
+        .lock(true, |pid| {
+            let who = pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
+            warn(format!(
+                "waiting for another imba run{who} of this workdir to finish…"
+            ))
+        })
+        .map_err(|e| format!("cannot lock {}: {e}", state.root.display()))?;
+    let mut fingerprints = BTreeSet::new();
+    for path in &keep.locks {
+        let locked = lock::load_for_run(path, &state, &warn)?;
+        fingerprints.extend(locked.stages.into_values().map(|s| s.fingerprint));
+    }
+    let since = keep
+        .used_within
+        .and_then(|d| SystemTime::now().checked_sub(d));
+    let cache = RunCache::new(state.cache());
+    Ok(cache.collect(
+        |entry, used| {
+            fingerprints.contains(&entry.fingerprint)
+                || matches!((since, used), (Some(since), Some(used)) if used >= since)
+        },
+        dry_run,
+    ))
+}
+
+/// What `imba push` sent.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Pushed {
+    pub moved: crate::store::remote::Moved,
+    /// Stages of the lock file whose entry is not in the local cache (computed before the
+    /// cache existed, or collected): named, nothing sent.
+    pub not_cached: Vec<String>,
+    pub remote: String,
+}
+
+/// Sends to `remote` the run-cache entries (and their blobs) that the lock file of `pipeline`
+/// refers to, or with `all` every entry of the local cache; only what the remote lacks moves.
+pub fn push(
+    pipeline: &crate::model::Pipeline,
+    remote: crate::model::Location,
+    all: bool,
+    progress: crate::store::remote::Progress,
+    warn: impl Fn(String),
+) -> Result<Pushed, String> {
+    let state = StateDir::new(&pipeline.workdir);
+    let cache = RunCache::new(state.cache());
+    let store = stores(pipeline, &state);
+    let remote = crate::store::remote::Remote::new(&store, remote, &cache);
+    let mut pushed = Pushed {
+        remote: remote.root_url(),
+        ..Pushed::default()
+    };
+    remote.probe().map_err(|e| {
+        format!(
+            "cannot push to the remote run cache {}: {e}",
+            remote.root_url()
+        )
+    })?;
+    let entries: Vec<crate::store::cache::Entry> = if all {
+        cache.entries().into_iter().map(|(e, _)| e).collect()
+    } else {
+        let locked = lock::load_for_run(&lock::lock_path(&pipeline.file), &state, &warn)?;
+        let mut entries = Vec::new();
+        for (stage, locked) in locked.stages {
+            match cache.entry(&locked.fingerprint) {
+                Some(entry) => entries.push(entry),
+                None => pushed.not_cached.push(stage),
+            }
+        }
+        entries
+    };
+    for entry in &entries {
+        let moved = remote.push(entry, progress).map_err(|e| {
+            format!(
+                "cannot push to the remote run cache {}: {e}",
+                remote.root_url()
+            )
+        })?;
+        pushed.moved.add(&moved);
+    }
+    Ok(pushed)
+}
+
+/// The stores a command outside a run reads and writes through.
+fn stores(pipeline: &crate::model::Pipeline, state: &StateDir) -> crate::store::Stores {
+    let storage = crate::store::s3::Storage::new(pipeline.storage.clone(), state.cache());
+    let cache = if state.root.is_dir() {
+        crate::store::StatCache::load(state.stat_cache())
+    } else {
+        crate::store::StatCache::in_memory()
+    };
+    crate::store::Stores::new(&pipeline.workdir, cache, storage)
+}
