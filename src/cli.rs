@@ -497,6 +497,26 @@ fn checked_dag_and_sources(
     }
 }
 
+/// The graph of a pipeline for a command that runs nothing of it and reads none of its
+/// inputs (`log`, `show`, `cache`, `gc`, `push`): its source inputs need not exist.
+fn dag_for_records(
+    args: &PipelineArgs,
+    registry: &Registry,
+    printer: &Printer,
+) -> Result<Dag, ExitCode> {
+    let (sources, loaded) = config::load(&args.file, &args.overrides(), registry);
+    let built = loaded.and_then(|pipeline| {
+        let options = BuildOptions {
+            check_sources: false,
+        };
+        dag::build(pipeline, options).map_err(LoadError::Invalid)
+    });
+    built.map_err(|error| {
+        printer.load_error(&sources, &error);
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
 /// Loads the pipeline and builds its checked graph: the file, the graph, the columns.
 fn load_dag(
     args: &PipelineArgs,
@@ -702,7 +722,7 @@ fn runs_of(
     registry: &Registry,
     printer: &Printer,
 ) -> Result<Vec<record::RunRecord>, ExitCode> {
-    let dag = checked_dag(args, registry, printer)?;
+    let dag = dag_for_records(args, registry, printer)?;
     let pipeline = dag.pipeline();
     let shown = pipeline.file.display().to_string();
     Ok(record::list(&StateDir::new(&pipeline.workdir).runs())
@@ -858,7 +878,7 @@ fn checks_command(args: ChecksArgs, registry: &Registry, printer: &Printer) -> E
 }
 
 fn cache_command(args: CacheArgs, registry: &Registry, printer: &Printer) -> ExitCode {
-    let dag = match checked_dag(&args.pipeline, registry, printer) {
+    let dag = match dag_for_records(&args.pipeline, registry, printer) {
         Ok(dag) => dag,
         Err(code) => return code,
     };
@@ -877,7 +897,7 @@ fn cache_command(args: CacheArgs, registry: &Registry, printer: &Printer) -> Exi
 }
 
 fn push_command(args: PushArgs, registry: &Registry, printer: &Printer) -> ExitCode {
-    let dag = match checked_dag(&args.pipeline, registry, printer) {
+    let dag = match dag_for_records(&args.pipeline, registry, printer) {
         Ok(dag) => dag,
         Err(code) => return code,
     };
@@ -977,7 +997,7 @@ fn gc_command(args: GcArgs, registry: &Registry, printer: &Printer) -> ExitCode 
             set: Vec::new(),
             vars: Vec::new(),
         };
-        let dag = match checked_dag(&pipeline_args, registry, printer) {
+        let dag = match dag_for_records(&pipeline_args, registry, printer) {
             Ok(dag) => dag,
             Err(code) => return code,
         };

@@ -224,3 +224,70 @@ fn force_computes_whatever_the_cache_holds() {
     assert_eq!(t.decisions(), [("s".to_owned(), "restored".to_owned())]);
     assert_eq!(t.read("o.txt"), "1\n");
 }
+
+#[test]
+fn cache_and_gc_say_what_they_keep_and_need_no_inputs() {
+    let t = Test::new()
+        .file("in.txt", "x")
+        .pipeline("stages:\n  s:\n    cmd: cat {{ inputs[0] }} > {{ outputs.o }}; echo {{ n }} >> {{ outputs.o }}\n    inputs: [in.txt]\n    outputs: {o: o.txt}\nvars: {n: 1}\n");
+    t.run_ok(&[]);
+    t.run_ok(&["--set", "n=2"]);
+    let json = |out: common::Output| -> serde_json::Value {
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        serde_json::from_str(&out.stdout).unwrap()
+    };
+    let usage = json(t.exec(&["cache", "pipeline.yaml", "--json"]));
+    assert_eq!(
+        (usage["entries"].as_u64(), usage["blobs"].as_u64()),
+        (Some(2), Some(2))
+    );
+    assert_eq!(usage["bytes"], 6, "\"x1\\n\" and \"x2\\n\"");
+    // The input is gone: neither command reads it.
+    std::fs::remove_file(t.path().join("in.txt")).unwrap();
+    let dry = json(t.exec(&["gc", "pipeline.yaml", "--dry-run", "--json"]));
+    assert_eq!(
+        (dry["entries"].as_u64(), dry["blobs"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert_eq!(
+        json(t.exec(&["cache", "pipeline.yaml", "--json"]))["entries"],
+        2
+    );
+    // The lock refers to n=2: n=1's entry goes, and its blob.
+    let gone = t.exec(&["gc", "pipeline.yaml"]);
+    assert_eq!(gone.code, 0, "{}", gone.stderr);
+    assert_eq!(
+        gone.stdout,
+        "removed 1 entry, 1 blob (3 B), 0 folder manifests\n"
+    );
+    assert_eq!(
+        json(t.exec(&["cache", "pipeline.yaml", "--json"]))["entries"],
+        1
+    );
+    // Used within a day: kept, whatever the lock says.
+    t.write("in.txt", "x");
+    t.run_ok(&["--set", "n=3"]);
+    let kept = t.exec(&["gc", "pipeline.yaml", "--older-than", "1d"]);
+    assert_eq!(
+        kept.stdout,
+        "removed 0 entries, 0 blobs (0 B), 0 folder manifests\n"
+    );
+}
+
+#[test]
+fn max_size_evicts_the_least_recently_used_after_a_run() {
+    let t = Test::new().pipeline(
+        "cache: {max_size: 10}\nstages:\n  s:\n    cmd: printf '%s' {{ text }} > {{ outputs.o }}\n    outputs: {o: o.txt}\nvars: {text: abcdef}\n",
+    );
+    t.run_ok(&[]);
+    t.run_ok(&["--set", "text=ghijkl"]);
+    // 6 + 6 bytes do not fit in 10: the older entry went.
+    let usage = t.exec(&["cache", "pipeline.yaml", "--json"]);
+    let usage: serde_json::Value = serde_json::from_str(&usage.stdout).unwrap();
+    assert_eq!(
+        (usage["entries"].as_u64(), usage["bytes"].as_u64()),
+        (Some(1), Some(6))
+    );
+    t.run_ok(&["--set", "text=abcdef"]);
+    assert_eq!(t.decisions(), [("s".to_owned(), "ran".to_owned())]);
+}

@@ -386,3 +386,41 @@ stages:
     assert_eq!(f.run(), decisions(&[("head", "ran")]));
     assert_eq!(f.store.read(&f.at("out/head.txt")).unwrap(), b"abcd");
 }
+
+/// A run-cache entry is found by fingerprint, and a built-in's implementation version is part of
+/// it: an entry computed by another implementation of the stage never matches. (One from
+/// another imba release line never matches either: `store::cache`'s own tests.)
+#[test]
+fn an_entry_of_another_implementation_version_never_matches() {
+    let f = fixture(
+        "stages:\n  agg:\n    uses: aggregate\n    inputs: {orders: data/o.parquet}\n    outputs: {table: out/t.parquet}\n    params:\n      by: [user_id]\n      aggs:\n        n: {count: user_id}\n",
+    );
+    f.store.set(&f.at("data/o.parquet"), b"not read here");
+    let stage = f.dag.stage(0).clone();
+    let now = plan::snapshot(&stage, &f.workdir, &*f.store).unwrap();
+    let cache = imba::store::RunCache::new(f.workdir.join(".imba/cache"));
+    let entry = imba::store::cache::Entry {
+        format: imba::store::cache::ENTRY_FORMAT,
+        imba: imba::store::cache::release_line(),
+        fingerprint: now.fingerprint.clone(),
+        stage: "agg".to_owned(),
+        created_at: "2026-12-03T00:00:00Z".to_owned(),
+        duration_ms: 1,
+        outputs: BTreeMap::new(),
+        reported_checks: Vec::new(),
+        checks: Vec::new(),
+        report: serde_json::Value::Null,
+    };
+    cache.put_entry(&entry).unwrap();
+    assert!(cache.entry(&now.fingerprint).is_some());
+
+    let mut other = stage.clone();
+    let imba::model::StageKind::Builtin { version, .. } = &mut other.kind else {
+        panic!("a built-in stage")
+    };
+    *version += 1;
+    let then = plan::snapshot(&other, &f.workdir, &*f.store).unwrap();
+    assert_ne!(then.fingerprint, now.fingerprint);
+    assert!(cache.entry(&then.fingerprint).is_none());
+    assert!(plan::from_cache(&other, &then, &cache, &*f.store, &f.workdir).is_none());
+}

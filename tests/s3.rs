@@ -1045,3 +1045,48 @@ fn ctrl_c_interrupts_a_stalled_upload_within_a_second() {
     );
     assert!(server.read("out/x.csv").is_none(), "nothing is committed");
 }
+
+/// An S3 layout and a local one run one after the other: from the third run on, nothing is
+/// computed; every stage is `cached` (its outputs hold what the run cache recorded).
+#[test]
+fn alternating_an_s3_out_and_a_local_one_computes_each_once() {
+    let server = S3Server::start();
+    let repo = common::repo();
+    let t = Test::new()
+        .file(
+            "pipelines/monthly.yaml",
+            std::fs::read(repo.join("pipelines/monthly.yaml")).unwrap(),
+        )
+        .file(
+            "examples/instacart/orders.csv",
+            std::fs::read(repo.join("examples/instacart/orders.csv")).unwrap(),
+        );
+    let decisions = || -> Vec<String> {
+        let out = t.exec(&["show", "pipelines/monthly.yaml", "--json"]);
+        let record: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        record["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["decision"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let s3 = [
+        "run",
+        "pipelines/monthly.yaml",
+        "--set",
+        "out=s3://bucket/monthly",
+    ];
+    let local = ["run", "pipelines/monthly.yaml"];
+    for (args, expected) in [
+        (&s3[..], "ran"),
+        (&local[..], "ran"),
+        (&s3[..], "cached"),
+        (&local[..], "cached"),
+        (&s3[..], "cached"),
+    ] {
+        let out = run(&t, &server, args);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        assert_eq!(decisions(), vec![expected; 5], "{args:?}\n{}", out.stderr);
+    }
+}
