@@ -325,6 +325,11 @@ pub struct GcArgs {
     /// Say what would be removed, and remove nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Also collect the remote run cache: the pipelines' (`IMBA_REMOTE`, `cache.remote`), or
+    /// URL. Unreferenced remote objects younger than an hour stay (another machine may be
+    /// pushing them).
+    #[arg(long, value_name = "URL", num_args = 0..=1, default_missing_value = "")]
+    pub remote: Option<String>,
     /// JSON, for scripts.
     #[arg(long)]
     pub json: bool,
@@ -990,6 +995,7 @@ fn pull_command(args: PullArgs, registry: Registry, printer: &Printer) -> ExitCo
 
 fn gc_command(args: GcArgs, registry: &Registry, printer: &Printer) -> ExitCode {
     let mut workdir: Option<PathBuf> = None;
+    let mut first: Option<Dag> = None;
     let mut locks = Vec::new();
     for file in &args.files {
         let pipeline_args = PipelineArgs {
@@ -1017,20 +1023,69 @@ fn gc_command(args: GcArgs, registry: &Registry, printer: &Printer) -> ExitCode 
             None => workdir = Some(pipeline.workdir.clone()),
         }
         locks.push(crate::state::lock::lock_path(&pipeline.file));
+        if first.is_none() {
+            first = Some(dag);
+        }
     }
-    let Some(workdir) = workdir else {
+    let (Some(workdir), Some(first)) = (workdir, first) else {
         return ExitCode::from(EXIT_CONFIG);
     };
     let keep = crate::run::housekeeping::Keep {
         locks,
         used_within: args.older_than,
     };
+    // The remote first: a remote that cannot be collected leaves the local cache as it was.
+    let remote = match &args.remote {
+        None => None,
+        Some(url) => {
+            let choice = if url.is_empty() {
+                crate::run::RemoteChoice::Configured
+            } else {
+                crate::run::RemoteChoice::Url(url.clone())
+            };
+            match crate::run::remote_location(&choice, first.pipeline()) {
+                Ok(Some(remote)) => Some(remote),
+                Ok(None) => {
+                    printer.error(NO_REMOTE);
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+                Err(message) => {
+                    printer.error(&message);
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            }
+        }
+    };
+    let remote_removed = match remote {
+        None => None,
+        Some(remote) => match crate::run::housekeeping::gc_remote(
+            first.pipeline(),
+            remote,
+            &keep,
+            args.dry_run,
+            |w| printer.warning(&w),
+        ) {
+            Ok(done) => Some(done),
+            Err(message) => {
+                printer.error(&message);
+                return ExitCode::from(EXIT_STAGE_FAILED);
+            }
+        },
+    };
     match crate::run::housekeeping::gc(&workdir, &keep, args.dry_run, |w| printer.warning(&w)) {
         Ok(removed) => {
             if args.json {
-                printer.data(&(serde_json::to_string_pretty(&removed).unwrap_or_default() + "\n"));
+                let json = serde_json::json!({
+                    "local": removed,
+                    "remote": remote_removed.as_ref().map(|(url, r)| serde_json::json!({"url": url, "removed": r})),
+                });
+                printer.data(&(serde_json::to_string_pretty(&json).unwrap_or_default() + "\n"));
             } else {
                 printer.data(&crate::report::tables::removed(&removed, args.dry_run));
+                if let Some((url, removed)) = &remote_removed {
+                    let line = crate::report::tables::removed(removed, args.dry_run);
+                    printer.data(&format!("{url}: {line}"));
+                }
             }
             ExitCode::SUCCESS
         }

@@ -498,3 +498,65 @@ fn remote_errors_are_named_whole() {
         2,
     );
 }
+
+#[test]
+fn gc_collects_the_remote_too_keeping_what_the_lock_refers_to() {
+    let server = S3Server::start();
+    let t = clone(REMOTE);
+    ok(&t, &server, &["run", "pipelines/monthly.yaml"]);
+    ok(
+        &t,
+        &server,
+        &["run", "pipelines/monthly.yaml", "--set", "impute_days.m=5"],
+    );
+    let runs = |server: &S3Server| {
+        server
+            .keys()
+            .iter()
+            .filter(|k| k.starts_with("imba-cache/runs/"))
+            .count()
+    };
+    assert_eq!(runs(&server), 8, "5 stages, then 3 again with m=5");
+    // Young objects stay (another machine may be pushing them); entries go at once.
+    let young = ok(
+        &t,
+        &server,
+        &[
+            "gc",
+            "pipelines/monthly.yaml",
+            "--remote",
+            "--dry-run",
+            "--json",
+        ],
+    );
+    let young: serde_json::Value = serde_json::from_str(&young.stdout).unwrap();
+    assert_eq!(young["remote"]["removed"]["entries"], 3, "{young}");
+    assert_eq!(young["remote"]["removed"]["blobs"], 0, "{young}");
+    assert_eq!(runs(&server), 8, "a dry run removes nothing");
+    for key in server.keys() {
+        server.age(&key, std::time::Duration::from_secs(7200));
+    }
+    let gc = ok(&t, &server, &["gc", "pipelines/monthly.yaml", "--remote"]);
+    assert!(
+        gc.stdout
+            .lines()
+            .nth(1)
+            .is_some_and(|l| l.starts_with("s3://bucket/imba-cache: removed 3 entries, ")),
+        "{}",
+        gc.stdout
+    );
+    assert_eq!(runs(&server), 5);
+    // What the lock refers to is whole: a fresh clone with it pulls every output.
+    let other = clone(REMOTE);
+    other.write("pipelines/monthly.lock", t.read("pipelines/monthly.lock"));
+    let pulled = ok(
+        &other,
+        &server,
+        &["pull", "pipelines/monthly.yaml", "--set", "impute_days.m=5"],
+    );
+    assert!(
+        pulled.stderr.contains("0 ran, 5 restored"),
+        "{}",
+        pulled.stderr
+    );
+}

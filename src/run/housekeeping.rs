@@ -18,6 +18,10 @@ pub struct Keep {
     pub used_within: Option<Duration>,
 }
 
+/// How long an unreferenced remote blob is kept anyway: another machine may be pushing it, its
+/// entry not written yet.
+pub const REMOTE_GRACE: Duration = Duration::from_secs(3600);
+
 /// Removes from the run cache of `workdir` every entry that none of `keep.locks` refers to
 /// (and that was not used within `keep.used_within`), then the blobs no entry refers to. Waits
 /// for a run of the workdir to finish first, so that nothing a run is writing goes.
@@ -27,6 +31,7 @@ pub fn gc(
     dry_run: bool,
     warn: impl Fn(String),
 ) -> Result<Removed, String> {
+    let (fingerprints, since) = kept(workdir, keep, &warn)?;
     let state = StateDir::new(workdir);
     let _held = state
         .lock(true, |pid| {
@@ -36,14 +41,6 @@ pub fn gc(
             ))
         })
         .map_err(|e| format!("cannot lock {}: {e}", state.root.display()))?;
-    let mut fingerprints = BTreeSet::new();
-    for path in &keep.locks {
-        let locked = lock::load_for_run(path, &state, &warn)?;
-        fingerprints.extend(locked.stages.into_values().map(|s| s.fingerprint));
-    }
-    let since = keep
-        .used_within
-        .and_then(|d| SystemTime::now().checked_sub(d));
     let cache = RunCache::new(state.cache());
     Ok(cache.collect(
         |entry, used| {
@@ -52,6 +49,56 @@ pub fn gc(
         },
         dry_run,
     ))
+}
+
+/// [`gc`] on a remote run cache: entries pushed within `keep.used_within` stay too (a remote
+/// entry's time is when it was last pushed), and unreferenced objects younger than
+/// [`REMOTE_GRACE`] are left.
+pub fn gc_remote(
+    pipeline: &crate::model::Pipeline,
+    remote: crate::model::Location,
+    keep: &Keep,
+    dry_run: bool,
+    warn: impl Fn(String),
+) -> Result<(String, Removed), String> {
+    let (fingerprints, since) = kept(&pipeline.workdir, keep, &warn)?;
+    let state = StateDir::new(&pipeline.workdir);
+    let cache = RunCache::new(state.cache());
+    let store = stores(pipeline, &state);
+    let remote = crate::store::remote::Remote::new(&store, remote, &cache);
+    let url = remote.root_url();
+    let failed =
+        |e: crate::store::StoreError| format!("cannot collect the remote run cache {url}: {e}");
+    remote.probe().map_err(failed)?;
+    let removed = remote
+        .collect(
+            |entry, used| {
+                fingerprints.contains(&entry.fingerprint)
+                    || matches!((since, used), (Some(since), Some(used)) if used >= since)
+            },
+            REMOTE_GRACE,
+            dry_run,
+        )
+        .map_err(failed)?;
+    Ok((url, removed))
+}
+
+/// The fingerprints the lock files refer to, and the time after which a use keeps an entry.
+fn kept(
+    workdir: &Path,
+    keep: &Keep,
+    warn: &impl Fn(String),
+) -> Result<(BTreeSet<String>, Option<SystemTime>), String> {
+    let state = StateDir::new(workdir);
+    let mut fingerprints = BTreeSet::new();
+    for path in &keep.locks {
+        let locked = lock::load_for_run(path, &state, warn)?;
+        fingerprints.extend(locked.stages.into_values().map(|s| s.fingerprint));
+    }
+    let since = keep
+        .used_within
+        .and_then(|d| SystemTime::now().checked_sub(d));
+    Ok((fingerprints, since))
 }
 
 /// What `imba push` sent.

@@ -212,6 +212,40 @@ impl Store for LocalStore {
         Ok(path_of(at)?.is_file())
     }
 
+    fn list(&self, at: &Location) -> Result<Vec<super::Listed>, StoreError> {
+        let root = path_of(at)?;
+        let mut listed = Vec::new();
+        for entry in walkdir::WalkDir::new(root).sort_by_file_name() {
+            let entry = match entry {
+                Ok(entry) => entry,
+                Err(e) if e.io_error().map(|e| e.kind()) == Some(std::io::ErrorKind::NotFound) => {
+                    continue
+                }
+                Err(e) => {
+                    return Err(StoreError::Other(format!(
+                        "cannot list {}: {e}",
+                        root.display()
+                    )))
+                }
+            };
+            if !entry.file_type().is_file() {
+                continue;
+            }
+            let meta = entry.metadata().ok();
+            listed.push(super::Listed {
+                path: entry
+                    .path()
+                    .strip_prefix(root)
+                    .unwrap_or(entry.path())
+                    .to_string_lossy()
+                    .replace('\\', "/"),
+                size: meta.as_ref().map_or(0, |m| m.len()),
+                modified: meta.and_then(|m| m.modified().ok()),
+            });
+        }
+        Ok(listed)
+    }
+
     fn delete(&self, at: &Location) -> Result<(), StoreError> {
         let path = path_of(at)?;
         match std::fs::remove_file(path) {

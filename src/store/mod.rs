@@ -63,6 +63,15 @@ pub enum Baseline {
     Modified,
 }
 
+/// One object of a listing ([`Store::list`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Listed {
+    /// Relative to the prefix listed, `/`-separated.
+    pub path: String,
+    pub size: u64,
+    pub modified: Option<std::time::SystemTime>,
+}
+
 /// How a versioned output was committed.
 #[derive(Clone, Debug)]
 pub struct Version {
@@ -166,6 +175,15 @@ pub trait Store: Send + Sync {
     fn delete(&self, at: &Location) -> Result<(), StoreError> {
         Err(StoreError::Other(format!(
             "this store cannot delete `{}`",
+            at.sort_key()
+        )))
+    }
+
+    /// Every object under the prefix `at`, at any depth, sorted by path (a remote run
+    /// cache's housekeeping).
+    fn list(&self, at: &Location) -> Result<Vec<Listed>, StoreError> {
+        Err(StoreError::Other(format!(
+            "this store cannot list `{}`",
             at.sort_key()
         )))
     }
@@ -310,6 +328,10 @@ impl Store for Stores {
 
     fn delete(&self, at: &Location) -> Result<(), StoreError> {
         self.of(at).delete(at)
+    }
+
+    fn list(&self, at: &Location) -> Result<Vec<Listed>, StoreError> {
+        self.of(at).list(at)
     }
 
     fn save(&self) -> std::io::Result<()> {

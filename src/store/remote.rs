@@ -390,6 +390,90 @@ impl<'a> Remote<'a> {
         }
     }
 
+    /// Removes from the remote every entry `keep` refuses, then every blob and folder manifest
+    /// that no remaining entry refers to and that is older than `grace` (another machine may
+    /// be pushing it, its entry not written yet). With `dry_run`, only counts. Leases are left
+    /// alone: they expire.
+    pub fn collect(
+        &self,
+        keep: impl Fn(&Entry, Option<SystemTime>) -> bool,
+        grace: Duration,
+        dry_run: bool,
+    ) -> Result<super::cache::Removed, StoreError> {
+        let mut removed = super::cache::Removed::default();
+        let old = |modified: Option<SystemTime>| {
+            modified
+                .and_then(|m| SystemTime::now().duration_since(m).ok())
+                .is_some_and(|age| age >= grace)
+        };
+        let remove = |at: &Location| -> Result<bool, StoreError> {
+            if !dry_run {
+                self.store.delete(at)?;
+            }
+            Ok(true)
+        };
+        let mut blobs = std::collections::BTreeSet::new();
+        let mut trees = std::collections::BTreeSet::new();
+        for listed in self.store.list(&self.at("runs"))? {
+            let at = self.at(&format!("runs/{}", listed.path));
+            let entry: Option<Entry> = self
+                .store
+                .get(&at)?
+                .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+            match entry {
+                Some(entry) if keep(&entry, listed.modified) => {
+                    for output in entry.outputs.values() {
+                        blobs.extend(output.meta.iter().cloned());
+                        match output.files {
+                            None => {
+                                blobs.insert(output.blake3.clone());
+                            }
+                            Some(_) => {
+                                trees.insert(output.blake3.clone());
+                                // A manifest that cannot be read keeps nothing of its own;
+                                // the fetch of its entry would fail anyway.
+                                if let Ok(files) = self.fetch_tree(&output.blake3) {
+                                    blobs.extend(files.into_iter().map(|f| f.blake3));
+                                }
+                            }
+                        }
+                    }
+                }
+                Some(_) => {
+                    if remove(&at)? {
+                        removed.entries += 1;
+                    }
+                }
+                None if old(listed.modified) => {
+                    if remove(&at)? {
+                        removed.entries += 1;
+                    }
+                }
+                None => {}
+            }
+        }
+        for listed in self.store.list(&self.at("blobs"))? {
+            let hash = listed.path.replace('/', "");
+            if !blobs.contains(&hash) && old(listed.modified) {
+                remove(&self.at(&format!("blobs/{}", listed.path)))?;
+                removed.blobs += 1;
+                removed.bytes += listed.size;
+            }
+        }
+        for listed in self.store.list(&self.at("trees"))? {
+            let hash = listed
+                .path
+                .replace('/', "")
+                .trim_end_matches(".json")
+                .to_owned();
+            if !trees.contains(&hash) && old(listed.modified) {
+                remove(&self.at(&format!("trees/{}", listed.path)))?;
+                removed.trees += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     /// Takes the lease on `fingerprint` for `lease.run`: created when there is none, taken
     /// over when the one there expired, else [`Taken::Held`] with who holds it.
     pub fn take_lease(&self, fingerprint: &str, lease: &Lease) -> Result<Taken, StoreError> {

@@ -1029,6 +1029,47 @@ impl Storage {
         }
     }
 
+    /// Every object under `prefix/`: relative key, size, last modification. One LIST (paged),
+    /// nothing else: a run cache's housekeeping needs no ETags.
+    pub fn list_plain(
+        &self,
+        bucket: &str,
+        prefix: &str,
+    ) -> Result<Vec<super::Listed>, StorageError> {
+        let store = self
+            .store(bucket)
+            .map_err(|r| error("list", bucket, prefix, r))?;
+        let root = object_path("list", bucket, prefix)?;
+        let listed = self
+            .block(async move {
+                store
+                    .list(Some(&root))
+                    .try_collect::<Vec<object_store::ObjectMeta>>()
+                    .await
+            })
+            .map_err(|r| error("list", bucket, prefix, r))?
+            .map_err(|e| self.describe("list", bucket, prefix, &e))?;
+        let base = format!("{}/", prefix.trim_end_matches('/'));
+        let mut objects: Vec<super::Listed> = listed
+            .into_iter()
+            .filter_map(|meta| {
+                let full = meta.location.to_string();
+                let path = full.strip_prefix(&base)?.to_owned();
+                let millis = meta.last_modified.timestamp_millis();
+                let modified = u64::try_from(millis).ok().map(|ms| {
+                    std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms)
+                });
+                Some(super::Listed {
+                    path,
+                    size: meta.size,
+                    modified,
+                })
+            })
+            .collect();
+        objects.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(objects)
+    }
+
     /// Deletes `key` (nothing there is fine).
     pub fn delete(&self, bucket: &str, key: &str) -> Result<(), StorageError> {
         self.forget(bucket, key);
@@ -1971,6 +2012,11 @@ impl Store for S3Store {
     fn delete(&self, at: &Location) -> Result<(), StoreError> {
         let (bucket, key) = parts(at)?;
         Ok(self.storage.delete(bucket, key)?)
+    }
+
+    fn list(&self, at: &Location) -> Result<Vec<super::Listed>, StoreError> {
+        let (bucket, key) = parts(at)?;
+        Ok(self.storage.list_plain(bucket, key)?)
     }
 }
 
