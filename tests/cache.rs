@@ -246,7 +246,10 @@ fn cache_and_gc_say_what_they_keep_and_need_no_inputs() {
     std::fs::remove_file(t.path().join("in.txt")).unwrap();
     let dry = json(t.exec(&["gc", "pipeline.yaml", "--dry-run", "--json"]));
     assert_eq!(
-        (dry["local"]["entries"].as_u64(), dry["local"]["blobs"].as_u64()),
+        (
+            dry["local"]["entries"].as_u64(),
+            dry["local"]["blobs"].as_u64()
+        ),
         (Some(1), Some(1))
     );
     assert_eq!(

@@ -1090,3 +1090,60 @@ fn alternating_an_s3_out_and_a_local_one_computes_each_once() {
         assert_eq!(decisions(), vec![expected; 5], "{args:?}\n{}", out.stderr);
     }
 }
+
+/// A versioned S3 output whose content comes back (a param changed and changed back) is its
+/// first version again, restored from the run cache: `LATEST` moves back, no third version.
+#[test]
+fn a_versioned_s3_output_goes_back_to_the_version_with_that_content() {
+    let server = S3Server::start();
+    let repo = common::repo();
+    let t = Test::new()
+        .file(
+            "pipelines/monthly.yaml",
+            std::fs::read(repo.join("pipelines/monthly.yaml")).unwrap(),
+        )
+        .file(
+            "examples/instacart/orders.csv",
+            std::fs::read(repo.join("examples/instacart/orders.csv")).unwrap(),
+        );
+    let out = ["--set", "out=s3://bucket/monthly"];
+    for m in ["impute_days.m=7", "impute_days.m=5", "impute_days.m=7"] {
+        let mut args = vec!["run", "pipelines/monthly.yaml", "--set", m];
+        args.extend(out);
+        let run = run(&t, &server, &args);
+        assert_eq!(run.code, 0, "{}", run.stderr);
+    }
+    assert_eq!(
+        server.read("monthly/features/LATEST").unwrap(),
+        b"features_v1\n"
+    );
+    let versions: std::collections::BTreeSet<String> = server
+        .keys()
+        .into_iter()
+        .filter_map(|k| {
+            k.strip_prefix("monthly/features/")
+                .and_then(|rest| rest.split_once('/'))
+                .map(|(v, _)| v.to_owned())
+        })
+        .collect();
+    assert_eq!(
+        versions.into_iter().collect::<Vec<_>>(),
+        ["features_v1", "features_v2"]
+    );
+    // The status agrees: everything is up to date, the features at their first version.
+    let status = run(
+        &t,
+        &server,
+        &[
+            "status",
+            "pipelines/monthly.yaml",
+            "--set",
+            "out=s3://bucket/monthly",
+        ],
+    );
+    assert_eq!(
+        status.stdout, "all 5 stages are up to date\n",
+        "{}",
+        status.stderr
+    );
+}

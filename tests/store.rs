@@ -347,14 +347,22 @@ fn a_version_is_reused_for_the_same_content_and_new_for_other_content() {
     };
     for at in places(&fixture, "features/") {
         let shown = at.location.display(&fixture.workdir);
-        let versioning = Versioning { keep: None };
         assert_eq!(
             fixture.stores.version_identity(&at).unwrap(),
             None,
             "{shown}"
         );
         let mut numbers = Vec::new();
-        for (run, content) in [("r1", "a"), ("r2", "a"), ("r3", "b")] {
+        // Back to the first content: the first version again, never a duplicate; then back to
+        // the second with `keep: 1`, which archives the first and keeps the one LATEST names.
+        for (run, content, keep) in [
+            ("r1", "a", None),
+            ("r2", "a", None),
+            ("r3", "b", None),
+            ("r4", "a", None),
+            ("r5", "b", Some(1)),
+        ] {
+            let versioning = Versioning { keep };
             let from = staged_dir(
                 &fixture,
                 &format!("{run}/{shown}"),
@@ -383,8 +391,21 @@ fn a_version_is_reused_for_the_same_content_and_new_for_other_content() {
                 "{shown}: the latest version is what the lock records"
             );
             numbers.push((version.number, version.reused));
+            let latest = fixture
+                .stores
+                .latest_version(&at)
+                .expect("a latest version");
+            assert_eq!(
+                std::fs::read(latest.join("features.csv")).unwrap(),
+                content.as_bytes(),
+                "{shown} after {run}"
+            );
         }
-        assert_eq!(numbers, [(1, false), (1, true), (2, false)], "{shown}");
+        assert_eq!(
+            numbers,
+            [(1, false), (1, true), (2, false), (1, false), (2, false)],
+            "{shown}"
+        );
         let latest = fixture
             .stores
             .latest_version(&at)

@@ -1700,9 +1700,22 @@ fn last_cause(chain: &str) -> String {
 
 /// The versions in place under an S3 prefix, oldest first, each complete (with its manifest).
 fn s3_versions(storage: &Storage, bucket: &str, key: &str, base: &str) -> Result<Vec<u32>, String> {
-    let mut versions: Vec<u32> = storage
-        .list(bucket, key)
-        .map_err(|e| e.to_string())?
+    s3_listing(storage, bucket, key, base).map(|(versions, _)| versions)
+}
+
+/// The complete versions under `key/`, oldest first, and the ETag of its `LATEST`: one LIST.
+fn s3_listing(
+    storage: &Storage,
+    bucket: &str,
+    key: &str,
+    base: &str,
+) -> Result<(Vec<u32>, Option<String>), String> {
+    let listed = storage.list(bucket, key).map_err(|e| e.to_string())?;
+    let latest = listed
+        .iter()
+        .find(|(relative, _)| relative == LATEST)
+        .map(|(_, info)| info.etag.clone());
+    let mut versions: Vec<u32> = listed
         .into_iter()
         .filter_map(|(relative, _)| {
             let (folder, rest) = relative.split_once('/')?;
@@ -1712,15 +1725,18 @@ fn s3_versions(storage: &Storage, bucket: &str, key: &str, base: &str) -> Result
         .collect();
     versions.sort();
     versions.dedup();
-    Ok(versions)
+    Ok((versions, latest))
 }
 
-/// The name of the latest complete version under an S3 prefix (`features_v3`), found by LIST.
+/// The name of the latest complete version under an S3 prefix (`features_v3`): the one `LATEST`
+/// names, else the highest (LIST, and a GET of `LATEST`).
 fn latest_version(storage: &Storage, bucket: &str, key: &str) -> Result<Option<String>, String> {
     let base = versions::base_name(Path::new(key));
-    Ok(s3_versions(storage, bucket, key, &base)?
-        .last()
-        .map(|latest| format!("{base}_v{latest}")))
+    let (in_place, etag) = s3_listing(storage, bucket, key, &base)?;
+    Ok(
+        pointed_version(storage, bucket, key, &base, &in_place, etag.as_deref())?
+            .map(|latest| format!("{base}_v{latest}")),
+    )
 }
 
 /// The identity of an S3 versioned output as status compares it: its latest complete version,
@@ -1754,22 +1770,46 @@ fn commit_version(
         versions::files_of(staged).map_err(|e| format!("cannot read the staged output: {e}"))?;
     let content = versions::content_hash(&files);
     let base = versions::base_name(Path::new(key));
-    let in_place = s3_versions(storage, bucket, key, &base)?;
-    if let Some(&latest) = in_place.last() {
-        let name = format!("{base}_v{latest}");
-        if let Some(bytes) = storage
+    let (in_place, etag) = s3_listing(storage, bucket, key, &base)?;
+    let pointed = pointed_version(storage, bucket, key, &base, &in_place, etag.as_deref())?;
+    let content_of = |version: u32| -> Result<Option<String>, String> {
+        let name = format!("{base}_v{version}");
+        let Some(bytes) = storage
             .get_small(bucket, &format!("{key}/{name}/{META}"))
             .map_err(|e| e.to_string())?
-        {
-            let meta: versions::Meta = serde_json::from_slice(&bytes)
-                .map_err(|e| format!("s3://{bucket}/{key}/{name}/{META} is not valid: {e}"))?;
-            if meta.content_hash == content {
-                let hash = storage
-                    .committed_dir(bucket, &format!("{key}/{name}"))
-                    .map_err(|e| e.to_string())?
-                    .ok_or_else(|| format!("s3://{bucket}/{key}/{name} is gone"))?;
-                return Ok((latest, true, hash));
-            }
+        else {
+            return Ok(None);
+        };
+        let meta: versions::Meta = serde_json::from_slice(&bytes)
+            .map_err(|e| format!("s3://{bucket}/{key}/{name}/{META} is not valid: {e}"))?;
+        Ok(Some(meta.content_hash))
+    };
+    let identity = |version: u32| -> Result<ContentHash, String> {
+        let name = format!("{base}_v{version}");
+        storage
+            .committed_dir(bucket, &format!("{key}/{name}"))
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("s3://{bucket}/{key}/{name} is gone"))
+    };
+    if let Some(latest) = pointed {
+        if content_of(latest)?.as_deref() == Some(content.as_str()) {
+            return Ok((latest, true, identity(latest)?));
+        }
+    }
+    // The same content as an older version in place is that version, never a duplicate:
+    // LATEST moves back to it (a param changed and back, a restore from the run cache).
+    for &version in in_place.iter().rev() {
+        if Some(version) != pointed && content_of(version)?.as_deref() == Some(content.as_str()) {
+            let hash = identity(version)?;
+            storage
+                .put_small(
+                    bucket,
+                    &format!("{key}/{LATEST}"),
+                    format!("{base}_v{version}\n").into_bytes(),
+                )
+                .map_err(|e| e.to_string())?;
+            retire_s3(storage, bucket, key, &base, versioning, &in_place, version)?;
+            return Ok((version, false, hash));
         }
     }
     let archive = archive_key(key);
@@ -1813,22 +1853,71 @@ fn commit_version(
             format!("{}\n", meta.name).into_bytes(),
         )
         .map_err(|e| e.to_string())?;
-    if let Some(keep) = versioning.keep {
-        let mut all = in_place.clone();
-        all.push(next);
-        let excess = all.len().saturating_sub(keep.max(1) as usize);
-        for version in &all[..excess] {
-            let name = format!("{base}_v{version}");
-            storage
-                .move_prefix(
-                    bucket,
-                    &format!("{key}/{name}"),
-                    &format!("{archive}/{name}"),
-                )
-                .map_err(|e| e.to_string())?;
+    let mut all = in_place.clone();
+    all.push(next);
+    retire_s3(storage, bucket, key, &base, versioning, &all, next)?;
+    Ok((next, false, hash))
+}
+
+/// With `keep: K`, moves every version in place but `latest` and the newest `K - 1` others
+/// to `archive/`.
+fn retire_s3(
+    storage: &Storage,
+    bucket: &str,
+    key: &str,
+    base: &str,
+    versioning: &Versioning,
+    in_place: &[u32],
+    latest: u32,
+) -> Result<(), String> {
+    let Some(keep) = versioning.keep else {
+        return Ok(());
+    };
+    let archive = archive_key(key);
+    let others: Vec<u32> = in_place.iter().copied().filter(|v| *v != latest).collect();
+    let excess = others.len().saturating_sub(keep.max(1) as usize - 1);
+    for version in &others[..excess] {
+        let name = format!("{base}_v{version}");
+        storage
+            .move_prefix(
+                bucket,
+                &format!("{key}/{name}"),
+                &format!("{archive}/{name}"),
+            )
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// The version `LATEST` names, when it is complete and in place (a restore may have moved it
+/// back to an older one); else the highest complete one. `etag` is `LATEST`'s, from the
+/// listing: when it is the MD5 of the highest version's name, as it almost always is, nothing
+/// is read.
+fn pointed_version(
+    storage: &Storage,
+    bucket: &str,
+    key: &str,
+    base: &str,
+    in_place: &[u32],
+    etag: Option<&str>,
+) -> Result<Option<u32>, String> {
+    let highest = in_place.last().copied();
+    if let (Some(highest), Some(etag)) = (highest, etag) {
+        use md5::Digest;
+        let name = format!("{base}_v{highest}\n");
+        let digest = md5::Md5::digest(name.as_bytes());
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        if etag.trim_matches('"') == hex {
+            return Ok(Some(highest));
         }
     }
-    Ok((next, false, hash))
+    let named = storage
+        .get_small(bucket, &format!("{key}/{LATEST}"))
+        .map_err(|e| e.to_string())?
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .and_then(|text| versions::parse_version(text.trim(), base))
+        .filter(|v| in_place.contains(v));
+    Ok(named.or(highest))
 }
 
 /// `archive/` beside an S3 output prefix.
