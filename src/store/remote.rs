@@ -406,11 +406,11 @@ impl<'a> Remote<'a> {
                 .and_then(|m| SystemTime::now().duration_since(m).ok())
                 .is_some_and(|age| age >= grace)
         };
-        let remove = |at: &Location| -> Result<bool, StoreError> {
+        let remove = |at: &Location| -> Result<(), StoreError> {
             if !dry_run {
                 self.store.delete(at)?;
             }
-            Ok(true)
+            Ok(())
         };
         let mut blobs = std::collections::BTreeSet::new();
         let mut trees = std::collections::BTreeSet::new();
@@ -440,14 +440,12 @@ impl<'a> Remote<'a> {
                     }
                 }
                 Some(_) => {
-                    if remove(&at)? {
-                        removed.entries += 1;
-                    }
+                    remove(&at)?;
+                    removed.entries += 1;
                 }
                 None if old(listed.modified) => {
-                    if remove(&at)? {
-                        removed.entries += 1;
-                    }
+                    remove(&at)?;
+                    removed.entries += 1;
                 }
                 None => {}
             }
