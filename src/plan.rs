@@ -405,7 +405,9 @@ pub fn from_cache(
     store: &dyn Store,
     workdir: &Path,
 ) -> Option<(cache::Entry, FromCache)> {
-    if !now.missing.is_empty() {
+    // A stage without outputs is run for what it does (a deploy, a notification): never
+    // from the cache.
+    if !now.missing.is_empty() || stage.outputs.is_empty() {
         return None;
     }
     let entry = cache
@@ -572,6 +574,9 @@ pub fn static_plan(
     // Stale stages the cache brings back, and the identities their outputs will have.
     let mut restorable = BTreeSet::new();
     let mut predicted: BTreeMap<String, ContentHash> = BTreeMap::new();
+    // Outputs of those stages whose identity after the restore is not known beforehand (S3,
+    // versioned): a stage reading one is not predicted.
+    let mut unknown: Vec<String> = Vec::new();
     let mut out = Vec::new();
     for &index in dag.order() {
         if !selected.contains(&index) {
@@ -603,7 +608,18 @@ pub fn static_plan(
             .needs(index)
             .iter()
             .all(|(s, _)| !stale.contains(s) || restorable.contains(s));
-        if let (Some(cache), false, true) = (cache, reasons.is_empty(), upstream_restorable) {
+        let reads_unknown = stage.inputs.iter().any(|input| {
+            let key = input.declared.location.display(workdir);
+            unknown
+                .iter()
+                .any(|u| key == *u || key.starts_with(&format!("{}/", u.trim_end_matches('/'))))
+        });
+        if let (Some(cache), false, true, false) = (
+            cache,
+            reasons.is_empty(),
+            upstream_restorable,
+            reads_unknown,
+        ) {
             if !forced.contains(&index) {
                 let now = if upstream_stale {
                     snapshot_with(stage, workdir, &|declared| {
@@ -627,6 +643,8 @@ pub fn static_plan(
                         });
                         if local && stage.versioning.is_none() {
                             predicted.insert(key, output.committed);
+                        } else {
+                            unknown.push(key);
                         }
                     }
                 }

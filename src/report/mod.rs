@@ -440,40 +440,24 @@ impl crate::run::Events for RunPrinter {
                     ));
                 }
             }
-            Event::StageRestored {
-                name,
-                duration,
-                unchanged,
-                checks_passed,
-                computed,
-            } => {
-                self.tick();
-                self.set_running(|r| r.retain(|n| *n != safe(&name)));
-                if !self.quiet {
-                    let same = if unchanged { ", outputs unchanged" } else { "" };
-                    let checks = match checks_passed {
-                        0 => String::new(),
-                        1 => ", 1 check passed".to_owned(),
-                        n => format!(", {n} checks passed"),
-                    };
-                    self.line(format!(
-                        "{} {} (restored from the run cache in {:.2}s, computed in {:.2}s{same}{checks})",
-                        self.paint("1;32", "  done"),
-                        safe(&name),
-                        duration.as_secs_f64(),
-                        computed.as_secs_f64()
-                    ));
-                }
-            }
             Event::StageDone {
                 name,
                 duration,
                 unchanged,
                 checks_passed,
+                restored,
             } => {
                 self.tick();
                 self.set_running(|r| r.retain(|n| *n != safe(&name)));
                 if !self.quiet {
+                    let took = match restored {
+                        Some(computed) => format!(
+                            "restored from the run cache in {:.2}s, computed in {:.2}s",
+                            duration.as_secs_f64(),
+                            computed.as_secs_f64()
+                        ),
+                        None => format!("{:.2}s", duration.as_secs_f64()),
+                    };
                     let same = if unchanged { ", outputs unchanged" } else { "" };
                     let checks = match checks_passed {
                         0 => String::new(),
@@ -481,10 +465,9 @@ impl crate::run::Events for RunPrinter {
                         n => format!(", {n} checks passed"),
                     };
                     self.line(format!(
-                        "{} {} ({:.2}s{same}{checks})",
+                        "{} {} ({took}{same}{checks})",
                         self.paint("1;32", "  done"),
                         safe(&name),
-                        duration.as_secs_f64()
                     ));
                 }
             }

@@ -109,20 +109,15 @@ pub enum Event {
         name: String,
         reasons: Vec<String>,
     },
-    StageRestored {
-        name: String,
-        duration: Duration,
-        unchanged: bool,
-        checks_passed: usize,
-        /// How long computing it took, when it was computed.
-        computed: Duration,
-    },
+
     StageDone {
         name: String,
         duration: Duration,
         unchanged: bool,
         /// How many of its checks passed (the others missed with `warn`, and were warned of).
         checks_passed: usize,
+        /// Restored from the run cache rather than computed: how long computing it took.
+        restored: Option<Duration>,
     },
     StageFailed {
         name: String,
@@ -243,6 +238,16 @@ impl Context {
             }
         });
         usable.then_some(remote)
+    }
+
+    /// The remote, even after it failed in this run: to give up the leases this run holds.
+    fn remote_for_leases(&self) -> Option<crate::store::remote::Remote<'_>> {
+        let root = self.remote.clone()?;
+        Some(crate::store::remote::Remote::new(
+            &*self.store,
+            root,
+            &self.cache,
+        ))
     }
 
     /// The remote failed: warn once, and do without it for the rest of the run.

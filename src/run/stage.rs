@@ -124,7 +124,8 @@ async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
     let staging = Staging::new(&ctx, stage);
     let done = produce_and_commit(&ctx, index, &staging, now, locked, &mut record).await;
     staging.remove();
-    let lease = lease.map(LeaseGuard::stop);
+    // The lease stays renewed until the result is pushed, which may take long for large
+    // outputs: a waiting machine must not take it over meanwhile.
     match done {
         Ok(Committed {
             outputs,
@@ -149,6 +150,7 @@ async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
                 duration: started.elapsed(),
                 unchanged,
                 checks_passed,
+                restored: None,
             });
             Outcome::Ran { record }
         }
@@ -163,7 +165,11 @@ async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
 /// its blobs here, so that the stage is restored rather than computed. A corrupt object is
 /// warned of and not used; a remote that fails is warned of once and not asked again.
 async fn pull_remote(ctx: &Arc<Context>, fingerprint: &str) {
-    if ctx.remote.is_none() || ctx.cache.entry(fingerprint).is_some() {
+    let held = ctx
+        .cache
+        .entry(fingerprint)
+        .is_some_and(|e| e.outputs.values().all(|o| ctx.cache.holds(o)));
+    if ctx.remote.is_none() || held {
         return;
     }
     let ctx2 = ctx.clone();
@@ -198,25 +204,23 @@ const LEASE_POLL: std::time::Duration = std::time::Duration::from_millis(500);
 /// A lease this run holds while it computes a fingerprint, renewed in the background.
 struct LeaseGuard {
     fingerprint: String,
+    lease: Lease,
     renewing: tokio::task::JoinHandle<()>,
 }
 
-impl LeaseGuard {
-    /// Stops renewing; the lease stays until [`release`].
-    fn stop(self) -> String {
-        self.renewing.abort();
-        self.fingerprint
-    }
-}
-
-/// Gives up the lease on a fingerprint, if this run held one.
-async fn release(ctx: &Arc<Context>, fingerprint: Option<String>) {
-    let Some(fingerprint) = fingerprint else {
+/// Stops renewing the lease this run held, if any, and gives it up. Through the remote even
+/// when it failed earlier in the run (one more try): a lease left behind makes other machines
+/// wait until it expires.
+async fn release(ctx: &Arc<Context>, guard: Option<LeaseGuard>) {
+    let Some(guard) = guard else {
         return;
     };
+    guard.renewing.abort();
     let ctx2 = ctx.clone();
-    let released = tokio::task::spawn_blocking(move || match ctx2.remote() {
-        Some(remote) => remote.release(&fingerprint).map_err(|e| e.to_string()),
+    let released = tokio::task::spawn_blocking(move || match ctx2.remote_for_leases() {
+        Some(remote) => remote
+            .release(&guard.fingerprint, &guard.lease.run)
+            .map_err(|e| e.to_string()),
         None => Ok(()),
     })
     .await;
@@ -251,23 +255,33 @@ async fn claim(
         }
         let ctx2 = ctx.clone();
         let fingerprint = now.fingerprint.clone();
+        let lease = Lease::new(&ctx.run_id, LEASE_TTL);
+        let mine = lease.clone();
         let taken = tokio::task::spawn_blocking(move || {
             let remote = ctx2.remote()?;
-            let lease = Lease::new(&ctx2.run_id, LEASE_TTL);
-            Some(remote.take_lease(&fingerprint, &lease))
+            Some(remote.take_lease(&fingerprint, &mine))
         })
         .await;
         let held = match taken {
             Ok(None) => return Claim::Compute(None),
-            Ok(Some(Ok(Taken::Mine))) => {
-                return Claim::Compute(Some(renew(ctx, &now.fingerprint)));
-            }
-            Ok(Some(Ok(Taken::TookOver(gone)))) => {
-                ctx.events.event(Event::Warning(format!(
-                    "stage `{}`: the lease of {} (run {}), computing it since {}, expired without a result; this run computes it",
-                    stage.name, gone.holder, gone.run, gone.since
-                )));
-                return Claim::Compute(Some(renew(ctx, &now.fingerprint)));
+            Ok(Some(Ok(taken @ (Taken::Mine | Taken::TookOver(_))))) => {
+                if let Taken::TookOver(gone) = taken {
+                    ctx.events.event(Event::Warning(format!(
+                        "stage `{}`: the lease of {} (run {}), computing it since {}, expired without a result; this run computes it",
+                        stage.name, gone.holder, gone.run, gone.since
+                    )));
+                }
+                let guard = renew(ctx, &now.fingerprint, lease);
+                // A result published just before the lease was taken is restored, not
+                // computed again.
+                pull_remote(ctx, &now.fingerprint).await;
+                if let Some(outcome) =
+                    from_cache(ctx, index, now, locked, record.clone(), started).await
+                {
+                    release(ctx, Some(guard)).await;
+                    return Claim::Done(Box::new(outcome));
+                }
+                return Claim::Compute(Some(guard));
             }
             Ok(Some(Ok(Taken::Held(held)))) => held,
             Ok(Some(Err(e))) => {
@@ -310,37 +324,53 @@ async fn claim(
             match lease {
                 Ok(Some(Ok(Some(lease)))) if !lease.expired() => continue,
                 Ok(None) => return Claim::Compute(None),
-                // Given up, or expired: try to take it.
+                Ok(Some(Ok(None))) => {
+                    ctx.events.event(Event::Warning(format!(
+                        "stage `{}`: {} gave its lease up without a result (its computation failed, or was cancelled); this run computes it",
+                        stage.name, held.holder
+                    )));
+                    break;
+                }
+                // Expired, or the remote failed: try to take it (or compute without it).
                 _ => break,
             }
         }
     }
 }
 
-/// Renews the lease on `fingerprint` in the background until the guard stops it.
-fn renew(ctx: &Arc<Context>, fingerprint: &str) -> LeaseGuard {
+/// Renews `lease` on `fingerprint` in the background (same holder and `since`, a later expiry)
+/// until [`release`].
+fn renew(ctx: &Arc<Context>, fingerprint: &str, lease: Lease) -> LeaseGuard {
     let ctx2 = ctx.clone();
     let fp = fingerprint.to_owned();
+    let held = lease.clone();
     let renewing = tokio::spawn(async move {
         loop {
             tokio::time::sleep(LEASE_RENEW).await;
             let ctx3 = ctx2.clone();
             let fp = fp.clone();
-            let renewed = tokio::task::spawn_blocking(move || match ctx3.remote() {
-                Some(remote) => remote
-                    .renew(&fp, &Lease::new(&ctx3.run_id, LEASE_TTL))
-                    .map_err(|e| e.to_string()),
-                None => Ok(()),
+            let renewed = held.renewed(LEASE_TTL);
+            let outcome = tokio::task::spawn_blocking(move || match ctx3.remote() {
+                Some(remote) => remote.renew(&fp, &renewed).map_err(|e| e.to_string()),
+                None => Ok(true),
             })
             .await;
-            if let Ok(Err(e)) = renewed {
-                ctx2.remote_failed(&e);
-                return;
+            match outcome {
+                Ok(Ok(true)) => {}
+                // Taken over (this run was cut off from the remote for longer than a lease
+                // lives): the other run computes it too; nothing to renew.
+                Ok(Ok(false)) => return,
+                Ok(Err(e)) => {
+                    ctx2.remote_failed(&e);
+                    return;
+                }
+                Err(_) => return,
             }
         }
     });
     LeaseGuard {
         fingerprint: fingerprint.to_owned(),
+        lease,
         renewing,
     }
 }
@@ -510,6 +540,9 @@ async fn remember(
     reported: usize,
 ) -> Option<Entry> {
     let fingerprint = record.fingerprint.clone()?;
+    if ctx.dag.stage(index).outputs.is_empty() {
+        return None;
+    }
     let stage = ctx.dag.stage(index);
     let workdir = &ctx.dag.pipeline().workdir;
     let outputs = stage
@@ -534,6 +567,7 @@ async fn remember(
                     files: stored.files,
                     committed,
                     meta,
+                    executable: stored.executable,
                 },
             ))
         })
@@ -693,12 +727,12 @@ async fn from_cache(
             record.outputs = outputs;
             record.unchanged = unchanged;
             record.duration_ms = started.elapsed().as_millis() as u64;
-            ctx.events.event(Event::StageRestored {
+            ctx.events.event(Event::StageDone {
                 name: stage.name.clone(),
                 duration: started.elapsed(),
                 unchanged,
                 checks_passed,
-                computed: std::time::Duration::from_millis(entry.duration_ms),
+                restored: Some(std::time::Duration::from_millis(entry.duration_ms)),
             });
             Some(Outcome::Ran { record })
         }

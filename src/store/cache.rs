@@ -61,6 +61,10 @@ pub struct CachedOutput {
     /// into a new version keeps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub meta: Option<String>,
+    /// The files that were executable (paths in a folder; `""` for a file output): restored
+    /// so. Every other restored file is an ordinary 0644 file.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub executable: Vec<String>,
 }
 
 /// What a stage fingerprint produced.
@@ -89,12 +93,67 @@ pub struct Entry {
     pub report: Json,
 }
 
+/// What an entry needs: its blobs (hash and size; a version's metadata counts 0) and its
+/// folders' manifests, each once, sorted.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Needs {
+    pub blobs: Vec<(String, u64)>,
+    pub trees: Vec<String>,
+}
+
+impl Entry {
+    /// Whether every hash it names is one: an entry from elsewhere (a remote) that names
+    /// anything else is not used.
+    pub fn is_valid(&self) -> bool {
+        is_hash(&self.fingerprint)
+            && self
+                .outputs
+                .values()
+                .all(|o| is_hash(&o.blake3) && o.meta.as_deref().is_none_or(is_hash))
+    }
+
+    /// Every blob and folder manifest this entry refers to, the files of a folder read through
+    /// `manifest` (from this cache, or from a remote).
+    pub fn needs<E>(
+        &self,
+        mut manifest: impl FnMut(&str) -> Result<Vec<MetaFile>, E>,
+    ) -> Result<Needs, E> {
+        let mut needs = Needs::default();
+        for output in self.outputs.values() {
+            needs
+                .blobs
+                .extend(output.meta.iter().map(|m| (m.clone(), 0)));
+            match output.files {
+                None => needs.blobs.push((output.blake3.clone(), output.size)),
+                Some(_) => {
+                    needs.trees.push(output.blake3.clone());
+                    let files = manifest(&output.blake3)?;
+                    needs
+                        .blobs
+                        .extend(files.into_iter().map(|f| (f.blake3, f.size)));
+                }
+            }
+        }
+        needs.blobs.sort();
+        needs.blobs.dedup_by(|a, b| a.0 == b.0);
+        needs.trees.sort();
+        needs.trees.dedup();
+        Ok(needs)
+    }
+}
+
 /// What [`RunCache::store`] kept of one staged output.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Stored {
     pub blake3: String,
     pub size: u64,
     pub files: Option<u64>,
+    /// The executable files, as [`CachedOutput::executable`] lists them.
+    pub executable: Vec<String>,
+}
+
+fn is_executable(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o111 != 0)
 }
 
 /// Why a cached output could not be brought back.
@@ -143,12 +202,20 @@ pub struct RunCache {
     root: PathBuf,
 }
 
-fn split(hash: &str) -> (&str, &str) {
-    hash.split_at(2.min(hash.len()))
+/// `ab`, `cdef…` for a hash `abcdef…`. Anything but a BLAKE3 in lowercase hex (which a
+/// tampered entry could hold: `../…`, an absolute path) names a place that is never written,
+/// so that no path built from it leaves the cache.
+pub(super) fn split(hash: &str) -> (&str, &str) {
+    if is_hash(hash) {
+        hash.split_at(2)
+    } else {
+        ("invalid", "invalid")
+    }
 }
 
-fn is_hash(name: &str) -> bool {
-    name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit())
+/// A BLAKE3 as imba writes it: 64 lowercase hex digits.
+pub fn is_hash(name: &str) -> bool {
+    name.len() == 64 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// A name for a temporary file under `dir`, unique per process and call.
@@ -226,12 +293,23 @@ impl RunCache {
                 blake3,
                 size,
                 files: None,
+                executable: if is_executable(staged) {
+                    vec![String::new()]
+                } else {
+                    Vec::new()
+                },
             });
         }
         let mut files = Vec::new();
-        for entry in walkdir::WalkDir::new(staged).sort_by_file_name() {
+        let mut executable = Vec::new();
+        // Links are followed, as the stat cache follows them when it hashes a folder: a
+        // link is kept as the file it points to, and the folder's hash stays the same.
+        for entry in walkdir::WalkDir::new(staged)
+            .follow_links(true)
+            .sort_by_file_name()
+        {
             let entry = entry.map_err(io::Error::other)?;
-            if !entry.file_type().is_file() {
+            if entry.file_type().is_dir() {
                 continue;
             }
             let relative = entry
@@ -241,6 +319,9 @@ impl RunCache {
                 .to_string_lossy()
                 .replace('\\', "/");
             let (blake3, size) = self.store_file(entry.path())?;
+            if is_executable(entry.path()) {
+                executable.push(relative.clone());
+            }
             files.push(MetaFile {
                 path: relative,
                 size,
@@ -259,6 +340,7 @@ impl RunCache {
             blake3,
             size,
             files: Some(count),
+            executable,
         })
     }
 
@@ -329,8 +411,9 @@ impl RunCache {
         let entry: Entry = serde_json::from_slice(&bytes).ok()?;
         (entry.format == ENTRY_FORMAT
             && entry.imba == release_line()
-            && entry.fingerprint == fingerprint)
-            .then_some(entry)
+            && entry.fingerprint == fingerprint
+            && entry.is_valid())
+        .then_some(entry)
     }
 
     /// Marks the entry of `fingerprint` as used now.
@@ -386,7 +469,7 @@ impl RunCache {
                 actual: format!("unreadable JSON ({e})"),
             })?;
         let actual = content_hash(&files);
-        if actual != hash {
+        if actual != hash || !files.iter().all(|f| is_hash(&f.blake3)) {
             return Err(RestoreError::Corrupt {
                 what: "folder manifest",
                 output: path.display().to_string(),
@@ -405,8 +488,22 @@ impl RunCache {
         to: &Path,
         shown: &str,
     ) -> Result<(), RestoreError> {
+        let executable = |relative: &str, path: &Path| -> Result<(), RestoreError> {
+            if output.executable.iter().any(|e| e == relative) {
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).map_err(
+                    |source| RestoreError::Io {
+                        output: shown.to_owned(),
+                        source,
+                    },
+                )?;
+            }
+            Ok(())
+        };
         match output.files {
-            None => self.restore_file(&output.blake3, to, shown),
+            None => {
+                self.restore_file(&output.blake3, to, shown)?;
+                executable("", to)
+            }
             Some(_) => {
                 let files = self.manifest(&output.blake3)?;
                 let io = |source| RestoreError::Io {
@@ -436,6 +533,7 @@ impl RunCache {
                         &target,
                         &format!("{}/{}", shown.trim_end_matches('/'), file.path),
                     )?;
+                    executable(&file.path, &target)?;
                 }
                 Ok(())
             }
@@ -444,7 +542,7 @@ impl RunCache {
 
     fn restore_file(&self, hash: &str, to: &Path, shown: &str) -> Result<(), RestoreError> {
         let blob = self.blob_path(hash);
-        if !blob.is_file() {
+        if !is_hash(hash) || !blob.is_file() {
             return Err(RestoreError::Missing {
                 what: "blob",
                 hash: hash.to_owned(),
@@ -522,20 +620,12 @@ impl RunCache {
                 .and_then(|b| serde_json::from_slice::<Entry>(&b).ok());
             match entry {
                 Some(entry) if keep(&entry, used_at(&file)) => {
-                    for output in entry.outputs.values() {
-                        blobs.extend(output.meta.iter().cloned());
-                        match output.files {
-                            None => {
-                                blobs.insert(output.blake3.clone());
-                            }
-                            Some(_) => {
-                                trees.insert(output.blake3.clone());
-                                if let Ok(files) = self.manifest(&output.blake3) {
-                                    blobs.extend(files.into_iter().map(|f| f.blake3));
-                                }
-                            }
-                        }
-                    }
+                    // A manifest that cannot be read keeps nothing of its own.
+                    let needs =
+                        entry.needs(|hash| Ok::<_, ()>(self.manifest(hash).unwrap_or_default()));
+                    let needs = needs.unwrap_or_default();
+                    blobs.extend(needs.blobs.into_iter().map(|(hash, _)| hash));
+                    trees.extend(needs.trees);
                 }
                 _ => {
                     if remove(&file) {
@@ -586,21 +676,15 @@ impl RunCache {
         let mut total = 0u64;
         let mut kept = BTreeSet::new();
         for (entry, _) in &entries {
+            let needs = entry
+                .needs(|hash| Ok::<_, ()>(self.manifest(hash).unwrap_or_default()))
+                .unwrap_or_default();
             let mut size = 0;
             let mut new = Vec::new();
-            for output in entry.outputs.values() {
-                let files = match output.files {
-                    None => vec![(output.blake3.clone(), output.size)],
-                    Some(_) => self
-                        .manifest(&output.blake3)
-                        .map(|f| f.into_iter().map(|f| (f.blake3, f.size)).collect())
-                        .unwrap_or_default(),
-                };
-                for (hash, bytes) in files {
-                    if !counted.contains(&hash) && !new.contains(&hash) {
-                        size += bytes;
-                        new.push(hash);
-                    }
+            for (hash, bytes) in needs.blobs {
+                if !counted.contains(&hash) {
+                    size += bytes;
+                    new.push(hash);
                 }
             }
             if total + size > max_bytes {
@@ -641,6 +725,7 @@ mod tests {
                 etag: None,
             },
             meta: None,
+            executable: stored.executable.clone(),
         }
     }
 
@@ -705,6 +790,58 @@ mod tests {
             std::fs::read(cache.blob_path(&f.blake3)).unwrap(),
             b"a,b\n1,2\n"
         );
+    }
+
+    #[test]
+    fn links_executables_and_tampered_hashes() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = RunCache::new(dir.path().join("cache"));
+        let folder = dir.path().join("d");
+        std::fs::create_dir_all(&folder).unwrap();
+        std::fs::write(folder.join("tool"), "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(folder.join("tool"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        std::fs::write(folder.join("model.rds"), "model").unwrap();
+        std::os::unix::fs::symlink("model.rds", folder.join("current")).unwrap();
+        let stored = cache.store(&folder, true).unwrap();
+        // The folder hashes as the stat cache hashes it: the link as what it points to.
+        let stat = crate::store::StatCache::in_memory();
+        assert_eq!(
+            stat.hash_path(&folder).unwrap().unwrap().hash,
+            stored.blake3
+        );
+        assert_eq!(stored.executable, ["tool"]);
+        let back = dir.path().join("back");
+        cache.restore(&output(&stored), &back, "d").unwrap();
+        assert_eq!(std::fs::read(back.join("current")).unwrap(), b"model");
+        let mode = |p: &str| {
+            std::fs::metadata(back.join(p))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        assert_eq!((mode("tool"), mode("model.rds")), (0o755, 0o644));
+
+        // An entry naming anything but a hash (a tampered remote) is never used, and no path
+        // built from such a name leaves the cache.
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "keep me").unwrap();
+        let fp = "cd".repeat(32);
+        let mut bad = entry(&fp, &[("out", &stored)]);
+        if let Some(o) = bad.outputs.get_mut("out") {
+            o.blake3 = format!("ab/{}", victim.display());
+            o.files = None;
+        }
+        assert!(!bad.is_valid());
+        cache.put_entry(&bad).unwrap();
+        assert_eq!(cache.entry(&fp), None);
+        let out = &bad.outputs["out"];
+        assert!(!cache.blob_path(&out.blake3).starts_with(&victim));
+        cache
+            .restore(out, &dir.path().join("x"), "out")
+            .unwrap_err();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep me");
     }
 
     #[test]

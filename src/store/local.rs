@@ -180,8 +180,11 @@ impl Store for LocalStore {
         let path = path_of(at)?;
         let parent = path.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(parent).map_err(|e| written(path, e))?;
+        // Unique per process and call: two stages sending the same blob never share it.
+        static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tmp = parent.join(format!(
-            ".{}.imba-send-{}",
+            ".{}.imba-send-{}-{call}",
             path.file_name().unwrap_or_default().to_string_lossy(),
             std::process::id()
         ));

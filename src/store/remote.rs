@@ -95,6 +95,14 @@ impl Lease {
     pub fn expired(&self) -> bool {
         epoch() > self.expires
     }
+
+    /// The same lease, expiring `ttl` from now.
+    pub fn renewed(&self, ttl: Duration) -> Lease {
+        Lease {
+            expires: epoch() + ttl.as_secs(),
+            ..self.clone()
+        }
+    }
 }
 
 fn epoch() -> u64 {
@@ -132,9 +140,7 @@ pub enum Taken {
     Held(Lease),
 }
 
-fn split(hash: &str) -> (&str, &str) {
-    hash.split_at(2.min(hash.len()))
-}
+use super::cache::{is_hash, split};
 
 impl<'a> Remote<'a> {
     pub fn new(store: &'a dyn Store, root: Location, cache: &'a RunCache) -> Self {
@@ -199,26 +205,18 @@ impl<'a> Remote<'a> {
         };
         let entry: Option<Entry> = serde_json::from_slice(&bytes).ok();
         Ok(entry.filter(|e| {
-            e.format == ENTRY_FORMAT && e.imba == release_line() && e.fingerprint == fingerprint
+            e.format == ENTRY_FORMAT
+                && e.imba == release_line()
+                && e.fingerprint == fingerprint
+                && e.is_valid()
         }))
     }
 
     /// Brings the blobs of `entry` that the local cache lacks, each checked, then the entry.
     pub fn fetch(&self, entry: &Entry, progress: Progress) -> Result<Moved, FetchError> {
-        let mut blobs: Vec<(String, u64)> = Vec::new();
-        for output in entry.outputs.values() {
-            blobs.extend(output.meta.iter().map(|m| (m.clone(), 0)));
-            match output.files {
-                None => blobs.push((output.blake3.clone(), output.size)),
-                Some(_) => {
-                    let files = self.fetch_tree(&output.blake3)?;
-                    blobs.extend(files.into_iter().map(|f| (f.blake3, f.size)));
-                }
-            }
-        }
-        blobs.sort();
-        blobs.dedup();
-        let missing: Vec<(String, u64)> = blobs
+        let missing: Vec<(String, u64)> = entry
+            .needs(|hash| self.fetch_tree(hash))?
+            .blobs
             .into_iter()
             .filter(|(hash, _)| !self.cache.blob_path(hash).is_file())
             .collect();
@@ -251,7 +249,7 @@ impl<'a> Remote<'a> {
                 actual: format!("unreadable JSON ({e})"),
             })?;
         let actual = super::versions::content_hash(&files);
-        if actual != hash {
+        if actual != hash || !is_hash(hash) || !files.iter().all(|f| is_hash(&f.blake3)) {
             return Err(FetchError::Corrupt {
                 url,
                 expected: hash.to_owned(),
@@ -280,6 +278,8 @@ impl<'a> Remote<'a> {
         };
         if actual != hash {
             let _ = std::fs::remove_file(&tmp);
+            // Of no use to anyone: removed, so that the next push of that content replaces it.
+            let _ = self.store.delete(&at);
             return Err(FetchError::Corrupt {
                 url: self.url(&at),
                 expected: hash.to_owned(),
@@ -292,27 +292,18 @@ impl<'a> Remote<'a> {
 
     /// Sends the blobs, folder manifests and entry of `entry` that the remote lacks.
     pub fn push(&self, entry: &Entry, progress: Progress) -> Result<Moved, StoreError> {
-        let mut blobs: Vec<(String, u64)> = Vec::new();
-        for output in entry.outputs.values() {
-            blobs.extend(output.meta.iter().map(|m| (m.clone(), 0)));
-            match output.files {
-                None => blobs.push((output.blake3.clone(), output.size)),
-                Some(_) => {
-                    let files = self
-                        .cache
-                        .manifest(&output.blake3)
-                        .map_err(|e| StoreError::Other(e.to_string()))?;
-                    let at = self.tree(&output.blake3);
-                    if !self.store.exists(&at)? {
-                        self.store
-                            .send(&self.cache.tree_path(&output.blake3), &at)?;
-                    }
-                    blobs.extend(files.into_iter().map(|f| (f.blake3, f.size)));
-                }
+        let needs = entry.needs(|hash| {
+            self.cache
+                .manifest(hash)
+                .map_err(|e| StoreError::Other(e.to_string()))
+        })?;
+        for hash in &needs.trees {
+            let at = self.tree(hash);
+            if !self.store.exists(&at)? {
+                self.store.send(&self.cache.tree_path(hash), &at)?;
             }
         }
-        blobs.sort();
-        blobs.dedup();
+        let blobs = needs.blobs;
         let present = AtomicU64::new(0);
         let done = self.parallel(
             &blobs,
@@ -422,22 +413,13 @@ impl<'a> Remote<'a> {
                 .and_then(|bytes| serde_json::from_slice(&bytes).ok());
             match entry {
                 Some(entry) if keep(&entry, listed.modified) => {
-                    for output in entry.outputs.values() {
-                        blobs.extend(output.meta.iter().cloned());
-                        match output.files {
-                            None => {
-                                blobs.insert(output.blake3.clone());
-                            }
-                            Some(_) => {
-                                trees.insert(output.blake3.clone());
-                                // A manifest that cannot be read keeps nothing of its own;
-                                // the fetch of its entry would fail anyway.
-                                if let Ok(files) = self.fetch_tree(&output.blake3) {
-                                    blobs.extend(files.into_iter().map(|f| f.blake3));
-                                }
-                            }
-                        }
-                    }
+                    // A manifest that cannot be read keeps nothing of its own; the fetch of
+                    // its entry would fail anyway.
+                    let needs = entry
+                        .needs(|hash| Ok::<_, ()>(self.fetch_tree(hash).unwrap_or_default()))
+                        .unwrap_or_default();
+                    blobs.extend(needs.blobs.into_iter().map(|(hash, _)| hash));
+                    trees.extend(needs.trees);
                 }
                 Some(_) => {
                     remove(&at)?;
@@ -517,14 +499,23 @@ impl<'a> Remote<'a> {
             .and_then(|b| serde_json::from_slice(&b).ok()))
     }
 
-    /// Extends a lease this run holds.
-    pub fn renew(&self, fingerprint: &str, lease: &Lease) -> Result<(), StoreError> {
+    /// Extends a lease this run holds: `false` when it is no longer this run's (another run
+    /// took it over after it expired), and then it is left alone.
+    pub fn renew(&self, fingerprint: &str, lease: &Lease) -> Result<bool, StoreError> {
+        if self.lease(fingerprint)?.is_some_and(|l| l.run != lease.run) {
+            return Ok(false);
+        }
         let bytes = serde_json::to_vec(lease).map_err(|e| StoreError::Other(e.to_string()))?;
-        self.store.put(&self.lease_at(fingerprint), &bytes)
+        self.store.put(&self.lease_at(fingerprint), &bytes)?;
+        Ok(true)
     }
 
-    /// Gives a lease up (after its entry was pushed, or the computation failed).
-    pub fn release(&self, fingerprint: &str) -> Result<(), StoreError> {
-        self.store.delete(&self.lease_at(fingerprint))
+    /// Gives up the lease run `run` holds on `fingerprint` (after its entry was pushed, or the
+    /// computation failed); a lease another run holds now is left alone.
+    pub fn release(&self, fingerprint: &str, run: &str) -> Result<(), StoreError> {
+        match self.lease(fingerprint)? {
+            Some(lease) if lease.run != run => Ok(()),
+            _ => self.store.delete(&self.lease_at(fingerprint)),
+        }
     }
 }
