@@ -5,23 +5,10 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::path::Path;
-
 use common::Test;
 
-/// The shipped monthly pipeline and sample, in a temp dir.
 fn monthly() -> Test {
-    let repo = common::repo();
-    Test::new()
-        .file(
-            "pipelines/monthly.yaml",
-            std::fs::read(repo.join("pipelines/monthly.yaml")).unwrap(),
-        )
-        .file(
-            "examples/instacart/orders.csv",
-            std::fs::read(repo.join("examples/instacart/orders.csv")).unwrap(),
-        )
+    common::monthly("")
 }
 
 fn run(t: &Test, args: &[&str]) -> common::Output {
@@ -51,21 +38,6 @@ fn decisions(t: &Test) -> Vec<String> {
         .collect()
 }
 
-/// Every file under `dir` (relative path → bytes), but what a run writes about itself: the
-/// version metadata carries its creation time.
-fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    walkdir::WalkDir::new(dir)
-        .sort_by_file_name()
-        .into_iter()
-        .flatten()
-        .filter(|e| e.file_type().is_file())
-        .map(|e| {
-            let relative = e.path().strip_prefix(dir).unwrap().display().to_string();
-            (relative, std::fs::read(e.path()).unwrap())
-        })
-        .collect()
-}
-
 fn all(decision: &str) -> Vec<String> {
     [
         "clean_orders",
@@ -83,7 +55,7 @@ fn all(decision: &str) -> Vec<String> {
 fn alternating_out_folders_compute_nothing_the_third_time() {
     let t = monthly();
     run(&t, &["--set", "out=out/a"]);
-    let first = tree(&t.path().join("out/a"));
+    let first = common::tree(&t.path().join("out/a"));
     run(&t, &["--set", "out=out/b"]);
     assert_eq!(decisions(&t), all("ran"));
     let third = run(&t, &["--set", "out=out/a"]);
@@ -93,7 +65,7 @@ fn alternating_out_folders_compute_nothing_the_third_time() {
         "{}",
         third.stderr
     );
-    assert_eq!(tree(&t.path().join("out/a")), first);
+    assert_eq!(common::tree(&t.path().join("out/a")), first);
     // The lock now describes out/a: a fourth run skips as any up-to-date run does.
     run(&t, &["--set", "out=out/a"]);
     assert_eq!(decisions(&t), all("skipped"));
@@ -105,7 +77,7 @@ fn alternating_out_folders_compute_nothing_the_third_time() {
 fn a_param_changed_and_changed_back_is_restored_byte_for_byte() {
     let t = monthly();
     run(&t, &[]);
-    let first = tree(&t.path().join("out/monthly"));
+    let first = common::tree(&t.path().join("out/monthly"));
     run(&t, &["--set", "impute_days.m=5"]);
     let second = decisions(&t);
     assert_eq!(second[2], "impute_days ran");
@@ -139,7 +111,7 @@ fn a_param_changed_and_changed_back_is_restored_byte_for_byte() {
         "{}",
         third.stderr
     );
-    let now = tree(&t.path().join("out/monthly"));
+    let now = common::tree(&t.path().join("out/monthly"));
     // Every output as the first run wrote it, and nothing new but the m=5 run's version (which
     // stays, as versions do): the features are their first version again, not a copy of it.
     for (path, bytes) in &first {

@@ -6,23 +6,14 @@ mod common;
 #[path = "common/s3.rs"]
 mod s3;
 
-use std::collections::BTreeMap;
-use std::path::Path;
-
 use common::{Output, Test};
 use s3::S3Server;
 
 const REMOTE: &str = "\ncache:\n  remote: s3://bucket/imba-cache\n  push: auto\n";
 
-/// The shipped monthly pipeline and sample, with a remote run cache that runs push to.
+/// A clone of the repository with the monthly pipeline, its `cache:` section appended.
 fn clone(cache: &str) -> Test {
-    let repo = common::repo();
-    let mut yaml = std::fs::read_to_string(repo.join("pipelines/monthly.yaml")).unwrap();
-    yaml.push_str(cache);
-    Test::new().file("pipelines/monthly.yaml", yaml).file(
-        "examples/instacart/orders.csv",
-        std::fs::read(repo.join("examples/instacart/orders.csv")).unwrap(),
-    )
+    common::monthly(cache)
 }
 
 fn command(t: &Test, server: &S3Server, args: &[&str]) -> std::process::Command {
@@ -81,27 +72,13 @@ fn every(decision: &str) -> Vec<(String, String)> {
     .collect()
 }
 
-/// Every file under `dir`, relative path → bytes.
-fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    walkdir::WalkDir::new(dir)
-        .sort_by_file_name()
-        .into_iter()
-        .flatten()
-        .filter(|e| e.file_type().is_file())
-        .map(|e| {
-            let relative = e.path().strip_prefix(dir).unwrap().display().to_string();
-            (relative, std::fs::read(e.path()).unwrap())
-        })
-        .collect()
-}
-
 #[test]
 fn a_second_clone_computes_nothing_and_pull_alone_brings_the_outputs() {
     let server = S3Server::start();
     let first = clone(REMOTE);
     ok(&first, &server, &["run", "pipelines/monthly.yaml"]);
     assert_eq!(decisions(&first), every("ran"));
-    let outputs = tree(&first.path().join("out/monthly"));
+    let outputs = common::tree(&first.path().join("out/monthly"));
     assert!(server
         .keys()
         .iter()
@@ -123,7 +100,7 @@ fn a_second_clone_computes_nothing_and_pull_alone_brings_the_outputs() {
     );
     let run = ok(&second, &server, &["run", "pipelines/monthly.yaml"]);
     assert_eq!(decisions(&second), every("restored"), "{}", run.stderr);
-    assert_eq!(tree(&second.path().join("out/monthly")), outputs);
+    assert_eq!(common::tree(&second.path().join("out/monthly")), outputs);
     assert_eq!(
         second.read("pipelines/monthly.lock"),
         first.read("pipelines/monthly.lock")
@@ -141,7 +118,7 @@ fn a_second_clone_computes_nothing_and_pull_alone_brings_the_outputs() {
         "{}",
         pulled.stderr
     );
-    assert_eq!(tree(&third.path().join("out/monthly")), outputs);
+    assert_eq!(common::tree(&third.path().join("out/monthly")), outputs);
     let status = ok(&third, &server, &["status", "pipelines/monthly.yaml"]);
     assert_eq!(status.stdout, "all 5 stages are up to date\n");
 }
@@ -217,8 +194,8 @@ fn two_machines_at_once_compute_each_stage_once() {
         );
     }
     assert_eq!(
-        tree(&a.path().join("out/monthly")),
-        tree(&b.path().join("out/monthly"))
+        common::tree(&a.path().join("out/monthly")),
+        common::tree(&b.path().join("out/monthly"))
     );
 }
 

@@ -151,3 +151,29 @@ impl Test {
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
+
+/// The shipped monthly pipeline (with `extra` appended to its file) and its sample orders, in a
+/// temp dir of their own: a clone of the repository, as far as the pipeline is concerned.
+pub fn monthly(extra: &str) -> Test {
+    let repo = repo();
+    let mut yaml = std::fs::read_to_string(repo.join("pipelines/monthly.yaml")).unwrap();
+    yaml.push_str(extra);
+    Test::new().file("pipelines/monthly.yaml", yaml).file(
+        "examples/instacart/orders.csv",
+        std::fs::read(repo.join("examples/instacart/orders.csv")).unwrap(),
+    )
+}
+
+/// Every file under `dir`: relative path → bytes.
+pub fn tree(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    walkdir::WalkDir::new(dir)
+        .sort_by_file_name()
+        .into_iter()
+        .flatten()
+        .filter(|e| e.file_type().is_file())
+        .map(|e| {
+            let relative = e.path().strip_prefix(dir).unwrap().display().to_string();
+            (relative, std::fs::read(e.path()).unwrap())
+        })
+        .collect()
+}
