@@ -19,22 +19,11 @@ fn run(t: &Test, args: &[&str]) -> common::Output {
     out
 }
 
-/// The decision of each stage in the latest run, from `imba show --json`.
+/// `STAGE DECISION` of each stage in the latest run.
 fn decisions(t: &Test) -> Vec<String> {
-    let out = t.exec(&["show", "pipelines/monthly.yaml", "--json"]);
-    assert_eq!(out.code, 0, "{}", out.stderr);
-    let record: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
-    record["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            format!(
-                "{} {}",
-                s["name"].as_str().unwrap(),
-                s["decision"].as_str().unwrap()
-            )
-        })
+    t.decisions_of("pipelines/monthly.yaml")
+        .into_iter()
+        .map(|(stage, decision)| format!("{stage} {decision}"))
         .collect()
 }
 

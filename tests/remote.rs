@@ -43,20 +43,7 @@ fn ok(t: &Test, server: &S3Server, args: &[&str]) -> Output {
 }
 
 fn decisions(t: &Test) -> Vec<(String, String)> {
-    let out = t.exec(&["show", "pipelines/monthly.yaml", "--json"]);
-    assert_eq!(out.code, 0, "{}", out.stderr);
-    let record: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
-    record["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            (
-                s["name"].as_str().unwrap().to_owned(),
-                s["decision"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect()
+    t.decisions_of("pipelines/monthly.yaml")
 }
 
 fn every(decision: &str) -> Vec<(String, String)> {

@@ -1051,24 +1051,11 @@ fn ctrl_c_interrupts_a_stalled_upload_within_a_second() {
 #[test]
 fn alternating_an_s3_out_and_a_local_one_computes_each_once() {
     let server = S3Server::start();
-    let repo = common::repo();
-    let t = Test::new()
-        .file(
-            "pipelines/monthly.yaml",
-            std::fs::read(repo.join("pipelines/monthly.yaml")).unwrap(),
-        )
-        .file(
-            "examples/instacart/orders.csv",
-            std::fs::read(repo.join("examples/instacart/orders.csv")).unwrap(),
-        );
+    let t = common::monthly("");
     let decisions = || -> Vec<String> {
-        let out = t.exec(&["show", "pipelines/monthly.yaml", "--json"]);
-        let record: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
-        record["stages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s["decision"].as_str().unwrap().to_owned())
+        t.decisions_of("pipelines/monthly.yaml")
+            .into_iter()
+            .map(|(_, decision)| decision)
             .collect()
     };
     let s3 = [
@@ -1096,16 +1083,7 @@ fn alternating_an_s3_out_and_a_local_one_computes_each_once() {
 #[test]
 fn a_versioned_s3_output_goes_back_to_the_version_with_that_content() {
     let server = S3Server::start();
-    let repo = common::repo();
-    let t = Test::new()
-        .file(
-            "pipelines/monthly.yaml",
-            std::fs::read(repo.join("pipelines/monthly.yaml")).unwrap(),
-        )
-        .file(
-            "examples/instacart/orders.csv",
-            std::fs::read(repo.join("examples/instacart/orders.csv")).unwrap(),
-        );
+    let t = common::monthly("");
     let out = ["--set", "out=s3://bucket/monthly"];
     for m in ["impute_days.m=7", "impute_days.m=5", "impute_days.m=7"] {
         let mut args = vec!["run", "pipelines/monthly.yaml", "--set", m];

@@ -120,7 +120,12 @@ impl Test {
 
     /// The decision of each stage in the latest run of `pipeline.yaml`, from its record.
     pub fn decisions(&self) -> Vec<(String, String)> {
-        let out = self.exec(&["show", "pipeline.yaml", "--json"]);
+        self.decisions_of("pipeline.yaml")
+    }
+
+    /// The decision of each stage in the latest run of `pipeline`, from its record.
+    pub fn decisions_of(&self, pipeline: &str) -> Vec<(String, String)> {
+        let out = self.exec(&["show", pipeline, "--json"]);
         assert_eq!(out.code, 0, "{}", out.stderr);
         let record: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
         record["stages"]
