@@ -50,7 +50,8 @@ pub enum Command {
     /// Run what is stale, then watch the pipeline's source inputs, its file and vars files, and
     /// re-run exactly the stages a change affects, until Ctrl-C.
     Watch(WatchArgs),
-    /// List the stages that are out of date, and why; runs nothing.
+    /// List the stages that are out of date, and why; runs nothing. With `-q`: print nothing,
+    /// exit 1 when a stage is out of date (to gate CI).
     Status(StatusArgs),
     /// Draw the stage graph (text, DOT, Mermaid or JSON) on stdout.
     Dag(DagArgs),
@@ -621,6 +622,12 @@ fn status_command(args: StatusArgs, registry: &Registry, printer: &Printer) -> E
             if args.json {
                 let json = serde_json::json!({ "stages": statuses });
                 printer.data(&(serde_json::to_string_pretty(&json).unwrap_or_default() + "\n"));
+            } else if printer.quiet {
+                // `imba status -q` gates CI as `dvc status -q` does: nothing printed, exit 1
+                // when anything selected is stale.
+                if statuses.iter().any(|s| s.stale) {
+                    return ExitCode::from(EXIT_STAGE_FAILED);
+                }
             } else {
                 printer.data(&crate::report::tables::plan(&statuses, "are stale"));
             }

@@ -180,3 +180,19 @@ fn error_catalogue() -> String {
     }
     out
 }
+
+/// docs/README.md lists every page of docs/, so none is linked from nowhere.
+#[test]
+fn the_docs_index_lists_every_page() {
+    let docs = common::repo().join("docs");
+    let index = std::fs::read_to_string(docs.join("README.md")).unwrap();
+    for entry in std::fs::read_dir(&docs).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".md") && name != "README.md" {
+            assert!(
+                index.contains(&format!("]({name})")),
+                "docs/README.md does not list {name}"
+            );
+        }
+    }
+}

@@ -476,3 +476,16 @@ fn files_of_a_committed_directory_are_in_the_stat_cache() {
         );
     }
 }
+
+/// `imba status -q` gates CI as `dvc status -q` does: nothing printed, exit 1 while anything
+/// is stale, 0 once everything is up to date.
+#[test]
+fn status_quiet_exits_1_while_anything_is_stale() {
+    let t = chain();
+    let stale = t.exec(&["status", "-q", "pipeline.yaml"]);
+    t.run_ok(&[]);
+    let fresh = t.exec(&["status", "-q", "pipeline.yaml"]);
+    t.write("data/raw.csv", "a\n");
+    let one = t.exec(&["status", "-q", "pipeline.yaml", "--stage", "count"]);
+    assert_snapshot!(format!("{}\n{}\n{}", stale.all(), fresh.all(), one.all()));
+}

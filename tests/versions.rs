@@ -199,3 +199,34 @@ fn a_killed_run_leaves_no_partial_version() {
     assert_eq!(t.read("out/parts/LATEST"), "parts_v1\n");
     assert_eq!(t.read("out/parts/parts_v1/b.csv"), "b\n");
 }
+
+/// Two versions with the same content (the first was archived by `keep:` before the content
+/// came back): the diff says so instead of listing every mean at +0.00%.
+#[test]
+fn a_diff_of_identical_versions_says_so() {
+    let t = Test::new()
+        .file("orders.csv", "user_id,days\n1,3\n1,5\n2,7\n")
+        .pipeline(PIPELINE);
+    run(&t, &[]);
+    t.write("orders.csv", "user_id,days\n1,3\n1,5\n2,7\n3,9\n");
+    run(&t, &[]);
+    t.write("pipeline.yaml", with_days_max());
+    run(&t, &[]);
+    t.write("orders.csv", "user_id,days\n1,3\n1,5\n2,7\n");
+    t.write("pipeline.yaml", PIPELINE);
+    run(&t, &[]);
+    let same = t.exec(&["versions", "diff", "pipeline.yaml", "1", "4"]);
+    assert_eq!(same.code, 0, "{}", same.stderr);
+    assert!(
+        same.stdout
+            .starts_with("features_v1 → features_v4: identical content (same content hash "),
+        "{}",
+        same.stdout
+    );
+    let json = t.exec(&["versions", "diff", "pipeline.yaml", "1", "4", "--json"]);
+    let json: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    assert_eq!(json["identical"], true);
+    let other = t.exec(&["versions", "diff", "pipeline.yaml", "1", "2", "--json"]);
+    let other: serde_json::Value = serde_json::from_str(&other.stdout).unwrap();
+    assert_eq!(other["identical"], false);
+}

@@ -146,8 +146,9 @@ pub fn diff(root: &Path, from: &str, to: &str, json: bool) -> Result<String, Str
             Some(serde_json::json!({"column": name, "from": x, "to": y, "change_pct": pct}))
         })
         .collect();
+    let identical = a_meta.content_hash == b_meta.content_hash;
     let value = serde_json::json!({
-        "from": a_meta.name, "to": b_meta.name,
+        "from": a_meta.name, "to": b_meta.name, "identical": identical,
         "rows": {"from": a_table["rows"], "to": b_table["rows"]},
         "added": added, "removed": removed, "means": means,
     });
@@ -155,6 +156,14 @@ pub fn diff(root: &Path, from: &str, to: &str, json: bool) -> Result<String, Str
         return Ok(serde_json::to_string_pretty(&value).unwrap_or_default() + "\n");
     }
     let _ = (a, b);
+    if identical {
+        return Ok(format!(
+            "{} → {}: identical content (same content hash {})\n",
+            a_meta.name,
+            b_meta.name,
+            &a_meta.content_hash[..a_meta.content_hash.len().min(12)]
+        ));
+    }
     let mut out = format!("{} → {}\n", a_meta.name, b_meta.name);
     out.push_str(&format!(
         "rows: {} → {}\n",
