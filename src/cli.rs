@@ -75,8 +75,12 @@ pub enum Command {
     /// Bring the outputs of the lock file into place from the run cache, here or in the
     /// remote, computing nothing (a fresh clone gets the team's results).
     Pull(PullArgs),
-    /// List the built-in stages and their implementation versions.
-    Stages,
+    /// List the built-in stages and their implementation versions, or (`imba stages NAME`)
+    /// describe one: its params, their types, defaults and meaning.
+    Stages {
+        /// A built-in stage, e.g. `clean`.
+        name: Option<String>,
+    },
     /// Print the JSON Schema of pipeline files, for editors.
     Schema,
     /// Print a shell completion script.
@@ -452,7 +456,24 @@ pub fn run(cli: Cli, printer: &Printer) -> ExitCode {
         Command::Gc(args) => gc_command(args, &registry, printer),
         Command::Push(args) => push_command(args, &registry, printer),
         Command::Pull(args) => pull_command(args, registry, printer),
-        Command::Stages => {
+        Command::Stages { name: Some(name) } => match registry.get(&name) {
+            Some(builtin) => {
+                printer.data(&crate::report::tables::builtin(builtin));
+                ExitCode::SUCCESS
+            }
+            None => {
+                let hint = crate::diagnostic::did_you_mean(&name, registry.names())
+                    .map(|s| format!("; did you mean `{s}`?"))
+                    .unwrap_or_default();
+                let known: Vec<&str> = registry.names().collect();
+                printer.error(&format!(
+                    "there is no built-in stage `{name}`{hint} (there are: {})",
+                    known.join(", ")
+                ));
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Command::Stages { name: None } => {
             let mut out = String::new();
             for builtin in registry.iter() {
                 out.push_str(&format!(

@@ -59,3 +59,11 @@ fn stages_lists_the_builtins() {
     assert_eq!(out.code, 0);
     assert_snapshot!(out.all());
 }
+
+#[test]
+fn stages_describes_one_builtin_and_names_an_unknown_one() {
+    let one = Test::new().args(&["stages", "aggregate"]).run();
+    let unknown = Test::new().args(&["stages", "cleen"]).run();
+    assert_eq!(unknown.code, 2);
+    insta::assert_snapshot!(format!("{}\n{}", one.all(), unknown.all()));
+}

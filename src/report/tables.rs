@@ -287,3 +287,94 @@ pub fn pushed(pushed: &crate::run::housekeeping::Pushed) -> String {
         moved.present
     )
 }
+
+/// `imba stages NAME`: a built-in's params from its schema: name, type, default (or
+/// `required`), and the first line of its description.
+pub fn builtin(builtin: &imba_stages::Builtin) -> String {
+    let schema = serde_json::to_value(builtin.params_schema()).unwrap_or_default();
+    let required: Vec<&str> = schema["required"]
+        .as_array()
+        .map(|r| r.iter().filter_map(|v| v.as_str()).collect())
+        .unwrap_or_default();
+    let mut rows = vec![[
+        "PARAM".to_owned(),
+        "TYPE".to_owned(),
+        "DEFAULT".to_owned(),
+        "MEANING".to_owned(),
+    ]];
+    if let Some(properties) = schema["properties"].as_object() {
+        for (name, property) in properties {
+            let default = if required.contains(&name.as_str()) {
+                "required".to_owned()
+            } else {
+                match property.get("default") {
+                    Some(serde_json::Value::Null) | None => "-".to_owned(),
+                    Some(value) => value.to_string(),
+                }
+            };
+            // The first sentence, its lines joined.
+            let text = property["description"]
+                .as_str()
+                .unwrap_or_default()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ");
+            let end = text
+                .match_indices(". ")
+                .map(|(i, _)| i)
+                .find(|&i| !(text[..i].ends_with("e.g") || text[..i].ends_with("i.e")));
+            let meaning = match end {
+                Some(end) => text[..=end].to_owned(),
+                None => text,
+            };
+            rows.push([name.clone(), type_of(property), default, meaning]);
+        }
+    }
+    format!(
+        "{} v{}: {}\n\n{}\nEvery param with an example: docs/stages.md#{}\n",
+        builtin.name,
+        builtin.version,
+        builtin.summary,
+        table(&rows),
+        builtin.name
+    )
+}
+
+/// A schema's type in a word or two: `integer`, `list of string`, `Cast` (a definition).
+fn type_of(schema: &serde_json::Value) -> String {
+    if let Some(reference) = schema["$ref"].as_str() {
+        return reference.rsplit('/').next().unwrap_or(reference).to_owned();
+    }
+    for key in ["anyOf", "oneOf"] {
+        if let Some(variants) = schema[key].as_array() {
+            let names: Vec<String> = variants
+                .iter()
+                .map(type_of)
+                .filter(|t| t != "null")
+                .collect();
+            return names.join(" or ");
+        }
+    }
+    match &schema["type"] {
+        serde_json::Value::String(t) if t == "array" => {
+            format!("list of {}", type_of(&schema["items"]))
+        }
+        serde_json::Value::String(t) if t == "object" => match schema.get("additionalProperties") {
+            Some(values) if values.is_object() => format!("map of {}", type_of(values)),
+            _ => "map".to_owned(),
+        },
+        serde_json::Value::String(t) => t.clone(),
+        serde_json::Value::Array(ts) => ts
+            .iter()
+            .filter_map(|t| t.as_str())
+            .filter(|t| *t != "null")
+            .map(|t| {
+                let mut one = schema.clone();
+                one["type"] = serde_json::Value::String(t.to_owned());
+                type_of(&one)
+            })
+            .collect::<Vec<_>>()
+            .join(" or "),
+        _ => "any".to_owned(),
+    }
+}
