@@ -489,3 +489,48 @@ fn status_quiet_exits_1_while_anything_is_stale() {
     let one = t.exec(&["status", "-q", "pipeline.yaml", "--stage", "count"]);
     assert_snapshot!(format!("{}\n{}\n{}", stale.all(), fresh.all(), one.all()));
 }
+
+/// A run record says what the run was for: its `--set` arguments and resolved vars, a secret's
+/// value masked; `imba log` shows the arguments, `imba show` both.
+#[test]
+fn runs_remember_their_vars_and_set_arguments() {
+    let t = Test::new().pipeline(
+        "vars: {month: 2024-12}\nstages:\n  s:\n    cmd: echo {{ month }} > {{ outputs.o }}\n    outputs: {o: out/m.txt}\n",
+    );
+    t.run_ok(&["--set", "month=2024-06", "--set", "+api_token=hunter2"]);
+    let log = t.exec(&["log", "pipeline.yaml"]);
+    assert!(
+        log.stdout
+            .lines()
+            .nth(1)
+            .is_some_and(|l| l.ends_with("  month=2024-06 +api_token=***")),
+        "{}",
+        log.stdout
+    );
+    let show = t.exec(&["show", "pipeline.yaml"]);
+    assert!(
+        show.stdout
+            .contains("set: month=2024-06 +api_token=***\nvars: api_token=*** month=2024-06\n"),
+        "{}",
+        show.stdout
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&t.exec(&["show", "pipeline.yaml", "--json"]).stdout).unwrap();
+    assert_eq!(json["vars"]["month"], "2024-06");
+    assert!(!std::fs::read_to_string(t.path().join(".imba/runs"))
+        .map(|s| s.contains("hunter2"))
+        .unwrap_or(false));
+    for entry in walkdir::WalkDir::new(t.path().join(".imba"))
+        .into_iter()
+        .flatten()
+    {
+        if entry.file_type().is_file() {
+            let text = String::from_utf8_lossy(&std::fs::read(entry.path()).unwrap()).into_owned();
+            assert!(
+                !text.contains("hunter2"),
+                "{} holds the secret",
+                entry.path().display()
+            );
+        }
+    }
+}

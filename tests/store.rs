@@ -343,6 +343,7 @@ fn a_version_is_reused_for_the_same_content_and_new_for_other_content() {
         params: serde_json::json!({"k": 1}),
         report: serde_json::Value::Null,
         workdir: fixture.workdir.clone(),
+        vars: serde_json::Value::Null,
         restored: None,
     };
     for at in places(&fixture, "features/") {

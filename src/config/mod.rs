@@ -62,7 +62,10 @@ pub fn load(
         confine::check(pipeline, &overrides.vars_files, &mut diagnostics);
     }
     match pipeline {
-        Some(pipeline) if diagnostics.is_empty() => (sources, Ok(pipeline)),
+        Some(mut pipeline) if diagnostics.is_empty() => {
+            pipeline.overrides = overrides.shown();
+            (sources, Ok(pipeline))
+        }
         _ => {
             crate::diagnostic::sort(&mut diagnostics);
             (sources, Err(LoadError::Invalid(diagnostics)))

@@ -20,6 +20,22 @@ pub struct Overrides {
     pub sets: Vec<String>,
 }
 
+impl Overrides {
+    /// The arguments as a person gave them (`--vars FILE`, `--set KEY=VALUE`), the value of a
+    /// key that looks like a secret masked: for run records.
+    pub fn shown(&self) -> Vec<String> {
+        let files = self
+            .vars_files
+            .iter()
+            .map(|f| format!("--vars {}", f.display()));
+        let sets = self.sets.iter().map(|set| match set.split_once('=') {
+            Some((key, _)) if super::looks_secret(key) => format!("--set {key}=***"),
+            _ => format!("--set {set}"),
+        });
+        files.chain(sets).collect()
+    }
+}
+
 /// Applies the overrides to a parsed pipeline's `vars:` and stage `params:`.
 pub fn apply(
     root: &mut Node,

@@ -102,6 +102,7 @@ pub fn resolve(
         on_failure,
         storage,
         cache,
+        overrides: Vec::new(),
     })
 }
 

@@ -31,6 +31,9 @@ pub struct Pipeline {
     pub storage: StorageSettings,
     /// The `cache:` settings (the run cache's size, its remote).
     pub cache: CacheSettings,
+    /// The `--vars FILE` and `--set KEY=VALUE` arguments it was loaded with, in order, the
+    /// value of a secret-looking key masked: what a run record keeps of how it was configured.
+    pub overrides: Vec<String>,
 }
 
 /// One stage, ready to plan and run.

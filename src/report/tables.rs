@@ -45,13 +45,13 @@ pub fn plan(statuses: &[StageStatus], verb: &str) -> String {
 /// `imba log`: one line per run, newest first.
 pub fn runs(runs: &[RunRecord]) -> String {
     let mut out = format!(
-        "{:<25} {:<20} {:<11} {:>4} {:>8} {:>4} {:>6} {:>9}\n",
+        "{:<25} {:<20} {:<11} {:>4} {:>8} {:>4} {:>6} {:>9}  SET\n",
         "RUN", "STARTED", "STATUS", "RAN", "RESTORED", "SKIP", "FAILED", "DURATION"
     );
     for run in runs {
         let count = |d| run.count(d);
-        out.push_str(&format!(
-            "{:<25} {:<20} {:<11} {:>4} {:>8} {:>4} {:>6} {:>8.2}s\n",
+        let line = format!(
+            "{:<25} {:<20} {:<11} {:>4} {:>8} {:>4} {:>6} {:>8.2}s  {}",
             run.id,
             run.started,
             run.status,
@@ -59,8 +59,11 @@ pub fn runs(runs: &[RunRecord]) -> String {
             count(Decision::Restored),
             count(Decision::Skipped) + count(Decision::Cached),
             count(Decision::Failed),
-            run.duration_ms as f64 / 1000.0
-        ));
+            run.duration_ms as f64 / 1000.0,
+            overrides(run)
+        );
+        out.push_str(line.trim_end());
+        out.push('\n');
     }
     out
 }
@@ -75,6 +78,20 @@ pub fn run(run: &RunRecord) -> String {
         run.duration_ms as f64 / 1000.0,
         run.started
     );
+    if !run.overrides.is_empty() {
+        out.push_str(&format!("set: {}\n", overrides(run)));
+    }
+    if !run.vars.is_empty() {
+        let vars: Vec<String> = run
+            .vars
+            .iter()
+            .map(|(name, value)| match value {
+                serde_json::Value::String(s) => format!("{name}={s}"),
+                other => format!("{name}={other}"),
+            })
+            .collect();
+        out.push_str(&format!("vars: {}\n", vars.join(" ")));
+    }
     for stage in &run.stages {
         out.push_str(&format!("{:<10} {}", stage.decision, stage.name));
         if matches!(stage.decision, Decision::Ran | Decision::Restored) {
@@ -377,4 +394,13 @@ fn type_of(schema: &serde_json::Value) -> String {
             .join(" or "),
         _ => "any".to_owned(),
     }
+}
+
+/// A run's `--set`/`--vars` arguments in a line: `out=out/a --vars month.yaml`.
+fn overrides(run: &RunRecord) -> String {
+    run.overrides
+        .iter()
+        .map(|o| o.strip_prefix("--set ").unwrap_or(o))
+        .collect::<Vec<_>>()
+        .join(" ")
 }

@@ -342,7 +342,7 @@ pub fn run_with(
     let remote = remote_location(&options.remote, pipeline).map_err(RunError::Config)?;
     let push = remote.is_some() && pipeline.cache.push == crate::model::Push::Auto;
     let run_id = crate::state::new_run_id();
-    let record = RunRecord::start(&run_id, &pipeline.file);
+    let record = RunRecord::start(&run_id, pipeline);
     let _ = record::save(&state.runs(), &record);
     let clock = Instant::now();
     events.event(Event::Started {

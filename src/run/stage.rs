@@ -900,6 +900,7 @@ async fn commit(
                     params: now.entry.params.clone(),
                     report: summary,
                     workdir: workdir.clone(),
+                    vars: Json::Object(crate::state::record::shown_vars(pipeline)),
                     restored,
                 };
                 let to = Staged {

@@ -83,6 +83,22 @@ impl std::fmt::Display for Decision {
     }
 }
 
+/// The pipeline's resolved vars as records show them: a secret-looking name's value masked.
+pub fn shown_vars(pipeline: &crate::model::Pipeline) -> serde_json::Map<String, serde_json::Value> {
+    pipeline
+        .vars
+        .iter()
+        .map(|(name, value)| {
+            let value = if crate::config::looks_secret(name) {
+                serde_json::Value::String("***".to_owned())
+            } else {
+                value.clone()
+            };
+            (name.clone(), value)
+        })
+        .collect()
+}
+
 /// The time now, as records write it (RFC 3339, seconds).
 fn now() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
@@ -100,20 +116,29 @@ pub struct RunRecord {
     pub status: RunStatus,
     #[serde(default)]
     pub duration_ms: u64,
+    /// The `--vars` and `--set` arguments it ran with (a secret-looking key's value masked).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub overrides: Vec<String>,
+    /// The pipeline's vars as they were resolved for it (a secret-looking name's value masked).
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub vars: serde_json::Map<String, serde_json::Value>,
     /// In topological order.
     pub stages: Vec<StageRecord>,
 }
 
 impl RunRecord {
     /// The record of a run starting now.
-    pub fn start(id: &str, pipeline: &Path) -> Self {
+    pub fn start(id: &str, pipeline: &crate::model::Pipeline) -> Self {
+        let vars = shown_vars(pipeline);
         RunRecord {
             id: id.to_owned(),
-            pipeline: pipeline.display().to_string(),
+            pipeline: pipeline.file.display().to_string(),
             started: now(),
             finished: None,
             status: RunStatus::Running,
             duration_ms: 0,
+            overrides: pipeline.overrides.clone(),
+            vars,
             stages: Vec::new(),
         }
     }

@@ -50,6 +50,10 @@ pub struct Meta {
     /// What the stage reported (a feature stage: its features and their descriptions).
     #[serde(default)]
     pub report: Json,
+    /// The pipeline's vars when it was made (which month, which `out`; a secret-looking
+    /// name's value masked).
+    #[serde(default, skip_serializing_if = "Json::is_null")]
+    pub vars: Json,
     /// Per table file: rows, and per column its dtype, nulls, mean, min and max.
     #[serde(default)]
     pub tables: Json,
@@ -206,6 +210,8 @@ pub struct MetaInput {
     pub params: Json,
     pub report: Json,
     pub workdir: PathBuf,
+    /// The pipeline's vars, as the run record keeps them.
+    pub vars: Json,
     /// The metadata this content had when it was computed (a restore from the run cache): a
     /// new version of the same content keeps it, under its own number, so that a version
     /// restored into an empty output is byte for byte the one computed.
@@ -361,6 +367,7 @@ pub(super) fn new_meta(
         params: input.params.clone(),
         definitions_hash: crate::store::hash::fingerprint(&input.params),
         report: input.report.clone(),
+        vars: input.vars.clone(),
         tables: tables.clone(),
         imba_version: env!("CARGO_PKG_VERSION").to_owned(),
         git_commit: git_commit.clone(),
@@ -525,6 +532,7 @@ mod tests {
             params: Json::Null,
             report: Json::Null,
             workdir: PathBuf::from("/"),
+            vars: Json::Null,
             restored: None,
         }
     }
