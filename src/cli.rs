@@ -43,6 +43,14 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Start a project: a commented `pipelines/pipeline.yaml` (a built-in stage and a shell
+    /// stage), a small `data/orders.csv` for it, and `.imba/` and `out/` in `.gitignore`.
+    /// Overwrites nothing.
+    Init {
+        /// The project directory.
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+    },
     /// Check a pipeline file and report every problem at once; runs nothing.
     Validate(PipelineArgs),
     /// Run every stage that is out of date, in dependency order, in parallel.
@@ -445,6 +453,7 @@ pub fn run(cli: Cli, printer: &Printer) -> ExitCode {
             }
             Err(code) => code,
         },
+        Command::Init { dir } => init_command(&dir, printer),
         Command::Run(args) => run_command(args, registry, printer),
         Command::Watch(args) => watch_command(args, registry, printer),
         Command::Status(args) => status_command(args, &registry, printer),
@@ -908,6 +917,89 @@ fn checks_command(args: ChecksArgs, registry: &Registry, printer: &Printer) -> E
     }
     printer.data(&crate::report::tables::checks(&latest));
     ExitCode::SUCCESS
+}
+
+/// What `imba init` writes, compiled in.
+const STARTER_PIPELINE: &str = include_str!("../examples/init/pipeline.yaml");
+const STARTER_ORDERS: &str = include_str!("../examples/init/orders.csv");
+/// The lines `imba init` makes sure `.gitignore` has.
+const IGNORED: [&str; 2] = [".imba/", "/out/"];
+
+fn init_command(dir: &std::path::Path, printer: &Printer) -> ExitCode {
+    // Shown as given: `pipelines/pipeline.yaml` in the current directory, `DIR/…` elsewhere.
+    let at = |relative: &str| {
+        if dir == std::path::Path::new(".") {
+            PathBuf::from(relative)
+        } else {
+            dir.join(relative)
+        }
+    };
+    let files = [
+        (at("pipelines/pipeline.yaml"), STARTER_PIPELINE),
+        (at("data/orders.csv"), STARTER_ORDERS),
+    ];
+    let taken: Vec<String> = files
+        .iter()
+        .filter(|(path, _)| path.symlink_metadata().is_ok())
+        .map(|(path, _)| format!("`{}`", path.display()))
+        .collect();
+    if !taken.is_empty() {
+        printer.error(&format!(
+            "{} already {}: `imba init` overwrites nothing (start in an empty directory, or `imba init DIR`)",
+            taken.join(" and "),
+            if taken.len() == 1 { "exists" } else { "exist" }
+        ));
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let written = (|| -> std::io::Result<Vec<String>> {
+        let mut written = Vec::new();
+        for (path, text) in &files {
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            // Created only if absent, even if something appeared since the check above.
+            crate::store::fs::create_new(path, text.as_bytes())?
+                .then_some(())
+                .ok_or_else(|| {
+                    std::io::Error::other(format!("{} appeared meanwhile", path.display()))
+                })?;
+            written.push(path.display().to_string());
+        }
+        let gitignore = at(".gitignore");
+        let existing = std::fs::read_to_string(&gitignore).unwrap_or_default();
+        let missing: Vec<&str> = IGNORED
+            .iter()
+            .copied()
+            .filter(|line| !existing.lines().any(|l| l.trim() == *line))
+            .collect();
+        if !missing.is_empty() {
+            let mut text = existing.clone();
+            if !text.is_empty() && !text.ends_with('\n') {
+                text.push('\n');
+            }
+            for line in &missing {
+                text.push_str(line);
+                text.push('\n');
+            }
+            crate::store::fs::write_atomic(&gitignore, text.as_bytes())?;
+            written.push(format!("{} ({})", gitignore.display(), missing.join(", ")));
+        }
+        Ok(written)
+    })();
+    match written {
+        Ok(written) => {
+            for path in written {
+                printer.status(&format!("wrote {path}"));
+            }
+            let pipeline = at("pipelines/pipeline.yaml");
+            printer.status(&format!("next: imba run {}", pipeline.display()));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            printer.error(&format!("cannot start a project in {}: {e}", dir.display()));
+            ExitCode::from(EXIT_STAGE_FAILED)
+        }
+    }
 }
 
 fn cache_command(args: CacheArgs, registry: &Registry, printer: &Printer) -> ExitCode {

@@ -67,3 +67,24 @@ fn stages_describes_one_builtin_and_names_an_unknown_one() {
     assert_eq!(unknown.code, 2);
     insta::assert_snapshot!(format!("{}\n{}", one.all(), unknown.all()));
 }
+
+/// `imba init`: a project a newcomer can run at once; a second `init` overwrites nothing.
+#[test]
+fn init_starts_a_project_that_runs_and_overwrites_nothing() {
+    let t = Test::new().file(".gitignore", "/target");
+    let first = t.exec(&["init"]);
+    let run = t.exec(&["run", "pipelines/pipeline.yaml"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(run.stderr.contains("2 ran, 0 up to date"), "{}", run.stderr);
+    let valid = t.exec(&["validate", "pipelines/pipeline.yaml"]);
+    assert_eq!(valid.code, 0, "{}", valid.stderr);
+    t.write("data/orders.csv", "mine\n");
+    let again = t.exec(&["init"]);
+    assert_eq!(
+        t.read("data/orders.csv"),
+        "mine\n",
+        "nothing is overwritten"
+    );
+    assert_eq!(t.read(".gitignore"), "/target\n.imba/\n/out/\n");
+    assert_snapshot!(format!("{}\n{}", first.all(), again.all()));
+}
