@@ -60,7 +60,8 @@ impl fmt::Display for Reason {
             Reason::CommandChanged => write!(f, "command changed"),
             Reason::ChecksChanged => write!(f, "checks changed"),
             Reason::ParamChanged { key, old, new } => {
-                write!(f, "param {key} changed: {} → {}", show(old), show(new))
+                let (old, new) = differing(&show(old), &show(new));
+                write!(f, "param {key} changed: {old} → {new}")
             }
             Reason::InputChanged { path } => write!(f, "input {path} changed"),
             Reason::InputAdded { path } => write!(f, "input {path} added"),
@@ -72,6 +73,41 @@ impl fmt::Display for Reason {
             Reason::Upstream { stage } => write!(f, "upstream {stage} is stale"),
         }
     }
+}
+
+/// The longest a changed value is shown whole in a reason.
+const SHOWN: usize = 60;
+
+/// Two values as a reason shows them: whole when short; else the part where they differ, with
+/// a little context on each side, so that a var changed inside a long SQL expression reads
+/// `…month = '2024-12'…` → `…month = '2024-06'…`, never the whole text.
+fn differing(old: &str, new: &str) -> (String, String) {
+    if old.chars().count() <= SHOWN && new.chars().count() <= SHOWN {
+        return (old.to_owned(), new.to_owned());
+    }
+    let (a, b): (Vec<char>, Vec<char>) = (old.chars().collect(), new.chars().collect());
+    let prefix = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    let suffix = a[prefix..]
+        .iter()
+        .rev()
+        .zip(b[prefix..].iter().rev())
+        .take_while(|(x, y)| x == y)
+        .count();
+    const CONTEXT: usize = 12;
+    let cut = |chars: &[char]| {
+        let start = prefix.saturating_sub(CONTEXT);
+        let end = (chars.len() - suffix + CONTEXT).min(chars.len());
+        let mut middle: String = chars[start..end].iter().collect();
+        if middle.chars().count() > SHOWN {
+            middle = middle.chars().take(SHOWN).collect::<String>() + "…";
+        }
+        format!(
+            "{}{middle}{}",
+            if start > 0 { "…" } else { "" },
+            if end < chars.len() { "…" } else { "" }
+        )
+    };
+    (cut(&a), cut(&b))
 }
 
 /// An I/O failure while hashing, with the path it happened on.
@@ -723,4 +759,33 @@ pub fn status(
     // Remember what was hashed, so the next status (or run) does not read the same files again.
     let _ = store.save();
     Ok(statuses)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_changed_value_is_shown_where_it_differs() {
+        let sql = |month: &str| {
+            format!(
+                "SELECT user_id, count(*) AS n FROM orders WHERE month = '{month}' AND eval_set = 'prior' GROUP BY user_id ORDER BY user_id"
+            )
+        };
+        let reason = Reason::ParamChanged {
+            key: "groups[0].sql".to_owned(),
+            old: Json::String(sql("2024-12")),
+            new: Json::String(sql("2024-06")),
+        };
+        assert_eq!(
+            reason.to_string(),
+            "param groups[0].sql changed: …nth = '2024-12' AND eval_s… → …nth = '2024-06' AND eval_s…"
+        );
+        let short = Reason::ParamChanged {
+            key: "k".to_owned(),
+            old: serde_json::json!(1.5),
+            new: serde_json::json!(0.5),
+        };
+        assert_eq!(short.to_string(), "param k changed: 1.5 → 0.5");
+    }
 }
