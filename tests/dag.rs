@@ -141,3 +141,15 @@ fn overrides_change_the_drawing() {
         .run();
     assert_snapshot!(out.all());
 }
+
+/// With `--files`, a file inside a directory output hangs from that directory (and so from the
+/// stage that writes it), in the text view and in DOT.
+#[test]
+fn files_inside_a_directory_output_come_from_its_stage() {
+    let t = Test::new().file("in.csv", "a\n1\n").pipeline(
+        "stages:\n  split:\n    cmd: cp {{ inputs[0] }} {{ outputs[0] }}/part.csv\n    inputs: [in.csv]\n    outputs: [parts/]\n  use:\n    cmd: cp {{ inputs[0] }} {{ outputs[0] }}\n    inputs: [parts/part.csv]\n    outputs: [used.csv]\n",
+    );
+    let text = t.exec(&["dag", "pipeline.yaml", "--files"]);
+    let dot = t.exec(&["dag", "pipeline.yaml", "--files", "--dot"]);
+    insta::assert_snapshot!(format!("{}\n{}", text.all(), dot.all()));
+}

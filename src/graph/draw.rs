@@ -40,6 +40,70 @@ fn shown(dag: &Dag, location: &crate::model::location::Location) -> String {
     location.display(&dag.pipeline().workdir)
 }
 
+/// One data file of a drawing with `--files`, in order of first appearance.
+struct File {
+    path: String,
+    /// The stage that writes it, by topological position.
+    writer: Option<usize>,
+    /// The directory output it lies inside (its index among the files), when another stage's
+    /// directory output holds it: `imputed/imputed_mean.parquet` inside `imputed/`.
+    inside: Option<usize>,
+    /// The stages that read it, by topological position.
+    readers: Vec<usize>,
+}
+
+/// Every file the stages read or write, each once, with who writes and reads it.
+fn files(dag: &Dag) -> Vec<File> {
+    let mut files: Vec<File> = Vec::new();
+    let mut locations: Vec<(&crate::model::location::Location, bool)> = Vec::new();
+    let number = |files: &mut Vec<File>, port: &'_ crate::model::Port| -> usize {
+        let path = shown(dag, &port.declared.location);
+        match files.iter().position(|f| f.path == path) {
+            Some(i) => i,
+            None => {
+                files.push(File {
+                    path,
+                    writer: None,
+                    inside: None,
+                    readers: Vec::new(),
+                });
+                files.len() - 1
+            }
+        }
+    };
+    for (pos, &index) in dag.order().iter().enumerate() {
+        let stage = dag.stage(index);
+        for port in &stage.inputs {
+            let i = number(&mut files, port);
+            files[i].readers.push(pos);
+            if locations.len() < files.len() {
+                locations.push((&port.declared.location, port.declared.dir));
+            }
+        }
+        for port in &stage.outputs {
+            let i = number(&mut files, port);
+            files[i].writer = Some(pos);
+            if locations.len() < files.len() {
+                locations.push((&port.declared.location, port.declared.dir));
+            }
+        }
+    }
+    // A file no stage writes, inside a directory some stage writes, comes from that stage.
+    for i in 0..files.len() {
+        if files[i].writer.is_some() {
+            continue;
+        }
+        let (location, _) = locations[i];
+        files[i].inside = (0..files.len()).find(|&d| {
+            d != i
+                && locations[d].1
+                && files[d].writer.is_some()
+                && location.is_within(locations[d].0)
+        });
+    }
+    files
+}
+
 fn text(dag: &Dag, options: &DrawOptions) -> String {
     let mut out = String::new();
     for &index in dag.order() {
@@ -69,6 +133,29 @@ fn text(dag: &Dag, options: &DrawOptions) -> String {
                     shown(dag, &port.declared.location) + if port.declared.dir { "/" } else { "" }
                 );
             }
+        }
+    }
+    if options.files {
+        let name = |pos: usize| dag.stage(dag.order()[pos]).name.as_str();
+        let files = files(dag);
+        out.push_str("\nfiles:\n");
+        for file in &files {
+            let from = match (file.writer, file.inside) {
+                (Some(w), _) => format!(" ← {}", name(w)),
+                (None, Some(d)) => format!(
+                    " ← {} (in {})",
+                    files[d].writer.map(name).unwrap_or_default(),
+                    files[d].path
+                ),
+                (None, None) => " (source)".to_owned(),
+            };
+            let to = if file.readers.is_empty() {
+                String::new()
+            } else {
+                let readers: Vec<&str> = file.readers.iter().map(|&r| name(r)).collect();
+                format!(" → {}", readers.join(", "))
+            };
+            let _ = writeln!(out, "  {}{from}{to}", file.path);
         }
     }
     out
@@ -120,30 +207,29 @@ impl Picture {
             })
             .collect();
         let mut files: Vec<String> = Vec::new();
-        let mut numbers: BTreeMap<String, usize> = BTreeMap::new();
         let mut edges = Vec::new();
         if options.files {
-            let mut file = |path: String| {
-                *numbers.entry(path.clone()).or_insert_with(|| {
-                    files.push(path);
-                    files.len() - 1
-                })
-            };
-            for (pos, &index) in dag.order().iter().enumerate() {
-                let stage = dag.stage(index);
-                for port in &stage.inputs {
-                    edges.push((
-                        Node::File(file(shown(dag, &port.declared.location))),
-                        Node::Stage(pos),
-                    ));
+            let all = self::files(dag);
+            for (i, file) in all.iter().enumerate() {
+                if let Some(writer) = file.writer {
+                    edges.push((Node::Stage(writer), Node::File(i)));
                 }
-                for port in &stage.outputs {
-                    edges.push((
-                        Node::Stage(pos),
-                        Node::File(file(shown(dag, &port.declared.location))),
-                    ));
+                // A file inside a directory output hangs from that directory.
+                if let Some(dir) = file.inside {
+                    edges.push((Node::File(dir), Node::File(i)));
+                }
+                for &reader in &file.readers {
+                    edges.push((Node::File(i), Node::Stage(reader)));
                 }
             }
+            // Edges in the order the stages come, as before: by the stage end of each.
+            let key = |edge: &(Node, Node)| match edge {
+                (Node::Stage(s), Node::File(f)) | (Node::File(f), Node::Stage(s)) => (*s, *f),
+                (Node::File(d), Node::File(f)) => (usize::MAX, d * all.len() + f),
+                (Node::Stage(a), Node::Stage(b)) => (*a, *b),
+            };
+            edges.sort_by_key(key);
+            files = all.into_iter().map(|f| f.path).collect();
         } else {
             edges = dag
                 .edges()
