@@ -355,3 +355,36 @@ fn versioned_outputs_that_cannot_be() {
 "#
     ));
 }
+
+/// A name a param does not know (an aggregation, a method) is named with the choices and the
+/// nearest one, never as a raw `oneOf` message; a known name with a wrong value says so.
+#[test]
+fn an_unknown_choice_is_named_with_the_nearest() {
+    let out = Test::new()
+        .file("in.csv", "user_id,d\n1,2\n")
+        .pipeline(
+            r#"
+stages:
+  agg:
+    uses: aggregate
+    inputs: {orders: in.csv}
+    outputs: {table: out.parquet}
+    params:
+      by: [user_id]
+      aggs:
+        n: {summ: d}
+        m: {sum: [d, d]}
+  imp:
+    uses: impute
+    inputs: {users: out.parquet}
+    outputs: {imputed: imp/}
+    params:
+      columns: [d]
+      method: {d: pmmm}
+"#,
+        )
+        .args(&["validate", "pipeline.yaml"])
+        .run();
+    assert_eq!(out.code, 2);
+    assert_snapshot!(out.all());
+}

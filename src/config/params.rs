@@ -120,6 +120,10 @@ impl ParamsChecker {
                     ValidationErrorKind::ExclusiveMaximum { limit } => {
                         bound(stage, &place, node, "<", limit)
                     }
+                    ValidationErrorKind::OneOfNotValid { .. }
+                    | ValidationErrorKind::AnyOf { .. } => {
+                        one_of(schema, &pointer, node, &place, stage, builtin.name)
+                    }
                     _ => Diagnostic::error(format!(
                         "param{place} of stage `{stage}` is invalid: {}",
                         error.masked()
@@ -210,6 +214,96 @@ fn join(pointer: &str, name: &str) -> String {
 }
 
 /// The property names the schema allows for the object at `pointer` (for suggestions).
+/// A value that fits none of a param's forms (an aggregation, a method, a metric: a name, or a
+/// map of one name to its argument): names the choices, and the nearest to what was written.
+fn one_of(
+    schema: &Json,
+    pointer: &str,
+    node: &Node,
+    place: &str,
+    stage: &str,
+    builtin: &str,
+) -> Diagnostic {
+    let names = choices_at(schema, pointer);
+    let given = match node.as_str() {
+        Some(text) => Some(text.to_owned()),
+        None => node
+            .as_map()
+            .filter(|m| m.len() == 1)
+            .map(|m| m[0].0.name.clone()),
+    };
+    let known: Vec<&str> = names.iter().map(String::as_str).collect();
+    match given {
+        Some(given) if !known.is_empty() && !known.contains(&given.as_str()) => {
+            let span = match node.as_map() {
+                Some(m) if m.len() == 1 => m[0].0.span,
+                _ => node.span,
+            };
+            let d = Diagnostic::error(format!(
+                "param{place} of stage `{stage}`: unknown `{given}`; expected one of {}",
+                list(&known)
+            ));
+            match did_you_mean(&given, known.iter().copied()) {
+                Some(s) => d.at(span, format!("did you mean `{s}`?")),
+                None => d.at(span, "unknown"),
+            }
+        }
+        Some(given) => Diagnostic::error(format!(
+            "param{place} of stage `{stage}`: the value of `{given}` has the wrong form"
+        ))
+        .at(node.span, "not a form this param takes")
+        .help(format!(
+            "`imba stages {builtin}` and docs/stages.md#{builtin} show its forms"
+        )),
+        None => Diagnostic::error(format!(
+            "param{place} of stage `{stage}` fits none of its forms"
+        ))
+        .at(node.span, "invalid value")
+        .help(format!(
+            "`imba stages {builtin}` and docs/stages.md#{builtin} show its forms"
+        )),
+    }
+}
+
+/// The names a param's forms are known by: the strings of its enum forms, and the one key of
+/// each of its map forms.
+fn choices_at(schema: &Json, pointer: &str) -> Vec<String> {
+    let mut current = vec![schema];
+    for segment in pointer_segments(pointer) {
+        let mut next = Vec::new();
+        for s in current.into_iter().flat_map(|s| expand(schema, s)) {
+            if let Some(p) = s.get("properties").and_then(|p| p.get(&segment)) {
+                next.push(p);
+            } else if let Some(a) = s.get("additionalProperties").filter(|a| a.is_object()) {
+                next.push(a);
+            } else if let Some(i) = s.get("items").filter(|i| i.is_object()) {
+                next.push(i);
+            }
+        }
+        current = next;
+    }
+    let mut names: Vec<String> = Vec::new();
+    for s in current.into_iter().flat_map(|s| expand(schema, s)) {
+        if let Some(values) = s.get("enum").and_then(Json::as_array) {
+            names.extend(values.iter().filter_map(|v| v.as_str().map(str::to_owned)));
+        }
+        if let Some(value) = s.get("const").and_then(Json::as_str) {
+            names.push(value.to_owned());
+        }
+        if let (Some(required), Some(properties)) = (
+            s.get("required").and_then(Json::as_array),
+            s.get("properties").and_then(Json::as_object),
+        ) {
+            if required.len() == 1 && properties.len() == 1 {
+                names.extend(required[0].as_str().map(str::to_owned));
+            }
+        }
+    }
+    names.sort();
+    names.dedup();
+    names
+}
+
 fn properties_at(schema: &Json, pointer: &str) -> Vec<String> {
     let mut current = vec![schema];
     for segment in pointer_segments(pointer) {
