@@ -67,6 +67,9 @@ pub enum Command {
     Log(LogArgs),
     /// Show one run of a pipeline: each stage's decision, reasons and outputs.
     Show(ShowArgs),
+    /// What changed between two runs (default: the last two): the `--set` arguments and vars,
+    /// the stages whose outputs changed, and the numbers the built-in stages reported.
+    Diff(DiffArgs),
     /// Print the latest result of every stage's checks as a table.
     Checks(ChecksArgs),
     /// List the versions of a versioned output (`imba versions FILE [STAGE]`), or compare two
@@ -292,6 +295,19 @@ pub struct ShowArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct DiffArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+    /// The older run (an id or a unique prefix) [default: the one before the newer].
+    pub from: Option<String>,
+    /// The newer run [default: the latest].
+    pub to: Option<String>,
+    /// JSON, for scripts.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
 pub struct CacheArgs {
     #[command(flatten)]
     pub pipeline: PipelineArgs,
@@ -462,6 +478,7 @@ pub fn run(cli: Cli, printer: &Printer) -> ExitCode {
         Command::Checks(args) => checks_command(args, &registry, printer),
         Command::Versions(args) => versions_command(args, &registry, printer),
         Command::Cache(args) => cache_command(args, &registry, printer),
+        Command::Diff(args) => diff_command(args, &registry, printer),
         Command::Gc(args) => gc_command(args, &registry, printer),
         Command::Push(args) => push_command(args, &registry, printer),
         Command::Pull(args) => pull_command(args, registry, printer),
@@ -1207,6 +1224,49 @@ fn gc_command(args: GcArgs, registry: &Registry, printer: &Printer) -> ExitCode 
                     printer.data(&format!("{url}: {line}"));
                 }
             }
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            printer.error(&message);
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+fn diff_command(args: DiffArgs, registry: &Registry, printer: &Printer) -> ExitCode {
+    let runs = match runs_of(&args.pipeline, registry, printer) {
+        Ok(runs) => runs,
+        Err(code) => return code,
+    };
+    let find = |id: &str| -> Result<usize, String> {
+        let found: Vec<usize> = (0..runs.len())
+            .filter(|&i| runs[i].id.starts_with(id))
+            .collect();
+        match found.as_slice() {
+            [one] => Ok(*one),
+            [] => Err(format!(
+                "no run of this pipeline has an id starting with `{id}`"
+            )),
+            _ => Err(format!(
+                "`{id}` matches {} runs; give more of the id",
+                found.len()
+            )),
+        }
+    };
+    // Newest first: the newer run's index is the smaller.
+    let picked = match (&args.from, &args.to) {
+        (Some(from), Some(to)) => find(from).and_then(|a| find(to).map(|b| (a, b))),
+        (Some(from), None) => find(from).map(|a| (a, 0)),
+        (None, _) if runs.len() < 2 => Err(format!(
+            "this pipeline has {} run{}: a diff needs two",
+            runs.len(),
+            if runs.len() == 1 { "" } else { "s" }
+        )),
+        (None, _) => Ok((1, 0)),
+    };
+    match picked {
+        Ok((a, b)) => {
+            printer.data(&crate::report::diff::diff(&runs, a, b, args.json));
             ExitCode::SUCCESS
         }
         Err(message) => {

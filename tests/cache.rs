@@ -255,3 +255,27 @@ fn max_size_evicts_the_least_recently_used_after_a_run() {
     t.run_ok(&["--set", "text=abcdef"]);
     assert_eq!(t.decisions(), [("s".to_owned(), "ran".to_owned())]);
 }
+
+/// `imba diff`: the vars and `--set` arguments two runs differ by, the outputs that changed,
+/// and the numbers the built-ins reported, side by side.
+#[test]
+fn diff_says_what_two_runs_differ_by() {
+    let t = monthly();
+    let none = t.exec(&["diff", "pipelines/monthly.yaml"]);
+    run(&t, &[]);
+    run(
+        &t,
+        &["--set", "impute_days.m=5", "--set", "max_change_pct=30"],
+    );
+    let two = t.exec(&["diff", "pipelines/monthly.yaml"]);
+    run(
+        &t,
+        &["--set", "impute_days.m=5", "--set", "max_change_pct=30"],
+    );
+    let same = t.exec(&["diff", "pipelines/monthly.yaml"]);
+    insta::with_settings!({filters => vec![
+        (r"\d{8}T\d{6}\.\d{3}Z-[0-9a-f]{4}", "[RUN]"),
+    ]}, {
+        insta::assert_snapshot!(format!("{}\n{}\n{}", none.all(), two.all(), same.all()));
+    });
+}

@@ -8,6 +8,7 @@
 //! it is written, so that no file can clear the screen or retitle the terminal. The printer's own
 //! colors are added after.
 
+pub mod diff;
 pub mod tables;
 pub mod versions;
 
