@@ -70,6 +70,9 @@ pub enum Command {
     /// What changed between two runs (default: the last two): the `--set` arguments and vars,
     /// the stages whose outputs changed, and the numbers the built-in stages reported.
     Diff(DiffArgs),
+    /// List the outputs that checks kept in quarantine (`.imba/quarantine/`): which run and
+    /// stage, which checks failed, where they are.
+    Quarantine(ChecksArgs),
     /// Print the latest result of every stage's checks as a table.
     Checks(ChecksArgs),
     /// List the versions of a versioned output (`imba versions FILE [STAGE]`), or compare two
@@ -354,6 +357,10 @@ pub struct GcArgs {
     /// Say what would be removed, and remove nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Remove what checks kept in quarantine (`.imba/quarantine/`) instead: every run's, or
+    /// with --older-than those older than that.
+    #[arg(long, conflicts_with = "remote")]
+    pub quarantine: bool,
     /// Also collect the remote run cache: the pipelines' (`IMBA_REMOTE`, `cache.remote`), or
     /// URL. Unreferenced remote objects younger than an hour stay (another machine may be
     /// pushing them).
@@ -479,6 +486,7 @@ pub fn run(cli: Cli, printer: &Printer) -> ExitCode {
         Command::Versions(args) => versions_command(args, &registry, printer),
         Command::Cache(args) => cache_command(args, &registry, printer),
         Command::Diff(args) => diff_command(args, &registry, printer),
+        Command::Quarantine(args) => quarantine_command(args, &registry, printer),
         Command::Gc(args) => gc_command(args, &registry, printer),
         Command::Push(args) => push_command(args, &registry, printer),
         Command::Pull(args) => pull_command(args, registry, printer),
@@ -1167,6 +1175,29 @@ fn gc_command(args: GcArgs, registry: &Registry, printer: &Printer) -> ExitCode 
     let (Some(workdir), Some(first)) = (workdir, first) else {
         return ExitCode::from(EXIT_CONFIG);
     };
+    if args.quarantine {
+        return match crate::run::housekeeping::collect_quarantine(
+            &workdir,
+            args.older_than,
+            args.dry_run,
+            |w| printer.warning(&w),
+        ) {
+            Ok(released) => {
+                if args.json {
+                    printer.data(
+                        &(serde_json::to_string_pretty(&released).unwrap_or_default() + "\n"),
+                    );
+                } else {
+                    printer.data(&crate::report::tables::released(&released, args.dry_run));
+                }
+                ExitCode::SUCCESS
+            }
+            Err(message) => {
+                printer.error(&message);
+                ExitCode::from(EXIT_STAGE_FAILED)
+            }
+        };
+    }
     let keep = crate::run::housekeeping::Keep {
         locks,
         used_within: args.older_than,
@@ -1231,6 +1262,22 @@ fn gc_command(args: GcArgs, registry: &Registry, printer: &Printer) -> ExitCode 
             ExitCode::from(EXIT_CONFIG)
         }
     }
+}
+
+fn quarantine_command(args: ChecksArgs, registry: &Registry, printer: &Printer) -> ExitCode {
+    let runs = match runs_of(&args.pipeline, registry, printer) {
+        Ok(runs) => runs,
+        Err(code) => return code,
+    };
+    let held = crate::report::tables::quarantined(&runs);
+    if args.json {
+        printer.data(&(serde_json::to_string_pretty(&held).unwrap_or_default() + "\n"));
+    } else if held.is_empty() {
+        printer.status("nothing is in quarantine");
+    } else {
+        printer.data(&crate::report::tables::quarantine(&held));
+    }
+    ExitCode::SUCCESS
 }
 
 fn diff_command(args: DiffArgs, registry: &Registry, printer: &Printer) -> ExitCode {

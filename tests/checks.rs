@@ -432,3 +432,35 @@ stages:
         shrank.stderr
     );
 }
+
+/// `imba quarantine` lists what checks kept out, and `imba gc --quarantine` clears it.
+#[test]
+fn quarantine_lists_what_checks_kept_out_and_gc_clears_it() {
+    let t = Test::new().pipeline(
+        "stages:\n  few:\n    cmd: printf 'id\\n1\\n' > {{ outputs.t }}\n    outputs: {t: out/t.csv}\n    checks:\n      - rows: {min: 10}\n",
+    );
+    let before = t.exec(&["quarantine", "pipeline.yaml"]);
+    assert_eq!(run(&t, &[]).code, 1);
+    let held = t.exec(&["quarantine", "pipeline.yaml"]);
+    let dry = t.exec(&["gc", "pipeline.yaml", "--quarantine", "--dry-run"]);
+    let gone = t.exec(&["gc", "pipeline.yaml", "--quarantine"]);
+    let after = t.exec(&["quarantine", "pipeline.yaml"]);
+    assert!(!t
+        .path()
+        .join(".imba/quarantine")
+        .read_dir()
+        .unwrap()
+        .any(|_| true));
+    insta::with_settings!({filters => vec![
+        (r"\d{8}T\d{6}\.\d{3}Z-[0-9a-f]{4}", "[RUN]"),
+    ]}, {
+        insta::assert_snapshot!(format!(
+            "{}\n{}\n{}\n{}\n{}",
+            before.all(),
+            held.all(),
+            dry.all(),
+            gone.all(),
+            after.all()
+        ));
+    });
+}

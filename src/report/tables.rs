@@ -404,3 +404,80 @@ fn overrides(run: &RunRecord) -> String {
         .collect::<Vec<_>>()
         .join(" ")
 }
+
+/// `imba gc --quarantine`: what went (or would go).
+pub fn released(released: &crate::run::housekeeping::Released, dry_run: bool) -> String {
+    let verb = if dry_run { "would remove" } else { "removed" };
+    format!(
+        "{verb} the quarantine of {} run{} ({})\n",
+        released.runs,
+        if released.runs == 1 { "" } else { "s" },
+        size(released.bytes)
+    )
+}
+
+/// One stage's outputs held in quarantine.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Held {
+    pub run: String,
+    pub stage: String,
+    pub folder: String,
+    pub bytes: u64,
+    /// The checks that kept them out, described.
+    pub failed: Vec<String>,
+}
+
+/// What checks hold in quarantine now, newest run first: from the run records, for the folders
+/// still there.
+pub fn quarantined(runs: &[RunRecord]) -> Vec<Held> {
+    let mut held = Vec::new();
+    for run in runs {
+        for stage in &run.stages {
+            let Some(folder) = &stage.quarantine else {
+                continue;
+            };
+            let path = std::path::Path::new(folder);
+            if !path.is_dir() {
+                continue;
+            }
+            let bytes = walkdir::WalkDir::new(path)
+                .into_iter()
+                .flatten()
+                .filter(|e| e.file_type().is_file())
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum();
+            held.push(Held {
+                run: run.id.clone(),
+                stage: stage.name.clone(),
+                folder: folder.clone(),
+                bytes,
+                failed: stage
+                    .checks
+                    .iter()
+                    .filter(|c| c.blocks())
+                    .map(crate::run::gate::describe)
+                    .collect(),
+            });
+        }
+    }
+    held
+}
+
+/// `imba quarantine`: one block per held stage.
+pub fn quarantine(held: &[Held]) -> String {
+    let mut out = String::new();
+    for h in held {
+        out.push_str(&format!(
+            "{} {} ({}): {}\n",
+            h.run,
+            h.stage,
+            size(h.bytes),
+            h.folder
+        ));
+        for failed in &h.failed {
+            out.push_str(&format!("  {failed}\n"));
+        }
+    }
+    out
+}

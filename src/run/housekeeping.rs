@@ -169,3 +169,67 @@ fn stores(pipeline: &crate::model::Pipeline, state: &StateDir) -> crate::store::
     };
     crate::store::Stores::new(&pipeline.workdir, cache, storage)
 }
+
+/// What `imba gc --quarantine` removed: runs' quarantine folders, and their bytes.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct Released {
+    pub runs: u64,
+    pub bytes: u64,
+}
+
+/// Removes the quarantine folders (`.imba/quarantine/RUN/`) of `workdir` older than
+/// `older_than` (all of them without it), under the workdir's run lock.
+pub fn collect_quarantine(
+    workdir: &Path,
+    older_than: Option<Duration>,
+    dry_run: bool,
+    warn: impl Fn(String),
+) -> Result<Released, String> {
+    let state = StateDir::new(workdir);
+    let root = state.root.join("quarantine");
+    if !root.is_dir() {
+        return Ok(Released::default());
+    }
+    let _held = state
+        .lock(true, |pid| {
+            let who = pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
+            warn(format!(
+                "waiting for another imba run{who} of this workdir to finish…"
+            ))
+        })
+        .map_err(|e| format!("cannot lock {}: {e}", state.root.display()))?;
+    let cutoff = older_than.and_then(|d| SystemTime::now().checked_sub(d));
+    let mut released = Released::default();
+    let mut runs: Vec<PathBuf> = std::fs::read_dir(&root)
+        .map_err(|e| format!("cannot read {}: {e}", root.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    runs.sort();
+    for run in runs {
+        let modified = std::fs::metadata(&run).and_then(|m| m.modified()).ok();
+        let old = match (cutoff, modified) {
+            (None, _) => true,
+            (Some(cutoff), Some(modified)) => modified < cutoff,
+            (Some(_), None) => false,
+        };
+        if !old {
+            continue;
+        }
+        let bytes: u64 = walkdir::WalkDir::new(&run)
+            .into_iter()
+            .flatten()
+            .filter(|e| e.file_type().is_file())
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum();
+        if !dry_run {
+            std::fs::remove_dir_all(&run)
+                .map_err(|e| format!("cannot remove {}: {e}", run.display()))?;
+        }
+        released.runs += 1;
+        released.bytes += bytes;
+    }
+    Ok(released)
+}
