@@ -73,6 +73,9 @@ pub enum Command {
     /// List the outputs that checks kept in quarantine (`.imba/quarantine/`): which run and
     /// stage, which checks failed, where they are.
     Quarantine(ChecksArgs),
+    /// Commit the outputs that checks kept in quarantine, after a person looked at them; the
+    /// reason goes into the run record (`imba checks` shows the stage as accepted by hand).
+    Accept(AcceptArgs),
     /// Print the latest result of every stage's checks as a table.
     Checks(ChecksArgs),
     /// List the versions of a versioned output (`imba versions FILE [STAGE]`), or compare two
@@ -298,6 +301,19 @@ pub struct ShowArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct AcceptArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+    /// The run that kept them (an id or a unique prefix; `imba quarantine` lists them).
+    pub run: String,
+    /// The stage.
+    pub stage: String,
+    /// Why they are right after all, for the record.
+    #[arg(long, required = true)]
+    pub reason: String,
+}
+
+#[derive(Args, Debug)]
 pub struct DiffArgs {
     #[command(flatten)]
     pub pipeline: PipelineArgs,
@@ -487,6 +503,7 @@ pub fn run(cli: Cli, printer: &Printer) -> ExitCode {
         Command::Cache(args) => cache_command(args, &registry, printer),
         Command::Diff(args) => diff_command(args, &registry, printer),
         Command::Quarantine(args) => quarantine_command(args, &registry, printer),
+        Command::Accept(args) => accept_command(args, &registry, printer),
         Command::Gc(args) => gc_command(args, &registry, printer),
         Command::Push(args) => push_command(args, &registry, printer),
         Command::Pull(args) => pull_command(args, registry, printer),
@@ -1260,6 +1277,33 @@ fn gc_command(args: GcArgs, registry: &Registry, printer: &Printer) -> ExitCode 
         Err(message) => {
             printer.error(&message);
             ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+fn accept_command(args: AcceptArgs, registry: &Registry, printer: &Printer) -> ExitCode {
+    let dag = match checked_dag(&args.pipeline, registry, printer) {
+        Ok(dag) => dag,
+        Err(code) => return code,
+    };
+    match crate::run::housekeeping::accept(&dag, &args.run, &args.stage, &args.reason, |w| {
+        printer.warning(&w)
+    }) {
+        Ok(outputs) => {
+            printer.status(&format!(
+                "accepted the quarantined outputs of stage `{}`: {}",
+                args.stage,
+                outputs.keys().cloned().collect::<Vec<_>>().join(", ")
+            ));
+            ExitCode::SUCCESS
+        }
+        Err(crate::run::housekeeping::AcceptError::Refused(message)) => {
+            printer.error(&message);
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(crate::run::housekeeping::AcceptError::Failed(message)) => {
+            printer.error(&message);
+            ExitCode::from(EXIT_STAGE_FAILED)
         }
     }
 }

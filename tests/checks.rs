@@ -464,3 +464,74 @@ fn quarantine_lists_what_checks_kept_out_and_gc_clears_it() {
         ));
     });
 }
+
+/// `imba accept`: a person looked at what a check kept out and commits it, with a reason; the
+/// stage is then up to date, and `imba checks` says it was accepted by hand. A stage that
+/// changed since is refused.
+#[test]
+fn accept_commits_quarantined_outputs_with_a_reason() {
+    let t = Test::new().pipeline(
+        "stages:\n  few:\n    cmd: printf 'id\\n1\\n' > {{ outputs.t }}\n    outputs: {t: out/t.csv}\n    checks:\n      - rows: {min: 10}\n",
+    );
+    assert_eq!(run(&t, &[]).code, 1);
+    assert!(!t.path().join("out/t.csv").exists());
+    let run_id = last_record(&t)["id"].as_str().unwrap().to_owned();
+    let accepted = t.exec(&[
+        "accept",
+        "pipeline.yaml",
+        &run_id[..15],
+        "few",
+        "--reason",
+        "a holiday month",
+    ]);
+    assert_eq!(accepted.code, 0, "{}", accepted.stderr);
+    assert_eq!(t.read("out/t.csv"), "id\n1\n");
+    let status = t.exec(&["status", "pipeline.yaml"]);
+    assert_eq!(
+        status.stdout, "all 1 stages are up to date\n",
+        "{}",
+        status.stderr
+    );
+    let checks = t.exec(&["checks", "pipeline.yaml"]);
+    assert!(
+        checks
+            .stdout
+            .contains("accepted by hand (a holiday month): 1 row, expected ≥ 10"),
+        "{}",
+        checks.stdout
+    );
+    let again = t.exec(&[
+        "accept",
+        "pipeline.yaml",
+        &run_id,
+        "few",
+        "--reason",
+        "again",
+    ]);
+    assert_eq!(again.code, 2);
+    assert!(
+        again.stderr.contains("holds nothing in quarantine"),
+        "{}",
+        again.stderr
+    );
+
+    // Quarantined again, then the stage changes: what is held is not what it would make now.
+    t.write(
+        "pipeline.yaml",
+        "stages:\n  few:\n    cmd: printf 'id\\n2\\n' > {{ outputs.t }}\n    outputs: {t: out/t.csv}\n    checks:\n      - rows: {min: 10}\n",
+    );
+    assert_eq!(run(&t, &[]).code, 1);
+    let second = last_record(&t)["id"].as_str().unwrap().to_owned();
+    t.write(
+        "pipeline.yaml",
+        "stages:\n  few:\n    cmd: printf 'id\\n3\\n' > {{ outputs.t }}\n    outputs: {t: out/t.csv}\n    checks:\n      - rows: {min: 10}\n",
+    );
+    let changed = t.exec(&["accept", "pipeline.yaml", &second, "few", "--reason", "x"]);
+    assert_eq!(changed.code, 2);
+    assert!(
+        changed.stderr.contains("changed since run"),
+        "{}",
+        changed.stderr
+    );
+    assert_eq!(t.read("out/t.csv"), "id\n1\n");
+}

@@ -121,6 +121,12 @@ pub fn run(run: &RunRecord) -> String {
                 out.push_str(&format!("           ! {line}\n"));
             }
         }
+        if let Some(accepted) = &stage.accepted {
+            out.push_str(&format!(
+                "           accepted by hand {}: {}\n",
+                accepted.at, accepted.reason
+            ));
+        }
         if let Some(hook) = &stage.hook {
             let how = hook.error.as_deref().unwrap_or("ok");
             out.push_str(&format!(
@@ -165,7 +171,12 @@ pub fn checks(latest: &[(&str, Option<(&str, &StageRecord)>)]) -> String {
                         severity.into(),
                         result.into(),
                         (*run).to_owned(),
-                        check.detail.clone(),
+                        match &stage.accepted {
+                            Some(accepted) if check.blocks() => {
+                                format!("accepted by hand ({}): {}", accepted.reason, check.detail)
+                            }
+                            _ => check.detail.clone(),
+                        },
                     ]);
                 }
             }

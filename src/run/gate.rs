@@ -282,17 +282,24 @@ pub fn quarantine(
         if !path.exists() {
             continue;
         }
-        let relative = port.declared.location.relative_path(workdir);
-        let relative = relative.unwrap_or_else(|| {
-            Path::new(&i.to_string()).join(path.file_name().unwrap_or_default())
-        });
-        let target = quarantine.join(relative);
+        let target = quarantine_path(port, i, workdir, quarantine);
         if let Some(parent) = target.parent() {
             std::fs::create_dir_all(parent)?;
         }
         std::fs::rename(path, &target)?;
     }
     Ok(())
+}
+
+/// Where the `i`-th output `port` of a stage is kept in its quarantine folder: at its path
+/// relative to the workdir, or (an S3 output, one outside the workdir) `i/NAME`.
+pub fn quarantine_path(port: &Port, i: usize, workdir: &Path, quarantine: &Path) -> PathBuf {
+    let relative = port
+        .declared
+        .location
+        .relative_path(workdir)
+        .unwrap_or_else(|| Path::new(&i.to_string()).join(super::stage::output_name(port)));
+    quarantine.join(relative)
 }
 
 /// What a hook is told, as JSON on its stdin.

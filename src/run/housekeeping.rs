@@ -233,3 +233,190 @@ pub fn collect_quarantine(
     }
     Ok(released)
 }
+
+/// Why `imba accept` refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AcceptError {
+    /// The run, the stage or its quarantine is not what the person named, or the stage changed
+    /// since: theirs to look at again.
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Commits the outputs that checks kept in quarantine in run `run` (an id or a unique prefix)
+/// for stage `stage`, after a person looked at them, with their `reason` in the run record.
+/// Only while the stage is as it was then (the same fingerprint: definition and inputs);
+/// the outputs go through the store's commit (atomic renames, S3 commits, versions) and the
+/// lock file through the journal, as a run's do. Gives the committed outputs.
+pub fn accept(
+    dag: &crate::graph::Dag,
+    run: &str,
+    stage: &str,
+    reason: &str,
+    warn: impl Fn(String),
+) -> Result<std::collections::BTreeMap<String, crate::store::ContentHash>, AcceptError> {
+    use crate::store::{Staged, Store};
+    let refused = AcceptError::Refused;
+    let failed = |e: String| AcceptError::Failed(e);
+    let pipeline = dag.pipeline();
+    let workdir = &pipeline.workdir;
+    let state = StateDir::new(workdir);
+    let _held = state
+        .lock(true, |pid| {
+            let who = pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
+            warn(format!(
+                "waiting for another imba run{who} of this workdir to finish…"
+            ))
+        })
+        .map_err(|e| failed(format!("cannot lock {}: {e}", state.root.display())))?;
+    let shown = pipeline.file.display().to_string();
+    let mut records: Vec<crate::state::record::RunRecord> =
+        crate::state::record::list(&state.runs())
+            .into_iter()
+            .filter(|r| r.pipeline == shown && r.id.starts_with(run))
+            .collect();
+    let mut record = match records.len() {
+        1 => records.remove(0),
+        0 => {
+            return Err(refused(format!(
+                "no run of this pipeline has an id starting with `{run}`"
+            )))
+        }
+        n => {
+            return Err(refused(format!(
+                "`{run}` matches {n} runs; give more of the id"
+            )))
+        }
+    };
+    let position = record
+        .stages
+        .iter()
+        .position(|s| s.name == stage)
+        .ok_or_else(|| refused(format!("run {} has no stage `{stage}`", record.id)))?;
+    let folder = record.stages[position]
+        .quarantine
+        .clone()
+        .map(PathBuf::from)
+        .filter(|f| f.is_dir())
+        .ok_or_else(|| {
+            refused(format!(
+                "stage `{stage}` of run {} holds nothing in quarantine (`imba quarantine` lists what is held)",
+                record.id
+            ))
+        })?;
+    let index = dag
+        .order()
+        .iter()
+        .copied()
+        .find(|&i| dag.stage(i).name == stage)
+        .ok_or_else(|| refused(format!("the pipeline has no stage `{stage}` any more")))?;
+    let definition = dag.stage(index);
+    let store = stores(pipeline, &state);
+    let now =
+        crate::plan::snapshot(definition, workdir, &store).map_err(|e| failed(e.to_string()))?;
+    if record.stages[position].fingerprint.as_deref() != Some(now.fingerprint.as_str()) {
+        return Err(refused(format!(
+            "stage `{stage}` changed since run {} (its definition or its inputs): what is in quarantine is not what it would make now; `imba run` computes it again, and its checks decide",
+            record.id
+        )));
+    }
+    let paths: Vec<PathBuf> = definition
+        .outputs
+        .iter()
+        .enumerate()
+        .map(|(i, port)| super::gate::quarantine_path(port, i, workdir, &folder))
+        .collect();
+    if let Some((port, _)) = definition
+        .outputs
+        .iter()
+        .zip(&paths)
+        .find(|(_, p)| p.symlink_metadata().is_err())
+    {
+        return Err(refused(format!(
+            "the quarantine of stage `{stage}` has no `{}`: it cannot be committed whole",
+            port.text
+        )));
+    }
+    let outputs: std::collections::BTreeMap<String, crate::store::ContentHash> =
+        match (&definition.versioning, definition.outputs.as_slice()) {
+            (Some(versioning), [port]) => {
+                let meta = crate::store::versions::MetaInput {
+                    pipeline: shown.clone(),
+                    stage: stage.to_owned(),
+                    fingerprint: now.fingerprint.clone(),
+                    inputs: serde_json::to_value(&now.entry.inputs)
+                        .unwrap_or(serde_json::Value::Null),
+                    params: now.entry.params.clone(),
+                    report: record.stages[position]
+                        .report
+                        .as_ref()
+                        .and_then(|r| r.get("summary").cloned())
+                        .unwrap_or(serde_json::Value::Null),
+                    workdir: workdir.clone(),
+                    vars: serde_json::Value::Object(record.vars.clone()),
+                    restored: None,
+                };
+                let staged = Staged {
+                    from: &paths[0],
+                    to: &port.declared,
+                    shown: &port.text,
+                };
+                let version = store
+                    .commit_version(staged, versioning, meta, &record.id)
+                    .map_err(|e| failed(e.to_string()))?;
+                std::collections::BTreeMap::from([(
+                    port.declared.location.display(workdir),
+                    version.hash,
+                )])
+            }
+            _ => {
+                let staged: Vec<Staged> = definition
+                    .outputs
+                    .iter()
+                    .zip(&paths)
+                    .map(|(port, from)| Staged {
+                        from,
+                        to: &port.declared,
+                        shown: &port.text,
+                    })
+                    .collect();
+                let hashes = store
+                    .commit(&staged, &record.id)
+                    .map_err(|e| failed(e.to_string()))?;
+                definition
+                    .outputs
+                    .iter()
+                    .map(|port| port.declared.location.display(workdir))
+                    .zip(hashes)
+                    .collect()
+            }
+        };
+    // The lock, through the journal as a run writes it.
+    let lock_path = lock::lock_path(&pipeline.file);
+    let mut locked = lock::load_for_run(&lock_path, &state, &warn).map_err(refused)?;
+    let mut journal = lock::Journal::open(&lock::journal_path(&state.root, &lock_path))
+        .map_err(|e| failed(format!("cannot open the run journal: {e}")))?;
+    let mut entry = now.entry;
+    entry.outputs = outputs.clone();
+    journal
+        .append(stage, &entry)
+        .map_err(|e| failed(format!("cannot write the run journal: {e}")))?;
+    locked.stages.insert(stage.to_owned(), entry);
+    journal.checkpoint(&lock_path, &locked).map_err(|e| {
+        failed(format!(
+            "cannot write the lock file {} ({e}); the journal keeps the commit",
+            lock_path.display()
+        ))
+    })?;
+    let _ = store.save();
+    let _ = std::fs::remove_dir_all(&folder);
+    let stage_record = &mut record.stages[position];
+    stage_record.accepted = Some(crate::state::record::Accepted::now(reason));
+    stage_record.outputs = outputs.clone();
+    stage_record.quarantine = None;
+    crate::state::record::save(&state.runs(), &record)
+        .map_err(|e| failed(format!("cannot update the run record: {e}")))?;
+    Ok(outputs)
+}

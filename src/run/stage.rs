@@ -37,6 +37,7 @@ pub(super) fn stage_record(name: &str, decision: Decision) -> StageRecord {
         checks: Vec::new(),
         quarantine: None,
         hook: None,
+        accepted: None,
     }
 }
 
@@ -817,14 +818,17 @@ impl Staging {
 }
 
 fn staging_path(root: &Path, i: usize, port: &Port) -> PathBuf {
-    let name = port
-        .text
+    root.join(i.to_string()).join(output_name(port))
+}
+
+/// The file name an output is staged under: the last segment of its declared path.
+pub(super) fn output_name(port: &Port) -> &str {
+    port.text
         .trim_end_matches('/')
         .rsplit('/')
         .next()
         .filter(|n| !n.is_empty() && *n != "." && *n != "..")
-        .unwrap_or("output");
-    root.join(i.to_string()).join(name)
+        .unwrap_or("output")
 }
 
 /// The local path of each input: the input itself, or the local copy of a remote one

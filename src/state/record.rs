@@ -193,6 +193,26 @@ pub struct StageRecord {
     /// The `on_failure` hook run for this stage's failure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hook: Option<HookRecord>,
+    /// Its quarantined outputs were committed by hand (`imba accept`), after a person looked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accepted: Option<Accepted>,
+}
+
+/// A person accepted a stage's quarantined outputs.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Accepted {
+    pub reason: String,
+    /// When (RFC 3339).
+    pub at: String,
+}
+
+impl Accepted {
+    pub fn now(reason: &str) -> Self {
+        Accepted {
+            reason: reason.to_owned(),
+            at: now(),
+        }
+    }
 }
 
 /// One check, evaluated.
