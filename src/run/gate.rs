@@ -298,8 +298,19 @@ pub fn quarantine_path(port: &Port, i: usize, workdir: &Path, quarantine: &Path)
         .declared
         .location
         .relative_path(workdir)
-        .unwrap_or_else(|| Path::new(&i.to_string()).join(super::stage::output_name(port)));
+        .unwrap_or_else(|| Path::new(&i.to_string()).join(output_name(port)));
     quarantine.join(relative)
+}
+
+/// The file name an output is staged (and quarantined) under: the last segment of its
+/// declared path.
+pub(super) fn output_name(port: &Port) -> &str {
+    port.text
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .filter(|n| !n.is_empty() && *n != "." && *n != "..")
+        .unwrap_or("output")
 }
 
 /// What a hook is told, as JSON on its stdin.

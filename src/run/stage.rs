@@ -818,17 +818,8 @@ impl Staging {
 }
 
 fn staging_path(root: &Path, i: usize, port: &Port) -> PathBuf {
-    root.join(i.to_string()).join(output_name(port))
-}
-
-/// The file name an output is staged under: the last segment of its declared path.
-pub(super) fn output_name(port: &Port) -> &str {
-    port.text
-        .trim_end_matches('/')
-        .rsplit('/')
-        .next()
-        .filter(|n| !n.is_empty() && *n != "." && *n != "..")
-        .unwrap_or("output")
+    root.join(i.to_string())
+        .join(super::gate::output_name(port))
 }
 
 /// The local path of each input: the input itself, or the local copy of a remote one
