@@ -268,20 +268,7 @@ fn one_of(
 /// The names a param's forms are known by: the strings of its enum forms, and the one key of
 /// each of its map forms.
 fn choices_at(schema: &Json, pointer: &str) -> Vec<String> {
-    let mut current = vec![schema];
-    for segment in pointer_segments(pointer) {
-        let mut next = Vec::new();
-        for s in current.into_iter().flat_map(|s| expand(schema, s)) {
-            if let Some(p) = s.get("properties").and_then(|p| p.get(&segment)) {
-                next.push(p);
-            } else if let Some(a) = s.get("additionalProperties").filter(|a| a.is_object()) {
-                next.push(a);
-            } else if let Some(i) = s.get("items").filter(|i| i.is_object()) {
-                next.push(i);
-            }
-        }
-        current = next;
-    }
+    let current = schemas_at(schema, pointer);
     let mut names: Vec<String> = Vec::new();
     for s in current.into_iter().flat_map(|s| expand(schema, s)) {
         if let Some(values) = s.get("enum").and_then(Json::as_array) {
@@ -304,7 +291,8 @@ fn choices_at(schema: &Json, pointer: &str) -> Vec<String> {
     names
 }
 
-fn properties_at(schema: &Json, pointer: &str) -> Vec<String> {
+/// The schemas that describe the value at the instance `pointer`, their references followed.
+fn schemas_at<'a>(schema: &'a Json, pointer: &str) -> Vec<&'a Json> {
     let mut current = vec![schema];
     for segment in pointer_segments(pointer) {
         let mut next = Vec::new();
@@ -319,6 +307,11 @@ fn properties_at(schema: &Json, pointer: &str) -> Vec<String> {
         }
         current = next;
     }
+    current
+}
+
+fn properties_at(schema: &Json, pointer: &str) -> Vec<String> {
+    let current = schemas_at(schema, pointer);
     let mut names: Vec<String> = current
         .into_iter()
         .flat_map(|s| expand(schema, s))

@@ -33,14 +33,7 @@ pub fn gc(
 ) -> Result<Removed, String> {
     let (fingerprints, since) = kept(workdir, keep, &warn)?;
     let state = StateDir::new(workdir);
-    let _held = state
-        .lock(true, |pid| {
-            let who = pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
-            warn(format!(
-                "waiting for another imba run{who} of this workdir to finish…"
-            ))
-        })
-        .map_err(|e| format!("cannot lock {}: {e}", state.root.display()))?;
+    let _held = hold(&state, &warn)?;
     let cache = RunCache::new(state.cache());
     Ok(cache.collect(
         |entry, used| {
@@ -81,6 +74,20 @@ pub fn gc_remote(
         )
         .map_err(failed)?;
     Ok((url, removed))
+}
+
+/// The workdir's run lock, waiting (and saying so) while a run holds it: what the run cache
+/// and quarantine are changed under, so that nothing a run is writing goes.
+fn hold(state: &StateDir, warn: &impl Fn(String)) -> Result<crate::state::RunLock, String> {
+    state
+        .lock(true, |pid| {
+            let who = pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
+            warn(format!(
+                "waiting for another imba run{who} of this workdir to finish…"
+            ))
+        })
+        .map_err(|e| format!("cannot lock {}: {e}", state.root.display()))?
+        .ok_or_else(|| format!("cannot lock {}", state.root.display()))
 }
 
 /// The fingerprints the lock files refer to, and the time after which a use keeps an entry.
@@ -190,14 +197,7 @@ pub fn collect_quarantine(
     if !root.is_dir() {
         return Ok(Released::default());
     }
-    let _held = state
-        .lock(true, |pid| {
-            let who = pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
-            warn(format!(
-                "waiting for another imba run{who} of this workdir to finish…"
-            ))
-        })
-        .map_err(|e| format!("cannot lock {}: {e}", state.root.display()))?;
+    let _held = hold(&state, &warn)?;
     let cutoff = older_than.and_then(|d| SystemTime::now().checked_sub(d));
     let mut released = Released::default();
     let mut runs: Vec<PathBuf> = std::fs::read_dir(&root)
@@ -263,14 +263,7 @@ pub fn accept(
     let pipeline = dag.pipeline();
     let workdir = &pipeline.workdir;
     let state = StateDir::new(workdir);
-    let _held = state
-        .lock(true, |pid| {
-            let who = pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
-            warn(format!(
-                "waiting for another imba run{who} of this workdir to finish…"
-            ))
-        })
-        .map_err(|e| failed(format!("cannot lock {}: {e}", state.root.display())))?;
+    let _held = hold(&state, &warn).map_err(failed)?;
     let shown = pipeline.file.display().to_string();
     let mut records: Vec<crate::state::record::RunRecord> =
         crate::state::record::list(&state.runs())
