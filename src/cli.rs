@@ -377,6 +377,10 @@ pub struct GcArgs {
     /// with --older-than those older than that.
     #[arg(long, conflicts_with = "remote")]
     pub quarantine: bool,
+    /// Remove archived versions (`archive/NAME_vN/`, moved there by `keep:`) of the pipelines'
+    /// local versioned outputs instead: all, or with --older-than those older than that.
+    #[arg(long, conflicts_with_all = ["remote", "quarantine"])]
+    pub archive: bool,
     /// Also collect the remote run cache: the pipelines' (`IMBA_REMOTE`, `cache.remote`), or
     /// URL. Unreferenced remote objects younger than an hour stay (another machine may be
     /// pushing them).
@@ -1192,6 +1196,51 @@ fn gc_command(args: GcArgs, registry: &Registry, printer: &Printer) -> ExitCode 
     let (Some(workdir), Some(first)) = (workdir, first) else {
         return ExitCode::from(EXIT_CONFIG);
     };
+    if args.archive {
+        let mut released = crate::run::housekeeping::Released::default();
+        for file in &args.files {
+            let pipeline_args = PipelineArgs {
+                file: file.clone(),
+                set: Vec::new(),
+                vars: Vec::new(),
+            };
+            let dag = match dag_for_records(&pipeline_args, registry, printer) {
+                Ok(dag) => dag,
+                Err(code) => return code,
+            };
+            match crate::run::housekeeping::collect_archive(
+                &dag,
+                args.older_than,
+                args.dry_run,
+                |w| printer.warning(&w),
+            ) {
+                Ok(more) => {
+                    released.runs += more.runs;
+                    released.bytes += more.bytes;
+                }
+                Err(message) => {
+                    printer.error(&message);
+                    return ExitCode::from(EXIT_STAGE_FAILED);
+                }
+            }
+        }
+        if args.json {
+            let json = serde_json::json!({"versions": released.runs, "bytes": released.bytes});
+            printer.data(&(serde_json::to_string_pretty(&json).unwrap_or_default() + "\n"));
+        } else {
+            let verb = if args.dry_run {
+                "would remove"
+            } else {
+                "removed"
+            };
+            printer.data(&format!(
+                "{verb} {} archived version{}\n",
+                released.runs,
+                if released.runs == 1 { "" } else { "s" }
+            ));
+        }
+        return ExitCode::SUCCESS;
+    }
     if args.quarantine {
         return match crate::run::housekeeping::collect_quarantine(
             &workdir,

@@ -230,3 +230,39 @@ fn a_diff_of_identical_versions_says_so() {
     let other: serde_json::Value = serde_json::from_str(&other.stdout).unwrap();
     assert_eq!(other["identical"], false);
 }
+
+/// `imba gc --archive` removes what `keep:` archived, never a version in place.
+#[test]
+fn gc_archive_removes_archived_versions_only() {
+    let t = Test::new()
+        .file("orders.csv", "user_id,days\n1,3\n1,5\n2,7\n")
+        .pipeline(PIPELINE);
+    run(&t, &[]);
+    t.write("orders.csv", "user_id,days\n1,3\n1,5\n2,7\n3,9\n");
+    run(&t, &[]);
+    t.write("orders.csv", "user_id,days\n1,3\n1,5\n2,7\n3,9\n4,1\n");
+    run(&t, &[]);
+    assert!(t.path().join("out/archive/features_v1").is_dir());
+    let dry = t.exec(&["gc", "pipeline.yaml", "--archive", "--dry-run"]);
+    assert_eq!(
+        dry.stdout, "would remove 1 archived version\n",
+        "{}",
+        dry.stderr
+    );
+    assert!(t.path().join("out/archive/features_v1").is_dir());
+    let kept = t.exec(&["gc", "pipeline.yaml", "--archive", "--older-than", "1d"]);
+    assert_eq!(
+        kept.stdout, "removed 0 archived versions\n",
+        "{}",
+        kept.stderr
+    );
+    let gone = t.exec(&["gc", "pipeline.yaml", "--archive"]);
+    assert_eq!(
+        gone.stdout, "removed 1 archived version\n",
+        "{}",
+        gone.stderr
+    );
+    assert!(!t.path().join("out/archive/features_v1").exists());
+    assert!(t.path().join("out/features/features_v2").is_dir());
+    assert!(t.path().join("out/features/features_v3").is_dir());
+}

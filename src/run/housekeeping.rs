@@ -413,3 +413,55 @@ pub fn accept(
         .map_err(|e| failed(format!("cannot update the run record: {e}")))?;
     Ok(outputs)
 }
+
+/// Removes the archived versions (`archive/NAME_vN/`, moved there by `keep:`) of the local
+/// versioned outputs of `dag` that are older than `older_than` (all of them without it), under
+/// the workdir's run lock. A version in place is never removed. S3 archives are left alone.
+pub fn collect_archive(
+    dag: &crate::graph::Dag,
+    older_than: Option<Duration>,
+    dry_run: bool,
+    warn: impl Fn(String),
+) -> Result<Released, String> {
+    let pipeline = dag.pipeline();
+    let state = StateDir::new(&pipeline.workdir);
+    let _held = hold(&state, &warn)?;
+    let cutoff = older_than.and_then(|d| SystemTime::now().checked_sub(d));
+    let mut released = Released::default();
+    for &index in dag.order() {
+        let stage = dag.stage(index);
+        let (Some(_), [port]) = (&stage.versioning, stage.outputs.as_slice()) else {
+            continue;
+        };
+        let Some(root) = port.declared.location.local_path() else {
+            continue;
+        };
+        let base = crate::store::versions::base_name(root);
+        let archive = crate::store::versions::archive_dir(root);
+        for (_, dir) in crate::store::versions::list_in(&archive, &base) {
+            let modified = std::fs::metadata(&dir).and_then(|m| m.modified()).ok();
+            let old = match (cutoff, modified) {
+                (None, _) => true,
+                (Some(cutoff), Some(modified)) => modified < cutoff,
+                (Some(_), None) => false,
+            };
+            if !old {
+                continue;
+            }
+            let bytes: u64 = walkdir::WalkDir::new(&dir)
+                .into_iter()
+                .flatten()
+                .filter(|e| e.file_type().is_file())
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum();
+            if !dry_run {
+                std::fs::remove_dir_all(&dir)
+                    .map_err(|e| format!("cannot remove {}: {e}", dir.display()))?;
+            }
+            released.runs += 1;
+            released.bytes += bytes;
+        }
+    }
+    Ok(released)
+}
