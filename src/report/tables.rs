@@ -451,13 +451,7 @@ pub fn quarantined(runs: &[RunRecord]) -> Vec<Held> {
             if !path.is_dir() {
                 continue;
             }
-            let bytes = walkdir::WalkDir::new(path)
-                .into_iter()
-                .flatten()
-                .filter(|e| e.file_type().is_file())
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len())
-                .sum();
+            let bytes = crate::run::housekeeping::size_of(path);
             held.push(Held {
                 run: run.id.clone(),
                 stage: stage.name.clone(),

@@ -208,28 +208,7 @@ pub fn collect_quarantine(
         .collect();
     runs.sort();
     for run in runs {
-        let modified = std::fs::metadata(&run).and_then(|m| m.modified()).ok();
-        let old = match (cutoff, modified) {
-            (None, _) => true,
-            (Some(cutoff), Some(modified)) => modified < cutoff,
-            (Some(_), None) => false,
-        };
-        if !old {
-            continue;
-        }
-        let bytes: u64 = walkdir::WalkDir::new(&run)
-            .into_iter()
-            .flatten()
-            .filter(|e| e.file_type().is_file())
-            .filter_map(|e| e.metadata().ok())
-            .map(|m| m.len())
-            .sum();
-        if !dry_run {
-            std::fs::remove_dir_all(&run)
-                .map_err(|e| format!("cannot remove {}: {e}", run.display()))?;
-        }
-        released.runs += 1;
-        released.bytes += bytes;
+        remove_if_older(&run, cutoff, dry_run, &mut released)?;
     }
     Ok(released)
 }
@@ -439,29 +418,46 @@ pub fn collect_archive(
         let base = crate::store::versions::base_name(root);
         let archive = crate::store::versions::archive_dir(root);
         for (_, dir) in crate::store::versions::list_in(&archive, &base) {
-            let modified = std::fs::metadata(&dir).and_then(|m| m.modified()).ok();
-            let old = match (cutoff, modified) {
-                (None, _) => true,
-                (Some(cutoff), Some(modified)) => modified < cutoff,
-                (Some(_), None) => false,
-            };
-            if !old {
-                continue;
-            }
-            let bytes: u64 = walkdir::WalkDir::new(&dir)
-                .into_iter()
-                .flatten()
-                .filter(|e| e.file_type().is_file())
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len())
-                .sum();
-            if !dry_run {
-                std::fs::remove_dir_all(&dir)
-                    .map_err(|e| format!("cannot remove {}: {e}", dir.display()))?;
-            }
-            released.runs += 1;
-            released.bytes += bytes;
+            remove_if_older(&dir, cutoff, dry_run, &mut released)?;
         }
     }
     Ok(released)
+}
+
+/// The bytes of the files under `dir`.
+pub fn size_of(dir: &Path) -> u64 {
+    walkdir::WalkDir::new(dir)
+        .into_iter()
+        .flatten()
+        .filter(|e| e.file_type().is_file())
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// Removes the folder `dir` when it was last changed before `cutoff` (always without one),
+/// counting it into `released`; with `dry_run`, only counts.
+fn remove_if_older(
+    dir: &Path,
+    cutoff: Option<SystemTime>,
+    dry_run: bool,
+    released: &mut Released,
+) -> Result<(), String> {
+    let modified = std::fs::metadata(dir).and_then(|m| m.modified()).ok();
+    let old = match (cutoff, modified) {
+        (None, _) => true,
+        (Some(cutoff), Some(modified)) => modified < cutoff,
+        (Some(_), None) => false,
+    };
+    if !old {
+        return Ok(());
+    }
+    let bytes = size_of(dir);
+    if !dry_run {
+        std::fs::remove_dir_all(dir)
+            .map_err(|e| format!("cannot remove {}: {e}", dir.display()))?;
+    }
+    released.runs += 1;
+    released.bytes += bytes;
+    Ok(())
 }
