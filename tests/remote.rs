@@ -26,14 +26,7 @@ fn command(t: &Test, server: &S3Server, args: &[&str]) -> std::process::Command 
 }
 
 fn imba(t: &Test, server: &S3Server, args: &[&str]) -> Output {
-    let output = command(t, server, args).output().expect("run imba");
-    let tmp = t.path().to_string_lossy().into_owned();
-    let clean = |bytes: &[u8]| String::from_utf8_lossy(bytes).replace(&tmp, "[TMP]");
-    Output {
-        code: output.status.code().unwrap_or(-1),
-        stdout: clean(&output.stdout),
-        stderr: clean(&output.stderr),
-    }
+    t.captured(&command(t, server, args).output().expect("run imba"))
 }
 
 fn ok(t: &Test, server: &S3Server, args: &[&str]) -> Output {
@@ -363,14 +356,7 @@ fn remote_errors_are_named_whole() {
         for (key, value) in env {
             command.env(key, value);
         }
-        let output = command.output().unwrap();
-        let tmp = t.path().to_string_lossy().into_owned();
-        let clean = |bytes: &[u8]| String::from_utf8_lossy(bytes).replace(&tmp, "[TMP]");
-        let out = Output {
-            code: output.status.code().unwrap_or(-1),
-            stdout: clean(&output.stdout),
-            stderr: clean(&output.stderr),
-        };
+        let out = t.captured(&command.output().unwrap());
         assert_eq!(out.code, code, "{}", out.stderr);
         insta::with_settings!({filters => vec![
             (r"\d{8}T\d{6}\.\d{3}Z-[0-9a-f]{4}", "[RUN]"),

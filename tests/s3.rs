@@ -29,14 +29,7 @@ fn run_with(t: &Test, server: &S3Server, args: &[&str], env: &[(&str, &str)]) ->
             command.env(key, value);
         }
     }
-    let output = command.output().expect("run imba");
-    let tmp = t.path().to_string_lossy().into_owned();
-    let clean = |bytes: &[u8]| String::from_utf8_lossy(bytes).replace(&tmp, "[TMP]");
-    Output {
-        code: output.status.code().unwrap_or(-1),
-        stdout: clean(&output.stdout),
-        stderr: clean(&output.stderr),
-    }
+    t.captured(&command.output().expect("run imba"))
 }
 
 /// raw.csv on S3 → copy (to S3) → count (S3 to local); split writes an S3 directory.
@@ -728,14 +721,7 @@ fn run_env(t: &Test, env: &[(&str, &str)], args: &[&str]) -> Output {
     for (key, value) in env {
         command.env(key, value);
     }
-    let output = command.output().expect("run imba");
-    let tmp = t.path().to_string_lossy().into_owned();
-    let clean = |bytes: &[u8]| String::from_utf8_lossy(bytes).replace(&tmp, "[TMP]");
-    Output {
-        code: output.status.code().unwrap_or(-1),
-        stdout: clean(&output.stdout),
-        stderr: clean(&output.stderr),
-    }
+    t.captured(&command.output().expect("run imba"))
 }
 
 /// Keys as written (UTF-8, a space, `~`, `%`, `+`, `=`), against s3s: not percent-encoded on

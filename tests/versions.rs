@@ -129,8 +129,9 @@ fn versions_are_made_only_when_the_content_changes_and_never_rewritten() {
     );
 }
 
-#[test]
-fn imba_versions_lists_and_compares() {
+/// Three versions: the first orders, more orders (v2), then a new feature (v3; with `keep: 2`
+/// v1 is archived).
+fn three_versions() -> Test {
     let t = Test::new()
         .file("orders.csv", "user_id,days\n1,3\n1,5\n2,7\n")
         .pipeline(PIPELINE);
@@ -139,6 +140,12 @@ fn imba_versions_lists_and_compares() {
     run(&t, &[]);
     t.write("pipeline.yaml", with_days_max());
     run(&t, &[]);
+    t
+}
+
+#[test]
+fn imba_versions_lists_and_compares() {
+    let t = three_versions();
     let list = t.exec(&["versions", "pipeline.yaml"]);
     let diff = t.exec(&["versions", "diff", "pipeline.yaml", "v1", "3"]);
     let missing = t.exec(&["versions", "diff", "pipeline.yaml", "1", "v7"]);
@@ -204,14 +211,7 @@ fn a_killed_run_leaves_no_partial_version() {
 /// came back): the diff says so instead of listing every mean at +0.00%.
 #[test]
 fn a_diff_of_identical_versions_says_so() {
-    let t = Test::new()
-        .file("orders.csv", "user_id,days\n1,3\n1,5\n2,7\n")
-        .pipeline(PIPELINE);
-    run(&t, &[]);
-    t.write("orders.csv", "user_id,days\n1,3\n1,5\n2,7\n3,9\n");
-    run(&t, &[]);
-    t.write("pipeline.yaml", with_days_max());
-    run(&t, &[]);
+    let t = three_versions();
     t.write("orders.csv", "user_id,days\n1,3\n1,5\n2,7\n");
     t.write("pipeline.yaml", PIPELINE);
     run(&t, &[]);

@@ -83,6 +83,11 @@ impl Test {
             .env_remove("RUST_LOG")
             .output()
             .expect("run imba");
+        self.captured(&output)
+    }
+
+    /// What a finished `imba` printed, with the test dir's path replaced by `[TMP]`.
+    pub fn captured(&self, output: &std::process::Output) -> Output {
         let tmp = self.dir.path().to_string_lossy().into_owned();
         let clean = |bytes: &[u8]| String::from_utf8_lossy(bytes).replace(&tmp, "[TMP]");
         Output {
