@@ -31,7 +31,7 @@ pub struct DiagnoseParams {
     /// The imputed columns to diagnose (default: every column the impute stage imputed).
     #[serde(default)]
     pub columns: Option<Vec<String>>,
-    /// Column → `[lo, hi]`, the x range of its density plots (default: the range of its values).
+    /// Column → `[lo, hi]`, the x range of its density plots (default: the range of its values). Values outside it widen the plots, which mark it; the report and a warning count them.
     #[serde(default)]
     pub range: BTreeMap<String, [f64; 2]>,
     /// The thresholds the imputations are checked against (defaults from the seed).
@@ -146,7 +146,19 @@ impl BuiltinStage for Diagnose {
             .map(|column| ColumnDiagnostics::new(&imputation, column))
             .collect::<Result<_, _>>()?;
         let checks = evaluate(&diagnostics, &params.checks);
-        let report = json!({
+        let ranges: BTreeMap<String, RangeUse> = diagnostics
+            .iter()
+            .filter_map(|d| {
+                let configured = params.range.get(&d.name)?;
+                Some((d.name.clone(), d.against(&imputation, *configured)))
+            })
+            .collect();
+        let warnings: Vec<String> = ranges
+            .iter()
+            .filter(|(_, r)| r.outside())
+            .map(|(name, r)| r.sentence(name))
+            .collect();
+        let mut report = json!({
             "rows": imputation.rows,
             "m": imputation.m,
             "iterations": imputation.iterations,
@@ -154,12 +166,15 @@ impl BuiltinStage for Diagnose {
             "checks": checks.iter().map(CheckResult::to_json).collect::<Vec<_>>(),
             "passed": checks.iter().all(|c| c.status != Status::Fail),
         });
-        report::write(out, &imputation, &diagnostics, &report, params)?;
+        for (name, range) in &ranges {
+            report["columns"][name]["plot_range"] = range.to_json();
+        }
+        report::write(out, &imputation, &diagnostics, &report, &ranges)?;
         // The orchestrator fails the stage on a missed `fail` check, keeping this report (red
         // at the top) in quarantine rather than committing it.
         Ok(StageReport {
             summary: report,
-            warnings: Vec::new(),
+            warnings,
             checks: checks.iter().map(CheckResult::reported).collect(),
         })
     }
@@ -444,8 +459,36 @@ impl ColumnDiagnostics {
         })
     }
 
+    /// Where the values lie against a configured plot range: how many observed and imputed
+    /// values fall outside it, and the range the plots show (the configured one, widened to
+    /// hold every value: a plot never hides data).
+    pub fn against(&self, imputation: &Imputation, configured: [f64; 2]) -> RangeUse {
+        let [lo, hi] = configured;
+        let outside = |v: &f64| *v < lo || *v > hi;
+        let missing = &imputation.missing[&self.name];
+        let values = &imputation.values[&self.name];
+        let imputed = || {
+            values
+                .iter()
+                .flat_map(|v| v.iter().zip(missing).filter(|(_, m)| **m).map(|(v, _)| v))
+        };
+        let all = values.iter().flatten().filter(|v| v.is_finite());
+        let shown = [
+            all.clone().copied().fold(lo, f64::min),
+            all.copied().fold(hi, f64::max),
+        ];
+        RangeUse {
+            configured,
+            shown,
+            observed_outside: self.observed.iter().filter(|v| outside(v)).count(),
+            observed: self.observed.len(),
+            imputed_outside: imputed().filter(|v| outside(v)).count(),
+            imputed: imputed().count(),
+        }
+    }
+
     /// The density curves of the plots: (x, observed, per imputation, all imputations), over
-    /// `range` with Scott's bandwidth for each sample.
+    /// `range` (else the range of the values) with Scott's bandwidth for each sample.
     pub fn densities(
         &self,
         imputation: &Imputation,
@@ -472,34 +515,85 @@ impl ColumnDiagnostics {
         (x, observed, each, all)
     }
 
-    /// Box-plot numbers of each imputation's completed column: (q1, median, q3, lower whisker,
-    /// upper whisker), whiskers at the furthest values within 1.5 IQR (Tukey, as seaborn).
+    /// Box-plot numbers of the observed values, then of each imputation's completed column:
+    /// (q1, median, q3, lower whisker, upper whisker), whiskers at the furthest values within
+    /// 1.5 IQR (Tukey, as seaborn).
     pub fn boxes(&self, imputation: &Imputation) -> Vec<[f64; 5]> {
-        imputation.values[&self.name]
-            .iter()
-            .map(|v| {
-                let mut sorted: Vec<f64> = v.iter().copied().filter(|x| !x.is_nan()).collect();
-                let q = |sorted: &mut Vec<f64>, p| quantile_linear(sorted, p).unwrap_or(f64::NAN);
-                let (q1, median, q3) = (
-                    q(&mut sorted, 0.25),
-                    q(&mut sorted, 0.5),
-                    q(&mut sorted, 0.75),
-                );
-                let (lo, hi) = (q1 - 1.5 * (q3 - q1), q3 + 1.5 * (q3 - q1));
-                let low = sorted
-                    .iter()
-                    .copied()
-                    .filter(|x| *x >= lo)
-                    .fold(f64::INFINITY, f64::min);
-                let high = sorted
-                    .iter()
-                    .copied()
-                    .filter(|x| *x <= hi)
-                    .fold(f64::NEG_INFINITY, f64::max);
-                [q1, median, q3, low, high]
-            })
+        std::iter::once(&self.observed)
+            .chain(&imputation.values[&self.name])
+            .map(|v| tukey_box(v))
             .collect()
     }
+
+    /// Whether every value of the column is a whole number (days, counts): its axes tick as
+    /// integers.
+    pub fn integral(&self, imputation: &Imputation) -> bool {
+        imputation.values[&self.name]
+            .iter()
+            .flatten()
+            .all(|v| !v.is_finite() || v.fract() == 0.0)
+    }
+}
+
+/// How a column's values lie against its configured plot `range`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct RangeUse {
+    pub configured: [f64; 2],
+    /// What the plots show: the configured range, widened to hold every value.
+    pub shown: [f64; 2],
+    pub observed_outside: usize,
+    pub observed: usize,
+    /// Imputed values (of every imputation) outside the configured range.
+    pub imputed_outside: usize,
+    pub imputed: usize,
+}
+
+impl RangeUse {
+    pub fn outside(&self) -> bool {
+        self.observed_outside + self.imputed_outside > 0
+    }
+
+    pub fn to_json(self) -> serde_json::Value {
+        json!({
+            "configured": self.configured,
+            "shown": self.shown,
+            "observed_outside": self.observed_outside,
+            "imputed_outside": self.imputed_outside,
+            "imputed": self.imputed,
+        })
+    }
+
+    /// What the report and the warning say when values lie outside.
+    pub fn sentence(&self, column: &str) -> String {
+        let [lo, hi] = self.configured.map(plots::tick);
+        let [slo, shi] = self.shown.map(plots::tick);
+        format!(
+            "`{column}`: {} of {} imputed values and {} of {} observed lie outside the configured `range` [{lo}, {hi}]; the plots show [{slo}, {shi}] to hold them",
+            self.imputed_outside, self.imputed, self.observed_outside, self.observed
+        )
+    }
+}
+
+fn tukey_box(v: &[f64]) -> [f64; 5] {
+    let mut sorted: Vec<f64> = v.iter().copied().filter(|x| !x.is_nan()).collect();
+    let q = |sorted: &mut Vec<f64>, p| quantile_linear(sorted, p).unwrap_or(f64::NAN);
+    let (q1, median, q3) = (
+        q(&mut sorted, 0.25),
+        q(&mut sorted, 0.5),
+        q(&mut sorted, 0.75),
+    );
+    let (lo, hi) = (q1 - 1.5 * (q3 - q1), q3 + 1.5 * (q3 - q1));
+    let low = sorted
+        .iter()
+        .copied()
+        .filter(|x| *x >= lo)
+        .fold(f64::INFINITY, f64::min);
+    let high = sorted
+        .iter()
+        .copied()
+        .filter(|x| *x <= hi)
+        .fold(f64::NEG_INFINITY, f64::max);
+    [q1, median, q3, low, high]
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -809,5 +903,105 @@ mod tests {
         );
         let (report, _dir) = diagnose(2, json!({"range": {"z": [0, 1]}}));
         assert_eq!(report.unwrap_err().param.as_deref(), Some("/range/z"));
+    }
+
+    /// A `range` narrower than the data: the plots widen to hold every value, mark the
+    /// configured range, and the report and a warning count what lies outside it, exactly.
+    #[test]
+    fn a_narrow_range_never_hides_values() {
+        let (report, dir) = diagnose_report(3, json!({"range": {"y": [0, 10]}}));
+        let report = report.unwrap();
+        let summary = &report.summary["columns"]["y"]["plot_range"];
+        // Counted here from the files the stages wrote.
+        let data = std::fs::read_to_string(dir.path().join("users.csv")).unwrap();
+        let observed: Vec<f64> = data
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split(',').nth(1)?.parse().ok())
+            .collect();
+        let observed_outside = observed.iter().filter(|v| **v > 10.0).count();
+        assert!(observed_outside > 0);
+        assert_eq!(summary["observed_outside"], observed_outside);
+        let imputed_outside = summary["imputed_outside"].as_u64().unwrap();
+        assert_eq!(
+            summary["imputed"],
+            3 * 20,
+            "20 missing values, 3 imputations"
+        );
+        assert!(imputed_outside > 0);
+        let max = observed.iter().copied().fold(0.0, f64::max);
+        assert!(summary["shown"][1].as_f64().unwrap() >= max);
+        assert_eq!(summary["configured"], json!([0.0, 10.0]));
+        assert_eq!(
+            report.warnings,
+            [format!(
+                "`y`: {imputed_outside} of 60 imputed values and {observed_outside} of 40 observed lie outside the configured `range` [0, 10]; the plots show [0, {}] to hold them",
+                plots::tick(summary["shown"][1].as_f64().unwrap())
+            )]
+        );
+        let out = dir.path().join("diagnostics");
+        let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+        assert!(html.contains("dashed lines mark the configured range"));
+        let svg = std::fs::read_to_string(out.join("plots/y_density.svg")).unwrap();
+        assert!(svg.contains("configured range"));
+        // Whole-number data ticks as whole numbers (`5`, never `5.0`).
+        let document = roxmltree::Document::parse(&svg).unwrap();
+        let numbers: Vec<&str> = document
+            .descendants()
+            .filter_map(|n| n.text())
+            .map(str::trim)
+            .filter(|t| t.parse::<f64>().is_ok())
+            .collect();
+        assert!(numbers.len() >= 5, "{numbers:?}");
+        assert!(numbers.iter().all(|t| !t.ends_with(".0")), "{numbers:?}");
+    }
+
+    /// Legends sit in a column of their own, right of every plot's area; the box plot starts
+    /// with the observed values' box.
+    #[test]
+    fn legends_beside_the_data_and_an_observed_box_first() {
+        let (report, dir) = diagnose(3, json!({}));
+        report.unwrap();
+        let plots = dir.path().join("diagnostics/plots");
+        let plot_width = (plots::SIZE.0 - 150) as f64;
+        for (kind, label) in [("density", "imputation 2"), ("trace", "chain 1")] {
+            let svg = std::fs::read_to_string(plots.join(format!("y_{kind}.svg"))).unwrap();
+            let document = roxmltree::Document::parse(&svg).unwrap();
+            let text = document
+                .descendants()
+                .find(|n| {
+                    n.is_element()
+                        && n.tag_name().name() == "text"
+                        && n.text().map(str::trim) == Some(label)
+                })
+                .unwrap_or_else(|| {
+                    let texts: Vec<_> = document.descendants().filter_map(|n| n.text()).collect();
+                    panic!("{kind}: no legend entry `{label}` in {texts:?}")
+                });
+            let x: f64 = text.attribute("x").unwrap().parse().unwrap();
+            assert!(x >= plot_width, "{kind}: `{label}` at x = {x}");
+        }
+        let svg = std::fs::read_to_string(plots.join("y_box.svg")).unwrap();
+        let document = roxmltree::Document::parse(&svg).unwrap();
+        let labels: Vec<&str> = document
+            .descendants()
+            .filter(|n| n.is_element() && n.tag_name().name() == "text")
+            .filter_map(|n| n.text())
+            .map(str::trim)
+            .filter(|t| *t == "observed" || t.len() == 1)
+            .collect();
+        assert!(
+            labels.windows(4).any(|w| w == ["observed", "0", "1", "2"]),
+            "x labels: the observed box, then imputations 0 to 2: {labels:?}"
+        );
+    }
+
+    #[test]
+    fn ticks_read_as_people_write_numbers() {
+        assert_eq!(plots::tick(5.0), "5");
+        assert_eq!(plots::tick(-2.0), "-2");
+        assert_eq!(plots::tick(2.5), "2.5");
+        assert_eq!(plots::tick(0.1 + 0.2), "0.3");
+        assert_eq!(plots::tick(1234.56789), "1234.5679");
     }
 }

@@ -62,26 +62,67 @@ pub fn render(plot: &impl Plot, stem: &Path) -> Result<Vec<u8>, StageError> {
     Ok(png)
 }
 
-type Chart<'a, DB> = ChartContext<
-    'a,
-    DB,
-    Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
->;
+/// Width of the legend column at the right of every plot: legends never cover data.
+const LEGEND_WIDTH: u32 = 150;
 
-/// The legend of every plot: a framed, nearly opaque box of the series' labels.
-fn legend<'a, DB: DrawingBackend + 'a>(
-    chart: &mut Chart<'a, DB>,
-    position: SeriesLabelPosition,
-    size: u32,
-) -> Result<(), String> {
-    chart
-        .configure_series_labels()
-        .position(position)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font((FAMILY, size))
-        .draw()
-        .map_err(|e| e.to_string())
+/// One legend entry: its label and the line it stands for.
+struct Entry {
+    label: String,
+    color: RGBColor,
+    width: u32,
+    dashed: bool,
+}
+
+/// Splits `root` into the plot (left) and a legend column (right), and draws the legend there:
+/// each entry's line and label, top down.
+fn with_legend<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    entries: &[Entry],
+    top: i32,
+) -> Result<DrawingArea<DB, Shift>, String> {
+    let e = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
+    let (width, _) = root.dim_in_pixel();
+    let (plot, side) = root.split_horizontally(width.saturating_sub(LEGEND_WIDTH));
+    for (i, entry) in entries.iter().enumerate() {
+        let y = top + 20 * i as i32;
+        let style = entry.color.stroke_width(entry.width);
+        if entry.dashed {
+            for x in [4, 12, 20] {
+                side.draw(&PathElement::new(vec![(x, y), (x + 5, y)], style))
+                    .map_err(e)?;
+            }
+        } else {
+            side.draw(&PathElement::new(vec![(4, y), (26, y)], style))
+                .map_err(e)?;
+        }
+        side.draw(&Text::new(
+            entry.label.clone(),
+            (32, y - 7),
+            (FAMILY, 13).into_font().color(&BLACK),
+        ))
+        .map_err(e)?;
+    }
+    Ok(plot)
+}
+
+/// A tick label: whole numbers without decimals (`5`, not `5.0`), others with as few as they
+/// need (up to four).
+pub fn tick(v: f64) -> String {
+    if v.fract().abs() < 1e-9 * v.abs().max(1.0) {
+        return format!("{}", v.round() as i64);
+    }
+    let text = format!("{v:.4}");
+    text.trim_end_matches('0').trim_end_matches('.').to_owned()
+}
+
+/// How many ticks to ask for on an axis over `[lo, hi]`: for whole-number data, never more
+/// than there are whole numbers in it, so that ticks fall on them.
+fn ticks(lo: f64, hi: f64, integral: bool) -> usize {
+    if integral {
+        ((hi.floor() - lo.ceil()) as usize + 1).clamp(2, 10)
+    } else {
+        10
+    }
 }
 
 fn color(i: usize) -> RGBColor {
@@ -119,6 +160,10 @@ pub struct Lines {
     pub y_label: String,
     pub x: Vec<f64>,
     pub lines: Vec<Line>,
+    /// A configured range the values go beyond, marked by dashed vertical lines.
+    pub marks: Option<[f64; 2]>,
+    /// The x values are whole numbers: x ticks too.
+    pub integral: bool,
 }
 
 impl Line {
@@ -151,19 +196,42 @@ impl Plot for Lines {
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<(), String> {
         let e = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
         root.fill(&WHITE).map_err(e)?;
+        let root = root.titled(&self.title, (FAMILY, 22)).map_err(e)?;
+        let mut entries: Vec<Entry> = self
+            .lines
+            .iter()
+            .map(|l| Entry {
+                label: l.label.clone(),
+                color: l.color,
+                width: l.width,
+                dashed: false,
+            })
+            .collect();
+        if self.marks.is_some() {
+            entries.push(Entry {
+                label: "configured range".into(),
+                color: MARK,
+                width: 1,
+                dashed: true,
+            });
+        }
+        let area = with_legend(&root, &entries, 24)?;
         let (x0, x1) = range(self.x.iter().copied());
         let (_, top) = range(self.lines.iter().flat_map(|l| l.y.iter().copied()));
-        let mut chart = ChartBuilder::on(root)
-            .caption(&self.title, (FAMILY, 22))
+        let top = top.max(1e-12) * 1.08;
+        let mut chart = ChartBuilder::on(&area)
             .margin(14)
             .x_label_area_size(44)
             .y_label_area_size(64)
-            .build_cartesian_2d(x0..x1, 0.0..top.max(1e-12) * 1.08)
+            .build_cartesian_2d(x0..x1, 0.0..top)
             .map_err(e)?;
         chart
             .configure_mesh()
             .x_desc(self.x_label.as_str())
             .y_desc(self.y_label.as_str())
+            .x_labels(ticks(x0, x1, self.integral))
+            .x_label_formatter(&|x| tick(*x))
+            .y_label_formatter(&|y| tick(*y))
             .label_style((FAMILY, 14))
             .axis_desc_style((FAMILY, 15))
             .light_line_style(WHITE.mix(0.0))
@@ -176,13 +244,24 @@ impl Plot for Lines {
                     self.x.iter().copied().zip(line.y.iter().copied()),
                     style,
                 ))
-                .map_err(e)?
-                .label(line.label.as_str())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
+                .map_err(e)?;
         }
-        legend(&mut chart, SeriesLabelPosition::UpperLeft, 13)
+        if let Some(marks) = self.marks {
+            for x in marks {
+                // Dashes: twenty segments from the axis to the top.
+                let dashes = (0..20).map(|i| {
+                    let (a, b) = (i as f64 / 20.0, (i as f64 + 0.5) / 20.0);
+                    PathElement::new(vec![(x, a * top), (x, b * top)], MARK.stroke_width(1))
+                });
+                chart.draw_series(dashes).map_err(e)?;
+            }
+        }
+        Ok(())
     }
 }
+
+/// The colour of a configured range's marks.
+const MARK: RGBColor = RGBColor(110, 110, 110);
 
 /// The convergence trace: the column's mean and standard deviation after each iteration, one line
 /// per chain, in two panels.
@@ -197,6 +276,15 @@ impl Plot for Trace {
         let e = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
         root.fill(&WHITE).map_err(e)?;
         let root = root.titled(&self.title, (FAMILY, 22)).map_err(e)?;
+        let entries: Vec<Entry> = (0..self.chains.len())
+            .map(|k| Entry {
+                label: format!("chain {k}"),
+                color: color(k),
+                width: 2,
+                dashed: false,
+            })
+            .collect();
+        let root = with_legend(&root, &entries, 40)?;
         let panels = root.split_evenly((1, 2));
         let iterations = self
             .chains
@@ -222,8 +310,9 @@ impl Plot for Trace {
                 .configure_mesh()
                 .x_desc("iteration")
                 .y_desc(name)
-                .x_labels(iterations.min(12))
-                .x_label_formatter(&|x| format!("{}", x.round() as i64))
+                .x_labels(ticks(1.0, iterations as f64, true))
+                .x_label_formatter(&|x| tick(*x))
+                .y_label_formatter(&|y| tick(*y))
                 .label_style((FAMILY, 13))
                 .axis_desc_style((FAMILY, 14))
                 .light_line_style(WHITE.mix(0.0))
@@ -239,21 +328,21 @@ impl Plot for Trace {
                             .map(|(i, p)| ((i + 1) as f64, pick(p))),
                         style,
                     ))
-                    .map_err(e)?
-                    .label(format!("chain {k}"))
-                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
+                    .map_err(e)?;
             }
-            legend(&mut chart, SeriesLabelPosition::UpperRight, 12)?;
         }
         Ok(())
     }
 }
 
-/// Box plots, one per imputation: [q1, median, q3, lower whisker, upper whisker].
+/// Box plots, the observed values' first, then one per imputation: [q1, median, q3, lower
+/// whisker, upper whisker].
 pub struct Boxes {
     pub title: String,
     pub y_label: String,
     pub boxes: Vec<[f64; 5]>,
+    /// The values are whole numbers: y ticks too.
+    pub integral: bool,
 }
 
 impl Plot for Boxes {
@@ -270,12 +359,19 @@ impl Plot for Boxes {
             .y_label_area_size(64)
             .build_cartesian_2d(-0.6f64..(n as f64 - 0.4), (lo - pad)..(hi + pad))
             .map_err(e)?;
+        // Box 0 is the observed values'; box k + 1 is imputation k's.
+        let label = |x: &f64| match x.round() as i64 {
+            0 => "observed".to_owned(),
+            k => format!("{}", k - 1),
+        };
         chart
             .configure_mesh()
             .x_desc("imputation")
             .y_desc(self.y_label.as_str())
             .x_labels(n)
-            .x_label_formatter(&|x| format!("{}", x.round() as i64))
+            .x_label_formatter(&label)
+            .y_labels(ticks(lo - pad, hi + pad, self.integral))
+            .y_label_formatter(&|y| tick(*y))
             .label_style((FAMILY, 14))
             .axis_desc_style((FAMILY, 15))
             .light_line_style(WHITE.mix(0.0))
@@ -283,7 +379,10 @@ impl Plot for Boxes {
             .map_err(e)?;
         for (k, [q1, median, q3, low, high]) in self.boxes.iter().enumerate() {
             let x = k as f64;
-            let c = color(k);
+            let c = match k {
+                0 => OBSERVED,
+                k => color(k - 1),
+            };
             chart
                 .draw_series([Rectangle::new(
                     [(x - 0.3, *q1), (x + 0.3, *q3)],

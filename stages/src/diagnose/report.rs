@@ -6,8 +6,10 @@ use std::path::Path;
 use base64::Engine;
 use serde_json::{json, Value as Json};
 
+use std::collections::BTreeMap;
+
 use super::plots::{render, Boxes, Line, Lines, Trace, OBSERVED};
-use super::{ColumnDiagnostics, DiagnoseParams, Imputation};
+use super::{ColumnDiagnostics, Imputation, RangeUse};
 use crate::StageError;
 
 const TEMPLATE: &str = include_str!("report.html");
@@ -17,7 +19,7 @@ pub(super) fn write(
     imputation: &Imputation,
     diagnostics: &[ColumnDiagnostics],
     report: &Json,
-    params: &DiagnoseParams,
+    ranges: &BTreeMap<String, RangeUse>,
 ) -> Result<(), StageError> {
     let io = |path: &Path, e: std::io::Error| {
         StageError::new(format!("cannot write `{}`: {e}", path.display()))
@@ -30,7 +32,11 @@ pub(super) fn write(
     let mut columns = Vec::new();
     for d in diagnostics {
         let name = &d.name;
-        let (x, observed, each, all) = d.densities(imputation, params.range.get(name).copied());
+        let range = ranges.get(name);
+        let integral = d.integral(imputation);
+        let (x, observed, each, all) = d.densities(imputation, range.map(|r| r.shown));
+        // The configured range is marked where the plots were widened beyond it.
+        let marks = range.filter(|r| r.outside()).map(|r| r.configured);
         let observed_line = || Line {
             label: "observed".into(),
             y: observed.clone(),
@@ -49,6 +55,8 @@ pub(super) fn write(
             y_label: "density".into(),
             x: x.clone(),
             lines,
+            marks,
+            integral,
         };
         let all_imputed = Lines {
             title: format!("{name}: observed vs all imputations"),
@@ -59,15 +67,18 @@ pub(super) fn write(
                 observed_line(),
                 Line::numbered(0, "all imputations".into(), all),
             ],
+            marks,
+            integral,
         };
         let trace = Trace {
             title: format!("{name}: convergence by chain"),
             chains: imputation.trace[name].clone(),
         };
         let boxes = Boxes {
-            title: format!("{name} across imputations"),
+            title: format!("{name}: observed and each imputation"),
             y_label: name.clone(),
             boxes: d.boxes(imputation),
+            integral,
         };
         // Draws one plot into plots/{column}_{kind}.{png,svg}; the report embeds the PNG.
         let plot = |kind: &str, drawn: Result<Vec<u8>, StageError>, caption: &str| {
@@ -99,12 +110,15 @@ pub(super) fn write(
             plot(
                 "box",
                 render(&boxes, &stem("box")),
-                "Quartiles and Tukey whiskers (1.5 IQR) of each completed imputation: medians and boxes should nearly coincide.",
+                "Quartiles and Tukey whiskers (1.5 IQR) of the observed values (black, first) and of each completed imputation: medians and boxes should nearly coincide.",
             )?,
         ];
         let mut column = report["columns"][name].clone();
         if let Json::Object(map) = &mut column {
             map.insert("name".into(), json!(name));
+            if let Some(range) = range.filter(|r| r.outside()) {
+                map.insert("outside".into(), json!(range.sentence(name)));
+            }
             map.insert("plots".into(), Json::Array(plots));
         }
         columns.push(column);
