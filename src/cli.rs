@@ -590,6 +590,7 @@ fn dag_for_records(
     let built = loaded.and_then(|pipeline| {
         let options = BuildOptions {
             check_sources: false,
+            ..BuildOptions::default()
         };
         dag::build(pipeline, options).map_err(LoadError::Invalid)
     });
@@ -604,20 +605,7 @@ fn load_dag(
     args: &PipelineArgs,
     registry: &Registry,
 ) -> (crate::diagnostic::Sources, Result<Dag, LoadError>) {
-    let (sources, loaded) = config::load(&args.file, &args.overrides(), registry);
-    let pipeline = match loaded {
-        Ok(pipeline) => pipeline,
-        Err(error) => return (sources, Err(error)),
-    };
-    let built = dag::build(pipeline, BuildOptions::default()).and_then(|dag| {
-        let mut diagnostics = crate::graph::columns::check(&dag, registry);
-        if diagnostics.is_empty() {
-            return Ok(dag);
-        }
-        crate::diagnostic::sort(&mut diagnostics);
-        Err(diagnostics)
-    });
-    (sources, built.map_err(LoadError::Invalid))
+    crate::graph::load(&args.file, &args.overrides(), registry)
 }
 
 /// `docs/cli.md`: the help of every command, as the binary prints it.

@@ -25,19 +25,50 @@ use crate::store::{ContentHash, RunCache, StatCache, Store, StoreError, Stores};
 pub enum Reason {
     NeverRun,
     Forced,
-    KindChanged { from: String, to: String },
-    ImplementationChanged { stage: String, from: u32, to: u32 },
+    KindChanged {
+        from: String,
+        to: String,
+    },
+    ImplementationChanged {
+        stage: String,
+        from: u32,
+        to: u32,
+    },
     CommandChanged,
     ChecksChanged,
-    ParamChanged { key: String, old: Json, new: Json },
-    InputChanged { path: String },
-    InputAdded { path: String },
-    InputRemoved { path: String },
-    InputMissing { path: String },
+    ParamChanged {
+        key: String,
+        old: Json,
+        new: Json,
+    },
+    /// A var the stage reads changed (a secret-looking one is shown without its values).
+    VarChanged {
+        name: String,
+        old: Json,
+        new: Json,
+    },
+    InputChanged {
+        path: String,
+    },
+    InputAdded {
+        path: String,
+    },
+    InputRemoved {
+        path: String,
+    },
+    InputMissing {
+        path: String,
+    },
     OutputsChanged,
-    OutputMissing { path: String },
-    OutputModified { path: String },
-    Upstream { stage: String },
+    OutputMissing {
+        path: String,
+    },
+    OutputModified {
+        path: String,
+    },
+    Upstream {
+        stage: String,
+    },
 }
 
 fn show(value: &Json) -> String {
@@ -62,6 +93,13 @@ impl fmt::Display for Reason {
             Reason::ParamChanged { key, old, new } => {
                 let (old, new) = differing(&show(old), &show(new));
                 write!(f, "param {key} changed: {old} → {new}")
+            }
+            Reason::VarChanged { name, .. } if crate::config::looks_secret(name) => {
+                write!(f, "var {name} changed")
+            }
+            Reason::VarChanged { name, old, new } => {
+                let (old, new) = differing(&show(old), &show(new));
+                write!(f, "var {name} changed: {old} → {new}")
             }
             Reason::InputChanged { path } => write!(f, "input {path} changed"),
             Reason::InputAdded { path } => write!(f, "input {path} added"),
@@ -307,6 +345,7 @@ pub fn snapshot_with(
             params,
             checks,
             inputs,
+            vars: stage.vars.clone(),
             outputs: declared_outputs
                 .into_iter()
                 .map(|p| {
@@ -323,6 +362,61 @@ pub fn snapshot_with(
                 .collect(),
         },
     })
+}
+
+/// When vars the stage reads changed since its lock entry, they are the reason: each changed
+/// var that another changed var does not explain replaces the differences it makes (a command,
+/// params, checks, declared paths), which would only repeat it at length.
+fn explain_by_vars(stage: &Stage, locked: &LockedStage, reasons: &mut Vec<Reason>) {
+    let changed: BTreeSet<&String> = stage
+        .vars
+        .iter()
+        .filter(|(name, value)| locked.vars.get(*name).is_some_and(|old| old != *value))
+        .map(|(name, _)| name)
+        .collect();
+    let roots: Vec<&String> = changed
+        .iter()
+        .copied()
+        .filter(|name| {
+            !stage
+                .var_deps
+                .get(*name)
+                .is_some_and(|deps| deps.iter().any(|d| changed.contains(d)))
+        })
+        .collect();
+    if roots.is_empty() {
+        return;
+    }
+    let before = reasons.len();
+    reasons.retain(|r| {
+        !matches!(
+            r,
+            Reason::CommandChanged
+                | Reason::ParamChanged { .. }
+                | Reason::ChecksChanged
+                | Reason::OutputsChanged
+                | Reason::InputAdded { .. }
+                | Reason::InputRemoved { .. }
+        )
+    });
+    if reasons.len() == before {
+        // The vars changed only what is not fingerprinted (a hook): not a reason.
+        return;
+    }
+    let at = reasons
+        .iter()
+        .position(|r| !matches!(r, Reason::InputMissing { .. }))
+        .unwrap_or(reasons.len());
+    for (i, name) in roots.into_iter().enumerate() {
+        reasons.insert(
+            at + i,
+            Reason::VarChanged {
+                name: name.clone(),
+                old: locked.vars[name].clone(),
+                new: stage.vars[name].clone(),
+            },
+        );
+    }
 }
 
 /// The differences between a stage as it is now and its lock entry; empty when up to date.
@@ -394,6 +488,7 @@ pub fn reasons(
     if declared != recorded {
         reasons.push(Reason::OutputsChanged);
     }
+    explain_by_vars(stage, locked, &mut reasons);
     if reasons.is_empty() && locked.fingerprint != now.fingerprint {
         // Same material, other fingerprint: the fingerprint scheme itself changed.
         reasons.push(Reason::CommandChanged);

@@ -172,6 +172,7 @@ fn load(workdir: &Path, yaml: &str) -> Arc<Dag> {
     let pipeline = loaded.expect("a valid pipeline");
     let options = BuildOptions {
         check_sources: false,
+        ..BuildOptions::default()
     };
     Arc::new(dag::build(pipeline, options).expect("a valid graph"))
 }
@@ -353,7 +354,7 @@ fn reasons_say_exactly_what_changed() {
 }
 
 #[test]
-fn a_changed_param_is_named_with_its_old_and_new_value() {
+fn a_changed_var_is_named_with_its_old_and_new_value() {
     let mut f = fixture(
         r#"
 vars: {n: 3}
@@ -373,15 +374,12 @@ stages:
     f.dag = load(&f.workdir, &edited);
     assert_eq!(
         f.reasons()[0].1,
-        [
-            // The command renders the param.
-            Reason::CommandChanged,
-            Reason::ParamChanged {
-                key: "n".to_owned(),
-                old: serde_json::json!(3),
-                new: serde_json::json!(4),
-            }
-        ]
+        // The var is named: not the command and the param it renders into.
+        [Reason::VarChanged {
+            name: "n".to_owned(),
+            old: serde_json::json!(3),
+            new: serde_json::json!(4),
+        }]
     );
     assert_eq!(f.run(), decisions(&[("head", "ran")]));
     assert_eq!(f.store.read(&f.at("out/head.txt")).unwrap(), b"abcd");

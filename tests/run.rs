@@ -534,3 +534,230 @@ fn runs_remember_their_vars_and_set_arguments() {
         }
     }
 }
+
+/// Three shell stages written the DVC way: each command writes its outputs at their declared
+/// paths, never through `{{ outputs }}`. `count` fails when `fail` is 1, after writing half its
+/// folder; `report` fails its check when `max` is below its line count.
+const IN_PLACE: &str = r#"
+vars:
+  fail: 0
+  max: 100
+stages:
+  prepare:
+    cmd: mkdir -p out && tr a-z A-Z < data.txt > out/upper.txt
+    inputs: [data.txt]
+    outputs: [out/upper.txt]
+  count:
+    cmd: mkdir -p out/stats && wc -l < out/upper.txt | tr -d ' ' > out/stats/lines.txt && echo {{ fail }} > out/stats/attempt.txt && test {{ fail }} = 0
+    inputs: [out/upper.txt]
+    outputs: [out/stats/]
+  report:
+    cmd: (echo line; cat out/upper.txt) > out/report.csv
+    inputs: [out/upper.txt, out/stats/]
+    outputs: [out/report.csv]
+    checks:
+      - rows: {max: "{{ max }}"}
+"#;
+
+#[test]
+fn shell_stages_that_write_in_place_run_skip_and_put_back_what_a_failure_touched() {
+    let t = Test::new().file("data.txt", "a\nb\n").pipeline(IN_PLACE);
+    let out = t.run_ok(&[]);
+    assert!(out.stderr.contains("3 ran"), "{}", out.stderr);
+    assert_eq!(t.read("out/upper.txt"), "A\nB\n");
+    assert_eq!(t.read("out/stats/lines.txt"), "2\n");
+    assert_eq!(t.read("out/report.csv"), "line\nA\nB\n");
+    t.run_ok(&[]);
+    assert!(t.decisions().iter().all(|(_, d)| d == "skipped"));
+    assert_eq!(t.exec(&["status", "pipeline.yaml", "-q"]).code, 0);
+
+    // A new input: the second stage fails after writing half its folder. Everything it
+    // touched is as it was, and the lock still describes it: a status says `count` is stale
+    // for its input only, never that its half-written folder is up to date.
+    t.write("data.txt", "a\nb\nc\n");
+    let before = common::tree(&t.path().join("out"));
+    let out = t.exec(&["run", "pipeline.yaml", "--set", "fail=1"]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert_eq!(
+        t.decisions(),
+        [
+            ("prepare", "ran"),
+            ("count", "failed"),
+            ("report", "blocked")
+        ]
+        .map(|(a, b)| (a.to_owned(), b.to_owned()))
+    );
+    let after = common::tree(&t.path().join("out"));
+    assert_eq!(after["stats/lines.txt"], b"2\n", "the old folder is back");
+    assert_eq!(after["stats/attempt.txt"], b"0\n");
+    assert_eq!(after["upper.txt"], b"A\nB\nC\n", "`prepare` was committed");
+    assert_eq!(
+        before.keys().collect::<Vec<_>>(),
+        after.keys().collect::<Vec<_>>()
+    );
+    assert!(
+        !t.path().join(".imba/aside").exists(),
+        "nothing is left aside"
+    );
+
+    // A failed check: the new output goes to quarantine, the old one comes back.
+    t.run_ok(&["--set", "fail=0", "--stage", "count"]);
+    let out = t.exec(&["run", "pipeline.yaml", "--set", "max=2"]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("check `rows` on out/report.csv: 3 rows, expected ≤ 2"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(t.read("out/report.csv"), "line\nA\nB\n");
+    let quarantined: Vec<String> = common::tree(&t.path().join(".imba/quarantine"))
+        .into_keys()
+        .collect();
+    assert!(
+        quarantined.len() == 1 && quarantined[0].ends_with("out/report.csv"),
+        "{quarantined:?}"
+    );
+
+    // Fixed: it runs, and then nothing is stale.
+    t.run_ok(&[]);
+    assert_eq!(t.read("out/report.csv"), "line\nA\nB\nC\n");
+    assert_eq!(t.exec(&["status", "pipeline.yaml", "-q"]).code, 0);
+}
+
+#[test]
+fn a_missing_in_place_output_and_an_in_place_s3_output_are_explained() {
+    let t = Test::new().pipeline(
+        "stages:\n  named:\n    cmd: echo hi > {{ outputs.a }}\n    outputs: {a: a.txt, b: b.txt}\n  listed:\n    cmd: echo hi > {{ outputs[0] }}\n    outputs: [c.txt, d.txt]\n",
+    );
+    let out = t.exec(&["run", "pipeline.yaml", "-k", "-j", "1"]);
+    assert_eq!(out.code, 1);
+    let errors: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("error: stage"))
+        .collect();
+    assert_snapshot!(errors.join("\n"));
+
+    let t = Test::new().pipeline(
+        "stages:\n  up:\n    cmd: aws s3 cp x s3://bucket/x\n    outputs: [s3://bucket/x]\n",
+    );
+    let out = t.exec(&["validate", "pipeline.yaml"]);
+    assert_eq!(out.code, 2);
+    assert_snapshot!(out.stderr);
+}
+
+/// The processes whose environment says they belong to the imba run `run`.
+fn processes_of_run(run: &str) -> Vec<u32> {
+    let wanted = format!("IMBA_RUN={run}");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|&b| b == 0).any(|v| v == wanted.as_bytes()))
+        })
+        .collect()
+}
+
+#[test]
+fn kill_9_or_ctrl_c_during_an_in_place_stage_leaves_the_previous_output() {
+    let t = Test::new().pipeline(
+        "vars:\n  v: 1\n  wait: 0\nstages:\n  write:\n    cmd: echo {{ v }} > out/a.txt && touch out/started && sleep {{ wait }} && if [ {{ wait }} != 0 ]; then echo late >> out/a.txt; fi\n    outputs: [out/a.txt]\n",
+    );
+    t.run_ok(&[]);
+    assert_eq!(t.read("out/a.txt"), "1\n");
+    let started = t.path().join("out/started");
+
+    // kill -9 of imba while its command has half-written the output and sleeps.
+    std::fs::remove_file(&started).unwrap();
+    let mut child = t
+        .command(&["run", "pipeline.yaml", "--set", "v=2", "--set", "wait=30"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the command starts", || started.exists());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(
+        t.read("out/a.txt"),
+        "2\n",
+        "torn: the new value, unfinished"
+    );
+    let runs: Vec<String> = std::fs::read_dir(t.path().join(".imba/aside"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(runs.len(), 1, "the dead run's plan is on disk");
+    assert!(
+        !processes_of_run(&runs[0]).is_empty(),
+        "its command goes on"
+    );
+    // The lock never calls the torn output up to date.
+    assert_eq!(t.exec(&["status", "pipeline.yaml", "-q"]).code, 1);
+
+    // The next run kills the leftovers and puts the old output back before deciding: with the
+    // old value, nothing is to run.
+    let out = t.run_ok(&[]);
+    assert!(
+        out.stderr.contains(&format!(
+            "warning: run {} stopped while stage `write` was writing `out/a.txt` in place; put back what was there before",
+            runs[0]
+        )),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(t.decisions(), [("write".to_owned(), "skipped".to_owned())]);
+    assert_eq!(t.read("out/a.txt"), "1\n");
+    wait_until("the leftovers are gone", || {
+        processes_of_run(&runs[0]).is_empty()
+    });
+    assert!(!t.path().join(".imba/aside").exists());
+
+    // Ctrl-C: the command is stopped and the old output put back at once.
+    std::fs::remove_file(&started).unwrap();
+    let child = t
+        .command(&["run", "pipeline.yaml", "--set", "v=3", "--set", "wait=30"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("the command starts", || started.exists());
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(130));
+    assert_eq!(t.read("out/a.txt"), "1\n");
+    assert!(!t.path().join(".imba/aside").exists());
+    assert_eq!(t.exec(&["status", "pipeline.yaml", "-q"]).code, 0);
+}
+
+/// A changed var is the reason, named with its old and new values, never the long command or
+/// param it renders into; a var built from it (`query`) is not named twice.
+#[test]
+fn a_changed_var_is_named_with_the_stages_it_reaches() {
+    let t = Test::new().file("data/raw.csv", "a\nb\n").pipeline(
+        r#"
+vars:
+  month: 2024-12
+  query: "SELECT user_id, count(*) AS orders, avg(days_since_prior_order) AS gap FROM orders WHERE month = '{{ month }}' GROUP BY user_id ORDER BY user_id"
+stages:
+  extract:
+    cmd: echo "$QUERY" > {{ outputs[0] }}
+    env: {QUERY: "{{ query }}"}
+    outputs: ["out/{{ month }}/query.sql"]
+  count:
+    cmd: wc -l < {{ inputs[0] }} > {{ outputs[0] }}
+    inputs: [data/raw.csv]
+    params: {label: "{{ month }}"}
+    outputs: [out/count.txt]
+  report:
+    cmd: cat {{ inputs[0] }} > {{ outputs[0] }}
+    inputs: [out/count.txt]
+    outputs: [out/report.txt]
+"#,
+    );
+    t.run_ok(&[]);
+    let out = t.exec(&["status", "pipeline.yaml", "--set", "month=2024-06"]);
+    assert_eq!(out.code, 0);
+    assert_snapshot!(out.stdout);
+}

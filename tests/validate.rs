@@ -388,3 +388,78 @@ stages:
     assert_eq!(out.code, 2);
     assert_snapshot!(out.all());
 }
+
+/// One error of each layer, each in a stage of its own: shape, built-in, template, params,
+/// a missing file, a cycle, a check's column. One `validate` names them all; the stages that
+/// read what a broken stage writes are not blamed for it.
+#[test]
+fn one_round_names_an_error_of_every_layer() {
+    let out = Test::new()
+        .file("orders.csv", "user_id,x,day\n1,2,3\n")
+        .pipeline(
+            r#"stages:
+  shaped:
+    cmd: echo hi > {{ outputs[0] }}
+    outputs: [out/shaped.txt]
+    colour: red
+  after_shaped:
+    cmd: cp {{ inputs[0] }} {{ outputs[0] }}
+    inputs: [out/shaped.txt]
+    outputs: [out/after_shaped.txt]
+  unknown_builtin:
+    uses: cleen
+    inputs: {orders: orders.csv}
+    outputs: {table: out/u.parquet}
+  after_unknown:
+    uses: aggregate
+    inputs: {orders: out/u.parquet}
+    outputs: {table: out/after_unknown.parquet}
+    params: {by: [user_id], aggs: {n: {count: x}}}
+  templated:
+    cmd: echo {{ montth }} > {{ outputs[0] }}
+    outputs: [out/t.txt]
+  agg:
+    uses: aggregate
+    inputs: {orders: orders.csv}
+    outputs: {table: out/agg.parquet}
+    params:
+      by: [user_id]
+      aggs:
+        n: {summ: x}
+  missing:
+    cmd: cp {{ inputs[0] }} {{ outputs[0] }}
+    inputs: [nope.csv]
+    outputs: [out/copy.csv]
+  loop_a:
+    cmd: cp {{ inputs[0] }} {{ outputs[0] }}
+    inputs: [out/b.txt]
+    outputs: [out/a.txt]
+  loop_b:
+    cmd: cp {{ inputs[0] }} {{ outputs[0] }}
+    inputs: [out/a.txt]
+    outputs: [out/b.txt]
+  checked:
+    uses: aggregate
+    inputs: {orders: orders.csv}
+    outputs: {table: out/checked.parquet}
+    params: {by: [user_id], aggs: {n: {count: x}}}
+    checks:
+      - not_null: [nn]
+"#,
+        )
+        .args(&["validate", "pipeline.yaml"])
+        .run();
+    assert_eq!(out.code, 2);
+    let headlines: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("error"))
+        .collect();
+    assert_eq!(headlines.len(), 8, "{}", out.stderr);
+    assert_eq!(
+        headlines[7],
+        "error: 7 problems in the pipeline; nothing was run"
+    );
+    assert!(!out.stderr.contains("after_"), "{}", out.stderr);
+    assert_snapshot!(out.all());
+}

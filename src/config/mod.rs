@@ -2,7 +2,9 @@
 //!
 //! `load` is the only road from a YAML file to a [`Pipeline`]: parse (keeping spans) →
 //! `--vars`/`--set` → shape ([`raw`]) → vars, templates, matrices, paths, params ([`resolve`]).
-//! Each step collects every problem it finds; a step runs only when the one before succeeded.
+//! Each step collects every problem it finds. A stage with a problem in one step is left out of
+//! the later ones, the other stages go on, and [`load_partial`] gives what resolved, so that
+//! the graph, paths and check columns of the rest are checked in the same round.
 
 pub mod checks;
 pub mod confine;
@@ -34,6 +36,14 @@ pub enum LoadError {
     Invalid(Vec<Diagnostic>),
 }
 
+/// A pipeline with errors, as far as it resolved: the stages without errors, and where the
+/// others write. `validate` checks its graph, paths and check columns too, so that every
+/// problem comes in one round.
+pub struct Partial {
+    pub pipeline: Pipeline,
+    pub left_out: resolve::LeftOut,
+}
+
 /// Reads, overrides, checks and resolves the pipeline at `path`.
 /// The [`Sources`] come back either way, for rendering diagnostics.
 pub fn load(
@@ -41,34 +51,46 @@ pub fn load(
     overrides: &Overrides,
     registry: &Registry,
 ) -> (Sources, Result<Pipeline, LoadError>) {
+    let (sources, loaded) = load_partial(path, overrides, registry);
+    (sources, loaded.map_err(|(error, _)| error))
+}
+
+/// [`load`], giving with its errors the part of the pipeline that resolved (none when the
+/// file could not be read or parsed, or its top level has the wrong shape).
+pub fn load_partial(
+    path: &Path,
+    overrides: &Overrides,
+    registry: &Registry,
+) -> (Sources, Result<Pipeline, (LoadError, Option<Partial>)>) {
     let mut sources = Sources::default();
     crate::diagnostic::reset_suggestions();
     let text = match read_text(path, "pipeline file") {
         Ok(text) => text,
-        Err(message) => return (sources, Err(LoadError::Unreadable(message))),
+        Err(message) => return (sources, Err((LoadError::Unreadable(message), None))),
     };
     let id = sources.add(path.display().to_string(), text.as_str());
     let mut diagnostics = Vec::new();
     let mut root = match yaml::parse(id, &text) {
         Ok(root) => root,
-        Err(errors) => return (sources, Err(LoadError::Invalid(errors))),
+        Err(errors) => return (sources, Err((LoadError::Invalid(errors), None))),
     };
     overrides::apply(&mut root, overrides, &mut sources, &mut diagnostics);
     let raw = raw::check(root, &mut diagnostics);
     // Stages with shape errors are left out of `raw`; the others are still resolved, so that
     // one run reports as much as it can.
-    let pipeline = raw.and_then(|raw| resolve::resolve(path, &raw, registry, &mut diagnostics));
-    if let Some(pipeline) = &pipeline {
+    let resolved = raw.map(|raw| resolve::resolve(path, &raw, registry, &mut diagnostics));
+    if let Some((pipeline, _)) = &resolved {
         confine::check(pipeline, &overrides.vars_files, &mut diagnostics);
     }
-    match pipeline {
-        Some(mut pipeline) if diagnostics.is_empty() => {
+    match resolved {
+        Some((mut pipeline, _)) if diagnostics.is_empty() => {
             pipeline.overrides = overrides.shown();
             (sources, Ok(pipeline))
         }
-        _ => {
+        resolved => {
             crate::diagnostic::sort(&mut diagnostics);
-            (sources, Err(LoadError::Invalid(diagnostics)))
+            let partial = resolved.map(|(pipeline, left_out)| Partial { pipeline, left_out });
+            (sources, Err((LoadError::Invalid(diagnostics), partial)))
         }
     }
 }

@@ -54,6 +54,11 @@ pub struct PipelineFile {
     pub vars: Vec<(Key, Node)>,
     /// In file order.
     pub stages: Vec<StageSpec>,
+    /// Stages with shape errors, as far as they could be read: only their outputs are resolved,
+    /// so that `validate` can still check the graph of the others in the same round.
+    pub flawed: Vec<StageSpec>,
+    /// A stage could not be read even that far (not a map): its outputs are unknown.
+    pub unreadable: bool,
     /// The `stages:` key, for errors about the pipeline as a whole.
     pub stages_key: Option<Key>,
 }
@@ -128,6 +133,8 @@ pub fn check(root: Node, diagnostics: &mut Vec<Diagnostic>) -> Option<PipelineFi
         cache: None,
         vars: Vec::new(),
         stages: Vec::new(),
+        flawed: Vec::new(),
+        unreadable: false,
         stages_key: None,
     };
     for (key, value) in entries {
@@ -154,8 +161,10 @@ pub fn check(root: Node, diagnostics: &mut Vec<Diagnostic>) -> Option<PipelineFi
                 match &value.value {
                     Value::Map(stages) => {
                         for (name, stage) in stages {
-                            if let Some(spec) = check_stage(name, stage, diagnostics) {
-                                file.stages.push(spec);
+                            match check_stage(name, stage, diagnostics) {
+                                Checked::Sound(spec) => file.stages.push(*spec),
+                                Checked::Flawed(spec) => file.flawed.push(*spec),
+                                Checked::Unreadable => file.unreadable = true,
                             }
                         }
                     }
@@ -195,7 +204,16 @@ pub fn check(root: Node, diagnostics: &mut Vec<Diagnostic>) -> Option<PipelineFi
     Some(file)
 }
 
-fn check_stage(name: &Key, node: &Node, diagnostics: &mut Vec<Diagnostic>) -> Option<StageSpec> {
+/// What checking a stage's shape found.
+enum Checked {
+    Sound(Box<StageSpec>),
+    /// Read with errors: good enough to find its outputs, no more.
+    Flawed(Box<StageSpec>),
+    /// Not a map.
+    Unreadable,
+}
+
+fn check_stage(name: &Key, node: &Node, diagnostics: &mut Vec<Diagnostic>) -> Checked {
     let errors_before = diagnostics.len();
     check_stage_name(name, diagnostics);
     let Some(entries) = node.as_map() else {
@@ -208,7 +226,7 @@ fn check_stage(name: &Key, node: &Node, diagnostics: &mut Vec<Diagnostic>) -> Op
             .at(node.span, "expected a map")
             .also(name.span, "stage defined here"),
         );
-        return None;
+        return Checked::Unreadable;
     };
     let mut uses = None;
     let mut cmd = None;
@@ -403,7 +421,11 @@ fn check_stage(name: &Key, node: &Node, diagnostics: &mut Vec<Diagnostic>) -> Op
             );
         }
     }
-    (diagnostics.len() == errors_before).then_some(spec)
+    if diagnostics.len() == errors_before {
+        Checked::Sound(Box::new(spec))
+    } else {
+        Checked::Flawed(Box::new(spec))
+    }
 }
 
 fn check_stage_name(name: &Key, diagnostics: &mut Vec<Diagnostic>) {

@@ -3,6 +3,7 @@
 //! Everything a user can get wrong past the shape of the file is found here, and every problem is
 //! collected before failing. What comes out is what the engine trusts.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use imba_stages::Registry;
@@ -17,13 +18,14 @@ use super::template::{Context, Templates};
 use super::yaml::{Key, Node, Value};
 use crate::model::{file_name, ports_json, Hook, Pipeline, Port, Stage, StageKind};
 
-/// Resolves a shape-checked file. `file` is the path given by the user.
+/// Resolves a shape-checked file. `file` is the path given by the user. With errors, the
+/// pipeline holds the stages that resolved, and [`LeftOut`] says what the others write.
 pub fn resolve(
     file: &Path,
     raw: &PipelineFile,
     registry: &Registry,
     diagnostics: &mut Vec<Diagnostic>,
-) -> Option<Pipeline> {
+) -> (Pipeline, LeftOut) {
     let before = diagnostics.len();
     let templates = Templates::for_file(file);
     let file_dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -46,6 +48,20 @@ pub fn resolve(
             None => failed.push(key.name.clone()),
         }
     }
+    // Which vars each var's template reads, to explain a change by the var it came from.
+    let var_deps: BTreeMap<String, Vec<String>> = raw
+        .vars
+        .iter()
+        .map(|(key, node)| {
+            let mut read = BTreeSet::new();
+            names_read(&templates, node, &mut read);
+            let deps = read
+                .into_iter()
+                .filter(|n| vars.contains_key(n) && *n != key.name)
+                .collect();
+            (key.name.clone(), deps)
+        })
+        .collect();
     let ctx = Context::new(&vars).with_failed(&failed);
     let render = |node: &Option<Node>, diagnostics: &mut Vec<Diagnostic>| {
         node.as_ref()
@@ -80,20 +96,29 @@ pub fn resolve(
         checker: ParamsChecker::default(),
         workdir: &workdir,
         vars: &vars,
+        var_deps: &var_deps,
         failed: &failed,
         diagnostics,
+        left_out: LeftOut {
+            unknown: raw.unreadable,
+            ..LeftOut::default()
+        },
     };
     let mut stages = Vec::new();
     for spec in &raw.stages {
         resolver.stage(spec, &mut stages);
     }
+    for spec in &raw.flawed {
+        resolver.flawed(spec);
+    }
+    let mut left_out = resolver.left_out;
     check_unique_names(&stages, diagnostics);
 
     let mut tail = diagnostics.split_off(before);
     dedup_vec(&mut tail);
-    let failed = !tail.is_empty();
+    left_out.complete = tail.is_empty() && raw.flawed.is_empty() && !raw.unreadable;
     diagnostics.extend(tail);
-    (!failed).then(|| Pipeline {
+    let pipeline = Pipeline {
         file: file.to_path_buf(),
         workdir,
         desc,
@@ -103,7 +128,8 @@ pub fn resolve(
         storage,
         cache,
         overrides: Vec::new(),
-    })
+    };
+    (pipeline, left_out)
 }
 
 /// Keys of `cache:`.
@@ -161,6 +187,66 @@ fn cache_settings(
 }
 
 /// `version: auto` and `keep: N`, on a stage with one directory output (local or S3).
+/// Which outputs a command writes at their declared paths: those its templates never name
+/// (`{{ outputs }}` as a whole names them all, `{{ outputs.NAME }}` one).
+fn in_place(templates: &Templates, commands: &[(String, Span)], outputs: &[Port]) -> Vec<bool> {
+    let names: std::collections::BTreeSet<String> = commands
+        .iter()
+        .flat_map(|(text, _)| templates.names(text))
+        .collect();
+    let all = names.contains("outputs");
+    outputs
+        .iter()
+        .map(|port| {
+            let named = port
+                .name
+                .as_ref()
+                .is_some_and(|n| names.contains(&format!("outputs.{n}")));
+            !(all || named)
+        })
+        .collect()
+}
+
+/// An output written in place must be a local, unversioned one: imba moves the previous one
+/// aside before the command runs and back if it fails, which S3 and versions cannot do.
+fn in_place_fits(
+    spec: &StageSpec,
+    outputs: &[Port],
+    in_place: &[bool],
+    versioned: bool,
+    diagnostics: &mut Vec<Diagnostic>,
+) {
+    for (i, (port, _)) in outputs
+        .iter()
+        .zip(in_place)
+        .enumerate()
+        .filter(|(_, (_, &in_place))| in_place)
+    {
+        let shown = match &port.name {
+            Some(name) => format!("{{{{ outputs.{name} }}}}"),
+            None => format!("{{{{ outputs[{i}] }}}}"),
+        };
+        let why = if port.declared.location.is_remote() {
+            "an S3 output"
+        } else if versioned {
+            "a versioned output"
+        } else {
+            continue;
+        };
+        diagnostics.push(
+            Diagnostic::error(format!(
+                "stage `{}`: the command never names the output `{}`, and {why} cannot be written in place",
+                spec.name.name, port.text
+            ))
+            .at(port.span, "declared here")
+            .help(format!(
+                "write it to `{shown}`: a staging path that imba commits ({})",
+                if versioned { "as a new version" } else { "uploads" }
+            )),
+        );
+    }
+}
+
 fn versioning(
     spec: &StageSpec,
     outputs: Option<&[Port]>,
@@ -363,11 +449,84 @@ struct StageResolver<'a> {
     checker: ParamsChecker,
     workdir: &'a Path,
     vars: &'a Map<String, Json>,
+    var_deps: &'a BTreeMap<String, Vec<String>>,
     failed: &'a [String],
     diagnostics: &'a mut Vec<Diagnostic>,
+    left_out: LeftOut,
+}
+
+/// What a pipeline with errors lacks: where its left-out stages write, as far as known.
+#[derive(Debug, Default)]
+pub struct LeftOut {
+    /// Whether every stage resolved, and nothing else failed.
+    pub complete: bool,
+    /// The outputs of stages left out for their errors.
+    pub outputs: Vec<crate::model::Location>,
+    /// Some left-out stage's outputs could not be worked out.
+    pub unknown: bool,
+}
+
+/// The root names the templates anywhere in `node` read (`month` of `{{ month }}`, `outputs`
+/// of `{{ outputs.model }}`).
+fn names_read(templates: &Templates, node: &Node, out: &mut BTreeSet<String>) {
+    match &node.value {
+        Value::String(s) => {
+            out.extend(templates.names(&s.text).into_iter().map(
+                |name| match name.split_once('.') {
+                    Some((root, _)) => root.to_owned(),
+                    None => name,
+                },
+            ))
+        }
+        Value::Seq(items) => items.iter().for_each(|n| names_read(templates, n, out)),
+        Value::Map(entries) => entries
+            .iter()
+            .for_each(|(_, n)| names_read(templates, n, out)),
+        Value::Null | Value::Bool(_) | Value::Int(_) | Value::Float(_) => {}
+    }
+}
+
+impl StageResolver<'_> {
+    /// The vars a stage reads, directly or through other vars, with their values as the lock
+    /// keeps them (a secret-looking one as a hash of its value), and what each reads.
+    fn vars_read(
+        &self,
+        spec: &StageSpec,
+    ) -> (BTreeMap<String, Json>, BTreeMap<String, Vec<String>>) {
+        let mut read = BTreeSet::new();
+        // A description changes nothing that runs.
+        for (key, node) in spec.node.as_map().unwrap_or_default() {
+            if key.name != "desc" {
+                names_read(self.templates, node, &mut read);
+            }
+        }
+        let mut todo: Vec<String> = read
+            .into_iter()
+            .filter(|n| self.vars.contains_key(n))
+            .collect();
+        let (mut values, mut deps) = (BTreeMap::new(), BTreeMap::new());
+        while let Some(name) = todo.pop() {
+            if values.contains_key(&name) {
+                continue;
+            }
+            let value = self.vars.get(&name).cloned().unwrap_or(Json::Null);
+            let value = if super::looks_secret(&name) {
+                let bytes = serde_json::to_vec(&value).unwrap_or_default();
+                Json::String(format!("blake3:{}", &blake3::hash(&bytes).to_hex()[..16]))
+            } else {
+                value
+            };
+            let own = self.var_deps.get(&name).cloned().unwrap_or_default();
+            todo.extend(own.iter().cloned());
+            values.insert(name.clone(), value);
+            deps.insert(name, own);
+        }
+        (values, deps)
+    }
 }
 
 /// One expansion of a stage: its name suffix and the `item`/`key` it sees.
+#[derive(Clone)]
 struct Instance {
     suffix: Option<String>,
     bindings: Map<String, Json>,
@@ -376,9 +535,42 @@ struct Instance {
 impl StageResolver<'_> {
     fn stage(&mut self, spec: &StageSpec, out: &mut Vec<Stage>) {
         for instance in self.instances(spec) {
-            if let Some(stage) = self.instance(spec, instance) {
-                out.push(stage);
+            match self.instance(spec, instance.clone()) {
+                Some(stage) => out.push(stage),
+                None => self.leave_out(spec, instance),
             }
+        }
+    }
+
+    /// A stage with shape errors: only where it writes is worked out, silently (its errors
+    /// were reported), so that the graph of the others can be checked.
+    fn flawed(&mut self, spec: &StageSpec) {
+        let before = self.diagnostics.len();
+        let instances = self.instances(spec);
+        self.diagnostics.truncate(before);
+        if instances.is_empty() {
+            self.left_out.unknown = true;
+        }
+        for instance in instances {
+            self.leave_out(spec, instance);
+        }
+    }
+
+    /// Records the outputs of a stage instance that is left out of the pipeline, without
+    /// reporting anything again.
+    fn leave_out(&mut self, spec: &StageSpec, instance: Instance) {
+        let before = self.diagnostics.len();
+        let mut context = self.vars.clone();
+        context.extend(instance.bindings);
+        let ctx = Context::new(&context).with_failed(self.failed);
+        let ports = self.ports(spec.outputs.as_ref(), &ctx);
+        self.diagnostics.truncate(before);
+        match ports {
+            Some(ports) => self
+                .left_out
+                .outputs
+                .extend(ports.into_iter().map(|p| p.declared.location)),
+            None => self.left_out.unknown = true,
         }
     }
 
@@ -639,11 +831,17 @@ impl StageResolver<'_> {
                     words
                 };
                 context.insert("params".into(), params.clone());
+                let in_place = in_place(
+                    self.templates,
+                    &templates,
+                    outputs.as_deref().unwrap_or_default(),
+                );
                 StageKind::Shell {
                     templates,
                     commands,
                     params,
                     argv,
+                    in_place,
                 }
             }
         };
@@ -665,10 +863,22 @@ impl StageResolver<'_> {
             .map(|node| self.env(node, &ctx))
             .unwrap_or_default();
         let versioning = versioning(spec, outputs.as_deref(), self.diagnostics);
+        if let (StageKind::Shell { in_place, .. }, Some(outputs)) = (&kind, &outputs) {
+            in_place_fits(
+                spec,
+                outputs,
+                in_place,
+                versioning.is_some(),
+                self.diagnostics,
+            );
+        }
         if self.diagnostics.len() > before {
             return None;
         }
+        let (vars, var_deps) = self.vars_read(spec);
         Some(Stage {
+            vars,
+            var_deps,
             name,
             span: spec.name.span,
             desc,

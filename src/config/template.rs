@@ -390,6 +390,19 @@ impl Templates {
             .map_err(|error| self.diagnose_whole(&error, s, span, ctx))
     }
 
+    /// The variables `text` reads, attribute paths included (`outputs.model`, `outputs`): the
+    /// outputs a command names decide which of them it writes in place. Empty when `text` does
+    /// not parse (that is reported where it is rendered).
+    pub fn names(&self, text: &str) -> std::collections::BTreeSet<String> {
+        if !is_template(text) {
+            return Default::default();
+        }
+        match self.env.template_from_str(text) {
+            Ok(template) => template.undeclared_variables(true).into_iter().collect(),
+            Err(_) => Default::default(),
+        }
+    }
+
     /// Renders a string to a string, with nothing escaped (an `argv:` word at run time).
     pub fn render_text(&self, text: &str, ctx: &JinjaValue) -> Result<String, Error> {
         if !is_template(text) {

@@ -18,8 +18,9 @@ use crate::model::StageKind;
 /// A table: a stage's output (by position), and the file in it when the output is a directory.
 type Table = (usize, usize, Option<String>);
 
-/// Every check of every stage that names a column its table will not have.
-pub fn check(dag: &Dag, registry: &Registry) -> Vec<Diagnostic> {
+/// Every check of every stage that names a column its table will not have. A table read from
+/// one of `unknown` (the outputs of stages left out for their errors) has unknown columns.
+pub fn check(dag: &Dag, registry: &Registry, unknown: &[Location]) -> Vec<Diagnostic> {
     let pipeline = dag.pipeline();
     if pipeline.stages.iter().all(|s| s.checks.is_empty()) {
         return Vec::new();
@@ -42,7 +43,17 @@ pub fn check(dag: &Dag, registry: &Registry) -> Vec<Diagnostic> {
                 let inputs: Vec<Option<Vec<String>>> = stage
                     .inputs
                     .iter()
-                    .map(|input| columns_of_input(&input.declared.location, &written, &known))
+                    .map(|input| {
+                        let location = &input.declared.location;
+                        let left_out = unknown.iter().any(|u| {
+                            let (u, l) = (u.components(), location.components());
+                            l.starts_with(&u) || u.starts_with(&l)
+                        });
+                        if left_out {
+                            return None;
+                        }
+                        columns_of_input(location, &written, &known)
+                    })
                     .collect();
                 for table in builtin.output_columns(params, &inputs) {
                     let named = stage.outputs.iter().any(|p| p.name.is_some());

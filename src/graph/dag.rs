@@ -5,7 +5,7 @@
 //! [`Dag`], and it refuses a graph with a cycle, so nothing can walk an unchecked graph.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::ffi::OsString;
 
 use petgraph::graph::{DiGraph, NodeIndex};
@@ -22,6 +22,8 @@ pub struct Dag {
     order: Vec<usize>,
     /// Inputs no stage writes, as (stage, input) indices.
     sources: Vec<(usize, usize)>,
+    /// A partial graph's ([`build_partial`]): what the stages left out of it write.
+    elsewhere: Vec<Location>,
 }
 
 /// Why one stage needs another: the paths it reads that the other writes.
@@ -31,16 +33,23 @@ pub struct Edge {
 }
 
 /// What to check beyond the graph itself.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct BuildOptions {
     /// Report source inputs (read by a stage, written by none) that do not exist.
     pub check_sources: bool,
+    /// Outputs of stages left out for their errors (a partial pipeline, in `validate`): an
+    /// input there, or inside one, is not reported missing.
+    pub written_elsewhere: Vec<Location>,
+    /// Some left-out stage writes who knows where: no source input is reported missing.
+    pub unknown_writers: bool,
 }
 
 impl Default for BuildOptions {
     fn default() -> Self {
         BuildOptions {
             check_sources: true,
+            written_elsewhere: Vec::new(),
+            unknown_writers: false,
         }
     }
 }
@@ -53,6 +62,16 @@ fn key_of(location: &Location) -> PathKey {
 
 /// Builds and checks the graph of `pipeline`, reporting every problem found.
 pub fn build(pipeline: Pipeline, options: BuildOptions) -> Result<Dag, Vec<Diagnostic>> {
+    match build_partial(pipeline, options) {
+        (Some(dag), diagnostics) if diagnostics.is_empty() => Ok(dag),
+        (_, diagnostics) => Err(diagnostics),
+    }
+}
+
+/// [`build`], giving with its problems a graph to check further (`validate`'s columns): the
+/// whole graph when it has an order despite them (a missing source, two stages writing one
+/// path), else the graph without the stages on a cycle.
+pub fn build_partial(pipeline: Pipeline, options: BuildOptions) -> (Option<Dag>, Vec<Diagnostic>) {
     let mut diagnostics = Vec::new();
     let stages = &pipeline.stages;
 
@@ -78,7 +97,13 @@ pub fn build(pipeline: Pipeline, options: BuildOptions) -> Result<Dag, Vec<Diagn
             let producers = producers_of(&outputs, &key_of(&input.declared.location));
             if producers.is_empty() {
                 sources.push((s, i));
-                if options.check_sources {
+                let key = key_of(&input.declared.location);
+                let elsewhere = options.unknown_writers
+                    || options.written_elsewhere.iter().any(|o| {
+                        let o = key_of(o);
+                        key.starts_with(&o) || o.starts_with(&key)
+                    });
+                if options.check_sources && !elsewhere {
                     check_source(
                         &pipeline,
                         stage,
@@ -113,18 +138,38 @@ pub fn build(pipeline: Pipeline, options: BuildOptions) -> Result<Dag, Vec<Diagn
     for ((from, to), edge) in edges {
         graph.add_edge(nodes[from], nodes[to], edge);
     }
-    check_cycles(&pipeline, &graph, &mut diagnostics);
-    if !diagnostics.is_empty() {
-        crate::diagnostic::sort(&mut diagnostics);
-        return Err(diagnostics);
+    let on_cycles = check_cycles(&pipeline, &graph, &mut diagnostics);
+    crate::diagnostic::sort(&mut diagnostics);
+    if !on_cycles.is_empty() {
+        // The rest, with what the stages on cycles write counted as written elsewhere.
+        let mut rest = pipeline;
+        let mut options = BuildOptions {
+            check_sources: false,
+            ..options
+        };
+        let mut index = 0;
+        rest.stages.retain(|stage| {
+            index += 1;
+            let keep = !on_cycles.contains(&(index - 1));
+            if !keep {
+                options
+                    .written_elsewhere
+                    .extend(stage.outputs.iter().map(|o| o.declared.location.clone()));
+            }
+            keep
+        });
+        let (dag, _) = build_partial(rest, options);
+        return (dag, diagnostics);
     }
     let order = topological_order(&graph);
-    Ok(Dag {
+    let dag = Dag {
         pipeline,
         graph,
         order,
         sources,
-    })
+        elsewhere: options.written_elsewhere,
+    };
+    (Some(dag), diagnostics)
 }
 
 /// Outputs at `key`, above it (a directory holding it) or below it (inside it).
@@ -252,17 +297,20 @@ fn check_source(
     diagnostics.push(diagnostic.note(format!("looked for {}", path.display())));
 }
 
+/// Reports each cycle; gives the stages on one.
 fn check_cycles(
     pipeline: &Pipeline,
     graph: &DiGraph<usize, Edge>,
     diagnostics: &mut Vec<Diagnostic>,
-) {
+) -> BTreeSet<usize> {
+    let mut on_cycles = BTreeSet::new();
     let mut components = petgraph::algo::tarjan_scc(graph);
     for component in &mut components {
         component.sort_by_key(|n| graph[*n]);
     }
     components.sort_by_key(|c| c.first().map(|n| graph[*n]));
     for component in components.into_iter().filter(|c| c.len() > 1) {
+        on_cycles.extend(component.iter().map(|n| graph[*n]));
         let cycle = find_cycle(graph, &component);
         let names: Vec<&str> = cycle
             .iter()
@@ -294,6 +342,7 @@ fn check_cycles(
         diagnostics
             .push(diagnostic.help("a stage cannot need its own outputs, even through others"));
     }
+    on_cycles
 }
 
 /// A cycle through the first node of a strongly connected component, in edge order.
@@ -351,6 +400,11 @@ fn topological_order(graph: &DiGraph<usize, Edge>) -> Vec<usize> {
 }
 
 impl Dag {
+    /// What stages left out of a partial graph write (empty for a whole one).
+    pub fn written_elsewhere(&self) -> &[Location] {
+        &self.elsewhere
+    }
+
     pub fn pipeline(&self) -> &Pipeline {
         &self.pipeline
     }

@@ -3,6 +3,7 @@
 
 pub mod location;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -62,6 +63,14 @@ pub struct Stage {
     /// Variables set for a `cmd`/`argv` stage, sorted by name: a value, or `None` for a variable
     /// passed through from imba's environment (its name is fingerprinted, never its value).
     pub env: Vec<(String, Option<String>)>,
+    /// The pipeline's vars this stage's templates read, directly or through other vars, with
+    /// their values (a secret-looking one by a hash of its value): the lock keeps them, so that
+    /// a stale stage can say "var month changed: 2024-12 → 2024-06". Never fingerprinted: what
+    /// a var changes is fingerprinted where it lands.
+    pub vars: BTreeMap<String, Json>,
+    /// For each var in `vars`, the vars its own template reads: a change explained by another
+    /// var's is not reported twice.
+    pub var_deps: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Clone)]
@@ -80,6 +89,9 @@ pub enum StageKind {
         params: Json,
         /// `argv:` a program run without a shell: `templates` are its words.
         argv: bool,
+        /// One per output: whether the command writes it at its declared path (it names it in no
+        /// template, as DVC stages do) rather than at the staging path `{{ outputs.NAME }}`.
+        in_place: Vec<bool>,
     },
 }
 

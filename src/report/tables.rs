@@ -23,6 +23,22 @@ pub fn plan(statuses: &[StageStatus], verb: &str) -> String {
             out.push_str(&format!("  - {reason}\n"));
         }
     }
+    // Each changed var once, with the stages that read it (their downstream is stale too).
+    let mut vars: Vec<(String, Vec<&str>)> = Vec::new();
+    for status in &stale {
+        for reason in &status.reasons {
+            if let crate::plan::Reason::VarChanged { .. } = reason {
+                let text = reason.to_string();
+                match vars.iter_mut().find(|(t, _)| *t == text) {
+                    Some((_, readers)) => readers.push(&status.name),
+                    None => vars.push((text, vec![&status.name])),
+                }
+            }
+        }
+    }
+    for (text, readers) in &vars {
+        out.push_str(&format!("{text}; read by {}\n", readers.join(", ")));
+    }
     let restorable = stale.iter().filter(|s| s.from_cache.is_some()).count();
     if stale.is_empty() {
         out.push_str(&format!("all {} stages are up to date\n", statuses.len()));

@@ -31,8 +31,11 @@ pub enum StageFailure {
         message: String,
         param: Option<String>,
     },
-    /// A declared output was not written; `shell` says whether it was a command's.
-    MissingOutput { output: String, shell: bool },
+    /// A declared output was not written; `hint` says where a command was to write it.
+    MissingOutput {
+        output: String,
+        hint: Option<String>,
+    },
     /// Checks with severity `fail` missed: the whole explanation, quarantine included.
     Checks(String),
     /// Reading inputs or committing outputs failed (in S3, possibly because the run was
@@ -103,10 +106,10 @@ impl fmt::Display for StageFailure {
             }
             StageFailure::Cancelled => f.write_str(imba_stages::CANCELLED),
             StageFailure::Builtin { message, .. } => f.write_str(message),
-            StageFailure::MissingOutput { output, shell } => {
+            StageFailure::MissingOutput { output, hint } => {
                 write!(f, "stage did not write its output `{output}`")?;
-                if *shell {
-                    f.write_str(" (a command must write to `{{ outputs.NAME }}`, a staging path that imba moves into place)")?;
+                if let Some(hint) = hint {
+                    write!(f, " ({hint})")?;
                 }
                 Ok(())
             }

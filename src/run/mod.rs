@@ -4,7 +4,8 @@
 //! Stages run on tokio, at most `jobs` at a time, each as soon as what it needs is done. When a
 //! stage becomes ready its inputs are hashed and its fingerprint compared with the lock file, so a
 //! stage whose upstream re-ran but wrote identical bytes is skipped (early cutoff). A running
-//! stage writes only to staging paths under `.imba/staging/`; its outputs are moved into place
+//! stage writes to staging paths under `.imba/staging/` (or, a command naming none, in place
+//! with the previous outputs set aside: [`in_place`]); its outputs are moved into place
 //! only after it succeeded and its `fail` checks passed (else they go to quarantine, see
 //! [`crate::run::gate`]), and its lock entry is written only after that. Hashing, commits and
 //! built-in stages run on blocking threads, never on the runtime's workers.
@@ -13,6 +14,7 @@ pub mod execute;
 pub mod failure;
 pub mod gate;
 pub mod housekeeping;
+pub mod in_place;
 mod schedule;
 mod stage;
 
@@ -337,6 +339,11 @@ pub fn run_with(
     let Some(_held) = held else {
         return Err(RunError::Busy(state.root.display().to_string()));
     };
+    // Outputs a killed run was writing in place go back to what they were, before anything is
+    // decided about them.
+    for recovered in in_place::recover(&state.root, &pipeline.workdir) {
+        events.event(Event::Warning(recovered.to_string()));
+    }
     let (lock_path, lock, journal) = open_lock(&state, &pipeline.file, &events)?;
     let (selected, forced) = plan::select(&dag, &options.selection).map_err(RunError::Config)?;
     let remote = remote_location(&options.remote, pipeline).map_err(RunError::Config)?;

@@ -11,6 +11,7 @@ use serde_json::Value as Json;
 
 use super::execute::{execute, Executed, Execution};
 use super::failure::StageFailure;
+use super::in_place::Aside;
 use super::{Context, Event, Outcome};
 use crate::interrupt::Stop;
 use crate::model::{file_name, Port, Stage, StageKind};
@@ -122,9 +123,19 @@ async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
         reasons: record.reasons.clone(),
     });
 
-    let staging = Staging::new(&ctx, stage);
+    let staging = Staging::for_stage(&ctx, stage);
+    let aside = match staging.set_aside(&ctx, stage) {
+        Ok(aside) => aside,
+        Err(failure) => {
+            release(&ctx, lease).await;
+            return conclude(&ctx, stage, record, failure);
+        }
+    };
     let done = produce_and_commit(&ctx, index, &staging, now, locked, &mut record).await;
     staging.remove();
+    if let Some(aside) = aside {
+        settle_or_put_back(&ctx, stage, aside, done.is_ok());
+    }
     // The lease stays renewed until the result is pushed, which may take long for large
     // outputs: a waiting machine must not take it over meanwhile.
     match done {
@@ -159,6 +170,20 @@ async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
             release(&ctx, lease).await;
             conclude(&ctx, stage, record, failure)
         }
+    }
+}
+
+/// After a stage that wrote outputs in place: their previous content is dropped when the new
+/// is committed, else put back (what the command left goes with it; outputs that failed a check
+/// are in quarantine already).
+fn settle_or_put_back(ctx: &Context, stage: &Stage, aside: Aside, committed: bool) {
+    if committed {
+        aside.settle();
+    } else if let Err(e) = aside.put_back() {
+        ctx.events.event(Event::Warning(format!(
+            "stage `{}`: {e}; the next run tries again",
+            stage.name
+        )));
     }
 }
 
@@ -470,7 +495,7 @@ async fn produce_and_commit(
             .event(Event::Warning(format!("stage `{}`: {warning}", stage.name)));
     }
     verify_inputs(ctx, index, inputs).await?;
-    verify_outputs(stage, &staging.outputs)?;
+    verify_outputs(stage, staging)?;
     let reported = record.checks.len();
     let checks_passed = super::gate::gate(ctx, index, &staging.outputs, record, None).await?;
     let summary = record
@@ -773,13 +798,17 @@ async fn restore(
     .await
 }
 
-/// Where a stage writes: `.imba/staging/RUN/STAGE/N/NAME` for its N-th output.
+/// Where a stage writes: `.imba/staging/RUN/STAGE/N/NAME` for its N-th output, or its
+/// declared path for an output its command writes in place.
 struct Staging {
     root: PathBuf,
     outputs: Vec<PathBuf>,
+    /// Per output: whether `outputs` holds its declared path.
+    in_place: Vec<bool>,
 }
 
 impl Staging {
+    /// Staging paths for every output: where imba itself writes (a restore).
     fn new(ctx: &Context, stage: &Stage) -> Self {
         let root = ctx.state.staging(&ctx.run_id).join(file_name(&stage.name));
         let outputs = stage
@@ -788,13 +817,62 @@ impl Staging {
             .enumerate()
             .map(|(i, port)| staging_path(&root, i, port))
             .collect();
-        Staging { root, outputs }
+        Staging {
+            root,
+            outputs,
+            in_place: vec![false; stage.outputs.len()],
+        }
+    }
+
+    /// Where the stage's own command or built-in writes: the declared path of each output its
+    /// command writes in place, a staging path for the others.
+    fn for_stage(ctx: &Context, stage: &Stage) -> Self {
+        let mut staging = Staging::new(ctx, stage);
+        if let StageKind::Shell { in_place, .. } = &stage.kind {
+            for (i, port) in stage.outputs.iter().enumerate() {
+                let target = port.declared.location.local_path();
+                if let (true, Some(target)) = (in_place[i], target) {
+                    staging.outputs[i] = target.to_path_buf();
+                    staging.in_place[i] = true;
+                }
+            }
+        }
+        staging
+    }
+
+    /// Moves the previous content of the outputs written in place aside (`None` when there are
+    /// none), each checked to stay inside the workdir first.
+    fn set_aside(&self, ctx: &Context, stage: &Stage) -> Result<Option<Aside>, StageFailure> {
+        let targets: Vec<PathBuf> = self
+            .outputs
+            .iter()
+            .zip(&self.in_place)
+            .filter(|(_, &in_place)| in_place)
+            .map(|(path, _)| path.clone())
+            .collect();
+        if targets.is_empty() {
+            return Ok(None);
+        }
+        let workdir = &ctx.dag.pipeline().workdir;
+        for target in &targets {
+            crate::config::confine::check_target(target, workdir)
+                .map_err(|e| StageFailure::Other(format!("output {}: {e}", target.display())))?;
+        }
+        Aside::set(&ctx.state.root, &ctx.run_id, &stage.name, &targets)
+            .map(Some)
+            .map_err(|e| StageFailure::Other(format!("before running the command: {e}")))
     }
 
     /// Creates each directory output, and the parent of each file output.
     fn prepare(&self, stage: &Stage) -> Result<(), StageFailure> {
         let prepared = || -> std::io::Result<()> {
-            for (port, path) in stage.outputs.iter().zip(&self.outputs) {
+            for ((port, path), in_place) in
+                stage.outputs.iter().zip(&self.outputs).zip(&self.in_place)
+            {
+                if *in_place {
+                    // The command makes it, as it would without imba.
+                    continue;
+                }
                 if port.declared.dir {
                     std::fs::create_dir_all(path)?;
                 } else if let Some(parent) = path.parent() {
@@ -858,14 +936,29 @@ async fn verify_inputs(
 }
 
 /// Every declared output must have been written.
-fn verify_outputs(stage: &Stage, staged: &[PathBuf]) -> Result<(), StageFailure> {
-    match stage.outputs.iter().zip(staged).find(|(_, p)| !p.exists()) {
-        Some((port, _)) => Err(StageFailure::MissingOutput {
-            output: port.text.clone(),
-            shell: matches!(stage.kind, StageKind::Shell { .. }),
-        }),
-        None => Ok(()),
-    }
+fn verify_outputs(stage: &Stage, staging: &Staging) -> Result<(), StageFailure> {
+    let Some(i) = (0..stage.outputs.len()).find(|&i| !staging.outputs[i].exists()) else {
+        return Ok(());
+    };
+    let port = &stage.outputs[i];
+    let placeholder = match &port.name {
+        Some(name) => format!("{{{{ outputs.{name} }}}}"),
+        None => format!("{{{{ outputs[{i}] }}}}"),
+    };
+    let hint = match &stage.kind {
+        StageKind::Shell { .. } if staging.in_place[i] => Some(format!(
+            "the command names no staging path for it, so it is to write it in place, at `{}`; or to `{placeholder}`",
+            port.text
+        )),
+        StageKind::Shell { .. } => Some(format!(
+            "the command must write it to `{placeholder}`, a staging path that imba moves into place"
+        )),
+        StageKind::Builtin { .. } => None,
+    };
+    Err(StageFailure::MissingOutput {
+        output: port.text.clone(),
+        hint,
+    })
 }
 
 /// Moves the staged outputs into place through the store, then writes the lock entry.

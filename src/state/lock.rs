@@ -14,7 +14,7 @@ pub use crate::store::hash::fingerprint;
 use crate::store::hash::ContentHash;
 
 /// The lock format this build reads and writes.
-pub const LOCK_FORMAT: u32 = 1;
+pub const LOCK_FORMAT: u32 = 2;
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -43,6 +43,10 @@ pub struct LockedStage {
     pub checks: Option<Json>,
     pub inputs: BTreeMap<String, ContentHash>,
     pub outputs: BTreeMap<String, ContentHash>,
+    /// The pipeline's vars the stage read, to name a changed one in a reason. Not part of the
+    /// fingerprint.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub vars: BTreeMap<String, Json>,
 }
 
 /// The lock file of the pipeline at `pipeline`: same directory and stem, `.lock` extension.
@@ -340,6 +344,7 @@ mod journal_tests {
             checks: None,
             inputs: BTreeMap::new(),
             outputs: BTreeMap::new(),
+            vars: BTreeMap::new(),
         }
     }
 

@@ -71,6 +71,10 @@ impl Store for LocalStore {
             targets.push(target);
         }
         for (staged, target) in outputs.iter().zip(&targets) {
+            if staged.from == *target {
+                // Written in place by its command: it is where it goes.
+                continue;
+            }
             tracing::trace!(from = %staged.from.display(), to = %target.display(), "commit");
             super::fs::replace(staged.from, target).map_err(|e| {
                 StoreError::Other(format!(

@@ -1,0 +1,377 @@
+//! Shell stages that write their outputs at their declared paths, as DVC stages do: the
+//! previous outputs are moved aside before the command runs, dropped once the new ones are
+//! committed, and put back exactly when the command fails, a check fails, the run is cancelled,
+//! or imba itself dies (the next run puts them back before it decides anything).
+//!
+//! Each stage's plan, `.imba/aside/RUN/STAGE/plan.json`, is written to disk before anything
+//! moves and removed only after the new outputs are committed: whatever imba was doing when it
+//! was killed, the next run finds either no plan (nothing to undo) or a plan whose previous
+//! outputs are all beside it.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::file_name;
+use crate::store::fs::{copy_recursive, remove_any, replace, write_atomic};
+
+/// What a stage's plan says: the run, the stage, and each output written in place with where
+/// its previous content was moved (`None`: nothing was there).
+#[derive(Debug, Serialize, Deserialize)]
+struct Plan {
+    run: String,
+    stage: String,
+    outputs: Vec<Moved>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Moved {
+    target: PathBuf,
+    kept: Option<PathBuf>,
+}
+
+/// A stage's previous outputs, moved aside while its command writes new ones.
+#[derive(Debug)]
+pub struct Aside {
+    dir: PathBuf,
+    moved: Vec<Moved>,
+}
+
+fn plan_path(dir: &Path) -> PathBuf {
+    dir.join("plan.json")
+}
+
+/// The folder of all plans under the state directory `state`.
+fn root(state: &Path) -> PathBuf {
+    state.join("aside")
+}
+
+impl Aside {
+    /// Moves what is at each of `targets` (absolute paths, confined already) aside, after
+    /// writing the plan that undoes it; creates each target's parent directory. A failure puts
+    /// back what was moved and says which output it was about.
+    pub fn set(state: &Path, run: &str, stage: &str, targets: &[PathBuf]) -> io::Result<Aside> {
+        let dir = root(state).join(run).join(file_name(stage));
+        std::fs::create_dir_all(&dir)?;
+        let moved: Vec<Moved> = targets
+            .iter()
+            .enumerate()
+            .map(|(i, target)| Moved {
+                target: target.clone(),
+                kept: std::fs::symlink_metadata(target)
+                    .is_ok()
+                    .then(|| dir.join(i.to_string())),
+            })
+            .collect();
+        let plan = Plan {
+            run: run.to_owned(),
+            stage: stage.to_owned(),
+            outputs: moved.clone(),
+        };
+        let bytes = serde_json::to_vec_pretty(&plan).map_err(io::Error::other)?;
+        write_atomic(&plan_path(&dir), &bytes)?;
+        sync_dir(&dir);
+        let aside = Aside { dir, moved };
+        for (done, m) in aside.moved.iter().enumerate() {
+            let result = match &m.kept {
+                Some(kept) => move_path(&m.target, kept),
+                None => Ok(()),
+            }
+            .and_then(|()| match m.target.parent() {
+                Some(parent) => std::fs::create_dir_all(parent),
+                None => Ok(()),
+            });
+            if let Err(e) = result {
+                // Undo the moves made so far; the rest were never touched.
+                let partial = Aside {
+                    dir: aside.dir.clone(),
+                    moved: aside.moved[..done].to_vec(),
+                };
+                let _ = partial.put_back();
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("cannot move {} aside: {e}", m.target.display()),
+                ));
+            }
+        }
+        Ok(aside)
+    }
+
+    /// The new outputs are committed: the plan goes first (nothing is to be undone any more),
+    /// then the previous outputs.
+    pub fn settle(self) {
+        let _ = std::fs::remove_file(plan_path(&self.dir));
+        let _ = std::fs::remove_dir_all(&self.dir);
+        remove_if_empty(self.dir.parent());
+    }
+
+    /// Removes whatever the command left at each target and puts the previous output back.
+    /// The plan is removed only when every output is back.
+    pub fn put_back(self) -> io::Result<()> {
+        put_back(&self.dir, &self.moved)
+    }
+}
+
+fn put_back(dir: &Path, moved: &[Moved]) -> io::Result<()> {
+    let mut first_error = None;
+    for m in moved.iter().rev() {
+        let result = match &m.kept {
+            Some(kept) if std::fs::symlink_metadata(kept).is_ok() => replace(kept, &m.target),
+            // Already back (an earlier attempt got this far), or nothing was there before.
+            Some(_) => Ok(()),
+            None => {
+                remove_any(&m.target);
+                Ok(())
+            }
+        };
+        if let Err(e) = result {
+            first_error.get_or_insert(io::Error::new(
+                e.kind(),
+                format!("cannot put {} back: {e}", m.target.display()),
+            ));
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    let _ = std::fs::remove_file(plan_path(dir));
+    let _ = std::fs::remove_dir_all(dir);
+    remove_if_empty(dir.parent());
+    Ok(())
+}
+
+/// What [`recover`] did for one stage of an interrupted run.
+#[derive(Debug, PartialEq)]
+pub struct Recovered {
+    pub run: String,
+    pub stage: String,
+    /// The outputs put back (their previous content, or nothing when there was none).
+    pub outputs: Vec<PathBuf>,
+    /// Why they could not all be put back.
+    pub error: Option<String>,
+}
+
+impl std::fmt::Display for Recovered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let outputs: Vec<String> = self
+            .outputs
+            .iter()
+            .map(|p| format!("`{}`", p.display()))
+            .collect();
+        write!(
+            f,
+            "run {} stopped while stage `{}` was writing {} in place",
+            self.run,
+            self.stage,
+            outputs.join(", ")
+        )?;
+        match &self.error {
+            None => f.write_str("; put back what was there before"),
+            Some(e) => write!(f, "; {e} (the next run tries again)"),
+        }
+    }
+}
+
+/// Undoes every plan a dead run left under the state directory `state`: its commands still
+/// running are killed (found by the `IMBA_RUN` they were started with), then each stage's
+/// previous outputs are put back. Call it holding the run lock, before deciding anything.
+/// The outputs are named relative to `workdir`.
+pub fn recover(state: &Path, workdir: &Path) -> Vec<Recovered> {
+    let root = root(state);
+    let mut plans = Vec::new();
+    for run in sorted_dirs(&root) {
+        for stage in sorted_dirs(&run) {
+            match std::fs::read(plan_path(&stage))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Plan>(&b).ok())
+            {
+                Some(plan) => plans.push((stage, plan)),
+                // No plan: the stage had settled, or had not moved anything yet.
+                None => remove_any(&stage),
+            }
+        }
+        remove_if_empty(Some(&run));
+    }
+    let mut runs: Vec<&str> = plans.iter().map(|(_, p)| p.run.as_str()).collect();
+    runs.dedup();
+    kill_leftovers(&runs);
+    plans
+        .into_iter()
+        .map(|(dir, plan)| {
+            let error = put_back(&dir, &plan.outputs).err().map(|e| e.to_string());
+            Recovered {
+                run: plan.run,
+                stage: plan.stage,
+                outputs: plan
+                    .outputs
+                    .into_iter()
+                    .map(|m| {
+                        m.target
+                            .strip_prefix(workdir)
+                            .map(Path::to_path_buf)
+                            .unwrap_or(m.target)
+                    })
+                    .collect(),
+                error,
+            }
+        })
+        .collect()
+}
+
+fn sorted_dirs(dir: &Path) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.path())
+        .collect();
+    dirs.sort();
+    dirs
+}
+
+/// Removes `dir` (a run's folder of plans) and then `aside/` when they are empty.
+fn remove_if_empty(dir: Option<&Path>) {
+    if let Some(dir) = dir {
+        // Fails when something is still in it, which is what we want.
+        if std::fs::remove_dir(dir).is_ok() {
+            if let Some(root) = dir.parent() {
+                let _ = std::fs::remove_dir(root);
+            }
+        }
+    }
+}
+
+/// A rename, or a copy and a removal across file systems (an output on a mount of its own).
+fn move_path(from: &Path, to: &Path) -> io::Result<()> {
+    match std::fs::rename(from, to) {
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+            if let Err(e) = copy_recursive(from, to) {
+                remove_any(to);
+                return Err(e);
+            }
+            remove_any(from);
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(file) = std::fs::File::open(dir) {
+        let _ = file.sync_all();
+    }
+}
+
+/// Kills the processes of a dead run's commands: they would otherwise go on writing the
+/// outputs being put back. They are known by `IMBA_RUN=<run>` in their environment, which
+/// survives the process group (a command may have started its own), and only processes this
+/// user may signal are looked at. Linux only (`/proc`); elsewhere nothing is killed.
+fn kill_leftovers(runs: &[&str]) {
+    if runs.is_empty() {
+        return;
+    }
+    let wanted: Vec<Vec<u8>> = runs
+        .iter()
+        .map(|run| format!("IMBA_RUN={run}").into_bytes())
+        .collect();
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        if environ
+            .split(|&b| b == 0)
+            .any(|var| wanted.iter().any(|w| var == w.as_slice()))
+        {
+            tracing::debug!(pid, "killing a command of an interrupted run");
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(path: &Path, text: &str) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+
+    #[test]
+    fn a_failed_command_gets_the_previous_outputs_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join(".imba");
+        let (file, folder, fresh) = (
+            dir.path().join("out/a.txt"),
+            dir.path().join("out/d"),
+            dir.path().join("new/b.txt"),
+        );
+        write(&file, "old a");
+        write(&folder.join("x"), "old x");
+        let targets = [file.clone(), folder.clone(), fresh.clone()];
+        let aside = Aside::set(&state, "r1", "s", &targets).unwrap();
+        assert!(!file.exists() && !folder.exists());
+        assert!(fresh.parent().unwrap().is_dir(), "parents are created");
+        write(&file, "half");
+        write(&folder.join("y"), "new y");
+        write(&fresh, "new b");
+        aside.put_back().unwrap();
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "old a");
+        assert_eq!(std::fs::read_to_string(folder.join("x")).unwrap(), "old x");
+        assert!(!folder.join("y").exists() && !fresh.exists());
+        assert!(!root(&state).exists(), "nothing is left aside");
+    }
+
+    #[test]
+    fn settling_keeps_the_new_outputs() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join(".imba");
+        let file = dir.path().join("a.txt");
+        write(&file, "old");
+        let aside = Aside::set(&state, "r1", "s", std::slice::from_ref(&file)).unwrap();
+        write(&file, "new");
+        aside.settle();
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "new");
+        assert!(!root(&state).exists());
+        assert!(recover(&state, dir.path()).is_empty());
+    }
+
+    #[test]
+    fn a_dead_runs_plan_is_undone_by_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join(".imba");
+        let file = dir.path().join("a.txt");
+        write(&file, "old");
+        let aside = Aside::set(&state, "r1", "s@x", std::slice::from_ref(&file)).unwrap();
+        write(&file, "torn");
+        std::mem::forget(aside); // imba is killed here
+        let recovered = recover(&state, dir.path());
+        assert_eq!(
+            recovered,
+            vec![Recovered {
+                run: "r1".into(),
+                stage: "s@x".into(),
+                outputs: vec![PathBuf::from("a.txt")],
+                error: None,
+            }]
+        );
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "old");
+        assert!(recover(&state, dir.path()).is_empty(), "done once");
+    }
+}
