@@ -378,7 +378,8 @@ pub struct GcArgs {
     #[arg(long, conflicts_with = "remote")]
     pub quarantine: bool,
     /// Remove archived versions (`archive/NAME_vN/`, moved there by `keep:`) of the pipelines'
-    /// local versioned outputs instead: all, or with --older-than those older than that.
+    /// versioned outputs, local or in S3, instead: all, or with --older-than those older than
+    /// that.
     #[arg(long, conflicts_with_all = ["remote", "quarantine"])]
     pub archive: bool,
     /// Also collect the remote run cache: the pipelines' (`IMBA_REMOTE`, `cache.remote`), or

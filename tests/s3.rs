@@ -607,6 +607,52 @@ stages:
     assert!(server
         .read("out/features/features_v1/features.csv")
         .is_none());
+
+    // `imba gc --archive` removes what `keep:` archived in S3 too, never the version in place.
+    let archived = |server: &S3Server| {
+        server
+            .keys()
+            .into_iter()
+            .filter(|k| k.starts_with("out/archive/"))
+            .count()
+    };
+    let before = archived(&server);
+    assert!(before >= 3, "{:?}", server.keys());
+    let dry = run(
+        &t,
+        &server,
+        &["gc", "pipeline.yaml", "--archive", "--dry-run"],
+    );
+    assert_eq!(
+        dry.stdout, "would remove 1 archived version\n",
+        "{}",
+        dry.stderr
+    );
+    let young = run(
+        &t,
+        &server,
+        &["gc", "pipeline.yaml", "--archive", "--older-than", "1d"],
+    );
+    assert_eq!(
+        young.stdout, "removed 0 archived versions\n",
+        "{}",
+        young.stderr
+    );
+    assert_eq!(archived(&server), before);
+    let gone = run(&t, &server, &["gc", "pipeline.yaml", "--archive"]);
+    assert_eq!(
+        gone.stdout, "removed 1 archived version\n",
+        "{}",
+        gone.stderr
+    );
+    assert_eq!(archived(&server), 0, "{:?}", server.keys());
+    assert_eq!(
+        server.read("out/features/LATEST").unwrap(),
+        b"features_v2\n"
+    );
+    assert!(server
+        .read("out/features/features_v2/features.csv")
+        .is_some());
 }
 
 /// A version number another run has claimed (and is still uploading) is not taken again: the

@@ -1,13 +1,15 @@
 //! The run cache outside a run: `imba gc` (keep what the lock files still refer to) and
 //! `imba push` (send what they refer to to the remote a team shares).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use crate::model::Location;
 use crate::state::lock;
 use crate::state::StateDir;
 use crate::store::cache::{Removed, RunCache};
+use crate::store::Store;
 
 /// What to keep in a collection.
 #[derive(Clone, Debug, Default)]
@@ -393,9 +395,10 @@ pub fn accept(
     Ok(outputs)
 }
 
-/// Removes the archived versions (`archive/NAME_vN/`, moved there by `keep:`) of the local
-/// versioned outputs of `dag` that are older than `older_than` (all of them without it), under
-/// the workdir's run lock. A version in place is never removed. S3 archives are left alone.
+/// Removes the archived versions (`archive/NAME_vN/`, moved there by `keep:`) of the versioned
+/// outputs of `dag`, local or in S3, that are older than `older_than` (all of them without it),
+/// under the workdir's run lock. A version in place is never removed. An S3 version's age is
+/// that of its newest object (when it was archived).
 pub fn collect_archive(
     dag: &crate::graph::Dag,
     older_than: Option<Duration>,
@@ -413,6 +416,14 @@ pub fn collect_archive(
             continue;
         };
         let Some(root) = port.declared.location.local_path() else {
+            collect_s3_archive(
+                pipeline,
+                &state,
+                &port.declared.location,
+                cutoff,
+                dry_run,
+                &mut released,
+            )?;
             continue;
         };
         let base = crate::store::versions::base_name(root);
@@ -422,6 +433,72 @@ pub fn collect_archive(
         }
     }
     Ok(released)
+}
+
+/// [`collect_archive`] for the versioned S3 output at `at`: one listing of its `archive/`,
+/// then a delete per object of each old version.
+fn collect_s3_archive(
+    pipeline: &crate::model::Pipeline,
+    state: &StateDir,
+    at: &Location,
+    cutoff: Option<SystemTime>,
+    dry_run: bool,
+    released: &mut Released,
+) -> Result<(), String> {
+    let Location::S3 { bucket, key } = at else {
+        return Ok(());
+    };
+    let key = key.trim_end_matches('/');
+    let (parent, base) = match key.rsplit_once('/') {
+        Some((parent, base)) => (format!("{parent}/archive"), base),
+        None => ("archive".to_owned(), key),
+    };
+    let archive = Location::S3 {
+        bucket: bucket.clone(),
+        key: parent.clone(),
+    };
+    let store = stores(pipeline, state);
+    let listed = store
+        .list(&archive)
+        .map_err(|e| format!("cannot list {}: {e}", archive.sort_key()))?;
+    // Each version: its objects, newest change, bytes.
+    let mut versions: BTreeMap<&str, (Vec<&str>, Option<SystemTime>, u64)> = BTreeMap::new();
+    for object in &listed {
+        let Some((version, _)) = object.path.split_once('/') else {
+            continue;
+        };
+        if crate::store::versions::parse_version(version, base).is_none() {
+            continue;
+        }
+        let entry = versions.entry(version).or_default();
+        entry.0.push(&object.path);
+        entry.1 = entry.1.max(object.modified);
+        entry.2 += object.size;
+    }
+    for (_, (objects, modified, bytes)) in versions {
+        let old = match (cutoff, modified) {
+            (None, _) => true,
+            (Some(cutoff), Some(modified)) => modified < cutoff,
+            (Some(_), None) => false,
+        };
+        if !old {
+            continue;
+        }
+        if !dry_run {
+            for path in objects {
+                let object = Location::S3 {
+                    bucket: bucket.clone(),
+                    key: format!("{parent}/{path}"),
+                };
+                store
+                    .delete(&object)
+                    .map_err(|e| format!("cannot delete {}: {e}", object.sort_key()))?;
+            }
+        }
+        released.runs += 1;
+        released.bytes += bytes;
+    }
+    Ok(())
 }
 
 /// The bytes of the files under `dir`.

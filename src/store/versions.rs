@@ -79,7 +79,8 @@ pub fn base_name(root: &Path) -> String {
         .unwrap_or_else(|| "output".to_owned())
 }
 
-pub(super) fn parse_version(name: &str, base: &str) -> Option<u32> {
+/// The N of `{base}_vN` (N ≥ 1).
+pub fn parse_version(name: &str, base: &str) -> Option<u32> {
     name.strip_prefix(base)?
         .strip_prefix("_v")?
         .parse()
