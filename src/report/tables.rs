@@ -467,7 +467,7 @@ pub fn quarantined(runs: &[RunRecord]) -> Vec<Held> {
             if !path.is_dir() {
                 continue;
             }
-            let bytes = crate::run::housekeeping::size_of(path);
+            let bytes = crate::store::fs::size_of(path);
             held.push(Held {
                 run: run.id.clone(),
                 stage: stage.name.clone(),

@@ -1,11 +1,10 @@
 //! The run cache outside a run: `imba gc` (keep what the lock files still refer to) and
 //! `imba push` (send what they refer to to the remote a team shares).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use crate::model::Location;
 use crate::state::lock;
 use crate::state::StateDir;
 use crate::store::cache::{Removed, RunCache};
@@ -409,107 +408,37 @@ pub fn collect_archive(
     let state = StateDir::new(&pipeline.workdir);
     let _held = hold(&state, &warn)?;
     let cutoff = older_than.and_then(|d| SystemTime::now().checked_sub(d));
+    let store = stores(pipeline, &state);
     let mut released = Released::default();
     for &index in dag.order() {
         let stage = dag.stage(index);
         let (Some(_), [port]) = (&stage.versioning, stage.outputs.as_slice()) else {
             continue;
         };
-        let Some(root) = port.declared.location.local_path() else {
-            collect_s3_archive(
-                pipeline,
-                &state,
-                &port.declared.location,
-                cutoff,
-                dry_run,
-                &mut released,
-            )?;
-            continue;
-        };
-        let base = crate::store::versions::base_name(root);
-        let archive = crate::store::versions::archive_dir(root);
-        for (_, dir) in crate::store::versions::list_in(&archive, &base) {
-            remove_if_older(&dir, cutoff, dry_run, &mut released)?;
+        let at = &port.declared;
+        let shown = at.location.display(&pipeline.workdir);
+        let archived = store
+            .archived(at)
+            .map_err(|e| format!("cannot list the archive of `{shown}`: {e}"))?;
+        for version in archived {
+            let old = match (cutoff, version.modified) {
+                (None, _) => true,
+                (Some(cutoff), Some(modified)) => modified < cutoff,
+                (Some(_), None) => false,
+            };
+            if !old {
+                continue;
+            }
+            if !dry_run {
+                store
+                    .remove_archived(at, &version.name)
+                    .map_err(|e| format!("cannot remove `{}` of `{shown}`: {e}", version.name))?;
+            }
+            released.runs += 1;
+            released.bytes += version.bytes;
         }
     }
     Ok(released)
-}
-
-/// [`collect_archive`] for the versioned S3 output at `at`: one listing of its `archive/`,
-/// then a delete per object of each old version.
-fn collect_s3_archive(
-    pipeline: &crate::model::Pipeline,
-    state: &StateDir,
-    at: &Location,
-    cutoff: Option<SystemTime>,
-    dry_run: bool,
-    released: &mut Released,
-) -> Result<(), String> {
-    let Location::S3 { bucket, key } = at else {
-        return Ok(());
-    };
-    let key = key.trim_end_matches('/');
-    let (parent, base) = match key.rsplit_once('/') {
-        Some((parent, base)) => (format!("{parent}/archive"), base),
-        None => ("archive".to_owned(), key),
-    };
-    let archive = Location::S3 {
-        bucket: bucket.clone(),
-        key: parent.clone(),
-    };
-    let store = stores(pipeline, state);
-    let listed = store
-        .list(&archive)
-        .map_err(|e| format!("cannot list {}: {e}", archive.sort_key()))?;
-    // Each version: its objects, newest change, bytes.
-    let mut versions: BTreeMap<&str, (Vec<&str>, Option<SystemTime>, u64)> = BTreeMap::new();
-    for object in &listed {
-        let Some((version, _)) = object.path.split_once('/') else {
-            continue;
-        };
-        if crate::store::versions::parse_version(version, base).is_none() {
-            continue;
-        }
-        let entry = versions.entry(version).or_default();
-        entry.0.push(&object.path);
-        entry.1 = entry.1.max(object.modified);
-        entry.2 += object.size;
-    }
-    for (_, (objects, modified, bytes)) in versions {
-        let old = match (cutoff, modified) {
-            (None, _) => true,
-            (Some(cutoff), Some(modified)) => modified < cutoff,
-            (Some(_), None) => false,
-        };
-        if !old {
-            continue;
-        }
-        if !dry_run {
-            for path in objects {
-                let object = Location::S3 {
-                    bucket: bucket.clone(),
-                    key: format!("{parent}/{path}"),
-                };
-                store
-                    .delete(&object)
-                    .map_err(|e| format!("cannot delete {}: {e}", object.sort_key()))?;
-            }
-        }
-        released.runs += 1;
-        released.bytes += bytes;
-    }
-    Ok(())
-}
-
-/// The bytes of the files under `dir`.
-pub fn size_of(dir: &Path) -> u64 {
-    walkdir::WalkDir::new(dir)
-        .into_iter()
-        .flatten()
-        .filter(|e| e.file_type().is_file())
-        .filter_map(|e| e.metadata().ok())
-        .map(|m| m.len())
-        .sum()
 }
 
 /// Removes the folder `dir` when it was last changed before `cutoff` (always without one),
@@ -529,7 +458,7 @@ fn remove_if_older(
     if !old {
         return Ok(());
     }
-    let bytes = size_of(dir);
+    let bytes = crate::store::fs::size_of(dir);
     if !dry_run {
         std::fs::remove_dir_all(dir)
             .map_err(|e| format!("cannot remove {}: {e}", dir.display()))?;

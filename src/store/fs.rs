@@ -105,6 +105,17 @@ pub fn replace(from: &Path, to: &Path) -> io::Result<()> {
     }
 }
 
+/// The bytes of the files under `dir`.
+pub fn size_of(dir: &Path) -> u64 {
+    walkdir::WalkDir::new(dir)
+        .into_iter()
+        .flatten()
+        .filter(|e| e.file_type().is_file())
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum()
+}
+
 /// Removes a file or a directory tree, ignoring errors: the clean-up of a failed step.
 pub(crate) fn remove_any(path: &Path) {
     match std::fs::symlink_metadata(path) {

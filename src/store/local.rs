@@ -136,6 +136,35 @@ impl Store for LocalStore {
         })
     }
 
+    fn archived(&self, at: &Declared) -> Result<Vec<super::Archived>, StoreError> {
+        let root = path_of(&at.location)?;
+        let archive = versions::archive_dir(root);
+        Ok(versions::list_in(&archive, &versions::base_name(root))
+            .into_iter()
+            .map(|(_, dir)| super::Archived {
+                name: dir
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                modified: std::fs::metadata(&dir).and_then(|m| m.modified()).ok(),
+                bytes: super::fs::size_of(&dir),
+            })
+            .collect())
+    }
+
+    fn remove_archived(&self, at: &Declared, name: &str) -> Result<(), StoreError> {
+        let root = path_of(&at.location)?;
+        if versions::parse_version(name, &versions::base_name(root)).is_none() {
+            return Err(StoreError::Other(format!(
+                "`{name}` is not a version of `{}`",
+                root.display()
+            )));
+        }
+        let dir = versions::archive_dir(root).join(name);
+        std::fs::remove_dir_all(&dir)
+            .map_err(|e| StoreError::Other(format!("cannot remove {}: {e}", dir.display())))
+    }
+
     fn version_identity(&self, at: &Declared) -> Result<Option<ContentHash>, StoreError> {
         let root = path_of(&at.location)?;
         versions::current_hash(root, &self.cache).map_err(|source| StoreError::Read {

@@ -72,6 +72,16 @@ pub struct Listed {
     pub modified: Option<std::time::SystemTime>,
 }
 
+/// A version that `keep:` moved to `archive/` beside its versioned output.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Archived {
+    /// `NAME_vN`.
+    pub name: String,
+    /// When it was archived (its newest file or object).
+    pub modified: Option<std::time::SystemTime>,
+    pub bytes: u64,
+}
+
 /// How a versioned output was committed.
 #[derive(Clone, Debug)]
 pub struct Version {
@@ -185,6 +195,19 @@ pub trait Store: Send + Sync {
         Err(StoreError::Other(format!(
             "this store cannot list `{}`",
             at.sort_key()
+        )))
+    }
+
+    /// The versions of the versioned output `at` that `keep:` archived, oldest first.
+    fn archived(&self, _at: &Declared) -> Result<Vec<Archived>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    /// Removes the archived version `name` of the versioned output `at` (never one in place).
+    fn remove_archived(&self, at: &Declared, name: &str) -> Result<(), StoreError> {
+        Err(StoreError::Other(format!(
+            "this store cannot remove `{name}` of `{}`",
+            at.location.sort_key()
         )))
     }
 
@@ -324,6 +347,14 @@ impl Store for Stores {
 
     fn exists(&self, at: &Location) -> Result<bool, StoreError> {
         self.of(at).exists(at)
+    }
+
+    fn archived(&self, at: &Declared) -> Result<Vec<Archived>, StoreError> {
+        self.of(&at.location).archived(at)
+    }
+
+    fn remove_archived(&self, at: &Declared, name: &str) -> Result<(), StoreError> {
+        self.of(&at.location).remove_archived(at, name)
     }
 
     fn delete(&self, at: &Location) -> Result<(), StoreError> {

@@ -2107,6 +2107,53 @@ impl Store for S3Store {
         let (bucket, key) = parts(at)?;
         Ok(self.storage.list_plain(bucket, key)?)
     }
+
+    /// One listing of `archive/` beside the output; a version's age is its newest object's.
+    fn archived(&self, at: &Declared) -> Result<Vec<super::Archived>, StoreError> {
+        let (bucket, key) = parts(&at.location)?;
+        let key = key.trim_end_matches('/');
+        let base = key.rsplit('/').next().unwrap_or(key);
+        let mut found: std::collections::BTreeMap<(u32, String), super::Archived> =
+            Default::default();
+        for object in self.storage.list_plain(bucket, &archive_key(key))? {
+            let Some((name, _)) = object.path.split_once('/') else {
+                continue;
+            };
+            let Some(version) = versions::parse_version(name, base) else {
+                continue;
+            };
+            let entry =
+                found
+                    .entry((version, name.to_owned()))
+                    .or_insert_with(|| super::Archived {
+                        name: name.to_owned(),
+                        modified: None,
+                        bytes: 0,
+                    });
+            entry.modified = entry.modified.max(object.modified);
+            entry.bytes += object.size;
+        }
+        Ok(found.into_values().collect())
+    }
+
+    /// A delete per object of the version.
+    fn remove_archived(&self, at: &Declared, name: &str) -> Result<(), StoreError> {
+        let (bucket, key) = parts(&at.location)?;
+        let key = key.trim_end_matches('/');
+        let base = key.rsplit('/').next().unwrap_or(key);
+        if versions::parse_version(name, base).is_none() {
+            return Err(StoreError::Other(format!(
+                "`{name}` is not a version of `{}`",
+                at.location.sort_key()
+            )));
+        }
+        let prefix = format!("{}/{name}", archive_key(key));
+        for object in self.storage.list_plain(bucket, &prefix)? {
+            self.storage
+                .delete(bucket, &format!("{prefix}/{}", object.path))?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
