@@ -41,7 +41,7 @@ pub enum Reason {
         old: Json,
         new: Json,
     },
-    /// A var the stage reads changed (a secret-looking one is shown without its values).
+    /// A var the stage reads changed (a secret one never: the lock keeps it as `***`).
     VarChanged {
         name: String,
         old: Json,
@@ -93,9 +93,6 @@ impl fmt::Display for Reason {
             Reason::ParamChanged { key, old, new } => {
                 let (old, new) = differing(&show(old), &show(new));
                 write!(f, "param {key} changed: {old} → {new}")
-            }
-            Reason::VarChanged { name, .. } if crate::config::looks_secret(name) => {
-                write!(f, "var {name} changed")
             }
             Reason::VarChanged { name, old, new } => {
                 let (old, new) = differing(&show(old), &show(new));

@@ -761,3 +761,43 @@ stages:
     assert_eq!(out.code, 0);
     assert_snapshot!(out.stdout);
 }
+
+/// A `change` check on an output written in place compares with the previous output (set
+/// aside while the command ran), not with the new one at its path.
+#[test]
+fn a_change_check_on_an_in_place_output_compares_with_the_previous_one() {
+    let t = Test::new().pipeline(
+        "vars:\n  n: 10\nstages:\n  rows:\n    cmd: (echo x; seq {{ n }}) > out.csv\n    outputs: [out.csv]\n    checks:\n      - change: {metric: rows, max_pct: 20}\n",
+    );
+    t.run_ok(&[]);
+    let out = t.exec(&["run", "pipeline.yaml", "--set", "n=5"]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("check `change(rows)` on out.csv"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        !out.stderr.contains("was changed after imba committed it"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        t.read("out.csv").lines().count(),
+        11,
+        "the previous output is back"
+    );
+    t.run_ok(&["--set", "n=11"]);
+}
+
+/// A var that reaches a command's environment may be a credential: the lock keeps `***`.
+#[test]
+fn a_var_in_a_commands_environment_never_lands_in_the_lock() {
+    let t = Test::new().pipeline(
+        "vars:\n  db_url: postgres://etl:hunter2@db/prod\nstages:\n  q:\n    cmd: echo \"$DB\" | wc -c > {{ outputs[0] }}\n    env: {DB: \"{{ db_url }}\"}\n    outputs: [n.txt]\n",
+    );
+    t.run_ok(&[]);
+    let lock = t.read("pipeline.lock");
+    assert!(!lock.contains("hunter2"), "{lock}");
+    assert!(lock.contains("\"db_url\": \"***\""), "{lock}");
+}

@@ -463,3 +463,14 @@ fn one_round_names_an_error_of_every_layer() {
     assert!(!out.stderr.contains("after_"), "{}", out.stderr);
     assert_snapshot!(out.all());
 }
+
+/// A stage whose `outputs:` is misspelt may write anything: a stage reading what it would
+/// write is not told that its input does not exist.
+#[test]
+fn a_misspelt_outputs_key_blames_no_reader() {
+    let out = validate(
+        "stages:\n  a:\n    cmd: echo hi > out/a.txt\n    output: [out/a.txt]\n  b:\n    cmd: cp out/a.txt {{ outputs[0] }}\n    inputs: [out/a.txt]\n    outputs: [out/b.txt]\n",
+    );
+    assert!(out.contains("unknown key `output`"), "{out}");
+    assert!(!out.contains("does not exist"), "{out}");
+}

@@ -487,18 +487,40 @@ fn names_read(templates: &Templates, node: &Node, out: &mut BTreeSet<String>) {
 }
 
 impl StageResolver<'_> {
+    /// Whether a var looks secret, or is built from one that does.
+    fn secret(&self, name: &str) -> bool {
+        let mut todo = vec![name.to_owned()];
+        let mut seen = BTreeSet::new();
+        while let Some(name) = todo.pop() {
+            if super::looks_secret(&name) {
+                return true;
+            }
+            if seen.insert(name.clone()) {
+                todo.extend(self.var_deps.get(&name).cloned().unwrap_or_default());
+            }
+        }
+        false
+    }
+
     /// The vars a stage reads, directly or through other vars, with their values as the lock
-    /// keeps them (a secret-looking one as a hash of its value), and what each reads.
+    /// keeps them (`***` for a secret-looking one, one built from it, or one that reaches the
+    /// command's environment), and what each reads.
     fn vars_read(
         &self,
         spec: &StageSpec,
     ) -> (BTreeMap<String, Json>, BTreeMap<String, Vec<String>>) {
         let mut read = BTreeSet::new();
-        // A description changes nothing that runs.
+        // Only what is fingerprinted: a description or a hook changes nothing that runs.
         for (key, node) in spec.node.as_map().unwrap_or_default() {
-            if key.name != "desc" {
+            if !matches!(key.name.as_str(), "desc" | "on_failure") {
                 names_read(self.templates, node, &mut read);
             }
+        }
+        // What reaches a command's environment may be a credential (a database URL): like a
+        // secret-looking var, and any var built from one, its value never lands in the lock.
+        let mut secret = BTreeSet::new();
+        if let Some(env) = &spec.env {
+            names_read(self.templates, env, &mut secret);
         }
         let mut todo: Vec<String> = read
             .into_iter()
@@ -509,12 +531,9 @@ impl StageResolver<'_> {
             if values.contains_key(&name) {
                 continue;
             }
-            let value = self.vars.get(&name).cloned().unwrap_or(Json::Null);
-            let value = if super::looks_secret(&name) {
-                let bytes = serde_json::to_vec(&value).unwrap_or_default();
-                Json::String(format!("blake3:{}", &blake3::hash(&bytes).to_hex()[..16]))
-            } else {
-                value
+            let value = match self.secret(&name) || secret.contains(&name) {
+                true => Json::String("***".to_owned()),
+                false => self.vars.get(&name).cloned().unwrap_or(Json::Null),
             };
             let own = self.var_deps.get(&name).cloned().unwrap_or_default();
             todo.extend(own.iter().cloned());
@@ -534,7 +553,12 @@ struct Instance {
 
 impl StageResolver<'_> {
     fn stage(&mut self, spec: &StageSpec, out: &mut Vec<Stage>) {
-        for instance in self.instances(spec) {
+        let instances = self.instances(spec);
+        if instances.is_empty() {
+            // A matrix or foreach that failed: where its instances write is unknown.
+            self.left_out.unknown = true;
+        }
+        for instance in instances {
             match self.instance(spec, instance.clone()) {
                 Some(stage) => out.push(stage),
                 None => self.leave_out(spec, instance),
@@ -548,7 +572,8 @@ impl StageResolver<'_> {
         let before = self.diagnostics.len();
         let instances = self.instances(spec);
         self.diagnostics.truncate(before);
-        if instances.is_empty() {
+        // Without readable `outputs:` (missing, misspelt, malformed) it may write anything.
+        if instances.is_empty() || spec.outputs.is_none() {
             self.left_out.unknown = true;
         }
         for instance in instances {

@@ -33,6 +33,7 @@ pub(super) async fn gate(
     staged: &[PathBuf],
     record: &mut StageRecord,
     restored: Option<Vec<CheckRecord>>,
+    set_aside: Vec<(PathBuf, Option<PathBuf>)>,
 ) -> Result<usize, StageFailure> {
     let stage = ctx.dag.stage(index);
     if !stage.checks.is_empty() {
@@ -42,9 +43,15 @@ pub(super) async fn gate(
             tokio::task::spawn_blocking(move || {
                 let clock = std::time::Instant::now();
                 let stage = ctx.dag.stage(index);
-                let baseline = |port: &Port| match &restored {
-                    Some(_) => None,
-                    None => baseline(&ctx, stage, port),
+                // An output written in place: its previous content is where it was set aside.
+                let previous = |port: &Port| {
+                    let target = port.declared.location.local_path()?;
+                    set_aside.iter().find(|(t, _)| t == target).map(|(_, kept)| kept)
+                };
+                let baseline = |port: &Port| match (&restored, previous(port)) {
+                    (Some(_), _) => None,
+                    (None, Some(kept)) => kept.clone().filter(|k| k.exists()),
+                    (None, None) => baseline(&ctx, stage, port),
                 };
                 let mut records =
                     evaluate(stage, &staged, &ctx.dag.pipeline().workdir, &baseline);

@@ -395,6 +395,10 @@ pub fn run_with(
     // After a kill, a built-in stage may still be computing on a blocking thread: leave it, it
     // writes only to this run's staging directory, which nothing commits.
     runtime.shutdown_background();
+    // A stage abandoned by a second Ctrl-C may have left outputs set aside: back they go.
+    for recovered in in_place::recover(&state.root, &pipeline.workdir) {
+        events.event(Event::Warning(recovered.to_string()));
+    }
     close(&ctx);
     let summary = summarise(&dag, outcomes, interrupted, record, clock);
     if let Err(e) = record::save(&state.runs(), &summary.record) {

@@ -124,17 +124,26 @@ async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
     });
 
     let staging = Staging::for_stage(&ctx, stage);
-    let aside = match staging.set_aside(&ctx, stage) {
+    let aside = match staging.set_aside(&ctx, stage).await {
         Ok(aside) => aside,
         Err(failure) => {
             release(&ctx, lease).await;
             return conclude(&ctx, stage, record, failure);
         }
     };
-    let done = produce_and_commit(&ctx, index, &staging, now, locked, &mut record).await;
+    let done = produce_and_commit(
+        &ctx,
+        index,
+        &staging,
+        aside.as_ref(),
+        now,
+        locked,
+        &mut record,
+    )
+    .await;
     staging.remove();
     if let Some(aside) = aside {
-        settle_or_put_back(&ctx, stage, aside, done.is_ok());
+        settle_or_put_back(&ctx, stage, aside, done.is_ok()).await;
     }
     // The lease stays renewed until the result is pushed, which may take long for large
     // outputs: a waiting machine must not take it over meanwhile.
@@ -176,15 +185,24 @@ async fn run_stage(ctx: Arc<Context>, index: usize, force: bool) -> Outcome {
 /// After a stage that wrote outputs in place: their previous content is dropped when the new
 /// is committed, else put back (what the command left goes with it; outputs that failed a check
 /// are in quarantine already).
-fn settle_or_put_back(ctx: &Context, stage: &Stage, aside: Aside, committed: bool) {
-    if committed {
-        aside.settle();
-    } else if let Err(e) = aside.put_back() {
-        ctx.events.event(Event::Warning(format!(
-            "stage `{}`: {e}; the next run tries again",
-            stage.name
-        )));
-    }
+async fn settle_or_put_back(ctx: &Context, stage: &Stage, aside: Aside, committed: bool) {
+    let done = tokio::task::spawn_blocking(move || match committed {
+        true => {
+            aside.settle();
+            Ok(())
+        }
+        false => aside.put_back(),
+    })
+    .await;
+    let error = match done {
+        Ok(Ok(())) => return,
+        Ok(Err(e)) => e.to_string(),
+        Err(e) => format!("internal error: {e}"),
+    };
+    ctx.events.event(Event::Warning(format!(
+        "stage `{}`: {error}; the next run tries again",
+        stage.name
+    )));
 }
 
 /// With a remote run cache and no local entry for `fingerprint`: brings the remote's entry and
@@ -454,6 +472,7 @@ async fn produce_and_commit(
     ctx: &Arc<Context>,
     index: usize,
     staging: &Staging,
+    aside: Option<&Aside>,
     now: plan::Snapshot,
     locked: Option<LockedStage>,
     record: &mut StageRecord,
@@ -497,7 +516,9 @@ async fn produce_and_commit(
     verify_inputs(ctx, index, inputs).await?;
     verify_outputs(stage, staging)?;
     let reported = record.checks.len();
-    let checks_passed = super::gate::gate(ctx, index, &staging.outputs, record, None).await?;
+    let set_aside = aside.map(Aside::moved).unwrap_or_default();
+    let checks_passed =
+        super::gate::gate(ctx, index, &staging.outputs, record, None, set_aside).await?;
     let summary = record
         .report
         .as_ref()
@@ -505,8 +526,12 @@ async fn produce_and_commit(
         .unwrap_or(Json::Null);
     // Into the run cache before the commit moves the staged outputs away.
     let stored = keep_in_cache(ctx, index, &staging.outputs).await;
-    let (outputs, unchanged) =
-        commit(ctx, index, &staging.outputs, now, locked, summary, None).await?;
+    let about = About {
+        summary,
+        restored: None,
+        set_aside: aside.map(Aside::plan),
+    };
+    let (outputs, unchanged) = commit(ctx, index, &staging.outputs, now, locked, about).await?;
     Ok(Committed {
         outputs,
         unchanged,
@@ -721,6 +746,7 @@ async fn from_cache(
         &staging.outputs,
         &mut record,
         Some(checks(&entry.checks)),
+        Vec::new(),
     )
     .await;
     let summary = entry.report.get("summary").cloned().unwrap_or(Json::Null);
@@ -738,8 +764,11 @@ async fn from_cache(
                 &staging.outputs,
                 now.clone(),
                 locked.clone(),
-                summary,
-                meta,
+                About {
+                    summary,
+                    restored: meta,
+                    set_aside: None,
+                },
             );
             committed.await.map(|c| (passed, c))
         }
@@ -841,8 +870,12 @@ impl Staging {
     }
 
     /// Moves the previous content of the outputs written in place aside (`None` when there are
-    /// none), each checked to stay inside the workdir first.
-    fn set_aside(&self, ctx: &Context, stage: &Stage) -> Result<Option<Aside>, StageFailure> {
+    /// none), each checked to stay inside the workdir first; on a blocking thread.
+    async fn set_aside(
+        &self,
+        ctx: &Arc<Context>,
+        stage: &Stage,
+    ) -> Result<Option<Aside>, StageFailure> {
         let targets: Vec<PathBuf> = self
             .outputs
             .iter()
@@ -853,14 +886,19 @@ impl Staging {
         if targets.is_empty() {
             return Ok(None);
         }
-        let workdir = &ctx.dag.pipeline().workdir;
-        for target in &targets {
-            crate::config::confine::check_target(target, workdir)
-                .map_err(|e| StageFailure::Other(format!("output {}: {e}", target.display())))?;
-        }
-        Aside::set(&ctx.state.root, &ctx.run_id, &stage.name, &targets)
-            .map(Some)
-            .map_err(|e| StageFailure::Other(format!("before running the command: {e}")))
+        let (ctx, name) = (ctx.clone(), stage.name.clone());
+        blocking(move || {
+            let workdir = &ctx.dag.pipeline().workdir;
+            for target in &targets {
+                crate::config::confine::check_target(target, workdir).map_err(|e| {
+                    StageFailure::Other(format!("output {}: {e}", target.display()))
+                })?;
+            }
+            Aside::set(&ctx.state.root, workdir, &ctx.run_id, &name, &targets)
+                .map(Some)
+                .map_err(|e| StageFailure::Other(format!("before running the command: {e}")))
+        })
+        .await
     }
 
     /// Creates each directory output, and the parent of each file output.
@@ -961,6 +999,15 @@ fn verify_outputs(stage: &Stage, staging: &Staging) -> Result<(), StageFailure> 
     })
 }
 
+/// What a commit needs to know besides the outputs: the built-in's summary (for a version's
+/// `_meta.json`), the metadata a restored version was computed with, and the plan of outputs
+/// written in place (removed once they are committed).
+struct About {
+    summary: Json,
+    restored: Option<versions::Meta>,
+    set_aside: Option<PathBuf>,
+}
+
 /// Moves the staged outputs into place through the store, then writes the lock entry.
 async fn commit(
     ctx: &Arc<Context>,
@@ -968,9 +1015,13 @@ async fn commit(
     staged: &[PathBuf],
     now: plan::Snapshot,
     previous: Option<LockedStage>,
-    summary: Json,
-    restored: Option<versions::Meta>,
+    about: About,
 ) -> Result<(BTreeMap<String, ContentHash>, bool), StageFailure> {
+    let About {
+        summary,
+        restored,
+        set_aside,
+    } = about;
     let ctx = ctx.clone();
     let staged = staged.to_vec();
     blocking(move || {
@@ -1017,6 +1068,11 @@ async fn commit(
                     })
                     .collect();
                 let hashes = ctx.store.commit(&all, &ctx.run_id).map_err(failed)?;
+                // The outputs written in place are final now: nothing is to be put back, even
+                // if imba dies before the lock records them (then they are stale, not torn).
+                if let Some(plan) = &set_aside {
+                    let _ = std::fs::remove_file(plan);
+                }
                 let outputs: BTreeMap<String, ContentHash> = stage
                     .outputs
                     .iter()

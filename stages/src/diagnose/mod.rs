@@ -109,7 +109,8 @@ const DIAGNOSTICS: Port = Port::required("diagnostics", 0);
 
 impl BuiltinStage for Diagnose {
     const NAME: &'static str = "diagnose";
-    const VERSION: u32 = 1;
+    /// 2: plots widen to hold values outside `range`, which the report counts.
+    const VERSION: u32 = 2;
     const SUMMARY: &'static str =
         "imputation diagnostics: spreads, R-hat, KS, pooled means, plots, an HTML report, checks";
     type Params = DiagnoseParams;
@@ -118,21 +119,34 @@ impl BuiltinStage for Diagnose {
     const OUTPUTS: &'static [Port] = &[DIAGNOSTICS];
 
     fn check_params(params: &DiagnoseParams) -> Vec<crate::ParamsError> {
-        let Some(columns) = &params.columns else {
-            return Vec::new();
-        };
-        params
+        let mut errors: Vec<crate::ParamsError> = params
             .range
-            .keys()
-            .filter(|c| !columns.contains(c))
-            .map(|c| crate::ParamsError {
+            .iter()
+            .filter(|(_, [lo, hi])| !(lo.is_finite() && hi.is_finite() && lo < hi))
+            .map(|(c, [lo, hi])| crate::ParamsError {
                 pointer: pointer(&["range", c]),
                 message: format!(
-                    "`range` names `{c}`, which is not a diagnosed column ({})",
-                    columns.join(", ")
+                    "`range` of `{c}` is [{lo}, {hi}]; it must be [low, high] with low < high"
                 ),
             })
-            .collect()
+            .collect();
+        let Some(columns) = &params.columns else {
+            return errors;
+        };
+        errors.extend(
+            params
+                .range
+                .keys()
+                .filter(|c| !columns.contains(c))
+                .map(|c| crate::ParamsError {
+                    pointer: pointer(&["range", c]),
+                    message: format!(
+                        "`range` names `{c}`, which is not a diagnosed column ({})",
+                        columns.join(", ")
+                    ),
+                }),
+        );
+        errors
     }
 
     fn run(params: &DiagnoseParams, io: &StageIo) -> Result<StageReport, StageError> {

@@ -119,7 +119,8 @@ pub fn tick(v: f64) -> String {
 /// than there are whole numbers in it, so that ticks fall on them.
 fn ticks(lo: f64, hi: f64, integral: bool) -> usize {
     if integral {
-        ((hi.floor() - lo.ceil()) as usize + 1).clamp(2, 10)
+        // In f64 first: a span beyond usize must not overflow.
+        ((hi.floor() - lo.ceil() + 1.0).clamp(2.0, 10.0)) as usize
     } else {
         10
     }
