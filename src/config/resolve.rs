@@ -222,10 +222,7 @@ fn in_place_fits(
         .enumerate()
         .filter(|(_, (_, &in_place))| in_place)
     {
-        let shown = match &port.name {
-            Some(name) => format!("{{{{ outputs.{name} }}}}"),
-            None => format!("{{{{ outputs[{i}] }}}}"),
-        };
+        let shown = port.placeholder(i);
         let why = if port.declared.location.is_remote() {
             "an S3 output"
         } else if versioned {

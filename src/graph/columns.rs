@@ -45,10 +45,9 @@ pub fn check(dag: &Dag, registry: &Registry, unknown: &[Location]) -> Vec<Diagno
                     .iter()
                     .map(|input| {
                         let location = &input.declared.location;
-                        let left_out = unknown.iter().any(|u| {
-                            let (u, l) = (u.components(), location.components());
-                            l.starts_with(&u) || u.starts_with(&l)
-                        });
+                        let left_out = unknown
+                            .iter()
+                            .any(|u| location.is_within(u) || u.is_within(location));
                         if left_out {
                             return None;
                         }

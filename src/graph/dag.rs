@@ -97,12 +97,12 @@ pub fn build_partial(pipeline: Pipeline, options: BuildOptions) -> (Option<Dag>,
             let producers = producers_of(&outputs, &key_of(&input.declared.location));
             if producers.is_empty() {
                 sources.push((s, i));
-                let key = key_of(&input.declared.location);
+                let at = &input.declared.location;
                 let elsewhere = options.unknown_writers
-                    || options.written_elsewhere.iter().any(|o| {
-                        let o = key_of(o);
-                        key.starts_with(&o) || o.starts_with(&key)
-                    });
+                    || options
+                        .written_elsewhere
+                        .iter()
+                        .any(|o| at.is_within(o) || o.is_within(at));
                 if options.check_sources && !elsewhere {
                     check_source(
                         &pipeline,

@@ -116,6 +116,17 @@ pub struct Port {
     pub span: Span,
 }
 
+impl Port {
+    /// How a command names this output, the `index`-th of its stage: `{{ outputs.NAME }}`, or
+    /// `{{ outputs[i] }}` in a list.
+    pub fn placeholder(&self, index: usize) -> String {
+        match &self.name {
+            Some(name) => format!("{{{{ outputs.{name} }}}}"),
+            None => format!("{{{{ outputs[{index}] }}}}"),
+        }
+    }
+}
+
 /// The file name standing for a stage instance under `.imba/` (staging, logs, quarantine):
 /// letters, digits, `_`, `-` and `.` as they are, every other byte as `%XX`, so that no two
 /// names share a file (`r@a` is `r%40a`, `r_a` stays `r_a`). A name too long for a file name

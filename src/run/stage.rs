@@ -979,10 +979,7 @@ fn verify_outputs(stage: &Stage, staging: &Staging) -> Result<(), StageFailure> 
         return Ok(());
     };
     let port = &stage.outputs[i];
-    let placeholder = match &port.name {
-        Some(name) => format!("{{{{ outputs.{name} }}}}"),
-        None => format!("{{{{ outputs[{i}] }}}}"),
-    };
+    let placeholder = port.placeholder(i);
     let hint = match &stage.kind {
         StageKind::Shell { .. } if staging.in_place[i] => Some(format!(
             "the command names no staging path for it, so it is to write it in place, at `{}`; or to `{placeholder}`",
