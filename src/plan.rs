@@ -384,17 +384,25 @@ fn explain_by_vars(stage: &Stage, locked: &LockedStage, reasons: &mut Vec<Reason
     if roots.is_empty() {
         return;
     }
+    // The keys the changed vars reach; only the differences in them are theirs.
+    let fed: BTreeSet<&str> = changed
+        .iter()
+        .flat_map(|name| stage.var_fields.get(*name).into_iter().flatten())
+        .map(String::as_str)
+        .collect();
+    let feeds = |keys: &[&str]| keys.iter().any(|k| fed.contains(k));
     let before = reasons.len();
     reasons.retain(|r| {
-        !matches!(
-            r,
-            Reason::CommandChanged
-                | Reason::ParamChanged { .. }
-                | Reason::ChecksChanged
-                | Reason::OutputsChanged
-                | Reason::InputAdded { .. }
-                | Reason::InputRemoved { .. }
-        )
+        let explained = match r {
+            // A command renders its params and paths too.
+            Reason::CommandChanged => feeds(&["cmd", "argv", "params", "inputs", "outputs"]),
+            Reason::ParamChanged { .. } => feeds(&["params"]),
+            Reason::ChecksChanged => feeds(&["checks"]),
+            Reason::OutputsChanged => feeds(&["outputs"]),
+            Reason::InputAdded { .. } | Reason::InputRemoved { .. } => feeds(&["inputs"]),
+            _ => false,
+        };
+        !explained
     });
     if reasons.len() == before {
         // The vars changed only what is not fingerprinted (a hook): not a reason.

@@ -801,3 +801,22 @@ fn a_var_in_a_commands_environment_never_lands_in_the_lock() {
     assert!(!lock.contains("hunter2"), "{lock}");
     assert!(lock.contains("\"db_url\": \"***\""), "{lock}");
 }
+
+/// A changed var explains only the differences in what it reaches: a param edited by hand at
+/// the same time is still named.
+#[test]
+fn a_changed_var_hides_no_other_change() {
+    let t = Test::new().pipeline(
+        "vars:\n  month: 2024-12\nstages:\n  s:\n    cmd: echo {{ month }} {{ params.limit }} > {{ outputs[0] }}\n    params: {limit: 10}\n    outputs: [out.txt]\n",
+    );
+    t.run_ok(&[]);
+    t.write(
+        "pipeline.yaml",
+        t.read("pipeline.yaml").replace("limit: 10", "limit: 20"),
+    );
+    let out = t.exec(&["status", "pipeline.yaml", "--set", "month=2024-06"]);
+    assert_eq!(
+        out.stdout,
+        "s\n  - var month changed: 2024-12 → 2024-06\n  - param limit changed: 10 → 20\nvar month changed: 2024-12 → 2024-06; read by s\n1 of 1 stages are stale\n"
+    );
+}

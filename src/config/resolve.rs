@@ -500,45 +500,52 @@ impl StageResolver<'_> {
     }
 
     /// The vars a stage reads, directly or through other vars, with their values as the lock
-    /// keeps them (`***` for a secret-looking one, one built from it, or one that reaches the
-    /// command's environment), and what each reads.
-    fn vars_read(
-        &self,
-        spec: &StageSpec,
-    ) -> (BTreeMap<String, Json>, BTreeMap<String, Vec<String>>) {
-        let mut read = BTreeSet::new();
+    /// keeps them (`***` for a secret-looking one, one built from it, or one the command's
+    /// environment reads), what each reads, and the stage keys each reaches.
+    fn vars_read(&self, spec: &StageSpec) -> VarsRead {
+        let mut read = VarsRead::default();
         // Only what is fingerprinted: a description or a hook changes nothing that runs.
         for (key, node) in spec.node.as_map().unwrap_or_default() {
-            if !matches!(key.name.as_str(), "desc" | "on_failure") {
-                names_read(self.templates, node, &mut read);
-            }
-        }
-        // What reaches a command's environment may be a credential (a database URL): like a
-        // secret-looking var, and any var built from one, its value never lands in the lock.
-        let mut secret = BTreeSet::new();
-        if let Some(env) = &spec.env {
-            names_read(self.templates, env, &mut secret);
-        }
-        let mut todo: Vec<String> = read
-            .into_iter()
-            .filter(|n| self.vars.contains_key(n))
-            .collect();
-        let (mut values, mut deps) = (BTreeMap::new(), BTreeMap::new());
-        while let Some(name) = todo.pop() {
-            if values.contains_key(&name) {
+            if matches!(key.name.as_str(), "desc" | "on_failure") {
                 continue;
             }
-            let value = match self.secret(&name) || secret.contains(&name) {
-                true => Json::String("***".to_owned()),
-                false => self.vars.get(&name).cloned().unwrap_or(Json::Null),
-            };
-            let own = self.var_deps.get(&name).cloned().unwrap_or_default();
-            todo.extend(own.iter().cloned());
-            values.insert(name.clone(), value);
-            deps.insert(name, own);
+            let mut direct = BTreeSet::new();
+            names_read(self.templates, node, &mut direct);
+            let mut todo: Vec<String> = direct
+                .into_iter()
+                .filter(|n| self.vars.contains_key(n))
+                .collect();
+            while let Some(name) = todo.pop() {
+                let fields = read.fields.entry(name.clone()).or_default();
+                if fields.insert(key.name.clone()) {
+                    todo.extend(self.var_deps.get(&name).cloned().unwrap_or_default());
+                }
+            }
         }
-        (values, deps)
+        // What a command's environment reads may be a credential (a database URL).
+        let mut in_env = BTreeSet::new();
+        if let Some(env) = &spec.env {
+            names_read(self.templates, env, &mut in_env);
+        }
+        for name in read.fields.keys() {
+            let value = match self.secret(name) || in_env.contains(name) {
+                true => Json::String("***".to_owned()),
+                false => self.vars.get(name).cloned().unwrap_or(Json::Null),
+            };
+            read.values.insert(name.clone(), value);
+            let deps = self.var_deps.get(name).cloned().unwrap_or_default();
+            read.deps.insert(name.clone(), deps);
+        }
+        read
     }
+}
+
+/// What [`StageResolver::vars_read`] finds.
+#[derive(Default)]
+struct VarsRead {
+    values: BTreeMap<String, Json>,
+    deps: BTreeMap<String, Vec<String>>,
+    fields: BTreeMap<String, BTreeSet<String>>,
 }
 
 /// One expansion of a stage: its name suffix and the `item`/`key` it sees.
@@ -897,10 +904,11 @@ impl StageResolver<'_> {
         if self.diagnostics.len() > before {
             return None;
         }
-        let (vars, var_deps) = self.vars_read(spec);
+        let read = self.vars_read(spec);
         Some(Stage {
-            vars,
-            var_deps,
+            vars: read.values,
+            var_deps: read.deps,
+            var_fields: read.fields,
             name,
             span: spec.name.span,
             desc,

@@ -71,6 +71,9 @@ pub struct Stage {
     /// For each var in `vars`, the vars its own template reads: a change explained by another
     /// var's is not reported twice.
     pub var_deps: BTreeMap<String, Vec<String>>,
+    /// For each var in `vars`, the stage keys (`cmd`, `params`, `outputs`, …) it reaches,
+    /// directly or through other vars: the differences a change of it explains.
+    pub var_fields: BTreeMap<String, std::collections::BTreeSet<String>>,
 }
 
 #[derive(Debug, Clone)]
