@@ -474,3 +474,12 @@ fn a_misspelt_outputs_key_blames_no_reader() {
     assert!(out.contains("unknown key `output`"), "{out}");
     assert!(!out.contains("does not exist"), "{out}");
 }
+
+#[test]
+fn a_versioned_output_cannot_be_called_archive() {
+    let out = validate(
+        "stages:\n  f:\n    cmd: echo > {{ outputs[0] }}/x\n    outputs: [out/archive/]\n    version: auto\n",
+    );
+    assert!(out.contains("its output is called `archive`"), "{out}");
+    assert!(out.starts_with("exit: 2"), "{out}");
+}

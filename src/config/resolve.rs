@@ -281,6 +281,19 @@ fn versioning(
     };
     if let Some(outputs) = outputs {
         let fits = matches!(outputs, [one] if one.declared.dir);
+        if let [one] = outputs {
+            // Old versions move to `archive/` beside the output: it cannot be that folder.
+            if one.text.trim_end_matches('/').rsplit('/').next() == Some("archive") {
+                diagnostics.push(
+                    Diagnostic::error(format!(
+                        "stage `{}` is versioned, and its output is called `archive`, the folder its old versions move to",
+                        spec.name.name
+                    ))
+                    .at(one.span, "versions of this output would be archived into it")
+                    .help("give the output another name, e.g. `features/`"),
+                );
+            }
+        }
         if !fits {
             diagnostics.push(
                 Diagnostic::error(format!(
