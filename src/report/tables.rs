@@ -37,7 +37,31 @@ pub fn plan(statuses: &[StageStatus], verb: &str) -> String {
         }
     }
     for (text, readers) in &vars {
-        out.push_str(&format!("{text}; read by {}\n", readers.join(", ")));
+        // Stale stages downstream of the readers, followed through "upstream X is stale".
+        let mut reached: std::collections::BTreeSet<&str> = readers.iter().copied().collect();
+        loop {
+            let before = reached.len();
+            for status in &stale {
+                let upstream_reached = status.reasons.iter().any(|r| {
+                    matches!(r, crate::plan::Reason::Upstream { stage } if reached.contains(stage.as_str()))
+                });
+                if upstream_reached {
+                    reached.insert(&status.name);
+                }
+            }
+            if reached.len() == before {
+                break;
+            }
+        }
+        let downstream = match reached.len() - readers.len() {
+            0 => String::new(),
+            1 => "; 1 more stage downstream".to_owned(),
+            n => format!("; {n} more stages downstream"),
+        };
+        out.push_str(&format!(
+            "{text}; read by {}{downstream}\n",
+            readers.join(", ")
+        ));
     }
     let restorable = stale.iter().filter(|s| s.from_cache.is_some()).count();
     if stale.is_empty() {
