@@ -820,3 +820,51 @@ fn a_changed_var_hides_no_other_change() {
         "s\n  - var month changed: 2024-12 → 2024-06\n  - param limit changed: 10 → 20\nvar month changed: 2024-12 → 2024-06; read by s\n1 of 1 stages are stale\n"
     );
 }
+
+/// A partitioned stage runs once per key, as `NAME@KEY`, in date order; a stage that reads no
+/// key runs once and sees them all; one instance can be selected alone.
+#[test]
+fn partitioned_stages_run_once_per_key_in_date_order() {
+    let mut t = Test::new();
+    for month in ["2016-12", "2017-01", "2017-02"] {
+        t = t.file(&format!("data/{month}.csv"), format!("a\n{month}\n"));
+    }
+    let t = t.pipeline(
+        r#"
+partitions:
+  month:
+    values: [2017-02, 2016-12, 2017-01]
+  span:
+    range: {from: 2016-11, to: 2017-02}
+stages:
+  clean:
+    cmd: cat {{ inputs[0] }} > {{ outputs[0] }}
+    inputs: ["data/{{ month }}.csv"]
+    outputs: ["out/{{ month }}/clean.csv"]
+  months:
+    cmd: echo {{ partitions.month.all }} / {{ partitions.span.all }} > {{ outputs[0] }}
+    outputs: [out/months.txt]
+"#,
+    );
+    let dag = t.exec(&["dag", "pipeline.yaml"]);
+    let names: Vec<&str> = dag.stdout.lines().filter(|l| !l.starts_with(' ')).collect();
+    assert_eq!(
+        names,
+        [
+            "clean@2016-12 [cmd]",
+            "clean@2017-01 [cmd]",
+            "clean@2017-02 [cmd]",
+            "months [cmd]"
+        ],
+        "{}",
+        dag.stdout
+    );
+    t.run_ok(&[]);
+    assert_eq!(t.read("out/2017-01/clean.csv"), "a\n2017-01\n");
+    assert_eq!(
+        t.read("out/months.txt"),
+        "2016-12 2017-01 2017-02 / 2016-11 2016-12 2017-01 2017-02\n"
+    );
+    t.run_ok(&["--stage", "clean@2017-01", "--force"]);
+    assert_eq!(ran(&t), ["clean@2017-01"], "one partition's instance alone");
+}

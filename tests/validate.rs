@@ -483,3 +483,13 @@ fn a_versioned_output_cannot_be_called_archive() {
     assert!(out.contains("its output is called `archive`"), "{out}");
     assert!(out.starts_with("exit: 2"), "{out}");
 }
+
+/// Partition sets are checked whole: an impossible month, a key listed twice, a set named like
+/// a var, a range that runs backwards, both `values` and `range`. A stage using a set that
+/// failed is not blamed for it.
+#[test]
+fn partition_sets_are_checked() {
+    assert_snapshot!(validate(
+        "vars:\n  day: 1\npartitions:\n  month:\n    values: [2017-01, 2017-13, 2017-01]\n  day:\n    range: {from: 2017-01-05, to: 2017-01-01}\n  region:\n    values: [eu, us]\n    range: {from: 2017-01, to: 2017-02}\nstages:\n  a:\n    cmd: echo {{ month }} {{ region }} > {{ outputs[0] }}\n    outputs: [\"out/{{ month }}.txt\"]\n"
+    ));
+}

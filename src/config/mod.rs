@@ -10,6 +10,7 @@ pub mod checks;
 pub mod confine;
 pub mod overrides;
 pub mod params;
+pub mod partitions;
 pub mod raw;
 pub mod resolve;
 pub mod schema;

@@ -14,6 +14,7 @@ pub const PIPELINE_KEYS: &[&str] = &[
     "cache",
     "desc",
     "on_failure",
+    "partitions",
     "stages",
     "storage",
     "vars",
@@ -50,6 +51,8 @@ pub struct PipelineFile {
     pub storage: Option<Node>,
     /// `cache:`, the run cache's size and remote.
     pub cache: Option<Node>,
+    /// `partitions:`, the sets partitioned stages expand over.
+    pub partitions: Option<Node>,
     /// In file order: later vars may use earlier ones.
     pub vars: Vec<(Key, Node)>,
     /// In file order.
@@ -131,6 +134,7 @@ pub fn check(root: Node, diagnostics: &mut Vec<Diagnostic>) -> Option<PipelineFi
         on_failure: None,
         storage: None,
         cache: None,
+        partitions: None,
         vars: Vec::new(),
         stages: Vec::new(),
         flawed: Vec::new(),
@@ -151,6 +155,11 @@ pub fn check(root: Node, diagnostics: &mut Vec<Diagnostic>) -> Option<PipelineFi
                 Value::Map(_) => file.storage = Some(value),
                 Value::Null => {}
                 _ => diagnostics.push(wrong_kind(&key, &value, "a map of S3 settings")),
+            },
+            "partitions" => match value.value {
+                Value::Map(_) => file.partitions = Some(value),
+                Value::Null => {}
+                _ => diagnostics.push(wrong_kind(&key, &value, "a map of partition sets")),
             },
             "vars" => match value.value {
                 Value::Map(vars) => file.vars = vars,

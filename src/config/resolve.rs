@@ -90,13 +90,34 @@ pub fn resolve(
         .map(|node| cache_settings(&node, &workdir, diagnostics))
         .unwrap_or_default();
 
+    let mut failed_sets = Vec::new();
+    let partitions = raw
+        .partitions
+        .as_ref()
+        .map(|node| {
+            super::partitions::resolve(node, &templates, &ctx, &vars, &mut failed_sets, diagnostics)
+        })
+        .unwrap_or_default();
+    // Templates that use a var or a partition set that failed say nothing more about it.
+    let failed: Vec<String> = failed.iter().cloned().chain(failed_sets).collect();
+    // Every stage sees the sets' keys: `{{ partitions.month.all }}`.
+    let mut stage_vars = vars.clone();
+    if !partitions.is_empty() {
+        let sets: Map<String, Json> = partitions
+            .iter()
+            .map(|set| (set.name.clone(), serde_json::json!({ "all": set.keys })))
+            .collect();
+        stage_vars.insert("partitions".into(), Json::Object(sets));
+    }
+
     let mut resolver = StageResolver {
         templates: &templates,
         registry,
         checker: ParamsChecker::default(),
         workdir: &workdir,
-        vars: &vars,
+        vars: &stage_vars,
         var_deps: &var_deps,
+        partitions: &partitions,
         failed: &failed,
         diagnostics,
         left_out: LeftOut {
@@ -128,6 +149,7 @@ pub fn resolve(
         storage,
         cache,
         overrides: Vec::new(),
+        partitions,
     };
     (pipeline, left_out)
 }
@@ -460,6 +482,7 @@ struct StageResolver<'a> {
     workdir: &'a Path,
     vars: &'a Map<String, Json>,
     var_deps: &'a BTreeMap<String, Vec<String>>,
+    partitions: &'a [crate::model::PartitionSet],
     failed: &'a [String],
     diagnostics: &'a mut Vec<Diagnostic>,
     left_out: LeftOut,
@@ -566,6 +589,8 @@ struct VarsRead {
 struct Instance {
     suffix: Option<String>,
     bindings: Map<String, Json>,
+    /// The partition set and key of a partitioned stage's instance.
+    partition: Option<(String, String)>,
 }
 
 impl StageResolver<'_> {
@@ -620,13 +645,68 @@ impl StageResolver<'_> {
         Context::new(self.vars).with_failed(self.failed)
     }
 
+    /// The partition set a stage's templates read the key of, if any (one at most).
+    fn partitioned_by(&mut self, spec: &StageSpec) -> Result<Option<usize>, ()> {
+        if self.partitions.is_empty() {
+            return Ok(None);
+        }
+        let mut read = BTreeSet::new();
+        for (key, node) in spec.node.as_map().unwrap_or_default() {
+            if !matches!(key.name.as_str(), "desc" | "on_failure") {
+                names_read(self.templates, node, &mut read);
+            }
+        }
+        let sets: Vec<usize> = (0..self.partitions.len())
+            .filter(|&i| read.contains(&self.partitions[i].name))
+            .collect();
+        let problem = match (sets.as_slice(), &spec.matrix, &spec.foreach) {
+            ([], _, _) => return Ok(None),
+            ([one], None, None) => return Ok(Some(*one)),
+            ([_], _, _) => {
+                "it also has `matrix` or `foreach`; partition it, or expand it, not both".to_owned()
+            }
+            (many, _, _) => format!(
+                "it reads the keys of {}; a stage is partitioned by one set",
+                many.iter()
+                    .map(|&i| format!("`{}`", self.partitions[i].name))
+                    .collect::<Vec<_>>()
+                    .join(" and ")
+            ),
+        };
+        self.diagnostics.push(
+            Diagnostic::error(format!(
+                "stage `{}` cannot be partitioned: {problem}",
+                spec.name.name
+            ))
+            .at(spec.name.span, "this stage"),
+        );
+        Err(())
+    }
+
     fn instances(&mut self, spec: &StageSpec) -> Vec<Instance> {
         let single = || {
             vec![Instance {
                 suffix: None,
                 bindings: Map::new(),
+                partition: None,
             }]
         };
+        match self.partitioned_by(spec) {
+            Err(()) => return Vec::new(),
+            Ok(Some(i)) => {
+                let set = &self.partitions[i];
+                return set
+                    .keys
+                    .iter()
+                    .map(|key| Instance {
+                        suffix: Some(key.clone()),
+                        bindings: Map::from_iter([(set.name.clone(), Json::String(key.clone()))]),
+                        partition: Some((set.name.clone(), key.clone())),
+                    })
+                    .collect();
+            }
+            Ok(None) => {}
+        }
         let ctx = self.base_context();
         if let Some(matrix) = &spec.matrix {
             let mut axes: Vec<(String, Vec<Json>, Span)> = Vec::new();
@@ -658,6 +738,7 @@ impl StageResolver<'_> {
                     Instance {
                         suffix: Some(suffix.join("-")),
                         bindings,
+                        partition: None,
                     }
                 })
                 .collect();
@@ -682,6 +763,7 @@ impl StageResolver<'_> {
                         Instance {
                             suffix: Some(suffix),
                             bindings,
+                            partition: None,
                         }
                     })
                     .collect(),
@@ -694,6 +776,7 @@ impl StageResolver<'_> {
                         Instance {
                             suffix: Some(k),
                             bindings,
+                            partition: None,
                         }
                     })
                     .collect(),
@@ -919,6 +1002,7 @@ impl StageResolver<'_> {
         }
         let read = self.vars_read(spec);
         Some(Stage {
+            partition: instance.partition,
             vars: read.values,
             var_deps: read.deps,
             var_fields: read.fields,

@@ -34,6 +34,31 @@ pub struct PipelineSchema {
     /// The run cache (docs/caching.md): how big it may grow here, and the remote a team
     /// shares it through.
     cache: Option<CacheSchema>,
+    /// Named sets of partition keys (`month: {range: {from: 2017-01, to: 2017-12}}`). A stage
+    /// whose templates read a set's name (`{{ month }}`) runs once per key, as `NAME@KEY`;
+    /// every stage sees the keys as `{{ partitions.month.all }}`.
+    partitions: Option<BTreeMap<String, PartitionSetSchema>>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct PartitionSetSchema {
+    /// The keys (letters, digits, `.`, `_`, `-`); months (`2017-01`) or days (`2017-01-31`)
+    /// are checked and ordered by date, others keep their order.
+    values: Option<Vec<serde_json::Value>>,
+    /// Every month or day from `from` to `to`, both included.
+    range: Option<RangeSchema>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct RangeSchema {
+    /// The first key: a month (`2017-01`) or a day (`2017-01-01`).
+    from: String,
+    /// The last key, of the same kind as `from`.
+    to: String,
+    /// `month` or `day`; follows from `from` and `to`.
+    every: Option<String>,
 }
 
 #[derive(Deserialize, JsonSchema)]

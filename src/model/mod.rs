@@ -35,6 +35,15 @@ pub struct Pipeline {
     /// The `--vars FILE` and `--set KEY=VALUE` arguments it was loaded with, in order, the
     /// value of a secret-looking key masked: what a run record keeps of how it was configured.
     pub overrides: Vec<String>,
+    /// The `partitions:` sets, in file order.
+    pub partitions: Vec<PartitionSet>,
+}
+
+/// A named set of partition keys (`month`: `2017-01`, `2017-02`, …), in key order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PartitionSet {
+    pub name: String,
+    pub keys: Vec<String>,
 }
 
 /// One stage, ready to plan and run.
@@ -63,6 +72,9 @@ pub struct Stage {
     /// Variables set for a `cmd`/`argv` stage, sorted by name: a value, or `None` for a variable
     /// passed through from imba's environment (its name is fingerprinted, never its value).
     pub env: Vec<(String, Option<String>)>,
+    /// A partitioned stage's set and key (`("month", "2017-05")`): it is one of the set's
+    /// instances, named `NAME@KEY`.
+    pub partition: Option<(String, String)>,
     /// The pipeline's vars this stage's templates read, directly or through other vars, with
     /// their values (a secret-looking one by a hash of its value): the lock keeps them, so that
     /// a stale stage can say "var month changed: 2024-12 → 2024-06". Never fingerprinted: what
