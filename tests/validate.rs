@@ -493,3 +493,18 @@ fn partition_sets_are_checked() {
         "vars:\n  day: 1\npartitions:\n  month:\n    values: [2017-01, 2017-13, 2017-01]\n  day:\n    range: {from: 2017-01-05, to: 2017-01-01}\n  region:\n    values: [eu, us]\n    range: {from: 2017-01, to: 2017-02}\nstages:\n  a:\n    cmd: echo {{ month }} {{ region }} > {{ outputs[0] }}\n    outputs: [\"out/{{ month }}.txt\"]\n"
     ));
 }
+
+#[test]
+fn partitions_is_a_reserved_name() {
+    let out = validate(
+        "vars:\n  partitions: x\npartitions:\n  partitions:\n    values: [a]\nstages:\n  a:\n    cmd: echo > {{ outputs[0] }}\n    outputs: [o.txt]\n",
+    );
+    assert!(
+        out.contains("cannot have a var called `partitions`"),
+        "{out}"
+    );
+    assert!(
+        out.contains("a partition set cannot be called `partitions`"),
+        "{out}"
+    );
+}

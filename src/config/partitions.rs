@@ -23,6 +23,18 @@ pub fn resolve(
     diagnostics: &mut Vec<Diagnostic>,
 ) -> Vec<PartitionSet> {
     let mut sets = Vec::new();
+    if vars.contains_key("partitions") {
+        diagnostics.push(
+            Diagnostic::error(
+                "a pipeline with `partitions:` cannot have a var called `partitions`",
+            )
+            .at(
+                node.span,
+                "`{{ partitions.NAME.all }}` names these sets' keys",
+            )
+            .help("rename the var"),
+        );
+    }
     let Value::Map(entries) = &node.value else {
         diagnostics.push(
             Diagnostic::error("`partitions` must be a map of names to partition sets")
@@ -77,7 +89,16 @@ fn check_name(name: &Key, vars: &Map<String, Json>, diagnostics: &mut Vec<Diagno
                 .at(name.span, "not a template variable name")
                 .help("the name is how templates say the key (`{{ month }}`): letters, digits and `_`, not starting with a digit"),
         );
-    } else if vars.contains_key(&name.name) || name.name == "partitions" {
+    } else if name.name == "partitions" {
+        diagnostics.push(
+            Diagnostic::error("a partition set cannot be called `partitions`")
+                .at(
+                    name.span,
+                    "templates say `{{ partitions.NAME.all }}` for every set's keys",
+                )
+                .help("call it after what its keys are: `month`, `day`, `region`"),
+        );
+    } else if vars.contains_key(&name.name) {
         diagnostics.push(
             Diagnostic::error(format!(
                 "partition set `{}` has the name of a var",
