@@ -781,10 +781,7 @@ fn watch_command(args: WatchArgs, registry: Registry, printer: &Printer) -> Exit
     match watched {
         // A watch ends only when interrupted.
         Ok(()) => ExitCode::from(crate::interrupt::EXIT_INTERRUPTED),
-        Err(message) => {
-            printer.error(&message);
-            ExitCode::from(EXIT_STAGE_FAILED)
-        }
+        Err(message) => printer.fail(&message, EXIT_STAGE_FAILED),
     }
 }
 
@@ -895,10 +892,7 @@ fn versions_command(args: VersionsArgs, registry: &Registry, printer: &Printer) 
             printer.data(&text);
             ExitCode::SUCCESS
         }
-        Err(message) => {
-            printer.error(&message);
-            ExitCode::from(EXIT_CONFIG)
-        }
+        Err(message) => printer.fail(&message, EXIT_CONFIG),
     }
 }
 
@@ -1068,10 +1062,7 @@ fn push_command(args: PushArgs, registry: &Registry, printer: &Printer) -> ExitC
             printer.error(NO_REMOTE);
             return ExitCode::from(EXIT_CONFIG);
         }
-        Err(message) => {
-            printer.error(&message);
-            return ExitCode::from(EXIT_CONFIG);
-        }
+        Err(message) => return printer.fail(&message, EXIT_CONFIG),
     };
     let bar = printer.transfer_bar();
     let progress = |bytes: u64| bar.add(bytes);
@@ -1093,10 +1084,7 @@ fn push_command(args: PushArgs, registry: &Registry, printer: &Printer) -> ExitC
             }
             ExitCode::SUCCESS
         }
-        Err(message) => {
-            printer.error(&message);
-            ExitCode::from(EXIT_STAGE_FAILED)
-        }
+        Err(message) => printer.fail(&message, EXIT_STAGE_FAILED),
     }
 }
 
@@ -1113,10 +1101,7 @@ fn pull_command(args: PullArgs, registry: Registry, printer: &Printer) -> ExitCo
             printer.error(NO_REMOTE);
             return ExitCode::from(EXIT_CONFIG);
         }
-        Err(message) => {
-            printer.error(&message);
-            return ExitCode::from(EXIT_CONFIG);
-        }
+        Err(message) => return printer.fail(&message, EXIT_CONFIG),
     }
     let options = RunOptions {
         jobs: jobs_or_cores(args.jobs),
@@ -1207,10 +1192,7 @@ fn gc_command(args: GcArgs, registry: &Registry, printer: &Printer) -> ExitCode 
                     released.runs += more.runs;
                     released.bytes += more.bytes;
                 }
-                Err(message) => {
-                    printer.error(&message);
-                    return ExitCode::from(EXIT_STAGE_FAILED);
-                }
+                Err(message) => return printer.fail(&message, EXIT_STAGE_FAILED),
             }
         }
         if args.json {
@@ -1247,10 +1229,7 @@ fn gc_command(args: GcArgs, registry: &Registry, printer: &Printer) -> ExitCode 
                 }
                 ExitCode::SUCCESS
             }
-            Err(message) => {
-                printer.error(&message);
-                ExitCode::from(EXIT_STAGE_FAILED)
-            }
+            Err(message) => printer.fail(&message, EXIT_STAGE_FAILED),
         };
     }
     let keep = crate::run::housekeeping::Keep {
@@ -1272,10 +1251,7 @@ fn gc_command(args: GcArgs, registry: &Registry, printer: &Printer) -> ExitCode 
                     printer.error(NO_REMOTE);
                     return ExitCode::from(EXIT_CONFIG);
                 }
-                Err(message) => {
-                    printer.error(&message);
-                    return ExitCode::from(EXIT_CONFIG);
-                }
+                Err(message) => return printer.fail(&message, EXIT_CONFIG),
             }
         }
     };
@@ -1289,10 +1265,7 @@ fn gc_command(args: GcArgs, registry: &Registry, printer: &Printer) -> ExitCode 
             |w| printer.warning(&w),
         ) {
             Ok(done) => Some(done),
-            Err(message) => {
-                printer.error(&message);
-                return ExitCode::from(EXIT_STAGE_FAILED);
-            }
+            Err(message) => return printer.fail(&message, EXIT_STAGE_FAILED),
         },
     };
     match crate::run::housekeeping::gc(&workdir, &keep, args.dry_run, |w| printer.warning(&w)) {
@@ -1312,10 +1285,7 @@ fn gc_command(args: GcArgs, registry: &Registry, printer: &Printer) -> ExitCode 
             }
             ExitCode::SUCCESS
         }
-        Err(message) => {
-            printer.error(&message);
-            ExitCode::from(EXIT_CONFIG)
-        }
+        Err(message) => printer.fail(&message, EXIT_CONFIG),
     }
 }
 
@@ -1336,12 +1306,10 @@ fn accept_command(args: AcceptArgs, registry: &Registry, printer: &Printer) -> E
             ExitCode::SUCCESS
         }
         Err(crate::run::housekeeping::AcceptError::Refused(message)) => {
-            printer.error(&message);
-            ExitCode::from(EXIT_CONFIG)
+            printer.fail(&message, EXIT_CONFIG)
         }
         Err(crate::run::housekeeping::AcceptError::Failed(message)) => {
-            printer.error(&message);
-            ExitCode::from(EXIT_STAGE_FAILED)
+            printer.fail(&message, EXIT_STAGE_FAILED)
         }
     }
 }
@@ -1398,10 +1366,7 @@ fn diff_command(args: DiffArgs, registry: &Registry, printer: &Printer) -> ExitC
             printer.data(&crate::report::diff::diff(&runs, a, b, args.json));
             ExitCode::SUCCESS
         }
-        Err(message) => {
-            printer.error(&message);
-            ExitCode::from(EXIT_CONFIG)
-        }
+        Err(message) => printer.fail(&message, EXIT_CONFIG),
     }
 }
 

@@ -95,6 +95,13 @@ impl Printer {
     }
 
     /// `error: …` on stderr.
+    /// Prints `message` as an error and gives the exit status `code`: the end of a command
+    /// that failed.
+    pub fn fail(&self, message: &str, code: u8) -> std::process::ExitCode {
+        self.error(message);
+        std::process::ExitCode::from(code)
+    }
+
     pub fn error(&self, message: &str) {
         let prefix = if self.color {
             "\x1b[1;31merror\x1b[0m\x1b[1m:"
