@@ -11,7 +11,7 @@ use std::sync::Arc;
 use crate::config::{self, LoadError, Overrides};
 use crate::graph::dag::{self, BuildOptions, Dag};
 use crate::graph::draw::{self, DrawOptions, Format};
-use crate::plan::{Selection, StageStatus};
+use crate::plan::{PartitionFilter, Selection, StageStatus};
 use crate::report::{ColorChoice, Printer};
 use crate::run::{Events, RunError, RunOptions};
 use crate::state::record;
@@ -131,6 +131,25 @@ pub struct SelectArgs {
     /// With --stage: also every stage downstream of it.
     #[arg(long, requires = "stages")]
     pub downstream: bool,
+    /// Only the stages of this partition and what they need (repeatable): `--partition 2017-05`.
+    #[arg(long, value_name = "KEY", conflicts_with_all = ["partitions", "latest"])]
+    pub partition: Vec<String>,
+    /// Only the partitions from FROM to TO, both included, in the set's order (a backfill):
+    /// `--partitions 2017-01..2017-06`.
+    #[arg(long, value_name = "FROM..TO", value_parser = parse_partition_range, conflicts_with = "latest")]
+    pub partitions: Option<(String, String)>,
+    /// Only the last partition of each set.
+    #[arg(long)]
+    pub latest: bool,
+}
+
+fn parse_partition_range(text: &str) -> Result<(String, String), String> {
+    match text.split_once("..") {
+        Some((from, to)) if !from.trim().is_empty() && !to.trim().is_empty() => {
+            Ok((from.trim().to_owned(), to.trim().to_owned()))
+        }
+        _ => Err("expected FROM..TO, e.g. 2017-01..2017-06".to_owned()),
+    }
 }
 
 #[derive(Args, Debug)]
@@ -639,10 +658,20 @@ pub fn reference_markdown() -> String {
 
 impl SelectArgs {
     fn selection(&self, force: bool) -> Selection {
+        let partitions = if self.latest {
+            Some(PartitionFilter::Latest)
+        } else if let Some((from, to)) = &self.partitions {
+            Some(PartitionFilter::Range(from.clone(), to.clone()))
+        } else if !self.partition.is_empty() {
+            Some(PartitionFilter::Keys(self.partition.clone()))
+        } else {
+            None
+        };
         Selection {
             stages: self.stages.clone(),
             downstream: self.downstream,
             force,
+            partitions,
         }
     }
 }

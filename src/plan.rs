@@ -626,6 +626,106 @@ pub struct Selection {
     pub downstream: bool,
     /// `--force`: run the named stages (or all) even when up to date.
     pub force: bool,
+    /// `--partition`, `--partitions`, `--latest`: only partitioned stages of these partitions
+    /// (and what they need).
+    pub partitions: Option<PartitionFilter>,
+}
+
+/// Which partitions a command is about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PartitionFilter {
+    /// `--partition KEY`, repeatable.
+    Keys(Vec<String>),
+    /// `--partitions FROM..TO`, both ends included, in the set's order.
+    Range(String, String),
+    /// `--latest`: the last key of each set.
+    Latest,
+}
+
+impl PartitionFilter {
+    /// The (set, key) pairs it takes from the pipeline's sets; an error names a key no set has.
+    pub fn keys(
+        &self,
+        sets: &[crate::model::PartitionSet],
+    ) -> Result<BTreeSet<(String, String)>, String> {
+        if sets.is_empty() {
+            return Err("this pipeline has no `partitions:`; --partition, --partitions and --latest choose among a set's keys".to_owned());
+        }
+        let unknown = |key: &str| {
+            let all: Vec<&str> = sets
+                .iter()
+                .flat_map(|s| s.keys.iter().map(String::as_str))
+                .collect();
+            let hint = crate::diagnostic::did_you_mean(key, all.iter().copied())
+                .map(|s| format!(" (did you mean `{s}`?)"))
+                .unwrap_or_default();
+            let known: Vec<String> = sets.iter().map(describe_set).collect();
+            format!("no partition is `{key}`{hint}; {}", known.join("; "))
+        };
+        let mut chosen = BTreeSet::new();
+        match self {
+            PartitionFilter::Latest => {
+                for set in sets {
+                    if let Some(last) = set.keys.last() {
+                        chosen.insert((set.name.clone(), last.clone()));
+                    }
+                }
+            }
+            PartitionFilter::Keys(keys) => {
+                for key in keys {
+                    let before = chosen.len();
+                    for set in sets.iter().filter(|s| s.keys.contains(key)) {
+                        chosen.insert((set.name.clone(), key.clone()));
+                    }
+                    if chosen.len() == before {
+                        return Err(unknown(key));
+                    }
+                }
+            }
+            PartitionFilter::Range(from, to) => {
+                for key in [from, to] {
+                    if !sets.iter().any(|s| s.keys.contains(key)) {
+                        return Err(unknown(key));
+                    }
+                }
+                for set in sets {
+                    let place = |key: &String| set.keys.iter().position(|k| k == key);
+                    let (Some(a), Some(b)) = (place(from), place(to)) else {
+                        continue;
+                    };
+                    if a > b {
+                        return Err(format!(
+                            "--partitions {from}..{to} goes backwards: in `{}`, {to} comes before {from}",
+                            set.name
+                        ));
+                    }
+                    for key in &set.keys[a..=b] {
+                        chosen.insert((set.name.clone(), key.clone()));
+                    }
+                }
+                if chosen.is_empty() {
+                    return Err(format!(
+                        "--partitions {from}..{to}: no set has both `{from}` and `{to}`"
+                    ));
+                }
+            }
+        }
+        Ok(chosen)
+    }
+}
+
+/// `` `month` has 3 partitions: 2017-01, 2017-02, 2017-03 `` (the first and last of a long set).
+fn describe_set(set: &crate::model::PartitionSet) -> String {
+    let keys = match set.keys.as_slice() {
+        [] => "none".to_owned(),
+        keys if keys.len() <= 6 => keys.join(", "),
+        keys => format!("{} … {}", keys[0], keys[keys.len() - 1]),
+    };
+    let count = match set.keys.len() {
+        1 => "1 partition".to_owned(),
+        n => format!("{n} partitions"),
+    };
+    format!("`{}` has {count}: {keys}", set.name)
 }
 
 /// The stages selected, and those of them that are forced. Unknown names are an error.
@@ -634,7 +734,17 @@ pub fn select(
     selection: &Selection,
 ) -> Result<(BTreeSet<usize>, BTreeSet<usize>), String> {
     let all: BTreeSet<usize> = dag.order().iter().copied().collect();
-    if selection.stages.is_empty() {
+    let chosen = match &selection.partitions {
+        Some(filter) => Some(filter.keys(&dag.pipeline().partitions)?),
+        None => None,
+    };
+    // A stage the partition filter keeps: a partitioned one of a chosen partition.
+    let kept = |i: usize| match (&chosen, &dag.stage(i).partition) {
+        (None, _) => true,
+        (Some(chosen), Some(p)) => chosen.contains(&(p.set.clone(), p.key.clone())),
+        (Some(_), None) => false,
+    };
+    if selection.stages.is_empty() && chosen.is_none() {
         let forced = if selection.force {
             all.clone()
         } else {
@@ -659,7 +769,22 @@ pub fn select(
                 .unwrap_or_default();
             return Err(format!("no stage is named `{name}`{hint}"));
         }
-        named.extend(matches);
+        let before = named.len();
+        named.extend(matches.into_iter().filter(|&i| kept(i)));
+        if named.len() == before {
+            return Err(format!(
+                "stage `{name}` is not partitioned: --partition, --partitions and --latest choose partitioned stages"
+            ));
+        }
+    }
+    if selection.stages.is_empty() {
+        named.extend(all.iter().copied().filter(|&i| kept(i)));
+        if named.is_empty() {
+            return Err(
+                "no stage is partitioned: a stage is, when its templates read a set's key (`{{ month }}`)"
+                    .to_owned(),
+            );
+        }
     }
     let mut targets = named.clone();
     if selection.downstream {

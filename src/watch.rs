@@ -710,6 +710,7 @@ impl State<'_> {
             },
             downstream: !all,
             force: false,
+            partitions: None,
         };
         let stale = match plan::status(&self.dag, &selection, |w| {
             self.printer.watch(&Event::Warning(w))

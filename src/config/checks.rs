@@ -4,7 +4,7 @@
 //! `unique`, `range`, `sql`) and optionally `severity`, `output` and `name`. Every problem in
 //! every item is reported, each at its own key or value.
 
-use imba_stages::checks::{Check, Metric};
+use imba_stages::checks::{Against, Check, Metric};
 
 use crate::diagnostic::{Diagnostic, Span};
 use crate::model::{Hook, Severity, StageCheck};
@@ -208,7 +208,7 @@ fn parse_check(
             let fields = fields(
                 key,
                 value,
-                &["metric", "max_pct"],
+                &["metric", "max_pct", "against"],
                 &["max_pct"],
                 diagnostics,
             )?;
@@ -249,9 +249,39 @@ fn parse_check(
                     None
                 }
             });
+            let against = match fields.get("against") {
+                None => Some(Against::Committed),
+                Some(node) => match node.as_str() {
+                    Some("committed") => Some(Against::Committed),
+                    Some("previous") => Some(Against::Previous),
+                    other => {
+                        let found = match other {
+                            Some(text) => format!("`{}`", imba_stages::safe::escape(text)),
+                            None => format!("a {}", node.kind()),
+                        };
+                        let label = match other.and_then(|t| {
+                            crate::diagnostic::did_you_mean(t, ["committed", "previous"])
+                        }) {
+                            Some(s) => format!("did you mean `{s}`?"),
+                            None => "expected `committed` or `previous`".to_owned(),
+                        };
+                        diagnostics.push(
+                            Diagnostic::error(format!(
+                                "`against` must be `committed` or `previous`, found {found}"
+                            ))
+                            .at(node.span, label)
+                            .help(
+                                "`committed` compares with the output committed at the same path; `previous` with the previous partition's",
+                            ),
+                        );
+                        None
+                    }
+                },
+            };
             Some(Check::Change {
                 metric: metric?,
                 max_pct: max_pct?,
+                against: against?,
             })
         }
         "not_null" | "unique" => {

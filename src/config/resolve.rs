@@ -589,8 +589,8 @@ struct VarsRead {
 struct Instance {
     suffix: Option<String>,
     bindings: Map<String, Json>,
-    /// The partition set and key of a partitioned stage's instance.
-    partition: Option<(String, String)>,
+    /// The partition of a partitioned stage's instance.
+    partition: Option<crate::model::Partition>,
 }
 
 impl StageResolver<'_> {
@@ -698,10 +698,15 @@ impl StageResolver<'_> {
                 return set
                     .keys
                     .iter()
-                    .map(|key| Instance {
+                    .enumerate()
+                    .map(|(i, key)| Instance {
                         suffix: Some(key.clone()),
                         bindings: Map::from_iter([(set.name.clone(), Json::String(key.clone()))]),
-                        partition: Some((set.name.clone(), key.clone())),
+                        partition: Some(crate::model::Partition {
+                            set: set.name.clone(),
+                            key: key.clone(),
+                            previous: i.checked_sub(1).map(|p| set.keys[p].clone()),
+                        }),
                     })
                     .collect();
             }
@@ -997,6 +1002,26 @@ impl StageResolver<'_> {
                 self.diagnostics,
             );
         }
+        if instance.partition.is_none() {
+            for check in &checks {
+                if let imba_stages::checks::Check::Change {
+                    against: imba_stages::checks::Against::Previous,
+                    ..
+                } = check.check
+                {
+                    self.diagnostics.push(
+                        Diagnostic::error(format!(
+                            "stage `{}` is not partitioned: its `change` check has no previous partition to compare with",
+                            spec.name.name
+                        ))
+                        .at(check.span, "`against: previous`")
+                        .help(
+                            "a stage is partitioned when its templates read a set's key, e.g. `{{ month }}` of `partitions: {month: …}`; else use `against: committed`",
+                        ),
+                    );
+                }
+            }
+        }
         if self.diagnostics.len() > before {
             return None;
         }
@@ -1071,34 +1096,53 @@ impl StageResolver<'_> {
                 ok = false;
                 continue;
             };
-            let Some(text) = rendered.as_str() else {
-                self.diagnostics.push(
-                    Diagnostic::error(format!(
-                        "a path must be a string, this template gives {}",
-                        rendered.kind()
-                    ))
-                    .at(value.span, "not a path"),
-                );
-                ok = false;
-                continue;
-            };
-            match Declared::parse(text, self.workdir) {
-                Ok(declared) => ports.push(Port {
-                    name: key.map(|k| k.name.clone()),
-                    text: text.to_owned(),
-                    declared,
-                    span: value.span,
-                }),
-                Err(error) => {
-                    self.diagnostics.push(
-                        Diagnostic::error(format!("invalid path `{text}`: {error}"))
-                            .at(value.span, error.to_string()),
-                    );
-                    ok = false;
+            // A list item that renders to a list of paths (`{{ expand(…) }}`) is each of them.
+            let texts: Vec<&str> = match (&rendered.value, key) {
+                (Value::Seq(items), None) if items.iter().all(|i| i.as_str().is_some()) => {
+                    items.iter().filter_map(Node::as_str).collect()
                 }
+                _ => match rendered.as_str() {
+                    Some(text) => vec![text],
+                    None => {
+                        self.diagnostics.push(
+                            Diagnostic::error(format!(
+                                "a path must be a string, this template gives {}",
+                                rendered.kind()
+                            ))
+                            .at(value.span, "not a path"),
+                        );
+                        ok = false;
+                        continue;
+                    }
+                },
+            };
+            for text in texts {
+                ok &= self.port(key, text, value.span, &mut ports);
             }
         }
         ok.then_some(ports)
+    }
+
+    /// Parses one path of `inputs:`/`outputs:` into `ports`; false when it is not a path.
+    fn port(&mut self, key: Option<&Key>, text: &str, span: Span, ports: &mut Vec<Port>) -> bool {
+        match Declared::parse(text, self.workdir) {
+            Ok(declared) => {
+                ports.push(Port {
+                    name: key.map(|k| k.name.clone()),
+                    text: text.to_owned(),
+                    declared,
+                    span,
+                });
+                true
+            }
+            Err(error) => {
+                self.diagnostics.push(
+                    Diagnostic::error(format!("invalid path `{text}`: {error}"))
+                        .at(span, error.to_string()),
+                );
+                false
+            }
+        }
     }
 }
 

@@ -174,7 +174,7 @@ struct CheckSchema {
     /// The row count lies within `min` and `max` (either may be left out).
     rows: Option<RowsSchema>,
     /// A metric moved by at most `max_pct` percent from its value on the output committed at the
-    /// same place (the first run has no baseline and passes).
+    /// same place, or (`against: previous`) on the previous partition's (no baseline: passes).
     change: Option<ChangeSchema>,
     /// No missing value (null, or NaN in a float column) in these columns.
     not_null: Option<Columns>,
@@ -224,6 +224,16 @@ struct ChangeSchema {
     metric: Option<String>,
     /// The largest change allowed, in percent of the baseline.
     max_pct: Number,
+    /// The baseline: `committed` (the default), the output committed at the same place; or
+    /// `previous`, the same output of the previous partition (month over month).
+    against: Option<AgainstSchema>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+enum AgainstSchema {
+    Committed,
+    Previous,
 }
 
 #[derive(Deserialize, JsonSchema)]

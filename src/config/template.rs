@@ -100,6 +100,7 @@ fn environment(escape: Option<AutoEscape>) -> Environment<'static> {
     env.set_keep_trailing_newline(true);
     env.set_fuel(Some(FUEL_PER_RENDER));
     env.add_function("range", range);
+    env.add_function("expand", expand);
     match escape {
         Some(escape) => {
             env.set_auto_escape_callback(move |_| escape);
@@ -140,6 +141,58 @@ fn range(lower: isize, upper: Option<isize>, step: Option<isize>) -> Result<Jinj
         at += step;
     }
     Ok(JinjaValue::from(items))
+}
+
+/// `expand('out/{month}/x.parquet', month=partitions.month.all)`: the pattern with each
+/// `{name}` replaced by each value of the keyword `name` (a list, or one value), for every
+/// combination, the first keyword varying slowest (as Snakemake's `expand`). A list of paths,
+/// for the inputs of a stage that reads every partition's output.
+fn expand(pattern: String, kwargs: minijinja::value::Kwargs) -> Result<JinjaValue, Error> {
+    use minijinja::value::ValueKind;
+    let mut names: Vec<&str> = kwargs.args().collect();
+    // Kwargs come in no guaranteed order: the pattern's order is the combination order.
+    names.sort_by_key(|name| pattern.find(&format!("{{{name}}}")).unwrap_or(usize::MAX));
+    let mut combos: Vec<String> = vec![pattern.clone()];
+    for name in names {
+        let value: JinjaValue = kwargs.get(name)?;
+        let values: Vec<JinjaValue> = match value.kind() {
+            ValueKind::Seq | ValueKind::Iterable => value.try_iter()?.collect(),
+            _ => vec![value],
+        };
+        let placeholder = format!("{{{name}}}");
+        if !pattern.contains(&placeholder) {
+            return Err(Error::new(
+                ErrorKind::InvalidOperation,
+                format!("expand: the pattern has no `{placeholder}`"),
+            ));
+        }
+        if combos.len().saturating_mul(values.len()) > MAX_RANGE {
+            return Err(Error::new(
+                ErrorKind::InvalidOperation,
+                format!("expand gives too many paths (at most {MAX_RANGE})"),
+            ));
+        }
+        combos = combos
+            .iter()
+            .flat_map(|combo| {
+                values
+                    .iter()
+                    .map(|v| combo.replace(&placeholder, &v.to_string()))
+            })
+            .collect();
+    }
+    if let Some(missing) = combos.first().and_then(|c| {
+        let start = c.find('{')?;
+        let end = c[start..].find('}')?;
+        Some(c[start..=start + end].to_owned())
+    }) {
+        return Err(Error::new(
+            ErrorKind::InvalidOperation,
+            format!("expand: nothing given for `{missing}`"),
+        ));
+    }
+    kwargs.assert_all_used()?;
+    Ok(JinjaValue::from(combos))
 }
 
 /// Counts what a render writes, failing past [`MAX_RENDERED`].

@@ -413,6 +413,31 @@ impl Dag {
         &self.pipeline.stages[index]
     }
 
+    /// The index of the stage named `name`.
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.pipeline.stages.iter().position(|s| s.name == name)
+    }
+
+    /// The same stage's instance for the previous partition, when a check of `index` compares
+    /// with it (`change: {against: previous}`): it must have ended before `index` is checked.
+    pub fn previous_partition(&self, index: usize) -> Option<usize> {
+        let stage = self.stage(index);
+        let partition = stage.partition.as_ref()?;
+        let compares = stage.checks.iter().any(|c| {
+            matches!(
+                c.check,
+                imba_stages::checks::Check::Change {
+                    against: imba_stages::checks::Against::Previous,
+                    ..
+                }
+            )
+        });
+        if !compares {
+            return None;
+        }
+        self.index_of(&partition.sibling(&stage.name, partition.previous.as_deref()?))
+    }
+
     /// The inputs no stage writes (data from outside the pipeline), as (stage, input) indices in
     /// stage order.
     pub fn sources(&self) -> &[(usize, usize)] {

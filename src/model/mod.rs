@@ -46,6 +46,29 @@ pub struct PartitionSet {
     pub keys: Vec<String>,
 }
 
+/// Which partition a stage instance is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Partition {
+    /// The set's name (`month`).
+    pub set: String,
+    /// The key (`2017-05`).
+    pub key: String,
+    /// The key before it in the set, if any (`2017-04`).
+    pub previous: Option<String>,
+}
+
+impl Partition {
+    /// The name of the same stage's instance for another key of the set: `clean@2017-04`
+    /// beside `clean@2017-05`.
+    pub fn sibling(&self, instance: &str, key: &str) -> String {
+        let base = instance
+            .strip_suffix(self.key.as_str())
+            .and_then(|base| base.strip_suffix('@'))
+            .unwrap_or(instance);
+        format!("{base}@{key}")
+    }
+}
+
 /// One stage, ready to plan and run.
 #[derive(Debug, Clone)]
 pub struct Stage {
@@ -72,9 +95,8 @@ pub struct Stage {
     /// Variables set for a `cmd`/`argv` stage, sorted by name: a value, or `None` for a variable
     /// passed through from imba's environment (its name is fingerprinted, never its value).
     pub env: Vec<(String, Option<String>)>,
-    /// A partitioned stage's set and key (`("month", "2017-05")`): it is one of the set's
-    /// instances, named `NAME@KEY`.
-    pub partition: Option<(String, String)>,
+    /// A partitioned stage's set and key: it is one of the set's instances, named `NAME@KEY`.
+    pub partition: Option<Partition>,
     /// The pipeline's vars this stage's templates read, directly or through other vars, with
     /// their values (a secret-looking one by a hash of its value): the lock keeps them, so that
     /// a stale stage can say "var month changed: 2024-12 → 2024-06". Never fingerprinted: what

@@ -254,7 +254,7 @@ pub fn run_summary(record: &crate::state::record::RunRecord) -> String {
         0 => String::new(),
         n => format!("{n} restored, "),
     };
-    format!(
+    let line = format!(
         "{} ran, {restored}{} up to date, {} failed, {} not run ({:.2}s; run {})",
         count(Decision::Ran),
         count(Decision::Skipped) + count(Decision::Cached),
@@ -262,7 +262,25 @@ pub fn run_summary(record: &crate::state::record::RunRecord) -> String {
         count(Decision::Blocked) + count(Decision::Cancelled),
         record.duration_ms as f64 / 1000.0,
         record.id
-    )
+    );
+    // Which partitions failed, in the order they ran: the ones to look at (and to run again).
+    let mut failed: Vec<&str> = Vec::new();
+    for stage in &record.stages {
+        if let (Decision::Failed, Some(key)) = (stage.decision, &stage.partition) {
+            if !failed.contains(&key.as_str()) {
+                failed.push(key);
+            }
+        }
+    }
+    match failed.as_slice() {
+        [] => line,
+        [one] => format!("{line}; partition {one} failed"),
+        many => format!(
+            "{line}; {} partitions failed: {}",
+            many.len(),
+            many.join(", ")
+        ),
+    }
 }
 
 /// Rows of cells as aligned columns (two spaces apart, the last column ragged), one line per

@@ -44,17 +44,26 @@ pub(super) async fn gate(
                 let clock = std::time::Instant::now();
                 let stage = ctx.dag.stage(index);
                 // An output written in place: its previous content is where it was set aside.
-                let previous = |port: &Port| {
+                let kept_aside = |port: &Port| {
                     let target = port.declared.location.local_path()?;
                     set_aside.iter().find(|(t, _)| t == target).map(|(_, kept)| kept)
                 };
-                let baseline = |port: &Port| match (&restored, previous(port)) {
+                let baseline = |port: &Port| match (&restored, kept_aside(port)) {
                     (Some(_), _) => None,
                     (None, Some(kept)) => kept.clone().filter(|k| k.exists()),
                     (None, None) => baseline(&ctx, stage, port),
                 };
-                let mut records =
-                    evaluate(stage, &staged, &ctx.dag.pipeline().workdir, &baseline);
+                let previous = |output: usize| match &restored {
+                    Some(_) => PreviousOutput::Missing("restored".to_owned()),
+                    None => previous_output(&ctx, stage, output),
+                };
+                let mut records = evaluate(
+                    stage,
+                    &staged,
+                    &ctx.dag.pipeline().workdir,
+                    &baseline,
+                    &previous,
+                );
                 if let Some(recorded) = restored {
                     for ((check, record), then) in
                         stage.checks.iter().zip(records.iter_mut()).zip(recorded)
@@ -117,7 +126,11 @@ pub(super) async fn gate(
         .iter()
         .any(|c| c.blocks() && c.check.get("change").is_some())
     {
-        error.push_str("\n  a `change` check compares with the output committed at the same path: give a deliberately different run its own output folder (e.g. --set out=…), or relax the check");
+        if stage.partition.is_some() {
+            error.push_str("\n  a `change` check compares with the output committed before: when the change is real, `imba accept` commits the quarantined outputs");
+        } else {
+            error.push_str("\n  a `change` check compares with the output committed at the same path: give a deliberately different run its own output folder (e.g. --set out=…), or relax the check");
+        }
     }
     match kept {
         Ok(()) => {
@@ -158,6 +171,47 @@ fn baseline(ctx: &Context, stage: &Stage, port: &Port) -> Option<PathBuf> {
     }
 }
 
+/// What `change: {against: previous}` compares with: the same output of the previous
+/// partition's instance as committed now (by an earlier run, or earlier in this one), or why
+/// there is none.
+#[derive(Debug, Clone)]
+pub enum PreviousOutput {
+    Table {
+        path: PathBuf,
+        then: String,
+        now: String,
+    },
+    Missing(String),
+}
+
+fn previous_output(ctx: &Context, stage: &Stage, output: usize) -> PreviousOutput {
+    let Some(partition) = &stage.partition else {
+        return PreviousOutput::Missing("the stage is not partitioned".to_owned());
+    };
+    let Some(key) = &partition.previous else {
+        return PreviousOutput::Missing(format!(
+            "{} is the first partition of `{}`",
+            partition.key, partition.set
+        ));
+    };
+    let name = partition.sibling(&stage.name, key);
+    let sibling = ctx.dag.index_of(&name).map(|i| ctx.dag.stage(i));
+    let Some(port) = sibling.and_then(|s| s.outputs.get(output)) else {
+        return PreviousOutput::Missing(format!("{key} has no stage `{name}`"));
+    };
+    if ctx.locked(&name).is_none() {
+        return PreviousOutput::Missing(format!("{key} has not run"));
+    }
+    match sibling.and_then(|sibling| baseline(ctx, sibling, port)) {
+        Some(path) => PreviousOutput::Table {
+            path,
+            then: key.clone(),
+            now: partition.key.clone(),
+        },
+        None => PreviousOutput::Missing(format!("{key} has no committed output")),
+    }
+}
+
 /// Runs the `on_failure` hook of a failed stage (or the pipeline's), and records it.
 pub(super) async fn after_failure(
     ctx: &Context,
@@ -193,12 +247,14 @@ pub(super) async fn after_failure(
 /// Evaluates the stage's checks on its staged outputs (`staged`, in output order), each table
 /// read once, against what is committed at the final locations (`committed` gives a local copy
 /// of a committed S3 output, only asked for when a `change` check needs it). Records come back
-/// in the order the checks are written.
+/// in the order the checks are written. `previous` gives the previous partition's output of the
+/// same position, for `change: {against: previous}`.
 pub fn evaluate(
     stage: &Stage,
     staged: &[PathBuf],
     workdir: &Path,
     committed: &dyn Fn(&crate::model::Port) -> Option<PathBuf>,
+    previous: &dyn Fn(usize) -> PreviousOutput,
 ) -> Vec<CheckRecord> {
     // Checks of the same table, together.
     let mut tables: BTreeMap<(usize, Option<&str>), Vec<usize>> = BTreeMap::new();
@@ -213,26 +269,52 @@ pub fn evaluate(
         let port = &stage.outputs[output];
         let mut shown = port.declared.location.display(workdir);
         let mut table = staged[output].clone();
-        let needs_baseline = indices
-            .iter()
-            .any(|&i| matches!(stage.checks[i].check, checks::Check::Change { .. }));
-        let mut committed = if needs_baseline {
+        let compares = |against: checks::Against| {
+            indices.iter().any(|&i| {
+                matches!(stage.checks[i].check, checks::Check::Change { against: a, .. } if a == against)
+            })
+        };
+        let mut committed = if compares(checks::Against::Committed) {
             committed(port)
         } else {
             None
+        };
+        let mut previous = if compares(checks::Against::Previous) {
+            previous(output)
+        } else {
+            PreviousOutput::Missing(String::new())
         };
         if let Some(file) = file {
             shown = format!("{}/{file}", shown.trim_end_matches('/'));
             table = table.join(file);
             committed = committed.map(|c| c.join(file));
+            if let PreviousOutput::Table { path, .. } = &mut previous {
+                *path = path.join(file);
+            }
         }
         let list: Vec<checks::Check> = indices
             .iter()
             .map(|&i| stage.checks[i].check.clone())
             .collect();
         let verdicts = if table.is_file() {
-            let baseline = committed.as_deref().filter(|c| c.is_file());
-            checks::evaluate(&list, &table, baseline)
+            let previous = match &previous {
+                PreviousOutput::Table { path, then, now } if path.is_file() => {
+                    checks::Previous::Table {
+                        path,
+                        then: then.clone(),
+                        now: now.clone(),
+                    }
+                }
+                PreviousOutput::Table { then, .. } => {
+                    checks::Previous::Missing(format!("{then} has no committed output"))
+                }
+                PreviousOutput::Missing(why) => checks::Previous::Missing(why.clone()),
+            };
+            let baselines = checks::Baselines {
+                committed: committed.as_deref().filter(|c| c.is_file()),
+                previous,
+            };
+            checks::evaluate(&list, &table, &baselines)
         } else {
             let detail = format!("the stage did not write `{shown}`");
             list.iter()

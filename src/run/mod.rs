@@ -421,7 +421,11 @@ fn summarise(
     let stages = dag
         .order()
         .iter()
-        .filter_map(|i| outcomes.get(i).cloned().map(Outcome::record))
+        .filter_map(|&i| {
+            let mut record = outcomes.get(&i).cloned().map(Outcome::record)?;
+            record.partition = dag.stage(i).partition.as_ref().map(|p| p.key.clone());
+            Some(record)
+        })
         .collect();
     let status = if interrupted {
         RunStatus::Interrupted

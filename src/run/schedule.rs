@@ -1,6 +1,10 @@
 //! The scheduler: stages start as soon as what they need is done, at most `jobs` at a time,
-//! in the pipeline's order among those ready; a failure stops new starts (unless
-//! `--keep-going`), and a stop request cancels or kills what runs.
+//! oldest partition first and in the pipeline's order among those ready; a failure stops new
+//! starts (unless `--keep-going`), but a failure inside a partition stops only that partition,
+//! and a stop request cancels or kills what runs.
+//!
+//! A stage whose `change` check compares with the previous partition's output starts only once
+//! that partition's instance has ended, whatever its outcome: an ordering, not a dependency.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
@@ -55,15 +59,37 @@ pub(super) async fn schedule(
     scheduler.finish(selected)
 }
 
+/// Each partition's place in its set (`2017-01` is 0), by (set, key): the oldest runs first.
+fn partition_ranks(pipeline: &crate::model::Pipeline) -> BTreeMap<(&str, &str), usize> {
+    pipeline
+        .partitions
+        .iter()
+        .flat_map(|set| {
+            set.keys
+                .iter()
+                .enumerate()
+                .map(move |(i, key)| ((set.name.as_str(), key.as_str()), i))
+        })
+        .collect()
+}
+
 /// What the scheduler knows between two events.
 struct Scheduler {
     ctx: Arc<Context>,
-    /// The stage's position in the pipeline's order: among ready stages, the first starts first.
-    position: Vec<usize>,
+    /// Among ready stages, the least starts first: (the partition's place in its set, the
+    /// stage's place in the pipeline's order).
+    priority: Vec<(usize, usize)>,
     /// How many selected stages each selected stage still waits for.
     waiting: BTreeMap<usize, usize>,
-    ready: BinaryHeap<Reverse<(usize, usize)>>,
+    /// For a stage, the selected stages that wait for it to end whatever its outcome (the next
+    /// partition's instance, for `against: previous`).
+    followers: BTreeMap<usize, Vec<usize>>,
+    ready: BinaryHeap<Reverse<((usize, usize), usize)>>,
     outcomes: BTreeMap<usize, Outcome>,
+    /// Selected stages that will not start: downstream of a failure, or in a failed partition.
+    abandoned: BTreeSet<usize>,
+    /// Partitions (set, key) in which a stage failed, with the first stage that did.
+    failed_partitions: BTreeMap<(String, String), usize>,
     /// No new stage starts: one failed, or the run was asked to stop.
     stopping: bool,
     interrupted: bool,
@@ -74,27 +100,51 @@ struct Scheduler {
 impl Scheduler {
     fn new(ctx: Arc<Context>, selected: &BTreeSet<usize>, cancel: watch::Sender<Stop>) -> Self {
         let dag = &ctx.dag;
+        let mut followers: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for &s in selected {
+            if let Some(previous) = dag.previous_partition(s).filter(|p| selected.contains(p)) {
+                followers.entry(previous).or_default().push(s);
+            }
+        }
         let waiting: BTreeMap<usize, usize> = selected
             .iter()
             .map(|&s| {
                 let needs = dag.needs(s);
+                let ordered = usize::from(
+                    dag.previous_partition(s)
+                        .is_some_and(|p| selected.contains(&p)),
+                );
                 (
                     s,
-                    needs.iter().filter(|(d, _)| selected.contains(d)).count(),
+                    needs.iter().filter(|(d, _)| selected.contains(d)).count() + ordered,
                 )
             })
             .collect();
         let position = dag.positions();
+        let rank = partition_ranks(dag.pipeline());
+        let priority: Vec<(usize, usize)> = (0..position.len())
+            .map(|s| {
+                let partition = dag.stage(s).partition.as_ref();
+                let rank = partition
+                    .and_then(|p| rank.get(&(p.set.as_str(), p.key.as_str())))
+                    .copied()
+                    .unwrap_or(0);
+                (rank, position[s])
+            })
+            .collect();
         let ready = waiting
             .iter()
             .filter(|(_, n)| **n == 0)
-            .map(|(s, _)| Reverse((position[*s], *s)))
+            .map(|(s, _)| Reverse((priority[*s], *s)))
             .collect();
         Scheduler {
-            position,
+            priority,
             waiting,
+            followers,
             ready,
             outcomes: BTreeMap::new(),
+            abandoned: BTreeSet::new(),
+            failed_partitions: BTreeMap::new(),
             stopping: false,
             interrupted: false,
             cancel,
@@ -113,39 +163,100 @@ impl Scheduler {
             let Some(Reverse((_, stage))) = self.ready.pop() else {
                 break;
             };
+            if self.abandoned.contains(&stage) {
+                continue;
+            }
             let ctx = self.ctx.clone();
             let force = forced.contains(&stage);
             tasks.spawn(async move { (stage, run_stage_and_hook(ctx, stage, force).await) });
         }
     }
 
+    /// One fewer thing for `next` to wait for.
+    fn release(&mut self, next: usize) {
+        if let Some(n) = self.waiting.get_mut(&next) {
+            *n -= 1;
+            if *n == 0 {
+                self.ready.push(Reverse((self.priority[next], next)));
+            }
+        }
+    }
+
+    /// `stage` ended (or never will): the stages ordered after it need not wait for it.
+    fn release_followers(&mut self, stage: usize) {
+        for next in self.followers.remove(&stage).unwrap_or_default() {
+            self.release(next);
+        }
+    }
+
+    /// These stages will not start: what is ordered after them goes on without them.
+    fn abandon(&mut self, stages: impl IntoIterator<Item = usize>) {
+        for stage in stages {
+            if self.waiting.contains_key(&stage)
+                && !self.outcomes.contains_key(&stage)
+                && self.abandoned.insert(stage)
+            {
+                self.release_followers(stage);
+            }
+        }
+    }
+
     /// A stage ended: its dependents may become ready; a failure stops new starts and
-    /// cancels what runs, unless `keep_going`.
+    /// cancels what runs, unless `keep_going`, or it was inside a partition: then only that
+    /// partition's other stages and what depends on the failed one do not start.
     fn done(&mut self, stage: usize, outcome: Outcome, keep_going: bool) {
+        self.release_followers(stage);
         match &outcome {
             Outcome::Ran { .. } | Outcome::Skipped { .. } => {
                 for next in self.ctx.dag.dependents(stage) {
-                    if let Some(n) = self.waiting.get_mut(&next) {
-                        *n -= 1;
-                        if *n == 0 {
-                            self.ready.push(Reverse((self.position[next], next)));
-                        }
-                    }
+                    self.release(next);
                 }
             }
-            Outcome::Failed { .. } if !keep_going => {
-                self.stopping = true;
-                self.cancel.send_if_modified(|level| {
-                    let raise = *level < Stop::Cancel;
-                    if raise {
-                        *level = Stop::Cancel;
+            Outcome::Failed { .. } => {
+                let dag = self.ctx.dag.clone();
+                let partition = dag.stage(stage).partition.clone();
+                if let Some(partition) = &partition {
+                    self.failed_partitions
+                        .entry((partition.set.clone(), partition.key.clone()))
+                        .or_insert(stage);
+                }
+                self.outcomes.insert(stage, outcome);
+                self.abandon(dag.descendants(&BTreeSet::from([stage])));
+                match partition {
+                    _ if keep_going => {}
+                    Some(partition) => {
+                        let same: Vec<usize> = self
+                            .waiting
+                            .keys()
+                            .copied()
+                            .filter(|&s| dag.stage(s).partition.as_ref() == Some(&partition))
+                            .filter(|s| !self.started(*s))
+                            .collect();
+                        self.abandon(same);
                     }
-                    raise
-                });
+                    None => {
+                        self.stopping = true;
+                        self.cancel.send_if_modified(|level| {
+                            let raise = *level < Stop::Cancel;
+                            if raise {
+                                *level = Stop::Cancel;
+                            }
+                            raise
+                        });
+                    }
+                }
+                return;
             }
             _ => {}
         }
         self.outcomes.insert(stage, outcome);
+    }
+
+    /// Whether `stage` was started (it ended, or it runs now).
+    fn started(&self, stage: usize) -> bool {
+        self.outcomes.contains_key(&stage)
+            || (self.waiting.get(&stage) == Some(&0)
+                && !self.ready.iter().any(|Reverse((_, s))| *s == stage))
     }
 
     /// The run was asked to stop (Ctrl-C, SIGTERM, `watch --restart`): pass the level on to
@@ -195,8 +306,14 @@ impl Scheduler {
                 .ancestors(&BTreeSet::from([stage]))
                 .into_iter()
                 .find(|a| matches!(self.outcomes.get(a), Some(Outcome::Failed { .. })));
-            let outcome = match failed_upstream {
-                Some(by) => {
+            // A stage of a partition in which another stage failed.
+            let failed_partition = dag.stage(stage).partition.as_ref().and_then(|p| {
+                self.failed_partitions
+                    .get(&(p.set.clone(), p.key.clone()))
+                    .map(|&by| (p.key.clone(), by))
+            });
+            let outcome = match (failed_upstream, failed_partition) {
+                (Some(by), _) => {
                     let by = dag.stage(by).name.clone();
                     self.ctx.events.event(Event::StageBlocked {
                         name: name.clone(),
@@ -206,7 +323,19 @@ impl Scheduler {
                     record.reasons.push(format!("upstream {by} failed"));
                     Outcome::Cancelled { record }
                 }
-                None => {
+                (None, Some((key, by))) => {
+                    let by = dag.stage(by).name.clone();
+                    self.ctx.events.event(Event::StageBlocked {
+                        name: name.clone(),
+                        by: by.clone(),
+                    });
+                    let mut record = stage_record(&name, Decision::Blocked);
+                    record
+                        .reasons
+                        .push(format!("{by} failed in partition {key}"));
+                    Outcome::Cancelled { record }
+                }
+                (None, None) => {
                     self.ctx
                         .events
                         .event(Event::StageCancelled { name: name.clone() });

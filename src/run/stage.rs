@@ -25,6 +25,7 @@ use crate::store::{versions, ContentHash, Staged};
 pub(super) fn stage_record(name: &str, decision: Decision) -> StageRecord {
     StageRecord {
         name: name.to_owned(),
+        partition: None,
         decision,
         reasons: Vec::new(),
         fingerprint: None,

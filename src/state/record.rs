@@ -163,6 +163,9 @@ impl RunRecord {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StageRecord {
     pub name: String,
+    /// The partition key of a partitioned stage's instance (`2017-05`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<String>,
     pub decision: Decision,
     #[serde(default)]
     pub reasons: Vec<String>,

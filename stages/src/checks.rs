@@ -23,8 +23,13 @@ use crate::io::table::{is_csv, read_parquet, read_table_inferred};
 pub enum Check {
     /// The table has at least `min` and at most `max` rows.
     Rows { min: Option<u64>, max: Option<u64> },
-    /// `metric` moved by at most `max_pct` percent from its value on the committed output.
-    Change { metric: Metric, max_pct: f64 },
+    /// `metric` moved by at most `max_pct` percent from its value on the baseline: the output
+    /// committed at the same place, or the previous partition's (`against`).
+    Change {
+        metric: Metric,
+        max_pct: f64,
+        against: Against,
+    },
     /// None of these columns has a missing value.
     NotNull(Vec<String>),
     /// These columns together identify a row: no two rows share their values.
@@ -33,6 +38,54 @@ pub enum Check {
     Range(Vec<(String, Option<f64>, Option<f64>)>),
     /// A polars SQL query over the table (called `self`) whose every value is `true`.
     Sql(String),
+}
+
+/// What a `change` check compares with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Against {
+    /// The output committed at the same place (the previous run's).
+    #[default]
+    Committed,
+    /// The same output of the previous partition, in partition order (month over month).
+    Previous,
+}
+
+impl Against {
+    /// The value in the pipeline file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Against::Committed => "committed",
+            Against::Previous => "previous",
+        }
+    }
+}
+
+/// The tables `change` checks compare with.
+#[derive(Debug, Clone, Default)]
+pub struct Baselines<'a> {
+    /// `against: committed`: the output committed at the same place, if any.
+    pub committed: Option<&'a Path>,
+    /// `against: previous`: the previous partition's output, or why there is none.
+    pub previous: Previous<'a>,
+}
+
+/// The previous partition's output, for `against: previous`.
+#[derive(Debug, Clone)]
+pub enum Previous<'a> {
+    /// Its committed table, `then` and `now` the two partitions' keys (`2017-04`, `2017-05`).
+    Table {
+        path: &'a Path,
+        then: String,
+        now: String,
+    },
+    /// Why there is no baseline: `2017-04 has not run`.
+    Missing(String),
+}
+
+impl Default for Previous<'_> {
+    fn default() -> Self {
+        Previous::Missing("the stage is not partitioned".to_owned())
+    }
 }
 
 /// What a `change` check compares.
@@ -110,9 +163,22 @@ impl Check {
     pub fn to_json(&self) -> Json {
         match self {
             Check::Rows { min, max } => json!({"rows": {"min": min, "max": max}}),
-            Check::Change { metric, max_pct } => {
-                json!({"change": {"metric": metric.to_string(), "max_pct": max_pct}})
-            }
+            // `against: committed` is left out: fingerprints of checks written before it existed
+            // stay as they were.
+            Check::Change {
+                metric,
+                max_pct,
+                against: Against::Committed,
+            } => json!({"change": {"metric": metric.to_string(), "max_pct": max_pct}}),
+            Check::Change {
+                metric,
+                max_pct,
+                against,
+            } => json!({"change": {
+                "metric": metric.to_string(),
+                "max_pct": max_pct,
+                "against": against.as_str(),
+            }}),
             Check::NotNull(columns) => json!({ "not_null": columns }),
             Check::Unique(columns) => json!({ "unique": columns }),
             Check::Range(ranges) => {
@@ -239,16 +305,16 @@ impl Verdict {
     }
 }
 
-/// Evaluates `checks` on the table at `table`. `baseline` is the table committed at the same
-/// place, for `change` checks; `None` when there is none yet. One verdict per check, in order.
-pub fn evaluate(checks: &[Check], table: &Path, baseline: Option<&Path>) -> Vec<Verdict> {
+/// Evaluates `checks` on the table at `table`; `change` checks compare with `baselines`. One
+/// verdict per check, in order.
+pub fn evaluate(checks: &[Check], table: &Path, baselines: &Baselines) -> Vec<Verdict> {
     let loaded = match Loaded::read(table, checks) {
         Ok(loaded) => loaded,
         Err(message) => return checks.iter().map(|_| Verdict::error(&message)).collect(),
     };
     checks
         .iter()
-        .map(|check| match check_one(check, &loaded, table, baseline) {
+        .map(|check| match check_one(check, &loaded, table, baselines) {
             Ok(verdict) => verdict,
             Err(message) => Verdict::error(message),
         })
@@ -332,7 +398,7 @@ fn check_one(
     check: &Check,
     table: &Loaded,
     path: &Path,
-    baseline: Option<&Path>,
+    baselines: &Baselines,
 ) -> Result<Verdict, String> {
     match check {
         Check::Rows { min, max } => {
@@ -348,16 +414,33 @@ fn check_one(
                 ),
             ))
         }
-        Check::Change { metric, max_pct } => {
+        Check::Change {
+            metric,
+            max_pct,
+            against,
+        } => {
             let now = measure(metric, table, path)?;
-            let Some(baseline) = baseline else {
-                return Ok(Verdict::pass(
-                    json!({"now": finite(now), "baseline": null, "change_pct": null}),
-                    format!(
-                        "no baseline: no committed output to compare with ({metric} is {})",
-                        shown(now)
-                    ),
-                ));
+            // The baseline, and the two tables' names when they are partitions.
+            let (baseline, names) = match (against, &baselines.previous) {
+                (Against::Committed, _) => (
+                    baselines
+                        .committed
+                        .ok_or_else(|| "no committed output to compare with".to_owned()),
+                    None,
+                ),
+                (Against::Previous, Previous::Table { path, then, now }) => {
+                    (Ok(*path), Some((then.as_str(), now.as_str())))
+                }
+                (Against::Previous, Previous::Missing(why)) => (Err(why.clone()), None),
+            };
+            let baseline = match baseline {
+                Ok(baseline) => baseline,
+                Err(why) => {
+                    return Ok(Verdict::pass(
+                        json!({"now": finite(now), "baseline": null, "change_pct": null}),
+                        format!("no baseline: {why} ({metric} is {})", shown(now)),
+                    ))
+                }
             };
             let mut columns = BTreeSet::new();
             columns.extend(check.columns().into_iter().map(str::to_owned));
@@ -365,24 +448,41 @@ fn check_one(
                 .and_then(|loaded| measure(metric, &loaded, baseline))
                 .map_err(|e| format!("cannot measure the baseline: {e}"))?;
             let value = |pct: Option<f64>| json!({"now": finite(now), "baseline": finite(before), "change_pct": pct.and_then(|p| finite(p).as_f64())});
+            // `3 → 2` or, between partitions, `3 in 2017-04 → 2 in 2017-05`.
+            let (was, is) = match names {
+                Some((then, now_key)) => (
+                    format!("{} in {then}", shown(before)),
+                    format!("{} in {now_key}", shown(now)),
+                ),
+                None => (shown(before), shown(now)),
+            };
             let (Some(a), Some(b)) = (defined(before), defined(now)) else {
+                let baseline_name = match names {
+                    Some((then, _)) => format!("in {then}"),
+                    None => "in the baseline".to_owned(),
+                };
                 return Ok(match (defined(before), defined(now)) {
                     (None, None) => Verdict::pass(
                         value(None),
-                        format!("{metric} is undefined now and in the baseline"),
+                        format!("{metric} is undefined now and {baseline_name}"),
                     ),
                     (None, Some(_)) => Verdict::pass(
                         value(None),
-                        format!(
-                            "no baseline: {metric} of the committed output is undefined (now {})",
-                            shown(now)
-                        ),
+                        match names {
+                            Some((then, _)) => {
+                                format!("no baseline: {metric} is undefined in {then} (now {is})")
+                            }
+                            None => format!(
+                                "no baseline: {metric} of the committed output is undefined (now {})",
+                                shown(now)
+                            ),
+                        },
                     ),
                     _ => Verdict::judged(
                         false,
                         value(None),
                         format!(
-                            "{metric} is undefined now, was {} in the baseline",
+                            "{metric} is undefined now, was {} {baseline_name}",
                             shown(before)
                         ),
                     ),
@@ -406,9 +506,7 @@ fn check_one(
                 pct <= *max_pct,
                 value(Some(pct)),
                 format!(
-                    "{metric} changed by {moved}: {} → {}, expected {}",
-                    shown(before),
-                    shown(now),
+                    "{metric} changed by {moved}: {was} → {is}, expected {}",
                     check.expected()
                 ),
             ))
@@ -717,7 +815,11 @@ mod tests {
     }
 
     fn one(check: Check, path: &Path, baseline: Option<&Path>) -> Verdict {
-        evaluate(&[check], path, baseline).remove(0)
+        let baselines = Baselines {
+            committed: baseline,
+            ..Baselines::default()
+        };
+        evaluate(&[check], path, &baselines).remove(0)
     }
 
     const ORDERS: &str = "id,user,days,hour\n1,a,3.0,10\n2,a,,11\n3,b,7.0,23\n4,c,NaN,0\n";
@@ -846,6 +948,7 @@ mod tests {
                 Check::Change {
                     metric: metric.parse().unwrap(),
                     max_pct,
+                    against: Against::Committed,
                 },
                 &after,
                 baseline,
@@ -875,6 +978,58 @@ mod tests {
     }
 
     #[test]
+    fn change_against_the_previous_partition_names_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let april = parquet(dir.path(), "april", "x\n1\n2\n3\n");
+        let may = parquet(dir.path(), "may", "x\n1\n2\n");
+        let check = Check::Change {
+            metric: Metric::Rows,
+            max_pct: 20.0,
+            against: Against::Previous,
+        };
+        let committed = parquet(dir.path(), "committed", "x\n1\n2\n");
+        let baselines = Baselines {
+            // Not what `against: previous` reads: the same row count would pass.
+            committed: Some(&committed),
+            previous: Previous::Table {
+                path: &april,
+                then: "2017-04".into(),
+                now: "2017-05".into(),
+            },
+        };
+        let verdict = evaluate(std::slice::from_ref(&check), &may, &baselines).remove(0);
+        assert_eq!(verdict.status, Status::Fail);
+        assert_eq!(
+            verdict.detail,
+            "rows changed by 33.33%: 3 in 2017-04 → 2 in 2017-05, expected ≤ 20%"
+        );
+        let first = Baselines {
+            committed: Some(&committed),
+            previous: Previous::Missing("2017-04 has not run".into()),
+        };
+        let verdict = evaluate(std::slice::from_ref(&check), &may, &first).remove(0);
+        assert_eq!(verdict.status, Status::Pass);
+        assert_eq!(
+            verdict.detail,
+            "no baseline: 2017-04 has not run (rows is 2)"
+        );
+        // The default stays out of the check's JSON, so that older fingerprints hold.
+        assert_eq!(
+            check.to_json(),
+            json!({"change": {"metric": "rows", "max_pct": 20.0, "against": "previous"}})
+        );
+        let committed_check = Check::Change {
+            metric: Metric::Rows,
+            max_pct: 20.0,
+            against: Against::Committed,
+        };
+        assert_eq!(
+            committed_check.to_json(),
+            json!({"change": {"metric": "rows", "max_pct": 20.0}})
+        );
+    }
+
+    #[test]
     fn change_from_zero_and_from_undefined() {
         let dir = tempfile::tempdir().unwrap();
         let empty = parquet(dir.path(), "empty", "x\n");
@@ -884,6 +1039,7 @@ mod tests {
                 Check::Change {
                     metric: metric.parse().unwrap(),
                     max_pct: 50.0,
+                    against: Against::Committed,
                 },
                 table,
                 Some(baseline),

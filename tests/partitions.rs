@@ -1,0 +1,272 @@
+//! Partitioned pipelines as a user runs them month after month: month-over-month checks,
+//! choosing partitions on the command line, a failure kept inside its partition.
+
+mod common;
+
+use common::Test;
+
+/// The decisions of the last run but `skipped`, as `name decision` lines.
+fn decisions(t: &Test) -> Vec<String> {
+    t.decisions()
+        .into_iter()
+        .filter(|(_, decision)| decision != "skipped")
+        .map(|(name, decision)| format!("{name} {decision}"))
+        .collect()
+}
+
+/// `n` data rows and a header.
+fn rows(n: usize) -> String {
+    let mut text = String::from("id\n");
+    for i in 0..n {
+        text.push_str(&format!("{i}\n"));
+    }
+    text
+}
+
+/// Three months of orders; `clean` copies a month, checked against the month before; `report`
+/// reads the cleaned month.
+fn monthly(sizes: [usize; 3]) -> Test {
+    let mut t = Test::new();
+    for (month, n) in ["2017-03", "2017-04", "2017-05"].iter().zip(sizes) {
+        t = t.file(&format!("raw/{month}/orders.csv"), rows(n));
+    }
+    t.pipeline(
+        r#"
+vars:
+  max_change_pct: 20
+partitions:
+  month:
+    range: {from: 2017-03, to: 2017-05}
+stages:
+  clean:
+    cmd: cp {{ inputs[0] }} {{ outputs[0] }}
+    inputs: ["raw/{{ month }}/orders.csv"]
+    outputs: ["out/{{ month }}/orders.csv"]
+    checks:
+      - change: {metric: rows, max_pct: "{{ max_change_pct }}", against: previous}
+  report:
+    cmd: wc -l < {{ inputs[0] }} > {{ outputs[0] }}
+    inputs: ["out/{{ month }}/orders.csv"]
+    outputs: ["out/{{ month }}/report.txt"]
+"#,
+    )
+}
+
+#[test]
+fn a_month_that_shrinks_by_a_third_is_quarantined_and_the_others_commit() {
+    let t = monthly([30, 30, 20]);
+    let out = t.exec(&["run", "pipeline.yaml", "-j", "2"]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    // The check names both months and both values.
+    assert!(
+        out.stderr
+            .contains("rows changed by 33.33%: 30 in 2017-04 → 20 in 2017-05, expected ≤ 20%"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("partition 2017-05 failed"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        decisions(&t),
+        [
+            "clean@2017-03 ran",
+            "clean@2017-04 ran",
+            "clean@2017-05 failed",
+            "report@2017-03 ran",
+            "report@2017-04 ran",
+            "report@2017-05 blocked",
+        ]
+    );
+    assert!(t.path().join("out/2017-04/report.txt").is_file());
+    assert!(!t.path().join("out/2017-05/orders.csv").exists());
+    // The first month had nothing to compare with, and said so.
+    let show = t.exec(&["show", "pipeline.yaml", "--json"]);
+    let record: serde_json::Value = serde_json::from_str(&show.stdout).unwrap();
+    let first = &record["stages"][0]["checks"][0];
+    assert_eq!(
+        first["detail"], "no baseline: 2017-03 is the first partition of `month` (rows is 30)",
+        "{first}"
+    );
+    assert_eq!(record["stages"][2]["partition"], "2017-05");
+}
+
+#[test]
+fn a_month_whose_previous_month_never_ran_has_no_baseline() {
+    let t = monthly([30, 30, 20]);
+    t.run_ok(&["--partition", "2017-05"]);
+    assert_eq!(
+        decisions(&t),
+        ["clean@2017-05 ran", "report@2017-05 ran"],
+        "only the chosen partition"
+    );
+    let show = t.exec(&["show", "pipeline.yaml", "--json"]);
+    let record: serde_json::Value = serde_json::from_str(&show.stdout).unwrap();
+    assert_eq!(
+        record["stages"][0]["checks"][0]["detail"],
+        "no baseline: 2017-04 has not run (rows is 20)"
+    );
+    // A backfill of the two before: 2017-04 compares with 2017-03, which runs first.
+    t.run_ok(&["--partitions", "2017-03..2017-04"]);
+    assert_eq!(
+        decisions(&t),
+        [
+            "clean@2017-03 ran",
+            "clean@2017-04 ran",
+            "report@2017-03 ran",
+            "report@2017-04 ran"
+        ]
+    );
+}
+
+#[test]
+fn a_changed_month_is_checked_against_the_month_before_as_committed() {
+    let t = monthly([30, 30, 30]);
+    t.run_ok(&[]);
+    // May's data is corrected: 35 rows, +16.7% on April's 30.
+    t.write("raw/2017-05/orders.csv", rows(35));
+    let out = t.run_ok(&["--latest"]);
+    assert_eq!(
+        decisions(&t),
+        ["clean@2017-05 ran", "report@2017-05 ran"],
+        "{}",
+        out.stderr
+    );
+    // April shrinks: April fails against March; May is not run again (its input did not
+    // change), and stays as committed.
+    t.write("raw/2017-04/orders.csv", rows(10));
+    let out = t.exec(&["run", "pipeline.yaml"]);
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr.contains("30 in 2017-03 → 10 in 2017-04"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        decisions(&t),
+        ["clean@2017-04 failed", "report@2017-04 blocked"]
+    );
+    assert_eq!(t.read("out/2017-05/report.txt").trim(), "36");
+}
+
+#[test]
+fn partition_options_name_what_is_wrong() {
+    let t = monthly([30, 30, 30]);
+    let out = t.exec(&["run", "pipeline.yaml", "--partition", "2017-13"]);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert_eq!(
+        out.stderr.trim_end(),
+        "error: no partition is `2017-13` (did you mean `2017-03`?); `month` has 3 partitions: 2017-03, 2017-04, 2017-05"
+    );
+    let out = t.exec(&["run", "pipeline.yaml", "--partitions", "2017-05..2017-03"]);
+    assert_eq!(out.code, 2);
+    assert_eq!(
+        out.stderr.trim_end(),
+        "error: --partitions 2017-05..2017-03 goes backwards: in `month`, 2017-03 comes before 2017-05"
+    );
+    let out = t.exec(&["run", "pipeline.yaml", "--partitions", "2017-05"]);
+    assert_eq!(out.code, 2);
+    assert!(
+        out.stderr
+            .contains("expected FROM..TO, e.g. 2017-01..2017-06"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn against_previous_needs_a_partitioned_stage() {
+    let t = Test::new().file("a.csv", "x\n1\n").pipeline(
+        r#"
+stages:
+  copy:
+    cmd: cp a.csv {{ outputs[0] }}
+    outputs: [out/a.csv]
+    checks:
+      - change: {metric: rows, max_pct: 10, against: previus}
+      - change: {metric: rows, max_pct: 10, against: previous}
+"#,
+    );
+    let out = t.exec(&["validate", "pipeline.yaml"]);
+    assert_eq!(out.code, 2);
+    insta::assert_snapshot!(out.all());
+}
+
+#[test]
+fn a_failure_stops_its_own_partition_and_no_other() {
+    let t = Test::new().pipeline(
+        r#"
+partitions:
+  month:
+    values: [2017-01, 2017-02, 2017-03]
+stages:
+  extract:
+    cmd: test {{ month }} != 2017-02 && echo {{ month }} > {{ outputs[0] }}
+    outputs: ["out/{{ month }}/extract.txt"]
+  side:
+    cmd: echo {{ month }} > {{ outputs[0] }}
+    outputs: ["out/{{ month }}/side.txt"]
+  load:
+    cmd: cat {{ inputs[0] }} > {{ outputs[0] }}
+    inputs: ["out/{{ month }}/extract.txt"]
+    outputs: ["out/{{ month }}/load.txt"]
+  model:
+    cmd: cat {{ inputs }} > {{ outputs[0] }}
+    inputs: ["{{ expand('out/{month}/load.txt', month=partitions.month.all) }}"]
+    outputs: [out/model.txt]
+"#,
+    );
+    // One job: stages start one at a time, oldest partition first.
+    let out = t.exec(&["run", "pipeline.yaml", "-j", "1"]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert_eq!(
+        decisions(&t),
+        [
+            "extract@2017-01 ran",
+            "extract@2017-02 failed",
+            "extract@2017-03 ran",
+            "side@2017-01 ran",
+            "side@2017-02 blocked",
+            "side@2017-03 ran",
+            "load@2017-01 ran",
+            "load@2017-02 blocked",
+            "load@2017-03 ran",
+            "model blocked",
+        ]
+    );
+    assert!(
+        out.stderr.contains("; partition 2017-02 failed"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn a_stage_over_every_partition_reads_each_output() {
+    let t = Test::new().pipeline(
+        r#"
+partitions:
+  month:
+    values: [2017-01, 2017-02]
+stages:
+  extract:
+    cmd: echo {{ month }} > {{ outputs[0] }}
+    outputs: ["out/{{ month }}/extract.txt"]
+  model:
+    cmd: cat {{ inputs }} > {{ outputs[0] }}
+    inputs:
+      - "{{ expand('out/{month}/extract.txt', month=partitions.month.all) }}"
+    outputs: [out/model.txt]
+"#,
+    );
+    t.run_ok(&[]);
+    assert_eq!(t.read("out/model.txt"), "2017-01\n2017-02\n");
+    let dag = t.exec(&["dag", "pipeline.yaml", "--dot"]);
+    assert!(
+        dag.stdout.contains("\"extract@2017-02\" -> \"model\""),
+        "{}",
+        dag.stdout
+    );
+}
