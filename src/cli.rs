@@ -244,6 +244,9 @@ pub struct StatusArgs {
     /// JSON, for scripts.
     #[arg(long)]
     pub json: bool,
+    /// In a partitioned pipeline, each stale stage with its reasons instead of the grid.
+    #[arg(long)]
+    pub reasons: bool,
 }
 
 #[derive(Args, Debug)]
@@ -437,6 +440,7 @@ impl PipelineArgs {
         Overrides {
             vars_files: self.vars.clone(),
             sets: self.set.clone(),
+            ..Overrides::default()
         }
     }
 }
@@ -606,7 +610,14 @@ fn dag_for_records(
     registry: &Registry,
     printer: &Printer,
 ) -> Result<Dag, ExitCode> {
-    let (sources, loaded) = config::load(&args.file, &args.overrides(), registry);
+    let overrides = match crate::plan::discover(&args.file, &args.overrides(), registry) {
+        Ok(overrides) => overrides,
+        Err((sources, error)) => {
+            printer.load_error(&sources, &error);
+            return Err(ExitCode::from(EXIT_CONFIG));
+        }
+    };
+    let (sources, loaded) = config::load(&args.file, &overrides, registry);
     let built = loaded.and_then(|pipeline| {
         let options = BuildOptions {
             check_sources: false,
@@ -625,7 +636,10 @@ fn load_dag(
     args: &PipelineArgs,
     registry: &Registry,
 ) -> (crate::diagnostic::Sources, Result<Dag, LoadError>) {
-    crate::graph::load(&args.file, &args.overrides(), registry)
+    match crate::plan::discover(&args.file, &args.overrides(), registry) {
+        Ok(overrides) => crate::graph::load(&args.file, &overrides, registry),
+        Err((sources, error)) => (sources, Err(error)),
+    }
 }
 
 /// `docs/cli.md`: the help of every command, as the binary prints it.
@@ -713,8 +727,33 @@ fn status_command(args: StatusArgs, registry: &Registry, printer: &Printer) -> E
     };
     match static_plan(&dag, &args.select.selection(false), printer) {
         Ok(statuses) => {
+            let partitioned = !dag.pipeline().partitions.is_empty();
+            let states = if partitioned {
+                let pipeline = dag.pipeline();
+                let shown = pipeline.file.display().to_string();
+                let runs: Vec<record::RunRecord> =
+                    record::list(&StateDir::new(&pipeline.workdir).runs())
+                        .into_iter()
+                        .filter(|r| r.pipeline == shown)
+                        .collect();
+                crate::report::partitions::states(&statuses, &runs)
+            } else {
+                Default::default()
+            };
             if args.json {
-                let json = serde_json::json!({ "stages": statuses });
+                let mut json = serde_json::json!({ "stages": statuses });
+                if partitioned {
+                    for (value, status) in json["stages"]
+                        .as_array_mut()
+                        .into_iter()
+                        .flatten()
+                        .zip(&statuses)
+                    {
+                        value["state"] = serde_json::json!(states.get(&status.index));
+                    }
+                    let (_, rows) = crate::report::partitions::rows(&dag, &states);
+                    json["partitions"] = serde_json::json!(rows);
+                }
                 printer.data(&(serde_json::to_string_pretty(&json).unwrap_or_default() + "\n"));
             } else if printer.quiet {
                 // `imba status -q` gates CI as `dvc status -q` does: nothing printed, exit 1
@@ -722,6 +761,8 @@ fn status_command(args: StatusArgs, registry: &Registry, printer: &Printer) -> E
                 if statuses.iter().any(|s| s.stale) {
                     return ExitCode::from(EXIT_STAGE_FAILED);
                 }
+            } else if partitioned && !args.reasons {
+                printer.data(&crate::report::partitions::grid(&dag, &statuses, &states));
             } else {
                 printer.data(&crate::report::tables::plan(&statuses, "are stale"));
             }

@@ -971,19 +971,83 @@ pub fn status(
     let lock = lock::load_for_run(&lock::lock_path(&pipeline.file), &state, warn)
         .map_err(PlanError::Config)?;
     let (selected, forced) = select(dag, selection).map_err(PlanError::Config)?;
-    let cache = if state.root.is_dir() {
-        StatCache::load(state.stat_cache())
-    } else {
-        StatCache::in_memory()
-    };
-    let storage = crate::store::s3::Storage::new(pipeline.storage.clone(), state.cache());
-    let store = Stores::new(&pipeline.workdir, cache, storage);
+    let store = stores(pipeline);
     let cache = RunCache::new(state.cache());
     let statuses = static_plan(dag, &lock, &store, Some(&cache), &selected, &forced)
         .map_err(|e| PlanError::Io(e.to_string()))?;
     // Remember what was hashed, so the next status (or run) does not read the same files again.
     let _ = store.save();
     Ok(statuses)
+}
+
+/// The stores a command outside a run reads and writes through.
+pub fn stores(pipeline: &crate::model::Pipeline) -> Stores {
+    let state = StateDir::new(&pipeline.workdir);
+    let storage = crate::store::s3::Storage::new(pipeline.storage.clone(), state.cache());
+    let cache = if state.root.is_dir() {
+        StatCache::load(state.stat_cache())
+    } else {
+        StatCache::in_memory()
+    };
+    Stores::new(&pipeline.workdir, cache, storage)
+}
+
+/// `overrides` with what the `discover:` patterns of the pipeline at `path` match now: the
+/// pipeline is read once to render the patterns, then each pattern's prefix is listed once
+/// (local or S3). The pipeline, loaded with the result, has a partition per path found. A
+/// prefix that cannot be listed is an error at its pattern.
+pub fn discover(
+    path: &Path,
+    overrides: &crate::config::Overrides,
+    registry: &imba_stages::Registry,
+) -> Result<crate::config::Overrides, (crate::diagnostic::Sources, crate::config::LoadError)> {
+    if !overrides.discovered.is_empty() {
+        return Ok(overrides.clone());
+    }
+    let (sources, loaded) = crate::config::load_partial(path, overrides, registry);
+    let pipeline = match &loaded {
+        Ok(pipeline) => pipeline,
+        Err((_, Some(partial))) => &partial.pipeline,
+        // The load that follows reports the same error.
+        Err((_, None)) => return Ok(overrides.clone()),
+    };
+    let sets: Vec<(&str, &crate::model::Discover)> = pipeline
+        .partitions
+        .iter()
+        .filter_map(|set| Some((set.name.as_str(), set.discover.as_ref()?)))
+        .collect();
+    if sets.is_empty() {
+        return Ok(overrides.clone());
+    }
+    let store = stores(pipeline);
+    let mut found = overrides.clone();
+    let mut errors = Vec::new();
+    for (name, discover) in sets {
+        let listed = crate::model::Declared::parse(&discover.prefix, &pipeline.workdir)
+            .map_err(|e| e.to_string())
+            .and_then(|prefix| store.list(&prefix.location).map_err(|e| e.to_string()));
+        match listed {
+            Ok(listed) => {
+                let paths = listed
+                    .into_iter()
+                    .map(|l| format!("{}{}", discover.prefix, l.path))
+                    .collect();
+                found.discovered.insert(name.to_owned(), paths);
+            }
+            Err(e) => errors.push(
+                crate::diagnostic::Diagnostic::error(format!(
+                    "cannot list `{}` to find the partitions of `{name}`: {e}",
+                    discover.prefix
+                ))
+                .at(discover.span, "this pattern"),
+            ),
+        }
+    }
+    if errors.is_empty() {
+        Ok(found)
+    } else {
+        Err((sources, crate::config::LoadError::Invalid(errors)))
+    }
 }
 
 #[cfg(test)]

@@ -78,6 +78,11 @@ pub enum Event {
     Reloaded {
         what: Vec<String>,
     },
+    /// A `discover:` pattern matches a new path: the pipeline has new partitions.
+    Discovered {
+        set: String,
+        keys: Vec<String>,
+    },
     /// The edited pipeline is invalid; the last valid one stays in force.
     Invalid {
         sources: Sources,
@@ -213,6 +218,9 @@ struct Targets {
     config: BTreeSet<PathBuf>,
     /// imba's own: `.imba/`, the lock file, every output.
     ignored: Vec<PathBuf>,
+    /// Each local `discover:` pattern: its prefix (absolute), the pattern, its set, the keys
+    /// the pipeline has now.
+    discover: Vec<(PathBuf, crate::model::Discover, String, BTreeSet<String>)>,
 }
 
 impl Targets {
@@ -256,6 +264,20 @@ impl Targets {
                 }
             }
         }
+        for set in &pipeline.partitions {
+            let Some(discover) = &set.discover else {
+                continue;
+            };
+            let prefix = Declared::parse(&discover.prefix, &pipeline.workdir).ok();
+            if let Some(path) = prefix.as_ref().and_then(|p| p.location.local_path()) {
+                targets.discover.push((
+                    absolute(path),
+                    discover.clone(),
+                    set.name.clone(),
+                    set.keys.iter().cloned().collect(),
+                ));
+            }
+        }
         let state = crate::state::StateDir::new(&pipeline.workdir);
         targets.ignored.push(absolute(&state.root));
         targets
@@ -294,7 +316,48 @@ impl Targets {
                 add(&parent, RecursiveMode::NonRecursive);
             }
         }
+        for (prefix, _, _, _) in &self.discover {
+            if prefix.is_dir() {
+                add(prefix, RecursiveMode::Recursive);
+            } else if let Some(parent) = existing_parent(prefix) {
+                add(&parent, RecursiveMode::NonRecursive);
+            }
+        }
         wanted
+    }
+
+    /// The sets and keys of partitions the pipeline does not have yet, when `path` (or, a new
+    /// directory, a file in it: its files may come before its watch) matches a `discover:`
+    /// pattern with a new key.
+    fn new_partitions(&self, path: &Path) -> Vec<(String, String)> {
+        let mut found = Vec::new();
+        for (prefix, discover, set, keys) in &self.discover {
+            if !path.starts_with(prefix) {
+                continue;
+            }
+            let files: Vec<PathBuf> = if path.is_dir() {
+                walkdir::WalkDir::new(path)
+                    .max_depth(8)
+                    .into_iter()
+                    .flatten()
+                    .filter(|e| e.file_type().is_file())
+                    .map(|e| e.into_path())
+                    .collect()
+            } else {
+                vec![path.to_path_buf()]
+            };
+            for file in files {
+                let key = file
+                    .strip_prefix(prefix)
+                    .ok()
+                    .and_then(|r| r.to_str())
+                    .and_then(|r| discover.key_of(r));
+                if let Some(key) = key.filter(|k| !keys.contains(k)) {
+                    found.push((set.clone(), key));
+                }
+            }
+        }
+        found
     }
 
     fn ignored(&self, path: &Path) -> bool {
@@ -334,6 +397,8 @@ struct Pending {
     s3: BTreeSet<usize>,
     /// The pipeline file or a vars file changed.
     config: BTreeSet<PathBuf>,
+    /// New partitions (set, key) matched by a `discover:` pattern.
+    discovered: BTreeSet<(String, String)>,
     /// Everything stale runs: the first run, and after a reload.
     all: bool,
     /// Stage names of a run cancelled by `--restart`, to run again.
@@ -352,6 +417,7 @@ impl Pending {
         self.local.is_empty()
             && self.s3.is_empty()
             && self.config.is_empty()
+            && self.discovered.is_empty()
             && !self.all
             && self.carried.is_empty()
     }
@@ -498,10 +564,12 @@ impl State<'_> {
                 .into_iter()
                 .map(Path::to_path_buf)
                 .collect();
-            if !config && affected.is_empty() {
+            let discovered = self.targets.new_partitions(&path);
+            if !config && affected.is_empty() && discovered.is_empty() {
                 continue;
             }
             relevant = true;
+            self.pending.discovered.extend(discovered);
             if config {
                 self.pending.config.extend(
                     self.targets
@@ -657,12 +725,24 @@ impl State<'_> {
         let what = self.what_changed();
         let pending = std::mem::take(&mut self.pending);
         let mut all = pending.all;
-        if !pending.config.is_empty() {
+        if !pending.config.is_empty() || !pending.discovered.is_empty() {
             match self.reload() {
                 Ok(()) => {
-                    self.printer.watch(&Event::Reloaded {
-                        what: pending.config.iter().map(|p| self.shown(p)).collect(),
-                    });
+                    if !pending.config.is_empty() {
+                        self.printer.watch(&Event::Reloaded {
+                            what: pending.config.iter().map(|p| self.shown(p)).collect(),
+                        });
+                    }
+                    let mut sets: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+                    for (set, key) in &pending.discovered {
+                        sets.entry(set).or_default().push(key.clone());
+                    }
+                    for (set, keys) in sets {
+                        self.printer.watch(&Event::Discovered {
+                            set: set.to_owned(),
+                            keys,
+                        });
+                    }
                     all = true;
                 }
                 Err((sources, error)) => {

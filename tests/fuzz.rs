@@ -17,6 +17,7 @@ fn check(text: &[u8], sets: Vec<String>) {
     let overrides = Overrides {
         vars_files: Vec::new(),
         sets,
+        ..Overrides::default()
     };
     let (sources, loaded) = config::load(Path::new(&path), &overrides, &Registry::standard());
     match loaded {

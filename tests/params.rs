@@ -75,6 +75,7 @@ fn load(yaml: &str, sets: &[&str]) -> Result<imba::model::Pipeline, String> {
     let overrides = Overrides {
         vars_files: Vec::new(),
         sets: sets.iter().map(|s| s.to_string()).collect(),
+        ..Overrides::default()
     };
     let (sources, loaded) = config::load(Path::new(&path), &overrides, &registry);
     loaded.map_err(|error| match error {

@@ -270,3 +270,128 @@ stages:
         dag.stdout
     );
 }
+
+#[test]
+fn status_shows_each_partition_by_stage() {
+    // March and April run; May fails its check; June's data lands after.
+    let t = monthly([30, 30, 20]);
+    let yaml = t.read("pipeline.yaml").replace(
+        "range: {from: 2017-03, to: 2017-05}",
+        "range: {from: 2017-03, to: 2017-06}",
+    ) + r#"  summary:
+    cmd: cat {{ inputs }} > {{ outputs[0] }}
+    inputs: ["{{ expand('out/{month}/report.txt', month=partitions.month.all) }}"]
+    outputs: [out/summary.txt]
+"#;
+    t.write("pipeline.yaml", yaml);
+    t.write("raw/2017-06/orders.csv", rows(20));
+    let out = t.exec(&["run", "pipeline.yaml", "--partitions", "2017-03..2017-05"]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    // March's data is corrected since.
+    t.write("raw/2017-03/orders.csv", rows(31));
+    let status = t.exec(&["status", "pipeline.yaml"]);
+    insta::assert_snapshot!(status.all());
+    let json = t.exec(&["status", "pipeline.yaml", "--json"]);
+    let value: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    assert_eq!(value["partitions"][2]["key"], "2017-05");
+    assert_eq!(value["partitions"][2]["stages"]["clean"], "quarantined");
+    assert_eq!(value["partitions"][3]["stages"]["report"], "never_run");
+    assert_eq!(value["stages"][0]["state"], "stale");
+    let reasons = t.exec(&["status", "pipeline.yaml", "--reasons", "--latest"]);
+    insta::assert_snapshot!(reasons.all());
+}
+
+/// Months found as `raw/{month}/orders.csv`.
+fn discovered(months: &[(&str, usize)]) -> Test {
+    let mut t = Test::new();
+    for (month, n) in months {
+        t = t.file(&format!("raw/{month}/orders.csv"), rows(*n));
+    }
+    t.file("raw/README.md", "not a month\n").pipeline(
+        r#"
+vars:
+  raw: raw
+partitions:
+  month:
+    discover: "{{ raw }}/{month}/orders.csv"
+stages:
+  clean:
+    cmd: cp {{ inputs[0] }} {{ outputs[0] }}
+    inputs: ["{{ raw }}/{{ month }}/orders.csv"]
+    outputs: ["out/{{ month }}/orders.csv"]
+    params: {keep: all}
+"#,
+    )
+}
+
+#[test]
+fn discovered_months_run_and_a_new_month_runs_alone() {
+    let t = discovered(&[("2017-02", 5), ("2016-12", 5), ("2017-01", 5)]);
+    t.run_ok(&[]);
+    assert_eq!(
+        decisions(&t),
+        [
+            "clean@2016-12 ran",
+            "clean@2017-01 ran",
+            "clean@2017-02 ran"
+        ]
+    );
+    t.write("raw/2017-03/orders.csv", rows(6));
+    t.run_ok(&[]);
+    assert_eq!(decisions(&t), ["clean@2017-03 ran"]);
+    // A param changes: every month's instance runs again, and nothing else.
+    let yaml = t.read("pipeline.yaml").replace("keep: all", "keep: some");
+    t.write("pipeline.yaml", &yaml);
+    t.run_ok(&[]);
+    assert_eq!(decisions(&t).len(), 4);
+    // Back to what it was: the run cache knows every month; nothing is computed.
+    t.write("pipeline.yaml", yaml.replace("keep: some", "keep: all"));
+    t.run_ok(&[]);
+    let computed: Vec<(String, String)> = t
+        .decisions()
+        .into_iter()
+        .filter(|(_, d)| d != "cached" && d != "restored")
+        .collect();
+    assert_eq!(computed, []);
+}
+
+#[test]
+fn discovered_keys_are_checked_and_name_their_paths() {
+    let t = discovered(&[("2017-01", 5), ("2017-13", 5)]);
+    let out = t.exec(&["validate", "pipeline.yaml"]);
+    assert_eq!(out.code, 2);
+    insta::assert_snapshot!("invalid_month", out.all());
+    // Two paths with the same key, through a `*`.
+    let t = Test::new()
+        .file("raw/a/2017-01/orders.csv", "id\n1\n")
+        .file("raw/b/2017-01/orders.csv", "id\n1\n")
+        .pipeline(
+            r#"
+partitions:
+  month:
+    discover: "raw/*/{month}/orders.csv"
+stages:
+  clean:
+    cmd: echo {{ month }} > {{ outputs[0] }}
+    outputs: ["out/{{ month }}.txt"]
+"#,
+        );
+    let out = t.exec(&["validate", "pipeline.yaml"]);
+    assert_eq!(out.code, 2);
+    insta::assert_snapshot!("same_key_twice", out.all());
+    // Nothing matches.
+    let t = Test::new().file("raw/x.csv", "id\n").pipeline(
+        r#"
+partitions:
+  month:
+    discover: "raw/{month}/orders.csv"
+stages:
+  clean:
+    cmd: echo {{ month }} > {{ outputs[0] }}
+    outputs: ["out/{{ month }}.txt"]
+"#,
+    );
+    let out = t.exec(&["validate", "pipeline.yaml"]);
+    assert_eq!(out.code, 2);
+    insta::assert_snapshot!("nothing_matches", out.all());
+}

@@ -1157,3 +1157,41 @@ fn a_versioned_s3_output_goes_back_to_the_version_with_that_content() {
         status.stderr
     );
 }
+
+#[test]
+fn months_are_discovered_on_s3_with_one_list() {
+    let server = S3Server::start();
+    for month in ["2017-01", "2017-02"] {
+        server.put(&format!("raw/{month}/orders.csv"), DATA);
+    }
+    server.put("raw/notes.txt", "not a month");
+    let t = Test::new().pipeline(
+        r#"
+partitions:
+  month:
+    discover: "s3://bucket/raw/{month}/orders.csv"
+stages:
+  count:
+    cmd: wc -l < {{ inputs[0] }} | tr -d ' ' > {{ outputs[0] }}
+    inputs: ["s3://bucket/raw/{{ month }}/orders.csv"]
+    outputs: ["out/{{ month }}/count.txt"]
+"#,
+    );
+    let out = run(&t, &server, &["run", "pipeline.yaml"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(t.read("out/2017-02/count.txt"), "4\n");
+    server.put("raw/2017-03/orders.csv", DATA);
+    server.reset_counts();
+    let status = run(&t, &server, &["status", "pipeline.yaml"]);
+    assert_eq!(
+        status.stdout,
+        "month    count\n2017-01  up to date\n2017-02  up to date\n2017-03  never run\n3 partitions of `month`: 2 up to date, 1 never run\n",
+        "{}",
+        status.stderr
+    );
+    assert_eq!(
+        server.counts().get("GET list"),
+        1,
+        "one LIST finds the months"
+    );
+}

@@ -614,3 +614,37 @@ stages:
     assert!(log.contains("cancel impute"), "{log}");
     assert!(!t.path().join("out/imputed").exists());
 }
+
+#[test]
+fn a_new_month_found_by_discover_runs_alone() {
+    let t = Test::new().file("raw/2017-01/orders.csv", "a\n").pipeline(
+        r#"
+partitions:
+  month:
+    discover: "raw/{month}/orders.csv"
+stages:
+  clean:
+    cmd: cat {{ inputs[0] }} > {{ outputs[0] }}
+    inputs: ["raw/{{ month }}/orders.csv"]
+    outputs: ["out/{{ month }}/orders.csv"]
+"#,
+    );
+    let mut w = Watching::start(&t, &[]);
+    w.idle(1);
+    assert_eq!(runs(&t), vec![names(&["clean@2017-01"])]);
+    // A new month's folder and file, as an upload leaves them; a file that is not a month's
+    // runs nothing.
+    t.write("raw/notes.txt", "x\n");
+    t.write("raw/2017-02/orders.csv", "b\n");
+    w.wait_for("the new month's run", |log| {
+        log.contains("new partition of `month`: 2017-02")
+            && log.matches("for changes (Ctrl-C to stop)").count() >= 2
+    });
+    assert_eq!(
+        runs(&t),
+        vec![names(&["clean@2017-01"]), names(&["clean@2017-02"])]
+    );
+    assert_eq!(t.read("out/2017-02/orders.csv"), "b\n");
+    let (code, _) = w.stop();
+    assert_eq!(code, Some(130));
+}

@@ -79,7 +79,15 @@ pub fn load_partial(
     let raw = raw::check(root, &mut diagnostics);
     // Stages with shape errors are left out of `raw`; the others are still resolved, so that
     // one run reports as much as it can.
-    let resolved = raw.map(|raw| resolve::resolve(path, &raw, registry, &mut diagnostics));
+    let resolved = raw.map(|raw| {
+        resolve::resolve(
+            path,
+            &raw,
+            registry,
+            &overrides.discovered,
+            &mut diagnostics,
+        )
+    });
     if let Some((pipeline, _)) = &resolved {
         confine::check(pipeline, &overrides.vars_files, &mut diagnostics);
     }

@@ -18,6 +18,9 @@ pub struct Overrides {
     pub vars_files: Vec<PathBuf>,
     /// `--set KEY=VALUE`, applied in order.
     pub sets: Vec<String>,
+    /// For each partition set with `discover:`, the paths its pattern matched (as listed by the
+    /// store, before the pipeline is loaded with them).
+    pub discovered: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 impl Overrides {
@@ -384,6 +387,7 @@ mod tests {
         let overrides = Overrides {
             vars_files: Vec::new(),
             sets: sets.iter().map(|s| s.to_string()).collect(),
+            ..Overrides::default()
         };
         apply(&mut root, &overrides, &mut sources, &mut diagnostics);
         (sources, root, diagnostics)

@@ -6,7 +6,14 @@ use serde_json::{Map, Value as Json};
 use super::template::{Context, Templates};
 use super::yaml::{Key, Node, Value};
 use crate::diagnostic::Diagnostic;
-use crate::model::PartitionSet;
+use crate::model::{Discover, PartitionSet, PatternPart};
+
+/// What `discover:` patterns matched, found by the caller (which lists the store) before this
+/// load: by set name, the matching paths. A set missing here is left without keys.
+pub struct Found<'a> {
+    pub workdir: &'a std::path::Path,
+    pub paths: &'a std::collections::BTreeMap<String, Vec<String>>,
+}
 
 /// The most keys one set may have: a typo in a range (`from: 1017-01`) must not expand into
 /// millions of stages.
@@ -19,6 +26,7 @@ pub fn resolve(
     templates: &Templates,
     ctx: &Context,
     vars: &Map<String, Json>,
+    found: &Found,
     failed: &mut Vec<String>,
     diagnostics: &mut Vec<Diagnostic>,
 ) -> Vec<PartitionSet> {
@@ -49,12 +57,13 @@ pub fn resolve(
             failed.push(name.name.clone());
             continue;
         };
+        let mut discover = None;
         let keys = match rendered.as_map() {
-            Some(fields) => keys_of(name, &rendered, fields, diagnostics),
+            Some(fields) => keys_of(name, &rendered, fields, found, &mut discover, diagnostics),
             None => {
                 diagnostics.push(
                     Diagnostic::error(format!(
-                        "partition set `{}` must be a map with `values` or `range`",
+                        "partition set `{}` must be a map with `values`, `range` or `discover`",
                         name.name
                     ))
                     .at(spec.span, format!("found {}", rendered.kind())),
@@ -66,6 +75,7 @@ pub fn resolve(
             (Some(keys), true) => sets.push(PartitionSet {
                 name: name.name.clone(),
                 keys,
+                discover,
             }),
             _ => failed.push(name.name.clone()),
         }
@@ -110,51 +120,232 @@ fn check_name(name: &Key, vars: &Map<String, Json>, diagnostics: &mut Vec<Diagno
     }
 }
 
-/// The keys of one set, from exactly one of `values:` and `range:`.
+/// The keys of one set, from exactly one of `values:`, `range:` and `discover:`.
 fn keys_of(
     name: &Key,
     node: &Node,
     fields: &[(Key, Node)],
+    found: &Found,
+    discover: &mut Option<Discover>,
     diagnostics: &mut Vec<Diagnostic>,
 ) -> Option<Vec<String>> {
-    let mut values = None;
-    let mut range = None;
+    let mut given: Vec<(&Key, &Node)> = Vec::new();
     for (key, value) in fields {
         match key.name.as_str() {
-            "values" => values = Some(value),
-            "range" => range = Some(value),
+            "values" | "range" | "discover" => given.push((key, value)),
             _ => diagnostics.push(super::raw::unknown_key(
                 key,
-                &["range", "values"],
+                &["discover", "range", "values"],
                 "in a partition set",
             )),
         }
     }
-    match (values, range) {
-        (Some(values), None) => listed(values, diagnostics),
-        (None, Some(range)) => ranged(range, diagnostics),
-        (Some(_), Some(range)) => {
+    match given.as_slice() {
+        [(key, value)] => match key.name.as_str() {
+            "values" => listed(value, diagnostics),
+            "range" => ranged(value, diagnostics),
+            _ => {
+                *discover = Some(pattern(name, value, found.workdir, diagnostics)?);
+                match found.paths.get(&name.name) {
+                    Some(paths) => discovered(name, discover.as_ref()?, paths, diagnostics),
+                    // Not listed yet: the caller lists its prefix and loads again.
+                    None => Some(Vec::new()),
+                }
+            }
+        },
+        [] => {
             diagnostics.push(
                 Diagnostic::error(format!(
-                    "partition set `{}` has both `values` and `range`",
-                    name.name
-                ))
-                .at(range.span, "one of them"),
-            );
-            None
-        }
-        (None, None) => {
-            diagnostics.push(
-                Diagnostic::error(format!(
-                    "partition set `{}` has neither `values` nor `range`",
+                    "partition set `{}` has none of `values`, `range` and `discover`",
                     name.name
                 ))
                 .at(node.span, "no keys here")
-                .help("e.g. `values: [2017-01, 2017-02]` or `range: {from: 2017-01, to: 2017-12}`"),
+                .help("e.g. `values: [2017-01, 2017-02]`, `range: {from: 2017-01, to: 2017-12}` or `discover: \"raw/{month}/orders.csv\"`"),
             );
             None
         }
+        [(first, _), rest @ ..] => {
+            let mut diagnostic = Diagnostic::error(format!(
+                "partition set `{}` has {}: it takes one of them",
+                name.name,
+                super::raw::list(
+                    &given
+                        .iter()
+                        .map(|(k, _)| k.name.as_str())
+                        .collect::<Vec<_>>()
+                )
+                .replace(" or ", " and ")
+            ))
+            .at(first.span, "one");
+            for (key, _) in rest {
+                diagnostic = diagnostic.also(key.span, "another");
+            }
+            diagnostics.push(diagnostic);
+            None
+        }
     }
+}
+
+/// `discover: "raw/{month}/orders.csv"`: the set's name in braces once, as (part of) one path
+/// segment after a fixed prefix; `*` stands for any part of a segment.
+fn pattern(
+    name: &Key,
+    node: &Node,
+    workdir: &std::path::Path,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> Option<Discover> {
+    let Some(text) = node.as_str() else {
+        diagnostics.push(
+            Diagnostic::error("`discover` must be a path pattern")
+                .at(node.span, format!("found {}", node.kind())),
+        );
+        return None;
+    };
+    let placeholder = format!("{{{}}}", name.name);
+    let fail = |message: String, label: &str| {
+        Diagnostic::error(message)
+            .at(node.span, label.to_owned())
+            .help(format!(
+            "e.g. `discover: \"raw/{placeholder}/orders.csv\"`: each path that matches gives a key"
+        ))
+    };
+    let Some(at) = text.find(&placeholder) else {
+        diagnostics.push(fail(
+            format!("`discover` must hold `{placeholder}`, where the key is in each path"),
+            "no key here",
+        ));
+        return None;
+    };
+    if text[at + placeholder.len()..].contains(&placeholder) {
+        diagnostics.push(fail(
+            format!("`discover` holds `{placeholder}` twice"),
+            "once only",
+        ));
+        return None;
+    }
+    // The prefix listed: up to the folder holding the first `*` or the key.
+    let first = text.find('*').map_or(at, |star| star.min(at));
+    let cut = text[..first].rfind('/').map_or(0, |i| i + 1);
+    let (prefix, rest) = text.split_at(cut);
+    let mut parts = Vec::new();
+    let mut text_part = String::new();
+    let mut remaining = rest;
+    while !remaining.is_empty() {
+        if let Some(after) = remaining.strip_prefix(placeholder.as_str()) {
+            parts.push(PatternPart::Text(std::mem::take(&mut text_part)));
+            parts.push(PatternPart::Key);
+            remaining = after;
+        } else if let Some(after) = remaining.strip_prefix('*') {
+            parts.push(PatternPart::Text(std::mem::take(&mut text_part)));
+            parts.push(PatternPart::Any);
+            remaining = after;
+        } else if remaining.starts_with('{') || remaining.starts_with('}') {
+            diagnostics.push(fail(
+                format!("`discover` holds a brace that is not `{placeholder}`"),
+                "only the set's own name goes in braces",
+            ));
+            return None;
+        } else {
+            let c = remaining.chars().next().unwrap_or_default();
+            text_part.push(c);
+            remaining = &remaining[c.len_utf8()..];
+        }
+    }
+    parts.push(PatternPart::Text(text_part));
+    parts.retain(|p| *p != PatternPart::Text(String::new()));
+    let prefix = if prefix.is_empty() { "./" } else { prefix };
+    if let Err(e) = crate::model::Declared::parse(prefix, workdir) {
+        diagnostics.push(fail(
+            format!("`discover` has an invalid folder `{prefix}`: {e}"),
+            "here",
+        ));
+        return None;
+    }
+    Some(Discover {
+        pattern: text.to_owned(),
+        prefix: prefix.to_owned(),
+        parts,
+        span: node.span,
+    })
+}
+
+/// The keys of the paths `discover` matched: each a valid key (a date-like one a real date),
+/// none from two paths; dates in date order, others sorted.
+fn discovered(
+    name: &Key,
+    discover: &Discover,
+    paths: &[String],
+    diagnostics: &mut Vec<Diagnostic>,
+) -> Option<Vec<String>> {
+    let before = diagnostics.len();
+    let mut keys: std::collections::BTreeMap<String, &str> = std::collections::BTreeMap::new();
+    for path in paths {
+        let Some(key) = path
+            .strip_prefix(discover.prefix.as_str())
+            .and_then(|rest| discover.key_of(rest))
+        else {
+            continue;
+        };
+        let invalid = |why: String| {
+            Diagnostic::error(format!("{why}, in `{path}`")).at(
+                discover.span,
+                format!("partition set `{}` found it here", name.name),
+            )
+        };
+        if let Err(why) = check_key(&key) {
+            diagnostics.push(invalid(why));
+            continue;
+        }
+        if looks_like_date(&key) && Date::parse(&key).is_none() {
+            diagnostics.push(invalid(format!(
+                "partition key `{key}` is not a valid {}",
+                if key.len() == 7 { "month" } else { "day" }
+            )));
+            continue;
+        }
+        if let Some(first) = keys.get(key.as_str()) {
+            diagnostics.push(
+                Diagnostic::error(format!(
+                    "two paths give partition `{key}` of `{}`: `{first}` and `{path}`",
+                    name.name
+                ))
+                .at(discover.span, "the pattern matches both")
+                .help("make the pattern match one path per key"),
+            );
+            continue;
+        }
+        keys.insert(key, path);
+    }
+    if diagnostics.len() > before {
+        return None;
+    }
+    if keys.is_empty() {
+        diagnostics.push(
+            Diagnostic::error(format!(
+                "partition set `{}` found no path matching `{}`",
+                name.name, discover.pattern
+            ))
+            .at(discover.span, "nothing matches")
+            .note(match paths.len() {
+                0 => format!("nothing is under `{}`", discover.prefix),
+                1 => format!("1 file is under `{}`", discover.prefix),
+                n => format!("{n} files are under `{}`", discover.prefix),
+            }),
+        );
+        return None;
+    }
+    let mut keys: Vec<String> = keys.into_keys().collect();
+    if keys.iter().all(|k| Date::parse(k).is_some()) {
+        keys.sort_by_key(|k| Date::parse(k));
+    }
+    if keys.len() > MAX_KEYS {
+        diagnostics.push(
+            Diagnostic::error(format!("`discover` found more than {MAX_KEYS} keys"))
+                .at(discover.span, "here"),
+        );
+        return None;
+    }
+    Some(keys)
 }
 
 /// `values: [...]`: each a key (letters, digits, `.`, `_`, `-`), none twice; dates are checked

@@ -24,6 +24,7 @@ pub fn resolve(
     file: &Path,
     raw: &PipelineFile,
     registry: &Registry,
+    discovered: &BTreeMap<String, Vec<String>>,
     diagnostics: &mut Vec<Diagnostic>,
 ) -> (Pipeline, LeftOut) {
     let before = diagnostics.len();
@@ -95,7 +96,19 @@ pub fn resolve(
         .partitions
         .as_ref()
         .map(|node| {
-            super::partitions::resolve(node, &templates, &ctx, &vars, &mut failed_sets, diagnostics)
+            let found = super::partitions::Found {
+                workdir: &workdir,
+                paths: discovered,
+            };
+            super::partitions::resolve(
+                node,
+                &templates,
+                &ctx,
+                &vars,
+                &found,
+                &mut failed_sets,
+                diagnostics,
+            )
         })
         .unwrap_or_default();
     // Templates that use a var or a partition set that failed say nothing more about it.

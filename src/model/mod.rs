@@ -44,6 +44,64 @@ pub struct Pipeline {
 pub struct PartitionSet {
     pub name: String,
     pub keys: Vec<String>,
+    /// `discover:`: the keys are those of the paths that match this pattern.
+    pub discover: Option<Discover>,
+}
+
+/// A `discover:` pattern: `raw/{month}/orders.csv`, where `{month}` (the set's name) is the key,
+/// a part of one path segment, and `*` any part of one segment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Discover {
+    /// As rendered, vars in place.
+    pub pattern: String,
+    /// The part before the segment holding the key: the prefix listed (`raw/`, `s3://b/raw/`).
+    pub prefix: String,
+    /// What a listed path (relative to `prefix`) must look like: literal text, `*`, the key.
+    pub parts: Vec<PatternPart>,
+    pub span: Span,
+}
+
+/// One piece of a [`Discover`] pattern after its prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PatternPart {
+    Text(String),
+    /// `*`: any characters but `/`, at least one.
+    Any,
+    /// The key: any characters but `/`, at least one.
+    Key,
+}
+
+impl Discover {
+    /// The key a path listed under the prefix stands for, if it matches.
+    pub fn key_of(&self, listed: &str) -> Option<String> {
+        fn matches<'a>(parts: &[PatternPart], text: &'a str, key: &mut Option<&'a str>) -> bool {
+            match parts.split_first() {
+                None => text.is_empty(),
+                Some((PatternPart::Text(t), rest)) => text
+                    .strip_prefix(t.as_str())
+                    .is_some_and(|after| matches(rest, after, key)),
+                Some((part, rest)) => {
+                    let segment = text.find('/').unwrap_or(text.len());
+                    (1..=segment).any(|end| {
+                        let before = *key;
+                        if *part == PatternPart::Key {
+                            *key = Some(&text[..end]);
+                        }
+                        let found = matches(rest, &text[end..], key);
+                        if !found {
+                            *key = before;
+                        }
+                        found
+                    })
+                }
+            }
+        }
+        let mut key = None;
+        matches(&self.parts, listed, &mut key)
+            .then_some(key)
+            .flatten()
+            .map(str::to_owned)
+    }
 }
 
 /// Which partition a stage instance is for.

@@ -9,6 +9,7 @@
 //! colors are added after.
 
 pub mod diff;
+pub mod partitions;
 pub mod tables;
 pub mod versions;
 
@@ -205,6 +206,15 @@ impl Printer {
                     self.status(&format!("{what} is still being written; waiting"));
                 }
             }
+            Event::Discovered { set, keys } => self.status(&format!(
+                "new {} of `{set}`: {}",
+                if keys.len() == 1 {
+                    "partition"
+                } else {
+                    "partitions"
+                },
+                keys.join(", ")
+            )),
             Event::Reloaded { what } => {
                 self.status(&format!("{} changed: pipeline reloaded", listing(what)))
             }
@@ -286,7 +296,15 @@ pub fn run_summary(record: &crate::state::record::RunRecord) -> String {
 /// Rows of cells as aligned columns (two spaces apart, the last column ragged), one line per
 /// row: the tables of `imba checks` and `imba versions`.
 pub fn table<const N: usize>(rows: &[[String; N]]) -> String {
-    let mut widths = [0usize; N];
+    let rows: Vec<Vec<String>> = rows.iter().map(|r| r.to_vec()).collect();
+    columns(&rows)
+}
+
+/// [`table`] for rows whose length is known only at run time (the partition grid); a short row
+/// leaves its last cells empty.
+pub fn columns(rows: &[Vec<String>]) -> String {
+    let n = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let mut widths = vec![0usize; n];
     for row in rows {
         for (width, cell) in widths.iter_mut().zip(row) {
             *width = (*width).max(cell.chars().count());
@@ -295,9 +313,9 @@ pub fn table<const N: usize>(rows: &[[String; N]]) -> String {
     let mut out = String::new();
     for row in rows {
         let mut line = String::new();
-        for (i, (cell, width)) in row.iter().zip(widths).enumerate() {
+        for (i, (cell, width)) in row.iter().zip(&widths).enumerate() {
             line.push_str(cell);
-            if i + 1 < N {
+            if i + 1 < n {
                 line.push_str(&" ".repeat(width - cell.chars().count() + 2));
             }
         }

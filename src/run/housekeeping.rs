@@ -58,7 +58,7 @@ pub fn gc_remote(
     let (fingerprints, since) = kept(&pipeline.workdir, keep, &warn)?;
     let state = StateDir::new(&pipeline.workdir);
     let cache = RunCache::new(state.cache());
-    let store = stores(pipeline, &state);
+    let store = crate::plan::stores(pipeline);
     let remote = crate::store::remote::Remote::new(&store, remote, &cache);
     let url = remote.root_url();
     let failed =
@@ -130,7 +130,7 @@ pub fn push(
 ) -> Result<Pushed, String> {
     let state = StateDir::new(&pipeline.workdir);
     let cache = RunCache::new(state.cache());
-    let store = stores(pipeline, &state);
+    let store = crate::plan::stores(pipeline);
     let remote = crate::store::remote::Remote::new(&store, remote, &cache);
     let mut pushed = Pushed {
         remote: remote.root_url(),
@@ -165,17 +165,6 @@ pub fn push(
         pushed.moved.add(&moved);
     }
     Ok(pushed)
-}
-
-/// The stores a command outside a run reads and writes through.
-fn stores(pipeline: &crate::model::Pipeline, state: &StateDir) -> crate::store::Stores {
-    let storage = crate::store::s3::Storage::new(pipeline.storage.clone(), state.cache());
-    let cache = if state.root.is_dir() {
-        crate::store::StatCache::load(state.stat_cache())
-    } else {
-        crate::store::StatCache::in_memory()
-    };
-    crate::store::Stores::new(&pipeline.workdir, cache, storage)
 }
 
 /// What `imba gc --quarantine` removed: runs' quarantine folders, and their bytes.
@@ -286,7 +275,7 @@ pub fn accept(
         .find(|&i| dag.stage(i).name == stage)
         .ok_or_else(|| refused(format!("the pipeline has no stage `{stage}` any more")))?;
     let definition = dag.stage(index);
-    let store = stores(pipeline, &state);
+    let store = crate::plan::stores(pipeline);
     let now =
         crate::plan::snapshot(definition, workdir, &store).map_err(|e| failed(e.to_string()))?;
     if record.stages[position].fingerprint.as_deref() != Some(now.fingerprint.as_str()) {
@@ -408,7 +397,7 @@ pub fn collect_archive(
     let state = StateDir::new(&pipeline.workdir);
     let _held = hold(&state, &warn)?;
     let cutoff = older_than.and_then(|d| SystemTime::now().checked_sub(d));
-    let store = stores(pipeline, &state);
+    let store = crate::plan::stores(pipeline);
     let mut released = Released::default();
     for &index in dag.order() {
         let stage = dag.stage(index);
