@@ -78,6 +78,9 @@ pub enum Command {
     Accept(AcceptArgs),
     /// Print the latest result of every stage's checks as a table.
     Checks(ChecksArgs),
+    /// Print each stage's `metrics:` across the partitions, with the change from the previous
+    /// one; or draw them (`--plot`), or write CloudWatch Embedded Metric Format lines (`--emf`).
+    Metrics(MetricsArgs),
     /// List the versions of a versioned output (`imba versions FILE [STAGE]`), or compare two
     /// (`imba versions diff FILE V1 V2`).
     Versions(VersionsArgs),
@@ -268,6 +271,27 @@ pub struct ChecksArgs {
     /// JSON, for scripts.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct MetricsArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+    /// Only this stage's metrics (repeatable).
+    #[arg(long = "stage", short = 's', value_name = "NAME")]
+    pub stages: Vec<String>,
+    /// JSON, for scripts.
+    #[arg(long, conflicts_with_all = ["emf", "plot"])]
+    pub json: bool,
+    /// Draw each metric over the partitions into FILE (`.png` or `.svg`).
+    #[arg(long, value_name = "FILE", conflicts_with = "emf")]
+    pub plot: Option<PathBuf>,
+    /// CloudWatch Embedded Metric Format: one JSON line per stage instance, to stdout.
+    #[arg(long)]
+    pub emf: bool,
+    /// The CloudWatch namespace of `--emf` lines.
+    #[arg(long, value_name = "NAME", default_value = "imba", requires = "emf")]
+    pub namespace: String,
 }
 
 #[derive(Args, Debug)]
@@ -527,6 +551,7 @@ pub fn run(cli: Cli, printer: &Printer) -> ExitCode {
         Command::Log(args) => log_command(args, &registry, printer),
         Command::Show(args) => show_command(args, &registry, printer),
         Command::Checks(args) => checks_command(args, &registry, printer),
+        Command::Metrics(args) => metrics_command(args, &registry, printer),
         Command::Versions(args) => versions_command(args, &registry, printer),
         Command::Cache(args) => cache_command(args, &registry, printer),
         Command::Diff(args) => diff_command(args, &registry, printer),
@@ -964,6 +989,87 @@ fn versions_command(args: VersionsArgs, registry: &Registry, printer: &Printer) 
         }
         Err(message) => printer.fail(&message, EXIT_CONFIG),
     }
+}
+
+fn metrics_command(args: MetricsArgs, registry: &Registry, printer: &Printer) -> ExitCode {
+    let dag = match dag_for_records(&args.pipeline, registry, printer) {
+        Ok(dag) => dag,
+        Err(code) => return code,
+    };
+    let series = match crate::plan::metrics(&dag, &args.stages, |w| printer.warning(&w)) {
+        Ok(series) => series,
+        Err(e) => return run_error(printer, e.into()),
+    };
+    if args.json {
+        let json = serde_json::json!({ "metrics": series });
+        printer.data(&(serde_json::to_string_pretty(&json).unwrap_or_default() + "\n"));
+    } else if args.emf {
+        let pipeline = dag
+            .pipeline()
+            .file
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        printer.data(&crate::report::metrics::emf(
+            &series,
+            &pipeline,
+            &args.namespace,
+            now,
+        ));
+    } else if let Some(out) = &args.plot {
+        // One chart per partition set; the unpartitioned values have no axis to go along.
+        let Some(set) = dag.pipeline().partitions.iter().find(|set| {
+            series
+                .iter()
+                .any(|s| s.set.as_deref() == Some(set.name.as_str()))
+        }) else {
+            return printer.fail(
+                "--plot draws metrics over partitions, and no partitioned stage has `metrics:`",
+                EXIT_CONFIG,
+            );
+        };
+        let one_stage = series.iter().all(|s| s.stage == series[0].stage);
+        let drawn: Vec<imba_stages::chart::Series> = series
+            .iter()
+            .filter(|s| s.set.as_deref() == Some(set.name.as_str()))
+            .map(|s| imba_stages::chart::Series {
+                title: if one_stage {
+                    s.metric.clone()
+                } else {
+                    format!("{}.{}", s.stage, s.metric)
+                },
+                values: set
+                    .keys
+                    .iter()
+                    .map(|key| {
+                        s.points
+                            .iter()
+                            .find(|p| p.partition.as_deref() == Some(key.as_str()))
+                            .and_then(|p| p.value)
+                    })
+                    .collect(),
+            })
+            .collect();
+        if let Err(e) = imba_stages::chart::draw(&set.name, &set.keys, &drawn, out) {
+            return printer.fail(&e, EXIT_STAGE_FAILED);
+        }
+        printer.status(&format!(
+            "drew {} over {} partitions of `{}` into {}",
+            match drawn.len() {
+                1 => "1 metric".to_owned(),
+                n => format!("{n} metrics"),
+            },
+            set.keys.len(),
+            set.name,
+            out.display()
+        ));
+    } else {
+        printer.data(&crate::report::metrics::table(&series));
+    }
+    ExitCode::SUCCESS
 }
 
 fn checks_command(args: ChecksArgs, registry: &Registry, printer: &Printer) -> ExitCode {

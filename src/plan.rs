@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use serde_json::{json, Value as Json};
@@ -343,6 +343,7 @@ pub fn snapshot_with(
             checks,
             inputs,
             vars: stage.vars.clone(),
+            metrics: BTreeMap::new(),
             outputs: declared_outputs
                 .into_iter()
                 .map(|p| {
@@ -978,6 +979,189 @@ pub fn status(
     // Remember what was hashed, so the next status (or run) does not read the same files again.
     let _ = store.save();
     Ok(statuses)
+}
+
+/// The stage's `metrics:` measured on its outputs (`outputs`, in output order: staged, or
+/// committed ones), and a line for each that could not be measured (recorded as null).
+pub fn measure(
+    stage: &Stage,
+    outputs: &[PathBuf],
+) -> (BTreeMap<String, lock::Measured>, Vec<String>) {
+    let mut measured = BTreeMap::new();
+    let mut problems = Vec::new();
+    for metric in &stage.metrics {
+        let mut path = outputs[metric.output].clone();
+        if let Some(file) = &metric.file {
+            path = path.join(file);
+        }
+        let value = match imba_stages::checks::measure_value(&metric.measure, &path) {
+            Ok(value) => json!(value),
+            Err(e) => {
+                problems.push(format!("metric `{}` cannot be measured: {e}", metric.name));
+                Json::Null
+            }
+        };
+        measured.insert(
+            metric.name.clone(),
+            lock::Measured {
+                of: metric.definition(),
+                value,
+            },
+        );
+    }
+    (measured, problems)
+}
+
+/// One metric of one stage, over its partitions (one point when it is not partitioned).
+#[derive(Debug, Serialize)]
+pub struct MetricSeries {
+    /// The stage's name (without `@KEY`).
+    pub stage: String,
+    pub metric: String,
+    /// The partition set, for a partitioned stage.
+    pub set: Option<String>,
+    pub points: Vec<MetricPoint>,
+}
+
+/// A metric's value for one partition (or the one value of an unpartitioned stage).
+#[derive(Debug, Serialize)]
+pub struct MetricPoint {
+    pub partition: Option<String>,
+    /// The stage instance measured (`clean@2017-05`).
+    pub instance: String,
+    /// `None`: never committed, or undefined there.
+    pub value: Option<f64>,
+    /// Whether the instance has committed outputs.
+    pub committed: bool,
+    /// The change from the previous partition with a value, in percent.
+    pub change_pct: Option<f64>,
+}
+
+/// The `metrics:` of the stages named in `stages` (all when empty; a name without `@` means
+/// every instance) over their partitions, as committed: the values recorded at commit, or,
+/// for a metric defined since, measured now on the committed outputs.
+pub fn metrics(
+    dag: &Dag,
+    stages: &[String],
+    warn: impl Fn(String),
+) -> Result<Vec<MetricSeries>, PlanError> {
+    let pipeline = dag.pipeline();
+    let state = StateDir::new(&pipeline.workdir);
+    let lock = lock::load_for_run(&lock::lock_path(&pipeline.file), &state, &warn)
+        .map_err(PlanError::Config)?;
+    let base = |stage: &Stage| match &stage.partition {
+        Some(p) => p.sibling(&stage.name, "").trim_end_matches('@').to_owned(),
+        None => stage.name.clone(),
+    };
+    let mut unknown: Vec<&String> = stages.iter().collect();
+    let mut chosen: Vec<&Stage> = Vec::new();
+    for stage in &pipeline.stages {
+        let name = base(stage);
+        let wanted = stages.is_empty() || stages.iter().any(|s| *s == name || *s == stage.name);
+        unknown.retain(|s| **s != name && **s != stage.name);
+        if wanted && !stage.metrics.is_empty() {
+            chosen.push(stage);
+        }
+    }
+    if let Some(name) = unknown.first() {
+        return Err(PlanError::Config(format!("no stage is named `{name}`")));
+    }
+    let store = stores(pipeline);
+    let rank = |stage: &Stage| {
+        stage.partition.as_ref().and_then(|p| {
+            let set = pipeline.partitions.iter().find(|s| s.name == p.set)?;
+            set.keys.iter().position(|k| *k == p.key)
+        })
+    };
+    let mut series: Vec<MetricSeries> = Vec::new();
+    for stage in chosen {
+        let value_of = |metric: &crate::model::StageMetric| -> (bool, Option<f64>) {
+            let Some(entry) = lock.stages.get(&stage.name) else {
+                return (false, None);
+            };
+            if let Some(measured) = entry.metrics.get(&metric.name) {
+                if measured.of == metric.definition() {
+                    return (true, measured.value.as_f64());
+                }
+            }
+            let port = &stage.outputs[metric.output];
+            let path = if stage.versioning.is_some() {
+                store.latest_version(&port.declared)
+            } else {
+                match port.declared.location.local_path() {
+                    Some(path) => Some(path.to_path_buf()),
+                    None => match store.local_copy(&port.declared) {
+                        Ok(path) => Some(path),
+                        Err(e) => {
+                            warn(format!("metric `{}` of `{}`: {e}", metric.name, stage.name));
+                            None
+                        }
+                    },
+                }
+            };
+            let Some(mut path) = path else {
+                return (true, None);
+            };
+            if let Some(file) = &metric.file {
+                path = path.join(file);
+            }
+            match imba_stages::checks::measure_value(&metric.measure, &path) {
+                Ok(value) => (true, value),
+                Err(e) => {
+                    warn(format!(
+                        "metric `{}` of `{}` cannot be measured: {e}",
+                        metric.name, stage.name
+                    ));
+                    (true, None)
+                }
+            }
+        };
+        for metric in &stage.metrics {
+            let (committed, value) = value_of(metric);
+            let point = MetricPoint {
+                partition: stage.partition.as_ref().map(|p| p.key.clone()),
+                instance: stage.name.clone(),
+                value,
+                committed,
+                change_pct: None,
+            };
+            let stage_name = base(stage);
+            let set = stage.partition.as_ref().map(|p| p.set.clone());
+            match series
+                .iter_mut()
+                .find(|s| s.stage == stage_name && s.metric == metric.name && s.set == set)
+            {
+                Some(found) => found.points.push(point),
+                None => series.push(MetricSeries {
+                    stage: stage_name,
+                    metric: metric.name.clone(),
+                    set,
+                    points: vec![point],
+                }),
+            }
+        }
+    }
+    // Points in partition order, each with its change from the previous value.
+    for one in &mut series {
+        one.points.sort_by_key(|p| {
+            pipeline
+                .stages
+                .iter()
+                .find(|s| s.name == p.instance)
+                .and_then(rank)
+        });
+        let mut previous: Option<f64> = None;
+        for point in &mut one.points {
+            if let (Some(before), Some(now)) = (previous, point.value) {
+                point.change_pct = (before != 0.0).then(|| (now - before) / before.abs() * 100.0);
+            }
+            if point.value.is_some() {
+                previous = point.value;
+            }
+        }
+    }
+    let _ = store.save();
+    Ok(series)
 }
 
 /// The stores a command outside a run reads and writes through.

@@ -395,3 +395,156 @@ stages:
     assert_eq!(out.code, 2);
     insta::assert_snapshot!("nothing_matches", out.all());
 }
+
+/// Three months of orders with a cleaned table and a JSON summary, each with `metrics:`.
+fn with_metrics() -> Test {
+    let mut t = Test::new();
+    for (month, rows) in [
+        ("2017-03", "id,days\n1,3\n2,5\n3,\n"),
+        ("2017-04", "id,days\n1,4\n2,6\n3,8\n4,2\n"),
+        ("2017-05", "id,days\n1,10\n"),
+    ] {
+        t = t.file(&format!("raw/{month}/orders.csv"), rows);
+    }
+    t.pipeline(
+        r#"
+partitions:
+  month:
+    discover: "raw/{month}/orders.csv"
+stages:
+  clean:
+    cmd: >-
+      cp {{ inputs[0] }} {{ outputs.table }} && echo '{"files": 1}' > {{ outputs.summary }}
+    inputs: ["raw/{{ month }}/orders.csv"]
+    outputs:
+      table: "out/{{ month }}/orders.csv"
+      summary: "out/{{ month }}/summary.json"
+    metrics:
+      rows: rows
+      mean_days: mean(days)
+      late: {sql: "SELECT count(*) FROM self WHERE days > 4", output: table}
+      files: {json: /files, output: summary}
+  total:
+    cmd: cat {{ inputs }} | wc -l > {{ outputs[0] }}
+    inputs: ["{{ expand('out/{month}/orders.csv', month=partitions.month.all) }}"]
+    outputs: [out/total.csv]
+"#,
+    )
+}
+
+#[test]
+fn metrics_follow_each_month() {
+    let t = with_metrics();
+    t.run_ok(&["--partitions", "2017-03..2017-04"]);
+    let table = t.exec(&["metrics", "pipeline.yaml"]);
+    insta::assert_snapshot!(table.all());
+    t.run_ok(&[]);
+    let json = t.exec(&["metrics", "pipeline.yaml", "--json", "--stage", "clean"]);
+    let value: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    let rows = &value["metrics"][0];
+    assert_eq!(rows["metric"], "rows");
+    let points: Vec<(String, f64)> = rows["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["partition"].as_str().unwrap().to_owned(),
+                p["value"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        points,
+        [
+            ("2017-03".to_owned(), 3.0),
+            ("2017-04".to_owned(), 4.0),
+            ("2017-05".to_owned(), 1.0)
+        ]
+    );
+    assert_eq!(rows["points"][2]["change_pct"], -75.0);
+    // CloudWatch EMF: one line per month, its metrics and dimensions.
+    let emf = t.exec(&["metrics", "pipeline.yaml", "--emf", "--namespace", "shop"]);
+    let lines: Vec<serde_json::Value> = emf
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "{}", emf.stdout);
+    let may = &lines[2];
+    assert_eq!(may["Partition"], "2017-05");
+    assert_eq!(may["Stage"], "clean");
+    assert_eq!(may["Pipeline"], "pipeline");
+    assert_eq!(may["rows"], 1.0);
+    assert_eq!(may["mean_days"], 10.0);
+    let directive = &may["_aws"]["CloudWatchMetrics"][0];
+    assert_eq!(directive["Namespace"], "shop");
+    assert_eq!(
+        directive["Dimensions"],
+        serde_json::json!([["Pipeline", "Stage", "Partition"]])
+    );
+    assert_eq!(
+        directive["Metrics"][3],
+        serde_json::json!({"Name": "rows", "Unit": "Count"})
+    );
+    assert!(may["_aws"]["Timestamp"].as_u64().unwrap() > 1_700_000_000_000);
+}
+
+#[test]
+fn a_metric_added_later_is_measured_on_the_committed_outputs() {
+    let t = with_metrics();
+    t.run_ok(&[]);
+    let yaml = t.read("pipeline.yaml").replace(
+        "      rows: rows\n",
+        "      rows: rows\n      missing: null_fraction(days)\n",
+    );
+    t.write("pipeline.yaml", yaml);
+    // Nothing is stale: a metric is not part of a stage's fingerprint.
+    let status = t.exec(&["status", "pipeline.yaml"]);
+    assert!(status.stdout.contains("3 up to date"), "{}", status.stdout);
+    let json = t.exec(&["metrics", "pipeline.yaml", "--json"]);
+    let value: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    let missing = value["metrics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["metric"] == "missing")
+        .unwrap();
+    let first = missing["points"][0]["value"].as_f64().unwrap();
+    assert!((first - 1.0 / 3.0).abs() < 1e-12, "{first}");
+}
+
+#[test]
+fn the_metrics_chart_has_a_point_per_partition_and_its_axes() {
+    let t = with_metrics();
+    t.run_ok(&[]);
+    let out = t.exec(&["metrics", "pipeline.yaml", "--plot", "metrics.svg"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(
+        out.stderr,
+        "drew 4 metrics over 3 partitions of `month` into metrics.svg\n"
+    );
+    let svg = t.read("metrics.svg");
+    // Four panels of three points each.
+    assert_eq!(svg.matches("<circle").count(), 12, "{svg}");
+    for label in ["month", "mean_days", "2017-03", "2017-05", "rows", "late"] {
+        assert!(
+            svg.contains(&format!(">\n{label}\n</text>")),
+            "no `{label}` in the chart"
+        );
+    }
+    let png = t.exec(&[
+        "metrics",
+        "pipeline.yaml",
+        "--plot",
+        "metrics.png",
+        "--stage",
+        "clean",
+    ]);
+    assert_eq!(png.code, 0, "{}", png.stderr);
+    let decoder = png::Decoder::new(std::io::BufReader::new(
+        std::fs::File::open(t.path().join("metrics.png")).unwrap(),
+    ));
+    let reader = decoder.read_info().unwrap();
+    assert_eq!((reader.info().width, reader.info().height), (900, 4 * 300));
+}

@@ -475,17 +475,54 @@ fn column_list(
 /// followed by `/FILE` inside a directory output), or else the stage's only table file. `None`
 /// with no diagnostic when there is no `output:` and no single table: the caller reports those
 /// checks together.
+/// What kind of file a check or metric reads.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Reads {
+    /// A table: `.parquet` or `.csv`.
+    Table,
+    /// A JSON file (a summary).
+    Json,
+}
+
+impl Reads {
+    fn accepts(self, path: &str) -> bool {
+        match self {
+            Reads::Table => is_table(path),
+            Reads::Json => path.to_ascii_lowercase().ends_with(".json"),
+        }
+    }
+
+    fn described(self) -> &'static str {
+        match self {
+            Reads::Table => "a table file (`.parquet` or `.csv`)",
+            Reads::Json => "a JSON file (`.json`)",
+        }
+    }
+}
+
 fn select_output(
     stage: &str,
     output: Option<&Node>,
     outputs: &[Port],
     diagnostics: &mut Vec<Diagnostic>,
 ) -> Option<(usize, Option<String>)> {
+    select_output_of(stage, output, outputs, Reads::Table, diagnostics)
+}
+
+/// The output (and file in a directory output) that `output:` names, or without it the
+/// stage's only output of the kind read. `None` (with a diagnostic when `output:` is wrong).
+pub fn select_output_of(
+    stage: &str,
+    output: Option<&Node>,
+    outputs: &[Port],
+    reads: Reads,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> Option<(usize, Option<String>)> {
     let Some(node) = output else {
         let mut tables = outputs
             .iter()
             .enumerate()
-            .filter(|(_, p)| !p.declared.dir && is_table(&p.text))
+            .filter(|(_, p)| !p.declared.dir && reads.accepts(&p.text))
             .map(|(i, _)| i);
         return match (tables.next(), tables.next()) {
             (Some(one), None) => Some((one, None)),
@@ -529,15 +566,13 @@ fn select_output(
         })
         .max();
     match inside {
-        Some((_, i, file)) if is_table(&file) && !file.split('/').any(|s| s == "..") => {
+        Some((_, i, file)) if reads.accepts(&file) && !file.split('/').any(|s| s == "..") => {
             Some((i, Some(file)))
         }
         Some((_, _, file)) => {
             diagnostics.push(
-                Diagnostic::error(format!(
-                    "`{file}` is not a table file (`.parquet` or `.csv`)"
-                ))
-                .at(node.span, "checks read tables"),
+                Diagnostic::error(format!("`{file}` is not {}", reads.described()))
+                    .at(node.span, format!("this reads {}", reads.described())),
             );
             None
         }

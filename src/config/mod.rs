@@ -8,6 +8,7 @@
 
 pub mod checks;
 pub mod confine;
+pub mod metrics;
 pub mod overrides;
 pub mod params;
 pub mod partitions;

@@ -32,6 +32,7 @@ pub const STAGE_KEYS: &[&str] = &[
     "inputs",
     "keep",
     "matrix",
+    "metrics",
     "on_failure",
     "outputs",
     "params",
@@ -91,6 +92,8 @@ pub struct StageSpec {
     pub foreach: Option<Node>,
     /// `checks:`, a list (or a template giving one).
     pub checks: Option<Node>,
+    /// `metrics:`, a map of names to values to track.
+    pub metrics: Option<Node>,
     pub on_failure: Option<Node>,
     /// `version: auto`: the stage's one output is versioned.
     pub version: Option<(Key, Node)>,
@@ -250,6 +253,7 @@ fn check_stage(name: &Key, node: &Node, diagnostics: &mut Vec<Diagnostic>) -> Ch
         matrix: None,
         foreach: None,
         checks: None,
+        metrics: None,
         on_failure: None,
         version: None,
         keep: None,
@@ -326,6 +330,11 @@ fn check_stage(name: &Key, node: &Node, diagnostics: &mut Vec<Diagnostic>) -> Ch
                 Value::Seq(_) | Value::String(_) => spec.checks = Some(value),
                 Value::Null => {}
                 _ => diagnostics.push(wrong_kind(key, &value, "a list of checks")),
+            },
+            "metrics" => match &value.value {
+                Value::Map(_) => spec.metrics = Some(value),
+                Value::Null => {}
+                _ => diagnostics.push(wrong_kind(key, &value, "a map of metric names to values")),
             },
             "on_failure" => spec.on_failure = expect_string(key, value, diagnostics),
             "version" => spec.version = Some((key.clone(), value)),

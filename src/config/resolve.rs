@@ -996,6 +996,16 @@ impl StageResolver<'_> {
                 .unwrap_or_default(),
             _ => Vec::new(),
         };
+        let metrics = match (&spec.metrics, &outputs) {
+            (Some(node), Some(outputs)) => self
+                .templates
+                .render_node(node, &ctx, self.diagnostics)
+                .map(|node| {
+                    super::metrics::parse(&spec.name.name, &node, outputs, self.diagnostics)
+                })
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        };
         let on_failure = spec
             .on_failure
             .as_ref()
@@ -1053,6 +1063,7 @@ impl StageResolver<'_> {
             context,
             param_spans,
             checks,
+            metrics,
             on_failure,
             versioning,
             env,

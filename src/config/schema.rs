@@ -48,6 +48,9 @@ struct PartitionSetSchema {
     values: Option<Vec<serde_json::Value>>,
     /// Every month or day from `from` to `to`, both included.
     range: Option<RangeSchema>,
+    /// A path pattern, local or `s3://`, with the set's name in braces where the key is
+    /// (`"{{ raw }}/{month}/orders.csv"`; `*` is any part of a segment): a key per path found.
+    discover: Option<String>,
 }
 
 #[derive(Deserialize, JsonSchema)]
@@ -149,6 +152,10 @@ pub struct StageSchema {
     /// Data checks on the stage's table outputs, evaluated before they are committed. A failed
     /// `fail` check fails the stage and keeps its outputs out of place, in `.imba/quarantine/`.
     checks: Option<Vec<CheckSchema>>,
+    /// Values to follow across partitions (`imba metrics`), measured on the outputs when they
+    /// are committed: `rows`, `mean(COLUMN)`, `null_fraction(COLUMN)` of the stage's table, or a
+    /// map with `sql` (one value over a table) or `json` (a pointer into a JSON output).
+    metrics: Option<BTreeMap<String, MetricSchema>>,
     /// A shell command run when this stage fails (instead of the pipeline's `on_failure`), with
     /// the failure as JSON on stdin.
     on_failure: Option<String>,
@@ -215,6 +222,28 @@ enum Number {
     Number(f64),
     /// A `{{ var }}` holding a number.
     Template(String),
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(untagged)]
+enum MetricSchema {
+    /// `rows`, `mean(COLUMN)` or `null_fraction(COLUMN)` of the stage's only table.
+    Table(String),
+    Map(MetricMapSchema),
+}
+
+/// One metric, with the output it reads.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct MetricMapSchema {
+    /// `rows`, `mean(COLUMN)` or `null_fraction(COLUMN)`.
+    metric: Option<String>,
+    /// A polars SQL query over the table `self` giving one value.
+    sql: Option<String>,
+    /// A JSON pointer into a JSON output (`/rows`).
+    json: Option<String>,
+    /// The output read: its name, or `NAME/FILE` in a directory output.
+    output: Option<String>,
 }
 
 #[derive(Deserialize, JsonSchema)]

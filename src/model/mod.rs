@@ -146,6 +146,8 @@ pub struct Stage {
     pub param_spans: std::collections::BTreeMap<String, Span>,
     /// Evaluated on the staged outputs before they are committed.
     pub checks: Vec<StageCheck>,
+    /// Values tracked per partition (or run), measured on the outputs when they are committed.
+    pub metrics: Vec<StageMetric>,
     /// Run when this stage fails (else the pipeline's).
     pub on_failure: Option<Hook>,
     /// `version: auto`: its one output holds immutable versions.
@@ -300,6 +302,26 @@ impl StageCheck {
             }
         }
         value
+    }
+}
+
+/// One of a stage's `metrics:`: a value measured on one of its outputs.
+#[derive(Debug, Clone)]
+pub struct StageMetric {
+    pub name: String,
+    pub measure: imba_stages::checks::Measure,
+    /// The position of the measured output in the stage's outputs.
+    pub output: usize,
+    /// The file inside a directory output.
+    pub file: Option<String>,
+    pub span: Span,
+}
+
+impl StageMetric {
+    /// What it measures, on which output, in canonical JSON: a value recorded under another
+    /// definition is not this metric's.
+    pub fn definition(&self) -> Json {
+        json!({"measure": self.measure.to_json(), "output": self.output, "file": self.file})
     }
 }
 

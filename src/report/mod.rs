@@ -9,6 +9,7 @@
 //! colors are added after.
 
 pub mod diff;
+pub mod metrics;
 pub mod partitions;
 pub mod tables;
 pub mod versions;

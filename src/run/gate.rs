@@ -101,6 +101,20 @@ pub(super) async fn gate(
         .map(describe)
         .collect();
     if blocking.is_empty() {
+        if !stage.metrics.is_empty() {
+            let ctx2 = ctx.clone();
+            let staged = staged.to_vec();
+            let measured = tokio::task::spawn_blocking(move || {
+                crate::plan::measure(ctx2.dag.stage(index), &staged)
+            })
+            .await;
+            let (metrics, problems) = measured.unwrap_or_default();
+            for problem in problems {
+                ctx.events
+                    .event(Event::Warning(format!("stage `{}`: {problem}", stage.name)));
+            }
+            record.metrics = metrics;
+        }
         return Ok(record
             .checks
             .iter()

@@ -37,6 +37,7 @@ pub(super) fn stage_record(name: &str, decision: Decision) -> StageRecord {
         log: None,
         report: None,
         checks: Vec::new(),
+        metrics: BTreeMap::new(),
         quarantine: None,
         hook: None,
         accepted: None,
@@ -529,6 +530,7 @@ async fn produce_and_commit(
     let stored = keep_in_cache(ctx, index, &staging.outputs).await;
     let about = About {
         summary,
+        metrics: record.metrics.clone(),
         restored: None,
         set_aside: aside.map(Aside::plan),
     };
@@ -712,6 +714,11 @@ async fn from_cache(
     if held {
         let mut lock_entry = now.entry.clone();
         lock_entry.outputs = committed.clone();
+        // The same bytes as the entry before: its metrics hold (any others are measured when
+        // `imba metrics` asks).
+        if let Some(before) = locked.as_ref().filter(|l| l.outputs == committed) {
+            lock_entry.metrics = before.metrics.clone();
+        }
         if let Err(e) = ctx.record_commit(&stage.name, lock_entry) {
             return Some(conclude(ctx, stage, record, StageFailure::Storage(e)));
         }
@@ -767,6 +774,7 @@ async fn from_cache(
                 locked.clone(),
                 About {
                     summary,
+                    metrics: record.metrics.clone(),
                     restored: meta,
                     set_aside: None,
                 },
@@ -1002,6 +1010,8 @@ fn verify_outputs(stage: &Stage, staging: &Staging) -> Result<(), StageFailure> 
 /// written in place (removed once they are committed).
 struct About {
     summary: Json,
+    /// The stage's metrics, measured on the staged outputs: into the lock entry.
+    metrics: BTreeMap<String, crate::state::lock::Measured>,
     restored: Option<versions::Meta>,
     set_aside: Option<PathBuf>,
 }
@@ -1017,6 +1027,7 @@ async fn commit(
 ) -> Result<(BTreeMap<String, ContentHash>, bool), StageFailure> {
     let About {
         summary,
+        metrics,
         restored,
         set_aside,
     } = about;
@@ -1083,6 +1094,7 @@ async fn commit(
         };
         let mut entry = now.entry;
         entry.outputs = outputs.clone();
+        entry.metrics = metrics;
         ctx.record_commit(&stage.name, entry)
             .map_err(StageFailure::Storage)?;
         Ok((outputs, unchanged))

@@ -47,6 +47,20 @@ pub struct LockedStage {
     /// fingerprint.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub vars: BTreeMap<String, Json>,
+    /// The stage's `metrics:` measured on the committed outputs, by name. Not part of the
+    /// fingerprint: a new metric does not make a stage stale.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metrics: BTreeMap<String, Measured>,
+}
+
+/// One metric as measured at a commit.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Measured {
+    /// The metric's definition then (what it measured, on which output): a value measured by
+    /// another definition is measured again.
+    pub of: Json,
+    /// A number, or null when undefined there.
+    pub value: Json,
 }
 
 /// The lock file of the pipeline at `pipeline`: same directory and stem, `.lock` extension.
@@ -345,6 +359,7 @@ mod journal_tests {
             inputs: BTreeMap::new(),
             outputs: BTreeMap::new(),
             vars: BTreeMap::new(),
+            metrics: BTreeMap::new(),
         }
     }
 

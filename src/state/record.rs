@@ -190,6 +190,9 @@ pub struct StageRecord {
     /// The stage's checks, as evaluated on its new outputs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub checks: Vec<CheckRecord>,
+    /// The stage's `metrics:`, measured on its new outputs.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub metrics: std::collections::BTreeMap<String, crate::state::lock::Measured>,
     /// Where the outputs of a stage whose checks failed were kept instead of committed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quarantine: Option<String>,

@@ -676,6 +676,89 @@ fn sql(query: &str, df: &DataFrame) -> Result<Verdict, String> {
     ))
 }
 
+/// A value a stage's `metrics:` tracks on one of its outputs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Measure {
+    /// `rows`, `mean(COLUMN)`, `null_fraction(COLUMN)` of a table.
+    Table(Metric),
+    /// A polars SQL query over the table (`self`) giving one number: one row, one column.
+    Sql(String),
+    /// A JSON pointer into a JSON file (a stage's summary): a number there.
+    Json(String),
+}
+
+impl Measure {
+    /// As written in the pipeline file, in canonical JSON.
+    pub fn to_json(&self) -> Json {
+        match self {
+            Measure::Table(metric) => json!(metric.to_string()),
+            Measure::Sql(query) => json!({ "sql": query }),
+            Measure::Json(pointer) => json!({ "json": pointer }),
+        }
+    }
+}
+
+/// Measures `measure` on the file at `path`: a number, or `None` when it is undefined there
+/// (the mean of no values, a null from the query or the JSON).
+pub fn measure_value(what: &Measure, path: &Path) -> Result<Option<f64>, String> {
+    let defined = |v: f64| (!v.is_nan()).then_some(v);
+    match what {
+        Measure::Table(metric) => {
+            let columns: BTreeSet<String> = match metric {
+                Metric::Rows => BTreeSet::new(),
+                Metric::Mean(c) | Metric::NullFraction(c) => BTreeSet::from([c.clone()]),
+            };
+            let table = Loaded::read_columns(path, false, &columns)?;
+            measure(metric, &table, path).map(defined)
+        }
+        Measure::Sql(query) => {
+            let table = Loaded::read_columns(path, true, &BTreeSet::new())?;
+            let Some(df) = &table.df else {
+                return Err("internal error: table not read".to_owned());
+            };
+            let mut context = polars::sql::SQLContext::new();
+            context.register("self", df.clone().lazy());
+            let result = context
+                .execute(query)
+                .and_then(|lf| lf.collect())
+                .map_err(|e| format!("the query failed: {e}"))?;
+            if result.height() != 1 || result.width() != 1 {
+                return Err(format!(
+                    "the query must give one value (one row, one column), it gave {} × {}",
+                    plural(result.height() as u64, "row", "rows"),
+                    plural(result.width() as u64, "column", "columns")
+                ));
+            }
+            let column = &result.columns()[0];
+            let values = numbers(column, "a metric")?;
+            Ok(values.get(0).and_then(defined))
+        }
+        Measure::Json(pointer) => {
+            let bytes = std::fs::read(path)
+                .map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
+            let value: Json = serde_json::from_slice(&bytes)
+                .map_err(|e| format!("`{}` is not JSON: {e}", path.display()))?;
+            match value.pointer(pointer) {
+                None => Err(format!(
+                    "`{}` has nothing at `{pointer}`",
+                    crate::safe::escape(&path.to_string_lossy())
+                )),
+                Some(Json::Null) => Ok(None),
+                Some(Json::Number(n)) => Ok(n.as_f64()),
+                Some(Json::Bool(b)) => Ok(Some(f64::from(u8::from(*b)))),
+                Some(other) => Err(format!(
+                    "`{pointer}` is not a number but {}",
+                    match other {
+                        Json::String(_) => "a string",
+                        Json::Array(_) => "a list",
+                        _ => "a map",
+                    }
+                )),
+            }
+        }
+    }
+}
+
 /// The metric's value (NaN when undefined: the mean of no values, the null fraction of no rows).
 fn measure(metric: &Metric, table: &Loaded, path: &Path) -> Result<f64, String> {
     match metric {
@@ -733,7 +816,7 @@ fn finite(value: f64) -> Json {
 }
 
 /// A measured value in a message: whole numbers exactly (`3,430,925`), others to 6 digits.
-fn shown(value: f64) -> String {
+pub fn shown(value: f64) -> String {
     if value.is_finite() && value == value.trunc() && value.abs() < 1e15 {
         let sign = if value < 0.0 { "-" } else { "" };
         format!("{sign}{}", grouped(value.abs() as u64))

@@ -5,6 +5,7 @@
 //! `params:` against that type before anything runs.
 
 pub mod aggregate;
+pub mod chart;
 pub mod checks;
 pub mod clean;
 pub mod diagnose;

@@ -13,7 +13,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value as Json};
 
-mod plots;
+pub(crate) mod plots;
 mod report;
 
 use crate::io::table::read_table_inferred;

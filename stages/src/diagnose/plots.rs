@@ -10,10 +10,10 @@ use crate::StageError;
 
 /// DejaVu Sans (Bitstream Vera licence, see `stages/assets/DejaVuSans-LICENSE.txt`).
 const FONT: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
-const FAMILY: &str = "sans-serif";
+pub(crate) const FAMILY: &str = "sans-serif";
 pub const SIZE: (u32, u32) = (900, 480);
 
-fn register_font() {
+pub(crate) fn register_font() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         // The bytes are compiled in and known to parse; a failure would only lose the text.
@@ -126,7 +126,7 @@ fn ticks(lo: f64, hi: f64, integral: bool) -> usize {
     }
 }
 
-fn color(i: usize) -> RGBColor {
+pub(crate) fn color(i: usize) -> RGBColor {
     // Category10, as matplotlib and seaborn.
     const COLORS: [(u8, u8, u8); 10] = [
         (31, 119, 180),
