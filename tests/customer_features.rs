@@ -1,5 +1,5 @@
 //! `pipelines/customer_features.yaml` on hand-made customers, every feature against a value
-//! worked out by hand; then the shipped sample, and `--set month=…`.
+//! worked out by hand, month by month; then the shipped sample, twelve months of it.
 
 mod common;
 
@@ -82,7 +82,7 @@ fn every_feature_matches_a_value_worked_out_by_hand() {
         .file("in/behavior.csv", behavior);
     let out = run_hand_made(&t, &[]);
     assert_eq!(out.code, 0, "{}", out.stderr);
-    let rows = features(&t, "out/hand");
+    let rows = features(&t, "out/hand/2024-12");
     assert_eq!(
         rows.keys().collect::<Vec<_>>(),
         ["1", "2"],
@@ -158,14 +158,21 @@ fn every_feature_matches_a_value_worked_out_by_hand() {
         ("true", "true")
     );
 
-    // As of June, the windows move and customer 2 is not a customer yet: a new version.
-    let june = run_hand_made(&t, &["--set", "month=2024-06"]);
-    assert_eq!(june.code, 0, "{}", june.stderr);
-    assert_eq!(t.read("out/hand/features/LATEST"), "features_v2\n");
-    let rows = features(&t, "out/hand");
+    // As of June, the windows move and customer 2 is not a customer yet: June's partition.
+    let rows = features(&t, "out/hand/2024-06");
     assert_eq!(rows.keys().collect::<Vec<_>>(), ["1"]);
     assert_eq!(number(&rows["1"], "balance_avg_3m"), 5000.0); // Apr–Jun: 4, 5, 6 thousand
     assert_eq!(number(&rows["1"], "tenure_months"), 13.0);
+    // A month more: only January 2025 runs (customer 3 signs up then).
+    let january = run_hand_made(&t, &["--set", "last_month=2025-01"]);
+    assert_eq!(january.code, 0, "{}", january.stderr);
+    assert!(
+        january.stderr.contains("1 ran, 12 up to date"),
+        "{}",
+        january.stderr
+    );
+    let rows = features(&t, "out/hand/2025-01");
+    assert_eq!(rows.keys().collect::<Vec<_>>(), ["1", "2", "3"]);
 }
 
 #[test]
@@ -182,18 +189,19 @@ fn the_shipped_sample_gives_twenty_odd_features_for_ten_thousand_customers() {
         );
     let out = t.exec(&["run", "pipelines/customer_features.yaml"]);
     assert_eq!(out.code, 0, "{}", out.stderr);
-    let rows = features(&t, "out/customers");
+    let rows = features(&t, "out/customers/2024-12");
     assert_eq!(rows.len(), 10_000);
     assert_eq!(rows["1"].len(), 24, "the id and 23 features");
     let meta: serde_json::Value =
-        serde_json::from_str(&t.read("out/customers/features/features_v1/_meta.json")).unwrap();
+        serde_json::from_str(&t.read("out/customers/2024-12/features/features_v1/_meta.json"))
+            .unwrap();
     assert_eq!(
         meta["report"]["descriptions"]["balance_avg_3m"],
         "Mean month-end balance"
     );
     let again = t.exec(&["run", "pipelines/customer_features.yaml"]);
     assert!(
-        again.stderr.contains("0 ran, 1 up to date"),
+        again.stderr.contains("0 ran, 12 up to date"),
         "{}",
         again.stderr
     );

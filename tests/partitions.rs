@@ -548,3 +548,158 @@ fn the_metrics_chart_has_a_point_per_partition_and_its_axes() {
     let reader = decoder.read_info().unwrap();
     assert_eq!((reader.info().width, reader.info().height), (900, 4 * 300));
 }
+
+/// The shipped partitioned pipeline and its three sample months, in a temp dir of their own.
+fn shipped() -> Test {
+    let repo = common::repo();
+    let mut t = Test::new()
+        .file(
+            "pipelines/monthly_partitioned.yaml",
+            std::fs::read(repo.join("pipelines/monthly_partitioned.yaml")).unwrap(),
+        )
+        .file(
+            "pipelines/monthly.yaml",
+            std::fs::read(repo.join("pipelines/monthly.yaml")).unwrap(),
+        );
+    for month in ["2017-03", "2017-04", "2017-05"] {
+        let path = format!("examples/instacart/months/{month}/orders.csv");
+        t = t.file(&path, std::fs::read(repo.join(&path)).unwrap());
+    }
+    t
+}
+
+const SHIPPED: &str = "pipelines/monthly_partitioned.yaml";
+
+/// The stages that ran in the last run of the shipped pipeline.
+fn ran_in(t: &Test) -> Vec<String> {
+    t.decisions_of(SHIPPED)
+        .into_iter()
+        .filter(|(_, d)| d == "ran")
+        .map(|(n, _)| n)
+        .collect()
+}
+
+#[test]
+fn the_shipped_pipeline_runs_each_month_then_only_what_changed() {
+    let t = shipped();
+    let run = |args: &[&str]| {
+        let mut all = vec!["run", SHIPPED];
+        all.extend_from_slice(args);
+        let out = t.exec(&all);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+    };
+    run(&[]);
+    assert_eq!(ran_in(&t).len(), 15, "five stages in each of three months");
+    // Each month's outputs are laid out as monthly.yaml lays out one month, byte for byte.
+    let single = t.exec(&[
+        "run",
+        "pipelines/monthly.yaml",
+        "--set",
+        "input=examples/instacart/months/2017-04/orders.csv",
+        "--set",
+        "out=out/single",
+    ]);
+    assert_eq!(single.code, 0, "{}", single.stderr);
+    let month = common::tree(&t.path().join("out/monthly_partitioned/2017-04"));
+    let alone = common::tree(&t.path().join("out/single"));
+    assert_eq!(
+        month.keys().collect::<Vec<_>>(),
+        alone.keys().collect::<Vec<_>>()
+    );
+    for (path, bytes) in &month {
+        if path.ends_with(".parquet") && !path.starts_with("features/") {
+            assert!(alone[path] == *bytes, "{path} differs");
+        }
+    }
+    // A fourth month lands: only its stages run.
+    t.write(
+        "examples/instacart/months/2017-06/orders.csv",
+        t.read("examples/instacart/months/2017-03/orders.csv"),
+    );
+    run(&[]);
+    let ran = ran_in(&t);
+    assert_eq!(ran.len(), 5, "{ran:?}");
+    assert!(ran.iter().all(|n| n.ends_with("@2017-06")), "{ran:?}");
+    // A param of one stage: that stage and what follows it, in every month.
+    let yaml = t.read(SHIPPED);
+    t.write(SHIPPED, yaml.replace("iterations: 10", "iterations: 12"));
+    run(&[]);
+    let mut ran = ran_in(&t);
+    ran.sort();
+    let mut expected: Vec<String> = ["diagnose_imputation", "impute_days", "user_features"]
+        .iter()
+        .flat_map(|s| {
+            ["2017-03", "2017-04", "2017-05", "2017-06"]
+                .iter()
+                .map(move |m| format!("{s}@{m}"))
+        })
+        .collect();
+    expected.sort();
+    assert_eq!(ran, expected);
+    // Back again: the run cache has every month's results; nothing is computed.
+    t.write(SHIPPED, yaml);
+    run(&[]);
+    assert_eq!(ran_in(&t), Vec::<String>::new());
+}
+
+#[test]
+fn a_month_with_a_third_fewer_orders_is_quarantined_and_the_others_commit() {
+    let t = shipped();
+    // June: the first two thirds of May's users (orders are sorted by user).
+    let may = t.read("examples/instacart/months/2017-05/orders.csv");
+    let lines: Vec<&str> = may.lines().collect();
+    let cut = lines.len() * 2 / 3;
+    let cut = (cut..lines.len())
+        .find(|&i| lines[i].split(',').nth(1) != lines[i - 1].split(',').nth(1))
+        .unwrap();
+    t.write(
+        "examples/instacart/months/2017-06/orders.csv",
+        lines[..cut].join("\n") + "\n",
+    );
+    let out = t.exec(&["run", SHIPPED]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    let error = out
+        .stderr
+        .lines()
+        .find(|l| l.contains("rows changed by"))
+        .unwrap_or_else(|| panic!("{}", out.stderr));
+    assert!(
+        error.contains("in 2017-05 →") && error.contains("in 2017-06, expected ≤ 20%"),
+        "{error}"
+    );
+    assert!(
+        out.stderr.contains("; partition 2017-06 failed"),
+        "{}",
+        out.stderr
+    );
+    let decisions = t.decisions_of(SHIPPED);
+    let failed: Vec<&str> = decisions
+        .iter()
+        .filter(|(_, d)| d != "ran")
+        .map(|(n, _)| n.as_str())
+        .collect();
+    assert_eq!(
+        failed,
+        [
+            "clean_orders@2017-06",
+            "aggregate_users@2017-06",
+            "impute_days@2017-06",
+            "diagnose_imputation@2017-06",
+            "user_features@2017-06"
+        ]
+    );
+    assert!(t
+        .path()
+        .join("out/monthly_partitioned/2017-05/features/LATEST")
+        .is_file());
+    assert!(!t
+        .path()
+        .join("out/monthly_partitioned/2017-06/cleaned/orders.parquet")
+        .exists());
+    let status = t.exec(&["status", SHIPPED]);
+    assert!(
+        status.stdout.contains("2017-06  quarantined   never run"),
+        "{}",
+        status.stdout
+    );
+}

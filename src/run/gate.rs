@@ -141,7 +141,10 @@ pub(super) async fn gate(
         .any(|c| c.blocks() && c.check.get("change").is_some())
     {
         if stage.partition.is_some() {
-            error.push_str("\n  a `change` check compares with the output committed before: when the change is real, `imba accept` commits the quarantined outputs");
+            error.push_str(&format!(
+                "\n  a `change` check compares with the output committed before: when the change is real, `imba accept {} {} --reason …` commits the quarantined outputs",
+                ctx.run_id, stage.name
+            ));
         } else {
             error.push_str("\n  a `change` check compares with the output committed at the same path: give a deliberately different run its own output folder (e.g. --set out=…), or relax the check");
         }
