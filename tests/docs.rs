@@ -44,16 +44,25 @@ fn pipelines_in(markdown: &str) -> Vec<String> {
 #[test]
 fn every_pipeline_in_the_docs_is_valid() {
     let mut blocks = Vec::new();
-    for (doc, at_least) in [("docs/pipeline-format.md", 5), ("docs/stages.md", 2)] {
+    for (doc, at_least) in [
+        ("docs/pipeline-format.md", 5),
+        ("docs/stages.md", 2),
+        ("docs/partitions.md", 4),
+    ] {
         let text = std::fs::read_to_string(common::repo().join(doc)).unwrap();
         let found = pipelines_in(&text);
         assert!(found.len() >= at_least, "{doc} shows whole pipelines");
         blocks.extend(found);
     }
     for block in blocks {
-        let out = Test::new()
+        let mut t = Test::new()
             .file("data/orders.csv", "order_id\n1\n")
-            .file("data/users.csv", "user_id\n1\n")
+            .file("data/users.csv", "user_id\n1\n");
+        // Months for the examples that discover them.
+        for month in ["2017-03", "2017-04", "2017-05"] {
+            t = t.file(&format!("raw/{month}/orders.csv"), "order_id\n1\n");
+        }
+        let out = t
             .pipeline(&block)
             .args(&["validate", "pipeline.yaml"])
             .run();
@@ -112,11 +121,16 @@ fn error_catalogue() -> String {
         ("monthly", "Built-in stages"),
         ("versions", "Versions"),
         ("s3", "S3 (a failed request fails its stage: exit 1)"),
+        ("cache", "The run cache"),
         (
             "remote",
             "The remote run cache (a remote that fails is a warning: the run computes)",
         ),
         ("watch", "Watching (`imba watch`)"),
+        (
+            "partitions",
+            "Partitions (`partitions:`, month-over-month checks, choosing partitions)",
+        ),
         ("dag", "Drawing the graph"),
         (
             "safety",
@@ -147,6 +161,13 @@ fn error_catalogue() -> String {
             .filter(|(_, body)| body.contains("error:") || body.contains("warning:"))
             .collect();
     snapshots.sort();
+    for (name, _) in &snapshots {
+        let prefix = name.split_once("__").map_or(name.as_str(), |(p, _)| p);
+        assert!(
+            sections.iter().any(|(p, _)| *p == prefix),
+            "tests/{prefix}.rs has error snapshots but no section in the error catalogue"
+        );
+    }
     let mut out = String::from(
         "# Error catalogue\n\n\
          Every error and warning below is what imba prints, word for word, in the situation its title\n\

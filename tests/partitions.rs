@@ -481,7 +481,7 @@ fn metrics_follow_each_month() {
     assert_eq!(directive["Namespace"], "shop");
     assert_eq!(
         directive["Dimensions"],
-        serde_json::json!([["Pipeline", "Stage", "Partition"]])
+        serde_json::json!([["Pipeline", "Stage", "Partition"], ["Pipeline", "Stage"]])
     );
     assert_eq!(
         directive["Metrics"][3],
@@ -702,4 +702,59 @@ fn a_month_with_a_third_fewer_orders_is_quarantined_and_the_others_commit() {
         "{}",
         status.stdout
     );
+}
+
+#[test]
+fn expand_names_what_it_cannot_fill() {
+    let t = Test::new().pipeline(
+        r#"
+partitions:
+  month:
+    values: [2017-01, 2017-02]
+stages:
+  extract:
+    cmd: echo {{ month }} > {{ outputs[0] }}
+    outputs: ["out/{{ month }}/extract.txt"]
+  model:
+    cmd: cat {{ inputs }} > {{ outputs[0] }}
+    inputs: ["{{ expand('out/{mnth}/extract.txt', month=partitions.month.all) }}"]
+    outputs: [out/model.txt]
+"#,
+    );
+    let out = t.exec(&["validate", "pipeline.yaml"]);
+    assert_eq!(out.code, 2);
+    insta::assert_snapshot!(out.all());
+}
+
+#[test]
+fn a_backfill_compares_each_month_with_the_month_before_as_just_computed() {
+    // January is slow and February fast: February computes beside it, then waits at its check
+    // for January's commit.
+    let t = Test::new()
+        .file("raw/2017-01.csv", rows(30))
+        .file("raw/2017-02.csv", rows(20))
+        .pipeline(
+            r#"
+partitions:
+  month:
+    values: [2017-01, 2017-02]
+stages:
+  clean:
+    cmd: |
+      if [ {{ month }} = 2017-01 ]; then sleep 1; fi
+      cp {{ inputs[0] }} {{ outputs[0] }}
+    inputs: ["raw/{{ month }}.csv"]
+    outputs: ["out/{{ month }}.csv"]
+    checks:
+      - change: {metric: rows, max_pct: 20, against: previous}
+"#,
+        );
+    let out = t.exec(&["run", "pipeline.yaml", "-j", "2"]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("30 in 2017-01 → 20 in 2017-02"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(decisions(&t), ["clean@2017-01 ran", "clean@2017-02 failed"]);
 }

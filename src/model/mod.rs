@@ -386,3 +386,54 @@ pub enum Push {
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default of [`StorageSettings::timeout`].
 pub const TIMEOUT: Duration = Duration::from_secs(60);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pattern(parts: Vec<PatternPart>) -> Discover {
+        Discover {
+            pattern: String::new(),
+            prefix: "raw/".into(),
+            parts,
+            span: Span::default(),
+        }
+    }
+
+    #[test]
+    fn a_discover_pattern_finds_the_key_in_one_segment() {
+        use PatternPart::{Any, Key, Text};
+        let plain = pattern(vec![Key, Text("/orders.csv".into())]);
+        assert_eq!(
+            plain.key_of("2017-05/orders.csv").as_deref(),
+            Some("2017-05")
+        );
+        assert_eq!(plain.key_of("2017-05/other.csv"), None);
+        assert_eq!(
+            plain.key_of("a/2017-05/orders.csv"),
+            None,
+            "one segment only"
+        );
+        assert_eq!(plain.key_of("/orders.csv"), None, "never empty");
+        let hive = pattern(vec![
+            Text("year=".into()),
+            Any,
+            Text("/month=".into()),
+            Key,
+            Text("/part-".into()),
+            Any,
+            Text(".csv".into()),
+        ]);
+        assert_eq!(
+            hive.key_of("year=2017/month=2017-05/part-0001.csv")
+                .as_deref(),
+            Some("2017-05")
+        );
+        assert_eq!(hive.key_of("year=2017/month=2017-05/part-.csv"), None);
+        let inside = pattern(vec![Text("orders_".into()), Key, Text(".csv".into())]);
+        assert_eq!(
+            inside.key_of("orders_2017-05.csv").as_deref(),
+            Some("2017-05")
+        );
+    }
+}

@@ -98,7 +98,7 @@ fn cell(value: Option<f64>, change: Option<f64>) -> String {
 type Instance = (String, Option<String>);
 
 /// One CloudWatch Embedded Metric Format line per measured stage instance: its metrics, with
-/// dimensions `Pipeline`, `Stage` and (partitioned) `Partition`. CloudWatch Logs turns each
+/// dimensions `Pipeline`, `Stage` and (partitioned) `Partition`, and again without `Partition`. CloudWatch Logs turns each
 /// line into metric data points, so alarms need no SDK (the seed's row-count alarm).
 pub fn emf(series: &[MetricSeries], pipeline: &str, namespace: &str, timestamp_ms: u128) -> String {
     // (stage, partition) → its metric values, in order.
@@ -121,10 +121,12 @@ pub fn emf(series: &[MetricSeries], pipeline: &str, namespace: &str, timestamp_m
     }
     let mut out = String::new();
     for ((stage, partition), values) in lines {
-        let mut dimensions = vec!["Pipeline", "Stage"];
-        if partition.is_some() {
-            dimensions.push("Partition");
-        }
+        // Per partition, and (for alarms on "the month that just ran") across partitions.
+        let dimensions = if partition.is_some() {
+            json!([["Pipeline", "Stage", "Partition"], ["Pipeline", "Stage"]])
+        } else {
+            json!([["Pipeline", "Stage"]])
+        };
         let metrics: Vec<serde_json::Value> = values
             .keys()
             .map(|name| {
@@ -137,7 +139,7 @@ pub fn emf(series: &[MetricSeries], pipeline: &str, namespace: &str, timestamp_m
                 "Timestamp": timestamp_ms,
                 "CloudWatchMetrics": [{
                     "Namespace": namespace,
-                    "Dimensions": [dimensions],
+                    "Dimensions": dimensions,
                     "Metrics": metrics,
                 }],
             },

@@ -36,6 +36,13 @@ pub(super) async fn gate(
     set_aside: Vec<(PathBuf, Option<PathBuf>)>,
 ) -> Result<usize, StageFailure> {
     let stage = ctx.dag.stage(index);
+    // Month over month: the previous partition's instance, if this run has it, commits (or
+    // fails) first, so that this check compares with what it just computed.
+    if let Some(previous) = ctx.dag.previous_partition(index) {
+        if restored.is_none() && ctx.selected.contains(&previous) {
+            ctx.wait_for_end(previous).await?;
+        }
+    }
     if !stage.checks.is_empty() {
         let evaluated = {
             let ctx = ctx.clone();

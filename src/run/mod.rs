@@ -222,9 +222,60 @@ pub(crate) struct Context {
     run_id: String,
     events: Arc<dyn Events>,
     cancel: watch::Receiver<Stop>,
+    /// The stages this run was asked for.
+    selected: std::collections::BTreeSet<usize>,
+    /// Selected stages that ended (or will not start): a `change: {against: previous}` check
+    /// waits for the previous partition's instance to be here.
+    ended: Mutex<std::collections::BTreeSet<usize>>,
+    /// Woken when a stage ends.
+    ended_notify: tokio::sync::Notify,
+    /// How many stages wait at their gate for another to end: they hold no job slot.
+    parked: std::sync::atomic::AtomicUsize,
+    /// Woken when a stage parks, so that the scheduler can start another in its slot.
+    parked_notify: tokio::sync::Notify,
 }
 
 impl Context {
+    /// `stage` ended, or will not start: whoever waits for it goes on.
+    fn mark_ended(&self, stage: usize) {
+        self.ended
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(stage);
+        self.ended_notify.notify_waiters();
+    }
+
+    /// Waits until `stage` has ended (or the run is cancelled), without holding a job slot.
+    async fn wait_for_end(&self, stage: usize) -> Result<(), failure::StageFailure> {
+        use std::sync::atomic::Ordering;
+        let ended = || {
+            self.ended
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&stage)
+        };
+        if ended() {
+            return Ok(());
+        }
+        self.parked.fetch_add(1, Ordering::SeqCst);
+        self.parked_notify.notify_one();
+        let mut cancel = self.cancel.clone();
+        let result = loop {
+            let notified = self.ended_notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if ended() {
+                break Ok(());
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = cancel.wait_for(|s| *s >= Stop::Cancel) => break Err(failure::StageFailure::Cancelled),
+            }
+        };
+        self.parked.fetch_sub(1, Ordering::SeqCst);
+        result
+    }
+
     /// The remote run cache, unless there is none or it failed earlier in this run.
     fn remote(&self) -> Option<crate::store::remote::Remote<'_>> {
         if self.remote_down.load(std::sync::atomic::Ordering::Relaxed) {
@@ -374,6 +425,11 @@ pub fn run_with(
         run_id: run_id.clone(),
         events: events.clone(),
         cancel: cancel_rx,
+        selected: selected.clone(),
+        ended: Mutex::new(std::collections::BTreeSet::new()),
+        ended_notify: tokio::sync::Notify::new(),
+        parked: std::sync::atomic::AtomicUsize::new(0),
+        parked_notify: tokio::sync::Notify::new(),
     });
     // Every remote identity the decisions need, at once rather than one request after another.
     ctx.store.prefetch(&plan::lookups(&dag, &selected));

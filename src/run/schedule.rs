@@ -3,8 +3,9 @@
 //! starts (unless `--keep-going`), but a failure inside a partition stops only that partition,
 //! and a stop request cancels or kills what runs.
 //!
-//! A stage whose `change` check compares with the previous partition's output starts only once
-//! that partition's instance has ended, whatever its outcome: an ordering, not a dependency.
+//! A stage whose `change` check compares with the previous partition's output computes in
+//! parallel with it, then waits at its gate for that instance to end, whatever its outcome (an
+//! ordering, not a dependency); a stage waiting so holds no job slot.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
@@ -32,11 +33,14 @@ pub(super) async fn schedule(
     let mut stop = options.stop.clone();
     let mut listening = true;
     loop {
-        scheduler.start_ready(&mut tasks, forced, options.jobs.max(1));
+        let parked = ctx.parked.load(std::sync::atomic::Ordering::SeqCst);
+        scheduler.start_ready(&mut tasks, forced, options.jobs.max(1) + parked);
         if tasks.is_empty() {
             break;
         }
         tokio::select! {
+            // A stage parked at its gate: its slot is free for another.
+            _ = ctx.parked_notify.notified() => {}
             joined = tasks.join_next() => match joined {
                 Some(Ok((stage, outcome))) => scheduler.done(stage, outcome, options.keep_going),
                 // A panic inside a stage task: its stage has no outcome, and says so.
@@ -81,9 +85,6 @@ struct Scheduler {
     priority: Vec<(usize, usize)>,
     /// How many selected stages each selected stage still waits for.
     waiting: BTreeMap<usize, usize>,
-    /// For a stage, the selected stages that wait for it to end whatever its outcome (the next
-    /// partition's instance, for `against: previous`).
-    followers: BTreeMap<usize, Vec<usize>>,
     ready: BinaryHeap<Reverse<((usize, usize), usize)>>,
     outcomes: BTreeMap<usize, Outcome>,
     /// Selected stages that will not start: downstream of a failure, or in a failed partition.
@@ -100,23 +101,13 @@ struct Scheduler {
 impl Scheduler {
     fn new(ctx: Arc<Context>, selected: &BTreeSet<usize>, cancel: watch::Sender<Stop>) -> Self {
         let dag = &ctx.dag;
-        let mut followers: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-        for &s in selected {
-            if let Some(previous) = dag.previous_partition(s).filter(|p| selected.contains(p)) {
-                followers.entry(previous).or_default().push(s);
-            }
-        }
         let waiting: BTreeMap<usize, usize> = selected
             .iter()
             .map(|&s| {
                 let needs = dag.needs(s);
-                let ordered = usize::from(
-                    dag.previous_partition(s)
-                        .is_some_and(|p| selected.contains(&p)),
-                );
                 (
                     s,
-                    needs.iter().filter(|(d, _)| selected.contains(d)).count() + ordered,
+                    needs.iter().filter(|(d, _)| selected.contains(d)).count(),
                 )
             })
             .collect();
@@ -140,7 +131,6 @@ impl Scheduler {
         Scheduler {
             priority,
             waiting,
-            followers,
             ready,
             outcomes: BTreeMap::new(),
             abandoned: BTreeSet::new(),
@@ -182,21 +172,14 @@ impl Scheduler {
         }
     }
 
-    /// `stage` ended (or never will): the stages ordered after it need not wait for it.
-    fn release_followers(&mut self, stage: usize) {
-        for next in self.followers.remove(&stage).unwrap_or_default() {
-            self.release(next);
-        }
-    }
-
-    /// These stages will not start: what is ordered after them goes on without them.
+    /// These stages will not start: a gate waiting for one of them goes on without it.
     fn abandon(&mut self, stages: impl IntoIterator<Item = usize>) {
         for stage in stages {
             if self.waiting.contains_key(&stage)
                 && !self.outcomes.contains_key(&stage)
                 && self.abandoned.insert(stage)
             {
-                self.release_followers(stage);
+                self.ctx.mark_ended(stage);
             }
         }
     }
@@ -205,7 +188,7 @@ impl Scheduler {
     /// cancels what runs, unless `keep_going`, or it was inside a partition: then only that
     /// partition's other stages and what depends on the failed one do not start.
     fn done(&mut self, stage: usize, outcome: Outcome, keep_going: bool) {
-        self.release_followers(stage);
+        self.ctx.mark_ended(stage);
         match &outcome {
             Outcome::Ran { .. } | Outcome::Skipped { .. } => {
                 for next in self.ctx.dag.dependents(stage) {
