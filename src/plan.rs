@@ -771,11 +771,17 @@ pub fn select(
             return Err(format!("no stage is named `{name}`{hint}"));
         }
         let before = named.len();
-        named.extend(matches.into_iter().filter(|&i| kept(i)));
+        named.extend(matches.iter().copied().filter(|&i| kept(i)));
         if named.len() == before {
-            return Err(format!(
-                "stage `{name}` is not partitioned: --partition, --partitions and --latest choose partitioned stages"
-            ));
+            return Err(
+                if matches.iter().any(|&i| dag.stage(i).partition.is_some()) {
+                    format!("stage `{name}` has none of the chosen partitions")
+                } else {
+                    format!(
+                        "stage `{name}` is not partitioned: --partition, --partitions and --latest choose partitioned stages"
+                    )
+                },
+            );
         }
     }
     if selection.stages.is_empty() {

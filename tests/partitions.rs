@@ -243,10 +243,8 @@ stages:
     );
 }
 
-#[test]
-fn a_stage_over_every_partition_reads_each_output() {
-    let t = Test::new().pipeline(
-        r#"
+/// Each month's `extract`, and `model` over all of them through `expand('PATTERN', …)`.
+const FAN_IN: &str = r#"
 partitions:
   month:
     values: [2017-01, 2017-02]
@@ -256,11 +254,13 @@ stages:
     outputs: ["out/{{ month }}/extract.txt"]
   model:
     cmd: cat {{ inputs }} > {{ outputs[0] }}
-    inputs:
-      - "{{ expand('out/{month}/extract.txt', month=partitions.month.all) }}"
+    inputs: ["{{ expand('PATTERN', month=partitions.month.all) }}"]
     outputs: [out/model.txt]
-"#,
-    );
+"#;
+
+#[test]
+fn a_stage_over_every_partition_reads_each_output() {
+    let t = Test::new().pipeline(&FAN_IN.replace("PATTERN", "out/{month}/extract.txt"));
     t.run_ok(&[]);
     assert_eq!(t.read("out/model.txt"), "2017-01\n2017-02\n");
     let dag = t.exec(&["dag", "pipeline.yaml", "--dot"]);
@@ -394,6 +394,27 @@ stages:
     let out = t.exec(&["validate", "pipeline.yaml"]);
     assert_eq!(out.code, 2);
     insta::assert_snapshot!("nothing_matches", out.all());
+    // Several files in one month's folder are that month, once; weeks sort as numbers.
+    let t = Test::new()
+        .file("raw/w2/part-1.csv", "id\n1\n")
+        .file("raw/w2/part-2.csv", "id\n2\n")
+        .file("raw/w10/part-1.csv", "id\n3\n")
+        .pipeline(
+            r#"
+partitions:
+  week:
+    discover: "raw/{week}/part-*.csv"
+stages:
+  merge:
+    cmd: cat {{ inputs[0] }}/*.csv > {{ outputs[0] }}
+    inputs: ["raw/{{ week }}/"]
+    outputs: ["out/{{ week }}.csv"]
+"#,
+        );
+    let dag = t.exec(&["dag", "pipeline.yaml"]);
+    assert_eq!(dag.code, 0, "{}", dag.stderr);
+    let names: Vec<&str> = dag.stdout.lines().filter(|l| !l.starts_with(' ')).collect();
+    assert_eq!(names, ["merge@w2 [cmd]", "merge@w10 [cmd]"]);
 }
 
 /// Three months of orders with a cleaned table and a JSON summary, each with `metrics:`.
@@ -479,9 +500,14 @@ fn metrics_follow_each_month() {
     assert_eq!(may["mean_days"], 10.0);
     let directive = &may["_aws"]["CloudWatchMetrics"][0];
     assert_eq!(directive["Namespace"], "shop");
+    // The newest month also counts across months, for an alarm on the month that just ran.
     assert_eq!(
         directive["Dimensions"],
         serde_json::json!([["Pipeline", "Stage", "Partition"], ["Pipeline", "Stage"]])
+    );
+    assert_eq!(
+        lines[1]["_aws"]["CloudWatchMetrics"][0]["Dimensions"],
+        serde_json::json!([["Pipeline", "Stage", "Partition"]])
     );
     assert_eq!(
         directive["Metrics"][3],
@@ -706,21 +732,7 @@ fn a_month_with_a_third_fewer_orders_is_quarantined_and_the_others_commit() {
 
 #[test]
 fn expand_names_what_it_cannot_fill() {
-    let t = Test::new().pipeline(
-        r#"
-partitions:
-  month:
-    values: [2017-01, 2017-02]
-stages:
-  extract:
-    cmd: echo {{ month }} > {{ outputs[0] }}
-    outputs: ["out/{{ month }}/extract.txt"]
-  model:
-    cmd: cat {{ inputs }} > {{ outputs[0] }}
-    inputs: ["{{ expand('out/{mnth}/extract.txt', month=partitions.month.all) }}"]
-    outputs: [out/model.txt]
-"#,
-    );
+    let t = Test::new().pipeline(&FAN_IN.replace("PATTERN", "out/{mnth}/extract.txt"));
     let out = t.exec(&["validate", "pipeline.yaml"]);
     assert_eq!(out.code, 2);
     insta::assert_snapshot!(out.all());
@@ -757,4 +769,32 @@ stages:
         out.stderr
     );
     assert_eq!(decisions(&t), ["clean@2017-01 ran", "clean@2017-02 failed"]);
+}
+
+#[test]
+fn a_month_after_a_failed_month_is_not_compared_with_a_stale_baseline() {
+    let t = monthly([30, 30, 30]);
+    t.run_ok(&[]);
+    // April shrinks and fails its check; May, unchanged, is not compared with the April
+    // committed before this run.
+    t.write("raw/2017-04/orders.csv", rows(10));
+    t.write("raw/2017-05/orders.csv", rows(31));
+    let out = t.exec(&["run", "pipeline.yaml"]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(
+        out.stderr.contains(
+            "warning: stage `clean@2017-05`: its month-over-month check has no baseline: `clean@2017-04` failed in this run; once 2017-04 is committed, `--stage clean@2017-05 --force` checks it"
+        ),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        decisions(&t),
+        [
+            "clean@2017-04 failed",
+            "clean@2017-05 ran",
+            "report@2017-04 blocked",
+            "report@2017-05 ran"
+        ]
+    );
 }

@@ -270,7 +270,8 @@ fn pattern(
 }
 
 /// The keys of the paths `discover` matched: each a valid key (a date-like one a real date),
-/// none from two paths; dates in date order, others sorted.
+/// none from two places (several files in one key's folder, `raw/{month}/part-*.csv`, are one
+/// place); dates in date order, others in natural order (`w2` before `w10`).
 fn discovered(
     name: &Key,
     discover: &Discover,
@@ -278,11 +279,14 @@ fn discovered(
     diagnostics: &mut Vec<Diagnostic>,
 ) -> Option<Vec<String>> {
     let before = diagnostics.len();
-    let mut keys: std::collections::BTreeMap<String, &str> = std::collections::BTreeMap::new();
+    // Each key, with the path that first gave it and that path's folder of the key.
+    let mut keys: std::collections::BTreeMap<String, (&str, &str)> =
+        std::collections::BTreeMap::new();
     for path in paths {
-        let Some(key) = path
+        let Some((key, folder)) = path
             .strip_prefix(discover.prefix.as_str())
-            .and_then(|rest| discover.key_of(rest))
+            .and_then(|rest| discover.locate(rest))
+            .map(|(key, end)| (key, &path[..discover.prefix.len() + end]))
         else {
             continue;
         };
@@ -303,7 +307,10 @@ fn discovered(
             )));
             continue;
         }
-        if let Some(first) = keys.get(key.as_str()) {
+        if let Some((first, first_folder)) = keys.get(key.as_str()) {
+            if *first_folder == folder {
+                continue;
+            }
             diagnostics.push(
                 Diagnostic::error(format!(
                     "two paths give partition `{key}` of `{}`: `{first}` and `{path}`",
@@ -314,7 +321,7 @@ fn discovered(
             );
             continue;
         }
-        keys.insert(key, path);
+        keys.insert(key, (path, folder));
     }
     if diagnostics.len() > before {
         return None;
@@ -337,6 +344,8 @@ fn discovered(
     let mut keys: Vec<String> = keys.into_keys().collect();
     if keys.iter().all(|k| Date::parse(k).is_some()) {
         keys.sort_by_key(|k| Date::parse(k));
+    } else {
+        keys.sort_by_key(|k| natural(k));
     }
     if keys.len() > MAX_KEYS {
         diagnostics.push(
@@ -518,6 +527,31 @@ fn bound<'a>(
     }
 }
 
+/// A key for natural ordering: runs of digits compare as numbers (`w2` < `w10`), the rest as
+/// text.
+fn natural(key: &str) -> Vec<(String, u128)> {
+    let mut parts = Vec::new();
+    let mut text = String::new();
+    let mut chars = key.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c.is_ascii_digit() {
+            let mut digits = String::from(c);
+            while let Some(d) = chars.peek().copied().filter(char::is_ascii_digit) {
+                digits.push(d);
+                chars.next();
+            }
+            parts.push((
+                std::mem::take(&mut text),
+                digits.parse().unwrap_or(u128::MAX),
+            ));
+        } else {
+            text.push(c);
+        }
+    }
+    parts.push((text, 0));
+    parts
+}
+
 /// A partition key is part of stage names and paths: letters, digits, `.`, `_`, `-`.
 fn check_key(key: &str) -> Result<(), String> {
     let valid = !key.is_empty()
@@ -636,5 +670,12 @@ mod tests {
         assert_eq!(Date::parse("2017-13"), None);
         assert_eq!(Date::parse("2017-00"), None);
         assert!(Date::parse("2017-05").unwrap() < Date::parse("2017-11").unwrap());
+    }
+
+    #[test]
+    fn keys_that_are_not_dates_sort_naturally() {
+        let mut keys = vec!["w10", "w2", "w1", "eu", "w02x"];
+        keys.sort_by_key(|k| natural(k));
+        assert_eq!(keys, ["eu", "w1", "w2", "w02x", "w10"]);
     }
 }

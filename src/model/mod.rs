@@ -74,20 +74,40 @@ pub enum PatternPart {
 impl Discover {
     /// The key a path listed under the prefix stands for, if it matches.
     pub fn key_of(&self, listed: &str) -> Option<String> {
-        fn matches<'a>(parts: &[PatternPart], text: &'a str, key: &mut Option<&'a str>) -> bool {
+        self.locate(listed).map(|(key, _)| key)
+    }
+
+    /// The key a path listed under the prefix stands for, and where the path segment holding
+    /// it ends (the paths of one key share everything before). The key takes as much of its
+    /// segment as it can and a `*` as little, so that `{month}-*.csv` reads `2017-05` from
+    /// `2017-05-orders.csv`.
+    pub fn locate(&self, listed: &str) -> Option<(String, usize)> {
+        fn matches(
+            parts: &[PatternPart],
+            text: &str,
+            at: usize,
+            key: &mut Option<(usize, usize)>,
+        ) -> bool {
+            let rest_of = &text[at..];
             match parts.split_first() {
-                None => text.is_empty(),
-                Some((PatternPart::Text(t), rest)) => text
-                    .strip_prefix(t.as_str())
-                    .is_some_and(|after| matches(rest, after, key)),
+                None => rest_of.is_empty(),
+                Some((PatternPart::Text(t), rest)) => {
+                    rest_of.starts_with(t.as_str()) && matches(rest, text, at + t.len(), key)
+                }
                 Some((part, rest)) => {
-                    let segment = text.find('/').unwrap_or(text.len());
-                    (1..=segment).any(|end| {
+                    let segment = rest_of.find('/').unwrap_or(rest_of.len());
+                    let mut ends: Vec<usize> = (1..=segment)
+                        .filter(|&n| rest_of.is_char_boundary(n))
+                        .collect();
+                    if *part == PatternPart::Key {
+                        ends.reverse();
+                    }
+                    ends.into_iter().any(|n| {
                         let before = *key;
                         if *part == PatternPart::Key {
-                            *key = Some(&text[..end]);
+                            *key = Some((at, at + n));
                         }
-                        let found = matches(rest, &text[end..], key);
+                        let found = matches(rest, text, at + n, key);
                         if !found {
                             *key = before;
                         }
@@ -97,10 +117,12 @@ impl Discover {
             }
         }
         let mut key = None;
-        matches(&self.parts, listed, &mut key)
-            .then_some(key)
-            .flatten()
-            .map(str::to_owned)
+        if !matches(&self.parts, listed, 0, &mut key) {
+            return None;
+        }
+        let (start, end) = key?;
+        let segment_end = listed[end..].find('/').map_or(listed.len(), |i| end + i);
+        Some((listed[start..end].to_owned(), segment_end))
     }
 }
 
@@ -430,6 +452,19 @@ mod tests {
             Some("2017-05")
         );
         assert_eq!(hive.key_of("year=2017/month=2017-05/part-.csv"), None);
+        // The key takes what it can, a `*` what is left.
+        let dashed = pattern(vec![Key, Text("-".into()), Any, Text(".csv".into())]);
+        assert_eq!(
+            dashed.locate("2017-05-orders.csv"),
+            Some(("2017-05".to_owned(), 18))
+        );
+        // Non-ASCII names are matched by character, never split inside one.
+        assert_eq!(plain.key_of("März/orders.csv").as_deref(), Some("März"));
+        assert_eq!(plain.key_of("Résumé.pdf"), None);
+        assert_eq!(
+            plain.locate("2017-05/orders.csv"),
+            Some(("2017-05".to_owned(), 7))
+        );
         let inside = pattern(vec![Text("orders_".into()), Key, Text(".csv".into())]);
         assert_eq!(
             inside.key_of("orders_2017-05.csv").as_deref(),

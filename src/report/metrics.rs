@@ -24,8 +24,12 @@ pub fn table(series: &[MetricSeries]) -> String {
     }
     let one_stage = series.iter().all(|s| s.stage == series[0].stage);
     let mut out = String::new();
-    let mut sets: Vec<&str> = series.iter().filter_map(|s| s.set.as_deref()).collect();
-    sets.dedup();
+    let mut sets: Vec<&str> = Vec::new();
+    for set in series.iter().filter_map(|s| s.set.as_deref()) {
+        if !sets.contains(&set) {
+            sets.push(set);
+        }
+    }
     for set in sets {
         let of_set: Vec<&MetricSeries> = series
             .iter()
@@ -98,7 +102,8 @@ fn cell(value: Option<f64>, change: Option<f64>) -> String {
 type Instance = (String, Option<String>);
 
 /// One CloudWatch Embedded Metric Format line per measured stage instance: its metrics, with
-/// dimensions `Pipeline`, `Stage` and (partitioned) `Partition`, and again without `Partition`. CloudWatch Logs turns each
+/// dimensions `Pipeline`, `Stage` and (partitioned) `Partition`; the newest partition's line
+/// also without `Partition`. CloudWatch Logs turns each
 /// line into metric data points, so alarms need no SDK (the seed's row-count alarm).
 pub fn emf(series: &[MetricSeries], pipeline: &str, namespace: &str, timestamp_ms: u128) -> String {
     // (stage, partition) → its metric values, in order.
@@ -119,13 +124,28 @@ pub fn emf(series: &[MetricSeries], pipeline: &str, namespace: &str, timestamp_m
             values.insert(one.metric.clone(), json!(value));
         }
     }
+    // The newest partition of each stage with a value: only its line also counts across
+    // partitions, so that an alarm by Pipeline and Stage sees the month that just ran, once.
+    let newest: Vec<Instance> = series
+        .iter()
+        .filter_map(|one| {
+            let point = one
+                .points
+                .iter()
+                .rev()
+                .find(|p| p.committed && p.value.is_some())?;
+            Some((one.stage.clone(), point.partition.clone()))
+        })
+        .collect();
     let mut out = String::new();
     for ((stage, partition), values) in lines {
-        // Per partition, and (for alarms on "the month that just ran") across partitions.
-        let dimensions = if partition.is_some() {
-            json!([["Pipeline", "Stage", "Partition"], ["Pipeline", "Stage"]])
-        } else {
-            json!([["Pipeline", "Stage"]])
+        let key = (stage.clone(), partition.clone());
+        let dimensions = match &partition {
+            None => json!([["Pipeline", "Stage"]]),
+            Some(_) if newest.contains(&key) => {
+                json!([["Pipeline", "Stage", "Partition"], ["Pipeline", "Stage"]])
+            }
+            Some(_) => json!([["Pipeline", "Stage", "Partition"]]),
         };
         let metrics: Vec<serde_json::Value> = values
             .keys()

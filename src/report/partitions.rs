@@ -122,6 +122,7 @@ fn base_name<'a>(name: &'a str, key: &str) -> &'a str {
 pub fn grid(dag: &Dag, statuses: &[StageStatus], states: &BTreeMap<usize, State>) -> String {
     let (names, rows) = rows(dag, states);
     let mut out = String::new();
+    // Rows come set by set, so that repeats are adjacent.
     let sets: Vec<&str> = {
         let mut sets: Vec<&str> = rows.iter().map(|r| r.set.as_str()).collect();
         sets.dedup();

@@ -219,7 +219,21 @@ fn previous_output(ctx: &Context, stage: &Stage, output: usize) -> PreviousOutpu
         ));
     };
     let name = partition.sibling(&stage.name, key);
-    let sibling = ctx.dag.index_of(&name).map(|i| ctx.dag.stage(i));
+    let index = ctx.dag.index_of(&name);
+    // What the month before committed earlier is not what it is now: no baseline.
+    let why = match index.and_then(|i| ctx.ended(i)) {
+        Some(super::Ended::Failed) => Some(format!("`{name}` failed in this run")),
+        Some(super::Ended::NotRun) => Some(format!("`{name}` did not run in this run")),
+        _ => None,
+    };
+    if let Some(why) = why {
+        ctx.events.event(Event::Warning(format!(
+            "stage `{}`: its month-over-month check has no baseline: {why}; once {key} is committed, `--stage {} --force` checks it",
+            stage.name, stage.name
+        )));
+        return PreviousOutput::Missing(why);
+    }
+    let sibling = index.map(|i| ctx.dag.stage(i));
     let Some(port) = sibling.and_then(|s| s.outputs.get(output)) else {
         return PreviousOutput::Missing(format!("{key} has no stage `{name}`"));
     };

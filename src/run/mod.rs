@@ -224,9 +224,9 @@ pub(crate) struct Context {
     cancel: watch::Receiver<Stop>,
     /// The stages this run was asked for.
     selected: std::collections::BTreeSet<usize>,
-    /// Selected stages that ended (or will not start): a `change: {against: previous}` check
-    /// waits for the previous partition's instance to be here.
-    ended: Mutex<std::collections::BTreeSet<usize>>,
+    /// Selected stages that ended (or will not start), and how: a `change: {against:
+    /// previous}` check waits for the previous partition's instance to be here.
+    ended: Mutex<std::collections::BTreeMap<usize, Ended>>,
     /// Woken when a stage ends.
     ended_notify: tokio::sync::Notify,
     /// How many stages wait at their gate for another to end: they hold no job slot.
@@ -235,25 +235,40 @@ pub(crate) struct Context {
     parked_notify: tokio::sync::Notify,
 }
 
+/// How a stage of this run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ended {
+    /// Its outputs are committed (it ran, was restored, or was up to date).
+    Committed,
+    Failed,
+    /// It did not start: upstream or its partition failed, or the run stopped.
+    NotRun,
+}
+
 impl Context {
     /// `stage` ended, or will not start: whoever waits for it goes on.
-    fn mark_ended(&self, stage: usize) {
+    fn mark_ended(&self, stage: usize, how: Ended) {
         self.ended
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(stage);
+            .entry(stage)
+            .or_insert(how);
         self.ended_notify.notify_waiters();
+    }
+
+    /// How `stage` ended in this run, if it did.
+    fn ended(&self, stage: usize) -> Option<Ended> {
+        self.ended
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&stage)
+            .copied()
     }
 
     /// Waits until `stage` has ended (or the run is cancelled), without holding a job slot.
     async fn wait_for_end(&self, stage: usize) -> Result<(), failure::StageFailure> {
         use std::sync::atomic::Ordering;
-        let ended = || {
-            self.ended
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .contains(&stage)
-        };
+        let ended = || self.ended(stage).is_some();
         if ended() {
             return Ok(());
         }
@@ -426,7 +441,7 @@ pub fn run_with(
         events: events.clone(),
         cancel: cancel_rx,
         selected: selected.clone(),
-        ended: Mutex::new(std::collections::BTreeSet::new()),
+        ended: Mutex::new(std::collections::BTreeMap::new()),
         ended_notify: tokio::sync::Notify::new(),
         parked: std::sync::atomic::AtomicUsize::new(0),
         parked_notify: tokio::sync::Notify::new(),

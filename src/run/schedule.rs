@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::stage::{run_stage_and_hook, stage_record};
-use super::{Context, Event, Outcome, RunOptions};
+use super::{Context, Ended, Event, Outcome, RunOptions};
 use crate::interrupt::Stop;
 use crate::state::record::Decision;
 
@@ -43,8 +43,17 @@ pub(super) async fn schedule(
             _ = ctx.parked_notify.notified() => {}
             joined = tasks.join_next() => match joined {
                 Some(Ok((stage, outcome))) => scheduler.done(stage, outcome, options.keep_going),
-                // A panic inside a stage task: its stage has no outcome, and says so.
-                Some(Err(e)) => ctx.events.event(Event::Warning(format!("internal error: {e}"))),
+                // A panic inside a stage task: the stage failed, and what waits for it is told.
+                Some(Err(e)) => {
+                    let stage = scheduler.tasks.remove(&e.id());
+                    ctx.events.event(Event::Warning(format!("internal error: {e}")));
+                    if let Some(stage) = stage {
+                        let name = ctx.dag.stage(stage).name.clone();
+                        let mut record = stage_record(&name, Decision::Failed);
+                        record.error = Some(format!("internal error: {e}"));
+                        scheduler.done(stage, Outcome::Failed { record }, options.keep_going);
+                    }
+                }
                 None => {}
             },
             changed = stop.changed(), if listening => {
@@ -85,6 +94,8 @@ struct Scheduler {
     priority: Vec<(usize, usize)>,
     /// How many selected stages each selected stage still waits for.
     waiting: BTreeMap<usize, usize>,
+    /// The stage each running task runs.
+    tasks: std::collections::HashMap<tokio::task::Id, usize>,
     ready: BinaryHeap<Reverse<((usize, usize), usize)>>,
     outcomes: BTreeMap<usize, Outcome>,
     /// Selected stages that will not start: downstream of a failure, or in a failed partition.
@@ -131,6 +142,7 @@ impl Scheduler {
         Scheduler {
             priority,
             waiting,
+            tasks: std::collections::HashMap::new(),
             ready,
             outcomes: BTreeMap::new(),
             abandoned: BTreeSet::new(),
@@ -158,7 +170,9 @@ impl Scheduler {
             }
             let ctx = self.ctx.clone();
             let force = forced.contains(&stage);
-            tasks.spawn(async move { (stage, run_stage_and_hook(ctx, stage, force).await) });
+            let handle =
+                tasks.spawn(async move { (stage, run_stage_and_hook(ctx, stage, force).await) });
+            self.tasks.insert(handle.id(), stage);
         }
     }
 
@@ -179,7 +193,7 @@ impl Scheduler {
                 && !self.outcomes.contains_key(&stage)
                 && self.abandoned.insert(stage)
             {
-                self.ctx.mark_ended(stage);
+                self.ctx.mark_ended(stage, Ended::NotRun);
             }
         }
     }
@@ -188,7 +202,15 @@ impl Scheduler {
     /// cancels what runs, unless `keep_going`, or it was inside a partition: then only that
     /// partition's other stages and what depends on the failed one do not start.
     fn done(&mut self, stage: usize, outcome: Outcome, keep_going: bool) {
-        self.ctx.mark_ended(stage);
+        self.tasks.retain(|_, s| *s != stage);
+        self.ctx.mark_ended(
+            stage,
+            match &outcome {
+                Outcome::Ran { .. } | Outcome::Skipped { .. } => Ended::Committed,
+                Outcome::Failed { .. } => Ended::Failed,
+                Outcome::Cancelled { .. } => Ended::NotRun,
+            },
+        );
         match &outcome {
             Outcome::Ran { .. } | Outcome::Skipped { .. } => {
                 for next in self.ctx.dag.dependents(stage) {

@@ -251,7 +251,11 @@ impl Store for LocalStore {
     fn list(&self, at: &Location) -> Result<Vec<super::Listed>, StoreError> {
         let root = path_of(at)?;
         let mut listed = Vec::new();
-        for entry in walkdir::WalkDir::new(root).sort_by_file_name() {
+        // Through symbolic links too: a month's folder may be a link to where it landed.
+        for entry in walkdir::WalkDir::new(root)
+            .follow_links(true)
+            .sort_by_file_name()
+        {
             let entry = match entry {
                 Ok(entry) => entry,
                 Err(e) if e.io_error().map(|e| e.kind()) == Some(std::io::ErrorKind::NotFound) => {

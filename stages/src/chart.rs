@@ -7,7 +7,7 @@ use std::path::Path;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use crate::diagnose::plots::{color, register_font, tick, FAMILY};
+use crate::diagnose::plots::{color, encode_png, register_font, tick, FAMILY};
 
 /// One metric's values, one per partition (`None`: not measured there).
 pub struct Series {
@@ -41,16 +41,7 @@ pub fn draw(axis: &str, keys: &[String], series: &[Series], out: &Path) -> Resul
             panels(&root, axis, keys, series).map_err(failed)?;
             root.present().map_err(|e| failed(e.to_string()))?;
         }
-        let mut png = Vec::new();
-        let mut encoder = png::Encoder::new(&mut png, size.0, size.1);
-        encoder.set_color(png::ColorType::Rgb);
-        encoder.set_depth(png::BitDepth::Eight);
-        let mut writer = encoder.write_header().map_err(|e| failed(e.to_string()))?;
-        writer
-            .write_image_data(&pixels)
-            .map_err(|e| failed(e.to_string()))?;
-        writer.finish().map_err(|e| failed(e.to_string()))?;
-        png
+        encode_png(&pixels, size).map_err(failed)?
     };
     std::fs::write(out, bytes).map_err(|e| format!("cannot write `{}`: {e}", out.display()))
 }

@@ -42,16 +42,7 @@ pub fn render(plot: &impl Plot, stem: &Path) -> Result<Vec<u8>, StageError> {
         plot.draw(&root).map_err(failed)?;
         root.present().map_err(|e| failed(e.to_string()))?;
     }
-    let mut png = Vec::new();
-    {
-        let mut encoder = png::Encoder::new(&mut png, SIZE.0, SIZE.1);
-        encoder.set_color(png::ColorType::Rgb);
-        encoder.set_depth(png::BitDepth::Eight);
-        let mut writer = encoder.write_header().map_err(|e| failed(e.to_string()))?;
-        writer
-            .write_image_data(&pixels)
-            .map_err(|e| failed(e.to_string()))?;
-    }
+    let png = encode_png(&pixels, SIZE).map_err(failed)?;
     let write = |extension: &str, bytes: &[u8]| {
         let path = stem.with_extension(extension);
         std::fs::write(&path, bytes)
@@ -59,6 +50,18 @@ pub fn render(plot: &impl Plot, stem: &Path) -> Result<Vec<u8>, StageError> {
     };
     write("svg", svg.as_bytes())?;
     write("png", &png)?;
+    Ok(png)
+}
+
+/// RGB pixels of a `size` image, as PNG bytes.
+pub(crate) fn encode_png(pixels: &[u8], size: (u32, u32)) -> Result<Vec<u8>, String> {
+    let mut png = Vec::new();
+    let mut encoder = png::Encoder::new(&mut png, size.0, size.1);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    let mut writer = encoder.write_header().map_err(|e| e.to_string())?;
+    writer.write_image_data(pixels).map_err(|e| e.to_string())?;
+    writer.finish().map_err(|e| e.to_string())?;
     Ok(png)
 }
 
