@@ -187,7 +187,8 @@ enum Message {
     Fs(notify::Result<notify::Event>),
     Stop(Stop),
     RunDone(Result<RunSummary, RunError>),
-    Polled(Vec<(usize, Option<String>)>),
+    /// S3 sources' identities, and the new partitions S3 `discover:` patterns found.
+    Polled(Vec<(usize, Option<String>)>, Vec<(String, String)>),
 }
 
 /// One local source input: a file or a directory no stage writes.
@@ -221,6 +222,9 @@ struct Targets {
     /// Each local `discover:` pattern: its prefix (absolute), the pattern, its set, the keys
     /// the pipeline has now.
     discover: Vec<(PathBuf, crate::model::Discover, String, BTreeSet<String>)>,
+    /// Each S3 `discover:` pattern, listed at every poll: its prefix, the pattern, its set, the
+    /// keys the pipeline has now.
+    s3_discover: Vec<(Declared, crate::model::Discover, String, BTreeSet<String>)>,
 }
 
 impl Targets {
@@ -268,14 +272,22 @@ impl Targets {
             let Some(discover) = &set.discover else {
                 continue;
             };
-            let prefix = Declared::parse(&discover.prefix, &pipeline.workdir).ok();
-            if let Some(path) = prefix.as_ref().and_then(|p| p.location.local_path()) {
-                targets.discover.push((
+            let Ok(prefix) = Declared::parse(&discover.prefix, &pipeline.workdir) else {
+                continue;
+            };
+            let keys: BTreeSet<String> = set.keys.iter().cloned().collect();
+            match prefix.location.local_path() {
+                Some(path) => targets.discover.push((
                     absolute(path),
                     discover.clone(),
                     set.name.clone(),
-                    set.keys.iter().cloned().collect(),
-                ));
+                    keys,
+                )),
+                None => {
+                    targets
+                        .s3_discover
+                        .push((prefix, discover.clone(), set.name.clone(), keys))
+                }
             }
         }
         let state = crate::state::StateDir::new(&pipeline.workdir);
@@ -460,7 +472,7 @@ fn settle_limit(debounce: Duration) -> Duration {
 impl State<'_> {
     fn main_loop(&mut self, rx: mpsc::Receiver<Message>) {
         loop {
-            if self.targets.s3.is_empty() {
+            if self.targets.s3.is_empty() && self.targets.s3_discover.is_empty() {
                 self.next_poll = None;
             } else if self.next_poll.is_none() && !self.polling {
                 self.next_poll = Some(Instant::now());
@@ -484,7 +496,7 @@ impl State<'_> {
                         return;
                     }
                 }
-                Ok(Message::Polled(seen)) => self.on_polled(seen),
+                Ok(Message::Polled(seen, discovered)) => self.on_polled(seen, discovered),
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     let now = Instant::now();
@@ -934,6 +946,7 @@ impl State<'_> {
             .enumerate()
             .map(|(i, s)| (i, s.declared.clone()))
             .collect();
+        let listings = self.targets.s3_discover.clone();
         let pipeline = self.dag.pipeline();
         let settings = pipeline.storage.clone();
         let cache = crate::state::StateDir::new(&pipeline.workdir).cache();
@@ -951,7 +964,24 @@ impl State<'_> {
                         Some((i, identity.map(|h| h.hash)))
                     })
                     .collect();
-                let _ = tx.send(Message::Polled(seen));
+                // One LIST per S3 `discover:` prefix: a path with a key the pipeline does not
+                // have is a new partition.
+                let mut discovered = Vec::new();
+                for (prefix, discover, set, keys) in listings {
+                    let Ok(listed) = store.list(&prefix.location) else {
+                        continue;
+                    };
+                    for entry in listed {
+                        if let Some(key) = discover.key_of(&entry.path) {
+                            if !keys.contains(&key)
+                                && !discovered.contains(&(set.clone(), key.clone()))
+                            {
+                                discovered.push((set.clone(), key));
+                            }
+                        }
+                    }
+                }
+                let _ = tx.send(Message::Polled(seen, discovered));
             });
         if spawned.is_err() {
             self.polling = false;
@@ -959,10 +989,11 @@ impl State<'_> {
         }
     }
 
-    fn on_polled(&mut self, seen: Vec<(usize, Option<String>)>) {
+    fn on_polled(&mut self, seen: Vec<(usize, Option<String>)>, discovered: Vec<(String, String)>) {
         self.polling = false;
         self.next_poll = Some(Instant::now() + self.options.poll_interval);
-        let mut changed = false;
+        let mut changed = !discovered.is_empty();
+        self.pending.discovered.extend(discovered);
         for (i, identity) in seen {
             let Some(source) = self.targets.s3.get_mut(i) else {
                 continue;

@@ -582,6 +582,38 @@ stages:
     );
 }
 
+#[test]
+fn a_new_month_on_s3_is_found_at_the_next_poll() {
+    let server = s3::S3Server::start();
+    server.put("raw/2017-01/orders.csv", "a\n");
+    let t = Test::new().pipeline(
+        r#"
+partitions:
+  month:
+    discover: "s3://bucket/raw/{month}/orders.csv"
+stages:
+  fetch:
+    cmd: "cp {{ inputs[0] }} {{ outputs[0] }}"
+    inputs: ["s3://bucket/raw/{{ month }}/orders.csv"]
+    outputs: ["out/{{ month }}.csv"]
+"#,
+    );
+    let mut command = Watching::command(&t, &["--poll-interval", "200ms"]);
+    for (key, value) in server.env() {
+        command.env(key, value);
+    }
+    command.env_remove("AWS_PROFILE");
+    let mut w = Watching::spawn(command);
+    w.idle(1);
+    server.put("raw/2017-02/orders.csv", "b\n");
+    w.wait_for("the new month's run", |log| {
+        log.contains("new partition of `month`: 2017-02")
+            && log.matches("for changes (Ctrl-C to stop)").count() >= 2
+    });
+    assert_eq!(t.read("out/2017-02.csv"), "b\n");
+    assert_eq!(runs(&t)[1..], [names(&["fetch@2017-02"])], "{}", w.log());
+}
+
 /// A built-in stage cannot be killed like a command, so it looks at a flag between MICE
 /// iterations: Ctrl-C stops an imputation of a million iterations at once, and nothing of it is
 /// committed.
