@@ -1012,6 +1012,10 @@ pub fn measure(
             lock::Measured {
                 of: metric.definition(),
                 value,
+                at_ms: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .ok()
+                    .map(|d| d.as_millis() as u64),
             },
         );
     }
@@ -1041,6 +1045,10 @@ pub struct MetricPoint {
     pub committed: bool,
     /// The change from the previous partition with a value, in percent.
     pub change_pct: Option<f64>,
+    /// When it was measured at commit (milliseconds since the Unix epoch); `None` when it was
+    /// measured now, on outputs committed before the metric existed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub measured_at_ms: Option<u64>,
 }
 
 /// The `metrics:` of the stages named in `stages` (all when empty; a name without `@` means
@@ -1081,13 +1089,14 @@ pub fn metrics(
     };
     let mut series: Vec<MetricSeries> = Vec::new();
     for stage in chosen {
-        let value_of = |metric: &crate::model::StageMetric| -> (bool, Option<f64>) {
+        // Whether committed, the value, and when it was measured (at commit).
+        let value_of = |metric: &crate::model::StageMetric| -> (bool, Option<f64>, Option<u64>) {
             let Some(entry) = lock.stages.get(&stage.name) else {
-                return (false, None);
+                return (false, None, None);
             };
             if let Some(measured) = entry.metrics.get(&metric.name) {
                 if measured.of == metric.definition() {
-                    return (true, measured.value.as_f64());
+                    return (true, measured.value.as_f64(), measured.at_ms);
                 }
             }
             let port = &stage.outputs[metric.output];
@@ -1106,30 +1115,31 @@ pub fn metrics(
                 }
             };
             let Some(mut path) = path else {
-                return (true, None);
+                return (true, None, None);
             };
             if let Some(file) = &metric.file {
                 path = path.join(file);
             }
             match imba_stages::checks::measure_value(&metric.measure, &path) {
-                Ok(value) => (true, value),
+                Ok(value) => (true, value, None),
                 Err(e) => {
                     warn(format!(
                         "metric `{}` of `{}` cannot be measured: {e}",
                         metric.name, stage.name
                     ));
-                    (true, None)
+                    (true, None, None)
                 }
             }
         };
         for metric in &stage.metrics {
-            let (committed, value) = value_of(metric);
+            let (committed, value, measured_at_ms) = value_of(metric);
             let point = MetricPoint {
                 partition: stage.partition.as_ref().map(|p| p.key.clone()),
                 instance: stage.name.clone(),
                 value,
                 committed,
                 change_pct: None,
+                measured_at_ms,
             };
             let stage_name = base(stage);
             let set = stage.partition.as_ref().map(|p| p.set.clone());

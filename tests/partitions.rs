@@ -514,6 +514,9 @@ fn metrics_follow_each_month() {
         serde_json::json!({"Name": "rows", "Unit": "Count"})
     );
     assert!(may["_aws"]["Timestamp"].as_u64().unwrap() > 1_700_000_000_000);
+    // Stamped at commit: the same lines again, byte for byte.
+    let again = t.exec(&["metrics", "pipeline.yaml", "--emf", "--namespace", "shop"]);
+    assert_eq!(again.stdout, emf.stdout);
 }
 
 #[test]

@@ -105,23 +105,28 @@ type Instance = (String, Option<String>);
 /// dimensions `Pipeline`, `Stage` and (partitioned) `Partition`; the newest partition's line
 /// also without `Partition`. CloudWatch Logs turns each
 /// line into metric data points, so alarms need no SDK (the seed's row-count alarm).
+///
+/// Each line is stamped with when its values were measured, at commit; a value measured now
+/// (for a metric defined after the commit) with `timestamp_ms`.
 pub fn emf(series: &[MetricSeries], pipeline: &str, namespace: &str, timestamp_ms: u128) -> String {
-    // (stage, partition) → its metric values, in order.
-    let mut lines: Vec<(Instance, serde_json::Map<String, serde_json::Value>)> = Vec::new();
+    // (stage, partition) → its metric values, in order, and when they were measured.
+    let mut lines: Vec<(Instance, serde_json::Map<String, serde_json::Value>, u128)> = Vec::new();
     for one in series {
         for point in &one.points {
             let Some(value) = point.value.filter(|_| point.committed) else {
                 continue;
             };
             let key = (one.stage.clone(), point.partition.clone());
-            let values = match lines.iter_mut().find(|(k, _)| *k == key) {
-                Some((_, values)) => values,
+            let at = point.measured_at_ms.map_or(timestamp_ms, u128::from);
+            let line = match lines.iter_mut().position(|(k, _, _)| *k == key) {
+                Some(i) => &mut lines[i],
                 None => {
-                    lines.push((key, serde_json::Map::new()));
-                    &mut lines.last_mut().expect("just pushed").1
+                    lines.push((key, serde_json::Map::new(), at));
+                    lines.last_mut().expect("just pushed")
                 }
             };
-            values.insert(one.metric.clone(), json!(value));
+            line.1.insert(one.metric.clone(), json!(value));
+            line.2 = line.2.min(at);
         }
     }
     // The newest partition of each stage with a value: only its line also counts across
@@ -138,7 +143,7 @@ pub fn emf(series: &[MetricSeries], pipeline: &str, namespace: &str, timestamp_m
         })
         .collect();
     let mut out = String::new();
-    for ((stage, partition), values) in lines {
+    for ((stage, partition), values, at) in lines {
         let key = (stage.clone(), partition.clone());
         let dimensions = match &partition {
             None => json!([["Pipeline", "Stage"]]),
@@ -156,7 +161,7 @@ pub fn emf(series: &[MetricSeries], pipeline: &str, namespace: &str, timestamp_m
             .collect();
         let mut line = json!({
             "_aws": {
-                "Timestamp": timestamp_ms,
+                "Timestamp": at,
                 "CloudWatchMetrics": [{
                     "Namespace": namespace,
                     "Dimensions": dimensions,

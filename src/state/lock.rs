@@ -61,6 +61,9 @@ pub struct Measured {
     pub of: Json,
     /// A number, or null when undefined there.
     pub value: Json,
+    /// When it was measured (the commit), in milliseconds since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_ms: Option<u64>,
 }
 
 /// The lock file of the pipeline at `pipeline`: same directory and stem, `.lock` extension.
