@@ -1064,7 +1064,7 @@ pub fn metrics(
     let lock = lock::load_for_run(&lock::lock_path(&pipeline.file), &state, &warn)
         .map_err(PlanError::Config)?;
     let base = |stage: &Stage| match &stage.partition {
-        Some(p) => p.sibling(&stage.name, "").trim_end_matches('@').to_owned(),
+        Some(p) => p.base(&stage.name).to_owned(),
         None => stage.name.clone(),
     };
     let mut unknown: Vec<&String> = stages.iter().collect();

@@ -141,11 +141,15 @@ impl Partition {
     /// The name of the same stage's instance for another key of the set: `clean@2017-04`
     /// beside `clean@2017-05`.
     pub fn sibling(&self, instance: &str, key: &str) -> String {
-        let base = instance
+        format!("{}@{key}", self.base(instance))
+    }
+
+    /// The stage's name without its key: `clean` of `clean@2017-05`.
+    pub fn base<'a>(&self, instance: &'a str) -> &'a str {
+        instance
             .strip_suffix(self.key.as_str())
             .and_then(|base| base.strip_suffix('@'))
-            .unwrap_or(instance);
-        format!("{base}@{key}")
+            .unwrap_or(instance)
     }
 }
 

@@ -86,7 +86,7 @@ pub fn rows(dag: &Dag, states: &BTreeMap<usize, State>) -> (Vec<String>, Vec<Row
         let (Some(partition), Some(state)) = (&stage.partition, states.get(&index)) else {
             continue;
         };
-        let base = base_name(&stage.name, &partition.key).to_owned();
+        let base = partition.base(&stage.name).to_owned();
         if !names.contains(&base) {
             names.push(base.clone());
         }
@@ -108,13 +108,6 @@ pub fn rows(dag: &Dag, states: &BTreeMap<usize, State>) -> (Vec<String>, Vec<Row
         }
     }
     (names, rows)
-}
-
-/// `clean` of `clean@2017-05`.
-fn base_name<'a>(name: &'a str, key: &str) -> &'a str {
-    name.strip_suffix(key)
-        .and_then(|n| n.strip_suffix('@'))
-        .unwrap_or(name)
 }
 
 /// The grid as text: a header of stage names, a line per partition, then the stages that are

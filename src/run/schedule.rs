@@ -259,9 +259,7 @@ impl Scheduler {
 
     /// Whether `stage` was started (it ended, or it runs now).
     fn started(&self, stage: usize) -> bool {
-        self.outcomes.contains_key(&stage)
-            || (self.waiting.get(&stage) == Some(&0)
-                && !self.ready.iter().any(|Reverse((_, s))| *s == stage))
+        self.outcomes.contains_key(&stage) || self.tasks.values().any(|&s| s == stage)
     }
 
     /// The run was asked to stop (Ctrl-C, SIGTERM, `watch --restart`): pass the level on to
