@@ -122,6 +122,10 @@ pub struct PipelineArgs {
     /// Merge a YAML file of vars over the pipeline's `vars:`. Repeatable.
     #[arg(long = "vars", value_name = "FILE")]
     pub vars: Vec<PathBuf>,
+    /// Run every built-in stage that can run there on this engine (`spark`: through Spark
+    /// Connect, at `SPARK_REMOTE`), unless the stage names its own `engine:`.
+    #[arg(long, value_name = "ENGINE", value_parser = ["local", "spark"])]
+    pub engine: Option<String>,
 }
 
 /// Which stages to consider.
@@ -464,6 +468,10 @@ impl PipelineArgs {
         Overrides {
             vars_files: self.vars.clone(),
             sets: self.set.clone(),
+            engine: self.engine.as_deref().map(|e| match e {
+                "spark" => crate::model::Engine::Spark,
+                _ => crate::model::Engine::Local,
+            }),
             ..Overrides::default()
         }
     }
@@ -932,6 +940,7 @@ fn versions_command(args: VersionsArgs, registry: &Registry, printer: &Printer) 
                 file: args.file.unwrap_or_default(),
                 set: args.set,
                 vars: args.vars,
+                engine: None,
             },
             args.stage,
             args.json,
@@ -1318,6 +1327,7 @@ fn gc_command(args: GcArgs, registry: &Registry, printer: &Printer) -> ExitCode 
             file: file.clone(),
             set: Vec::new(),
             vars: Vec::new(),
+            engine: None,
         };
         let dag = match dag_for_records(&pipeline_args, registry, printer) {
             Ok(dag) => dag,
@@ -1353,6 +1363,7 @@ fn gc_command(args: GcArgs, registry: &Registry, printer: &Printer) -> ExitCode 
                 file: file.clone(),
                 set: Vec::new(),
                 vars: Vec::new(),
+                engine: None,
             };
             let dag = match dag_for_records(&pipeline_args, registry, printer) {
                 Ok(dag) => dag,

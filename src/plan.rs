@@ -329,6 +329,10 @@ pub fn snapshot_with(
                 .collect();
             map.insert("env".into(), Json::Object(env));
         }
+        // Another engine is another implementation: switching runs the stage again.
+        if stage.engine != crate::model::Engine::Local {
+            map.insert("engine".into(), Json::String(stage.engine.as_str().into()));
+        }
     }
     let fingerprint = fingerprint(&material);
     Ok(Snapshot {

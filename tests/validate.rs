@@ -508,3 +508,44 @@ fn partitions_is_a_reserved_name() {
         "{out}"
     );
 }
+
+#[test]
+fn engine_spark_is_checked_where_it_cannot_run() {
+    let t = Test::new()
+        .file("data/orders.csv", "user,days\n1,3\n")
+        .pipeline(
+            r#"
+stages:
+  shell:
+    cmd: cp data/orders.csv {{ outputs[0] }}
+    outputs: [out/copy.csv]
+    engine: spark
+  clean:
+    uses: clean
+    inputs: [data/orders.csv]
+    outputs: {table: out/clean.parquet, summary: out/summary.json}
+    engine: spark
+  firsts:
+    uses: aggregate
+    inputs: [out/copy.csv]
+    outputs: [out/firsts.parquet]
+    params:
+      by: [user]
+      aggs:
+        first_days: {first: days}
+    engine: spark
+  typo:
+    uses: aggregate
+    inputs: [out/copy.csv]
+    outputs: [out/typo.parquet]
+    params:
+      by: [user]
+      aggs:
+        days: {max: days}
+    engine: sprak
+"#,
+        );
+    let out = t.exec(&["validate", "pipeline.yaml"]);
+    assert_eq!(out.code, 2);
+    insta::assert_snapshot!(out.all());
+}

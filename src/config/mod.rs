@@ -86,6 +86,7 @@ pub fn load_partial(
             &raw,
             registry,
             &overrides.discovered,
+            overrides.engine,
             &mut diagnostics,
         )
     });

@@ -21,6 +21,8 @@ pub struct Overrides {
     /// For each partition set with `discover:`, the paths its pattern matched (as listed by the
     /// store, before the pipeline is loaded with them).
     pub discovered: std::collections::BTreeMap<String, Vec<String>>,
+    /// `--engine`: the engine of every built-in stage that can run on it and names none itself.
+    pub engine: Option<crate::model::Engine>,
 }
 
 impl Overrides {
@@ -35,7 +37,8 @@ impl Overrides {
             Some((key, _)) if super::looks_secret(key) => format!("--set {key}=***"),
             _ => format!("--set {set}"),
         });
-        files.chain(sets).collect()
+        let engine = self.engine.map(|e| format!("--engine {}", e.as_str()));
+        files.chain(sets).chain(engine).collect()
     }
 }
 

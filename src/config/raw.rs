@@ -27,6 +27,7 @@ pub const STAGE_KEYS: &[&str] = &[
     "checks",
     "cmd",
     "desc",
+    "engine",
     "env",
     "foreach",
     "inputs",
@@ -102,6 +103,8 @@ pub struct StageSpec {
     /// `env:` variables for the command: a map of names to values, or a list of names passed
     /// through from imba's environment.
     pub env: Option<Node>,
+    /// `engine:` where a built-in stage runs: `local` (polars, the default) or `spark`.
+    pub engine: Option<(Key, Node)>,
 }
 
 /// Checks the shape of a parsed pipeline file, collecting every problem. The file that comes back
@@ -258,6 +261,7 @@ fn check_stage(name: &Key, node: &Node, diagnostics: &mut Vec<Diagnostic>) -> Ch
         version: None,
         keep: None,
         env: None,
+        engine: None,
     };
     let mut argv = None;
     for (key, value) in entries {
@@ -325,6 +329,7 @@ fn check_stage(name: &Key, node: &Node, diagnostics: &mut Vec<Diagnostic>) -> Ch
                 )),
             },
             "env" => spec.env = check_env(key, value, diagnostics),
+            "engine" => spec.engine = Some((key.clone(), value)),
             "inputs" => spec.inputs = check_paths(key, value, diagnostics),
             "checks" => match &value.value {
                 Value::Seq(_) | Value::String(_) => spec.checks = Some(value),

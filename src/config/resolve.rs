@@ -25,6 +25,7 @@ pub fn resolve(
     raw: &PipelineFile,
     registry: &Registry,
     discovered: &BTreeMap<String, Vec<String>>,
+    engine: Option<crate::model::Engine>,
     diagnostics: &mut Vec<Diagnostic>,
 ) -> (Pipeline, LeftOut) {
     let before = diagnostics.len();
@@ -132,6 +133,7 @@ pub fn resolve(
         var_deps: &var_deps,
         partitions: &partitions,
         failed: &failed,
+        engine,
         diagnostics,
         left_out: LeftOut {
             unknown: raw.unreadable,
@@ -497,6 +499,8 @@ struct StageResolver<'a> {
     var_deps: &'a BTreeMap<String, Vec<String>>,
     partitions: &'a [crate::model::PartitionSet],
     failed: &'a [String],
+    /// `--engine`: for built-in stages that can run on it and name no engine themselves.
+    engine: Option<crate::model::Engine>,
     diagnostics: &'a mut Vec<Diagnostic>,
     left_out: LeftOut,
 }
@@ -1025,6 +1029,7 @@ impl StageResolver<'_> {
                 self.diagnostics,
             );
         }
+        let engine = self.engine(spec, &kind, &param_spans);
         if instance.partition.is_none() {
             for check in &checks {
                 if let imba_stages::checks::Check::Change {
@@ -1050,6 +1055,7 @@ impl StageResolver<'_> {
         }
         let read = self.vars_read(spec);
         Some(Stage {
+            engine,
             partition: instance.partition,
             vars: read.values,
             var_deps: read.deps,
@@ -1068,6 +1074,92 @@ impl StageResolver<'_> {
             versioning,
             env,
         })
+    }
+
+    /// Where the stage runs: its `engine:`, else `--engine` when it can run there, else local.
+    /// `engine: spark` on a stage that cannot run on Spark (a command, a built-in without a
+    /// Spark implementation, a param with no exact equivalent there) is an error at the cause.
+    fn engine(
+        &mut self,
+        spec: &StageSpec,
+        kind: &StageKind,
+        param_spans: &BTreeMap<String, Span>,
+    ) -> crate::model::Engine {
+        use crate::model::Engine;
+        let spark_query = |kind: &StageKind| match kind {
+            StageKind::Builtin { name, params, .. } => {
+                Some(imba_stages::spark::query(name, params, "input"))
+            }
+            StageKind::Shell { .. } => None,
+        };
+        let Some((key, node)) = &spec.engine else {
+            return match (self.engine, spark_query(kind)) {
+                (Some(Engine::Spark), Some(Ok(_))) => Engine::Spark,
+                _ => Engine::Local,
+            };
+        };
+        let engine = match node.as_str() {
+            Some("local") => return Engine::Local,
+            Some("spark") => Engine::Spark,
+            other => {
+                let found = match other {
+                    Some(text) => format!("`{}`", imba_stages::safe::escape(text)),
+                    None => format!("a {}", node.kind()),
+                };
+                let label = match other
+                    .and_then(|t| crate::diagnostic::did_you_mean(t, ["local", "spark"]))
+                {
+                    Some(s) => format!("did you mean `{s}`?"),
+                    None => "expected `local` or `spark`".to_owned(),
+                };
+                self.diagnostics.push(
+                    Diagnostic::error(format!(
+                        "`engine` must be `local` or `spark`, found {found}"
+                    ))
+                    .at(node.span, label),
+                );
+                return Engine::Local;
+            }
+        };
+        match spark_query(kind) {
+            None => self.diagnostics.push(
+                Diagnostic::error(format!(
+                    "stage `{}` runs a command: `engine` is for built-in stages",
+                    spec.name.name
+                ))
+                .at(key.span, "not for `cmd` or `argv`")
+                .help(format!(
+                    "built-in stages that run on Spark: {}",
+                    imba_stages::spark::BUILTINS
+                        .iter()
+                        .map(|b| format!("`{b}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )),
+            ),
+            Some(Err(unsupported)) => {
+                let span = param_spans
+                    .get(&unsupported.param)
+                    .copied()
+                    .filter(|_| !unsupported.param.is_empty());
+                let message = match &span {
+                    Some(_) => format!(
+                        "stage `{}` cannot run on Spark: param `{}` has no exact equivalent there",
+                        spec.name.name,
+                        imba_stages::pointer::dotted(&unsupported.param)
+                    ),
+                    None => format!("stage `{}` cannot run on Spark", spec.name.name),
+                };
+                let diagnostic = Diagnostic::error(message)
+                    .at(span.unwrap_or(node.span), unsupported.why.clone());
+                self.diagnostics.push(match span {
+                    Some(_) => diagnostic.also(node.span, "`engine: spark`"),
+                    None => diagnostic,
+                });
+            }
+            Some(Ok(_)) => {}
+        }
+        engine
     }
 
     /// `env:` rendered: each variable with its value, or `None` to pass it through.

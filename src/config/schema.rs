@@ -152,6 +152,9 @@ pub struct StageSchema {
     /// Data checks on the stage's table outputs, evaluated before they are committed. A failed
     /// `fail` check fails the stage and keeps its outputs out of place, in `.imba/quarantine/`.
     checks: Option<Vec<CheckSchema>>,
+    /// Where a built-in stage runs: `local` (polars, in imba; the default) or `spark` (on the
+    /// Spark cluster at `SPARK_REMOTE`, through Spark Connect; `aggregate` so far).
+    engine: Option<EngineSchema>,
     /// Values to follow across partitions (`imba metrics`), measured on the outputs when they
     /// are committed: `rows`, `mean(COLUMN)`, `null_fraction(COLUMN)` of the stage's table, or a
     /// map with `sql` (one value over a table) or `json` (a pointer into a JSON output).
@@ -222,6 +225,13 @@ enum Number {
     Number(f64),
     /// A `{{ var }}` holding a number.
     Template(String),
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+enum EngineSchema {
+    Local,
+    Spark,
 }
 
 #[derive(Deserialize, JsonSchema)]

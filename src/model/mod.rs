@@ -126,6 +126,25 @@ impl Discover {
     }
 }
 
+/// Where a built-in stage runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Engine {
+    /// In imba's process, with polars.
+    #[default]
+    Local,
+    /// On a Spark cluster, through Spark Connect (`SPARK_REMOTE`).
+    Spark,
+}
+
+impl Engine {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Engine::Local => "local",
+            Engine::Spark => "spark",
+        }
+    }
+}
+
 /// Which partition a stage instance is for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Partition {
@@ -183,6 +202,8 @@ pub struct Stage {
     pub env: Vec<(String, Option<String>)>,
     /// A partitioned stage's set and key: it is one of the set's instances, named `NAME@KEY`.
     pub partition: Option<Partition>,
+    /// Where a built-in stage runs.
+    pub engine: Engine,
     /// The pipeline's vars this stage's templates read, directly or through other vars, with
     /// their values (a secret-looking one by a hash of its value): the lock keeps them, so that
     /// a stale stage can say "var month changed: 2024-12 → 2024-06". Never fingerprinted: what

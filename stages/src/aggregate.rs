@@ -338,6 +338,87 @@ fn aggregate_in_order(
     }
 }
 
+/// A name in Spark SQL: backquoted, backquotes doubled.
+fn spark_name(name: &str) -> String {
+    format!("`{}`", name.replace('`', "``"))
+}
+
+/// The same aggregation as one Spark SQL query over `source` (a table expression: a view's
+/// name, or `` parquet.`file:///…` ``), for `engine: spark`: rows with a null key dropped,
+/// pandas' null-skipping aggregations, groups sorted by the keys, the derived columns (Spark SQL
+/// expressions there), the selected columns in order. `Err((param, why))` names a param with
+/// no exact equivalent on Spark: `first`/`last` (Spark has no file order to take them in) and
+/// `n_unique` (an unsigned 32-bit count locally, a 64-bit one there).
+pub fn spark_sql(params: &AggregateParams, source: &str) -> Result<String, (String, String)> {
+    let mut aggs = Vec::new();
+    for (name, agg) in &params.aggs {
+        let c = spark_name(agg.column());
+        let expr = match agg {
+            Agg::Count(column) if column == "*" => "count(1)".to_owned(),
+            Agg::Count(_) => format!("count({c})"),
+            // polars sums an empty or all-null group to 0; Spark to NULL.
+            Agg::Sum(_) => format!("coalesce(sum({c}), 0)"),
+            Agg::Mean(_) => format!("avg({c})"),
+            Agg::Min(_) => format!("min({c})"),
+            Agg::Max(_) => format!("max({c})"),
+            Agg::Std(_) => format!("stddev_samp({c})"),
+            Agg::Median(_) => format!("percentile({c}, 0.5)"),
+            Agg::Quantile { q, .. } => format!("percentile({c}, {q:?})"),
+            Agg::First(_) | Agg::Last(_) | Agg::NUnique(_) => {
+                let why = match agg {
+                    Agg::NUnique(_) => "`n_unique` counts in an unsigned 32-bit column locally and in a 64-bit one on Spark",
+                    _ => "`first` and `last` take values in file order, which Spark does not keep",
+                };
+                return Err((crate::pointer::of(&["aggs", name]), why.to_owned()));
+            }
+        };
+        aggs.push(format!("{expr} AS {}", spark_name(name)));
+    }
+    let keys: Vec<String> = params.by.iter().map(|k| spark_name(k)).collect();
+    let not_null = if keys.is_empty() {
+        "TRUE".to_owned()
+    } else {
+        keys.iter()
+            .map(|k| format!("{k} IS NOT NULL"))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    };
+    let grouped_columns: Vec<String> = keys.iter().cloned().chain(aggs).collect();
+    let group_by = if keys.is_empty() {
+        String::new()
+    } else {
+        format!(" GROUP BY {}", keys.join(", "))
+    };
+    let grouped = format!(
+        "SELECT {} FROM {source} WHERE {not_null}{group_by}",
+        grouped_columns.join(", ")
+    );
+    let derived: Vec<String> = params
+        .derive
+        .iter()
+        .map(|(name, sql)| format!("({sql}) AS {}", spark_name(name)))
+        .collect();
+    let with_derived = if derived.is_empty() {
+        grouped
+    } else {
+        format!("SELECT g.*, {} FROM ({grouped}) g", derived.join(", "))
+    };
+    let selected = match &params.select {
+        Some(select) => select
+            .iter()
+            .map(|c| spark_name(c))
+            .collect::<Vec<_>>()
+            .join(", "),
+        None => "*".to_owned(),
+    };
+    let order = if keys.is_empty() {
+        String::new()
+    } else {
+        format!(" ORDER BY {}", keys.join(", "))
+    };
+    Ok(format!("SELECT {selected} FROM ({with_derived}) d{order}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,6 +16,7 @@ pub mod pointer;
 pub mod ports;
 mod registry;
 pub mod safe;
+pub mod spark;
 pub mod stats;
 
 pub use registry::{

@@ -10,6 +10,7 @@ use tokio::sync::watch;
 
 mod builtin;
 mod shell;
+mod spark;
 
 use super::failure::StageFailure;
 use crate::interrupt::Stop;
@@ -55,6 +56,9 @@ pub async fn execute(ex: &Execution<'_>) -> Result<Executed, StageFailure> {
         StageKind::Shell {
             templates, argv, ..
         } => shell::run(ex, templates, *argv).await,
-        StageKind::Builtin { name, params, .. } => builtin::run(ex, name, params).await,
+        StageKind::Builtin { name, params, .. } => match ex.stage.engine {
+            crate::model::Engine::Local => builtin::run(ex, name, params).await,
+            crate::model::Engine::Spark => spark::run(ex, name, params).await,
+        },
     }
 }
