@@ -1208,6 +1208,17 @@ pub fn discover(
     if !overrides.discovered.is_empty() {
         return Ok(overrides.clone());
     }
+    // A `discover:` set is written in the file itself (overrides set vars, never sets): a file
+    // without the word needs no first reading.
+    // (Only a regular file is read here: a FIFO or a device is for the loader to refuse.)
+    let regular = std::fs::metadata(path).is_ok_and(|m| m.is_file());
+    let mentions = !regular
+        || std::fs::read(path)
+            .map(|bytes| bytes.windows(b"discover".len()).any(|w| w == b"discover"))
+            .unwrap_or(true);
+    if !mentions {
+        return Ok(overrides.clone());
+    }
     let (sources, loaded) = crate::config::load_partial(path, overrides, registry);
     let pipeline = match &loaded {
         Ok(pipeline) => pipeline,
