@@ -127,10 +127,15 @@ async fn submit(
     let started = std::time::Instant::now();
     let spark = {
         let remote = remote.to_owned();
-        tokio::task::spawn_blocking(move || SparkSession::builder().remote(&remote).get_or_create())
-            .await
-            .map_err(|e| StageFailure::Other(format!("internal error: {e}")))?
-            .map_err(|e| spark_failure(shown, &e))?
+        tokio::task::spawn_blocking(move || {
+            SparkSession::builder()
+                .remote(&remote)
+                .get_or_create()
+                .map_err(Box::new)
+        })
+        .await
+        .map_err(|e| StageFailure::Other(format!("internal error: {e}")))?
+        .map_err(|e| spark_failure(shown, &e))?
     };
     // A tag on this stage's operations, to interrupt them on Ctrl-C.
     let tag = format!("imba-{}", blake3::hash(ex.run_id.as_bytes()).to_hex());
@@ -148,7 +153,7 @@ async fn submit(
                 .mode("overwrite")
                 .parquet(&format!("file://{}", written.display()))?;
             let app = spark.conf().get("spark.app.id").ok().flatten();
-            Ok::<_, spark_connect::SparkError>(app)
+            Ok::<_, Box<spark_connect::SparkError>>(app)
         })
     };
     let mut cancel = ex.cancel.clone();
@@ -160,7 +165,9 @@ async fn submit(
     let Some(ran) = ended else {
         // Ctrl-C: the cluster stops this stage's operations; nothing of it is committed.
         let interrupting = spark.clone();
-        let _ = tokio::task::spawn_blocking(move || interrupting.interrupt_tag(&tag)).await;
+        let _ =
+            tokio::task::spawn_blocking(move || interrupting.interrupt_tag(&tag).map_err(Box::new))
+                .await;
         let _ = job.await;
         let _ = std::fs::remove_dir_all(&written);
         return Err(StageFailure::Cancelled);
