@@ -762,14 +762,7 @@ fn status_command(args: StatusArgs, registry: &Registry, printer: &Printer) -> E
         Ok(statuses) => {
             let partitioned = !dag.pipeline().partitions.is_empty();
             let states = if partitioned {
-                let pipeline = dag.pipeline();
-                let shown = pipeline.file.display().to_string();
-                let runs: Vec<record::RunRecord> =
-                    record::list(&StateDir::new(&pipeline.workdir).runs())
-                        .into_iter()
-                        .filter(|r| r.pipeline == shown)
-                        .collect();
-                crate::report::partitions::states(&statuses, &runs)
+                crate::report::partitions::states(&statuses, &records_of(dag.pipeline()))
             } else {
                 Default::default()
             };
@@ -900,12 +893,16 @@ fn runs_of(
     printer: &Printer,
 ) -> Result<Vec<record::RunRecord>, ExitCode> {
     let dag = dag_for_records(args, registry, printer)?;
-    let pipeline = dag.pipeline();
+    Ok(records_of(dag.pipeline()))
+}
+
+/// The run records of `pipeline`, newest first.
+fn records_of(pipeline: &crate::model::Pipeline) -> Vec<record::RunRecord> {
     let shown = pipeline.file.display().to_string();
-    Ok(record::list(&StateDir::new(&pipeline.workdir).runs())
+    record::list(&StateDir::new(&pipeline.workdir).runs())
         .into_iter()
         .filter(|r| r.pipeline == shown)
-        .collect())
+        .collect()
 }
 
 fn log_command(args: LogArgs, registry: &Registry, printer: &Printer) -> ExitCode {
@@ -1040,16 +1037,12 @@ fn metrics_command(args: MetricsArgs, registry: &Registry, printer: &Printer) ->
                 EXIT_CONFIG,
             );
         };
-        let one_stage = series.iter().all(|s| s.stage == series[0].stage);
+        let one_stage = crate::report::metrics::one_stage(&series);
         let drawn: Vec<imba_stages::chart::Series> = series
             .iter()
             .filter(|s| s.set.as_deref() == Some(set.name.as_str()))
             .map(|s| imba_stages::chart::Series {
-                title: if one_stage {
-                    s.metric.clone()
-                } else {
-                    format!("{}.{}", s.stage, s.metric)
-                },
+                title: crate::report::metrics::heading(s, one_stage),
                 values: set
                     .keys
                     .iter()
@@ -1086,12 +1079,7 @@ fn checks_command(args: ChecksArgs, registry: &Registry, printer: &Printer) -> E
         Ok(dag) => dag,
         Err(code) => return code,
     };
-    let pipeline = dag.pipeline();
-    let shown = pipeline.file.display().to_string();
-    let runs: Vec<record::RunRecord> = record::list(&StateDir::new(&pipeline.workdir).runs())
-        .into_iter()
-        .filter(|r| r.pipeline == shown)
-        .collect();
+    let runs = records_of(dag.pipeline());
     // Each stage with checks (its `checks:`, or those a built-in evaluates itself), in run
     // order, with its newest evaluated checks.
     let latest: Vec<(&str, Option<(&str, &record::StageRecord)>)> = dag

@@ -1085,12 +1085,6 @@ pub fn metrics(
         return Err(PlanError::Config(format!("no stage is named `{name}`")));
     }
     let store = stores(pipeline);
-    let rank = |stage: &Stage| {
-        stage.partition.as_ref().and_then(|p| {
-            let set = pipeline.partitions.iter().find(|s| s.name == p.set)?;
-            set.keys.iter().position(|k| *k == p.key)
-        })
-    };
     let mut series: Vec<MetricSeries> = Vec::new();
     for stage in chosen {
         // Whether committed, the value, and when it was measured (at commit).
@@ -1161,15 +1155,9 @@ pub fn metrics(
             }
         }
     }
-    // Points in partition order, each with its change from the previous value.
+    // Each point's change from the previous value. The points are in partition order already:
+    // a partitioned stage's instances follow one another in its set's key order.
     for one in &mut series {
-        one.points.sort_by_key(|p| {
-            pipeline
-                .stages
-                .iter()
-                .find(|s| s.name == p.instance)
-                .and_then(rank)
-        });
         let mut previous: Option<f64> = None;
         for point in &mut one.points {
             if let (Some(before), Some(now)) = (previous, point.value) {

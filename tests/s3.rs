@@ -18,10 +18,7 @@ fn run(t: &Test, server: &S3Server, args: &[&str]) -> Output {
 /// [`run`], with these variables set over the server's (an empty value removes one).
 fn run_with(t: &Test, server: &S3Server, args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut command = t.command(args);
-    for (key, value) in server.env() {
-        command.env(key, value);
-    }
-    command.env_remove("AWS_PROFILE");
+    server.point(&mut command);
     for (key, value) in env {
         if value.is_empty() {
             command.env_remove(key);

@@ -562,10 +562,7 @@ stages:
 "#,
     );
     let mut command = Watching::command(&t, &["--poll-interval", "200ms"]);
-    for (key, value) in server.env() {
-        command.env(key, value);
-    }
-    command.env_remove("AWS_PROFILE");
+    server.point(&mut command);
     let mut w = Watching::spawn(command);
     w.idle(1);
     assert!(w.log().contains("1 S3 input (polled)"), "{}", w.log());
@@ -599,10 +596,7 @@ stages:
 "#,
     );
     let mut command = Watching::command(&t, &["--poll-interval", "200ms"]);
-    for (key, value) in server.env() {
-        command.env(key, value);
-    }
-    command.env_remove("AWS_PROFILE");
+    server.point(&mut command);
     let mut w = Watching::spawn(command);
     w.idle(1);
     server.put("raw/2017-02/orders.csv", "b\n");

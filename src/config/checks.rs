@@ -254,25 +254,12 @@ fn parse_check(
                 Some(node) => match node.as_str() {
                     Some("committed") => Some(Against::Committed),
                     Some("previous") => Some(Against::Previous),
-                    other => {
-                        let found = match other {
-                            Some(text) => format!("`{}`", imba_stages::safe::escape(text)),
-                            None => format!("a {}", node.kind()),
-                        };
-                        let label = match other.and_then(|t| {
-                            crate::diagnostic::did_you_mean(t, ["committed", "previous"])
-                        }) {
-                            Some(s) => format!("did you mean `{s}`?"),
-                            None => "expected `committed` or `previous`".to_owned(),
-                        };
+                    _ => {
                         diagnostics.push(
-                            Diagnostic::error(format!(
-                                "`against` must be `committed` or `previous`, found {found}"
-                            ))
-                            .at(node.span, label)
-                            .help(
-                                "`committed` compares with the output committed at the same path; `previous` with the previous partition's",
-                            ),
+                            super::raw::not_one_of("against", node, &["committed", "previous"])
+                                .help(
+                                    "`committed` compares with the output committed at the same path; `previous` with the previous partition's",
+                                ),
                         );
                         None
                     }

@@ -590,6 +590,22 @@ pub fn unknown_key(key: &Key, known: &[&str], place: &str) -> Diagnostic {
     }
 }
 
+/// A value that must be one of a few words: "`engine` must be `local` or `spark`, found
+/// `sprak`", with "did you mean" when one is close.
+pub fn not_one_of(name: &str, node: &Node, choices: &[&str]) -> Diagnostic {
+    let given = node.as_str();
+    let found = match given {
+        Some(text) => format!("`{}`", imba_stages::safe::escape(text)),
+        None => format!("a {}", node.kind()),
+    };
+    let label = match given.and_then(|t| did_you_mean(t, choices.iter().copied())) {
+        Some(s) => format!("did you mean `{s}`?"),
+        None => format!("expected {}", list(choices)),
+    };
+    Diagnostic::error(format!("`{name}` must be {}, found {found}", list(choices)))
+        .at(node.span, label)
+}
+
 /// "`a`, `b` or `c`".
 pub fn list(names: &[&str]) -> String {
     let quoted: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();

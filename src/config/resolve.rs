@@ -1101,23 +1101,9 @@ impl StageResolver<'_> {
         let engine = match node.as_str() {
             Some("local") => return Engine::Local,
             Some("spark") => Engine::Spark,
-            other => {
-                let found = match other {
-                    Some(text) => format!("`{}`", imba_stages::safe::escape(text)),
-                    None => format!("a {}", node.kind()),
-                };
-                let label = match other
-                    .and_then(|t| crate::diagnostic::did_you_mean(t, ["local", "spark"]))
-                {
-                    Some(s) => format!("did you mean `{s}`?"),
-                    None => "expected `local` or `spark`".to_owned(),
-                };
-                self.diagnostics.push(
-                    Diagnostic::error(format!(
-                        "`engine` must be `local` or `spark`, found {found}"
-                    ))
-                    .at(node.span, label),
-                );
+            _ => {
+                self.diagnostics
+                    .push(super::raw::not_one_of("engine", node, &["local", "spark"]));
                 return Engine::Local;
             }
         };

@@ -7,8 +7,14 @@ use serde_json::json;
 use super::columns;
 use crate::plan::MetricSeries;
 
-/// The column heading of a series: `stage.metric`, or the metric alone when one stage has them.
-fn heading(series: &MetricSeries, one_stage: bool) -> String {
+/// Whether one stage has all the metrics: then a metric is named alone.
+pub fn one_stage(series: &[MetricSeries]) -> bool {
+    series.iter().all(|s| s.stage == series[0].stage)
+}
+
+/// The column heading (or chart title) of a series: `stage.metric`, or the metric alone when
+/// one stage has them.
+pub fn heading(series: &MetricSeries, one_stage: bool) -> String {
     if one_stage {
         series.metric.clone()
     } else {
@@ -22,7 +28,7 @@ pub fn table(series: &[MetricSeries]) -> String {
     if series.is_empty() {
         return "no stage has `metrics:`\n".to_owned();
     }
-    let one_stage = series.iter().all(|s| s.stage == series[0].stage);
+    let one_stage = one_stage(series);
     let mut out = String::new();
     let mut sets: Vec<&str> = Vec::new();
     for set in series.iter().filter_map(|s| s.set.as_deref()) {

@@ -94,6 +94,17 @@ impl S3Server {
         ]
     }
 
+    /// Points `command` (an `imba` to run) at this server, and at nothing a profile names.
+    pub fn point<'c>(
+        &self,
+        command: &'c mut std::process::Command,
+    ) -> &'c mut std::process::Command {
+        for (key, value) in self.env() {
+            command.env(key, value);
+        }
+        command.env_remove("AWS_PROFILE")
+    }
+
     /// The directory holding bucket `bucket`'s objects.
     pub fn bucket_dir(&self) -> PathBuf {
         self.root.path().join(BUCKET)
