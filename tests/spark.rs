@@ -127,8 +127,8 @@ fn aggregate_on_spark_gives_the_local_table() {
         .iter()
         .find(|s| s["name"] == "aggregate_users")
         .unwrap();
-    assert_eq!(aggregate["report"]["summary"]["engine"], "spark");
-    assert!(aggregate["report"]["summary"]["app_id"]
+    assert_eq!(aggregate["report"]["engine"]["name"], "spark");
+    assert!(aggregate["report"]["engine"]["app_id"]
         .as_str()
         .is_some_and(|id| id.starts_with("app-")));
     // A no-op run asks nothing of Spark; switching engines runs the stage again.
@@ -139,11 +139,194 @@ fn aggregate_on_spark_gives_the_local_table() {
         &stage,
     ]
     .concat());
+    // Both stages go back: with `--engine spark`, clean_orders ran on Spark too.
     assert!(
-        local_again.stderr.contains("1 ran"),
+        local_again.stderr.contains("2 ran"),
         "{}",
         local_again.stderr
     );
+}
+
+/// Runs imba with the cluster's `SPARK_REMOTE`; it must succeed.
+fn on_cluster(t: &common::Test, remote: &str, args: &[&str]) -> common::Output {
+    let mut command = t.command(args);
+    command.env("SPARK_REMOTE", remote);
+    let out = t.captured(&command.output().unwrap());
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    out
+}
+
+/// The two summaries: the same keys, the same integers and strings, floats within 4 ulps.
+fn assert_same_json(local: &serde_json::Value, spark: &serde_json::Value, at: &str) {
+    use serde_json::Value;
+    match (local, spark) {
+        (Value::Object(a), Value::Object(b)) => {
+            let keys = |m: &serde_json::Map<String, Value>| m.keys().cloned().collect::<Vec<_>>();
+            assert_eq!(keys(a), keys(b), "keys of {at}");
+            for (k, v) in a {
+                assert_same_json(v, &b[k], &format!("{at}.{k}"));
+            }
+        }
+        (Value::Number(a), Value::Number(b)) if a.is_f64() || b.is_f64() => {
+            let (x, y) = (a.as_f64().unwrap(), b.as_f64().unwrap());
+            let ulps = (x.to_bits() as i64 - y.to_bits() as i64).unsigned_abs();
+            assert!(ulps <= 4, "{at}: {x} vs {y}");
+        }
+        (a, b) => assert_eq!(a, b, "{at}"),
+    }
+}
+
+/// Text the lenient casts must read as the local engine does, quoting as RFC 4180, repeated and
+/// missing rows, and values outside the domain and the fences.
+const EDGES: &str = "id,n,x,flag,label,tag\n\
+1,7,1.5,true,a,p\n\
+2, 8 ,2.5,no,\" b \",p\n\
+3,7.0,NaN,Y,\"c, d\",q\n\
+4,+9,1e1,0,a,p\n\
+5,abc,inf,maybe,,q\n\
+6,,,,,\n\
+7,1e2,-0.5,T,\"say \"\"hi\"\"\",p\n\
+7,1e2,-0.5,T,\"say \"\"hi\"\"\",p\n\
+8,99999999999999999999,.5,f,e,r\n\
+9,3.5,5.,1,e,r\n\
+10,2,1000,t,e,r\n\
+11,\u{a0}4\u{a0},2,yes,e,s\n\
+12,5,7d,n,e,s\n\
+13,6,0x10,false,e,s\n";
+
+/// `clean` with every step, on a file of edge cases and on the shipped sample, both engines.
+#[test]
+fn clean_on_spark_gives_the_local_table_and_summary() {
+    let Some(remote) = spark_remote() else {
+        return;
+    };
+    let pipeline = r#"
+vars:
+  engine: local
+  input: edges.csv
+stages:
+  clean:
+    uses: clean
+    inputs: {table: "{{ input }}"}
+    outputs: {table: "out/{{ engine }}/cleaned.parquet", summary: "out/{{ engine }}/summary.json"}
+    params:
+      cast: {id: int64, n: int64, x: float64, flag: bool, label: string}
+      ON_CAST_ERROR
+      domain: {tag: {in: [p, q, r, s]}, id: {between: [1, 12]}}
+      iqr: {columns: [x], k: 1.5}
+      dropna: {subset: [n, x], how: all}
+      dedup: true
+"#;
+    let t = common::Test::new().file("edges.csv", EDGES);
+    for input in ["edges.csv"] {
+        for on_error in ["null", "drop"] {
+            t.write(
+                "pipeline.yaml",
+                pipeline.replace("ON_CAST_ERROR", &format!("on_cast_error: \"{on_error}\"")),
+            );
+            let set = |engine: &str| {
+                vec![
+                    "run".to_owned(),
+                    "pipeline.yaml".to_owned(),
+                    "--set".to_owned(),
+                    format!("engine={engine}"),
+                    "--set".to_owned(),
+                    format!("input={input}"),
+                ]
+            };
+            let local = set("local");
+            t.run_ok(&local.iter().skip(2).map(String::as_str).collect::<Vec<_>>());
+            let mut spark = set("spark");
+            spark.extend(["--engine".to_owned(), "spark".to_owned()]);
+            on_cluster(
+                &t,
+                remote,
+                &spark.iter().map(String::as_str).collect::<Vec<_>>(),
+            );
+            let what = format!("{input}, on_cast_error: {on_error}");
+            let (a, b) = (
+                read(&t.path().join("out/local/cleaned.parquet")),
+                read(&t.path().join("out/spark/cleaned.parquet")),
+            );
+            assert!(a.height() > 0, "{what}");
+            assert_same_table(&a, &b);
+            let json = |engine: &str| -> serde_json::Value {
+                serde_json::from_str(&t.read(&format!("out/{engine}/summary.json"))).unwrap()
+            };
+            assert_same_json(&json("local"), &json("spark"), &what);
+        }
+    }
+
+    // The monthly pipeline's clean_orders on the shipped sample (every kind of bad row).
+    let t = common::monthly("");
+    let stage = ["--stage", "clean_orders"];
+    let local = t.exec(
+        &[
+            &["run", "pipelines/monthly.yaml", "--set", "out=out/local"][..],
+            &stage,
+        ]
+        .concat(),
+    );
+    assert_eq!(local.code, 0, "{}", local.stderr);
+    on_cluster(
+        &t,
+        remote,
+        &[
+            &["run", "pipelines/monthly.yaml", "--set", "out=out/spark"][..],
+            &["--engine", "spark"],
+            &stage,
+        ]
+        .concat(),
+    );
+    let cleaned = |engine: &str| {
+        read(
+            &t.path()
+                .join(format!("out/{engine}/cleaned/orders.parquet")),
+        )
+    };
+    assert!(cleaned("local").height() > 10_000);
+    assert_same_table(&cleaned("local"), &cleaned("spark"));
+    let json = |engine: &str| -> serde_json::Value {
+        serde_json::from_str(&t.read(&format!(
+            "out/{engine}/cleaned/summaries/clean_summary.json"
+        )))
+        .unwrap()
+    };
+    assert_same_json(&json("local"), &json("spark"), "clean_summary.json");
+    assert_eq!(
+        json("local"),
+        json("spark"),
+        "31 distinct gaps: quartiles to the bit"
+    );
+}
+
+/// `on_cast_error: fail` names the same line on both engines.
+#[test]
+fn a_failing_cast_on_spark_names_the_line() {
+    let Some(remote) = spark_remote() else {
+        return;
+    };
+    let t = common::Test::new()
+        .pipeline(
+            r#"
+stages:
+  clean:
+    uses: clean
+    inputs: {table: in.csv}
+    outputs: {table: out.parquet}
+    params: {cast: {a: int64, b: float64}, on_cast_error: fail}
+"#,
+        )
+        .file("in.csv", "a,b\n1,2\n2,x\n3,4\nz,5\n");
+    let local = t.exec(&["run", "pipeline.yaml"]);
+    let mut command = t.command(&["run", "pipeline.yaml", "--engine", "spark"]);
+    command.env("SPARK_REMOTE", remote);
+    let spark = t.captured(&command.output().unwrap());
+    assert_eq!((local.code, spark.code), (1, 1), "{}", spark.stderr);
+    let message = "`[TMP]/in.csv` line 3: cannot cast \"x\" in column `b` to float64";
+    assert!(local.stderr.contains(message), "{}", local.stderr);
+    assert!(spark.stderr.contains(message), "{}", spark.stderr);
+    assert!(!t.path().join("out.parquet").exists());
 }
 
 #[test]

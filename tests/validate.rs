@@ -512,7 +512,7 @@ fn partitions_is_a_reserved_name() {
 #[test]
 fn engine_spark_is_checked_where_it_cannot_run() {
     let t = Test::new()
-        .file("data/orders.csv", "user,days\n1,3\n")
+        .file("data/orders.csv", "user,days,day\n1,3,2017-05-01\n")
         .pipeline(
             r#"
 stages:
@@ -524,6 +524,8 @@ stages:
     uses: clean
     inputs: [data/orders.csv]
     outputs: {table: out/clean.parquet, summary: out/summary.json}
+    params:
+      cast: {day: date}
     engine: spark
   firsts:
     uses: aggregate

@@ -1088,7 +1088,7 @@ impl StageResolver<'_> {
         use crate::model::Engine;
         let spark_query = |kind: &StageKind| match kind {
             StageKind::Builtin { name, params, .. } => {
-                Some(imba_stages::spark::query(name, params, "input"))
+                Some(imba_stages::spark::supports(name, params))
             }
             StageKind::Shell { .. } => None,
         };

@@ -339,10 +339,6 @@ fn aggregate_in_order(
 }
 
 /// A name in Spark SQL: backquoted, backquotes doubled.
-fn spark_name(name: &str) -> String {
-    format!("`{}`", name.replace('`', "``"))
-}
-
 /// The same aggregation as one Spark SQL query over `source` (a table expression: a view's
 /// name, or `` parquet.`file:///…` ``), for `engine: spark`: rows with a null key dropped,
 /// pandas' null-skipping aggregations, groups sorted by the keys, the derived columns (Spark SQL
@@ -352,7 +348,7 @@ fn spark_name(name: &str) -> String {
 pub fn spark_sql(params: &AggregateParams, source: &str) -> Result<String, (String, String)> {
     let mut aggs = Vec::new();
     for (name, agg) in &params.aggs {
-        let c = spark_name(agg.column());
+        let c = crate::spark_sql::ident(agg.column());
         let expr = match agg {
             Agg::Count(column) if column == "*" => "count(1)".to_owned(),
             Agg::Count(_) => format!("count({c})"),
@@ -372,9 +368,13 @@ pub fn spark_sql(params: &AggregateParams, source: &str) -> Result<String, (Stri
                 return Err((crate::pointer::of(&["aggs", name]), why.to_owned()));
             }
         };
-        aggs.push(format!("{expr} AS {}", spark_name(name)));
+        aggs.push(format!("{expr} AS {}", crate::spark_sql::ident(name)));
     }
-    let keys: Vec<String> = params.by.iter().map(|k| spark_name(k)).collect();
+    let keys: Vec<String> = params
+        .by
+        .iter()
+        .map(|k| crate::spark_sql::ident(k))
+        .collect();
     let not_null = if keys.is_empty() {
         "TRUE".to_owned()
     } else {
@@ -396,7 +396,7 @@ pub fn spark_sql(params: &AggregateParams, source: &str) -> Result<String, (Stri
     let derived: Vec<String> = params
         .derive
         .iter()
-        .map(|(name, sql)| format!("({sql}) AS {}", spark_name(name)))
+        .map(|(name, sql)| format!("({sql}) AS {}", crate::spark_sql::ident(name)))
         .collect();
     let with_derived = if derived.is_empty() {
         grouped
@@ -406,7 +406,7 @@ pub fn spark_sql(params: &AggregateParams, source: &str) -> Result<String, (Stri
     let selected = match &params.select {
         Some(select) => select
             .iter()
-            .map(|c| spark_name(c))
+            .map(|c| crate::spark_sql::ident(c))
             .collect::<Vec<_>>()
             .join(", "),
         None => "*".to_owned(),

@@ -17,6 +17,7 @@ pub mod ports;
 mod registry;
 pub mod safe;
 pub mod spark;
+pub mod spark_sql;
 pub mod stats;
 
 pub use registry::{

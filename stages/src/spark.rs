@@ -1,33 +1,33 @@
 //! The built-in stages that can run on Spark (`engine: spark`), as Spark SQL: the same typed
 //! params, a second implementation. A stage or param with no exact equivalent there says so
 //! rather than give a different result.
+//!
+//! A stage talks to the cluster through a [`Session`] (the orchestrator's Spark Connect client):
+//! small queries whose rows come back (counts, quartiles), and one query whose rows become the
+//! stage's table output. No table is ever pulled to this machine.
 
 use serde_json::Value as Json;
 
-/// The built-ins that have a Spark implementation.
-pub const BUILTINS: &[&str] = &["aggregate"];
+pub use crate::spark_sql::{as_double, double_value, Failure, Session, Unsupported};
+use crate::StageError;
 
-/// Why a stage cannot run on Spark: the param (a JSON pointer; empty for the stage as a whole)
-/// and the reason.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Unsupported {
-    pub param: String,
-    pub why: String,
+/// The built-ins that have a Spark implementation.
+pub const BUILTINS: &[&str] = &["aggregate", "clean"];
+
+/// Whether built-in `name` reads a CSV input on Spark: `clean` reads every column as a string,
+/// as it does locally; the others read Parquet (a CSV's inferred types differ between engines).
+pub fn reads_csv(name: &str) -> bool {
+    name == "clean"
 }
 
-/// The Spark SQL query that computes built-in `name`'s one table output from `params` (as
-/// normalised), reading its one input as the table expression `source`.
-pub fn query(name: &str, params: &Json, source: &str) -> Result<String, Unsupported> {
+/// Whether built-in `name` with these params (as normalised) can run on Spark, exactly as it
+/// runs locally.
+pub fn supports(name: &str, params: &Json) -> Result<(), Unsupported> {
     match name {
-        "aggregate" => {
-            let params: crate::aggregate::AggregateParams = serde_json::from_value(params.clone())
-                .map_err(|e| Unsupported {
-                    param: String::new(),
-                    why: format!("its params do not read: {e}"),
-                })?;
-            crate::aggregate::spark_sql(&params, source)
-                .map_err(|(param, why)| Unsupported { param, why })
-        }
+        "aggregate" => crate::aggregate::spark_sql(&read_params(params)?, "input")
+            .map(|_| ())
+            .map_err(|(param, why)| Unsupported { param, why }),
+        "clean" => crate::clean::spark::supports(&read_params(params)?),
         _ => Err(Unsupported {
             param: String::new(),
             why: format!(
@@ -39,5 +39,76 @@ pub fn query(name: &str, params: &Json, source: &str) -> Result<String, Unsuppor
                     .join(", ")
             ),
         }),
+    }
+}
+
+/// Runs built-in `name` on Spark: its one input is the view `input` (a CSV read with every
+/// column a string, or a Parquet table), shown in messages as `source`; temporary views and
+/// cached tables it makes are named from `scratch`. Returns the stage's summary (which the
+/// orchestrator also writes to a `summary` output when the stage declares one).
+pub fn run<S: Session>(
+    name: &str,
+    params: &Json,
+    input: &str,
+    source: &str,
+    scratch: &str,
+    session: &mut S,
+) -> Result<Json, Failure<S::Error>> {
+    supports(name, params).map_err(|u| {
+        let e = StageError::new(u.why);
+        Failure::Stage(if u.param.is_empty() {
+            e
+        } else {
+            e.at_param(u.param)
+        })
+    })?;
+    match name {
+        "aggregate" => {
+            let params = read_params(params).map_err(|u| StageError::new(u.why))?;
+            let sql = crate::aggregate::spark_sql(&params, input)
+                .map_err(|(param, why)| StageError::new(why).at_param(param))?;
+            session.write(&sql).map_err(Failure::Session)?;
+            // The summary the local engine gives.
+            let columns = session
+                .columns(&format!("QUERY {sql}"))
+                .map_err(Failure::Session)?;
+            let groups = session
+                .rows(&format!("SELECT count(1) FROM ({sql})"))
+                .map_err(Failure::Session)?
+                .first()
+                .and_then(|row| row.first())
+                .and_then(Json::as_u64)
+                .unwrap_or(0);
+            Ok(serde_json::json!({
+                "groups": groups,
+                "columns": columns.into_iter().map(|(c, _)| c).collect::<Vec<_>>(),
+            }))
+        }
+        "clean" => {
+            let params = read_params(params).map_err(|u| StageError::new(u.why))?;
+            crate::clean::spark::run(&params, input, source, scratch, session)
+        }
+        _ => unreachable!("supports() refused it"),
+    }
+}
+
+fn read_params<T: serde::de::DeserializeOwned>(params: &Json) -> Result<T, Unsupported> {
+    serde_json::from_value(params.clone()).map_err(|e| Unsupported {
+        param: String::new(),
+        why: format!("its params do not read: {e}"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stages_without_a_spark_implementation_are_named() {
+        let err = supports("impute", &serde_json::json!({})).unwrap_err();
+        assert_eq!(
+            err.why,
+            "`impute` runs on the local engine only; on Spark: `aggregate`, `clean`"
+        );
     }
 }

@@ -54,28 +54,48 @@ pub(super) async fn run(
     // The cluster reads it by its absolute path (a cluster on this machine; a remote one reads
     // inputs from S3).
     let input = std::path::absolute(ex.workdir.join(input)).unwrap_or_else(|_| input.clone());
-    if imba_stages::io::table::is_csv(&input) {
+    let csv = imba_stages::io::table::is_csv(&input);
+    if csv && !imba_stages::spark::reads_csv(name) {
         return Err(StageFailure::Other(format!(
             "on Spark, `{name}` reads a Parquet input; `{}` is CSV",
             input.display()
         )));
     }
-    let source = format!(
-        "parquet.`file://{}`",
-        input.to_string_lossy().replace('`', "``")
-    );
-    let query =
-        imba_stages::spark::query(name, params, &source).map_err(|u| StageFailure::Builtin {
-            message: u.why,
-            param: Some(u.param).filter(|p| !p.is_empty()),
-        })?;
-    let [staged] = ex.staged else {
+    let staged = |port: &str| {
+        ex.stage
+            .outputs
+            .iter()
+            .zip(ex.staged)
+            .find(|(p, _)| p.name.as_deref() == Some(port))
+            .map(|(_, s)| std::path::absolute(ex.workdir.join(s)).unwrap_or_else(|_| s.clone()))
+    };
+    let Some(table) = staged("table") else {
         return Err(StageFailure::Other(format!(
-            "on Spark, `{name}` writes one output"
+            "on Spark, `{name}` writes a `table` output"
         )));
     };
-    let staged = &std::path::absolute(ex.workdir.join(staged)).unwrap_or_else(|_| staged.clone());
-    submit(ex, &remote, &authority, &shown, &query, staged).await
+    let job = Job {
+        name: name.to_owned(),
+        params: params.clone(),
+        input,
+        csv,
+        table,
+        summary: staged("summary"),
+    };
+    submit(ex, &remote, &authority, &shown, job).await
+}
+
+/// What one stage asks of the cluster (read only by the Spark client).
+#[cfg_attr(not(feature = "spark"), allow(dead_code))]
+struct Job {
+    name: String,
+    params: Json,
+    /// The input's absolute path, and whether it is CSV.
+    input: std::path::PathBuf,
+    csv: bool,
+    /// The staged table output (absolute), and the staged summary when the stage has one.
+    table: std::path::PathBuf,
+    summary: Option<std::path::PathBuf>,
 }
 
 #[cfg(not(feature = "spark"))]
@@ -84,8 +104,7 @@ async fn submit(
     _remote: &str,
     _authority: &str,
     _shown: &str,
-    _query: &str,
-    _staged: &std::path::Path,
+    _job: Job,
 ) -> Result<Executed, StageFailure> {
     Err(StageFailure::Other(
         "this imba was built without its Spark client: build it with `--features spark` (its build needs protoc: Debian's protobuf-compiler)".to_owned(),
@@ -98,8 +117,7 @@ async fn submit(
     remote: &str,
     authority: &str,
     shown: &str,
-    query: &str,
-    staged: &std::path::Path,
+    job: Job,
 ) -> Result<Executed, StageFailure> {
     use crate::interrupt::Stop;
     use spark_connect::SparkSession;
@@ -137,29 +155,58 @@ async fn submit(
         .map_err(|e| StageFailure::Other(format!("internal error: {e}")))?
         .map_err(|e| spark_failure(shown, &e))?
     };
-    // A tag on this stage's operations, to interrupt them on Ctrl-C.
+    // A tag on this stage's operations, to interrupt them on Ctrl-C; its temporary views are
+    // named after it too.
     let tag = format!("imba-{}", blake3::hash(ex.run_id.as_bytes()).to_hex());
     let tag = format!("{}-{}", &tag[..20], crate::model::file_name(&ex.stage.name));
-    let written = staged.with_extension("spark");
-    let job = {
+    let scratch = format!("imba_{}", &blake3::hash(tag.as_bytes()).to_hex()[..16]);
+    let written = job.table.with_extension("spark");
+    // Named in messages as the local engine names it.
+    let source = job.input.display().to_string();
+    let work = {
         let spark = spark.clone();
-        let query = query.to_owned();
         let tag = tag.clone();
         let written = written.clone();
+        let table = job.table.clone();
+        let job_input = job.input.clone();
+        let (name, params, csv) = (job.name.clone(), job.params.clone(), job.csv);
         tokio::task::spawn_blocking(move || {
-            spark.add_tag(&tag)?;
-            let df = spark.sql(&query)?.coalesce(1);
-            df.write()
-                .mode("overwrite")
-                .parquet(&format!("file://{}", written.display()))?;
+            let mut session = Connected {
+                spark: &spark,
+                written: &written,
+                staged: &table,
+            };
+            let fail = |e| imba_stages::spark::Failure::Session(Box::new(e));
+            spark.add_tag(&tag).map_err(fail)?;
+            let path = format!("file://{}", job_input.display());
+            let reader = spark.read();
+            let df = if csv {
+                // RFC 4180 quoting as the local reader; every column a string; a malformed line
+                // fails the job instead of becoming a different row.
+                reader
+                    .format("csv")
+                    .option("header", "true")
+                    .option("inferSchema", "false")
+                    .option("escape", "\"")
+                    .option("mode", "FAILFAST")
+                    .load(Some(&path))
+            } else {
+                reader.parquet(&path)
+            };
+            let input = format!("{scratch}_input");
+            df.create_or_replace_temp_view(&input).map_err(fail)?;
+            let ran =
+                imba_stages::spark::run(&name, &params, &input, &source, &scratch, &mut session);
+            let _ = spark.sql(&format!("DROP VIEW IF EXISTS {input}"));
+            let summary = ran?;
             let app = spark.conf().get("spark.app.id").ok().flatten();
-            Ok::<_, Box<spark_connect::SparkError>>(app)
+            Ok::<_, imba_stages::spark::Failure<Box<spark_connect::SparkError>>>((summary, app))
         })
     };
     let mut cancel = ex.cancel.clone();
-    tokio::pin!(job);
+    tokio::pin!(work);
     let ended = tokio::select! {
-        ran = &mut job => Some(ran),
+        ran = &mut work => Some(ran),
         _ = cancel.wait_for(|s| *s >= Stop::Cancel) => None,
     };
     let Some(ran) = ended else {
@@ -168,44 +215,119 @@ async fn submit(
         let _ =
             tokio::task::spawn_blocking(move || interrupting.interrupt_tag(&tag).map_err(Box::new))
                 .await;
-        let _ = job.await;
+        let _ = work.await;
         let _ = std::fs::remove_dir_all(&written);
         return Err(StageFailure::Cancelled);
     };
-    let app = ran
-        .map_err(|e| StageFailure::Other(format!("internal error: {e}")))?
-        .map_err(|e| {
-            let _ = std::fs::remove_dir_all(&written);
-            spark_failure(shown, &e)
-        })?;
-    // One part file (coalesced to one partition): the output itself.
-    let part = std::fs::read_dir(&written)
-        .map_err(|e| {
-            StageFailure::Other(format!("Spark wrote nothing at {}: {e}", written.display()))
-        })?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("part-"))
-                && p.extension().is_some_and(|e| e == "parquet")
-        })
-        .ok_or_else(|| {
-            StageFailure::Other(format!(
-                "Spark wrote no Parquet part file in {}",
-                written.display()
-            ))
-        })?;
-    std::fs::rename(&part, staged)
-        .map_err(|e| StageFailure::Other(format!("cannot move Spark's output into place: {e}")))?;
+    let ran = ran.map_err(|e| StageFailure::Other(format!("internal error: {e}")))?;
     let _ = std::fs::remove_dir_all(&written);
+    let (summary, app) = ran.map_err(|e| match e {
+        imba_stages::spark::Failure::Session(e) => spark_failure(shown, &e),
+        imba_stages::spark::Failure::Stage(e) => StageFailure::Builtin {
+            message: e.message,
+            param: e.param,
+        },
+    })?;
+    if let Some(path) = &job.summary {
+        imba_stages::StageIo::write_json(path, &summary).map_err(|e| StageFailure::Builtin {
+            message: e.message,
+            param: e.param,
+        })?;
+    }
     Ok(Executed {
         report: Some(serde_json::json!({
-            "summary": {"engine": "spark", "remote": shown, "app_id": app},
+            "summary": summary,
+            "engine": {"name": "spark", "remote": shown, "app_id": app},
             "duration_ms": started.elapsed().as_millis() as u64,
         })),
         ..Executed::default()
     })
+}
+
+/// The stage's view of the cluster: small results come back as JSON, the table is written as one
+/// Parquet file at the staged path.
+#[cfg(feature = "spark")]
+struct Connected<'a> {
+    spark: &'a spark_connect::SparkSession,
+    /// Where Spark writes the table (a folder of part files), beside the staged path.
+    written: &'a std::path::Path,
+    /// The staged table output: the one part file is moved there.
+    staged: &'a std::path::Path,
+}
+
+#[cfg(feature = "spark")]
+impl imba_stages::spark::Session for Connected<'_> {
+    type Error = Box<spark_connect::SparkError>;
+
+    fn columns(&mut self, table: &str) -> Result<Vec<(String, String)>, Self::Error> {
+        let rows = self.rows(&format!("DESCRIBE {table}"))?;
+        Ok(rows
+            .into_iter()
+            .map_while(|row| {
+                let name = row.first()?.as_str()?.to_owned();
+                // A description's extra sections start with `#` or an empty line.
+                (!name.is_empty() && !name.starts_with('#')).then_some(())?;
+                Some((name, row.get(1)?.as_str()?.to_owned()))
+            })
+            .collect())
+    }
+
+    fn rows(&mut self, sql: &str) -> Result<Vec<Vec<Json>>, Self::Error> {
+        use spark_connect::row::Value;
+        let rows = self.spark.sql(sql)?.collect()?;
+        Ok(rows
+            .into_iter()
+            .map(|row| {
+                row.into_values()
+                    .into_iter()
+                    .map(|v| match v {
+                        Value::Null => Json::Null,
+                        Value::Bool(b) => Json::Bool(b),
+                        Value::Byte(i) => i.into(),
+                        Value::Short(i) => i.into(),
+                        Value::Integer(i) => i.into(),
+                        Value::Long(i) => i.into(),
+                        Value::Float(f) => imba_stages::spark::double_value(f64::from(f)),
+                        Value::Double(f) => imba_stages::spark::double_value(f),
+                        Value::String(s) => Json::String(s),
+                        other => Json::String(format!("{other:?}")),
+                    })
+                    .collect()
+            })
+            .collect())
+    }
+
+    fn write(&mut self, sql: &str) -> Result<(), Self::Error> {
+        self.spark
+            .sql(sql)?
+            .coalesce(1)
+            .write()
+            .mode("overwrite")
+            .parquet(&format!("file://{}", self.written.display()))?;
+        // One part file (coalesced to one partition): the output itself.
+        let part = std::fs::read_dir(self.written)
+            .ok()
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("part-"))
+                    && p.extension().is_some_and(|e| e == "parquet")
+            });
+        match part {
+            Some(part) => std::fs::rename(&part, self.staged).map_err(|e| {
+                Box::new(spark_connect::SparkError::connect_msg(format!(
+                    "cannot move Spark's output into place: {e}"
+                )))
+            }),
+            None => Err(Box::new(spark_connect::SparkError::connect_msg(format!(
+                "Spark wrote no Parquet part file in {}",
+                self.written.display()
+            )))),
+        }
+    }
 }
 
 /// A Spark error as a stage failure: its error class and message, and where it came from.

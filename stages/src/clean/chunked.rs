@@ -97,7 +97,7 @@ pub(super) fn clean_chunked(
         writer.finish()?;
     }
     let empty = last.unwrap_or_default();
-    Ok(summary(&counts, params, &fences, &empty))
+    Ok(summary(&counts, params, &fences, column_names(&empty)))
 }
 
 #[cfg(test)]

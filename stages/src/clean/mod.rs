@@ -18,6 +18,7 @@ mod chunked;
 mod mark;
 mod params;
 mod read;
+pub(crate) mod spark;
 mod summary;
 
 use crate::{BuiltinStage, StageError, StageIo, StageReport};
@@ -110,6 +111,14 @@ pub fn clean_file(
     Ok(summary)
 }
 
+/// The names of `df`'s columns, in order.
+fn column_names(df: &DataFrame) -> Vec<String> {
+    df.get_column_names()
+        .iter()
+        .map(|c| c.to_string())
+        .collect()
+}
+
 fn err(e: PolarsError) -> StageError {
     StageError::new(e.to_string())
 }
@@ -165,7 +174,7 @@ fn clean_marked(
         &mut |df, columns, alive| crate::io::rows::repeated_rows(df, columns, alive),
     )?;
     let keep = (marked.counts.kept != marked.df.height()).then_some(alive);
-    let summary = summary(&marked.counts, params, &fences, &marked.df);
+    let summary = summary(&marked.counts, params, &fences, column_names(&marked.df));
     Ok((marked.df, keep, summary))
 }
 

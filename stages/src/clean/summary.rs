@@ -1,17 +1,16 @@
 //! The summary JSON: what each step removed, with the seed's keys.
 
-use polars::prelude::*;
 use serde_json::{json, Value as Json};
 
 use super::*;
 
 /// The summary: the seed's keys (`initial`, `after_*`, `removed_*`, `iqr_bounds`), then where
-/// each row went. `df` has the output's columns.
+/// each row went. `columns` are the output's.
 pub(super) fn summary(
     counts: &Counts,
     params: &CleanParams,
     fences: &[(String, Fence)],
-    df: &DataFrame,
+    columns: Vec<String>,
 ) -> Json {
     let mut summary = serde_json::Map::new();
     summary.insert("initial".into(), json!(counts.initial));
@@ -78,13 +77,6 @@ pub(super) fn summary(
         "removed_dedup".into(),
         json!(counts.after_dropna - counts.kept),
     );
-    summary.insert(
-        "columns".into(),
-        json!(df
-            .get_column_names()
-            .iter()
-            .map(|c| c.to_string())
-            .collect::<Vec<_>>()),
-    );
+    summary.insert("columns".into(), json!(columns));
     Json::Object(summary)
 }

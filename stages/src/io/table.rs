@@ -697,6 +697,15 @@ pub fn require_columns<'a>(
         .iter()
         .map(|c| c.to_string())
         .collect();
+    require_names(&present, columns, file)
+}
+
+/// [`require_columns`] of a table whose column names are `present`.
+pub fn require_names<'a>(
+    present: &[String],
+    columns: impl IntoIterator<Item = (&'a str, String)>,
+    file: &Path,
+) -> Result<(), StageError> {
     for (column, pointer) in columns {
         if !present.iter().any(|p| p == column) {
             // The names come from the file: escaped, so that a header cannot drive the terminal.
