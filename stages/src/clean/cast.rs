@@ -319,26 +319,10 @@ pub(super) fn domain_expr(df: &DataFrame, column: &str, rule: &Domain) -> Result
     match rule {
         Domain::In { values } => {
             let series = if matches!(dtype, DataType::String) {
-                let strings: Vec<String> = values
-                    .iter()
-                    .map(|v| match v {
-                        Scalar::String(s) => s.clone(),
-                        Scalar::Int(i) => i.to_string(),
-                        Scalar::Float(f) => f.to_string(),
-                        Scalar::Bool(b) => b.to_string(),
-                    })
-                    .collect();
+                let strings: Vec<String> = values.iter().map(Scalar::text).collect();
                 Series::new("allowed".into(), strings)
             } else if dtype.is_numeric() {
-                let numbers: Vec<f64> = values
-                    .iter()
-                    .filter_map(|v| match v {
-                        Scalar::Int(i) => Some(*i as f64),
-                        Scalar::Float(f) => Some(*f),
-                        Scalar::String(s) => s.parse().ok(),
-                        Scalar::Bool(_) => None,
-                    })
-                    .collect();
+                let numbers: Vec<f64> = values.iter().filter_map(Scalar::number).collect();
                 let allowed = Series::new("allowed".into(), numbers);
                 return Ok(col(column)
                     .cast(DataType::Float64)

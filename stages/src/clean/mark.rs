@@ -58,15 +58,8 @@ pub(super) fn live(mask: &BooleanChunked) -> usize {
     mask.sum().unwrap_or(0) as usize
 }
 
-/// The row-local steps of `input` (read from `source`; its first row is row `first_row` of the
-/// file, for errors): cast, then the domain filter and dropna as masks.
-pub(super) fn mark(
-    input: Input,
-    params: &CleanParams,
-    source: &std::path::Path,
-    first_row: usize,
-) -> Result<Marked, StageError> {
-    let Input { df, text } = input;
+/// Every column a param names, with the param's JSON pointer: each must be in the input.
+pub(super) fn wanted_columns(params: &CleanParams) -> Vec<(&str, String)> {
     let mut wanted: Vec<(&str, String)> = Vec::new();
     wanted.extend(
         params
@@ -104,7 +97,19 @@ pub(super) fn mark(
             )
         }));
     }
-    require_columns(&df, wanted, source)?;
+    wanted
+}
+
+/// The row-local steps of `input` (read from `source`; its first row is row `first_row` of the
+/// file, for errors): cast, then the domain filter and dropna as masks.
+pub(super) fn mark(
+    input: Input,
+    params: &CleanParams,
+    source: &std::path::Path,
+    first_row: usize,
+) -> Result<Marked, StageError> {
+    let Input { df, text } = input;
+    require_columns(&df, wanted_columns(params), source)?;
 
     let mut counts = Counts {
         initial: df.height(),

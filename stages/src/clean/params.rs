@@ -90,6 +90,28 @@ pub enum Scalar {
     String(String),
 }
 
+impl Scalar {
+    /// The value as a `domain: in` on a string column compares it: `7`, `1.5`, `true`.
+    pub(super) fn text(&self) -> String {
+        match self {
+            Scalar::String(s) => s.clone(),
+            Scalar::Int(i) => i.to_string(),
+            Scalar::Float(f) => f.to_string(),
+            Scalar::Bool(b) => b.to_string(),
+        }
+    }
+
+    /// The value as a `domain: in` on a numeric column compares it (`None`: never equal).
+    pub(super) fn number(&self) -> Option<f64> {
+        match self {
+            Scalar::Int(i) => Some(*i as f64),
+            Scalar::Float(f) => Some(*f),
+            Scalar::String(s) => s.parse().ok(),
+            Scalar::Bool(_) => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Iqr {

@@ -123,47 +123,27 @@ fn shown_type(spark_type: &str) -> String {
 
 /// The domain rule on column `c` (of Spark type `t`): true where the row passes.
 fn domain_sql(c: &str, t: &str, column: &str, rule: &Domain) -> Result<String, StageError> {
-    let list = |items: Vec<String>| {
+    // An empty list lets nothing through, as locally.
+    let among = |value: String, items: Vec<String>| {
         if items.is_empty() {
             "FALSE".to_owned()
         } else {
-            items.join(", ")
+            format!("coalesce({value} IN ({}), FALSE)", items.join(", "))
         }
     };
     match rule {
-        Domain::In { values } if t == "string" => {
-            let items: Vec<String> = values
+        Domain::In { values } if t == "string" => Ok(among(
+            c.to_owned(),
+            values.iter().map(|v| string_literal(&v.text())).collect(),
+        )),
+        Domain::In { values } if is_numeric(t) => Ok(among(
+            format!("CAST({c} AS DOUBLE)"),
+            values
                 .iter()
-                .map(|v| {
-                    string_literal(&match v {
-                        Scalar::String(s) => s.clone(),
-                        Scalar::Int(i) => i.to_string(),
-                        Scalar::Float(f) => f.to_string(),
-                        Scalar::Bool(b) => b.to_string(),
-                    })
-                })
-                .collect();
-            if items.is_empty() {
-                return Ok("FALSE".to_owned());
-            }
-            Ok(format!("coalesce({c} IN ({}), FALSE)", list(items)))
-        }
-        Domain::In { values } if is_numeric(t) => {
-            let items: Vec<String> = values
-                .iter()
-                .filter_map(|v| match v {
-                    Scalar::Int(i) => Some(*i as f64),
-                    Scalar::Float(f) => Some(*f),
-                    Scalar::String(s) => s.parse().ok(),
-                    Scalar::Bool(_) => None,
-                })
+                .filter_map(Scalar::number)
                 .map(double_literal)
-                .collect();
-            if items.is_empty() {
-                return Ok("FALSE".to_owned());
-            }
-            Ok(format!("coalesce(CAST({c} AS DOUBLE) IN ({}), FALSE)", list(items)))
-        }
+                .collect(),
+        )),
         Domain::In { .. } => Err(StageError::new(format!(
             "domain `in` on column `{}` of type {}: cast it to a string or number first",
             crate::safe::escape(column),
@@ -444,44 +424,7 @@ fn steps<S: Session>(
 
 /// Every column a param names is in the input.
 fn require(params: &CleanParams, names: &[String], source: &str) -> Result<(), StageError> {
-    let mut wanted: Vec<(&str, String)> = Vec::new();
-    wanted.extend(
-        params
-            .cast
-            .keys()
-            .map(|c| (c.as_str(), crate::pointer::of(&["cast", c]))),
-    );
-    wanted.extend(
-        params
-            .domain
-            .keys()
-            .map(|c| (c.as_str(), crate::pointer::of(&["domain", c]))),
-    );
-    if let Some(iqr) = &params.iqr {
-        wanted.extend(iqr.columns.iter().enumerate().map(|(i, c)| {
-            (
-                c.as_str(),
-                crate::pointer::of(&["iqr", "columns", &i.to_string()]),
-            )
-        }));
-    }
-    if let Some(subset) = params.dropna.as_ref().and_then(|d| d.subset.as_ref()) {
-        wanted.extend(subset.iter().enumerate().map(|(i, c)| {
-            (
-                c.as_str(),
-                crate::pointer::of(&["dropna", "subset", &i.to_string()]),
-            )
-        }));
-    }
-    if let Some(Dedup::Subset { subset }) = &params.dedup {
-        wanted.extend(subset.iter().enumerate().map(|(i, c)| {
-            (
-                c.as_str(),
-                crate::pointer::of(&["dedup", "subset", &i.to_string()]),
-            )
-        }));
-    }
-    crate::io::table::require_names(names, wanted, std::path::Path::new(source))
+    crate::io::table::require_names(names, wanted_columns(params), std::path::Path::new(source))
 }
 
 /// With `on_cast_error: fail`: the stage fails at the earliest value that did not cast, naming
