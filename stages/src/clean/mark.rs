@@ -222,25 +222,26 @@ pub(super) fn fences(params: &CleanParams, gathered: Vec<Gathered>) -> Vec<(Stri
         .iter()
         .zip(gathered)
         .map(|(column, mut values)| {
-            let q1 = values.quantile(0.25);
-            let q3 = values.quantile(0.75);
-            let (lower, upper) = match (q1, q3) {
-                (Some(q1), Some(q3)) => {
-                    (Some(q1 - iqr.k * (q3 - q1)), Some(q3 + iqr.k * (q3 - q1)))
-                }
-                _ => (None, None),
-            };
-            (
-                column.clone(),
-                Fence {
-                    q1,
-                    q3,
-                    lower,
-                    upper,
-                },
-            )
+            let fence = Fence::new(values.quantile(0.25), values.quantile(0.75), iqr.k);
+            (column.clone(), fence)
         })
         .collect()
+}
+
+impl Fence {
+    /// The fences `k` IQRs beyond the quartiles (none without them).
+    pub(super) fn new(q1: Option<f64>, q3: Option<f64>, k: f64) -> Fence {
+        let (lower, upper) = match (q1, q3) {
+            (Some(q1), Some(q3)) => (Some(q1 - k * (q3 - q1)), Some(q3 + k * (q3 - q1))),
+            _ => (None, None),
+        };
+        Fence {
+            q1,
+            q3,
+            lower,
+            upper,
+        }
+    }
 }
 
 /// The columns dedup compares (`None`: no dedup).

@@ -296,28 +296,15 @@ fn steps<S: Session>(
                 "SELECT {v} AS v FROM {cached} WHERE {passed} AND {v} IS NOT NULL AND NOT isnan({v})"
             );
             let (q1, q3) = quartiles(&values, session)?;
-            let (lower, upper) = match (q1, q3) {
-                (Some(q1), Some(q3)) => {
-                    (Some(q1 - iqr.k * (q3 - q1)), Some(q3 + iqr.k * (q3 - q1)))
-                }
-                _ => (None, None),
-            };
-            if let (Some(lower), Some(upper)) = (lower, upper) {
+            let fence = Fence::new(q1, q3, iqr.k);
+            if let (Some(lower), Some(upper)) = (fence.lower, fence.upper) {
                 iqr_ok.push(format!(
                     "({v} IS NULL OR isnan({v}) OR {v} BETWEEN {} AND {})",
                     double_literal(lower),
                     double_literal(upper)
                 ));
             }
-            fences.push((
-                column.clone(),
-                Fence {
-                    q1,
-                    q3,
-                    lower,
-                    upper,
-                },
-            ));
+            fences.push((column.clone(), fence));
         }
     }
     let iqr_ok = if iqr_ok.is_empty() {
