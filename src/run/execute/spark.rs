@@ -178,6 +178,14 @@ async fn submit(
             };
             let fail = |e| imba_stages::spark::Failure::Session(Box::new(e));
             spark.add_tag(&tag).map_err(fail)?;
+            // Column names as the file writes them (`a` and `A` are two columns, as locally),
+            // and no `${…}` substitution inside the SQL text: a value is a value.
+            for setting in [
+                "SET spark.sql.caseSensitive=true",
+                "SET spark.sql.variable.substitute=false",
+            ] {
+                spark.sql(setting).map_err(fail)?;
+            }
             let path = format!("file://{}", job_input.display());
             let reader = spark.read();
             let df = if csv {

@@ -68,7 +68,9 @@ fn cast_sql(c: &str, from: &str, to: CastType, column: &str) -> Result<String, S
     let text = from == "string";
     Ok(match (to, text) {
         (CastType::Float64, true) => no_nan(&format!("try_cast({} AS DOUBLE)", trimmed_if(c, FLOAT))),
-        (CastType::Float64, false) => no_nan(&format!("try_cast({c} AS DOUBLE)")),
+        (CastType::Float64, false) if is_numeric(from) || from == "boolean" => {
+            no_nan(&format!("try_cast({c} AS DOUBLE)"))
+        }
         (CastType::Int64, true) => {
             // "7" directly; "7.0" (as pandas writes an int column that held NaN) through a float.
             let f = no_nan(&format!("try_cast({} AS DOUBLE)", trimmed_if(c, FLOAT)));
@@ -77,7 +79,9 @@ fn cast_sql(c: &str, from: &str, to: CastType, column: &str) -> Result<String, S
                 trimmed_if(c, INT)
             )
         }
-        (CastType::Int64, false) => format!("try_cast({c} AS BIGINT)"),
+        (CastType::Int64, false) if is_numeric(from) || from == "boolean" => {
+            format!("try_cast({c} AS BIGINT)")
+        }
         (CastType::String, true) => trimmed_if(c, ".*?"),
         (CastType::Bool, true) => {
             let lower = format!("lower({})", trimmed_if(c, ".*?"));
@@ -343,7 +347,11 @@ fn steps<S: Session>(
     let output: Vec<String> = names.iter().map(|c| ident(c)).collect();
     let alive = format!("{passed} AND {iqr_ok} AND {kept_na}");
     let survivors = match &params.dedup {
+        // An empty subset compares nothing, and drops nothing, as locally.
         None | Some(Dedup::All(false)) => format!("SELECT * FROM {cached} WHERE {alive}"),
+        Some(Dedup::Subset { subset }) if subset.is_empty() => {
+            format!("SELECT * FROM {cached} WHERE {alive}")
+        }
         Some(dedup) => {
             let subset: Vec<String> = match dedup {
                 Dedup::Subset { subset } => subset.iter().map(|c| ident(c)).collect(),
