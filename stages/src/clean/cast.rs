@@ -280,25 +280,40 @@ pub(super) fn cast_columns(
         }
         OnCastError::Fail => match first_failure {
             None => Ok((df, nulls, 0)),
-            Some((row, value, column)) => {
-                let to = params
-                    .cast
-                    .get(&column)
-                    .map(|t| format!("{t:?}").to_lowercase())
-                    .unwrap_or_default();
-                let row = first_row + row;
-                let place = if crate::io::table::is_csv(source) {
-                    format!("line {}", row + 2)
-                } else {
-                    format!("row {}", row + 1)
-                };
-                Err(StageError::new(format!(
-                    "`{}` {place}: cannot cast {value} in column `{column}` to {to} (on_cast_error: fail)",
-                    source.display()
-                )))
-            }
+            Some((row, value, column)) => Err(cast_failure(
+                params,
+                source,
+                first_row + row,
+                &value,
+                &column,
+            )),
         },
     }
+}
+
+/// With `on_cast_error: fail`: the error for the value `shown` of `column`, at 0-based `row` of
+/// the table read from `source` (a CSV's line, counting the header; else a 1-based row).
+pub(super) fn cast_failure(
+    params: &CleanParams,
+    source: &std::path::Path,
+    row: usize,
+    shown: &str,
+    column: &str,
+) -> StageError {
+    let to = params
+        .cast
+        .get(column)
+        .map(|t| format!("{t:?}").to_lowercase())
+        .unwrap_or_default();
+    let place = if crate::io::table::is_csv(source) {
+        format!("line {}", row + 2)
+    } else {
+        format!("row {}", row + 1)
+    };
+    StageError::new(format!(
+        "`{}` {place}: cannot cast {shown} in column `{column}` to {to} (on_cast_error: fail)",
+        source.display()
+    ))
 }
 
 pub(super) fn is_float(df: &DataFrame, column: &str) -> bool {

@@ -401,12 +401,7 @@ fn steps<S: Session>(
             .removed_domain_by_rule
             .insert((*column).clone(), n(5 + failed.len() + j));
     }
-    let kept = one_row(
-        session
-            .rows(&format!("SELECT count(1) FROM ({survivors})"))
-            .map_err(Failure::Session)?,
-    )?;
-    counts.kept = kept.first().and_then(Json::as_u64).unwrap_or(0) as usize;
+    counts.kept = count(session, &format!("SELECT count(1) FROM ({survivors})"))?;
 
     session
         .write(&format!(
@@ -470,28 +465,20 @@ fn first_failure<S: Session>(
         .and_then(Json::as_str)
         .unwrap_or_default()
         .to_owned();
-    let before = one_row(
-        session
-            .rows(&format!(
-                "SELECT count(1) FROM (SELECT monotonically_increasing_id() AS {ROW} FROM {input}) WHERE {ROW} < {id}"
-            ))
-            .map_err(Failure::Session)?,
+    let row = count(
+        session,
+        &format!(
+            "SELECT count(1) FROM (SELECT monotonically_increasing_id() AS {ROW} FROM {input}) WHERE {ROW} < {id}"
+        ),
     )?;
-    let row = before.first().and_then(Json::as_u64).unwrap_or(0) as usize;
-    let column = failed[which].0;
-    let to = params
-        .cast
-        .get(column)
-        .map(|t| format!("{t:?}").to_lowercase())
-        .unwrap_or_default();
-    let place = if crate::io::table::is_csv(std::path::Path::new(source)) {
-        format!("line {}", row + 2)
-    } else {
-        format!("row {}", row + 1)
-    };
-    Err(StageError::new(format!(
-        "`{source}` {place}: cannot cast {value:?} in column `{column}` to {to} (on_cast_error: fail)"
-    ))
+    let shown = format!("{value:?}");
+    Err(cast_failure(
+        params,
+        std::path::Path::new(source),
+        row,
+        &shown,
+        failed[which].0,
+    )
     .into())
 }
 
@@ -534,6 +521,12 @@ fn quartiles<S: Session>(values: &str, session: &mut S) -> Result<Quartiles, Fai
         row.first().and_then(crate::spark_sql::as_double),
         row.get(1).and_then(crate::spark_sql::as_double),
     ))
+}
+
+/// The one number a `SELECT count(1) …` gives.
+fn count<S: Session>(session: &mut S, sql: &str) -> Result<usize, Failure<S::Error>> {
+    let row = one_row(session.rows(sql).map_err(Failure::Session)?)?;
+    Ok(row.first().and_then(Json::as_u64).unwrap_or(0) as usize)
 }
 
 fn one_row<E>(rows: Vec<Vec<Json>>) -> Result<Vec<Json>, Failure<E>> {
