@@ -35,6 +35,10 @@ pub enum Reason {
         to: u32,
     },
     CommandChanged,
+    EngineChanged {
+        from: String,
+        to: String,
+    },
     ChecksChanged,
     ParamChanged {
         key: String,
@@ -89,6 +93,7 @@ impl fmt::Display for Reason {
                 write!(f, "implementation of {stage} changed: {from} → {to}")
             }
             Reason::CommandChanged => write!(f, "command changed"),
+            Reason::EngineChanged { from, to } => write!(f, "engine changed: {from} → {to}"),
             Reason::ChecksChanged => write!(f, "checks changed"),
             Reason::ParamChanged { key, old, new } => {
                 let (old, new) = differing(&show(old), &show(new));
@@ -343,6 +348,8 @@ pub fn snapshot_with(
             kind,
             implementation,
             cmd,
+            engine: (stage.engine != crate::model::Engine::Local)
+                .then(|| stage.engine.as_str().to_owned()),
             params,
             checks,
             inputs,
@@ -462,6 +469,14 @@ pub fn reasons(
     }
     if locked.cmd != now.entry.cmd {
         reasons.push(Reason::CommandChanged);
+    }
+    // (A lock written before engines were recorded has none: its fingerprint still decides.)
+    if locked.engine != now.entry.engine && locked.fingerprint != now.fingerprint {
+        let shown = |e: &Option<String>| e.clone().unwrap_or_else(|| "local".to_owned());
+        reasons.push(Reason::EngineChanged {
+            from: shown(&locked.engine),
+            to: shown(&now.entry.engine),
+        });
     }
     if locked.checks != now.entry.checks {
         reasons.push(Reason::ChecksChanged);

@@ -515,7 +515,22 @@ fn engine_spark_is_checked_where_it_cannot_run() {
         .file("data/orders.csv", "user,days,day\n1,3,2017-05-01\n")
         .pipeline(
             r#"
+engine: spork
+engines:
+  spark:
+    remote: sc://cluster:15002/;use_ssl=true;token=abc123
+    token_env: $SPARK_TOKEN
+    region: eu
 stages:
+  features:
+    uses: feature
+    inputs: {orders: out/firsts.parquet}
+    outputs: {features: out/features/}
+    params:
+      entity: user
+      groups: [{name: all, from: orders, features: [{n: count(*)}]}]
+      formats: [parquet, csv]
+    engine: spark
   shell:
     cmd: cp data/orders.csv {{ outputs[0] }}
     outputs: [out/copy.csv]
@@ -550,4 +565,54 @@ stages:
     let out = t.exec(&["validate", "pipeline.yaml"]);
     assert_eq!(out.code, 2);
     insta::assert_snapshot!(out.all());
+}
+
+/// `engine:` at the top applies to every built-in that can run there (a stage's own `engine:`
+/// wins); switching is a reason `status` names; the token comes from the variable
+/// `engines.spark.token_env` names, and a missing one is said before anything is asked of the
+/// cluster.
+#[test]
+fn the_pipeline_engine_applies_where_a_stage_does_not_say() {
+    let t = Test::new().file("in.csv", "a,b\n1,2\n").pipeline(
+        r#"
+vars: {engine: local}
+engine: "{{ engine }}"
+engines:
+  spark: {remote: "sc://127.0.0.1:9", token_env: IMBA_TEST_SPARK_TOKEN}
+stages:
+  follows:
+    uses: clean
+    inputs: {table: in.csv}
+    outputs: {table: out/follows.parquet}
+    params: {cast: {a: int64}}
+  pinned:
+    uses: clean
+    engine: local
+    inputs: {table: in.csv}
+    outputs: {table: out/pinned.parquet}
+    params: {cast: {a: int64}}
+  shell:
+    cmd: cp in.csv {{ outputs[0] }}
+    outputs: [out/copy.csv]
+"#,
+    );
+    t.run_ok(&[]);
+    let status = t.exec(&["status", "pipeline.yaml", "--set", "engine=spark"]);
+    insta::assert_snapshot!(status.all(), @r"
+    exit: 0
+    --- stdout
+    follows
+      - engine changed: local → spark
+    1 of 3 stages are stale
+    --- stderr
+    ");
+    let mut command = t.command(&["run", "pipeline.yaml", "--set", "engine=spark"]);
+    command.env_remove("IMBA_TEST_SPARK_TOKEN").env_remove("SPARK_REMOTE");
+    let out = t.captured(&command.output().unwrap());
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr.contains("error: stage `follows` failed: `engines.spark.token_env` names IMBA_TEST_SPARK_TOKEN, which is not set: export the token there"),
+        "{}",
+        out.stderr
+    );
 }

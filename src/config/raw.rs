@@ -13,6 +13,8 @@ use super::yaml::{Key, Node, Value};
 pub const PIPELINE_KEYS: &[&str] = &[
     "cache",
     "desc",
+    "engine",
+    "engines",
     "on_failure",
     "partitions",
     "stages",
@@ -55,6 +57,10 @@ pub struct PipelineFile {
     pub cache: Option<Node>,
     /// `partitions:`, the sets partitioned stages expand over.
     pub partitions: Option<Node>,
+    /// `engine:`, where built-in stages run unless they say.
+    pub engine: Option<Node>,
+    /// `engines:`, how to reach each engine.
+    pub engines: Option<Node>,
     /// In file order: later vars may use earlier ones.
     pub vars: Vec<(Key, Node)>,
     /// In file order.
@@ -141,6 +147,8 @@ pub fn check(root: Node, diagnostics: &mut Vec<Diagnostic>) -> Option<PipelineFi
         storage: None,
         cache: None,
         partitions: None,
+        engine: None,
+        engines: None,
         vars: Vec::new(),
         stages: Vec::new(),
         flawed: Vec::new(),
@@ -161,6 +169,12 @@ pub fn check(root: Node, diagnostics: &mut Vec<Diagnostic>) -> Option<PipelineFi
                 Value::Map(_) => file.storage = Some(value),
                 Value::Null => {}
                 _ => diagnostics.push(wrong_kind(&key, &value, "a map of S3 settings")),
+            },
+            "engine" => file.engine = expect_string(&key, value, diagnostics),
+            "engines" => match value.value {
+                Value::Map(_) => file.engines = Some(value),
+                Value::Null => {}
+                _ => diagnostics.push(wrong_kind(&key, &value, "a map of engines (`spark:`)")),
             },
             "partitions" => match value.value {
                 Value::Map(_) => file.partitions = Some(value),

@@ -91,6 +91,29 @@ pub fn resolve(
         .and_then(|node| templates.render_node(node, &ctx, diagnostics))
         .map(|node| cache_settings(&node, &workdir, diagnostics))
         .unwrap_or_default();
+    let engines = raw
+        .engines
+        .as_ref()
+        .and_then(|node| templates.render_node(node, &ctx, diagnostics))
+        .map(|node| engine_settings(&node, diagnostics))
+        .unwrap_or_default();
+    // `--engine`, else the pipeline's `engine:`.
+    let engine = engine.or_else(|| {
+        let node = raw.engine.as_ref()?;
+        let rendered = templates.render_node(node, &ctx, diagnostics)?;
+        match rendered.as_str() {
+            Some("local") => Some(crate::model::Engine::Local),
+            Some("spark") => Some(crate::model::Engine::Spark),
+            _ => {
+                diagnostics.push(super::raw::not_one_of(
+                    "engine",
+                    &rendered,
+                    &["local", "spark"],
+                ));
+                None
+            }
+        }
+    });
 
     let mut failed_sets = Vec::new();
     let partitions = raw
@@ -165,8 +188,74 @@ pub fn resolve(
         cache,
         overrides: Vec::new(),
         partitions,
+        engines,
     };
     (pipeline, left_out)
+}
+
+/// Keys of `engines:` and of `engines.spark`.
+pub const ENGINES_KEYS: &[&str] = &["spark"];
+pub const SPARK_KEYS: &[&str] = &["remote", "token_env"];
+
+/// The `engines:` section: how to reach Spark. A token is never written here: `token_env`
+/// names the variable that holds it.
+fn engine_settings(node: &Node, diagnostics: &mut Vec<Diagnostic>) -> crate::model::EngineSettings {
+    let mut settings = crate::model::EngineSettings::default();
+    for (key, value) in node.as_map().unwrap_or_default() {
+        if key.name != "spark" {
+            diagnostics.push(super::raw::unknown_key(key, ENGINES_KEYS, "in `engines`"));
+            continue;
+        }
+        let Some(entries) = value.as_map() else {
+            if !matches!(value.value, Value::Null) {
+                diagnostics.push(super::raw::wrong_kind(key, value, "a map: `remote`, `token_env`"));
+            }
+            continue;
+        };
+        for (key, value) in entries {
+            match (key.name.as_str(), value.as_str()) {
+                ("remote", Some(remote)) => {
+                    let remote = remote.trim();
+                    let params = remote.split_once(";").map(|(_, p)| p).unwrap_or_default();
+                    if !remote.starts_with("sc://") {
+                        diagnostics.push(
+                            Diagnostic::error("`engines.spark.remote` is not a Spark Connect address")
+                                .at(value.span, "not `sc://…`")
+                                .help("`sc://host:15002`, with parameters after `/;` (`sc://host:443/;use_ssl=true`)"),
+                        );
+                    } else if params
+                        .split(';')
+                        .any(|p| p.trim().to_ascii_lowercase().starts_with("token="))
+                    {
+                        diagnostics.push(
+                            Diagnostic::error("a token is never written in a pipeline file")
+                                .at(value.span, "holds a token")
+                                .help("put the token in an environment variable and name it: `token_env: SPARK_TOKEN`"),
+                        );
+                    } else {
+                        settings.spark.remote = Some(remote.to_owned());
+                    }
+                }
+                ("token_env", Some(name))
+                    if !name.is_empty()
+                        && !name.starts_with(|c: char| c.is_ascii_digit())
+                        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') =>
+                {
+                    settings.spark.token_env = Some(name.to_owned());
+                }
+                ("token_env", _) => diagnostics.push(
+                    Diagnostic::error("`engines.spark.token_env` is not the name of an environment variable")
+                        .at(value.span, "here")
+                        .help("the variable's name, e.g. `SPARK_TOKEN`, never the token itself"),
+                ),
+                ("remote", None) => {
+                    diagnostics.push(super::raw::wrong_kind(key, value, "an `sc://` address"))
+                }
+                _ => diagnostics.push(super::raw::unknown_key(key, SPARK_KEYS, "in `engines.spark`")),
+            }
+        }
+    }
+    settings
 }
 
 /// Keys of `cache:`.

@@ -38,6 +38,29 @@ pub struct PipelineSchema {
     /// whose templates read a set's name (`{{ month }}`) runs once per key, as `NAME@KEY`;
     /// every stage sees the keys as `{{ partitions.month.all }}`.
     partitions: Option<BTreeMap<String, PartitionSetSchema>>,
+    /// Where built-in stages run unless they say (`engine:` on the stage) or `--engine` does:
+    /// `local` (the default) or `spark`, for every built-in stage that can run there.
+    engine: Option<EngineSchema>,
+    /// How to reach each engine (docs/engines.md).
+    engines: Option<EnginesSchema>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct EnginesSchema {
+    /// The Spark cluster, through Spark Connect.
+    spark: Option<SparkSchema>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct SparkSchema {
+    /// The Spark Connect address, `sc://host:15002` (parameters after `/;`, never a token).
+    /// `SPARK_REMOTE` in the environment overrides it.
+    remote: Option<String>,
+    /// The environment variable that holds the token (`SPARK_TOKEN`): its value is sent as the
+    /// address's `token` parameter, and never written anywhere.
+    token_env: Option<String>,
 }
 
 #[derive(Deserialize, JsonSchema)]
@@ -153,7 +176,8 @@ pub struct StageSchema {
     /// `fail` check fails the stage and keeps its outputs out of place, in `.imba/quarantine/`.
     checks: Option<Vec<CheckSchema>>,
     /// Where a built-in stage runs: `local` (polars, in imba; the default) or `spark` (on the
-    /// Spark cluster at `SPARK_REMOTE`, through Spark Connect; `aggregate` so far).
+    /// Spark cluster at `SPARK_REMOTE` or `engines.spark.remote`, through Spark Connect:
+    /// `clean`, `aggregate`, `feature`).
     engine: Option<EngineSchema>,
     /// Values to follow across partitions (`imba metrics`), measured on the outputs when they
     /// are committed: `rows`, `mean(COLUMN)`, `null_fraction(COLUMN)` of the stage's table, or a

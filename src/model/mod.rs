@@ -37,6 +37,22 @@ pub struct Pipeline {
     pub overrides: Vec<String>,
     /// The `partitions:` sets, in file order.
     pub partitions: Vec<PartitionSet>,
+    /// The `engines:` settings: how to reach each engine.
+    pub engines: EngineSettings,
+}
+
+/// What the pipeline's `engines:` section says.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EngineSettings {
+    pub spark: SparkSettings,
+}
+
+/// `engines.spark`: the Spark Connect address (no token in it) and the variable that holds the
+/// token.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SparkSettings {
+    pub remote: Option<String>,
+    pub token_env: Option<String>,
 }
 
 /// A named set of partition keys (`month`: `2017-01`, `2017-02`, …), in key order.

@@ -491,6 +491,7 @@ async fn produce_and_commit(
         logs: &logs,
         run_id: &ctx.run_id,
         registry: &ctx.registry,
+        engines: &ctx.dag.pipeline().engines,
         cancel: ctx.cancel.clone(),
     };
     let executed = execute(&execution).await;

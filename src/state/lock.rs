@@ -36,6 +36,9 @@ pub struct LockedStage {
     pub implementation: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cmd: Option<Vec<String>>,
+    /// Where a built-in ran, when not on the local engine (`spark`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<String>,
     #[serde(default)]
     pub params: Json,
     /// The stage's `checks:`, when it has any: a check decides whether outputs are committed.
@@ -357,6 +360,7 @@ mod journal_tests {
             kind: "cmd".into(),
             implementation: None,
             cmd: Some(vec!["true".into()]),
+            engine: None,
             params: Json::Null,
             checks: None,
             inputs: BTreeMap::new(),

@@ -12,12 +12,44 @@ pub use crate::spark_sql::{as_double, double_value, Failure, Session, Unsupporte
 use crate::StageError;
 
 /// The built-ins that have a Spark implementation.
-pub const BUILTINS: &[&str] = &["aggregate", "clean"];
+pub const BUILTINS: &[&str] = &["aggregate", "clean", "feature"];
 
 /// Whether built-in `name` reads a CSV input on Spark: `clean` reads every column as a string,
 /// as it does locally; the others read Parquet (a CSV's inferred types differ between engines).
 pub fn reads_csv(name: &str) -> bool {
     name == "clean"
+}
+
+/// The output built-in `name` writes its table to on Spark (its other outputs, a summary, are
+/// written by the orchestrator from what [`run`] returns).
+pub fn table_output(name: &str) -> &'static str {
+    match name {
+        "feature" => "features",
+        _ => "table",
+    }
+}
+
+/// The file the table of built-in `name` is written to, given its staged output: the output
+/// itself, or `features.parquet` in a folder output (a versioned one).
+pub fn table_file(name: &str, staged: &std::path::Path) -> std::path::PathBuf {
+    if name == "feature" && staged.is_dir() {
+        staged.join("features.parquet")
+    } else {
+        staged.to_path_buf()
+    }
+}
+
+/// One input of a stage on Spark.
+#[derive(Debug, Clone)]
+pub struct Input {
+    /// Its name under `inputs:` (empty in a list of inputs).
+    pub name: String,
+    /// The temporary view it is read into.
+    pub view: String,
+    /// How messages name it (its path, as the local engine names it).
+    pub source: String,
+    /// Where this machine reads its schema (the footer of a local Parquet file).
+    pub path: std::path::PathBuf,
 }
 
 /// Whether built-in `name` with these params (as normalised) can run on Spark, exactly as it
@@ -28,6 +60,7 @@ pub fn supports(name: &str, params: &Json) -> Result<(), Unsupported> {
             .map(|_| ())
             .map_err(|(param, why)| Unsupported { param, why }),
         "clean" => crate::clean::spark::supports(&read_params(params)?),
+        "feature" => crate::feature::spark::supports(&read_params(params)?),
         _ => Err(Unsupported {
             param: String::new(),
             why: format!(
@@ -42,15 +75,14 @@ pub fn supports(name: &str, params: &Json) -> Result<(), Unsupported> {
     }
 }
 
-/// Runs built-in `name` on Spark: its one input is the view `input` (a CSV read with every
-/// column a string, or a Parquet table), shown in messages as `source`; temporary views and
-/// cached tables it makes are named from `scratch`. Returns the stage's summary (which the
-/// orchestrator also writes to a `summary` output when the stage declares one).
+/// Runs built-in `name` on Spark over its `inputs`, each in a view (a CSV read with every column
+/// a string for `clean`, else a Parquet table); temporary views and cached tables it makes are
+/// named from `scratch`. Returns the stage's summary (which the orchestrator also writes to a
+/// `summary` output when the stage declares one).
 pub fn run<S: Session>(
     name: &str,
     params: &Json,
-    input: &str,
-    source: &str,
+    inputs: &[Input],
     scratch: &str,
     session: &mut S,
 ) -> Result<Json, Failure<S::Error>> {
@@ -62,23 +94,23 @@ pub fn run<S: Session>(
             e.at_param(u.param)
         })
     })?;
+    let one = || match inputs {
+        [input] => Ok(input),
+        _ => Err(Failure::Stage(StageError::new(format!(
+            "on Spark, `{name}` reads one input"
+        )))),
+    };
     match name {
         "aggregate" => {
+            let input = &one()?.view;
             let params = read_params(params).map_err(|u| StageError::new(u.why))?;
             let sql = crate::aggregate::spark_sql(&params, input)
                 .map_err(|(param, why)| StageError::new(why).at_param(param))?;
-            session.write(&sql).map_err(Failure::Session)?;
+            let groups = session.write(&sql).map_err(Failure::Session)?;
             // The summary the local engine gives.
             let columns = session
                 .columns(&format!("QUERY {sql}"))
                 .map_err(Failure::Session)?;
-            let groups = session
-                .rows(&format!("SELECT count(1) FROM ({sql})"))
-                .map_err(Failure::Session)?
-                .first()
-                .and_then(|row| row.first())
-                .and_then(Json::as_u64)
-                .unwrap_or(0);
             Ok(serde_json::json!({
                 "groups": groups,
                 "columns": columns.into_iter().map(|(c, _)| c).collect::<Vec<_>>(),
@@ -86,7 +118,12 @@ pub fn run<S: Session>(
         }
         "clean" => {
             let params = read_params(params).map_err(|u| StageError::new(u.why))?;
-            crate::clean::spark::run(&params, input, source, scratch, session)
+            let input = one()?;
+            crate::clean::spark::run(&params, &input.view, &input.source, scratch, session)
+        }
+        "feature" => {
+            let params = read_params(params).map_err(|u| StageError::new(u.why))?;
+            crate::feature::spark::run(&params, inputs, session)
         }
         _ => unreachable!("supports() refused it"),
     }
@@ -108,7 +145,7 @@ mod tests {
         let err = supports("impute", &serde_json::json!({})).unwrap_err();
         assert_eq!(
             err.why,
-            "`impute` runs on the local engine only; on Spark: `aggregate`, `clean`"
+            "`impute` runs on the local engine only; on Spark: `aggregate`, `clean`, `feature`"
         );
     }
 }

@@ -23,8 +23,8 @@ pub trait Session {
     /// commands (`CACHE TABLE …`). Values are JSON: null, booleans, numbers, strings; a float
     /// that JSON cannot hold is the string `inf`, `-inf` or `NaN` (see [`as_double`]).
     fn rows(&mut self, sql: &str) -> Result<Vec<Vec<Json>>, Self::Error>;
-    /// Writes the rows of `sql`, in their order, as the stage's table output.
-    fn write(&mut self, sql: &str) -> Result<(), Self::Error>;
+    /// Writes the rows of `sql`, in their order, as the stage's table output; returns how many.
+    fn write(&mut self, sql: &str) -> Result<usize, Self::Error>;
 }
 
 /// Why a stage failed on Spark: the session's error, or the stage's own (bad input, a param
@@ -87,9 +87,103 @@ pub(crate) fn is_float(spark_type: &str) -> bool {
     matches!(spark_type, "float" | "double")
 }
 
+/// An expression written for polars SQL (a feature, a condition, a derived column) as the Spark
+/// SQL that means the same, or why it does not parse. Parsed as polars parses it (sqlparser's
+/// generic dialect) and printed back with three differences of reading made explicit: a number
+/// with a point or an exponent is a double (`1.0` is a decimal in Spark, and `avg` of a decimal
+/// rounds to a few places), a `'string'` is escaped as Spark reads it (backslashes are escapes
+/// there), and a `"quoted"` name is a backquoted one (a string in Spark).
+pub(crate) fn expression(sql: &str) -> Result<String, String> {
+    use sqlparser::ast::{visit_expressions_mut, Expr, Value};
+    use sqlparser::dialect::GenericDialect;
+    use sqlparser::parser::Parser;
+    use sqlparser::tokenizer::Token;
+    use std::ops::ControlFlow;
+
+    let mut parser = Parser::new(&GenericDialect)
+        .try_with_sql(sql)
+        .map_err(|e| e.to_string())?;
+    let mut expr = parser.parse_expr().map_err(|e| e.to_string())?;
+    let rest = parser.peek_token();
+    if rest.token != Token::EOF {
+        return Err(format!("unexpected `{}` after the expression", rest.token));
+    }
+    let requote = |id: &mut sqlparser::ast::Ident| {
+        if id.quote_style == Some('"') {
+            id.quote_style = Some('`');
+        }
+    };
+    let _ = visit_expressions_mut(&mut expr, |e| {
+        match e {
+            Expr::Value(v) => {
+                let text = match &v.value {
+                    Value::Number(n, _) if n.contains(['.', 'e', 'E']) => Some(format!("{n}D")),
+                    Value::SingleQuotedString(s) => Some(string_literal(s)),
+                    _ => None,
+                };
+                if let Some(text) = text {
+                    // Printed as it is.
+                    v.value = Value::Placeholder(text);
+                }
+            }
+            Expr::Identifier(id) => requote(id),
+            Expr::CompoundIdentifier(ids) => ids.iter_mut().for_each(requote),
+            _ => {}
+        }
+        ControlFlow::<()>::Continue(())
+    });
+    Ok(expr.to_string())
+}
+
+/// The Spark SQL type a column of local type `local` is written as, when a Spark column of
+/// `spark` type holds the same values: the same kind (integer, float, string, boolean, date),
+/// written at the local width (an unsigned count as `bigint`: Spark has no unsigned types).
+/// `None` when the kinds differ: the engines would give different values.
+pub(crate) fn conformed(local: &polars::prelude::DataType, spark: &str) -> Option<&'static str> {
+    use polars::prelude::DataType as D;
+    let integer = matches!(spark, "tinyint" | "smallint" | "int" | "bigint");
+    match local {
+        D::Int8 if integer => Some("tinyint"),
+        D::Int16 | D::UInt8 if integer => Some("smallint"),
+        D::Int32 | D::UInt16 if integer => Some("int"),
+        D::Int64 | D::UInt32 | D::UInt64 if integer => Some("bigint"),
+        D::Float32 if is_float(spark) => Some("float"),
+        D::Float64 if is_float(spark) => Some("double"),
+        D::String if spark == "string" => Some("string"),
+        D::Boolean if spark == "boolean" => Some("boolean"),
+        D::Date if spark == "date" => Some("date"),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn polars_sql_is_printed_as_the_spark_sql_that_means_the_same() {
+        let spark = |sql: &str| expression(sql).unwrap();
+        assert_eq!(
+            spark("avg(CASE WHEN days = 30 THEN 1.0 ELSE 0.0 END)"),
+            "avg(CASE WHEN days = 30 THEN 1.0D ELSE 0.0D END)"
+        );
+        assert_eq!(spark("x * 1e-3 + .5"), "x * 1e-3D + .5D");
+        assert_eq!(spark(r#""odd name" > 2"#), "`odd name` > 2");
+        assert_eq!(spark(r"m >= 'it''s \n'"), r"m >= 'it\'s \\n'");
+        assert_eq!(spark("count(*)"), "count(*)");
+        assert!(expression("avg(x) avg(y)").is_err());
+        assert!(expression("avg(").is_err());
+    }
+
+    #[test]
+    fn a_column_keeps_its_local_type_where_the_kinds_agree() {
+        use polars::prelude::DataType as D;
+        assert_eq!(conformed(&D::UInt32, "bigint"), Some("bigint"));
+        assert_eq!(conformed(&D::Int32, "bigint"), Some("int"));
+        assert_eq!(conformed(&D::Float64, "double"), Some("double"));
+        assert_eq!(conformed(&D::Float64, "decimal(6,5)"), None);
+        assert_eq!(conformed(&D::Int64, "double"), None);
+    }
 
     #[test]
     fn literals_escape_and_keep_every_bit() {

@@ -30,6 +30,8 @@ pub struct Execution<'a> {
     pub logs: &'a Path,
     pub run_id: &'a str,
     pub registry: &'a Registry,
+    /// How to reach the engines (`engines:`).
+    pub engines: &'a crate::model::EngineSettings,
     /// At [`Stop::Cancel`] a command gets SIGTERM (SIGKILL at [`Stop::Kill`]) and a built-in
     /// its cancel flag.
     pub cancel: watch::Receiver<Stop>,

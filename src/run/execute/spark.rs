@@ -13,13 +13,30 @@ use crate::run::failure::StageFailure;
 #[cfg(feature = "spark")]
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// The Spark Connect address: `SPARK_REMOTE`, as Spark's own clients read it.
-fn remote() -> Result<String, StageFailure> {
-    match std::env::var("SPARK_REMOTE") {
-        Ok(remote) if !remote.trim().is_empty() => Ok(remote.trim().to_owned()),
-        _ => Err(StageFailure::Other(
-            "`engine: spark` needs SPARK_REMOTE, the Spark Connect server's address (e.g. `sc://127.0.0.1:15002`; `scripts/spark-local start` starts one here)".to_owned(),
-        )),
+/// The Spark Connect address: `SPARK_REMOTE`, as Spark's own clients read it, else
+/// `engines.spark.remote`; with the token from the variable `engines.spark.token_env` names.
+fn remote(settings: &crate::model::SparkSettings) -> Result<String, StageFailure> {
+    let remote = match std::env::var("SPARK_REMOTE") {
+        Ok(remote) if !remote.trim().is_empty() => remote.trim().to_owned(),
+        _ => settings.remote.clone().ok_or_else(|| StageFailure::Other(
+            "`engine: spark` needs the Spark Connect server's address: SPARK_REMOTE or `engines.spark.remote` (e.g. `sc://127.0.0.1:15002`; `scripts/spark-local start` starts one here)".to_owned(),
+        ))?,
+    };
+    let Some(variable) = &settings.token_env else {
+        return Ok(remote);
+    };
+    match std::env::var(variable) {
+        Ok(token) if !token.trim().is_empty() => {
+            let separator = if remote.contains(";") { ";" } else { "/;" };
+            Ok(format!(
+                "{}{separator}token={}",
+                remote.trim_end_matches('/'),
+                token.trim()
+            ))
+        }
+        _ => Err(StageFailure::Other(format!(
+            "`engines.spark.token_env` names {variable}, which is not set: export the token there"
+        ))),
     }
 }
 
@@ -44,22 +61,20 @@ pub(super) async fn run(
     name: &str,
     params: &Json,
 ) -> Result<Executed, StageFailure> {
-    let remote = remote()?;
+    let remote = remote(&ex.engines.spark)?;
     let (authority, shown) = endpoint(&remote)?;
-    let [input] = ex.inputs else {
-        return Err(StageFailure::Other(format!(
-            "on Spark, `{name}` reads one input"
-        )));
-    };
-    // The cluster reads it by its absolute path (a cluster on this machine; a remote one reads
-    // inputs from S3).
-    let input = std::path::absolute(ex.workdir.join(input)).unwrap_or_else(|_| input.clone());
-    let csv = imba_stages::io::table::is_csv(&input);
-    if csv && !imba_stages::spark::reads_csv(name) {
-        return Err(StageFailure::Other(format!(
-            "on Spark, `{name}` reads a Parquet input; `{}` is CSV",
-            input.display()
-        )));
+    // The cluster reads each input by its absolute path (a cluster on this machine; a remote
+    // one reads inputs from S3).
+    let mut inputs = Vec::new();
+    for (port, input) in ex.stage.inputs.iter().zip(ex.inputs) {
+        let path = std::path::absolute(ex.workdir.join(input)).unwrap_or_else(|_| input.clone());
+        if imba_stages::io::table::is_csv(&path) && !imba_stages::spark::reads_csv(name) {
+            return Err(StageFailure::Other(format!(
+                "on Spark, `{name}` reads Parquet inputs; `{}` is CSV",
+                path.display()
+            )));
+        }
+        inputs.push((port.name.clone().unwrap_or_default(), path));
     }
     let staged = |port: &str| {
         ex.stage
@@ -69,17 +84,19 @@ pub(super) async fn run(
             .find(|(p, _)| p.name.as_deref() == Some(port))
             .map(|(_, s)| std::path::absolute(ex.workdir.join(s)).unwrap_or_else(|_| s.clone()))
     };
-    let Some(table) = staged("table") else {
+    let port = imba_stages::spark::table_output(name);
+    let Some(output) = staged(port) else {
         return Err(StageFailure::Other(format!(
-            "on Spark, `{name}` writes a `table` output"
+            "on Spark, `{name}` writes a `{port}` output"
         )));
     };
     let job = Job {
         name: name.to_owned(),
         params: params.clone(),
-        input,
-        csv,
-        table,
+        inputs,
+        table: imba_stages::spark::table_file(name, &output),
+        // Spark's folder of part files, beside the staged output (never inside a folder one).
+        written: output.with_extension("spark"),
         summary: staged("summary"),
     };
     submit(ex, &remote, &authority, &shown, job).await
@@ -90,11 +107,12 @@ pub(super) async fn run(
 struct Job {
     name: String,
     params: Json,
-    /// The input's absolute path, and whether it is CSV.
-    input: std::path::PathBuf,
-    csv: bool,
-    /// The staged table output (absolute), and the staged summary when the stage has one.
+    /// Each input's name under `inputs:` (empty in a list) and absolute path.
+    inputs: Vec<(String, std::path::PathBuf)>,
+    /// The file of the staged table output (absolute), where Spark writes it first, and the
+    /// staged summary when the stage has one.
     table: std::path::PathBuf,
+    written: std::path::PathBuf,
     summary: Option<std::path::PathBuf>,
 }
 
@@ -160,16 +178,13 @@ async fn submit(
     let tag = format!("imba-{}", blake3::hash(ex.run_id.as_bytes()).to_hex());
     let tag = format!("{}-{}", &tag[..20], crate::model::file_name(&ex.stage.name));
     let scratch = format!("imba_{}", &blake3::hash(tag.as_bytes()).to_hex()[..16]);
-    let written = job.table.with_extension("spark");
-    // Named in messages as the local engine names it.
-    let source = job.input.display().to_string();
+    let written = job.written.clone();
     let work = {
         let spark = spark.clone();
         let tag = tag.clone();
         let written = written.clone();
         let table = job.table.clone();
-        let job_input = job.input.clone();
-        let (name, params, csv) = (job.name.clone(), job.params.clone(), job.csv);
+        let (name, params, job_inputs) = (job.name.clone(), job.params.clone(), job.inputs.clone());
         tokio::task::spawn_blocking(move || {
             let mut session = Connected {
                 spark: &spark,
@@ -186,26 +201,38 @@ async fn submit(
             ] {
                 spark.sql(setting).map_err(fail)?;
             }
-            let path = format!("file://{}", job_input.display());
-            let reader = spark.read();
-            let df = if csv {
-                // RFC 4180 quoting as the local reader; every column a string; a malformed line
-                // fails the job instead of becoming a different row.
-                reader
-                    .format("csv")
-                    .option("header", "true")
-                    .option("inferSchema", "false")
-                    .option("escape", "\"")
-                    .option("mode", "FAILFAST")
-                    .load(Some(&path))
-            } else {
-                reader.parquet(&path)
-            };
-            let input = format!("{scratch}_input");
-            df.create_or_replace_temp_view(&input).map_err(fail)?;
-            let ran =
-                imba_stages::spark::run(&name, &params, &input, &source, &scratch, &mut session);
-            let _ = spark.sql(&format!("DROP VIEW IF EXISTS {input}"));
+            let mut inputs = Vec::new();
+            for (i, (input_name, path)) in job_inputs.iter().enumerate() {
+                let csv = imba_stages::io::table::is_csv(path);
+                let location = format!("file://{}", path.display());
+                let reader = spark.read();
+                let df = if csv {
+                    // RFC 4180 quoting as the local reader; every column a string; a malformed
+                    // line fails the job instead of becoming a different row.
+                    reader
+                        .format("csv")
+                        .option("header", "true")
+                        .option("inferSchema", "false")
+                        .option("escape", "\"")
+                        .option("mode", "FAILFAST")
+                        .load(Some(&location))
+                } else {
+                    reader.parquet(&location)
+                };
+                let view = format!("{scratch}_input{i}");
+                df.create_or_replace_temp_view(&view).map_err(fail)?;
+                inputs.push(imba_stages::spark::Input {
+                    name: input_name.clone(),
+                    view,
+                    // Named in messages as the local engine names it.
+                    source: path.display().to_string(),
+                    path: path.clone(),
+                });
+            }
+            let ran = imba_stages::spark::run(&name, &params, &inputs, &scratch, &mut session);
+            for input in &inputs {
+                let _ = spark.sql(&format!("DROP VIEW IF EXISTS {}", input.view));
+            }
             let summary = ran?;
             let app = spark.conf().get("spark.app.id").ok().flatten();
             Ok::<_, imba_stages::spark::Failure<Box<spark_connect::SparkError>>>((summary, app))
@@ -305,7 +332,7 @@ impl imba_stages::spark::Session for Connected<'_> {
             .collect())
     }
 
-    fn write(&mut self, sql: &str) -> Result<(), Self::Error> {
+    fn write(&mut self, sql: &str) -> Result<usize, Self::Error> {
         self.spark
             .sql(sql)?
             .coalesce(1)
@@ -324,12 +351,14 @@ impl imba_stages::spark::Session for Connected<'_> {
                     .is_some_and(|n| n.to_string_lossy().starts_with("part-"))
                     && p.extension().is_some_and(|e| e == "parquet")
             });
+        let failed = |what: String| Box::new(spark_connect::SparkError::connect_msg(what));
         match part {
-            Some(part) => std::fs::rename(&part, self.staged).map_err(|e| {
-                Box::new(spark_connect::SparkError::connect_msg(format!(
-                    "cannot move Spark's output into place: {e}"
-                )))
-            }),
+            Some(part) => {
+                std::fs::rename(&part, self.staged)
+                    .map_err(|e| failed(format!("cannot move Spark's output into place: {e}")))?;
+                // How many rows: the file's footer says.
+                imba_stages::io::partition::parquet_rows(self.staged).map_err(|e| failed(e.message))
+            }
             None => Err(Box::new(spark_connect::SparkError::connect_msg(format!(
                 "Spark wrote no Parquet part file in {}",
                 self.written.display()
@@ -341,11 +370,14 @@ impl imba_stages::spark::Session for Connected<'_> {
 /// A Spark error as a stage failure: its error class and message, and where it came from.
 #[cfg(feature = "spark")]
 fn spark_failure(shown: &str, error: &spark_connect::SparkError) -> StageFailure {
-    let class = if error.error_class.is_empty() {
+    let message = error.message.lines().next().unwrap_or_default();
+    // Spark's message mostly starts with its class already.
+    let class = if error.error_class.is_empty()
+        || message.starts_with(&format!("[{}]", error.error_class))
+    {
         String::new()
     } else {
         format!("[{}] ", error.error_class)
     };
-    let message = error.message.lines().next().unwrap_or_default();
     StageFailure::Other(format!("Spark at {shown}: {class}{message}"))
 }

@@ -12,6 +12,51 @@ pub(super) fn quoted(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
+/// A `columns:` group's error for a table that repeats an entity: how many rows repeat one, and
+/// the key of the first of them in file order.
+pub(super) fn repeated_entity(
+    params: &FeatureParams,
+    group: &Group,
+    index: &str,
+    repeats: usize,
+    key: &str,
+) -> StageError {
+    let repeated = match repeats {
+        1 => "1 row repeats".to_owned(),
+        n => format!("{n} rows repeat"),
+    };
+    StageError::new(format!(
+        "group `{}` takes columns from `{}` as one row per `{entity}`, but {repeated} an entity (e.g. {entity} = {key}); aggregate them with `features:` instead",
+        group.name,
+        group.from,
+        entity = params.entity,
+    ))
+    .at_param(pointer(&["groups", index, "columns"]))
+}
+
+/// Aggregated features with polars' unsigned counts (`count(*)`) as signed 64-bit integers, as
+/// pandas and Spark count.
+fn signed_counts(frame: DataFrame) -> PolarsResult<DataFrame> {
+    let unsigned: Vec<PlSmallStr> = frame
+        .columns()
+        .iter()
+        .filter(|c| c.dtype().is_unsigned_integer())
+        .map(|c| c.name().clone())
+        .collect();
+    if unsigned.is_empty() {
+        return Ok(frame);
+    }
+    frame
+        .lazy()
+        .with_columns(
+            unsigned
+                .into_iter()
+                .map(|n| col(n).cast(DataType::Int64))
+                .collect::<Vec<_>>(),
+        )
+        .collect()
+}
+
 /// The feature table.
 pub fn compute(
     params: &FeatureParams,
@@ -106,12 +151,13 @@ pub(super) fn compute_in_order(
                 selected.join(", "),
                 e = quoted(entity)
             );
-            context
+            let frame = context
                 .execute(&query)
                 .and_then(|lf| lf.collect())
                 .map_err(|e| {
                     StageError::new(format!("group `{group_name}`: {e}")).at_param(group_at(&[]))
-                })?
+                })?;
+            signed_counts(frame).map_err(|e| StageError::new(e.to_string()))?
         } else {
             let mut columns = vec![quoted(entity)];
             columns.extend(group.columns.iter().map(|c| quoted(c)));
@@ -134,15 +180,7 @@ pub(super) fn compute_in_order(
                     .and_then(|c| c.get(row as usize))
                     .map(|v| v.to_string())
                     .unwrap_or_default();
-                let repeated = match repeats.len() {
-                    1 => "1 row repeats".to_owned(),
-                    n => format!("{n} rows repeat"),
-                };
-                return Err(StageError::new(format!(
-                    "group `{group_name}` takes columns from `{}` as one row per `{entity}`, but {repeated} an entity (e.g. {entity} = {key}); aggregate them with `features:` instead",
-                    group.from
-                ))
-                .at_param(group_at(&["columns"])));
+                return Err(repeated_entity(params, group, &index, repeats.len(), &key));
             }
             frame
         };

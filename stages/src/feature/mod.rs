@@ -21,6 +21,7 @@ use crate::{BuiltinStage, ParamsError, StageError, StageIo, StageReport};
 
 mod compute;
 mod params;
+pub(crate) mod spark;
 
 pub use compute::compute;
 use compute::*;
@@ -34,7 +35,7 @@ const FEATURES: Port = Port::required("features", 0);
 
 impl BuiltinStage for FeatureStage {
     const NAME: &'static str = "feature";
-    const VERSION: u32 = 2;
+    const VERSION: u32 = 3;
     const SUMMARY: &'static str =
         "declarative features per entity in named groups of polars SQL expressions";
     type Params = FeatureParams;
@@ -91,19 +92,24 @@ impl BuiltinStage for FeatureStage {
             crate::io::partition::PASS_ROWS,
             &io.cancel,
         )?;
-        let described: serde_json::Map<String, serde_json::Value> = descriptions(params)
-            .into_iter()
-            .map(|(name, desc)| (name, json!(desc)))
-            .collect();
         Ok(StageReport {
-            summary: json!({
-                "rows": rows,
-                "features": feature_names(params).len() - 1,
-                "descriptions": described,
-            }),
+            summary: summary(params, rows),
             ..Default::default()
         })
     }
+}
+
+/// The stage's summary: its rows, how many features, and the descriptions written.
+fn summary(params: &FeatureParams, rows: usize) -> serde_json::Value {
+    let described: serde_json::Map<String, serde_json::Value> = descriptions(params)
+        .into_iter()
+        .map(|(name, desc)| (name, json!(desc)))
+        .collect();
+    json!({
+        "rows": rows,
+        "features": feature_names(params).len() - 1,
+        "descriptions": described,
+    })
 }
 
 /// Computes the features of `inputs` and writes them to `files`, a range of entities at a time

@@ -162,6 +162,12 @@ pub fn read_parquet(path: &Path, columns: Option<&[String]>) -> Result<DataFrame
     guarded(path, || reader.finish())
 }
 
+/// A Parquet file's columns with their types and no rows: its footer only.
+pub fn empty_parquet(path: &Path) -> Result<DataFrame, StageError> {
+    let reader = ParquetReader::new(open(path)?).with_slice(Some((0, 0)));
+    guarded(path, || reader.finish())
+}
+
 fn read_csv_strings(path: &Path) -> Result<DataFrame, StageError> {
     let map = map_file(path)?;
     CsvText {
