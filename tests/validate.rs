@@ -607,7 +607,9 @@ stages:
     --- stderr
     ");
     let mut command = t.command(&["run", "pipeline.yaml", "--set", "engine=spark"]);
-    command.env_remove("IMBA_TEST_SPARK_TOKEN").env_remove("SPARK_REMOTE");
+    command
+        .env_remove("IMBA_TEST_SPARK_TOKEN")
+        .env_remove("SPARK_REMOTE");
     let out = t.captured(&command.output().unwrap());
     assert_eq!(out.code, 1);
     assert!(

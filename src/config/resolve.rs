@@ -208,7 +208,11 @@ fn engine_settings(node: &Node, diagnostics: &mut Vec<Diagnostic>) -> crate::mod
         }
         let Some(entries) = value.as_map() else {
             if !matches!(value.value, Value::Null) {
-                diagnostics.push(super::raw::wrong_kind(key, value, "a map: `remote`, `token_env`"));
+                diagnostics.push(super::raw::wrong_kind(
+                    key,
+                    value,
+                    "a map: `remote`, `token_env`",
+                ));
             }
             continue;
         };
@@ -244,14 +248,20 @@ fn engine_settings(node: &Node, diagnostics: &mut Vec<Diagnostic>) -> crate::mod
                     settings.spark.token_env = Some(name.to_owned());
                 }
                 ("token_env", _) => diagnostics.push(
-                    Diagnostic::error("`engines.spark.token_env` is not the name of an environment variable")
-                        .at(value.span, "here")
-                        .help("the variable's name, e.g. `SPARK_TOKEN`, never the token itself"),
+                    Diagnostic::error(
+                        "`engines.spark.token_env` is not the name of an environment variable",
+                    )
+                    .at(value.span, "here")
+                    .help("the variable's name, e.g. `SPARK_TOKEN`, never the token itself"),
                 ),
                 ("remote", None) => {
                     diagnostics.push(super::raw::wrong_kind(key, value, "an `sc://` address"))
                 }
-                _ => diagnostics.push(super::raw::unknown_key(key, SPARK_KEYS, "in `engines.spark`")),
+                _ => diagnostics.push(super::raw::unknown_key(
+                    key,
+                    SPARK_KEYS,
+                    "in `engines.spark`",
+                )),
             }
         }
     }
