@@ -140,6 +140,14 @@ fn error_catalogue() -> String {
             "safety_input",
             "Unsafe input: hostile YAML, FIFOs, control characters",
         ),
+        (
+            "spark",
+            "Spark (`engine: spark`; a failed Spark job fails its stage: exit 1)",
+        ),
+        (
+            "spark_faults",
+            "Spark faults: authentication, a lost server (exit 1)",
+        ),
     ];
     let mut snapshots: Vec<(String, String)> =
         std::fs::read_dir(common::repo().join("tests/snapshots"))

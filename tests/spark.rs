@@ -364,15 +364,47 @@ fn an_unreachable_server_fails_the_stage_at_once_and_commits_nothing() {
     );
     let out = t.captured(&command.output().unwrap());
     assert_eq!(out.code, 1, "{}", out.stderr);
-    assert!(
-        out.stderr.contains(&format!(
-            "cannot reach the Spark Connect server at sc://127.0.0.1:{port}"
-        )),
-        "{}",
-        out.stderr
-    );
     assert!(!out.stderr.contains("secret"), "{}", out.stderr);
     assert!(!t.path().join("out/monthly/aggregated").exists());
+    insta::assert_snapshot!(out.all().replace(&port.to_string(), "[PORT]"));
+}
+
+/// A Spark job that fails (ANSI division by zero, where polars gives `inf`) fails its stage
+/// with Spark's error class and message, and commits nothing.
+#[test]
+fn a_failing_spark_job_names_its_error_class() {
+    let Some(remote) = spark_remote() else {
+        return;
+    };
+    let t = common::Test::new()
+        .file("in.csv", "u,x\na,1\na,0\nb,2\n")
+        .pipeline(
+            r#"
+stages:
+  typed:
+    uses: clean
+    engine: local
+    inputs: {table: in.csv}
+    outputs: {table: typed.parquet}
+    params: {cast: {x: float64}}
+  ratios:
+    uses: feature
+    engine: spark
+    inputs: {t: typed.parquet}
+    outputs: {features: out/ratios.parquet}
+    params:
+      entity: u
+      groups: [{name: g, from: t, features: [{low: min(x)}]}]
+      derive: [{inverse: 1.0 / low}]
+"#,
+        );
+    let mut command = t.command(&["run", "pipeline.yaml"]);
+    command.env("SPARK_REMOTE", remote);
+    let out = t.captured(&command.output().unwrap());
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(!t.path().join("out").exists());
+    let port = remote.rsplit(':').next().unwrap();
+    insta::assert_snapshot!(out.all().replace(port, "[PORT]"));
 }
 
 /// `feature` on both engines: a string entity (a null one counts for no one), a quoted column

@@ -8,7 +8,7 @@
 
 use serde_json::Value as Json;
 
-pub use crate::spark_sql::{as_double, double_value, Failure, Session, Unsupported};
+pub use crate::spark_sql::{as_double, double_value, Failure, Input, Session, Unsupported};
 use crate::StageError;
 
 /// The built-ins that have a Spark implementation.
@@ -37,19 +37,6 @@ pub fn table_file(name: &str, staged: &std::path::Path) -> std::path::PathBuf {
     } else {
         staged.to_path_buf()
     }
-}
-
-/// One input of a stage on Spark.
-#[derive(Debug, Clone)]
-pub struct Input {
-    /// Its name under `inputs:` (empty in a list of inputs).
-    pub name: String,
-    /// The temporary view it is read into.
-    pub view: String,
-    /// How messages name it (its path, as the local engine names it).
-    pub source: String,
-    /// Where this machine reads its schema (the footer of a local Parquet file).
-    pub path: std::path::PathBuf,
 }
 
 /// Whether built-in `name` with these params (as normalised) can run on Spark, exactly as it

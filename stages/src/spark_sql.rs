@@ -27,6 +27,19 @@ pub trait Session {
     fn write(&mut self, sql: &str) -> Result<usize, Self::Error>;
 }
 
+/// One input of a stage on Spark.
+#[derive(Debug, Clone)]
+pub struct Input {
+    /// Its name under `inputs:` (empty in a list of inputs).
+    pub name: String,
+    /// The temporary view it is read into.
+    pub view: String,
+    /// How messages name it (its path, as the local engine names it).
+    pub source: String,
+    /// Where this machine reads its schema (the footer of a local Parquet file).
+    pub path: std::path::PathBuf,
+}
+
 /// Why a stage failed on Spark: the session's error, or the stage's own (bad input, a param
 /// that does not fit the data).
 #[derive(Debug)]

@@ -243,6 +243,14 @@ async fn submit(
     let ended = tokio::select! {
         ran = &mut work => Some(ran),
         _ = cancel.wait_for(|s| *s >= Stop::Cancel) => None,
+        () = server_gone(authority) => {
+            // The client would retry for minutes; its thread is left behind, writing at most
+            // into this stage's staging, which nothing commits.
+            let _ = std::fs::remove_dir_all(&written);
+            return Err(StageFailure::Other(format!(
+                "the Spark Connect server at {shown} stopped answering mid-stage; nothing was committed"
+            )));
+        }
     };
     let Some(ran) = ended else {
         // Ctrl-C: the cluster stops this stage's operations; nothing of it is committed.
@@ -277,6 +285,25 @@ async fn submit(
         })),
         ..Executed::default()
     })
+}
+
+/// Returns once the server at `authority` has refused connections (or not answered) three times
+/// in a row, a second apart: it is gone.
+#[cfg(feature = "spark")]
+async fn server_gone(authority: &str) {
+    let mut failed = 0;
+    while failed < 3 {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let answered = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            tokio::net::TcpStream::connect(authority.to_owned()),
+        )
+        .await;
+        failed = match answered {
+            Ok(Ok(_)) => 0,
+            _ => failed + 1,
+        };
+    }
 }
 
 /// The stage's view of the cluster: small results come back as JSON, the table is written as one

@@ -12,8 +12,7 @@ use std::collections::BTreeMap;
 use serde_json::Value as Json;
 
 use super::*;
-use crate::spark::Input;
-use crate::spark_sql::{conformed, expression, ident, Failure, Session, Unsupported};
+use crate::spark_sql::{conformed, expression, ident, Failure, Input, Session, Unsupported};
 
 /// Whether these params can run on Spark: the features are written as Parquet, and every SQL
 /// text reads as Spark SQL.
