@@ -366,7 +366,7 @@ fn an_unreachable_server_fails_the_stage_at_once_and_commits_nothing() {
     assert_eq!(out.code, 1, "{}", out.stderr);
     assert!(!out.stderr.contains("secret"), "{}", out.stderr);
     assert!(!t.path().join("out/monthly/aggregated").exists());
-    insta::assert_snapshot!(out.all().replace(&port.to_string(), "[PORT]"));
+    crate::assert_run_snapshot!("an_unreachable_server_fails_the_stage", &out.all());
 }
 
 /// A Spark job that fails (ANSI division by zero, where polars gives `inf`) fails its stage
@@ -403,8 +403,7 @@ stages:
     let out = t.captured(&command.output().unwrap());
     assert_eq!(out.code, 1, "{}", out.stderr);
     assert!(!t.path().join("out").exists());
-    let port = remote.rsplit(':').next().unwrap();
-    insta::assert_snapshot!(out.all().replace(port, "[PORT]"));
+    crate::assert_run_snapshot!("a_failing_spark_job_names_its_error_class", &out.all());
 }
 
 /// `feature` on both engines: a string entity (a null one counts for no one), a quoted column

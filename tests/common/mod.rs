@@ -187,3 +187,19 @@ pub fn tree(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
         })
         .collect()
 }
+
+/// Asserts a snapshot (named, in the calling test's `tests/snapshots/`) of a run's output with
+/// what changes between runs masked: the run id as `[RUN]`, durations as `[TIME]`, a port on
+/// 127.0.0.1 as `[PORT]`.
+#[macro_export]
+macro_rules! assert_run_snapshot {
+    ($name:expr, $text:expr) => {
+        insta::with_settings!({filters => vec![
+            (r"\d{8}T\d{6}\.\d{3}Z-[0-9a-f]{4}", "[RUN]"),
+            (r"\d+\.\d{2}s", "[TIME]"),
+            (r"127\.0\.0\.1:\d+", "127.0.0.1:[PORT]"),
+        ]}, {
+            insta::assert_snapshot!($name, $text)
+        })
+    };
+}

@@ -312,13 +312,164 @@ pub fn evaluate(checks: &[Check], table: &Path, baselines: &Baselines) -> Vec<Ve
         Ok(loaded) => loaded,
         Err(message) => return checks.iter().map(|_| Verdict::error(&message)).collect(),
     };
+    let mut here = Here {
+        table: loaded,
+        path: table,
+    };
+    judge_all(checks, &mut here, baselines, &mut |baseline, columns| {
+        let table = Loaded::read_columns(baseline, false, columns)?;
+        Ok(Box::new(Here {
+            table,
+            path: baseline,
+        }))
+    })
+}
+
+/// Opens a baseline table (a committed output, a previous partition's) to measure the columns
+/// given on it.
+pub(crate) type OpenBaseline<'a> =
+    dyn FnMut(&'a Path, &BTreeSet<String>) -> Result<Box<dyn Measures + 'a>, String> + 'a;
+
+/// Every check judged on what `table` measures.
+pub(crate) fn judge_all<'a>(
+    checks: &[Check],
+    table: &mut dyn Measures,
+    baselines: &Baselines<'a>,
+    open: &mut OpenBaseline<'a>,
+) -> Vec<Verdict> {
     checks
         .iter()
-        .map(|check| match check_one(check, &loaded, table, baselines) {
+        .map(|check| match check_one(check, table, baselines, open) {
             Ok(verdict) => verdict,
             Err(message) => Verdict::error(message),
         })
         .collect()
+}
+
+/// What checks measure of one table, wherever it is: read here, or on a Spark cluster
+/// (`spark`). Both answer the same, floats within a few ulps (a mean adds in another order).
+pub(crate) trait Measures {
+    /// How many rows.
+    fn rows(&mut self) -> Result<u64, String>;
+    /// Missing values of `column`: nulls, and NaNs in a float column.
+    fn missing(&mut self, column: &str) -> Result<u64, String>;
+    /// The mean of `column`'s values, NaN left out; NaN when there are none.
+    fn mean(&mut self, column: &str) -> Result<f64, String>;
+    /// `column`'s values (NaN left out) outside `[lo, hi]`, and their min and max (∞ and -∞
+    /// when there are none).
+    fn range(
+        &mut self,
+        column: &str,
+        lo: Option<f64>,
+        hi: Option<f64>,
+    ) -> Result<(u64, f64, f64), String>;
+    /// The rows that repeat an earlier row on `columns` (nulls equal nulls, NaN equals NaN):
+    /// how many, and the first of them: its position (from 0) and its values (`c=v`).
+    fn repeats(&mut self, columns: &[String]) -> Result<(u64, Option<(u64, Vec<String>)>), String>;
+    /// The values of a SQL query over the table (`self`), all booleans: how many are true,
+    /// false and null.
+    fn booleans(&mut self, query: &str) -> Result<(u64, u64, u64), String>;
+}
+
+/// A table read here, for its checks.
+struct Here<'a> {
+    table: Loaded,
+    path: &'a Path,
+}
+
+impl Measures for Here<'_> {
+    fn rows(&mut self) -> Result<u64, String> {
+        Ok(self.table.rows as u64)
+    }
+
+    fn missing(&mut self, column: &str) -> Result<u64, String> {
+        missing_count(self.table.column(column, self.path)?).map(|n| n as u64)
+    }
+
+    fn mean(&mut self, column: &str) -> Result<f64, String> {
+        let values = numbers(self.table.column(column, self.path)?, "mean")?;
+        let (mut sum, mut n) = (0.0, 0u64);
+        for v in values.iter().flatten().filter(|v| !v.is_nan()) {
+            sum += v;
+            n += 1;
+        }
+        Ok(if n == 0 { f64::NAN } else { sum / n as f64 })
+    }
+
+    fn range(
+        &mut self,
+        column: &str,
+        lo: Option<f64>,
+        hi: Option<f64>,
+    ) -> Result<(u64, f64, f64), String> {
+        let values = numbers(self.table.column(column, self.path)?, "range")?;
+        let (mut outside, mut min, mut max) = (0u64, f64::INFINITY, f64::NEG_INFINITY);
+        for v in values.iter().flatten().filter(|v| !v.is_nan()) {
+            if lo.is_some_and(|lo| v < lo) || hi.is_some_and(|hi| v > hi) {
+                outside += 1;
+            }
+            min = min.min(v);
+            max = max.max(v);
+        }
+        Ok((outside, min, max))
+    }
+
+    fn repeats(&mut self, columns: &[String]) -> Result<(u64, Option<(u64, Vec<String>)>), String> {
+        for name in columns {
+            self.table.column(name, self.path)?;
+        }
+        let Some(df) = &self.table.df else {
+            return Err("internal error: table not read".to_owned());
+        };
+        let names: Vec<PlSmallStr> = columns.iter().map(|c| c.as_str().into()).collect();
+        let alive = BooleanChunked::full("alive".into(), true, df.height());
+        let repeats = crate::io::rows::repeated_rows(df, &names, &alive)
+            .map_err(|e| format!("cannot compare rows: {e}"))?;
+        let first = repeats.first().map(|&first| {
+            let example = columns
+                .iter()
+                .map(
+                    |c| match df.column(c).and_then(|col| col.get(first as usize)) {
+                        Ok(v) => format!("{c}={}", any_value(&v)),
+                        Err(_) => format!("{c}=?"),
+                    },
+                )
+                .collect();
+            (first as u64, example)
+        });
+        Ok((repeats.len() as u64, first))
+    }
+
+    fn booleans(&mut self, query: &str) -> Result<(u64, u64, u64), String> {
+        let Some(df) = &self.table.df else {
+            return Err("internal error: table not read".to_owned());
+        };
+        let mut context = polars::sql::SQLContext::new();
+        context.register("self", df.clone().lazy());
+        let result = context
+            .execute(query)
+            .and_then(|lf| lf.collect())
+            .map_err(|e| format!("the query failed: {e}"))?;
+        let (mut true_count, mut false_count, mut null_count) = (0u64, 0u64, 0u64);
+        for column in result.columns() {
+            let bools = column
+                .bool()
+                .map_err(|_| not_booleans(column.name(), column.dtype()))?;
+            for value in bools.iter() {
+                match value {
+                    Some(true) => true_count += 1,
+                    Some(false) => false_count += 1,
+                    None => null_count += 1,
+                }
+            }
+        }
+        Ok((true_count, false_count, null_count))
+    }
+}
+
+/// A `sql` check's query that gives a column of another type.
+pub(crate) fn not_booleans(column: &str, dtype: impl fmt::Display) -> String {
+    format!("the query must return booleans, but column `{column}` is {dtype}")
 }
 
 /// A table read for its checks: the columns they need, and the row count.
@@ -394,15 +545,15 @@ fn parquet_rows(path: &Path) -> Result<usize, String> {
         .map_err(|e| format!("cannot read Parquet file `{}`: {e}", path.display()))
 }
 
-fn check_one(
+fn check_one<'a>(
     check: &Check,
-    table: &Loaded,
-    path: &Path,
-    baselines: &Baselines,
+    table: &mut dyn Measures,
+    baselines: &Baselines<'a>,
+    open: &mut OpenBaseline<'a>,
 ) -> Result<Verdict, String> {
     match check {
         Check::Rows { min, max } => {
-            let rows = table.rows as u64;
+            let rows = table.rows()?;
             let passed = min.is_none_or(|m| rows >= m) && max.is_none_or(|m| rows <= m);
             Ok(Verdict::judged(
                 passed,
@@ -419,7 +570,7 @@ fn check_one(
             max_pct,
             against,
         } => {
-            let now = measure(metric, table, path)?;
+            let now = measure(metric, table)?;
             // The baseline, and the two tables' names when they are partitions.
             let (baseline, names) = match (against, &baselines.previous) {
                 (Against::Committed, _) => (
@@ -444,8 +595,8 @@ fn check_one(
             };
             let mut columns = BTreeSet::new();
             columns.extend(check.columns().into_iter().map(str::to_owned));
-            let before = Loaded::read_columns(baseline, false, &columns)
-                .and_then(|loaded| measure(metric, &loaded, baseline))
+            let before = open(baseline, &columns)
+                .and_then(|mut loaded| measure(metric, &mut *loaded))
                 .map_err(|e| format!("cannot measure the baseline: {e}"))?;
             let value = |pct: Option<f64>| json!({"now": finite(now), "baseline": finite(before), "change_pct": pct.and_then(|p| finite(p).as_f64())});
             // `3 → 2` or, between partitions, `3 in 2017-04 → 2 in 2017-05`.
@@ -515,22 +666,20 @@ fn check_one(
             let mut counts = serde_json::Map::new();
             let mut failing = Vec::new();
             for name in columns {
-                let missing = missing_count(table.column(name, path)?)?;
+                let missing = table.missing(name)?;
                 if missing > 0 {
-                    failing.push(format!("`{name}` has {} missing", grouped(missing as u64)));
+                    failing.push(format!("`{name}` has {} missing", grouped(missing)));
                 }
                 counts.insert(name.clone(), json!(missing));
             }
+            let rows = table.rows()?;
             let detail = if failing.is_empty() {
-                format!(
-                    "no missing values in {}",
-                    plural(table.rows as u64, "row", "rows")
-                )
+                format!("no missing values in {}", plural(rows, "row", "rows"))
             } else {
                 format!(
                     "{} (of {})",
                     failing.join(", "),
-                    plural(table.rows as u64, "row", "rows")
+                    plural(rows, "row", "rows")
                 )
             };
             Ok(Verdict::judged(
@@ -540,63 +689,31 @@ fn check_one(
             ))
         }
         Check::Unique(columns) => {
-            for name in columns {
-                table.column(name, path)?;
-            }
-            let Some(df) = &table.df else {
-                return Err("internal error: table not read".to_owned());
-            };
-            let names: Vec<PlSmallStr> = columns.iter().map(|c| c.as_str().into()).collect();
-            let alive = BooleanChunked::full("alive".into(), true, df.height());
-            let repeats = crate::io::rows::repeated_rows(df, &names, &alive)
-                .map_err(|e| format!("cannot compare rows: {e}"))?;
+            let (repeats, first) = table.repeats(columns)?;
             let key = if columns.len() == 1 {
                 format!("`{}`", columns[0])
             } else {
                 format!("({})", columns.join(", "))
             };
-            let detail = match repeats.first() {
+            let detail = match first {
                 None => format!(
                     "every {key} is unique in {}",
-                    plural(df.height() as u64, "row", "rows")
+                    plural(table.rows()?, "row", "rows")
                 ),
-                Some(&first) => {
-                    let example: Vec<String> = columns
-                        .iter()
-                        .map(
-                            |c| match df.column(c).and_then(|col| col.get(first as usize)) {
-                                Ok(v) => format!("{c}={}", any_value(&v)),
-                                Err(_) => format!("{c}=?"),
-                            },
-                        )
-                        .collect();
-                    format!(
-                        "{} an earlier {key}, first at row {} ({})",
-                        plural(repeats.len() as u64, "row repeats", "rows repeat"),
-                        first + 1,
-                        example.join(", ")
-                    )
-                }
+                Some((first, example)) => format!(
+                    "{} an earlier {key}, first at row {} ({})",
+                    plural(repeats, "row repeats", "rows repeat"),
+                    first + 1,
+                    example.join(", ")
+                ),
             };
-            Ok(Verdict::judged(
-                repeats.is_empty(),
-                json!(repeats.len()),
-                detail,
-            ))
+            Ok(Verdict::judged(repeats == 0, json!(repeats), detail))
         }
         Check::Range(ranges) => {
             let mut value = serde_json::Map::new();
             let mut failing = Vec::new();
             for (name, lo, hi) in ranges {
-                let values = numbers(table.column(name, path)?, "range")?;
-                let (mut outside, mut min, mut max) = (0u64, f64::INFINITY, f64::NEG_INFINITY);
-                for v in values.iter().flatten().filter(|v| !v.is_nan()) {
-                    if lo.is_some_and(|lo| v < lo) || hi.is_some_and(|hi| v > hi) {
-                        outside += 1;
-                    }
-                    min = min.min(v);
-                    max = max.max(v);
-                }
+                let (outside, min, max) = table.range(name, *lo, *hi)?;
                 value.insert(
                     name.clone(),
                     json!({"outside": outside, "min": finite(min), "max": finite(max)}),
@@ -623,38 +740,13 @@ fn check_one(
             ))
         }
         Check::Sql(query) => {
-            let Some(df) = &table.df else {
-                return Err("internal error: table not read".to_owned());
-            };
-            sql(query, df)
+            let (true_count, false_count, null_count) = table.booleans(query)?;
+            Ok(sql_verdict(true_count, false_count, null_count))
         }
     }
 }
 
-fn sql(query: &str, df: &DataFrame) -> Result<Verdict, String> {
-    let mut context = polars::sql::SQLContext::new();
-    context.register("self", df.clone().lazy());
-    let result = context
-        .execute(query)
-        .and_then(|lf| lf.collect())
-        .map_err(|e| format!("the query failed: {e}"))?;
-    let (mut true_count, mut false_count, mut null_count) = (0u64, 0u64, 0u64);
-    for column in result.columns() {
-        let bools = column.bool().map_err(|_| {
-            format!(
-                "the query must return booleans, but column `{}` is {}",
-                column.name(),
-                column.dtype()
-            )
-        })?;
-        for value in bools.iter() {
-            match value {
-                Some(true) => true_count += 1,
-                Some(false) => false_count += 1,
-                None => null_count += 1,
-            }
-        }
-    }
+fn sql_verdict(true_count: u64, false_count: u64, null_count: u64) -> Verdict {
     let value = json!({"true": true_count, "false": false_count, "null": null_count});
     let detail = match (false_count, null_count, true_count) {
         (0, 0, 0) => "the query returned no rows".to_owned(),
@@ -669,11 +761,7 @@ fn sql(query: &str, df: &DataFrame) -> Result<Verdict, String> {
             grouped(t)
         ),
     };
-    Ok(Verdict::judged(
-        false_count == 0 && null_count == 0,
-        value,
-        detail,
-    ))
+    Verdict::judged(false_count == 0 && null_count == 0, value, detail)
 }
 
 /// A value a stage's `metrics:` tracks on one of its outputs.
@@ -709,7 +797,7 @@ pub fn measure_value(what: &Measure, path: &Path) -> Result<Option<f64>, String>
                 Metric::Mean(c) | Metric::NullFraction(c) => BTreeSet::from([c.clone()]),
             };
             let table = Loaded::read_columns(path, false, &columns)?;
-            measure(metric, &table, path).map(defined)
+            measure(metric, &mut Here { table, path }).map(defined)
         }
         Measure::Sql(query) => {
             let table = Loaded::read_columns(path, true, &BTreeSet::new())?;
@@ -760,24 +848,17 @@ pub fn measure_value(what: &Measure, path: &Path) -> Result<Option<f64>, String>
 }
 
 /// The metric's value (NaN when undefined: the mean of no values, the null fraction of no rows).
-fn measure(metric: &Metric, table: &Loaded, path: &Path) -> Result<f64, String> {
+fn measure(metric: &Metric, table: &mut dyn Measures) -> Result<f64, String> {
     match metric {
-        Metric::Rows => Ok(table.rows as f64),
-        Metric::Mean(column) => {
-            let values = numbers(table.column(column, path)?, "mean")?;
-            let (mut sum, mut n) = (0.0, 0u64);
-            for v in values.iter().flatten().filter(|v| !v.is_nan()) {
-                sum += v;
-                n += 1;
-            }
-            Ok(if n == 0 { f64::NAN } else { sum / n as f64 })
-        }
+        Metric::Rows => Ok(table.rows()? as f64),
+        Metric::Mean(column) => table.mean(column),
         Metric::NullFraction(column) => {
-            let missing = missing_count(table.column(column, path)?)?;
-            Ok(if table.rows == 0 {
+            let missing = table.missing(column)?;
+            let rows = table.rows()?;
+            Ok(if rows == 0 {
                 f64::NAN
             } else {
-                missing as f64 / table.rows as f64
+                missing as f64 / rows as f64
             })
         }
     }
