@@ -588,3 +588,87 @@ fn the_monthly_pipeline_on_spark_gives_the_local_tables() {
         &["days_std"],
     );
 }
+
+/// Checks of a table Spark wrote run on the cluster (a `sql` check with a function only Spark
+/// has passes there) and say what they say locally, word for word: rows, not_null, unique with
+/// the first repeat, range, sql, and a change against the committed output.
+#[test]
+fn checks_of_a_spark_output_run_on_the_cluster_and_read_the_same() {
+    let Some(remote) = spark_remote() else {
+        return;
+    };
+    let pipeline = |spark_only: bool| {
+        format!(
+            r#"
+vars: {{engine: local}}
+stages:
+  clean:
+    uses: clean
+    inputs: {{table: in.csv}}
+    outputs: {{table: "out/{{{{ engine }}}}/t.parquet"}}
+    params: {{cast: {{id: int64, x: float64}}}}
+    checks:
+      - rows: {{min: 2, max: 3}}
+        severity: warn
+      - not_null: [x, label]
+        severity: warn
+      - unique: [label]
+        severity: warn
+      - unique: [id, label]
+      - range: {{x: [0, 10]}}
+        severity: warn
+      - sql: "SELECT count(*) > 2 AND avg(x) < 100.5 FROM self WHERE label <> 'it''s'"
+        severity: warn
+      - change: {{metric: "mean(x)", max_pct: 5}}
+        severity: warn
+      - change: {{metric: "null_fraction(x)", max_pct: 5}}
+        severity: warn
+{extra}"#,
+            extra = if spark_only {
+                "      - sql: SELECT spark_partition_id() >= 0 FROM self\n"
+            } else {
+                ""
+            }
+        )
+    };
+    let t = common::Test::new()
+        .file(
+            "in.csv",
+            "id,x,label\n1,1.5,a\n2,,b\n3,12,a\n4,NaN,it's\n5,-1,\n6,2,\n",
+        )
+        .pipeline(&pipeline(false));
+    let run = |t: &common::Test, engine: &str| {
+        let mut command =
+            t.command(&["run", "pipeline.yaml", "--set", &format!("engine={engine}")]);
+        if engine == "spark" {
+            command
+                .args(["--engine", "spark"])
+                .env("SPARK_REMOTE", remote);
+        }
+        let out = t.captured(&command.output().unwrap());
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        // The warnings, without the output's path.
+        out.stderr
+            .lines()
+            .filter(|l| l.starts_with("warning:"))
+            .map(|l| l.replace(&format!("out/{engine}/"), "out/"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let local = run(&t, "local");
+    let spark = run(&t, "spark");
+    assert!(local.contains("rows repeat"), "{local}");
+    assert_eq!(local, spark);
+    // The inputs change; the change checks compare with what each engine committed.
+    t.write(
+        "in.csv",
+        "id,x,label\n1,1.5,a\n2,,b\n3,12,a\n4,NaN,it's\n5,-1,\n6,2,\n7,9,c\n",
+    );
+    let (local, spark) = (run(&t, "local"), run(&t, "spark"));
+    assert!(local.contains("changed by"), "{local}");
+    assert_eq!(local, spark);
+    // Where they ran: a function polars does not have.
+    t.write("pipeline.yaml", pipeline(true));
+    let spark = run(&t, "spark");
+    assert!(!spark.contains("spark_partition_id"), "{spark}");
+}

@@ -64,12 +64,22 @@ pub(super) async fn gate(
                     Some(_) => PreviousOutput::Missing("restored".to_owned()),
                     None => previous_output(&ctx, stage, output),
                 };
+                // Checks of a table Spark wrote just now run on the cluster; a restored one is
+                // here already.
+                let mut on_cluster = match (&restored, stage.engine) {
+                    (None, crate::model::Engine::Spark) => super::execute::checks_on_cluster(
+                        &ctx.dag.pipeline().engines.spark,
+                        &stage.name,
+                    ),
+                    _ => None,
+                };
                 let mut records = evaluate(
                     stage,
                     &staged,
                     &ctx.dag.pipeline().workdir,
                     &baseline,
                     &previous,
+                    on_cluster.as_mut(),
                 );
                 if let Some(recorded) = restored {
                     for ((check, record), then) in
@@ -286,13 +296,15 @@ pub(super) async fn after_failure(
 /// read once, against what is committed at the final locations (`committed` gives a local copy
 /// of a committed S3 output, only asked for when a `change` check needs it). Records come back
 /// in the order the checks are written. `previous` gives the previous partition's output of the
-/// same position, for `change: {against: previous}`.
+/// same position, for `change: {against: previous}`. `on_cluster` evaluates them on Spark instead,
+/// for a Parquet table a Spark stage wrote.
 pub fn evaluate(
     stage: &Stage,
     staged: &[PathBuf],
     workdir: &Path,
     committed: &dyn Fn(&crate::model::Port) -> Option<PathBuf>,
     previous: &dyn Fn(usize) -> PreviousOutput,
+    mut on_cluster: Option<&mut super::execute::ClusterChecks>,
 ) -> Vec<CheckRecord> {
     // Checks of the same table, together.
     let mut tables: BTreeMap<(usize, Option<&str>), Vec<usize>> = BTreeMap::new();
@@ -352,7 +364,12 @@ pub fn evaluate(
                 committed: committed.as_deref().filter(|c| c.is_file()),
                 previous,
             };
-            checks::evaluate(&list, &table, &baselines)
+            match on_cluster.as_mut() {
+                Some(on_cluster) if !imba_stages::io::table::is_csv(&table) => {
+                    on_cluster(&list, &table, &baselines)
+                }
+                _ => checks::evaluate(&list, &table, &baselines),
+            }
         } else {
             let detail = format!("the stage did not write `{shown}`");
             list.iter()

@@ -107,11 +107,9 @@ pub(crate) fn is_float(spark_type: &str) -> bool {
 /// rounds to a few places), a `'string'` is escaped as Spark reads it (backslashes are escapes
 /// there), and a `"quoted"` name is a backquoted one (a string in Spark).
 pub(crate) fn expression(sql: &str) -> Result<String, String> {
-    use sqlparser::ast::{visit_expressions_mut, Expr, Value};
     use sqlparser::dialect::GenericDialect;
     use sqlparser::parser::Parser;
     use sqlparser::tokenizer::Token;
-    use std::ops::ControlFlow;
 
     let mut parser = Parser::new(&GenericDialect)
         .try_with_sql(sql)
@@ -121,12 +119,45 @@ pub(crate) fn expression(sql: &str) -> Result<String, String> {
     if rest.token != Token::EOF {
         return Err(format!("unexpected `{}` after the expression", rest.token));
     }
+    as_spark(&mut expr);
+    Ok(expr.to_string())
+}
+
+/// A query written for polars SQL over the table `self` (a `sql` check) as the Spark SQL that
+/// means the same over the view `view`: one `SELECT`, its expressions read as [`expression`]
+/// reads them.
+pub(crate) fn query(sql: &str, view: &str) -> Result<String, String> {
+    use sqlparser::ast::{visit_relations_mut, Ident, ObjectName, Statement};
+    use sqlparser::dialect::GenericDialect;
+    use sqlparser::parser::Parser;
+    use std::ops::ControlFlow;
+
+    let mut statements = Parser::parse_sql(&GenericDialect, sql).map_err(|e| e.to_string())?;
+    let mut statement = match (statements.pop(), statements.is_empty()) {
+        (Some(statement @ Statement::Query(_)), true) => statement,
+        _ => return Err("the query must be one SELECT".to_owned()),
+    };
+    as_spark(&mut statement);
+    let _ = visit_relations_mut(&mut statement, |name| {
+        if name.to_string().eq_ignore_ascii_case("self") {
+            *name = ObjectName::from(vec![Ident::new(view)]);
+        }
+        ControlFlow::<()>::Continue(())
+    });
+    Ok(statement.to_string())
+}
+
+/// Makes polars SQL's readings explicit for Spark (see [`expression`]).
+fn as_spark<V: sqlparser::ast::VisitMut>(node: &mut V) {
+    use sqlparser::ast::{visit_expressions_mut, Expr, Value};
+    use std::ops::ControlFlow;
+
     let requote = |id: &mut sqlparser::ast::Ident| {
         if id.quote_style == Some('"') {
             id.quote_style = Some('`');
         }
     };
-    let _ = visit_expressions_mut(&mut expr, |e| {
+    let _ = visit_expressions_mut(node, |e| {
         match e {
             Expr::Value(v) => {
                 let text = match &v.value {
@@ -145,7 +176,22 @@ pub(crate) fn expression(sql: &str) -> Result<String, String> {
         }
         ControlFlow::<()>::Continue(())
     });
-    Ok(expr.to_string())
+}
+
+/// The local engine's name of a Spark SQL type, for messages (`bigint` is `i64`).
+pub(crate) fn local_name(spark_type: &str) -> String {
+    match spark_type {
+        "string" => "str",
+        "bigint" => "i64",
+        "int" => "i32",
+        "smallint" => "i16",
+        "tinyint" => "i8",
+        "double" => "f64",
+        "float" => "f32",
+        "boolean" => "bool",
+        other => other,
+    }
+    .to_owned()
 }
 
 /// The Spark SQL type a column of local type `local` is written as, when a Spark column of
@@ -185,6 +231,11 @@ mod tests {
         assert_eq!(spark(r"m >= 'it''s \n'"), r"m >= 'it\'s \\n'");
         assert_eq!(spark("count(*)"), "count(*)");
         assert!(expression("avg(x) avg(y)").is_err());
+        assert_eq!(
+            query(r#"SELECT count(*) > 0.5 FROM self WHERE "a b" = 'x'"#, "v1").unwrap(),
+            "SELECT count(*) > 0.5D FROM v1 WHERE `a b` = 'x'"
+        );
+        assert!(query("DROP TABLE self", "v1").is_err());
         assert!(expression("avg(").is_err());
     }
 

@@ -12,6 +12,8 @@ mod builtin;
 mod shell;
 mod spark;
 
+pub(crate) use spark::{checks_on_cluster, ClusterChecks};
+
 use super::failure::StageFailure;
 use crate::interrupt::Stop;
 use crate::model::{Stage, StageKind};

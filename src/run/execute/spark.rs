@@ -188,8 +188,7 @@ async fn submit(
         tokio::task::spawn_blocking(move || {
             let mut session = Connected {
                 spark: &spark,
-                written: &written,
-                staged: &table,
+                output: Some((&written, &table)),
             };
             let fail = |e| imba_stages::spark::Failure::Session(Box::new(e));
             spark.add_tag(&tag).map_err(fail)?;
@@ -287,6 +286,82 @@ async fn submit(
     })
 }
 
+/// Evaluates checks on the cluster, for a stage that ran there: each table is read where the
+/// cluster reads it and only counts and extremes come back (`imba_stages::checks::spark`).
+/// Connects on first use; a connection that fails makes each check an error. `None` in a build
+/// without the Spark client.
+pub(crate) type ClusterChecks = Box<
+    dyn FnMut(
+            &[imba_stages::checks::Check],
+            &std::path::Path,
+            &imba_stages::checks::Baselines,
+        ) -> Vec<imba_stages::checks::Verdict>
+        + Send,
+>;
+
+#[cfg(not(feature = "spark"))]
+pub(crate) fn checks_on_cluster(
+    _settings: &crate::model::SparkSettings,
+    _stage: &str,
+) -> Option<ClusterChecks> {
+    None
+}
+
+#[cfg(feature = "spark")]
+pub(crate) fn checks_on_cluster(
+    settings: &crate::model::SparkSettings,
+    stage: &str,
+) -> Option<ClusterChecks> {
+    let settings = settings.clone();
+    let scratch = format!(
+        "imba_checks_{}",
+        &blake3::hash(stage.as_bytes()).to_hex()[..16]
+    );
+    let mut spark: Option<Result<spark_connect::SparkSession, String>> = None;
+    Some(Box::new(move |checks, table, baselines| {
+        let connected = spark.get_or_insert_with(|| {
+            let remote = remote(&settings).map_err(|e| e.to_string())?;
+            let (_, shown) = endpoint(&remote).map_err(|e| e.to_string())?;
+            let session = spark_connect::SparkSession::builder()
+                .remote(&remote)
+                .get_or_create()
+                .map_err(|e| spark_message(&shown, &e))?;
+            for setting in [
+                "SET spark.sql.caseSensitive=true",
+                "SET spark.sql.variable.substitute=false",
+            ] {
+                session
+                    .sql(setting)
+                    .map_err(|e| spark_message(&shown, &e))?;
+            }
+            Ok(session)
+        });
+        match connected {
+            Ok(spark) => {
+                let mut session = Connected {
+                    spark,
+                    output: None,
+                };
+                imba_stages::checks::spark::evaluate(
+                    checks,
+                    table,
+                    baselines,
+                    &scratch,
+                    &mut session,
+                )
+            }
+            Err(message) => checks
+                .iter()
+                .map(|_| imba_stages::checks::Verdict {
+                    status: imba_stages::checks::Status::Error,
+                    value: serde_json::Value::Null,
+                    detail: message.clone(),
+                })
+                .collect(),
+        }
+    }))
+}
+
 /// Returns once the server at `authority` has refused connections (or not answered) three times
 /// in a row, a second apart: it is gone.
 #[cfg(feature = "spark")]
@@ -311,10 +386,9 @@ async fn server_gone(authority: &str) {
 #[cfg(feature = "spark")]
 struct Connected<'a> {
     spark: &'a spark_connect::SparkSession,
-    /// Where Spark writes the table (a folder of part files), beside the staged path.
-    written: &'a std::path::Path,
-    /// The staged table output: the one part file is moved there.
-    staged: &'a std::path::Path,
+    /// Where Spark writes the table (a folder of part files, beside the staged path), and the
+    /// staged table output the one part file is moved to; none for a session that only reads.
+    output: Option<(&'a std::path::Path, &'a std::path::Path)>,
 }
 
 #[cfg(feature = "spark")]
@@ -360,14 +434,19 @@ impl imba_stages::spark::Session for Connected<'_> {
     }
 
     fn write(&mut self, sql: &str) -> Result<usize, Self::Error> {
+        let Some((written, staged)) = self.output else {
+            return Err(Box::new(spark_connect::SparkError::connect_msg(
+                "internal error: this session writes no table".to_owned(),
+            )));
+        };
         self.spark
             .sql(sql)?
             .coalesce(1)
             .write()
             .mode("overwrite")
-            .parquet(&format!("file://{}", self.written.display()))?;
+            .parquet(&format!("file://{}", written.display()))?;
         // One part file (coalesced to one partition): the output itself.
-        let part = std::fs::read_dir(self.written)
+        let part = std::fs::read_dir(written)
             .ok()
             .into_iter()
             .flatten()
@@ -381,14 +460,14 @@ impl imba_stages::spark::Session for Connected<'_> {
         let failed = |what: String| Box::new(spark_connect::SparkError::connect_msg(what));
         match part {
             Some(part) => {
-                std::fs::rename(&part, self.staged)
+                std::fs::rename(&part, staged)
                     .map_err(|e| failed(format!("cannot move Spark's output into place: {e}")))?;
                 // How many rows: the file's footer says.
-                imba_stages::io::partition::parquet_rows(self.staged).map_err(|e| failed(e.message))
+                imba_stages::io::partition::parquet_rows(staged).map_err(|e| failed(e.message))
             }
             None => Err(Box::new(spark_connect::SparkError::connect_msg(format!(
                 "Spark wrote no Parquet part file in {}",
-                self.written.display()
+                written.display()
             )))),
         }
     }
@@ -397,6 +476,12 @@ impl imba_stages::spark::Session for Connected<'_> {
 /// A Spark error as a stage failure: its error class and message, and where it came from.
 #[cfg(feature = "spark")]
 fn spark_failure(shown: &str, error: &spark_connect::SparkError) -> StageFailure {
+    StageFailure::Other(spark_message(shown, error))
+}
+
+/// A Spark error's class and first line of message, and where it came from.
+#[cfg(feature = "spark")]
+fn spark_message(shown: &str, error: &spark_connect::SparkError) -> String {
     let message = error.message.lines().next().unwrap_or_default();
     // Spark's message mostly starts with its class already.
     let class = if error.error_class.is_empty()
@@ -406,5 +491,5 @@ fn spark_failure(shown: &str, error: &spark_connect::SparkError) -> StageFailure
     } else {
         format!("[{}] ", error.error_class)
     };
-    StageFailure::Other(format!("Spark at {shown}: {class}{message}"))
+    format!("Spark at {shown}: {class}{message}")
 }

@@ -18,6 +18,8 @@ use serde_json::{json, Value as Json};
 
 use crate::io::table::{is_csv, read_parquet, read_table_inferred};
 
+pub mod spark;
+
 /// One check on one table.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Check {

@@ -114,17 +114,6 @@ fn cast_type(to: CastType) -> &'static str {
     }
 }
 
-/// The local engine's name of a Spark type, for messages.
-fn shown_type(spark_type: &str) -> String {
-    match spark_type {
-        "string" => "str".to_owned(),
-        "bigint" => "i64".to_owned(),
-        "double" => "f64".to_owned(),
-        "boolean" => "bool".to_owned(),
-        other => other.to_owned(),
-    }
-}
-
 /// The domain rule on column `c` (of Spark type `t`): true where the row passes.
 fn domain_sql(c: &str, t: &str, column: &str, rule: &Domain) -> Result<String, StageError> {
     // An empty list lets nothing through, as locally.
@@ -151,7 +140,7 @@ fn domain_sql(c: &str, t: &str, column: &str, rule: &Domain) -> Result<String, S
         Domain::In { .. } => Err(StageError::new(format!(
             "domain `in` on column `{}` of type {}: cast it to a string or number first",
             crate::safe::escape(column),
-            shown_type(t)
+            crate::spark_sql::local_name(t)
         ))),
         Domain::Between { between: [lo, hi] } if is_numeric(t) => Ok(format!(
             "coalesce(CAST({c} AS DOUBLE) BETWEEN {} AND {}, FALSE)",
@@ -161,7 +150,7 @@ fn domain_sql(c: &str, t: &str, column: &str, rule: &Domain) -> Result<String, S
         Domain::Between { .. } => Err(StageError::new(format!(
             "domain `between` on column `{}`, which is {}: cast it to int64 or float64 first (param `cast.{}`)",
             crate::safe::escape(column),
-            shown_type(t),
+            crate::spark_sql::local_name(t),
             crate::safe::escape(column)
         ))),
     }
@@ -289,7 +278,7 @@ fn steps<S: Session>(
                 return Err(StageError::new(format!(
                     "iqr on column `{}`, which is {}: cast it to int64 or float64 first (param `cast.{}`)",
                     crate::safe::escape(column),
-                    shown_type(t),
+                    crate::spark_sql::local_name(t),
                     crate::safe::escape(column)
                 ))
                 .at_param(crate::pointer::of(&["iqr", "columns", &i.to_string()]))
