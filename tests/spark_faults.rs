@@ -238,6 +238,30 @@ fn a_lost_worker_is_retried_and_a_lost_server_fails_the_stage_cleanly() {
     let committed = bytes("out/spark/orders.parquet");
     let lock = t.read("pipeline.lock");
 
+    // Ctrl-C mid-stage: the stage's Spark jobs are cancelled on the cluster, nothing is
+    // committed, and imba exits as interrupted.
+    let jobs_cancelled = |log: &str| log.to_lowercase().matches("cancel").count();
+    let before = jobs_cancelled(&cluster.driver_log());
+    let (child, reader) = start_on_spark(&t, &cluster.remote, true);
+    std::thread::sleep(Duration::from_secs(4));
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let (code, stderr) = finish(child, reader, Duration::from_secs(120));
+    assert_eq!(code, 130, "{stderr}");
+    crate::assert_run_snapshot!("ctrl_c_cancels_the_spark_jobs", &stderr);
+    assert_eq!(bytes("out/spark/orders.parquet"), committed);
+    assert_eq!(t.read("pipeline.lock"), lock);
+    // The driver logs the cancellation a moment later.
+    let waited = Instant::now();
+    while jobs_cancelled(&cluster.driver_log()) == before
+        && waited.elapsed() < Duration::from_secs(30)
+    {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(
+        jobs_cancelled(&cluster.driver_log()) > before,
+        "no Spark job was cancelled"
+    );
+
     // The Connect server lost mid-stage: the stage fails at once, naming the server; the table
     // committed before stays as it was, and so does the lock.
     let (child, reader) = start_on_spark(&t, &cluster.remote, true);
