@@ -143,6 +143,13 @@ fn aggregate_on_spark_gives_the_local_table() {
     assert!(aggregate["report"]["engine"]["app_id"]
         .as_str()
         .is_some_and(|id| id.starts_with("app-")));
+    // scripts/spark-local sets the UI's port: its address is known.
+    assert!(
+        aggregate["report"]["engine"]["ui"]
+            .as_str()
+            .is_some_and(|ui| ui.starts_with("http://127.0.0.1:")),
+        "{aggregate}"
+    );
     // A no-op run asks nothing of Spark; switching engines runs the stage again.
     let again = run(&on_spark);
     assert!(again.stderr.contains("0 ran"), "{}", again.stderr);

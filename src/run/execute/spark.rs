@@ -233,8 +233,20 @@ async fn submit(
                 let _ = spark.sql(&format!("DROP VIEW IF EXISTS {}", input.view));
             }
             let summary = ran?;
-            let app = spark.conf().get("spark.app.id").ok().flatten();
-            Ok::<_, imba_stages::spark::Failure<Box<spark_connect::SparkError>>>((summary, app))
+            let conf = |key: &str| spark.conf().get(key).ok().flatten();
+            let app = conf("spark.app.id");
+            // The driver's UI, when its address is configured (a port Spark picked itself is
+            // not in the configuration).
+            let ui = match (
+                conf("spark.ui.enabled").as_deref(),
+                conf("spark.driver.host"),
+                conf("spark.ui.port"),
+            ) {
+                (Some("false"), _, _) => None,
+                (_, Some(host), Some(port)) if port != "0" => Some(format!("http://{host}:{port}")),
+                _ => None,
+            };
+            Ok::<_, imba_stages::spark::Failure<Box<spark_connect::SparkError>>>((summary, app, ui))
         })
     };
     let mut cancel = ex.cancel.clone();
@@ -263,7 +275,7 @@ async fn submit(
     };
     let ran = ran.map_err(|e| StageFailure::Other(format!("internal error: {e}")))?;
     let _ = std::fs::remove_dir_all(&written);
-    let (summary, app) = ran.map_err(|e| match e {
+    let (summary, app, ui) = ran.map_err(|e| match e {
         imba_stages::spark::Failure::Session(e) => spark_failure(shown, &e),
         imba_stages::spark::Failure::Stage(e) => StageFailure::Builtin {
             message: e.message,
@@ -279,7 +291,7 @@ async fn submit(
     Ok(Executed {
         report: Some(serde_json::json!({
             "summary": summary,
-            "engine": {"name": "spark", "remote": shown, "app_id": app},
+            "engine": {"name": "spark", "remote": shown, "app_id": app, "ui": ui},
             "duration_ms": started.elapsed().as_millis() as u64,
         })),
         ..Executed::default()
