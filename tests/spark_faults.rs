@@ -97,7 +97,8 @@ fn orders(rows: usize) -> String {
 }
 
 /// The Connect server's token: the pipeline names the variable that holds it.
-const TOKEN: &str = "faults-token-7f3a";
+/// (`=`, `;` and `%` are in it: the address's parameters must still read.)
+const TOKEN: &str = "faults=token;7f%3a";
 
 const PIPELINE: &str = r#"
 vars: {engine: local}

@@ -531,6 +531,14 @@ stages:
       groups: [{name: all, from: orders, features: [{n: count(*)}]}]
       formats: [parquet, csv]
     engine: spark
+  first_orders:
+    uses: feature
+    inputs: {orders: out/firsts.parquet}
+    outputs: {features: out/first_orders.parquet}
+    params:
+      entity: user
+      groups: [{name: all, from: orders, features: [{first_days: first(first_days)}]}]
+    engine: spark
   shell:
     cmd: cp data/orders.csv {{ outputs[0] }}
     outputs: [out/copy.csv]

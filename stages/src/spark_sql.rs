@@ -119,7 +119,7 @@ pub(crate) fn expression(sql: &str) -> Result<String, String> {
     if rest.token != Token::EOF {
         return Err(format!("unexpected `{}` after the expression", rest.token));
     }
-    as_spark(&mut expr);
+    as_spark(&mut expr)?;
     Ok(expr.to_string())
 }
 
@@ -137,7 +137,7 @@ pub(crate) fn query(sql: &str, view: &str) -> Result<String, String> {
         (Some(statement @ Statement::Query(_)), true) => statement,
         _ => return Err("the query must be one SELECT".to_owned()),
     };
-    as_spark(&mut statement);
+    as_spark(&mut statement)?;
     let _ = visit_relations_mut(&mut statement, |name| {
         if name.to_string().eq_ignore_ascii_case("self") {
             *name = ObjectName::from(vec![Ident::new(view)]);
@@ -147,9 +147,61 @@ pub(crate) fn query(sql: &str, view: &str) -> Result<String, String> {
     Ok(statement.to_string())
 }
 
-/// Makes polars SQL's readings explicit for Spark (see [`expression`]).
-fn as_spark<V: sqlparser::ast::VisitMut>(node: &mut V) {
-    use sqlparser::ast::{visit_expressions_mut, Expr, Value};
+/// Functions whose result differs between polars and Spark, and why.
+const DIFFERENT: &[(&str, &str)] = &[
+    (
+        "first",
+        "takes a value in file order, which Spark does not keep",
+    ),
+    (
+        "last",
+        "takes a value in file order, which Spark does not keep",
+    ),
+    (
+        "first_value",
+        "takes a value in file order, which Spark does not keep",
+    ),
+    (
+        "last_value",
+        "takes a value in file order, which Spark does not keep",
+    ),
+    (
+        "nth_value",
+        "takes a value in file order, which Spark does not keep",
+    ),
+    (
+        "string_agg",
+        "joins values in file order, which Spark does not keep",
+    ),
+    (
+        "array_agg",
+        "collects values in file order, which Spark does not keep",
+    ),
+    (
+        "listagg",
+        "joins values in file order, which Spark does not keep",
+    ),
+    (
+        "group_concat",
+        "joins values in file order, which Spark does not keep",
+    ),
+    (
+        "any_value",
+        "takes any value, not the same one on both engines",
+    ),
+    ("mode", "breaks ties differently on Spark"),
+    (
+        "concat",
+        "skips nulls in polars and gives null on Spark (use `coalesce` on its arguments)",
+    ),
+];
+
+/// Makes polars SQL's readings explicit for Spark (see [`expression`]), or says what has no
+/// exact equivalent there: a function of [`DIFFERENT`], `%` (the divisor's sign in polars, the
+/// dividend's in Spark), a `LIKE` pattern with a backslash (an escape in Spark, a character in
+/// polars).
+fn as_spark<V: sqlparser::ast::VisitMut>(node: &mut V) -> Result<(), String> {
+    use sqlparser::ast::{visit_expressions_mut, BinaryOperator, Expr, Value};
     use std::ops::ControlFlow;
 
     let requote = |id: &mut sqlparser::ast::Ident| {
@@ -157,7 +209,7 @@ fn as_spark<V: sqlparser::ast::VisitMut>(node: &mut V) {
             id.quote_style = Some('`');
         }
     };
-    let _ = visit_expressions_mut(node, |e| {
+    let found = visit_expressions_mut(node, |e| {
         match e {
             Expr::Value(v) => {
                 let text = match &v.value {
@@ -172,10 +224,42 @@ fn as_spark<V: sqlparser::ast::VisitMut>(node: &mut V) {
             }
             Expr::Identifier(id) => requote(id),
             Expr::CompoundIdentifier(ids) => ids.iter_mut().for_each(requote),
+            Expr::Function(f) => {
+                let name = f.name.to_string().to_lowercase();
+                if let Some((_, why)) = DIFFERENT.iter().find(|(n, _)| *n == name) {
+                    return ControlFlow::Break(format!("`{name}` {why}"));
+                }
+            }
+            Expr::BinaryOp {
+                op: BinaryOperator::Modulo,
+                ..
+            } => {
+                return ControlFlow::Break(
+                    "`%` takes the sign of the divisor in polars and of the dividend in Spark"
+                        .to_owned(),
+                )
+            }
+            Expr::Like {
+                pattern,
+                escape_char: None,
+                ..
+            }
+            | Expr::ILike {
+                pattern,
+                escape_char: None,
+                ..
+            } if pattern.to_string().contains('\\') => return ControlFlow::Break(
+                "a backslash in a `LIKE` pattern is a character in polars and an escape in Spark"
+                    .to_owned(),
+            ),
             _ => {}
         }
-        ControlFlow::<()>::Continue(())
+        ControlFlow::Continue(())
     });
+    match found {
+        ControlFlow::Break(why) => Err(format!("no exact equivalent on Spark: {why}")),
+        ControlFlow::Continue(()) => Ok(()),
+    }
 }
 
 /// The local engine's name of a Spark SQL type, for messages (`bigint` is `i64`).
@@ -206,8 +290,8 @@ pub(crate) fn conformed(local: &polars::prelude::DataType, spark: &str) -> Optio
         D::Int16 | D::UInt8 if integer => Some("smallint"),
         D::Int32 | D::UInt16 if integer => Some("int"),
         D::Int64 | D::UInt32 | D::UInt64 if integer => Some("bigint"),
-        D::Float32 if is_float(spark) => Some("float"),
-        D::Float64 if is_float(spark) => Some("double"),
+        D::Float32 if spark == "float" => Some("float"),
+        D::Float64 if spark == "double" => Some("double"),
         D::String if spark == "string" => Some("string"),
         D::Boolean if spark == "boolean" => Some("boolean"),
         D::Date if spark == "date" => Some("date"),
@@ -236,6 +320,16 @@ mod tests {
             "SELECT count(*) > 0.5D FROM v1 WHERE `a b` = 'x'"
         );
         assert!(query("DROP TABLE self", "v1").is_err());
+        for refused in [
+            "first(order_id)",
+            "max(x) % 7",
+            "concat(a, b)",
+            r"name LIKE 'C:\%'",
+        ] {
+            let why = expression(refused).unwrap_err();
+            assert!(why.starts_with("no exact equivalent on Spark: "), "{why}");
+        }
+        assert_eq!(spark("name LIKE 'C:%'"), "name LIKE 'C:%'");
         assert!(expression("avg(").is_err());
     }
 
@@ -246,6 +340,8 @@ mod tests {
         assert_eq!(conformed(&D::Int32, "bigint"), Some("int"));
         assert_eq!(conformed(&D::Float64, "double"), Some("double"));
         assert_eq!(conformed(&D::Float64, "decimal(6,5)"), None);
+        // 32-bit floats on Spark are other values than polars' 64-bit ones.
+        assert_eq!(conformed(&D::Float64, "float"), None);
         assert_eq!(conformed(&D::Int64, "double"), None);
     }
 

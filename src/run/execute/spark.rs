@@ -16,8 +16,19 @@ const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// The Spark Connect address: `SPARK_REMOTE`, as Spark's own clients read it, else
 /// `engines.spark.remote`; with the token from the variable `engines.spark.token_env` names.
 fn remote(settings: &crate::model::SparkSettings) -> Result<String, StageFailure> {
-    let remote = match std::env::var("SPARK_REMOTE") {
-        Ok(remote) if !remote.trim().is_empty() => remote.trim().to_owned(),
+    address(std::env::var("SPARK_REMOTE").ok(), settings, |variable| {
+        std::env::var(variable).ok()
+    })
+}
+
+/// [`remote`], given `SPARK_REMOTE` and the environment's variables.
+fn address(
+    spark_remote: Option<String>,
+    settings: &crate::model::SparkSettings,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<String, StageFailure> {
+    let remote = match spark_remote {
+        Some(remote) if !remote.trim().is_empty() => remote.trim().to_owned(),
         _ => settings.remote.clone().ok_or_else(|| StageFailure::Other(
             "`engine: spark` needs the Spark Connect server's address: SPARK_REMOTE or `engines.spark.remote` (e.g. `sc://127.0.0.1:15002`; `scripts/spark-local start` starts one here)".to_owned(),
         ))?,
@@ -25,14 +36,20 @@ fn remote(settings: &crate::model::SparkSettings) -> Result<String, StageFailure
     let Some(variable) = &settings.token_env else {
         return Ok(remote);
     };
-    match std::env::var(variable) {
-        Ok(token) if !token.trim().is_empty() => {
-            let separator = if remote.contains(";") { ";" } else { "/;" };
-            Ok(format!(
-                "{}{separator}token={}",
-                remote.trim_end_matches('/'),
-                token.trim()
-            ))
+    match env(variable) {
+        Some(token) if !token.trim().is_empty() => {
+            // `sc://host:port/;params;token=…`, the token percent-encoded: the client splits
+            // parameters on `;` and `=` and decodes `%`.
+            let (authority, _) = endpoint(&remote)?;
+            let params = remote
+                .split_once(';')
+                .map(|(_, p)| format!("{};", p.trim_end_matches(';')))
+                .unwrap_or_default();
+            let token = percent_encoding::utf8_percent_encode(
+                token.trim(),
+                percent_encoding::NON_ALPHANUMERIC,
+            );
+            Ok(format!("sc://{authority}/;{params}token={token}"))
         }
         _ => Err(StageFailure::Other(format!(
             "`engines.spark.token_env` names {variable}, which is not set: export the token there"
@@ -333,7 +350,17 @@ pub(crate) fn checks_on_cluster(
     Some(Box::new(move |checks, table, baselines| {
         let connected = spark.get_or_insert_with(|| {
             let remote = remote(&settings).map_err(|e| e.to_string())?;
-            let (_, shown) = endpoint(&remote).map_err(|e| e.to_string())?;
+            let (authority, shown) = endpoint(&remote).map_err(|e| e.to_string())?;
+            // The client retries an unreachable server for minutes: ask the port first.
+            let reachable = std::net::ToSocketAddrs::to_socket_addrs(&authority)
+                .ok()
+                .and_then(|mut addresses| addresses.next())
+                .is_some_and(|at| {
+                    std::net::TcpStream::connect_timeout(&at, CONNECT_TIMEOUT).is_ok()
+                });
+            if !reachable {
+                return Err(format!("cannot reach the Spark Connect server at {shown}"));
+            }
             let session = spark_connect::SparkSession::builder()
                 .remote(&remote)
                 .get_or_create()
@@ -413,9 +440,10 @@ impl imba_stages::spark::Session for Connected<'_> {
             .into_iter()
             .map_while(|row| {
                 let name = row.first()?.as_str()?.to_owned();
-                // A description's extra sections start with `#` or an empty line.
-                (!name.is_empty() && !name.starts_with('#')).then_some(())?;
-                Some((name, row.get(1)?.as_str()?.to_owned()))
+                let data_type = row.get(1)?.as_str()?.to_owned();
+                // A description's extra sections start with an empty line or a `# …` heading
+                // without a type (a column may be named `#x`; it has one).
+                (!name.is_empty() && !data_type.is_empty()).then_some((name, data_type))
             })
             .collect())
     }
@@ -491,10 +519,16 @@ fn spark_failure(shown: &str, error: &spark_connect::SparkError) -> StageFailure
     StageFailure::Other(spark_message(shown, error))
 }
 
-/// A Spark error's class and first line of message, and where it came from.
+/// A Spark error's class and first line of message, and where it came from; never a token.
 #[cfg(feature = "spark")]
 fn spark_message(shown: &str, error: &spark_connect::SparkError) -> String {
-    let message = error.message.lines().next().unwrap_or_default();
+    // An error the client raises itself may have its text in its parameters, not its message.
+    let text = if error.message.trim().is_empty() {
+        error.to_string()
+    } else {
+        error.message.clone()
+    };
+    let message = redact_tokens(text.lines().next().unwrap_or_default());
     // Spark's message mostly starts with its class already.
     let class = if error.error_class.is_empty()
         || message.starts_with(&format!("[{}]", error.error_class))
@@ -504,4 +538,49 @@ fn spark_message(shown: &str, error: &spark_connect::SparkError) -> String {
         format!("[{}] ", error.error_class)
     };
     format!("Spark at {shown}: {class}{message}")
+}
+
+/// `text` with the value of every `token=` parameter masked.
+#[cfg_attr(not(feature = "spark"), allow(dead_code))]
+fn redact_tokens(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.to_ascii_lowercase().find("token=") {
+        out.push_str(&rest[..at + "token=".len()]);
+        out.push_str("***");
+        rest = &rest[at + "token=".len()..];
+        let end = rest
+            .find(|c: char| matches!(c, ';' | '\'' | '"' | ' ' | ',' | ')'))
+            .unwrap_or(rest.len());
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_joins_the_address_encoded_and_never_shows() {
+        let settings = crate::model::SparkSettings {
+            remote: Some("sc://spark.internal:15002;use_ssl=true".to_owned()),
+            token_env: Some("IMBA_UNIT_TEST_SPARK_TOKEN".to_owned()),
+        };
+        let env = |v: &str| (v == "IMBA_UNIT_TEST_SPARK_TOKEN").then(|| "a=b;c%d".to_owned());
+        assert_eq!(
+            address(None, &settings, env).unwrap(),
+            "sc://spark.internal:15002/;use_ssl=true;token=a%3Db%3Bc%25d"
+        );
+        // SPARK_REMOTE wins over the file's address; the token still joins it.
+        assert_eq!(
+            address(Some("sc://other:443".to_owned()), &settings, env).unwrap(),
+            "sc://other:443/;token=a%3Db%3Bc%25d"
+        );
+        assert_eq!(
+            redact_tokens("Parameter 'token=a=b' in 'sc://h/;token=xyz;use_ssl=true'"),
+            "Parameter 'token=***' in 'sc://h/;token=***;use_ssl=true'"
+        );
+    }
 }

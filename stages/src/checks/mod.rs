@@ -367,11 +367,15 @@ pub(crate) trait Measures {
     ) -> Result<(u64, f64, f64), String>;
     /// The rows that repeat an earlier row on `columns` (nulls equal nulls, NaN equals NaN):
     /// how many, and the first of them: its position (from 0) and its values (`c=v`).
-    fn repeats(&mut self, columns: &[String]) -> Result<(u64, Option<(u64, Vec<String>)>), String>;
+    fn repeats(&mut self, columns: &[String]) -> Result<Repeats, String>;
     /// The values of a SQL query over the table (`self`), all booleans: how many are true,
     /// false and null.
     fn booleans(&mut self, query: &str) -> Result<(u64, u64, u64), String>;
 }
+
+/// How many rows repeat an earlier one, and the first of them: its position (from 0) and its
+/// values shown as `c=v`.
+pub(crate) type Repeats = (u64, Option<(u64, Vec<String>)>);
 
 /// A table read here, for its checks.
 struct Here<'a> {
@@ -416,7 +420,7 @@ impl Measures for Here<'_> {
         Ok((outside, min, max))
     }
 
-    fn repeats(&mut self, columns: &[String]) -> Result<(u64, Option<(u64, Vec<String>)>), String> {
+    fn repeats(&mut self, columns: &[String]) -> Result<Repeats, String> {
         for name in columns {
             self.table.column(name, self.path)?;
         }

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use serde_json::Value as Json;
 
-use super::{judge_all, not_booleans, Baselines, Check, Measures, Verdict};
+use super::{judge_all, not_booleans, Baselines, Check, Measures, Repeats, Verdict};
 use crate::spark_sql::{
     as_double, double_literal, ident, is_float, is_numeric, local_name, query, Session,
 };
@@ -208,7 +208,7 @@ where
         ))
     }
 
-    fn repeats(&mut self, columns: &[String]) -> Result<(u64, Option<(u64, Vec<String>)>), String> {
+    fn repeats(&mut self, columns: &[String]) -> Result<Repeats, String> {
         for c in columns {
             self.column(c)?;
         }
@@ -261,6 +261,17 @@ where
     }
 
     fn booleans(&mut self, sql: &str) -> Result<(u64, u64, u64), String> {
+        // The query must mean something to the local engine too (a restored output is checked
+        // here): polars runs it first on the table's columns without rows.
+        let empty = crate::io::table::empty_parquet(self.path).map_err(|e| e.message)?;
+        super::Here {
+            table: super::Loaded {
+                rows: 0,
+                df: Some(empty),
+            },
+            path: self.path,
+        }
+        .booleans(sql)?;
         let q = query(sql, &self.view).map_err(|e| format!("the query failed: {e}"))?;
         let described = self
             .session

@@ -34,6 +34,7 @@ fn spark_texts(params: &FeatureParams) -> Result<BTreeMap<String, String>, Unsup
             texts.insert(at, spark);
             Ok(())
         }
+        Err(why) if why.starts_with("no exact equivalent") => Err(Unsupported { param: at, why }),
         Err(why) => Err(Unsupported {
             param: at,
             why: format!("does not read as SQL: {why}"),
@@ -142,6 +143,13 @@ pub(crate) fn run<S: Session>(
         .map_err(Failure::Session)?;
     let mut typed = Vec::new();
     for (column, (name, spark_type)) in local.columns().iter().zip(&described) {
+        if column.name().as_str() != name {
+            return Err(StageError::new(format!(
+                "internal error: Spark names column `{name}` where the local engine has `{}`",
+                column.name()
+            ))
+            .into());
+        }
         let local_type = column.dtype();
         let Some(to) = conformed(local_type, spark_type) else {
             let e = StageError::new(format!(
