@@ -466,6 +466,12 @@ impl imba_stages::spark::Session for Connected<'_> {
                         Value::Float(f) => imba_stages::spark::double_value(f64::from(f)),
                         Value::Double(f) => imba_stages::spark::double_value(f),
                         Value::String(s) => Json::String(s),
+                        // As polars prints them.
+                        Value::Date(days) => Json::String(
+                            chrono::NaiveDate::from_num_days_from_ce_opt(days + EPOCH_DAYS_FROM_CE)
+                                .map_or_else(|| days.to_string(), |d| d.to_string()),
+                        ),
+                        Value::Decimal { value, .. } => Json::String(value),
                         other => Json::String(format!("{other:?}")),
                     })
                     .collect()
@@ -513,6 +519,10 @@ impl imba_stages::spark::Session for Connected<'_> {
     }
 }
 
+/// Days from 0001-01-01 (chrono's count) to 1970-01-01 (Spark's).
+#[cfg(feature = "spark")]
+const EPOCH_DAYS_FROM_CE: i32 = 719_163;
+
 /// A Spark error as a stage failure: its error class and message, and where it came from.
 #[cfg(feature = "spark")]
 fn spark_failure(shown: &str, error: &spark_connect::SparkError) -> StageFailure {
@@ -550,7 +560,7 @@ fn redact_tokens(text: &str) -> String {
         out.push_str("***");
         rest = &rest[at + "token=".len()..];
         let end = rest
-            .find(|c: char| matches!(c, ';' | '\'' | '"' | ' ' | ',' | ')'))
+            .find([';', '\'', '"', ' ', ',', ')'])
             .unwrap_or(rest.len());
         rest = &rest[end..];
     }

@@ -244,13 +244,15 @@ where
             ))?
             .first(),
         );
+        // Shown as the local engine shows them: strings quoted, other values as they print.
         let example = columns
             .iter()
             .zip(&first[1..])
             .map(|(c, v)| {
+                let text = self.column(c).map(|t| t == "string").unwrap_or(false);
                 let shown = match v {
                     Json::Null => "null".to_owned(),
-                    Json::String(s) if as_double(v).is_none() => format!("{s:?}"),
+                    Json::String(s) if text => format!("{s:?}"),
                     Json::String(s) => s.clone(),
                     other => other.to_string(),
                 };
