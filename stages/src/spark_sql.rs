@@ -147,6 +147,24 @@ pub(crate) fn query(sql: &str, view: &str) -> Result<String, String> {
     Ok(statement.to_string())
 }
 
+/// The row id imba adds to a scan: `monotonically_increasing_id()`, which increases with file
+/// order within one scan of a file.
+pub(crate) const ROW_ID: &str = "`__imba_row`";
+
+/// The rows of `from` (a view, and maybe a `WHERE`), each with its [`ROW_ID`].
+pub(crate) fn numbered(from: &str) -> String {
+    format!("(SELECT *, monotonically_increasing_id() AS {ROW_ID} FROM {from})")
+}
+
+/// The first row of `from` in file order that repeats an earlier one on `keys` (Spark SQL
+/// names, joined by commas; nulls equal nulls): its [`ROW_ID`], then the keys.
+pub(crate) fn first_repeat(keys: &str, from: &str) -> String {
+    format!(
+        "SELECT {ROW_ID}, {keys} FROM (SELECT *, row_number() OVER (PARTITION BY {keys} ORDER BY {ROW_ID}) AS `__imba_copy` FROM {}) WHERE `__imba_copy` = 2 ORDER BY {ROW_ID} LIMIT 1",
+        numbered(from)
+    )
+}
+
 /// Functions whose result differs between polars and Spark, and why.
 const DIFFERENT: &[(&str, &str)] = &[
     (

@@ -10,7 +10,8 @@ use serde_json::Value as Json;
 
 use super::{judge_all, not_booleans, Baselines, Check, Measures, Repeats, Verdict};
 use crate::spark_sql::{
-    as_double, double_literal, ident, is_float, is_numeric, local_name, query, Session,
+    as_double, double_literal, first_repeat, ident, is_float, is_numeric, local_name, numbered,
+    query, Session, ROW_ID,
 };
 
 /// Evaluates `checks` on the Parquet table at `table` (a path the cluster reads too) through
@@ -226,21 +227,15 @@ where
         if repeats == 0 {
             return Ok((0, None));
         }
-        // The first repeat in file order: the ids of one scan of the file increase with it.
-        let row = ident("__imba_row");
-        let numbered = format!(
-            "(SELECT *, monotonically_increasing_id() AS {row} FROM {})",
-            self.view
-        );
-        let first = self.row(&format!(
-            "SELECT {row}, {keys} FROM (SELECT *, row_number() OVER (PARTITION BY {keys} ORDER BY {row}) AS k FROM {numbered}) WHERE k = 2 ORDER BY {row} LIMIT 1"
-        ))?;
+        // The first repeat in file order, and how many rows come before it.
+        let first = self.row(&first_repeat(&keys, &self.view))?;
         let Some(id) = first.first().and_then(Json::as_u64) else {
             return Ok((repeats, None));
         };
         let position = count(
             self.row(&format!(
-                "SELECT count(1) FROM {numbered} WHERE {row} < {id}"
+                "SELECT count(1) FROM {} WHERE {ROW_ID} < {id}",
+                numbered(&self.view)
             ))?
             .first(),
         );

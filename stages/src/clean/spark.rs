@@ -37,7 +37,7 @@ pub(crate) fn supports(params: &CleanParams) -> Result<(), Unsupported> {
 
 /// Names of the columns imba adds; an input column must not start with it.
 const OURS: &str = "__imba_";
-const ROW: &str = "`__imba_row`";
+use crate::spark_sql::ROW_ID as ROW;
 
 /// Whitespace as Rust's `str::trim` (and polars' `strip_chars`) see it, in Java's regex syntax.
 const WS: &str = r"\p{IsWhite_Space}*";

@@ -12,7 +12,9 @@ use std::collections::BTreeMap;
 use serde_json::Value as Json;
 
 use super::*;
-use crate::spark_sql::{conformed, expression, ident, Failure, Input, Session, Unsupported};
+use crate::spark_sql::{
+    conformed, expression, first_repeat, ident, Failure, Input, Session, Unsupported,
+};
 
 /// Whether these params can run on Spark: the features are written as Parquet, and every SQL
 /// text reads as Spark SQL.
@@ -205,13 +207,10 @@ fn one_row_per_entity<S: Session>(
     if repeats == 0 {
         return Ok(());
     }
-    let row = ident("__imba_row");
     let first = session
-        .rows(&format!(
-            "SELECT {entity} FROM (SELECT {entity}, {row}, row_number() OVER (PARTITION BY {entity} ORDER BY {row}) AS n FROM (SELECT {entity}, monotonically_increasing_id() AS {row} FROM {view}{filter})) WHERE n = 2 ORDER BY {row} LIMIT 1"
-        ))
+        .rows(&first_repeat(&entity, &format!("{view}{filter}")))
         .map_err(Failure::Session)?;
-    let key = match first.first().and_then(|r| r.first()) {
+    let key = match first.first().and_then(|r| r.get(1)) {
         Some(Json::String(s)) => format!("\"{s}\""),
         Some(other) => other.to_string(),
         None => String::new(),
