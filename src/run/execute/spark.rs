@@ -209,14 +209,7 @@ async fn submit(
             };
             let fail = |e| imba_stages::spark::Failure::Session(Box::new(e));
             spark.add_tag(&tag).map_err(fail)?;
-            // Column names as the file writes them (`a` and `A` are two columns, as locally),
-            // and no `${…}` substitution inside the SQL text: a value is a value.
-            for setting in [
-                "SET spark.sql.caseSensitive=true",
-                "SET spark.sql.variable.substitute=false",
-            ] {
-                spark.sql(setting).map_err(fail)?;
-            }
+            read_as_imba(&spark).map_err(fail)?;
             let mut inputs = Vec::new();
             for (i, (input_name, path)) in job_inputs.iter().enumerate() {
                 let csv = imba_stages::io::table::is_csv(path);
@@ -365,14 +358,7 @@ pub(crate) fn checks_on_cluster(
                 .remote(&remote)
                 .get_or_create()
                 .map_err(|e| spark_message(&shown, &e))?;
-            for setting in [
-                "SET spark.sql.caseSensitive=true",
-                "SET spark.sql.variable.substitute=false",
-            ] {
-                session
-                    .sql(setting)
-                    .map_err(|e| spark_message(&shown, &e))?;
-            }
+            read_as_imba(&session).map_err(|e| spark_message(&shown, &e))?;
             Ok(session)
         });
         match connected {
@@ -517,6 +503,20 @@ impl imba_stages::spark::Session for Connected<'_> {
             )))),
         }
     }
+}
+
+/// Sets the session to read SQL as imba means it: column names as the file writes them (`a` and
+/// `A` are two columns, as locally), and no `${…}` substitution inside the SQL text (a value is
+/// a value).
+#[cfg(feature = "spark")]
+fn read_as_imba(spark: &spark_connect::SparkSession) -> Result<(), spark_connect::SparkError> {
+    for setting in [
+        "SET spark.sql.caseSensitive=true",
+        "SET spark.sql.variable.substitute=false",
+    ] {
+        spark.sql(setting)?;
+    }
+    Ok(())
 }
 
 /// Days from 0001-01-01 (chrono's count) to 1970-01-01 (Spark's).
