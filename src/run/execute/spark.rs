@@ -209,7 +209,7 @@ async fn submit(
             };
             let fail = |e| imba_stages::spark::Failure::Session(Box::new(e));
             spark.add_tag(&tag).map_err(fail)?;
-            read_as_imba(&spark).map_err(fail)?;
+            read_as_imba(&spark).map_err(imba_stages::spark::Failure::Session)?;
             let mut inputs = Vec::new();
             for (i, (input_name, path)) in job_inputs.iter().enumerate() {
                 let csv = imba_stages::io::table::is_csv(path);
@@ -509,12 +509,12 @@ impl imba_stages::spark::Session for Connected<'_> {
 /// `A` are two columns, as locally), and no `${…}` substitution inside the SQL text (a value is
 /// a value).
 #[cfg(feature = "spark")]
-fn read_as_imba(spark: &spark_connect::SparkSession) -> Result<(), spark_connect::SparkError> {
+fn read_as_imba(spark: &spark_connect::SparkSession) -> Result<(), Box<spark_connect::SparkError>> {
     for setting in [
         "SET spark.sql.caseSensitive=true",
         "SET spark.sql.variable.substitute=false",
     ] {
-        spark.sql(setting)?;
+        spark.sql(setting).map_err(Box::new)?;
     }
     Ok(())
 }
