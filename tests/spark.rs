@@ -454,7 +454,7 @@ stages:
             - gap_sd: stddev("days gap")
             - weekend: avg(CASE WHEN dow IN (0, 6) THEN 1.0 ELSE 0.0 END)
             - scaled: sum(dow * 0.1)
-            - last_month: max(month)
+            - last_month: max(t.month)
         - name: recent
           from: orders
           where: "month >= '2017-05' AND note <> 'it''s'"
@@ -624,7 +624,7 @@ stages:
       - unique: [id, label]
       - range: {{x: [0, 10]}}
         severity: warn
-      - sql: "SELECT count(*) > 2 AND avg(x) < 100.5 FROM self WHERE label <> 'it''s'"
+      - sql: "SELECT count(*) > 2 AND avg(self.x) < 100.5 FROM self WHERE label <> 'it''s'"
         severity: warn
       - change: {{metric: "mean(x)", max_pct: 5}}
         severity: warn

@@ -138,9 +138,19 @@ pub(crate) fn query(sql: &str, view: &str) -> Result<String, String> {
         _ => return Err("the query must be one SELECT".to_owned()),
     };
     as_spark(&mut statement)?;
+    let is_self = |id: &Ident| id.value.eq_ignore_ascii_case("self");
     let _ = visit_relations_mut(&mut statement, |name| {
         if name.to_string().eq_ignore_ascii_case("self") {
             *name = ObjectName::from(vec![Ident::new(view)]);
+        }
+        ControlFlow::<()>::Continue(())
+    });
+    // `self.x`: the view's column.
+    let _ = sqlparser::ast::visit_expressions_mut(&mut statement, |e| {
+        if let sqlparser::ast::Expr::CompoundIdentifier(ids) = e {
+            if ids.len() == 2 && is_self(&ids[0]) {
+                ids[0] = Ident::new(view);
+            }
         }
         ControlFlow::<()>::Continue(())
     });
@@ -336,6 +346,10 @@ mod tests {
         assert_eq!(
             query(r#"SELECT count(*) > 0.5 FROM self WHERE "a b" = 'x'"#, "v1").unwrap(),
             "SELECT count(*) > 0.5D FROM v1 WHERE `a b` = 'x'"
+        );
+        assert_eq!(
+            query("SELECT max(self.x) < 3 FROM self", "v1").unwrap(),
+            "SELECT max(v1.x) < 3 FROM v1"
         );
         assert!(query("DROP TABLE self", "v1").is_err());
         for refused in [

@@ -80,10 +80,11 @@ pub(crate) fn run<S: Session>(
     let mut groups: Vec<(String, Vec<String>)> = Vec::new();
     for (index, group) in params.groups.iter().enumerate() {
         let index = index.to_string();
+        // `t`, as the local engine names the group's table.
         let view = inputs
             .iter()
             .find(|i| i.name == group.from)
-            .map(|i| i.view.clone())
+            .map(|i| format!("{} t", i.view))
             .ok_or_else(|| StageError::new(format!("no input `{}`", group.from)))?;
         let filter = match &group.filter {
             Some(_) => format!(
