@@ -450,12 +450,7 @@ impl Measures for Here<'_> {
         let Some(df) = &self.table.df else {
             return Err("internal error: table not read".to_owned());
         };
-        let mut context = polars::sql::SQLContext::new();
-        context.register("self", df.clone().lazy());
-        let result = context
-            .execute(query)
-            .and_then(|lf| lf.collect())
-            .map_err(|e| format!("the query failed: {e}"))?;
+        let result = self_query(df, query)?;
         let (mut true_count, mut false_count, mut null_count) = (0u64, 0u64, 0u64);
         for column in result.columns() {
             let bools = column
@@ -471,6 +466,16 @@ impl Measures for Here<'_> {
         }
         Ok((true_count, false_count, null_count))
     }
+}
+
+/// A polars SQL query over `df` as the table `self`.
+fn self_query(df: &DataFrame, query: &str) -> Result<DataFrame, String> {
+    let mut context = polars::sql::SQLContext::new();
+    context.register("self", df.clone().lazy());
+    context
+        .execute(query)
+        .and_then(|lf| lf.collect())
+        .map_err(|e| format!("the query failed: {e}"))
 }
 
 /// A `sql` check's query that gives a column of another type.
@@ -810,12 +815,7 @@ pub fn measure_value(what: &Measure, path: &Path) -> Result<Option<f64>, String>
             let Some(df) = &table.df else {
                 return Err("internal error: table not read".to_owned());
             };
-            let mut context = polars::sql::SQLContext::new();
-            context.register("self", df.clone().lazy());
-            let result = context
-                .execute(query)
-                .and_then(|lf| lf.collect())
-                .map_err(|e| format!("the query failed: {e}"))?;
+            let result = self_query(df, query)?;
             if result.height() != 1 || result.width() != 1 {
                 return Err(format!(
                     "the query must give one value (one row, one column), it gave {} × {}",
