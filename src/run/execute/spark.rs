@@ -265,9 +265,8 @@ async fn submit(
         ran = &mut work => Some(ran),
         _ = cancel.wait_for(|s| *s >= Stop::Cancel) => None,
         () = server_gone(authority) => {
-            // The client would retry for minutes; its thread is left behind, writing at most
-            // into this stage's staging, which nothing commits.
-            let _ = std::fs::remove_dir_all(&written);
+            // The client would retry for minutes; its thread is left behind, and whatever the
+            // cluster still writes lands in this run's staging, which nothing commits.
             return Err(StageFailure::Other(format!(
                 "the Spark Connect server at {shown} stopped answering mid-stage; nothing was committed"
             )));
@@ -284,6 +283,14 @@ async fn submit(
         return Err(StageFailure::Cancelled);
     };
     let ran = ran.map_err(|e| StageFailure::Other(format!("internal error: {e}")))?;
+    if ran.is_err() {
+        // An operation the client gave up on may still run on the cluster: stop it before its
+        // folder goes, so that no job of this stage outlives it.
+        let interrupting = spark.clone();
+        let interrupt =
+            tokio::task::spawn_blocking(move || interrupting.interrupt_tag(&tag).map_err(Box::new));
+        let _ = tokio::time::timeout(CONNECT_TIMEOUT, interrupt).await;
+    }
     let _ = std::fs::remove_dir_all(&written);
     let (summary, app, ui) = ran.map_err(|e| match e {
         imba_stages::spark::Failure::Session(e) => spark_failure(shown, &e),
