@@ -54,6 +54,19 @@ impl<E> From<StageError> for Failure<E> {
     }
 }
 
+/// The one number a `SELECT count(1) …` gives; no row at all is an error, never a 0.
+pub(crate) fn count<S: Session>(session: &mut S, sql: &str) -> Result<usize, Failure<S::Error>> {
+    let row = one_row(session.rows(sql).map_err(Failure::Session)?)?;
+    Ok(row.first().and_then(Json::as_u64).unwrap_or(0) as usize)
+}
+
+/// The first row of a query that gives one.
+pub(crate) fn one_row<E>(rows: Vec<Vec<Json>>) -> Result<Vec<Json>, Failure<E>> {
+    rows.into_iter()
+        .next()
+        .ok_or_else(|| StageError::new("Spark returned no row for a count").into())
+}
+
 /// A double from a [`Session::rows`] value: a number, or `inf`, `-inf`, `NaN`.
 pub fn as_double(value: &Json) -> Option<f64> {
     match value {

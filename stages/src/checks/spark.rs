@@ -96,9 +96,12 @@ where
             .map_err(|e| e.to_string())
     }
 
-    /// The first row's values.
+    /// The first row's values: a query that gives none is an error, never zeros.
     fn row(&self, sql: &str) -> Result<Vec<Json>, String> {
-        Ok(self.query(sql)?.into_iter().next().unwrap_or_default())
+        self.query(sql)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| "Spark returned no row".to_owned())
     }
 
     /// A column's Spark SQL type, or the local engine's message for a column that is not there.

@@ -367,7 +367,7 @@ fn steps<S: Session>(
             .iter()
             .map(|(_, ok)| format!("count_if(({live}) AND NOT ({ok}))")),
     );
-    let row = one_row(
+    let row = crate::spark_sql::one_row(
         session
             .rows(&format!("SELECT {} FROM {cached}", counts_sql.join(", ")))
             .map_err(Failure::Session)?,
@@ -390,7 +390,7 @@ fn steps<S: Session>(
             .removed_domain_by_rule
             .insert((*column).clone(), n(5 + failed.len() + j));
     }
-    counts.kept = count(session, &format!("SELECT count(1) FROM ({survivors})"))?;
+    counts.kept = crate::spark_sql::count(session, &format!("SELECT count(1) FROM ({survivors})"))?;
 
     session
         .write(&format!(
@@ -454,7 +454,7 @@ fn first_failure<S: Session>(
         .and_then(Json::as_str)
         .unwrap_or_default()
         .to_owned();
-    let row = count(
+    let row = crate::spark_sql::count(
         session,
         &format!(
             "SELECT count(1) FROM (SELECT monotonically_increasing_id() AS {ROW} FROM {input}) WHERE {ROW} < {id}"
@@ -499,7 +499,7 @@ fn quartiles<S: Session>(values: &str, session: &mut S) -> Result<Quartiles, Fai
         let mut gathered = Gathered::Counts(counts);
         return Ok((gathered.quantile(0.25), gathered.quantile(0.75)));
     }
-    let row = one_row(
+    let row = crate::spark_sql::one_row(
         session
             .rows(&format!(
                 "SELECT percentile(v, 0.25), percentile(v, 0.75) FROM ({values})"
@@ -510,16 +510,4 @@ fn quartiles<S: Session>(values: &str, session: &mut S) -> Result<Quartiles, Fai
         row.first().and_then(crate::spark_sql::as_double),
         row.get(1).and_then(crate::spark_sql::as_double),
     ))
-}
-
-/// The one number a `SELECT count(1) …` gives.
-fn count<S: Session>(session: &mut S, sql: &str) -> Result<usize, Failure<S::Error>> {
-    let row = one_row(session.rows(sql).map_err(Failure::Session)?)?;
-    Ok(row.first().and_then(Json::as_u64).unwrap_or(0) as usize)
-}
-
-fn one_row<E>(rows: Vec<Vec<Json>>) -> Result<Vec<Json>, Failure<E>> {
-    rows.into_iter()
-        .next()
-        .ok_or_else(|| StageError::new("Spark returned no row for a count").into())
 }

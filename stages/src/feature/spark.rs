@@ -193,17 +193,9 @@ fn one_row_per_entity<S: Session>(
     session: &mut S,
 ) -> Result<(), Failure<S::Error>> {
     let entity = ident(&params.entity);
-    let count = |sql: &str, session: &mut S| -> Result<u64, Failure<S::Error>> {
-        let rows = session.rows(sql).map_err(Failure::Session)?;
-        Ok(rows
-            .first()
-            .and_then(|r| r.first())
-            .and_then(Json::as_u64)
-            .unwrap_or(0))
-    };
-    let repeats = count(
-        &format!("SELECT count(1) - count(DISTINCT {entity}) FROM {view}{filter}"),
+    let repeats = crate::spark_sql::count(
         session,
+        &format!("SELECT count(1) - count(DISTINCT {entity}) FROM {view}{filter}"),
     )?;
     if repeats == 0 {
         return Ok(());
@@ -216,5 +208,5 @@ fn one_row_per_entity<S: Session>(
         Some(other) => other.to_string(),
         None => String::new(),
     };
-    Err(repeated_entity(params, group, index, repeats as usize, &key).into())
+    Err(repeated_entity(params, group, index, repeats, &key).into())
 }
