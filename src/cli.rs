@@ -173,12 +173,45 @@ pub struct WatchArgs {
     /// the change after it.
     #[arg(long)]
     pub restart: bool,
-    /// Stages to run at once [default: the number of cores].
+    /// Stages to run at once, at most [default: the number of cores].
     #[arg(long, short = 'j', value_name = "N")]
     pub jobs: Option<usize>,
+    #[command(flatten)]
+    pub budget: BudgetArgs,
     /// When a stage fails, go on with the stages that do not need it.
     #[arg(long, short = 'k')]
     pub keep_going: bool,
+}
+
+/// The CPU and memory budget stages compute within (`resources:` in docs/pipeline-format.md).
+#[derive(Args, Debug, Clone, Copy)]
+pub struct BudgetArgs {
+    /// CPUs the stages computing at once may use together [default: the number of cores].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub cpus: Option<u32>,
+    /// Memory the stages computing at once may take together, from their `resources.memory`
+    /// or a built-in's estimate: `8G`, `512MiB` [default: 80% of the machine's memory].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub memory: Option<u64>,
+}
+
+impl BudgetArgs {
+    fn budget(self) -> crate::run::admit::Budget {
+        crate::run::admit::Budget::with(self.cpus, self.memory)
+    }
+}
+
+/// `8G`, `512MiB`: a size with a unit.
+fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    if !text.is_empty() && text.chars().all(|c| c.is_ascii_digit()) {
+        return Err("a size needs a unit: `8G`, `512M`".to_owned());
+    }
+    match text.parse::<bytesize::ByteSize>() {
+        Ok(size) if size.as_u64() > 0 => Ok(size.as_u64()),
+        Ok(_) => Err("the budget must be more than 0".to_owned()),
+        Err(_) => Err("not a size: write `8G`, `512M`, `2GiB`".to_owned()),
+    }
 }
 
 /// `100ms`, `2s`, `1m` (humantime), or a bare number of milliseconds.
@@ -195,9 +228,11 @@ pub struct RunArgs {
     pub pipeline: PipelineArgs,
     #[command(flatten)]
     pub select: SelectArgs,
-    /// Stages to run at once [default: the number of cores].
+    /// Stages to run at once, at most [default: the number of cores].
     #[arg(long, short = 'j', value_name = "N")]
     pub jobs: Option<usize>,
+    #[command(flatten)]
+    pub budget: BudgetArgs,
     /// Run the selected stages even when they are up to date.
     #[arg(long, short = 'f')]
     pub force: bool,
@@ -815,6 +850,7 @@ fn run_command(args: RunArgs, registry: Registry, printer: &Printer) -> ExitCode
     }
     let options = RunOptions {
         jobs: jobs_or_cores(args.jobs),
+        budget: args.budget.budget(),
         selection,
         keep_going: args.keep_going,
         no_wait: args.no_wait,
@@ -862,6 +898,7 @@ fn watch_command(args: WatchArgs, registry: Registry, printer: &Printer) -> Exit
             .max(std::time::Duration::from_millis(100)),
         restart: args.restart,
         jobs: jobs_or_cores(args.jobs),
+        budget: args.budget.budget(),
         keep_going: args.keep_going,
     };
     let load = || load_dag(&args.pipeline, &registry);
@@ -1278,6 +1315,8 @@ fn pull_command(args: PullArgs, registry: Registry, printer: &Printer) -> ExitCo
     }
     let options = RunOptions {
         jobs: jobs_or_cores(args.jobs),
+        // Restoring computes nothing.
+        budget: crate::run::admit::Budget::machine(),
         selection: args.select.selection(false),
         keep_going: true,
         no_wait: false,

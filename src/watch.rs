@@ -44,6 +44,7 @@ pub struct Options {
     /// Cancel a run in progress when a change arrives, instead of queueing the change.
     pub restart: bool,
     pub jobs: usize,
+    pub budget: crate::run::admit::Budget,
     pub keep_going: bool,
 }
 
@@ -832,6 +833,7 @@ impl State<'_> {
         let (stop, stop_rx) = watch::channel(Stop::Go);
         let options = RunOptions {
             jobs: self.options.jobs,
+            budget: self.options.budget,
             selection,
             keep_going: self.options.keep_going,
             no_wait: false,

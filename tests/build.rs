@@ -6,8 +6,20 @@ use std::collections::BTreeMap;
 /// Package id → its enabled features, as cargo resolves them with these arguments.
 fn features(extra: &[&str]) -> BTreeMap<String, Vec<String>> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    // Only this machine's platform: crates for other targets (Android's, Windows') are never
+    // needed here. Not `--offline`: on a fresh machine the default build has not fetched the
+    // Spark client's crates yet, and cargo fetches them from the registry once.
+    let rustc = std::process::Command::new("rustc")
+        .arg("-vV")
+        .output()
+        .expect("run rustc -vV");
+    let host = String::from_utf8_lossy(&rustc.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("host: ").map(str::to_owned))
+        .expect("rustc -vV names its host");
     let out = std::process::Command::new(cargo)
-        .args(["metadata", "--format-version", "1", "--locked", "--offline"])
+        .args(["metadata", "--format-version", "1", "--locked"])
+        .args(["--filter-platform", &host])
         .args(extra)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()

@@ -187,6 +187,7 @@ impl Fixture {
         let (_stop_tx, stop) = tokio::sync::watch::channel(imba::interrupt::Stop::Go);
         let options = RunOptions {
             jobs: 2,
+            budget: imba::run::admit::Budget::machine(),
             selection: Selection::default(),
             keep_going: false,
             no_wait: false,

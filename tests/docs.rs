@@ -141,6 +141,10 @@ fn error_catalogue() -> String {
             "Unsafe input: hostile YAML, FIFOs, control characters",
         ),
         (
+            "limits",
+            "Resources, retries and timeouts (a timed-out stage fails: exit 1)",
+        ),
+        (
             "spark",
             "Spark (`engine: spark`; a failed Spark job fails its stage: exit 1)",
         ),

@@ -8,6 +8,7 @@
 
 pub mod checks;
 pub mod confine;
+pub mod limits;
 pub mod metrics;
 pub mod overrides;
 pub mod params;

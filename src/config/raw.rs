@@ -39,6 +39,9 @@ pub const STAGE_KEYS: &[&str] = &[
     "on_failure",
     "outputs",
     "params",
+    "resources",
+    "retries",
+    "timeout",
     "uses",
     "version",
 ];
@@ -111,6 +114,12 @@ pub struct StageSpec {
     pub env: Option<Node>,
     /// `engine:` where a built-in stage runs: `local` (polars, the default) or `spark`.
     pub engine: Option<(Key, Node)>,
+    /// `resources: {cpus, memory}`, what the stage asks of where it runs.
+    pub resources: Option<Node>,
+    /// `retries:`, attempts in all and the wait between them (or a number of re-tries).
+    pub retries: Option<Node>,
+    /// `timeout:`, the longest an attempt may run.
+    pub timeout: Option<Node>,
 }
 
 /// Checks the shape of a parsed pipeline file, collecting every problem. The file that comes back
@@ -276,6 +285,9 @@ fn check_stage(name: &Key, node: &Node, diagnostics: &mut Vec<Diagnostic>) -> Ch
         keep: None,
         env: None,
         engine: None,
+        resources: None,
+        retries: None,
+        timeout: None,
     };
     let mut argv = None;
     for (key, value) in entries {
@@ -344,6 +356,25 @@ fn check_stage(name: &Key, node: &Node, diagnostics: &mut Vec<Diagnostic>) -> Ch
             },
             "env" => spec.env = check_env(key, value, diagnostics),
             "engine" => spec.engine = Some((key.clone(), value)),
+            "resources" => match &value.value {
+                Value::Map(_) | Value::String(_) => spec.resources = Some(value),
+                Value::Null => {}
+                _ => diagnostics.push(wrong_kind(key, &value, "a map: `{cpus: 2, memory: 4G}`")),
+            },
+            "retries" => match &value.value {
+                Value::Map(_) | Value::Int(_) | Value::String(_) => spec.retries = Some(value),
+                Value::Null => {}
+                _ => diagnostics.push(wrong_kind(
+                    key,
+                    &value,
+                    "a map `{attempts: 3, backoff: 10s}`, or a number of re-tries",
+                )),
+            },
+            "timeout" => match &value.value {
+                Value::String(_) => spec.timeout = Some(value),
+                Value::Null => {}
+                _ => diagnostics.push(wrong_kind(key, &value, "a duration: `30m`, `90s`, `2h`")),
+            },
             "inputs" => spec.inputs = check_paths(key, value, diagnostics),
             "checks" => match &value.value {
                 Value::Seq(_) | Value::String(_) => spec.checks = Some(value),

@@ -1129,6 +1129,23 @@ impl StageResolver<'_> {
             );
         }
         let engine = self.engine(spec, &kind, &param_spans);
+        let limits = {
+            let mut render = |node: &Option<Node>| {
+                node.as_ref()
+                    .and_then(|n| self.templates.render_node(n, &ctx, self.diagnostics))
+            };
+            let (resources, retries, timeout) = (
+                render(&spec.resources),
+                render(&spec.retries),
+                render(&spec.timeout),
+            );
+            super::limits::parse(
+                resources.as_ref(),
+                retries.as_ref(),
+                timeout.as_ref(),
+                self.diagnostics,
+            )
+        };
         if instance.partition.is_none() {
             for check in &checks {
                 if let imba_stages::checks::Check::Change {
@@ -1155,6 +1172,7 @@ impl StageResolver<'_> {
         let read = self.vars_read(spec);
         Some(Stage {
             engine,
+            limits,
             partition: instance.partition,
             vars: read.values,
             var_deps: read.deps,

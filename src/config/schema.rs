@@ -179,6 +179,18 @@ pub struct StageSchema {
     /// Spark cluster at `SPARK_REMOTE` or `engines.spark.remote`, through Spark Connect:
     /// `clean`, `aggregate`, `feature`).
     engine: Option<EngineSchema>,
+    /// What the stage asks of where it runs: the local scheduler admits stages within its CPU
+    /// and memory budget (`--cpus`, `--memory`). Not fingerprinted.
+    resources: Option<ResourcesSchema>,
+    /// How often a failed attempt is tried again: `{attempts: 3, backoff: 10s}` (attempts in
+    /// all; the wait doubles each time), or a number of re-tries (`retries: 2` is three attempts).
+    /// A failed command, a timeout, a storage error or a built-in's run-time error is retried; a
+    /// config error, a missing input or output and a failed check are not. Not fingerprinted.
+    retries: Option<RetriesSchema>,
+    /// The longest one attempt may run (`30m`, `90s`, `2h`): then it is stopped as Ctrl-C stops
+    /// it (SIGTERM to the command's process group, then SIGKILL; a built-in's cancel flag) and
+    /// fails, or is retried. Not fingerprinted.
+    timeout: Option<String>,
     /// Values to follow across partitions (`imba metrics`), measured on the outputs when they
     /// are committed: `rows`, `mean(COLUMN)`, `null_fraction(COLUMN)` of the stage's table, or a
     /// map with `sql` (one value over a table) or `json` (a pointer into a JSON output).
@@ -193,6 +205,38 @@ pub struct StageSchema {
     /// With `version: auto`: how many versions stay in place; older ones move to `archive/`
     /// beside the output. Default: all stay.
     keep: Option<u32>,
+}
+
+/// `resources:` of a stage.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct ResourcesSchema {
+    /// CPUs the stage uses (default 1).
+    #[schemars(range(min = 1, max = 4096))]
+    cpus: Option<u32>,
+    /// The most memory it needs, with a unit: `512M`, `4G` (10⁹ bytes), `4GiB` (2³⁰). Default:
+    /// nothing reserved.
+    memory: Option<String>,
+}
+
+/// `retries:` of a stage.
+#[derive(Deserialize, JsonSchema)]
+#[serde(untagged)]
+enum RetriesSchema {
+    /// Re-tries after the first attempt.
+    Count(#[schemars(range(max = 99))] u32),
+    Policy(RetryPolicySchema),
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct RetryPolicySchema {
+    /// Attempts in all, the first included (default 1).
+    #[schemars(range(min = 1, max = 100))]
+    attempts: Option<u32>,
+    /// The wait before the second attempt (`10s`); it doubles before each one after, up to an
+    /// hour. Default `0s`.
+    backoff: Option<String>,
 }
 
 #[derive(Deserialize, JsonSchema)]

@@ -161,6 +161,49 @@ impl Engine {
     }
 }
 
+/// What a stage asks of where it runs, and how a failed or hanging attempt is handled
+/// (`resources:`, `retries:`, `timeout:`). None of it is fingerprinted: it changes how a stage
+/// runs, never what it writes.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Limits {
+    /// CPUs it uses (`resources.cpus`); `None`: one.
+    pub cpus: Option<u32>,
+    /// Bytes of memory it needs at most (`resources.memory`); `None`: nothing reserved.
+    pub memory: Option<u64>,
+    pub retries: Retries,
+    /// An attempt that runs longer is stopped as Ctrl-C stops it, and fails.
+    pub timeout: Option<Duration>,
+}
+
+/// How often a stage is tried (`retries:`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retries {
+    /// Attempts in all, at least 1.
+    pub attempts: u32,
+    /// The wait before the second attempt; it doubles before each one after.
+    pub backoff: Duration,
+}
+
+impl Default for Retries {
+    fn default() -> Self {
+        Retries {
+            attempts: 1,
+            backoff: Duration::ZERO,
+        }
+    }
+}
+
+impl Retries {
+    /// The wait after failed attempt `attempt` (1-based): `backoff × 2^(attempt-1)`, at most
+    /// an hour.
+    pub fn wait_after(&self, attempt: u32) -> Duration {
+        let factor = 1u32 << attempt.saturating_sub(1).min(16);
+        self.backoff
+            .saturating_mul(factor)
+            .min(Duration::from_secs(3600))
+    }
+}
+
 /// Which partition a stage instance is for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Partition {
@@ -220,6 +263,8 @@ pub struct Stage {
     pub partition: Option<Partition>,
     /// Where a built-in stage runs.
     pub engine: Engine,
+    /// Its resources, retries and timeout.
+    pub limits: Limits,
     /// The pipeline's vars this stage's templates read, directly or through other vars, with
     /// their values (a secret-looking one by a hash of its value): the lock keeps them, so that
     /// a stale stage can say "var month changed: 2024-12 → 2024-06". Never fingerprinted: what

@@ -541,6 +541,44 @@ impl crate::run::Events for RunPrinter {
                     self.line(String::from_utf8_lossy(&text).trim_end().to_owned());
                 }
             }
+            Event::StageQueued {
+                name,
+                demand,
+                in_use,
+                budget,
+            } => {
+                if !self.quiet {
+                    self.line(format!(
+                        "{} {} (needs {demand}; {in_use} of the budget's {} CPUs and {} in use: `--cpus`, `--memory`)",
+                        self.paint("33", "  wait"),
+                        safe(&name),
+                        budget.cpus,
+                        crate::run::admit::size(budget.memory)
+                    ));
+                }
+            }
+            Event::StageRetrying {
+                name,
+                attempt,
+                attempts,
+                error,
+                wait,
+            } => {
+                // A failure worth a retry is worth a line, even with `--quiet`.
+                let first = error.lines().next().unwrap_or_default();
+
+                let again = if wait.is_zero() {
+                    "trying again".to_owned()
+                } else {
+                    format!("again in {}", humantime::format_duration(wait))
+                };
+                self.line(format!(
+                    "{} {} (attempt {attempt} of {attempts} failed: {}; {again})",
+                    self.paint("33", " retry"),
+                    safe(&name),
+                    safe(first)
+                ));
+            }
             Event::StageWaiting {
                 name,
                 holder,

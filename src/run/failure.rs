@@ -41,6 +41,8 @@ pub enum StageFailure {
     /// Reading inputs or committing outputs failed (in S3, possibly because the run was
     /// cancelled and the request dropped).
     Storage(String),
+    /// An attempt ran longer than the stage's `timeout` and was stopped.
+    TimedOut { after: std::time::Duration },
     /// Anything else: staging could not be prepared, a variable is unset, an internal error.
     Other(String),
 }
@@ -58,6 +60,43 @@ impl StageFailure {
                     ..
                 }
         )
+    }
+
+    /// Whether another attempt may succeed where this one failed (`retries:`): a command that
+    /// failed or was killed, a timeout, a storage error, a built-in's run-time error. A config
+    /// error (a built-in's error about one of its params), a missing input or output and a failed
+    /// check would fail the same way again.
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self,
+            StageFailure::Command { .. }
+                | StageFailure::TimedOut { .. }
+                | StageFailure::Storage(_)
+                | StageFailure::Builtin { param: None, .. }
+        )
+    }
+
+    /// One line: for a command, how it ended and the last line of its stderr (what a retry
+    /// notice shows); else the message's first line.
+    pub fn brief(&self) -> String {
+        match self {
+            StageFailure::Command { end, tail, .. } => {
+                let ended = match end {
+                    CommandEnd::Exit(code) => format!("exit status {code}"),
+                    CommandEnd::Signal(signal) => format!("killed by signal {signal}"),
+                };
+                match tail.lines().rev().find(|l| !l.trim().is_empty()) {
+                    Some(last) => format!("{ended}: {}", last.trim()),
+                    None => ended,
+                }
+            }
+            other => other
+                .to_string()
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
+        }
     }
 
     /// The command's exit status, for the run record.
@@ -113,6 +152,11 @@ impl fmt::Display for StageFailure {
                 }
                 Ok(())
             }
+            StageFailure::TimedOut { after } => write!(
+                f,
+                "timed out after {} (its `timeout`): stopped as Ctrl-C stops a stage",
+                humantime::format_duration(*after)
+            ),
             StageFailure::Checks(message)
             | StageFailure::Storage(message)
             | StageFailure::Other(message) => f.write_str(message),

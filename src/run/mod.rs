@@ -10,6 +10,7 @@
 //! [`crate::run::gate`]), and its lock entry is written only after that. Hashing, commits and
 //! built-in stages run on blocking threads, never on the runtime's workers.
 
+pub mod admit;
 pub mod execute;
 pub mod failure;
 pub mod gate;
@@ -37,6 +38,8 @@ use crate::store::{RunCache, StatCache, Store, Stores};
 #[derive(Clone, Debug)]
 pub struct RunOptions {
     pub jobs: usize,
+    /// CPUs and memory the stages may use at once (`--cpus`, `--memory`).
+    pub budget: admit::Budget,
     pub selection: Selection,
     pub keep_going: bool,
     /// Fail at once instead of waiting when another run holds the lock.
@@ -142,6 +145,23 @@ pub enum Event {
     StageCancelled {
         name: String,
     },
+    /// What the stage asks for does not fit beside what computes now: it waits.
+    StageQueued {
+        name: String,
+        demand: admit::Demand,
+        in_use: admit::Demand,
+        budget: admit::Budget,
+    },
+    /// An attempt failed and the stage will be tried again after `wait` (`retries:`).
+    StageRetrying {
+        name: String,
+        /// The attempt that failed (1 for the first).
+        attempt: u32,
+        attempts: u32,
+        /// Why, in one line.
+        error: String,
+        wait: Duration,
+    },
     Warning(String),
 }
 
@@ -222,6 +242,8 @@ pub(crate) struct Context {
     run_id: String,
     events: Arc<dyn Events>,
     cancel: watch::Receiver<Stop>,
+    /// The CPU and memory budget stages compute within.
+    admission: admit::Admission,
     /// The stages this run was asked for.
     selected: std::collections::BTreeSet<usize>,
     /// Selected stages that ended (or will not start), and how: a `change: {against:
@@ -440,6 +462,7 @@ pub fn run_with(
         run_id: run_id.clone(),
         events: events.clone(),
         cancel: cancel_rx,
+        admission: admit::Admission::new(options.budget),
         selected: selected.clone(),
         ended: Mutex::new(std::collections::BTreeMap::new()),
         ended_notify: tokio::sync::Notify::new(),

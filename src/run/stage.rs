@@ -17,7 +17,7 @@ use crate::interrupt::Stop;
 use crate::model::{file_name, Port, Stage, StageKind};
 use crate::plan::{self, Reason};
 use crate::state::lock::LockedStage;
-use crate::state::record::{Decision, StageRecord};
+use crate::state::record::{AttemptRecord, Decision, StageRecord};
 use crate::store::cache::{self, CachedOutput, Entry, Stored};
 use crate::store::remote::{FetchError, Lease, Taken};
 use crate::store::{versions, ContentHash, Staged};
@@ -30,6 +30,7 @@ pub(super) fn stage_record(name: &str, decision: Decision) -> StageRecord {
         reasons: Vec::new(),
         fingerprint: None,
         duration_ms: 0,
+        started: None,
         exit_status: None,
         error: None,
         unchanged: false,
@@ -41,6 +42,7 @@ pub(super) fn stage_record(name: &str, decision: Decision) -> StageRecord {
         quarantine: None,
         hook: None,
         accepted: None,
+        attempts: Vec::new(),
     }
 }
 
@@ -483,18 +485,77 @@ async fn produce_and_commit(
     staging.prepare(stage)?;
     let inputs = fetch_inputs(ctx, index).await?;
     let logs = ctx.state.logs(&ctx.run_id);
-    let execution = Execution {
-        stage,
-        workdir: &ctx.dag.pipeline().workdir,
-        inputs: &inputs,
-        staged: &staging.outputs,
-        logs: &logs,
-        run_id: &ctx.run_id,
-        registry: &ctx.registry,
-        engines: &ctx.dag.pipeline().engines,
-        cancel: ctx.cancel.clone(),
+    let demand = demand(stage);
+    let _ticket = match ctx.admission.try_admit(demand) {
+        Ok(ticket) => ticket,
+        Err(in_use) => {
+            ctx.events.event(Event::StageQueued {
+                name: stage.name.clone(),
+                demand,
+                in_use,
+                budget: ctx.admission.budget(),
+            });
+            let mut cancel = ctx.cancel.clone();
+            tokio::select! {
+                ticket = ctx.admission.admit(demand) => ticket,
+                Ok(_) = cancel.wait_for(|s| *s >= Stop::Cancel) => return Err(StageFailure::Cancelled),
+            }
+        }
     };
-    let executed = execute(&execution).await;
+    record.started = Some(crate::state::record::now_millis());
+    let retries = stage.limits.retries;
+    let mut attempt = 1;
+    let executed = loop {
+        let execution = Execution {
+            stage,
+            workdir: &ctx.dag.pipeline().workdir,
+            inputs: &inputs,
+            staged: &staging.outputs,
+            logs: &logs,
+            run_id: &ctx.run_id,
+            registry: &ctx.registry,
+            engines: &ctx.dag.pipeline().engines,
+            cancel: ctx.cancel.clone(),
+            attempt,
+        };
+        let (started, at) = (Instant::now(), crate::state::record::now());
+        let result = attempt_once(ctx, execution, stage.limits.timeout).await;
+        if retries.attempts > 1 {
+            let failure = result.as_ref().err();
+            record.attempts.push(AttemptRecord {
+                attempt,
+                started: at,
+                duration_ms: started.elapsed().as_millis() as u64,
+                error: failure.map(ToString::to_string),
+                exit_status: failure.and_then(StageFailure::exit_status),
+            });
+        }
+        match result {
+            Err(failure)
+                if attempt < retries.attempts
+                    && failure.retryable()
+                    && *ctx.cancel.borrow() < Stop::Cancel =>
+            {
+                let wait = retries.wait_after(attempt);
+                ctx.events.event(Event::StageRetrying {
+                    name: stage.name.clone(),
+                    attempt,
+                    attempts: retries.attempts,
+                    error: failure.brief(),
+                    wait,
+                });
+                let mut cancel = ctx.cancel.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    Ok(_) = cancel.wait_for(|s| *s >= Stop::Cancel) => break Err(StageFailure::Cancelled),
+                }
+                // The next attempt starts from nothing, as the first did.
+                staging.reset(stage, aside)?;
+                attempt += 1;
+            }
+            other => break other,
+        }
+    };
     let Executed {
         exit_status,
         log,
@@ -543,6 +604,69 @@ async fn produce_and_commit(
         stored,
         reported,
     })
+}
+
+/// What a stage asks of the budget while it computes: its `resources:`, else one CPU (none for
+/// a stage on Spark, which computes on the cluster) and no memory.
+fn demand(stage: &Stage) -> super::admit::Demand {
+    let local = stage.engine == crate::model::Engine::Local;
+    super::admit::Demand {
+        cpus: stage.limits.cpus.unwrap_or(u32::from(local)),
+        memory: stage.limits.memory.unwrap_or(0),
+    }
+}
+
+/// One attempt: the stage's execution under the run's stop requests and, with a `timeout`, a
+/// stop of its own when the time is up, as Ctrl-C stops it; the attempt then fails as timed out,
+/// whatever it returns (a command that exits 0 on SIGTERM may have written half its outputs).
+async fn attempt_once(
+    ctx: &Context,
+    execution: Execution<'_>,
+    timeout: Option<std::time::Duration>,
+) -> Result<Executed, StageFailure> {
+    let Some(limit) = timeout else {
+        return execute(&execution).await;
+    };
+    let (stop, cancel) = tokio::sync::watch::channel(*ctx.cancel.borrow());
+    let execution = Execution {
+        cancel,
+        ..execution
+    };
+    let raise = |to: Stop| {
+        stop.send_if_modified(|level| {
+            let higher = to > *level;
+            if higher {
+                *level = to;
+            }
+            higher
+        });
+    };
+    let mut run = ctx.cancel.clone();
+    let mut listening = true;
+    let mut timed_out = false;
+    let work = execute(&execution);
+    let deadline = tokio::time::sleep(limit);
+    tokio::pin!(work, deadline);
+    loop {
+        tokio::select! {
+            result = &mut work => {
+                return if timed_out {
+                    Err(StageFailure::TimedOut { after: limit })
+                } else {
+                    result
+                };
+            }
+            _ = &mut deadline, if !timed_out => {
+                timed_out = true;
+                tracing::debug!(stage = %execution.stage.name, ?limit, "timed out");
+                raise(Stop::Cancel);
+            }
+            changed = run.changed(), if listening => match changed {
+                Ok(()) => raise(*run.borrow_and_update()),
+                Err(_) => listening = false,
+            },
+        }
+    }
 }
 
 /// Copies the staged outputs into the run cache. A cache that cannot be written costs the
@@ -940,6 +1064,26 @@ impl Staging {
     /// Whatever is left: committed outputs were moved away, the rest is dropped.
     fn remove(&self) {
         let _ = std::fs::remove_dir_all(&self.root);
+    }
+
+    /// Before another attempt: what the failed one wrote goes (staged outputs, and outputs
+    /// written in place, whose previous content is safe aside), and staging is as new.
+    fn reset(&self, stage: &Stage, aside: Option<&Aside>) -> Result<(), StageFailure> {
+        let gone = |path: &Path| {
+            crate::store::fs::remove_any(path);
+            match std::fs::symlink_metadata(path) {
+                Ok(_) => Err(StageFailure::Other(format!(
+                    "before the next attempt, cannot remove {}",
+                    path.display()
+                ))),
+                Err(_) => Ok(()),
+            }
+        };
+        gone(&self.root)?;
+        for (target, _) in aside.map(Aside::moved).unwrap_or_default() {
+            gone(&target)?;
+        }
+        self.prepare(stage)
     }
 }
 

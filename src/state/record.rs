@@ -100,8 +100,13 @@ pub fn shown_vars(pipeline: &crate::model::Pipeline) -> serde_json::Map<String, 
 }
 
 /// The time now, as records write it (RFC 3339, seconds).
-fn now() -> String {
+pub(crate) fn now() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+/// Now, to the millisecond (RFC 3339): when stages started, to order them.
+pub(crate) fn now_millis() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
 }
 
 /// What one run did.
@@ -173,6 +178,9 @@ pub struct StageRecord {
     pub fingerprint: Option<String>,
     #[serde(default)]
     pub duration_ms: u64,
+    /// When it started computing (RFC 3339, milliseconds), after waiting for the budget.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_status: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -202,6 +210,24 @@ pub struct StageRecord {
     /// Its quarantined outputs were committed by hand (`imba accept`), after a person looked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accepted: Option<Accepted>,
+    /// Each attempt, when the stage may be tried more than once (`retries:`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attempts: Vec<AttemptRecord>,
+}
+
+/// One attempt of a stage that may be retried.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct AttemptRecord {
+    /// 1 for the first.
+    pub attempt: u32,
+    /// When it started (RFC 3339).
+    pub started: String,
+    pub duration_ms: u64,
+    /// Why it failed; none for the attempt that succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_status: Option<i32>,
 }
 
 /// A person accepted a stage's quarantined outputs.

@@ -37,6 +37,8 @@ pub struct Execution<'a> {
     /// At [`Stop::Cancel`] a command gets SIGTERM (SIGKILL at [`Stop::Kill`]) and a built-in
     /// its cancel flag.
     pub cancel: watch::Receiver<Stop>,
+    /// Which attempt this is (1 for the first; `retries:`).
+    pub attempt: u32,
 }
 
 /// What an execution reports besides its staged outputs.

@@ -26,6 +26,20 @@ pub(super) async fn run(
         err: logs.join(format!("{}.err", file_name(&stage.name))),
     };
     let env = environment(stage)?;
+    if ex.attempt > 1 {
+        // The logs keep every attempt, each after a line that says which.
+        for path in [&log.out, &log.err] {
+            let header = format!("\n--- imba: attempt {} ---\n", ex.attempt);
+            let appended = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .and_then(|mut f| std::io::Write::write_all(&mut f, header.as_bytes()));
+            appended.map_err(|e| {
+                StageFailure::Other(format!("cannot write {}: {e}", path.display()))
+            })?;
+        }
+    }
     for (words, command) in programs(ex, templates, argv)? {
         tracing::debug!(stage = %stage.name, %command, "running");
         run_one(ex, &words, command, &env, &log).await?;
@@ -133,6 +147,7 @@ async fn run_one(
         .envs(env.iter().map(|(k, v)| (k, v)))
         .env("IMBA_STAGE", &ex.stage.name)
         .env("IMBA_RUN", ex.run_id)
+        .env("IMBA_ATTEMPT", ex.attempt.to_string())
         .stdin(std::process::Stdio::null())
         .stdout(stdout)
         .stderr(stderr)
