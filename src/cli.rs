@@ -108,6 +108,12 @@ pub enum Command {
         /// The shell.
         shell: clap_complete::Shell,
     },
+    /// Run one stage's computation from a job spec, on a node of an executor (imba submits it).
+    #[command(hide = true)]
+    ExecStage {
+        /// The job spec imba wrote (`.imba/logs/RUN/STAGE.job.json`).
+        spec: PathBuf,
+    },
 }
 
 /// The pipeline to read, and overrides of its vars and params.
@@ -126,6 +132,10 @@ pub struct PipelineArgs {
     /// Connect, at `SPARK_REMOTE`), unless the stage names its own `engine:`.
     #[arg(long, value_name = "ENGINE", value_parser = ["local", "spark"])]
     pub engine: Option<String>,
+    /// Run every stage that names no `executor:` as a job of this executor (a name in the
+    /// pipeline's `executors:`; `local`: here). Stages on Spark stay on Spark.
+    #[arg(long, value_name = "NAME")]
+    pub executor: Option<String>,
 }
 
 /// Which stages to consider.
@@ -507,6 +517,7 @@ impl PipelineArgs {
                 "spark" => crate::model::Engine::Spark,
                 _ => crate::model::Engine::Local,
             }),
+            executor: self.executor.clone(),
             ..Overrides::default()
         }
     }
@@ -637,6 +648,10 @@ pub fn run(cli: Cli, printer: &Printer) -> ExitCode {
         Command::Schema => {
             printer.data(&crate::config::schema::pipeline_schema_json());
             ExitCode::SUCCESS
+        }
+        Command::ExecStage { spec } => {
+            let code = crate::run::execute::job::exec_stage(&spec, &registry);
+            ExitCode::from(u8::try_from(code).unwrap_or(1))
         }
         Command::Completions { shell } => {
             let mut buffer = Vec::new();
@@ -975,6 +990,7 @@ fn versions_command(args: VersionsArgs, registry: &Registry, printer: &Printer) 
                 set: args.set,
                 vars: args.vars,
                 engine: None,
+                executor: None,
             },
             args.stage,
             args.json,
@@ -1355,6 +1371,7 @@ fn gc_command(args: GcArgs, registry: &Registry, printer: &Printer) -> ExitCode 
             set: Vec::new(),
             vars: Vec::new(),
             engine: None,
+            executor: None,
         };
         let dag = match dag_for_records(&pipeline_args, registry, printer) {
             Ok(dag) => dag,
@@ -1391,6 +1408,7 @@ fn gc_command(args: GcArgs, registry: &Registry, printer: &Printer) -> ExitCode 
                 set: Vec::new(),
                 vars: Vec::new(),
                 engine: None,
+                executor: None,
             };
             let dag = match dag_for_records(&pipeline_args, registry, printer) {
                 Ok(dag) => dag,

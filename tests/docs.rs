@@ -144,6 +144,7 @@ fn error_catalogue() -> String {
             "limits",
             "Resources, retries and timeouts (a timed-out stage fails: exit 1)",
         ),
+        ("slurm", "Executors (`executor:`, `--executor`; Slurm)"),
         (
             "spark",
             "Spark (`engine: spark`; a failed Spark job fails its stage: exit 1)",

@@ -291,28 +291,31 @@ fn stages_that_do_not_fit_the_memory_budget_together_run_one_after_the_other() {
         "start\nend\nstart\nend\n",
         "never both at once"
     );
+    // Whichever asked second waited, and said so.
+    let waited = out
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("  wait "))
+        .unwrap_or_else(|| panic!("{}", out.stderr));
     assert!(
-        out.stderr
-            .contains("  wait b (needs 1 CPU and 3.0 GB; 1 CPU and 3.0 GB of the budget's"),
-        "{}",
-        out.stderr
+        waited.contains(" (needs 1 CPU and 3.0 GB; 1 CPU and 3.0 GB of the budget's "),
+        "{waited}"
     );
-    // The record says when each started computing, in order.
+    assert!(
+        waited.ends_with(" CPUs and 4.0 GB in use: `--cpus`, `--memory`)"),
+        "{waited}"
+    );
+    // The record says when each started computing: the second after the first's 0.3 s.
     let stages = record(&t)["stages"].clone();
-    let started: Vec<&str> = ["a", "b"]
+    let mut started: Vec<std::time::SystemTime> = stages
+        .as_array()
+        .unwrap()
         .iter()
-        .map(|name| {
-            stages
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|s| s["name"] == *name)
-                .unwrap()["started"]
-                .as_str()
-                .unwrap()
-        })
+        .map(|s| humantime::parse_rfc3339(s["started"].as_str().unwrap()).unwrap())
         .collect();
-    assert!(started[0] < started[1], "{started:?}");
+    started.sort();
+    let apart = started[1].duration_since(started[0]).unwrap();
+    assert!(apart >= Duration::from_millis(300), "{apart:?}");
     // The same with one CPU for both.
     let t = common::Test::new().pipeline(&TWO_STAGES.replace("MEMORY", "1G"));
     t.run_ok(&["-j", "2", "--cpus", "1"]);

@@ -8,6 +8,7 @@
 
 pub mod checks;
 pub mod confine;
+pub mod executors;
 pub mod limits;
 pub mod metrics;
 pub mod overrides;
@@ -88,6 +89,7 @@ pub fn load_partial(
             registry,
             &overrides.discovered,
             overrides.engine,
+            overrides.executor.as_deref(),
             &mut diagnostics,
         )
     });

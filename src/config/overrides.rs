@@ -23,6 +23,8 @@ pub struct Overrides {
     pub discovered: std::collections::BTreeMap<String, Vec<String>>,
     /// `--engine`: the engine of every built-in stage that can run on it and names none itself.
     pub engine: Option<crate::model::Engine>,
+    /// `--executor`: the executor of every stage that names none itself.
+    pub executor: Option<String>,
 }
 
 impl Overrides {
@@ -38,7 +40,8 @@ impl Overrides {
             _ => format!("--set {set}"),
         });
         let engine = self.engine.map(|e| format!("--engine {}", e.as_str()));
-        files.chain(sets).chain(engine).collect()
+        let executor = self.executor.as_ref().map(|e| format!("--executor {e}"));
+        files.chain(sets).chain(engine).chain(executor).collect()
     }
 }
 

@@ -15,6 +15,7 @@ pub const PIPELINE_KEYS: &[&str] = &[
     "desc",
     "engine",
     "engines",
+    "executors",
     "on_failure",
     "partitions",
     "stages",
@@ -31,6 +32,7 @@ pub const STAGE_KEYS: &[&str] = &[
     "desc",
     "engine",
     "env",
+    "executor",
     "foreach",
     "inputs",
     "keep",
@@ -64,6 +66,8 @@ pub struct PipelineFile {
     pub engine: Option<Node>,
     /// `engines:`, how to reach each engine.
     pub engines: Option<Node>,
+    /// `executors:`, where stages may run other than here.
+    pub executors: Option<Node>,
     /// In file order: later vars may use earlier ones.
     pub vars: Vec<(Key, Node)>,
     /// In file order.
@@ -120,6 +124,8 @@ pub struct StageSpec {
     pub retries: Option<Node>,
     /// `timeout:`, the longest an attempt may run.
     pub timeout: Option<Node>,
+    /// `executor:`, the executor the stage runs on (a name in `executors:`, or `local`).
+    pub executor: Option<Node>,
 }
 
 /// Checks the shape of a parsed pipeline file, collecting every problem. The file that comes back
@@ -158,6 +164,7 @@ pub fn check(root: Node, diagnostics: &mut Vec<Diagnostic>) -> Option<PipelineFi
         partitions: None,
         engine: None,
         engines: None,
+        executors: None,
         vars: Vec::new(),
         stages: Vec::new(),
         flawed: Vec::new(),
@@ -184,6 +191,15 @@ pub fn check(root: Node, diagnostics: &mut Vec<Diagnostic>) -> Option<PipelineFi
                 Value::Map(_) => file.engines = Some(value),
                 Value::Null => {}
                 _ => diagnostics.push(wrong_kind(&key, &value, "a map of engines (`spark:`)")),
+            },
+            "executors" => match value.value {
+                Value::Map(_) => file.executors = Some(value),
+                Value::Null => {}
+                _ => diagnostics.push(wrong_kind(
+                    &key,
+                    &value,
+                    "a map of executor names to their settings (`hpc: {slurm: {partition: batch}}`)",
+                )),
             },
             "partitions" => match value.value {
                 Value::Map(_) => file.partitions = Some(value),
@@ -288,6 +304,7 @@ fn check_stage(name: &Key, node: &Node, diagnostics: &mut Vec<Diagnostic>) -> Ch
         resources: None,
         retries: None,
         timeout: None,
+        executor: None,
     };
     let mut argv = None;
     for (key, value) in entries {
@@ -356,6 +373,7 @@ fn check_stage(name: &Key, node: &Node, diagnostics: &mut Vec<Diagnostic>) -> Ch
             },
             "env" => spec.env = check_env(key, value, diagnostics),
             "engine" => spec.engine = Some((key.clone(), value)),
+            "executor" => spec.executor = expect_string(key, value, diagnostics),
             "resources" => match &value.value {
                 Value::Map(_) | Value::String(_) => spec.resources = Some(value),
                 Value::Null => {}

@@ -26,6 +26,7 @@ pub fn resolve(
     registry: &Registry,
     discovered: &BTreeMap<String, Vec<String>>,
     engine: Option<crate::model::Engine>,
+    executor: Option<&str>,
     diagnostics: &mut Vec<Diagnostic>,
 ) -> (Pipeline, LeftOut) {
     let before = diagnostics.len();
@@ -97,6 +98,15 @@ pub fn resolve(
         .and_then(|node| templates.render_node(node, &ctx, diagnostics))
         .map(|node| engine_settings(&node, diagnostics))
         .unwrap_or_default();
+    let executors = raw
+        .executors
+        .as_ref()
+        .and_then(|node| templates.render_node(node, &ctx, diagnostics))
+        .map(|node| super::executors::settings(&node, diagnostics))
+        .unwrap_or_default();
+    if let Some(name) = executor {
+        super::executors::check_flag(name, &executors, diagnostics);
+    }
     // `--engine`, else the pipeline's `engine:`.
     let engine = engine.or_else(|| {
         let node = raw.engine.as_ref()?;
@@ -157,6 +167,8 @@ pub fn resolve(
         partitions: &partitions,
         failed: &failed,
         engine,
+        executor: executor.filter(|name| executors.contains_key(*name)),
+        executors: &executors,
         diagnostics,
         left_out: LeftOut {
             unknown: raw.unreadable,
@@ -189,6 +201,7 @@ pub fn resolve(
         overrides: Vec::new(),
         partitions,
         engines,
+        executors,
     };
     (pipeline, left_out)
 }
@@ -600,6 +613,9 @@ struct StageResolver<'a> {
     failed: &'a [String],
     /// `--engine`: for built-in stages that can run on it and name no engine themselves.
     engine: Option<crate::model::Engine>,
+    /// `--executor`, when the pipeline declares it: for stages that name no executor.
+    executor: Option<&'a str>,
+    executors: &'a BTreeMap<String, crate::model::ExecutorSettings>,
     diagnostics: &'a mut Vec<Diagnostic>,
     left_out: LeftOut,
 }
@@ -1129,6 +1145,7 @@ impl StageResolver<'_> {
             );
         }
         let engine = self.engine(spec, &kind, &param_spans);
+        let executor = self.executor(spec, &ctx, engine);
         let limits = {
             let mut render = |node: &Option<Node>| {
                 node.as_ref()
@@ -1173,6 +1190,7 @@ impl StageResolver<'_> {
         Some(Stage {
             engine,
             limits,
+            executor,
             partition: instance.partition,
             vars: read.values,
             var_deps: read.deps,
@@ -1191,6 +1209,54 @@ impl StageResolver<'_> {
             versioning,
             env,
         })
+    }
+
+    /// Where the stage runs: its `executor:` (`local`: here), else `--executor`, else here. A
+    /// stage on Spark runs its driver side here whatever `--executor` says.
+    fn executor(
+        &mut self,
+        spec: &StageSpec,
+        ctx: &Context,
+        engine: crate::model::Engine,
+    ) -> Option<String> {
+        let on_spark = engine == crate::model::Engine::Spark;
+        let Some(node) = &spec.executor else {
+            return self.executor.filter(|_| !on_spark).map(str::to_owned);
+        };
+        let rendered = self.templates.render_node(node, ctx, self.diagnostics)?;
+        let Some(name) = rendered.as_str().map(str::trim) else {
+            self.diagnostics.push(
+                Diagnostic::error(format!(
+                    "`executor` must be the name of an executor, found {}",
+                    rendered.kind()
+                ))
+                .at(rendered.span, "expected a name in `executors:`"),
+            );
+            return None;
+        };
+        if name == "local" {
+            return None;
+        }
+        if !self.executors.contains_key(name) {
+            self.diagnostics.push(super::executors::unknown(
+                name,
+                rendered.span,
+                self.executors,
+            ));
+            return None;
+        }
+        if on_spark {
+            self.diagnostics.push(
+                Diagnostic::error(format!(
+                    "stage `{}` runs on Spark: it cannot also run on executor `{name}`",
+                    spec.name.name
+                ))
+                .at(rendered.span, "`executor` here")
+                .help("a stage on Spark computes on the cluster; leave out one of `engine: spark` and `executor`"),
+            );
+            return None;
+        }
+        Some(name.to_owned())
     }
 
     /// Where the stage runs: its `engine:`, else `--engine` when it can run there, else local.

@@ -43,6 +43,30 @@ pub struct PipelineSchema {
     engine: Option<EngineSchema>,
     /// How to reach each engine (docs/engines.md).
     engines: Option<EnginesSchema>,
+    /// Where stages may run as jobs, by name (docs/executors.md): `hpc: {slurm: {partition:
+    /// batch}}`. A stage names one with `executor:`; `imba run --executor NAME` puts every stage
+    /// there.
+    executors: Option<BTreeMap<String, ExecutorSchema>>,
+}
+
+/// One executor: its kind and settings.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct ExecutorSchema {
+    /// A Slurm cluster, through `sbatch`, `scontrol` and `scancel` on this machine (the cluster
+    /// `SLURM_CONF` names). Each stage is one job running `imba exec-stage`.
+    slurm: Option<SlurmSchema>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct SlurmSchema {
+    /// `--partition` of every job.
+    partition: Option<String>,
+    /// `--account` of every job.
+    account: Option<String>,
+    /// More `sbatch` options, one per item: `[--qos=high, --constraint=ssd]`.
+    extra: Option<Vec<String>>,
 }
 
 #[derive(Deserialize, JsonSchema)]
@@ -179,6 +203,9 @@ pub struct StageSchema {
     /// Spark cluster at `SPARK_REMOTE` or `engines.spark.remote`, through Spark Connect:
     /// `clean`, `aggregate`, `feature`).
     engine: Option<EngineSchema>,
+    /// The executor the stage runs on, as a job (a name in `executors:`), or `local` (in imba,
+    /// the default). Not fingerprinted: a stage gives the same outputs wherever it runs.
+    executor: Option<String>,
     /// What the stage asks of where it runs: the local scheduler admits stages within its CPU
     /// and memory budget (`--cpus`, `--memory`). Not fingerprinted.
     resources: Option<ResourcesSchema>,

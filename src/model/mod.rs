@@ -39,6 +39,8 @@ pub struct Pipeline {
     pub partitions: Vec<PartitionSet>,
     /// The `engines:` settings: how to reach each engine.
     pub engines: EngineSettings,
+    /// The `executors:` stages may run on, by name.
+    pub executors: BTreeMap<String, ExecutorSettings>,
 }
 
 /// What the pipeline's `engines:` section says.
@@ -53,6 +55,24 @@ pub struct EngineSettings {
 pub struct SparkSettings {
     pub remote: Option<String>,
     pub token_env: Option<String>,
+}
+
+/// Where stages on an executor run (`executors: {NAME: {slurm: …}}`): somewhere other than
+/// this process, as jobs that run `imba exec-stage`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ExecutorSettings {
+    Slurm(SlurmSettings),
+}
+
+/// `executors.NAME.slurm`: what every job of the executor is submitted with.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SlurmSettings {
+    /// `--partition`.
+    pub partition: Option<String>,
+    /// `--account`.
+    pub account: Option<String>,
+    /// More `sbatch` options, each one argument (`--qos=high`).
+    pub extra: Vec<String>,
 }
 
 /// A named set of partition keys (`month`: `2017-01`, `2017-02`, …), in key order.
@@ -265,6 +285,8 @@ pub struct Stage {
     pub engine: Engine,
     /// Its resources, retries and timeout.
     pub limits: Limits,
+    /// The executor it runs on (a name in `executors:`); `None`: in this process.
+    pub executor: Option<String>,
     /// The pipeline's vars this stage's templates read, directly or through other vars, with
     /// their values (a secret-looking one by a hash of its value): the lock keeps them, so that
     /// a stale stage can say "var month changed: 2024-12 → 2024-06". Never fingerprinted: what

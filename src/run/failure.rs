@@ -4,14 +4,15 @@ use std::fmt;
 use std::path::PathBuf;
 
 /// How a command ended when it did not succeed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum CommandEnd {
     Exit(i32),
     Signal(i32),
 }
 
 /// Why a stage failed.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum StageFailure {
     /// An input the stage reads is not there.
     InputMissing { path: String },
@@ -41,6 +42,8 @@ pub enum StageFailure {
     /// Reading inputs or committing outputs failed (in S3, possibly because the run was
     /// cancelled and the request dropped).
     Storage(String),
+    /// A job on an executor ended without a result, or was stopped from outside imba.
+    Job { message: String, log: PathBuf },
     /// An attempt ran longer than the stage's `timeout` and was stopped.
     TimedOut { after: std::time::Duration },
     /// Anything else: staging could not be prepared, a variable is unset, an internal error.
@@ -70,6 +73,7 @@ impl StageFailure {
         matches!(
             self,
             StageFailure::Command { .. }
+                | StageFailure::Job { .. }
                 | StageFailure::TimedOut { .. }
                 | StageFailure::Storage(_)
                 | StageFailure::Builtin { param: None, .. }
@@ -113,7 +117,7 @@ impl StageFailure {
     /// The log to read, when there is one.
     pub fn log(&self) -> Option<&PathBuf> {
         match self {
-            StageFailure::Command { log, .. } => Some(log),
+            StageFailure::Command { log, .. } | StageFailure::Job { log, .. } => Some(log),
             _ => None,
         }
     }
@@ -157,6 +161,7 @@ impl fmt::Display for StageFailure {
                 "timed out after {} (its `timeout`): stopped as Ctrl-C stops a stage",
                 humantime::format_duration(*after)
             ),
+            StageFailure::Job { message, .. } => f.write_str(message),
             StageFailure::Checks(message)
             | StageFailure::Storage(message)
             | StageFailure::Other(message) => f.write_str(message),

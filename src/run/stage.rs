@@ -42,6 +42,7 @@ pub(super) fn stage_record(name: &str, decision: Decision) -> StageRecord {
         quarantine: None,
         hook: None,
         accepted: None,
+        job: None,
         attempts: Vec::new(),
     }
 }
@@ -515,6 +516,7 @@ async fn produce_and_commit(
             run_id: &ctx.run_id,
             registry: &ctx.registry,
             engines: &ctx.dag.pipeline().engines,
+            executors: &ctx.dag.pipeline().executors,
             cancel: ctx.cancel.clone(),
             attempt,
         };
@@ -562,6 +564,7 @@ async fn produce_and_commit(
         checks,
         report,
         warnings,
+        job,
     } = match executed {
         Ok(executed) => executed,
         Err(failure) => {
@@ -570,6 +573,7 @@ async fn produce_and_commit(
         }
     };
     record.exit_status = exit_status;
+    record.job = job;
     record.log = log.map(|l| l.display().to_string());
     record.checks = checks;
     record.report = report;
@@ -606,9 +610,13 @@ async fn produce_and_commit(
     })
 }
 
-/// What a stage asks of the budget while it computes: its `resources:`, else one CPU (none for
-/// a stage on Spark, which computes on the cluster) and no memory.
+/// What a stage asks of the budget while it computes: its `resources:`, else one CPU and no
+/// memory; nothing for a stage that computes elsewhere (on Spark, or as a job of an executor,
+/// whose scheduler has its own budget).
 fn demand(stage: &Stage) -> super::admit::Demand {
+    if stage.executor.is_some() {
+        return super::admit::Demand::default();
+    }
     let local = stage.engine == crate::model::Engine::Local;
     super::admit::Demand {
         cpus: stage.limits.cpus.unwrap_or(u32::from(local)),

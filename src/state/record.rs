@@ -210,6 +210,9 @@ pub struct StageRecord {
     /// Its quarantined outputs were committed by hand (`imba accept`), after a person looked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accepted: Option<Accepted>,
+    /// Where it ran as a job (`executor:`): the executor, job id, node and the job's log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<crate::run::execute::JobRecord>,
     /// Each attempt, when the stage may be tried more than once (`retries:`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub attempts: Vec<AttemptRecord>,

@@ -2,7 +2,10 @@
 
 use std::time::Instant;
 
+use std::path::PathBuf;
+
 use imba_stages::StageIo;
+use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
 use super::{Executed, Execution};
@@ -16,13 +19,29 @@ pub(super) async fn run(
     name: &str,
     params: &Json,
 ) -> Result<Executed, StageFailure> {
+    let work = plan(ex, name, params);
+    run_planned(ex.registry, &work, &ex.cancel).await
+}
+
+/// A built-in's work with its paths resolved: what a node runs for it (`imba exec-stage`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Builtin {
+    pub name: String,
+    /// Normalised.
+    pub params: Json,
+    /// Each input's name and local path, in the stage's order.
+    pub inputs: Vec<(Option<String>, PathBuf)>,
+    /// Each output's name and staging path.
+    pub outputs: Vec<(Option<String>, PathBuf)>,
+    /// The first output as the lock shows it: what the built-in's own checks are shown against.
+    pub shown: String,
+}
+
+pub(super) fn plan(ex: &Execution<'_>, name: &str, params: &Json) -> Builtin {
     let stage = ex.stage;
-    let Some(builtin) = ex.registry.get(name).cloned() else {
-        return Err(StageFailure::Other(format!(
-            "built-in stage `{name}` is not in this build of imba"
-        )));
-    };
-    let io = StageIo {
+    Builtin {
+        name: name.to_owned(),
+        params: params.clone(),
         inputs: stage
             .inputs
             .iter()
@@ -35,13 +54,36 @@ pub(super) async fn run(
             .zip(ex.staged)
             .map(|(p, s)| (p.name.clone(), s.clone()))
             .collect(),
+        shown: stage
+            .outputs
+            .first()
+            .map(|p| p.declared.location.display(ex.workdir))
+            .unwrap_or_default(),
+    }
+}
+
+/// Runs a planned built-in on a blocking thread, its cancel flag set when `cancel` says so.
+pub(super) async fn run_planned(
+    registry: &imba_stages::Registry,
+    work: &Builtin,
+    cancel: &tokio::sync::watch::Receiver<Stop>,
+) -> Result<Executed, StageFailure> {
+    let name = work.name.as_str();
+    let Some(builtin) = registry.get(name).cloned() else {
+        return Err(StageFailure::Other(format!(
+            "built-in stage `{name}` is not in this build of imba"
+        )));
+    };
+    let io = StageIo {
+        inputs: work.inputs.clone(),
+        outputs: work.outputs.clone(),
         cancel: imba_stages::Cancel::default(),
     };
-    let params = params.clone();
+    let params = work.params.clone();
     let started = Instant::now();
     // A cancelled run sets the stage's flag; a long stage (MICE) stops at its next iteration.
     let flag = io.cancel.clone();
-    let mut stop = ex.cancel.clone();
+    let mut stop = cancel.clone();
     let watcher = tokio::spawn(async move {
         if stop.wait_for(|c| *c >= Stop::Cancel).await.is_ok() {
             flag.cancel();
@@ -62,11 +104,7 @@ pub(super) async fn run(
             }
         })?;
     // The stage's own checks are about its outputs as a whole: shown against the first.
-    let output = stage
-        .outputs
-        .first()
-        .map(|p| p.declared.location.display(ex.workdir))
-        .unwrap_or_default();
+    let output = work.shown.clone();
     let checks = report
         .checks
         .iter()

@@ -9,8 +9,13 @@ use serde_json::Value as Json;
 use tokio::sync::watch;
 
 mod builtin;
+pub mod job;
+mod remote;
 mod shell;
+mod slurm;
 mod spark;
+
+pub use remote::JobRecord;
 
 pub(crate) use spark::{checks_on_cluster, ClusterChecks};
 
@@ -34,6 +39,8 @@ pub struct Execution<'a> {
     pub registry: &'a Registry,
     /// How to reach the engines (`engines:`).
     pub engines: &'a crate::model::EngineSettings,
+    /// The executors stages may run on (`executors:`).
+    pub executors: &'a std::collections::BTreeMap<String, crate::model::ExecutorSettings>,
     /// At [`Stop::Cancel`] a command gets SIGTERM (SIGKILL at [`Stop::Kill`]) and a built-in
     /// its cancel flag.
     pub cancel: watch::Receiver<Stop>,
@@ -42,7 +49,7 @@ pub struct Execution<'a> {
 }
 
 /// What an execution reports besides its staged outputs.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Executed {
     /// The last command's exit status (0): shell stages only.
     pub exit_status: Option<i32>,
@@ -54,10 +61,23 @@ pub struct Executed {
     pub report: Option<Json>,
     /// A built-in's warnings, for the person running imba.
     pub warnings: Vec<String>,
+    /// Where it ran as a job (`executor:`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<JobRecord>,
 }
 
 /// Runs the stage's command or built-in.
 pub async fn execute(ex: &Execution<'_>) -> Result<Executed, StageFailure> {
+    if let Some(name) = &ex.stage.executor {
+        return match ex.executors.get(name) {
+            Some(crate::model::ExecutorSettings::Slurm(settings)) => {
+                remote::run(ex, &slurm::Slurm { settings }, name).await
+            }
+            None => Err(StageFailure::Other(format!(
+                "the pipeline declares no executor `{name}`"
+            ))),
+        };
+    }
     match &ex.stage.kind {
         StageKind::Shell {
             templates, argv, ..

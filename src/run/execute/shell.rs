@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value as Json};
 
 use super::{Executed, Execution};
@@ -17,19 +18,87 @@ pub(super) async fn run(
     templates: &[(String, crate::diagnostic::Span)],
     argv: bool,
 ) -> Result<Executed, StageFailure> {
-    let stage = ex.stage;
-    let logs = ex.logs;
-    std::fs::create_dir_all(logs)
-        .map_err(|e| StageFailure::Other(format!("cannot create {}: {e}", logs.display())))?;
-    let log = Logs {
-        out: logs.join(format!("{}.out", file_name(&stage.name))),
-        err: logs.join(format!("{}.err", file_name(&stage.name))),
+    let commands = plan(ex, templates, argv)?;
+    let place = Place {
+        workdir: ex.workdir,
+        stage: &ex.stage.name,
+        run_id: ex.run_id,
+        attempt: ex.attempt,
+        cancel: &ex.cancel,
+        own_group: true,
     };
-    let env = environment(stage)?;
-    if ex.attempt > 1 {
+    run_commands(&commands, &place).await
+}
+
+/// A shell stage's work with everything rendered: what a node runs for it (`imba exec-stage`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Commands {
+    /// Each program's words, and the command as shown in messages.
+    pub programs: Vec<(Vec<String>, String)>,
+    /// Variables with a value (`env:`); never a passed-through one's value.
+    pub env: Vec<(String, String)>,
+    /// Variables passed through from the environment where the commands run.
+    pub passed: Vec<String>,
+    pub out: PathBuf,
+    pub err: PathBuf,
+}
+
+/// Where and as which attempt commands run.
+pub(super) struct Place<'a> {
+    pub workdir: &'a Path,
+    pub stage: &'a str,
+    pub run_id: &'a str,
+    pub attempt: u32,
+    pub cancel: &'a tokio::sync::watch::Receiver<Stop>,
+    /// Each command in a process group of its own, so that a stop reaches what it started.
+    /// Not in a job: there the scheduler tracks the job's processes by its own group (Slurm's
+    /// `proctrack/pgid`) or cgroup, and must find them when the job ends, even if imba was
+    /// killed.
+    pub own_group: bool,
+}
+
+/// The stage's commands rendered for its inputs and staged outputs, with its logs' paths.
+pub(super) fn plan(
+    ex: &Execution<'_>,
+    templates: &[(String, crate::diagnostic::Span)],
+    argv: bool,
+) -> Result<Commands, StageFailure> {
+    let stage = ex.stage;
+    let mut env = Vec::new();
+    let mut passed = Vec::new();
+    for (name, value) in &stage.env {
+        match value {
+            Some(value) => env.push((name.clone(), value.clone())),
+            None => passed.push(name.clone()),
+        }
+    }
+    Ok(Commands {
+        programs: programs(ex, templates, argv)?,
+        env,
+        passed,
+        out: ex.logs.join(format!("{}.out", file_name(&stage.name))),
+        err: ex.logs.join(format!("{}.err", file_name(&stage.name))),
+    })
+}
+
+/// Runs planned commands, one after the other, each to its end or until cancelled.
+pub(super) async fn run_commands(
+    commands: &Commands,
+    place: &Place<'_>,
+) -> Result<Executed, StageFailure> {
+    let env = environment(&commands.env, &commands.passed)?;
+    if let Some(logs) = commands.err.parent() {
+        std::fs::create_dir_all(logs)
+            .map_err(|e| StageFailure::Other(format!("cannot create {}: {e}", logs.display())))?;
+    }
+    let log = Logs {
+        out: commands.out.clone(),
+        err: commands.err.clone(),
+    };
+    if place.attempt > 1 {
         // The logs keep every attempt, each after a line that says which.
         for path in [&log.out, &log.err] {
-            let header = format!("\n--- imba: attempt {} ---\n", ex.attempt);
+            let header = format!("\n--- imba: attempt {} ---\n", place.attempt);
             let appended = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
@@ -40,9 +109,9 @@ pub(super) async fn run(
             })?;
         }
     }
-    for (words, command) in programs(ex, templates, argv)? {
-        tracing::debug!(stage = %stage.name, %command, "running");
-        run_one(ex, &words, command, &env, &log).await?;
+    for (words, command) in &commands.programs {
+        tracing::debug!(stage = %place.stage, %command, "running");
+        run_one(place, words, command.clone(), &env, &log).await?;
     }
     Ok(Executed {
         exit_status: Some(0),
@@ -57,22 +126,25 @@ struct Logs {
     err: PathBuf,
 }
 
-/// The stage's `env:`: set values, and those passed through from imba's environment, which must
-/// be there: a stage that needs a token should not run without one and fail half-way.
-fn environment(stage: &Stage) -> Result<Vec<(String, String)>, StageFailure> {
-    stage
-        .env
-        .iter()
-        .map(|(name, value)| match value {
-            Some(value) => Ok((name.clone(), value.clone())),
-            None => match std::env::var_os(name) {
-                Some(value) => Ok((name.clone(), value.to_string_lossy().into_owned())),
-                None => Err(StageFailure::Other(format!(
+/// The stage's `env:`: set values, and those passed through from the environment imba runs in,
+/// which must be there: a stage that needs a token should not run without one and fail half-way.
+fn environment(
+    set: &[(String, String)],
+    passed: &[String],
+) -> Result<Vec<(String, String)>, StageFailure> {
+    let mut env = set.to_vec();
+    for name in passed {
+        match std::env::var_os(name) {
+            Some(value) => env.push((name.clone(), value.to_string_lossy().into_owned())),
+            None => {
+                return Err(StageFailure::Other(format!(
                     "the variable `{name}` is not set, and the stage passes it through (`env:`)"
-                ))),
-            },
-        })
-        .collect()
+                )))
+            }
+        }
+    }
+    env.sort();
+    Ok(env)
 }
 
 /// Each program to run, as its words and as shown: `sh -c COMMAND` per command, or for `argv:`
@@ -118,7 +190,7 @@ fn programs(
 /// Runs one program to its end, or until the run is cancelled: then its whole process group
 /// gets SIGTERM, and SIGKILL after a grace period or at once when asked to kill.
 async fn run_one(
-    ex: &Execution<'_>,
+    ex: &Place<'_>,
     words: &[String],
     command: String,
     env: &[(String, String)],
@@ -141,17 +213,20 @@ async fn run_one(
     let Some((program, args)) = words.split_first() else {
         return Err(StageFailure::Other("the command is empty".to_owned()));
     };
-    let mut child = tokio::process::Command::new(program)
+    let mut process = tokio::process::Command::new(program);
+    if ex.own_group {
+        process.process_group(0);
+    }
+    let mut child = process
         .args(args)
         .current_dir(ex.workdir)
         .envs(env.iter().map(|(k, v)| (k, v)))
-        .env("IMBA_STAGE", &ex.stage.name)
+        .env("IMBA_STAGE", ex.stage)
         .env("IMBA_RUN", ex.run_id)
         .env("IMBA_ATTEMPT", ex.attempt.to_string())
         .stdin(std::process::Stdio::null())
         .stdout(stdout)
         .stderr(stderr)
-        .process_group(0)
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| StageFailure::Other(format!("cannot start `{program}`: {e}")))?;
@@ -161,10 +236,17 @@ async fn run_one(
     let status = tokio::select! {
         status = child.wait() => status,
         true = cancelled => {
-            // The whole process group: the shell and whatever it started.
+            // The whole process group: the shell and whatever it started. In a job, the scheduler
+            // signals every process of the job itself; the command gets it here too.
             let signal_group = |signal| {
                 if let Some(pid) = pid {
-                    unsafe { libc::killpg(pid as i32, signal) };
+                    unsafe {
+                        if ex.own_group {
+                            libc::killpg(pid as i32, signal)
+                        } else {
+                            libc::kill(pid as i32, signal)
+                        }
+                    };
                 }
             };
             signal_group(libc::SIGTERM);

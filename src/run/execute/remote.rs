@@ -1,0 +1,233 @@
+//! Stages on an executor (`executor:`): each attempt is a job that runs `imba exec-stage SPEC`
+//! elsewhere. An executor does four things, whatever schedules the jobs: submit, poll, cancel,
+//! and name the job's log. Slurm is the one built ([`super::slurm`]); AWS Batch (SubmitJob,
+//! DescribeJobs, TerminateJob, CloudWatch logs) and Kubernetes Jobs (create, get status,
+//! delete with propagation, pod logs) fit the same four (docs/executors.md).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::job::{self, JobResult};
+use super::{Executed, Execution};
+use crate::interrupt::Stop;
+use crate::run::failure::StageFailure;
+
+/// One job to submit.
+#[derive(Debug)]
+pub struct Job {
+    /// A name people see in the scheduler's queue (`imba:STAGE`).
+    pub name: String,
+    /// The program and its arguments, run on the node.
+    pub command: Vec<String>,
+    pub workdir: PathBuf,
+    /// Where the job's own stdout and stderr go.
+    pub log: PathBuf,
+    pub cpus: u32,
+    /// Bytes; `None`: the scheduler's default.
+    pub memory: Option<u64>,
+    /// The scheduler's own limit, a backstop for the orchestrator's `timeout`.
+    pub time_limit: Option<Duration>,
+}
+
+/// Where a job is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JobState {
+    Queued,
+    Running {
+        node: Option<String>,
+    },
+    /// It ended: the scheduler's word for how (`COMPLETED`, `FAILED`, `CANCELLED`, …), the exit
+    /// code as the scheduler gives it, the node, and its reason.
+    Ended {
+        state: String,
+        exit: Option<String>,
+        node: Option<String>,
+        reason: Option<String>,
+    },
+}
+
+/// What a scheduler must do for imba.
+pub trait Executor: Send + Sync {
+    /// The kind, for messages (`slurm`).
+    fn kind(&self) -> &'static str;
+    /// Submits the job; its id.
+    fn submit(&self, job: &Job)
+        -> impl std::future::Future<Output = Result<String, String>> + Send;
+    fn poll(&self, id: &str) -> impl std::future::Future<Output = Result<JobState, String>> + Send;
+    /// Asks the scheduler to stop the job (its processes get SIGTERM, then SIGKILL).
+    fn cancel(&self, id: &str) -> impl std::future::Future<Output = Result<(), String>> + Send;
+}
+
+/// Where a stage's job ran, for the run record.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// The executor's name in the pipeline (`slurm`).
+    pub executor: String,
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// How the scheduler says it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// The job's own stdout and stderr.
+    pub log: String,
+}
+
+/// How often a job is looked at.
+const POLL: Duration = Duration::from_millis(500);
+/// How long a cancelled job may take to end before imba stops waiting for it.
+const CANCEL_WAIT: Duration = Duration::from_secs(60);
+
+/// The binary a node runs: `IMBA_REMOTE_BIN`, else this one (a path the nodes share).
+pub fn remote_binary() -> Result<String, StageFailure> {
+    if let Ok(bin) = std::env::var("IMBA_REMOTE_BIN") {
+        if !bin.trim().is_empty() {
+            return Ok(bin);
+        }
+    }
+    std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .map_err(|e| StageFailure::Other(format!("cannot find imba's own binary: {e}")))
+}
+
+/// Runs one attempt of `ex`'s stage as a job of `executor` (named `name`): submits it, waits for
+/// it to end (cancelling it when the run or the attempt is stopped), and reads its result.
+pub async fn run<E: Executor>(
+    ex: &Execution<'_>,
+    executor: &E,
+    name: &str,
+) -> Result<Executed, StageFailure> {
+    let stage = ex.stage;
+    std::fs::create_dir_all(ex.logs)
+        .map_err(|e| StageFailure::Other(format!("cannot create {}: {e}", ex.logs.display())))?;
+    let spec = job::plan(ex)?;
+    let (spec_path, result_path) = job::files(ex.logs, &stage.name);
+    let _ = std::fs::remove_file(&result_path);
+    job::write_json(&spec_path, &spec)
+        .map_err(|e| StageFailure::Other(format!("cannot write {}: {e}", spec_path.display())))?;
+    let log = ex
+        .logs
+        .join(format!("{}.log", crate::model::file_name(&stage.name)));
+    let request = Job {
+        name: format!("imba:{}", stage.name),
+        command: vec![
+            remote_binary()?,
+            "exec-stage".to_owned(),
+            spec_path.display().to_string(),
+        ],
+        workdir: ex.workdir.to_path_buf(),
+        log: log.clone(),
+        cpus: stage.limits.cpus.unwrap_or(1),
+        memory: stage.limits.memory,
+        // A minute over the orchestrator's own timeout, which acts first.
+        time_limit: stage.limits.timeout.map(|t| t + Duration::from_secs(60)),
+    };
+    if *ex.cancel.borrow() >= Stop::Cancel {
+        return Err(StageFailure::Cancelled);
+    }
+    let id = executor.submit(&request).await.map_err(|e| {
+        StageFailure::Other(format!(
+            "executor `{name}` ({}) could not submit the job: {e}",
+            executor.kind()
+        ))
+    })?;
+    tracing::debug!(stage = %stage.name, %id, "submitted");
+    let mut record = JobRecord {
+        executor: name.to_owned(),
+        id: id.clone(),
+        node: None,
+        state: None,
+        log: log.display().to_string(),
+    };
+    let mut cancel = ex.cancel.clone();
+    let mut cancelled_at: Option<tokio::time::Instant> = None;
+    let mut failed_polls = 0;
+    let mut listening = true;
+    let ended = loop {
+        let stop = tokio::select! {
+            _ = tokio::time::sleep(POLL) => false,
+            stopped = cancel.wait_for(|s| *s >= Stop::Cancel), if listening && cancelled_at.is_none() => {
+                // Nobody can ask any more once the sender is gone.
+                listening = stopped.is_ok();
+                listening
+            }
+        };
+        if stop {
+            cancelled_at = Some(tokio::time::Instant::now());
+            if let Err(e) = executor.cancel(&id).await {
+                tracing::warn!(%id, "cannot cancel: {e}");
+            }
+            continue;
+        }
+        if cancelled_at.is_some_and(|at| at.elapsed() > CANCEL_WAIT) {
+            return Err(StageFailure::Cancelled);
+        }
+        match executor.poll(&id).await {
+            Ok(JobState::Queued) => failed_polls = 0,
+            Ok(JobState::Running { node }) => {
+                failed_polls = 0;
+                if node.is_some() {
+                    record.node = node;
+                }
+            }
+            Ok(JobState::Ended {
+                state,
+                exit,
+                node,
+                reason,
+            }) => {
+                if node.is_some() {
+                    record.node = node;
+                }
+                record.state = Some(state.clone());
+                break (state, exit, reason);
+            }
+            Err(e) => {
+                failed_polls += 1;
+                // The controller may be busy or restarting: a few tries before giving up.
+                if failed_polls >= 20 {
+                    let _ = executor.cancel(&id).await;
+                    return Err(StageFailure::Job {
+                        message: format!(
+                            "job {id} of executor `{name}`: its state cannot be read ({e}); it was cancelled"
+                        ),
+                        log,
+                    });
+                }
+            }
+        }
+    };
+    let run_cancelled = cancelled_at.is_some();
+    let (state, exit, reason) = ended;
+    let result = std::fs::read(&result_path)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<JobResult>(&bytes).ok());
+    let node = record.node.clone().unwrap_or_else(|| "its node".to_owned());
+    match result {
+        Some(JobResult::Done(mut executed)) => {
+            executed.job = Some(record);
+            Ok(executed)
+        }
+        Some(JobResult::Failed(StageFailure::Cancelled)) if !run_cancelled => {
+            Err(StageFailure::Job {
+                message: format!(
+                    "job {id} was stopped on {node} ({state}{}): cancelled from outside imba (scancel) or by the scheduler's time limit",
+                    reason.map(|r| format!(", {r}")).unwrap_or_default()
+                ),
+                log,
+            })
+        }
+        Some(JobResult::Failed(failure)) => Err(failure),
+        None if run_cancelled => Err(StageFailure::Cancelled),
+        None => Err(StageFailure::Job {
+            message: format!(
+                "job {id} ended on {node} as {state}{}{} and wrote no result: its imba was killed, or could not start",
+                exit.map(|e| format!(" (exit code {e})")).unwrap_or_default(),
+                reason.map(|r| format!(", {r}")).unwrap_or_default()
+            ),
+            log,
+        }),
+    }
+}
