@@ -199,8 +199,8 @@ pub struct BudgetArgs {
     /// CPUs the stages computing at once may use together [default: the number of cores].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub cpus: Option<u32>,
-    /// Memory the stages computing at once may take together, from their `resources.memory`
-    /// or a built-in's estimate: `8G`, `512MiB` [default: 80% of the machine's memory].
+    /// Memory the stages computing at once may take together, as their `resources.memory`
+    /// say: `8G`, `512MiB` [default: 80% of the machine's memory].
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub memory: Option<u64>,
 }
@@ -719,10 +719,21 @@ fn load_dag(
     args: &PipelineArgs,
     registry: &Registry,
 ) -> (crate::diagnostic::Sources, Result<Dag, LoadError>) {
-    match crate::plan::discover(&args.file, &args.overrides(), registry) {
+    let (sources, loaded) = match crate::plan::discover(&args.file, &args.overrides(), registry) {
         Ok(overrides) => crate::graph::load(&args.file, &overrides, registry),
-        Err((sources, error)) => (sources, Err(error)),
-    }
+        Err((sources, error)) => return (sources, Err(error)),
+    };
+    // What stages ask of an executor's nodes, when one runs here to ask.
+    let checked = loaded.and_then(|dag| {
+        let mut found = crate::run::execute::check_nodes(dag.pipeline());
+        found.dedup_by(|a, b| a.message == b.message);
+        if found.is_empty() {
+            Ok(dag)
+        } else {
+            Err(LoadError::Invalid(found))
+        }
+    });
+    (sources, checked)
 }
 
 /// `docs/cli.md`: the help of every command, as the binary prints it.

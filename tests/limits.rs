@@ -241,6 +241,12 @@ stages:
     assert!(started.elapsed() < Duration::from_secs(20));
     assert_eq!(status.code(), Some(130));
     assert_eq!(t.read("ran"), "x\n", "no second attempt");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(
+        stderr.contains("attempt 1 of 3 failed: exit status 3; again in 10m"),
+        "interrupted during the wait: {stderr}"
+    );
 }
 
 #[test]

@@ -9,8 +9,16 @@ use std::path::Path;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// The cluster's `SLURM_CONF`, started once for all the tests of this binary.
-fn slurm_conf() -> Option<&'static str> {
+/// The cluster's `SLURM_CONF`, started once for all the tests of this binary, and the cluster
+/// to this test alone until the guard goes: two nodes of 2 CPUs are shared by no two tests, so
+/// that what one test sees of the queue and of the nodes is its own.
+fn slurm_conf() -> Option<(&'static str, std::sync::MutexGuard<'static, ()>)> {
+    static ALONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let guard = ALONE.lock().unwrap_or_else(|e| e.into_inner());
+    cluster().map(|conf| (conf, guard))
+}
+
+fn cluster() -> Option<&'static str> {
     static CONF: OnceLock<Option<String>> = OnceLock::new();
     CONF.get_or_init(|| {
         let script = common::repo().join("scripts/slurm-local");
@@ -82,7 +90,7 @@ fn outputs(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
 
 #[test]
 fn the_monthly_pipeline_as_slurm_jobs_gives_the_local_outputs() {
-    let Some(conf) = slurm_conf() else {
+    let Some((conf, _alone)) = slurm_conf() else {
         return;
     };
     let local = common::monthly("");
@@ -121,15 +129,21 @@ fn the_monthly_pipeline_as_slurm_jobs_gives_the_local_outputs() {
             "{log}"
         );
     }
-    // A no-op re-run submits nothing.
-    let last = |conf: &str| -> u64 {
-        slurm(conf, "squeue", &["-h", "-t", "all", "-o", "%i"])
+    // A no-op re-run submits nothing: no job of these stages is added to the queue.
+    let jobs = |conf: &str| -> usize {
+        slurm(conf, "squeue", &["-h", "-t", "all", "-o", "%j"])
             .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .max()
-            .unwrap_or(0)
+            .filter(|name| {
+                stages
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|s| format!("imba:{}", s["name"].as_str().unwrap()) == name.trim())
+            })
+            .count()
     };
-    let before = last(conf);
+    let before = jobs(conf);
+    assert!(before >= 5, "{before}");
     let again = run(
         &t,
         conf,
@@ -141,12 +155,12 @@ fn the_monthly_pipeline_as_slurm_jobs_gives_the_local_outputs() {
         "{}",
         again.stderr
     );
-    assert_eq!(last(conf), before, "no job was submitted");
+    assert_eq!(jobs(conf), before, "no job was submitted");
 }
 
 #[test]
 fn twelve_partitions_spread_over_both_nodes() {
-    let Some(conf) = slurm_conf() else {
+    let Some((conf, _alone)) = slurm_conf() else {
         return;
     };
     let mut t = common::Test::new().pipeline(
@@ -209,7 +223,7 @@ fn wait_for(t: &common::Test, path: &str) {
 
 #[test]
 fn a_job_cancelled_from_outside_fails_or_is_retried_and_commits_nothing_partial() {
-    let Some(conf) = slurm_conf() else {
+    let Some((conf, _alone)) = slurm_conf() else {
         return;
     };
     for retries in ["", "retries: {attempts: 2}"] {
@@ -260,7 +274,7 @@ fn a_job_cancelled_from_outside_fails_or_is_retried_and_commits_nothing_partial(
 
 #[test]
 fn a_job_whose_imba_is_killed_on_its_node_fails_with_a_clear_message() {
-    let Some(conf) = slurm_conf() else {
+    let Some((conf, _alone)) = slurm_conf() else {
         return;
     };
     let t = common::Test::new().pipeline(&WAITS.replace("RETRIES", "").replace("NAME", "killed"));
@@ -298,7 +312,7 @@ fn a_job_whose_imba_is_killed_on_its_node_fails_with_a_clear_message() {
 
 #[test]
 fn ctrl_c_cancels_the_running_jobs() {
-    let Some(conf) = slurm_conf() else {
+    let Some((conf, _alone)) = slurm_conf() else {
         return;
     };
     let t = common::Test::new().pipeline(
@@ -330,7 +344,7 @@ fn ctrl_c_cancels_the_running_jobs() {
 
 #[test]
 fn a_node_with_another_build_of_imba_is_refused() {
-    let Some(conf) = slurm_conf() else {
+    let Some((conf, _alone)) = slurm_conf() else {
         return;
     };
     let t = common::Test::new().pipeline(
@@ -395,4 +409,57 @@ stages:
     let out = t.exec(&["run", "pipeline.yaml", "--executor", "hpc"]);
     assert_eq!(out.code, 2);
     insta::assert_snapshot!("executor_flag_unknown", out.all());
+}
+
+#[test]
+fn a_job_that_runs_past_its_timeout_is_cancelled_on_the_cluster() {
+    let Some((conf, _alone)) = slurm_conf() else {
+        return;
+    };
+    let t = common::Test::new().pipeline(
+        &WAITS
+            .replace("RETRIES", "timeout: 2s")
+            .replace("NAME", "too_slow"),
+    );
+    let out = run(&t, conf, &["run", "pipeline.yaml"]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(
+        out.stage_error()
+            .contains("timed out after 2s (its `timeout`)"),
+        "{}",
+        out.stderr
+    );
+    assert!(live_jobs(conf, "too_slow").is_empty(), "scancelled");
+    assert!(!t.path().join("out/result.txt").exists());
+}
+
+#[test]
+fn resources_no_node_has_are_an_error_before_anything_runs() {
+    let Some((conf, _alone)) = slurm_conf() else {
+        return;
+    };
+    let t = common::Test::new().pipeline(
+        r#"
+executors:
+  hpc:
+    slurm: {}
+stages:
+  big:
+    cmd: touch ran
+    outputs: [out/x.txt]
+    executor: hpc
+    resources: {cpus: 64, memory: 1T}
+  fits:
+    cmd: touch ran
+    outputs: [out/y.txt]
+    executor: hpc
+    resources: {cpus: 2, memory: 1G}
+"#,
+    );
+    let out = run(&t, conf, &["validate", "pipeline.yaml"]);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    insta::assert_snapshot!("resources_over_any_node", out.all());
+    let out = run(&t, conf, &["run", "pipeline.yaml"]);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(!t.path().join("ran").exists());
 }

@@ -25,6 +25,7 @@ pub fn parse(
 ) -> Limits {
     let mut limits = Limits::default();
     if let Some(node) = resources {
+        limits.resources_span = Some(node.span);
         read_resources(node, &mut limits, diagnostics);
     }
     if let Some(node) = retries {

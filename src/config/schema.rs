@@ -211,7 +211,7 @@ pub struct StageSchema {
     resources: Option<ResourcesSchema>,
     /// How often a failed attempt is tried again: `{attempts: 3, backoff: 10s}` (attempts in
     /// all; the wait doubles each time), or a number of re-tries (`retries: 2` is three attempts).
-    /// A failed command, a timeout, a storage error or a built-in's run-time error is retried; a
+    /// A failed command, a timeout, a lost or refused job or a built-in's run-time error is retried; a
     /// config error, a missing input or output and a failed check are not. Not fingerprinted.
     retries: Option<RetriesSchema>,
     /// The longest one attempt may run (`30m`, `90s`, `2h`): then it is stopped as Ctrl-C stops

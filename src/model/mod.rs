@@ -193,6 +193,8 @@ pub struct Limits {
     pub retries: Retries,
     /// An attempt that runs longer is stopped as Ctrl-C stops it, and fails.
     pub timeout: Option<Duration>,
+    /// Where `resources:` is written, for errors about it.
+    pub resources_span: Option<Span>,
 }
 
 /// How often a stage is tried (`retries:`).

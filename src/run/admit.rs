@@ -1,6 +1,7 @@
-//! Admission: a stage computes when what it asks for (`resources:`, or a built-in's estimate)
-//! fits in the machine's CPU and memory budget beside what already computes; a stage larger
-//! than the whole budget computes alone. Deciding, restoring and committing take nothing.
+//! Admission: a stage computes when what it asks for (`resources:`; one CPU by default) fits in
+//! the machine's CPU and memory budget beside what already computes; a stage larger than the
+//! whole budget computes alone. Deciding, restoring, checks and committing take nothing, nor
+//! does a stage that computes elsewhere (on Spark, or as a job).
 
 use std::sync::Mutex;
 

@@ -66,7 +66,8 @@ impl StageFailure {
     }
 
     /// Whether another attempt may succeed where this one failed (`retries:`): a command that
-    /// failed or was killed, a timeout, a storage error, a built-in's run-time error. A config
+    /// failed or was killed, a timeout, a lost or refused job, a storage error, a built-in's
+    /// run-time error. A config
     /// error (a built-in's error about one of its params), a missing input or output and a failed
     /// check would fail the same way again.
     pub fn retryable(&self) -> bool {

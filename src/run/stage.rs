@@ -486,27 +486,19 @@ async fn produce_and_commit(
     staging.prepare(stage)?;
     let inputs = fetch_inputs(ctx, index).await?;
     let logs = ctx.state.logs(&ctx.run_id);
-    let demand = demand(stage);
-    let _ticket = match ctx.admission.try_admit(demand) {
-        Ok(ticket) => ticket,
-        Err(in_use) => {
-            ctx.events.event(Event::StageQueued {
-                name: stage.name.clone(),
-                demand,
-                in_use,
-                budget: ctx.admission.budget(),
-            });
-            let mut cancel = ctx.cancel.clone();
-            tokio::select! {
-                ticket = ctx.admission.admit(demand) => ticket,
-                Ok(_) = cancel.wait_for(|s| *s >= Stop::Cancel) => return Err(StageFailure::Cancelled),
-            }
-        }
-    };
-    record.started = Some(crate::state::record::now_millis());
     let retries = stage.limits.retries;
+    let job = std::sync::Mutex::new(None);
     let mut attempt = 1;
     let executed = loop {
+        // The budget is held while the attempt computes: not during a backoff, checks or the
+        // commit (a stage waiting at its gate for the previous partition holds nothing).
+        let ticket = match admit(ctx, stage).await {
+            Ok(ticket) => ticket,
+            Err(failure) => break Err(failure),
+        };
+        if record.started.is_none() {
+            record.started = Some(crate::state::record::now_millis());
+        }
         let execution = Execution {
             stage,
             workdir: &ctx.dag.pipeline().workdir,
@@ -519,9 +511,20 @@ async fn produce_and_commit(
             executors: &ctx.dag.pipeline().executors,
             cancel: ctx.cancel.clone(),
             attempt,
+            job: &job,
+            timeout: stage.limits.timeout,
         };
         let (started, at) = (Instant::now(), crate::state::record::now());
-        let result = attempt_once(ctx, execution, stage.limits.timeout).await;
+        let mut result = attempt_once(ctx, execution).await;
+        drop(ticket);
+        if result.is_ok() && *ctx.cancel.borrow() >= Stop::Cancel {
+            // A command that exited 0 on SIGTERM may have written half its outputs.
+            result = Err(StageFailure::Cancelled);
+        }
+        let ran_as = job.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if ran_as.is_some() {
+            record.job = ran_as.clone();
+        }
         if retries.attempts > 1 {
             let failure = result.as_ref().err();
             record.attempts.push(AttemptRecord {
@@ -530,6 +533,7 @@ async fn produce_and_commit(
                 duration_ms: started.elapsed().as_millis() as u64,
                 error: failure.map(ToString::to_string),
                 exit_status: failure.and_then(StageFailure::exit_status),
+                job: ran_as,
             });
         }
         match result {
@@ -564,7 +568,6 @@ async fn produce_and_commit(
         checks,
         report,
         warnings,
-        job,
     } = match executed {
         Ok(executed) => executed,
         Err(failure) => {
@@ -573,7 +576,6 @@ async fn produce_and_commit(
         }
     };
     record.exit_status = exit_status;
-    record.job = job;
     record.log = log.map(|l| l.display().to_string());
     record.checks = checks;
     record.report = report;
@@ -624,15 +626,42 @@ fn demand(stage: &Stage) -> super::admit::Demand {
     }
 }
 
+/// A share of the budget for one attempt of `stage`, waiting (and saying so) when it does not
+/// fit beside what computes; none for a stage that asks for nothing.
+async fn admit<'c>(
+    ctx: &'c Context,
+    stage: &Stage,
+) -> Result<Option<super::admit::Ticket<'c>>, StageFailure> {
+    let demand = demand(stage);
+    if demand == super::admit::Demand::default() {
+        return Ok(None);
+    }
+    match ctx.admission.try_admit(demand) {
+        Ok(ticket) => Ok(Some(ticket)),
+        Err(in_use) => {
+            ctx.events.event(Event::StageQueued {
+                name: stage.name.clone(),
+                demand,
+                in_use,
+                budget: ctx.admission.budget(),
+            });
+            let mut cancel = ctx.cancel.clone();
+            tokio::select! {
+                ticket = ctx.admission.admit(demand) => Ok(Some(ticket)),
+                Ok(_) = cancel.wait_for(|s| *s >= Stop::Cancel) => Err(StageFailure::Cancelled),
+            }
+        }
+    }
+}
+
 /// One attempt: the stage's execution under the run's stop requests and, with a `timeout`, a
 /// stop of its own when the time is up, as Ctrl-C stops it; the attempt then fails as timed out,
 /// whatever it returns (a command that exits 0 on SIGTERM may have written half its outputs).
-async fn attempt_once(
-    ctx: &Context,
-    execution: Execution<'_>,
-    timeout: Option<std::time::Duration>,
-) -> Result<Executed, StageFailure> {
-    let Some(limit) = timeout else {
+async fn attempt_once(ctx: &Context, execution: Execution<'_>) -> Result<Executed, StageFailure> {
+    // A job's timeout counts from when it runs, not from its time in the queue: the executor
+    // enforces it.
+    let local = execution.stage.executor.is_none();
+    let Some(limit) = execution.timeout.filter(|_| local) else {
         return execute(&execution).await;
     };
     let (stop, cancel) = tokio::sync::watch::channel(*ctx.cancel.borrow());

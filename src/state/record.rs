@@ -212,10 +212,25 @@ pub struct StageRecord {
     pub accepted: Option<Accepted>,
     /// Where it ran as a job (`executor:`): the executor, job id, node and the job's log.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub job: Option<crate::run::execute::JobRecord>,
+    pub job: Option<JobRecord>,
     /// Each attempt, when the stage may be tried more than once (`retries:`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub attempts: Vec<AttemptRecord>,
+}
+
+/// Where a stage's job ran, for the run record.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// The executor's name in the pipeline (`slurm`).
+    pub executor: String,
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// How the scheduler says it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// The job's own stdout and stderr.
+    pub log: String,
 }
 
 /// One attempt of a stage that may be retried.
@@ -231,6 +246,9 @@ pub struct AttemptRecord {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_status: Option<i32>,
+    /// Where it ran as a job (`executor:`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<JobRecord>,
 }
 
 /// A person accepted a stage's quarantined outputs.

@@ -43,6 +43,13 @@ pub enum JobResult {
     Failed(StageFailure),
 }
 
+/// The result file: which attempt it is for, and the result.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Reported {
+    pub attempt: u32,
+    pub result: JobResult,
+}
+
 /// This build of imba: its version and a hash of its executable, so that a node running another
 /// build (an older binary on a shared path, say) is caught before it writes anything.
 pub fn build_id() -> &'static str {
@@ -57,12 +64,13 @@ pub fn build_id() -> &'static str {
     })
 }
 
-/// Where a stage's job files go: beside its logs.
-pub fn files(logs: &Path, stage: &str) -> (PathBuf, PathBuf) {
+/// Where one attempt's job files go: beside the stage's logs, one pair per attempt, so that a
+/// late job of an earlier attempt cannot answer for a later one.
+pub fn files(logs: &Path, stage: &str, attempt: u32) -> (PathBuf, PathBuf) {
     let name = file_name(stage);
     (
-        logs.join(format!("{name}.job.json")),
-        logs.join(format!("{name}.result.json")),
+        logs.join(format!("{name}.{attempt}.job.json")),
+        logs.join(format!("{name}.{attempt}.result.json")),
     )
 }
 
@@ -82,7 +90,7 @@ pub fn plan(ex: &Execution<'_>) -> Result<Spec, StageFailure> {
             ))
         }
     };
-    let (_, result) = files(ex.logs, &stage.name);
+    let (_, result) = files(ex.logs, &stage.name, ex.attempt);
     Ok(Spec {
         build: build_id().to_owned(),
         stage: stage.name.clone(),
@@ -94,11 +102,21 @@ pub fn plan(ex: &Execution<'_>) -> Result<Spec, StageFailure> {
     })
 }
 
-/// Writes `value` as JSON at `path`, through a temporary file and a rename.
+/// Writes `value` as JSON at `path`, readable by its owner only (a spec holds the stage's
+/// params and `env:` values), through a temporary file and a rename.
 pub fn write_json(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let text = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
     let partial = path.with_extension("json.partial");
-    std::fs::write(&partial, text)?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&partial)?;
+    file.write_all(&text)?;
+    file.sync_all()?;
     std::fs::rename(&partial, path)
 }
 
@@ -111,11 +129,8 @@ pub const EXIT_OTHER_BUILD: i32 = 3;
 /// it says); 2 when the spec cannot be read; 3 when this is another build of imba than the
 /// orchestrator's (the result says so too).
 pub fn exec_stage(spec_path: &Path, registry: &imba_stages::Registry) -> i32 {
-    let spec: Spec = match std::fs::read(spec_path)
-        .map_err(|e| e.to_string())
-        .and_then(|bytes| serde_json::from_slice(&bytes).map_err(|e| e.to_string()))
-    {
-        Ok(spec) => spec,
+    let text = match std::fs::read(spec_path) {
+        Ok(text) => text,
         Err(e) => {
             eprintln!(
                 "error: cannot read the job spec {}: {e}",
@@ -124,25 +139,43 @@ pub fn exec_stage(spec_path: &Path, registry: &imba_stages::Registry) -> i32 {
             return EXIT_BAD_SPEC;
         }
     };
-    let write = |result: &JobResult| {
-        if let Err(e) = write_json(&spec.result, result) {
+    // The build first, from the spec as plain JSON: another build may not read this one's spec.
+    let loose: serde_json::Value = serde_json::from_slice(&text).unwrap_or_default();
+    let attempt = loose["attempt"].as_u64().unwrap_or(0) as u32;
+    let result_path = loose["result"].as_str().map(PathBuf::from);
+    let write_to = |path: &Path, result: JobResult| {
+        if let Err(e) = write_json(path, &Reported { attempt, result }) {
             eprintln!(
                 "error: cannot write the job's result to {}: {e}",
-                spec.result.display()
+                path.display()
             );
         }
     };
-    if spec.build != build_id() {
+    let build = loose["build"].as_str().unwrap_or("(none)");
+    if build != build_id() {
         let message = format!(
-            "the imba on node {} is another build ({}) than the orchestrator's ({}): the node must run the same binary (a shared path, or `IMBA_REMOTE_BIN`)",
+            "the imba on node {} is another build ({}) than the orchestrator's ({build}): the node must run the same binary (a shared path, or `IMBA_REMOTE_BIN`)",
             node_name(),
             build_id(),
-            spec.build
         );
         eprintln!("error: {message}");
-        write(&JobResult::Failed(StageFailure::Other(message)));
+        if let Some(path) = &result_path {
+            write_to(path, JobResult::Failed(StageFailure::Other(message)));
+        }
         return EXIT_OTHER_BUILD;
     }
+    let spec: Spec = match serde_json::from_slice(&text) {
+        Ok(spec) => spec,
+        Err(e) => {
+            let message = format!("cannot read the job spec {}: {e}", spec_path.display());
+            eprintln!("error: {message}");
+            if let Some(path) = &result_path {
+                write_to(path, JobResult::Failed(StageFailure::Other(message)));
+            }
+            return EXIT_BAD_SPEC;
+        }
+    };
+    let write = |result: JobResult| write_to(&spec.result, result);
     eprintln!(
         "imba exec-stage: stage `{}`, run {}, attempt {}, on {}",
         spec.stage,
@@ -157,7 +190,7 @@ pub fn exec_stage(spec_path: &Path, registry: &imba_stages::Registry) -> i32 {
     {
         Ok(runtime) => runtime,
         Err(e) => {
-            write(&JobResult::Failed(StageFailure::Other(format!(
+            write(JobResult::Failed(StageFailure::Other(format!(
                 "cannot start the runtime: {e}"
             ))));
             return EXIT_RESULT_WRITTEN;
@@ -182,15 +215,14 @@ pub fn exec_stage(spec_path: &Path, registry: &imba_stages::Registry) -> i32 {
             }
         }
     });
+    // Stopped, its work is not whole, whatever the command said on its way out.
     let cancelled = *stop.borrow() >= Stop::Cancel;
     let result = match outcome {
+        _ if cancelled => JobResult::Failed(StageFailure::Cancelled),
         Ok(executed) => JobResult::Done(executed),
-        Err(failure) if cancelled && failure.may_be_cancellation() => {
-            JobResult::Failed(StageFailure::Cancelled)
-        }
         Err(failure) => JobResult::Failed(failure),
     };
-    write(&result);
+    write(result);
     EXIT_RESULT_WRITTEN
 }
 

@@ -15,7 +15,7 @@ mod shell;
 mod slurm;
 mod spark;
 
-pub use remote::JobRecord;
+pub use crate::state::record::JobRecord;
 
 pub(crate) use spark::{checks_on_cluster, ClusterChecks};
 
@@ -46,6 +46,11 @@ pub struct Execution<'a> {
     pub cancel: watch::Receiver<Stop>,
     /// Which attempt this is (1 for the first; `retries:`).
     pub attempt: u32,
+    /// Where a job of an executor ran, as soon as it is known (kept on failure too).
+    pub job: &'a std::sync::Mutex<Option<JobRecord>>,
+    /// The attempt's `timeout`, which a job counts from when it starts running, not from its
+    /// submission (the queue is not the stage's time).
+    pub timeout: Option<std::time::Duration>,
 }
 
 /// What an execution reports besides its staged outputs.
@@ -61,9 +66,61 @@ pub struct Executed {
     pub report: Option<Json>,
     /// A built-in's warnings, for the person running imba.
     pub warnings: Vec<String>,
-    /// Where it ran as a job (`executor:`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub job: Option<JobRecord>,
+}
+
+/// Stages that ask an executor for more CPUs or memory than any node it may use has: an error
+/// at their `resources:`, before anything runs. An executor that cannot be asked (no Slurm
+/// client here) is not checked: submitting will say why.
+pub fn check_nodes(pipeline: &crate::model::Pipeline) -> Vec<crate::diagnostic::Diagnostic> {
+    let mut largest = std::collections::BTreeMap::new();
+    let mut found = Vec::new();
+    for stage in &pipeline.stages {
+        let Some(name) = &stage.executor else {
+            continue;
+        };
+        let limits = &stage.limits;
+        if limits.cpus.is_none() && limits.memory.is_none() {
+            continue;
+        }
+        let node =
+            largest
+                .entry(name.clone())
+                .or_insert_with(|| match pipeline.executors.get(name) {
+                    Some(crate::model::ExecutorSettings::Slurm(settings)) => {
+                        slurm::largest_node(settings).ok()
+                    }
+                    None => None,
+                });
+        let Some((cpus, memory)) = *node else {
+            continue;
+        };
+        let mut over = Vec::new();
+        if let Some(asked) = limits.cpus.filter(|c| *c > cpus) {
+            over.push(format!("{asked} CPUs (its largest node has {cpus})"));
+        }
+        if let Some(asked) = limits.memory.filter(|m| *m > memory) {
+            over.push(format!(
+                "{} of memory (its largest node has {})",
+                crate::run::admit::size(asked),
+                crate::run::admit::size(memory)
+            ));
+        }
+        if over.is_empty() {
+            continue;
+        }
+        let message = format!(
+            "stage `{}` asks executor `{name}` for {}",
+            stage.name,
+            over.join(" and ")
+        );
+        let diagnostic = crate::diagnostic::Diagnostic::error(message)
+            .help("no job of it could ever start: ask for less, or use another partition");
+        found.push(match limits.resources_span {
+            Some(span) => diagnostic.at(span, "more than any node has"),
+            None => diagnostic,
+        });
+    }
+    found
 }
 
 /// Runs the stage's command or built-in.

@@ -7,12 +7,11 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
 use super::job::{self, JobResult};
 use super::{Executed, Execution};
 use crate::interrupt::Stop;
 use crate::run::failure::StageFailure;
+use crate::state::record::JobRecord;
 
 /// One job to submit.
 #[derive(Debug)]
@@ -60,25 +59,13 @@ pub trait Executor: Send + Sync {
     fn cancel(&self, id: &str) -> impl std::future::Future<Output = Result<(), String>> + Send;
 }
 
-/// Where a stage's job ran, for the run record.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct JobRecord {
-    /// The executor's name in the pipeline (`slurm`).
-    pub executor: String,
-    pub id: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub node: Option<String>,
-    /// How the scheduler says it ended.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub state: Option<String>,
-    /// The job's own stdout and stderr.
-    pub log: String,
-}
-
-/// How often a job is looked at.
-const POLL: Duration = Duration::from_millis(500);
+/// How often a job is looked at: soon after it is submitted, then less and less often.
+const FIRST_POLL: Duration = Duration::from_millis(250);
+const LAST_POLL: Duration = Duration::from_secs(5);
 /// How long a cancelled job may take to end before imba stops waiting for it.
 const CANCEL_WAIT: Duration = Duration::from_secs(60);
+/// How long the scheduler may fail to say where a job is before imba gives up on it.
+const UNREACHABLE: Duration = Duration::from_secs(300);
 
 /// The binary a node runs: `IMBA_REMOTE_BIN`, else this one (a path the nodes share).
 pub fn remote_binary() -> Result<String, StageFailure> {
@@ -93,7 +80,8 @@ pub fn remote_binary() -> Result<String, StageFailure> {
 }
 
 /// Runs one attempt of `ex`'s stage as a job of `executor` (named `name`): submits it, waits for
-/// it to end (cancelling it when the run or the attempt is stopped), and reads its result.
+/// it to end (cancelling it when the run is stopped, or when it has run past the stage's
+/// `timeout`), and reads its result. Where it ran goes to `ex.job` as soon as it is known.
 pub async fn run<E: Executor>(
     ex: &Execution<'_>,
     executor: &E,
@@ -103,7 +91,7 @@ pub async fn run<E: Executor>(
     std::fs::create_dir_all(ex.logs)
         .map_err(|e| StageFailure::Other(format!("cannot create {}: {e}", ex.logs.display())))?;
     let spec = job::plan(ex)?;
-    let (spec_path, result_path) = job::files(ex.logs, &stage.name);
+    let (spec_path, result_path) = job::files(ex.logs, &stage.name, ex.attempt);
     let _ = std::fs::remove_file(&result_path);
     job::write_json(&spec_path, &spec)
         .map_err(|e| StageFailure::Other(format!("cannot write {}: {e}", spec_path.display())))?;
@@ -121,18 +109,23 @@ pub async fn run<E: Executor>(
         log: log.clone(),
         cpus: stage.limits.cpus.unwrap_or(1),
         memory: stage.limits.memory,
-        // A minute over the orchestrator's own timeout, which acts first.
-        time_limit: stage.limits.timeout.map(|t| t + Duration::from_secs(60)),
+        // A minute over the stage's own timeout, which imba enforces first.
+        time_limit: ex.timeout.map(|t| t + Duration::from_secs(60)),
     };
     if *ex.cancel.borrow() >= Stop::Cancel {
         return Err(StageFailure::Cancelled);
     }
-    let id = executor.submit(&request).await.map_err(|e| {
-        StageFailure::Other(format!(
-            "executor `{name}` ({}) could not submit the job: {e}",
-            executor.kind()
-        ))
-    })?;
+    // A scheduler that refuses a job may take it a moment later: worth a retry.
+    let id = executor
+        .submit(&request)
+        .await
+        .map_err(|e| StageFailure::Job {
+            message: format!(
+                "executor `{name}` ({}) could not submit the job: {e}",
+                executor.kind()
+            ),
+            log: log.clone(),
+        })?;
     tracing::debug!(stage = %stage.name, %id, "submitted");
     let mut record = JobRecord {
         executor: name.to_owned(),
@@ -141,84 +134,113 @@ pub async fn run<E: Executor>(
         state: None,
         log: log.display().to_string(),
     };
+    let publish = |record: &JobRecord| {
+        *ex.job.lock().unwrap_or_else(|e| e.into_inner()) = Some(record.clone());
+    };
+    publish(&record);
     let mut cancel = ex.cancel.clone();
-    let mut cancelled_at: Option<tokio::time::Instant> = None;
-    let mut failed_polls = 0;
     let mut listening = true;
+    let mut cancelled_at: Option<tokio::time::Instant> = None;
+    let mut timed_out = false;
+    // The timeout counts from when the job is first seen running.
+    let mut deadline: Option<tokio::time::Instant> = None;
+    let mut unreachable_since: Option<tokio::time::Instant> = None;
+    let mut wait = FIRST_POLL;
     let ended = loop {
+        let until_deadline = deadline
+            .filter(|_| cancelled_at.is_none())
+            .map(|d| d.saturating_duration_since(tokio::time::Instant::now()));
+        let nap = until_deadline.map_or(wait, |left| left.min(wait));
         let stop = tokio::select! {
-            _ = tokio::time::sleep(POLL) => false,
+            _ = tokio::time::sleep(nap) => false,
             stopped = cancel.wait_for(|s| *s >= Stop::Cancel), if listening && cancelled_at.is_none() => {
                 // Nobody can ask any more once the sender is gone.
                 listening = stopped.is_ok();
                 listening
             }
         };
-        if stop {
+        wait = (wait * 2).min(LAST_POLL);
+        let over = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
+        if cancelled_at.is_none() && (stop || over) {
+            timed_out = !stop;
             cancelled_at = Some(tokio::time::Instant::now());
             if let Err(e) = executor.cancel(&id).await {
                 tracing::warn!(%id, "cannot cancel: {e}");
             }
+            wait = FIRST_POLL;
             continue;
         }
         if cancelled_at.is_some_and(|at| at.elapsed() > CANCEL_WAIT) {
-            return Err(StageFailure::Cancelled);
+            return Err(if timed_out {
+                timeout_failure(ex)
+            } else {
+                StageFailure::Cancelled
+            });
         }
         match executor.poll(&id).await {
-            Ok(JobState::Queued) => failed_polls = 0,
-            Ok(JobState::Running { node }) => {
-                failed_polls = 0;
-                if node.is_some() {
-                    record.node = node;
+            Ok(state) => {
+                unreachable_since = None;
+                match state {
+                    JobState::Queued => {}
+                    JobState::Running { node } => {
+                        if deadline.is_none() {
+                            deadline = ex.timeout.map(|t| tokio::time::Instant::now() + t);
+                        }
+                        if node.is_some() && node != record.node {
+                            record.node = node;
+                            publish(&record);
+                        }
+                    }
+                    JobState::Ended {
+                        state,
+                        exit,
+                        node,
+                        reason,
+                    } => {
+                        if node.is_some() {
+                            record.node = node;
+                        }
+                        record.state = Some(state.clone());
+                        publish(&record);
+                        break (state, exit, reason);
+                    }
                 }
-            }
-            Ok(JobState::Ended {
-                state,
-                exit,
-                node,
-                reason,
-            }) => {
-                if node.is_some() {
-                    record.node = node;
-                }
-                record.state = Some(state.clone());
-                break (state, exit, reason);
             }
             Err(e) => {
-                failed_polls += 1;
-                // The controller may be busy or restarting: a few tries before giving up.
-                if failed_polls >= 20 {
+                let since = *unreachable_since.get_or_insert_with(tokio::time::Instant::now);
+                // The controller may be busy or restarting: minutes before giving up.
+                if since.elapsed() > UNREACHABLE {
                     let _ = executor.cancel(&id).await;
-                    return Err(StageFailure::Job {
-                        message: format!(
-                            "job {id} of executor `{name}`: its state cannot be read ({e}); it was cancelled"
-                        ),
-                        log,
-                    });
+                    // Not retried: the job may still be running into the same staging paths.
+                    return Err(StageFailure::Other(format!(
+                        "job {id} of executor `{name}`: its state could not be read for {} ({e}); it was cancelled",
+                        humantime::format_duration(UNREACHABLE)
+                    )));
                 }
             }
         }
     };
+    if timed_out {
+        return Err(timeout_failure(ex));
+    }
     let run_cancelled = cancelled_at.is_some();
     let (state, exit, reason) = ended;
+    // Only this attempt's result: it names the attempt.
     let result = std::fs::read(&result_path)
         .ok()
-        .and_then(|bytes| serde_json::from_slice::<JobResult>(&bytes).ok());
+        .and_then(|bytes| serde_json::from_slice::<job::Reported>(&bytes).ok())
+        .filter(|reported| reported.attempt == ex.attempt)
+        .map(|reported| reported.result);
     let node = record.node.clone().unwrap_or_else(|| "its node".to_owned());
     match result {
-        Some(JobResult::Done(mut executed)) => {
-            executed.job = Some(record);
-            Ok(executed)
-        }
-        Some(JobResult::Failed(StageFailure::Cancelled)) if !run_cancelled => {
-            Err(StageFailure::Job {
-                message: format!(
-                    "job {id} was stopped on {node} ({state}{}): cancelled from outside imba (scancel) or by the scheduler's time limit",
-                    reason.map(|r| format!(", {r}")).unwrap_or_default()
-                ),
-                log,
-            })
-        }
+        Some(JobResult::Done(executed)) => Ok(executed),
+        Some(JobResult::Failed(StageFailure::Cancelled)) if !run_cancelled => Err(StageFailure::Job {
+            message: format!(
+                "job {id} was stopped on {node} ({state}{}): cancelled from outside imba (scancel) or by the scheduler's time limit",
+                reason.map(|r| format!(", {r}")).unwrap_or_default()
+            ),
+            log,
+        }),
         Some(JobResult::Failed(failure)) => Err(failure),
         None if run_cancelled => Err(StageFailure::Cancelled),
         None => Err(StageFailure::Job {
@@ -229,5 +251,11 @@ pub async fn run<E: Executor>(
             ),
             log,
         }),
+    }
+}
+
+fn timeout_failure(ex: &Execution<'_>) -> StageFailure {
+    StageFailure::TimedOut {
+        after: ex.timeout.unwrap_or_default(),
     }
 }

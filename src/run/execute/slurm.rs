@@ -51,14 +51,20 @@ fn mebibytes(bytes: u64) -> String {
 impl Slurm<'_> {
     /// `sbatch`'s arguments for `job`.
     pub fn sbatch_args(&self, job: &Job) -> Vec<String> {
+        // sbatch expands `%` in file names (`%j`: the job id): `monthly%402017-01.log` is
+        // written as it is named only with `%%`.
+        let log = job.log.display().to_string().replace('%', "%%");
         let mut args = vec![
             "--parsable".to_owned(),
             format!("--job-name={}", job.name),
             format!("--chdir={}", job.workdir.display()),
-            format!("--output={}", job.log.display()),
-            format!("--error={}", job.log.display()),
+            format!("--output={log}"),
+            format!("--error={log}"),
             "--open-mode=append".to_owned(),
-            // Variables a stage passes through (`env:`) come from this environment.
+            // imba retries; a job requeued by Slurm would run again after imba moved on.
+            "--no-requeue".to_owned(),
+            // Variables a stage passes through (`env:`) come from this environment (`extra`
+            // may narrow it: `--export=PATH,HOME,AWS_PROFILE`; the last `--export` wins).
             "--export=ALL".to_owned(),
             "--nodes=1".to_owned(),
             "--ntasks=1".to_owned(),
@@ -87,6 +93,43 @@ impl Slurm<'_> {
     }
 }
 
+/// The most CPUs and memory (bytes) one node of the executor's partition has, from `sinfo`.
+pub fn largest_node(settings: &SlurmSettings) -> Result<(u32, u64), String> {
+    let mut args = vec![
+        "-h".to_owned(),
+        "-N".to_owned(),
+        "-o".to_owned(),
+        "%c %m".to_owned(),
+    ];
+    if let Some(partition) = &settings.partition {
+        args.push(format!("--partition={partition}"));
+    }
+    let output = std::process::Command::new("sinfo")
+        .args(&args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run `sinfo`: {e}"))?;
+    if !output.status.success() {
+        return Err(String::from_utf8_lossy(&output.stderr).trim().to_owned());
+    }
+    parse_nodes(&String::from_utf8_lossy(&output.stdout))
+}
+
+/// `sinfo -h -N -o "%c %m"` lines (CPUs, memory in MiB; `+` marks a range's top) to the largest.
+pub fn parse_nodes(text: &str) -> Result<(u32, u64), String> {
+    let mut largest: Option<(u32, u64)> = None;
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let mut fields = line.split_whitespace();
+        let number = |f: Option<&str>| -> Option<u64> { f?.trim_end_matches('+').parse().ok() };
+        let (Some(cpus), Some(mebibytes)) = (number(fields.next()), number(fields.next())) else {
+            return Err(format!("cannot read `sinfo` line `{line}`"));
+        };
+        let (c, m) = largest.unwrap_or((0, 0));
+        largest = Some((c.max(cpus as u32), m.max(mebibytes << 20)));
+    }
+    largest.ok_or_else(|| "the partition has no node".to_owned())
+}
+
 /// `KEY=VALUE` fields of `scontrol show job -o`.
 fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     line.split_whitespace()
@@ -98,18 +141,30 @@ fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
 pub fn parse_job(line: &str) -> Result<JobState, String> {
     let state = field(line, "JobState").ok_or_else(|| format!("no JobState in `{line}`"))?;
     let node = field(line, "NodeList").map(str::to_owned);
+    // The states a job does not leave (Slurm's `JOB_*` base states past running); anything
+    // else, known or new, is looked at again.
+    const ENDED: &[&str] = &[
+        "COMPLETED",
+        "FAILED",
+        "CANCELLED",
+        "TIMEOUT",
+        "NODE_FAIL",
+        "PREEMPTED",
+        "BOOT_FAIL",
+        "DEADLINE",
+        "OUT_OF_MEMORY",
+    ];
     Ok(match state {
         "PENDING" | "CONFIGURING" | "REQUEUED" | "REQUEUE_HOLD" | "REQUEUE_FED"
         | "RESV_DEL_HOLD" | "SUSPENDED" => JobState::Queued,
-        "RUNNING" | "COMPLETING" | "STAGE_OUT" | "SIGNALING" | "RESIZING" => {
-            JobState::Running { node }
-        }
-        ended => JobState::Ended {
+        ended if ENDED.contains(&ended) => JobState::Ended {
             state: ended.to_owned(),
             exit: field(line, "ExitCode").map(str::to_owned),
             node,
             reason: field(line, "Reason").map(str::to_owned),
         },
+        // RUNNING, COMPLETING, STOPPED (holds its node), SIGNALING, …
+        _ => JobState::Running { node },
     })
 }
 
@@ -167,6 +222,16 @@ mod tests {
         );
         let pending = "JobId=8 JobState=PENDING Reason=Resources ExitCode=0:0 NodeList=(null)";
         assert_eq!(parse_job(pending).unwrap(), JobState::Queued);
+        let stopped = "JobId=10 JobState=STOPPED Reason=None ExitCode=0:0 NodeList=n1";
+        assert!(matches!(
+            parse_job(stopped).unwrap(),
+            JobState::Running { .. }
+        ));
+        let stopped = "JobId=10 JobState=STOPPED Reason=None ExitCode=0:0 NodeList=n1";
+        assert!(matches!(
+            parse_job(stopped).unwrap(),
+            JobState::Running { .. }
+        ));
         let failed = "JobId=9 JobState=FAILED Reason=NonZeroExitCode ExitCode=0:9 NodeList=n1";
         assert_eq!(
             parse_job(failed).unwrap(),
@@ -178,6 +243,33 @@ mod tests {
             }
         );
         assert!(parse_job("nonsense").is_err());
+    }
+
+    #[test]
+    fn the_largest_node_is_found() {
+        assert_eq!(parse_nodes("2 4096\n8+ 1000\n").unwrap(), (8, 4096 << 20));
+        assert!(parse_nodes("").is_err());
+        assert!(parse_nodes("n/a x").is_err());
+    }
+
+    #[test]
+    fn a_log_name_with_percent_is_written_as_named() {
+        let settings = SlurmSettings::default();
+        let job = Job {
+            name: "imba:m@2017-01".to_owned(),
+            command: vec!["imba".to_owned()],
+            workdir: "/w".into(),
+            log: "/w/.imba/logs/r/m%402017-01.log".into(),
+            cpus: 1,
+            memory: None,
+            time_limit: None,
+        };
+        let args = Slurm {
+            settings: &settings,
+        }
+        .sbatch_args(&job);
+        assert!(args.contains(&"--output=/w/.imba/logs/r/m%%402017-01.log".to_owned()));
+        assert!(args.contains(&"--no-requeue".to_owned()));
     }
 
     #[test]
