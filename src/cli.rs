@@ -650,7 +650,12 @@ pub fn run(cli: Cli, printer: &Printer) -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::ExecStage { spec } => {
-            let code = crate::run::execute::job::exec_stage(&spec, &registry);
+            use crate::run::execute::job::{exec_stage, Said};
+            let say = |said: Said| match said {
+                Said::Note(line) => printer.status(&line),
+                Said::Error(line) => printer.error(&line),
+            };
+            let code = exec_stage(&spec, &registry, &say);
             ExitCode::from(u8::try_from(code).unwrap_or(1))
         }
         Command::Completions { shell } => {

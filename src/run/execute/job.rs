@@ -120,6 +120,12 @@ pub fn write_json(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
     std::fs::rename(&partial, path)
 }
 
+/// What `imba exec-stage` has to say, for the printer (the job's log).
+pub enum Said {
+    Note(String),
+    Error(String),
+}
+
 /// Exit statuses of `imba exec-stage`.
 pub const EXIT_RESULT_WRITTEN: i32 = 0;
 pub const EXIT_BAD_SPEC: i32 = 2;
@@ -128,14 +134,14 @@ pub const EXIT_OTHER_BUILD: i32 = 3;
 /// `imba exec-stage SPEC`: runs the spec's work and writes its result (0 once written, whatever
 /// it says); 2 when the spec cannot be read; 3 when this is another build of imba than the
 /// orchestrator's (the result says so too).
-pub fn exec_stage(spec_path: &Path, registry: &imba_stages::Registry) -> i32 {
+pub fn exec_stage(spec_path: &Path, registry: &imba_stages::Registry, say: &dyn Fn(Said)) -> i32 {
     let text = match std::fs::read(spec_path) {
         Ok(text) => text,
         Err(e) => {
-            eprintln!(
-                "error: cannot read the job spec {}: {e}",
+            say(Said::Error(format!(
+                "cannot read the job spec {}: {e}",
                 spec_path.display()
-            );
+            )));
             return EXIT_BAD_SPEC;
         }
     };
@@ -145,10 +151,10 @@ pub fn exec_stage(spec_path: &Path, registry: &imba_stages::Registry) -> i32 {
     let result_path = loose["result"].as_str().map(PathBuf::from);
     let write_to = |path: &Path, result: JobResult| {
         if let Err(e) = write_json(path, &Reported { attempt, result }) {
-            eprintln!(
-                "error: cannot write the job's result to {}: {e}",
+            say(Said::Error(format!(
+                "cannot write the job's result to {}: {e}",
                 path.display()
-            );
+            )));
         }
     };
     let build = loose["build"].as_str().unwrap_or("(none)");
@@ -158,7 +164,7 @@ pub fn exec_stage(spec_path: &Path, registry: &imba_stages::Registry) -> i32 {
             node_name(),
             build_id(),
         );
-        eprintln!("error: {message}");
+        say(Said::Error(message.clone()));
         if let Some(path) = &result_path {
             write_to(path, JobResult::Failed(StageFailure::Other(message)));
         }
@@ -168,7 +174,7 @@ pub fn exec_stage(spec_path: &Path, registry: &imba_stages::Registry) -> i32 {
         Ok(spec) => spec,
         Err(e) => {
             let message = format!("cannot read the job spec {}: {e}", spec_path.display());
-            eprintln!("error: {message}");
+            say(Said::Error(message.clone()));
             if let Some(path) = &result_path {
                 write_to(path, JobResult::Failed(StageFailure::Other(message)));
             }
@@ -176,13 +182,13 @@ pub fn exec_stage(spec_path: &Path, registry: &imba_stages::Registry) -> i32 {
         }
     };
     let write = |result: JobResult| write_to(&spec.result, result);
-    eprintln!(
+    say(Said::Note(format!(
         "imba exec-stage: stage `{}`, run {}, attempt {}, on {}",
         spec.stage,
         spec.run,
         spec.attempt,
         node_name()
-    );
+    )));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
