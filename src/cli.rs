@@ -199,8 +199,8 @@ pub struct BudgetArgs {
     /// CPUs the stages computing at once may use together [default: the number of cores].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub cpus: Option<u32>,
-    /// Memory the stages computing at once may take together, as their `resources.memory`
-    /// say: `8G`, `512MiB` [default: 80% of the machine's memory].
+    /// Memory the stages computing at once may take together, as their `resources.memory` or a
+    /// built-in's estimate say: `8G`, `512MiB` [default: 80% of the machine's memory].
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub memory: Option<u64>,
 }

@@ -359,3 +359,29 @@ fn a_stage_larger_than_the_budget_runs_alone() {
     assert_eq!(bad.code, 2);
     assert!(bad.stderr.contains("a size needs a unit"), "{}", bad.stderr);
 }
+
+/// The monthly pipeline's two stages after the imputation need only it, and run side by side;
+/// a memory budget below the sum of their estimates (from their inputs' sizes) keeps them apart.
+#[test]
+fn built_in_stages_reserve_their_estimate_of_memory() {
+    let t = common::monthly("");
+    let out = t.exec(&["run", "pipelines/monthly.yaml", "--memory", "200M"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let waited: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("  wait "))
+        .collect();
+    assert_eq!(waited.len(), 1, "{}", out.stderr);
+    assert!(
+        waited[0].starts_with("  wait diagnose_imputation (needs 1 CPU and ")
+            || waited[0].starts_with("  wait user_features (needs 1 CPU and "),
+        "{}",
+        waited[0]
+    );
+    // With the machine's budget they do not wait.
+    let t = common::monthly("");
+    let out = t.exec(&["run", "pipelines/monthly.yaml"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(!out.stderr.contains("  wait "), "{}", out.stderr);
+}

@@ -241,8 +241,8 @@ struct ResourcesSchema {
     /// CPUs the stage uses (default 1).
     #[schemars(range(min = 1, max = 4096))]
     cpus: Option<u32>,
-    /// The most memory it needs, with a unit: `512M`, `4G` (10⁹ bytes), `4GiB` (2³⁰). Default:
-    /// nothing reserved.
+    /// The most memory it needs, with a unit: `512M`, `4G` (10⁹ bytes), `4GiB` (2³⁰). Default: a
+    /// built-in's estimate from its inputs' sizes; nothing for a command.
     memory: Option<String>,
 }
 

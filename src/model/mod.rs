@@ -188,7 +188,8 @@ impl Engine {
 pub struct Limits {
     /// CPUs it uses (`resources.cpus`); `None`: one.
     pub cpus: Option<u32>,
-    /// Bytes of memory it needs at most (`resources.memory`); `None`: nothing reserved.
+    /// Bytes of memory it needs at most (`resources.memory`); `None`: a built-in's estimate from
+    /// its inputs' sizes, else nothing reserved.
     pub memory: Option<u64>,
     pub retries: Retries,
     /// An attempt that runs longer is stopped as Ctrl-C stops it, and fails.

@@ -1,4 +1,5 @@
-//! Admission: a stage computes when what it asks for (`resources:`; one CPU by default) fits in
+//! Admission: a stage computes when what it asks for (`resources:`; one CPU by default, and a
+//! built-in's estimate of its memory) fits in
 //! the machine's CPU and memory budget beside what already computes; a stage larger than the
 //! whole budget computes alone. Deciding, restoring, checks and committing take nothing, nor
 //! does a stage that computes elsewhere (on Spark, or as a job).

@@ -492,7 +492,7 @@ async fn produce_and_commit(
     let executed = loop {
         // The budget is held while the attempt computes: not during a backoff, checks or the
         // commit (a stage waiting at its gate for the previous partition holds nothing).
-        let ticket = match admit(ctx, stage).await {
+        let ticket = match admit(ctx, stage, &inputs).await {
             Ok(ticket) => ticket,
             Err(failure) => break Err(failure),
         };
@@ -612,17 +612,29 @@ async fn produce_and_commit(
     })
 }
 
-/// What a stage asks of the budget while it computes: its `resources:`, else one CPU and no
-/// memory; nothing for a stage that computes elsewhere (on Spark, or as a job of an executor,
-/// whose scheduler has its own budget).
-fn demand(stage: &Stage) -> super::admit::Demand {
+/// What a stage asks of the budget while it computes: its `resources:`, else one CPU and, for
+/// a built-in, its estimate from the sizes of its inputs (a command: no memory); nothing for a
+/// stage that computes elsewhere (on Spark, or as a job of an executor, whose scheduler has its
+/// own budget).
+fn demand(ctx: &Context, stage: &Stage, inputs: &[PathBuf]) -> super::admit::Demand {
     if stage.executor.is_some() {
+        // Its `resources:` are what it asks of its node.
         return super::admit::Demand::default();
     }
-    let local = stage.engine == crate::model::Engine::Local;
+    if stage.engine != crate::model::Engine::Local {
+        // Computing on the cluster: only what it says it needs here.
+        return super::admit::Demand {
+            cpus: stage.limits.cpus.unwrap_or(0),
+            memory: stage.limits.memory.unwrap_or(0),
+        };
+    }
+    let estimate = || match &stage.kind {
+        StageKind::Builtin { name, params, .. } => ctx.registry.memory(name, params, inputs),
+        StageKind::Shell { .. } => None,
+    };
     super::admit::Demand {
-        cpus: stage.limits.cpus.unwrap_or(u32::from(local)),
-        memory: stage.limits.memory.unwrap_or(0),
+        cpus: stage.limits.cpus.unwrap_or(1),
+        memory: stage.limits.memory.or_else(estimate).unwrap_or(0),
     }
 }
 
@@ -631,8 +643,9 @@ fn demand(stage: &Stage) -> super::admit::Demand {
 async fn admit<'c>(
     ctx: &'c Context,
     stage: &Stage,
+    inputs: &[PathBuf],
 ) -> Result<Option<super::admit::Ticket<'c>>, StageFailure> {
-    let demand = demand(stage);
+    let demand = demand(ctx, stage, inputs);
     if demand == super::admit::Demand::default() {
         return Ok(None);
     }

@@ -108,6 +108,15 @@ impl BuiltinStage for Aggregate {
     const INPUTS: Inputs = Inputs::One;
     const OUTPUTS: &'static [Port] = &[TABLE];
 
+    /// Ranges of about 2²⁰ rows at a time: about its input's size beside a fixed part.
+    fn memory(_: &AggregateParams, inputs: &[std::path::PathBuf]) -> Option<u64> {
+        Some(crate::memory::linear(
+            80.0,
+            1.0,
+            crate::memory::total(inputs),
+        ))
+    }
+
     fn output_columns(
         params: &AggregateParams,
         _inputs: &[Option<Vec<String>>],

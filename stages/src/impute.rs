@@ -137,6 +137,16 @@ impl BuiltinStage for Impute {
     const INPUTS: Inputs = Inputs::One;
     const OUTPUTS: &'static [Port] = &[IMPUTED];
 
+    /// Every imputed table in memory at once: about 10 bytes per input byte and imputation.
+    fn memory(params: &ImputeParams, inputs: &[std::path::PathBuf]) -> Option<u64> {
+        let per_byte = 10.0 * params.m.max(1) as f64;
+        Some(crate::memory::linear(
+            40.0,
+            per_byte,
+            crate::memory::total(inputs),
+        ))
+    }
+
     /// Neither the long table's columns nor the mean table's depend on the data.
     fn output_columns(
         params: &ImputeParams,

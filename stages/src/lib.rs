@@ -12,6 +12,7 @@ pub mod diagnose;
 pub mod feature;
 pub mod impute;
 pub mod io;
+pub mod memory;
 pub mod pointer;
 pub mod ports;
 mod registry;

@@ -41,6 +41,15 @@ pub trait BuiltinStage: 'static {
         Vec::new()
     }
 
+    /// The most memory the stage takes, in bytes, on these inputs (local paths, existing), from
+    /// measurements (`scripts/bench`, docs/performance.md "Memory"): what the orchestrator
+    /// reserves of its memory budget while the stage computes, unless the stage declares its own
+    /// `resources.memory`. `None`: no estimate, nothing reserved.
+    fn memory(params: &Self::Params, inputs: &[std::path::PathBuf]) -> Option<u64> {
+        let _ = (params, inputs);
+        None
+    }
+
     /// Reads `io.inputs` and writes every path in `io.outputs` (staging paths: the orchestrator
     /// moves them into place once this returned `Ok`).
     fn run(params: &Self::Params, io: &StageIo) -> Result<StageReport, StageError>;
@@ -188,6 +197,7 @@ pub struct Builtin {
     check_ports: PortCheck,
     check_params: fn(&serde_json::Value) -> Vec<ParamsError>,
     output_columns: ColumnsOf,
+    memory: fn(&serde_json::Value, &[std::path::PathBuf]) -> Option<u64>,
 }
 
 /// See [`BuiltinStage::output_columns`].
@@ -218,7 +228,13 @@ impl Builtin {
             check_ports: check_ports::<S>,
             check_params: check_params::<S>,
             output_columns: output_columns::<S>,
+            memory: memory::<S>,
         }
+    }
+
+    /// See [`BuiltinStage::memory`], for normalised `params`.
+    pub fn memory(&self, params: &serde_json::Value, inputs: &[std::path::PathBuf]) -> Option<u64> {
+        (self.memory)(params, inputs)
     }
 
     /// The problems [`BuiltinStage::check_params`] finds in normalised `params`.
@@ -303,6 +319,14 @@ fn output_columns<S: BuiltinStage>(
     }
 }
 
+fn memory<S: BuiltinStage>(
+    params: &serde_json::Value,
+    inputs: &[std::path::PathBuf],
+) -> Option<u64> {
+    let params = serde_json::from_value::<S::Params>(params.clone()).ok()?;
+    S::memory(&params, inputs)
+}
+
 fn run<S: BuiltinStage>(
     params: &serde_json::Value,
     io: &StageIo,
@@ -363,6 +387,16 @@ impl Registry {
 
     pub fn names(&self) -> impl Iterator<Item = &'static str> + '_ {
         self.builtins.keys().copied()
+    }
+
+    /// The memory estimate of built-in `name` (see [`BuiltinStage::memory`]).
+    pub fn memory(
+        &self,
+        name: &str,
+        params: &serde_json::Value,
+        inputs: &[std::path::PathBuf],
+    ) -> Option<u64> {
+        self.get(name)?.memory(params, inputs)
     }
 }
 

@@ -46,6 +46,20 @@ impl BuiltinStage for Clean {
     const INPUTS: Inputs = Inputs::One;
     const OUTPUTS: &'static [Port] = &[TABLE, SUMMARY];
 
+    /// A CSV up to [`CHUNKED_ABOVE`] is read whole (about 3.4 bytes per byte of text); above,
+    /// in chunks, with little more per byte. A Parquet input is decompressed whole (about 12
+    /// bytes per byte).
+    fn memory(_: &CleanParams, inputs: &[std::path::PathBuf]) -> Option<u64> {
+        let input = inputs.first()?;
+        let size = crate::memory::bytes(input);
+        if !crate::io::table::is_csv(input) {
+            return Some(crate::memory::linear(30.0, 12.0, size));
+        }
+        let whole = size.min(CHUNKED_ABOVE);
+        let rest = size - whole;
+        Some(crate::memory::linear(30.0, 3.4, whole) + crate::memory::linear(0.0, 0.1, rest))
+    }
+
     /// `clean` keeps every column of its input, in order.
     fn output_columns(
         _params: &CleanParams,

@@ -118,6 +118,15 @@ impl BuiltinStage for Diagnose {
     const INPUTS: Inputs = Inputs::Named(&[IMPUTED, DATA]);
     const OUTPUTS: &'static [Port] = &[DIAGNOSTICS];
 
+    /// The imputations and the data, read whole: about 3 bytes per input byte.
+    fn memory(_: &DiagnoseParams, inputs: &[std::path::PathBuf]) -> Option<u64> {
+        Some(crate::memory::linear(
+            35.0,
+            3.0,
+            crate::memory::total(inputs),
+        ))
+    }
+
     fn check_params(params: &DiagnoseParams) -> Vec<crate::ParamsError> {
         let mut errors: Vec<crate::ParamsError> = params
             .range

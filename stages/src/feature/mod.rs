@@ -45,6 +45,15 @@ impl BuiltinStage for FeatureStage {
     };
     const OUTPUTS: &'static [Port] = &[FEATURES];
 
+    /// Ranges of entities at a time over the ordered table, written as they come.
+    fn memory(_: &FeatureParams, inputs: &[std::path::PathBuf]) -> Option<u64> {
+        Some(crate::memory::linear(
+            150.0,
+            0.8,
+            crate::memory::total(inputs),
+        ))
+    }
+
     fn check_params(params: &FeatureParams) -> Vec<ParamsError> {
         param_errors(params)
     }
