@@ -212,13 +212,20 @@ stages:
     RETRIES
 "#;
 
-/// Waits until `path` exists under the test dir.
-fn wait_for(t: &common::Test, path: &str) {
+/// `imba run pipeline.yaml` of a [`WAITS`] pipeline, once its first attempt runs on a node.
+fn first_attempt_running(t: &common::Test, conf: &str) -> std::process::Child {
+    let child = t
+        .command(&["run", "pipeline.yaml"])
+        .env("SLURM_CONF", conf)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !t.path().join(path).exists() {
-        assert!(Instant::now() < deadline, "{path} never appeared");
+    while !t.path().join("waits.1.pid").exists() {
+        assert!(Instant::now() < deadline, "the first attempt never ran");
         std::thread::sleep(Duration::from_millis(100));
     }
+    child
 }
 
 #[test]
@@ -232,13 +239,7 @@ fn a_job_cancelled_from_outside_fails_or_is_retried_and_commits_nothing_partial(
                 .replace("RETRIES", retries)
                 .replace("NAME", "scancelled"),
         );
-        let child = t
-            .command(&["run", "pipeline.yaml"])
-            .env("SLURM_CONF", conf)
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        wait_for(&t, "waits.1.pid");
+        let child = first_attempt_running(&t, conf);
         let job = live_jobs(conf, "scancelled");
         assert_eq!(job.len(), 1, "{job:?}");
         let id = job[0].split_whitespace().next().unwrap();
@@ -278,13 +279,7 @@ fn a_job_whose_imba_is_killed_on_its_node_fails_with_a_clear_message() {
         return;
     };
     let t = common::Test::new().pipeline(&WAITS.replace("RETRIES", "").replace("NAME", "killed"));
-    let child = t
-        .command(&["run", "pipeline.yaml"])
-        .env("SLURM_CONF", conf)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for(&t, "waits.1.pid");
+    let child = first_attempt_running(&t, conf);
     // The command's parent is `imba exec-stage` on the node.
     let pid: i32 = t.read("waits.1.pid").trim().parse().unwrap();
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
@@ -320,13 +315,7 @@ fn ctrl_c_cancels_the_running_jobs() {
             .replace("RETRIES", "retries: 3")
             .replace("NAME", "interrupted"),
     );
-    let child = t
-        .command(&["run", "pipeline.yaml"])
-        .env("SLURM_CONF", conf)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for(&t, "waits.1.pid");
+    let child = first_attempt_running(&t, conf);
     assert_eq!(live_jobs(conf, "interrupted").len(), 1);
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let out = t.captured(&child.wait_with_output().unwrap());
