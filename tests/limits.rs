@@ -6,13 +6,6 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-/// The latest run record of `pipeline.yaml`.
-fn record(t: &common::Test) -> serde_json::Value {
-    let out = t.exec(&["show", "pipeline.yaml", "--json"]);
-    assert_eq!(out.code, 0, "{}", out.stderr);
-    serde_json::from_str(&out.stdout).expect("json")
-}
-
 /// A command that fails on its first two runs (counted in a file of its own), then writes its
 /// output.
 const FLAKY: &str = r#"
@@ -38,7 +31,7 @@ fn a_flaky_stage_commits_on_its_third_attempt_with_three_attempts_recorded() {
         "done on try 3 (IMBA_ATTEMPT=3)\n",
         "the third attempt's output, nothing of the failed ones"
     );
-    let stage = &record(&t)["stages"][0];
+    let stage = &t.record_of("pipeline.yaml")["stages"][0];
     assert_eq!(stage["decision"], "ran");
     let attempts = stage["attempts"].as_array().expect("attempts");
     assert_eq!(attempts.len(), 3, "{attempts:?}");
@@ -87,7 +80,7 @@ fn without_enough_attempts_the_stage_fails_and_commits_nothing() {
         );
         assert!(!t.path().join("out/result.txt").exists());
         assert!(!t.path().join("imba.lock").exists());
-        let stage = &record(&t)["stages"][0];
+        let stage = &t.record_of("pipeline.yaml")["stages"][0];
         assert_eq!(stage["decision"], "failed");
         let attempts = stage["attempts"].as_array().map_or(0, Vec::len);
         // Without `retries:` there is one attempt and no list of them.
@@ -124,7 +117,7 @@ stages:
     assert!(!t.path().join("imba.lock").exists());
     let pid: i32 = t.read("hangs.pid").trim().parse().unwrap();
     assert_ne!(unsafe { libc::kill(pid, 0) }, 0, "the command is gone");
-    let stage = &record(&t)["stages"][0];
+    let stage = &t.record_of("pipeline.yaml")["stages"][0];
     assert_eq!(stage["decision"], "failed");
     assert!(stage["error"]
         .as_str()
@@ -183,7 +176,7 @@ stages:
         out.stderr
     );
     assert_eq!(t.read("out/result.txt"), "attempt 2\n");
-    let attempts = record(&t)["stages"][0]["attempts"].clone();
+    let attempts = t.record_of("pipeline.yaml")["stages"][0]["attempts"].clone();
     assert_eq!(attempts.as_array().unwrap().len(), 2);
 }
 
@@ -312,7 +305,7 @@ fn stages_that_do_not_fit_the_memory_budget_together_run_one_after_the_other() {
         "{waited}"
     );
     // The record says when each started computing: the second after the first's 0.3 s.
-    let stages = record(&t)["stages"].clone();
+    let stages = t.record_of("pipeline.yaml")["stages"].clone();
     let mut started: Vec<std::time::SystemTime> = stages
         .as_array()
         .unwrap()

@@ -75,12 +75,6 @@ fn run(t: &common::Test, conf: &str, args: &[&str]) -> common::Output {
     t.captured(&command.output().unwrap())
 }
 
-fn record(t: &common::Test, pipeline: &str) -> serde_json::Value {
-    let out = t.exec(&["show", pipeline, "--json"]);
-    assert_eq!(out.code, 0, "{}", out.stderr);
-    serde_json::from_str(&out.stdout).unwrap()
-}
-
 /// Every file under `dir` but the versions' `_meta.json`, which says when it was made.
 fn outputs(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
     let mut files = common::tree(dir);
@@ -113,7 +107,7 @@ fn the_monthly_pipeline_as_slurm_jobs_gives_the_local_outputs() {
         assert!(b[path] == *bytes, "{path} differs");
     }
     // Every stage ran as a job, on one of the two nodes, its log beside the others.
-    let stages = record(&t, "pipelines/monthly.yaml")["stages"].clone();
+    let stages = t.record_of("pipelines/monthly.yaml")["stages"].clone();
     for stage in stages.as_array().unwrap() {
         let job = &stage["job"];
         assert_eq!(job["executor"], "slurm", "{stage}");

@@ -128,11 +128,16 @@ impl Test {
         self.decisions_of("pipeline.yaml")
     }
 
-    /// The decision of each stage in the latest run of `pipeline`, from its record.
-    pub fn decisions_of(&self, pipeline: &str) -> Vec<(String, String)> {
+    /// The latest run record of `pipeline` (`imba show --json`), paths under `[TMP]`.
+    pub fn record_of(&self, pipeline: &str) -> serde_json::Value {
         let out = self.exec(&["show", pipeline, "--json"]);
         assert_eq!(out.code, 0, "{}", out.stderr);
-        let record: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
+        serde_json::from_str(&out.stdout).expect("json")
+    }
+
+    /// The decision of each stage in the latest run of `pipeline`, from its record.
+    pub fn decisions_of(&self, pipeline: &str) -> Vec<(String, String)> {
+        let record = self.record_of(pipeline);
         record["stages"]
             .as_array()
             .expect("stages")
