@@ -27,6 +27,15 @@ pub const HOOK_TIMEOUT: Duration = Duration::from_secs(60);
 /// were evaluated when it was computed. Every check is evaluated again on the restored outputs
 /// but a `change` check, whose result is the one recorded then: it measured that computation
 /// against the output it replaced, and a restore is not a new computation (docs/caching.md).
+/// Month over month: the previous partition's instance, if this run has it, commits (or fails)
+/// before a computed stage's checks, so that they compare with what it just computed. Whether
+/// this stage has such an instance to wait for.
+pub(super) fn waits_for_previous(ctx: &Context, index: usize) -> Option<usize> {
+    ctx.dag
+        .previous_partition(index)
+        .filter(|previous| ctx.selected.contains(previous))
+}
+
 pub(super) async fn gate(
     ctx: &Arc<Context>,
     index: usize,
@@ -36,13 +45,6 @@ pub(super) async fn gate(
     set_aside: Vec<(PathBuf, Option<PathBuf>)>,
 ) -> Result<usize, StageFailure> {
     let stage = ctx.dag.stage(index);
-    // Month over month: the previous partition's instance, if this run has it, commits (or
-    // fails) first, so that this check compares with what it just computed.
-    if let Some(previous) = ctx.dag.previous_partition(index) {
-        if restored.is_none() && ctx.selected.contains(&previous) {
-            ctx.wait_for_end(previous).await?;
-        }
-    }
     if !stage.checks.is_empty() {
         let evaluated = {
             let ctx = ctx.clone();

@@ -489,12 +489,13 @@ async fn produce_and_commit(
     let retries = stage.limits.retries;
     let job = std::sync::Mutex::new(None);
     let mut attempt = 1;
-    let executed = loop {
-        // The budget is held while the attempt computes: not during a backoff, checks or the
-        // commit (a stage waiting at its gate for the previous partition holds nothing).
+    let (executed, ticket) = loop {
+        // The budget is held from the start of an attempt to the commit (checks and a version's
+        // metadata read the outputs): not during a backoff, nor at the gate of a month-over-month
+        // check, where the previous partition may need it to compute.
         let ticket = match admit(ctx, stage, &inputs).await {
             Ok(ticket) => ticket,
-            Err(failure) => break Err(failure),
+            Err(failure) => break (Err(failure), None),
         };
         if record.started.is_none() {
             record.started = Some(crate::state::record::now_millis());
@@ -516,7 +517,6 @@ async fn produce_and_commit(
         };
         let (started, at) = (Instant::now(), crate::state::record::now());
         let mut result = attempt_once(ctx, execution).await;
-        drop(ticket);
         if result.is_ok() && *ctx.cancel.borrow() >= Stop::Cancel {
             // A command that exited 0 on SIGTERM may have written half its outputs.
             result = Err(StageFailure::Cancelled);
@@ -542,6 +542,7 @@ async fn produce_and_commit(
                     && failure.retryable()
                     && *ctx.cancel.borrow() < Stop::Cancel =>
             {
+                drop(ticket);
                 let wait = retries.wait_after(attempt);
                 ctx.events.event(Event::StageRetrying {
                     name: stage.name.clone(),
@@ -553,13 +554,13 @@ async fn produce_and_commit(
                 let mut cancel = ctx.cancel.clone();
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
-                    Ok(_) = cancel.wait_for(|s| *s >= Stop::Cancel) => break Err(StageFailure::Cancelled),
+                    Ok(_) = cancel.wait_for(|s| *s >= Stop::Cancel) => break (Err(StageFailure::Cancelled), None),
                 }
                 // The next attempt starts from nothing, as the first did.
                 staging.reset(stage, aside)?;
                 attempt += 1;
             }
-            other => break other,
+            other => break (other, ticket),
         }
     };
     let Executed {
@@ -583,8 +584,16 @@ async fn produce_and_commit(
         ctx.events
             .event(Event::Warning(format!("stage `{}`: {warning}", stage.name)));
     }
-    verify_inputs(ctx, index, inputs).await?;
+    verify_inputs(ctx, index, inputs.clone()).await?;
     verify_outputs(stage, staging)?;
+    let _ticket = match super::gate::waits_for_previous(ctx, index) {
+        Some(previous) => {
+            drop(ticket);
+            ctx.wait_for_end(previous).await?;
+            admit(ctx, stage, &inputs).await?
+        }
+        None => ticket,
+    };
     let reported = record.checks.len();
     let set_aside = aside.map(Aside::moved).unwrap_or_default();
     let checks_passed =

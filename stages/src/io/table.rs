@@ -96,33 +96,51 @@ pub fn columns_of(path: &Path) -> Result<Vec<String>, StageError> {
 /// A table's rows, and per column its dtype, null count and, for numbers, mean, min and max (for
 /// the metadata of a version).
 pub fn describe(path: &Path) -> Result<serde_json::Value, StageError> {
-    let df = read_table_inferred(path)?;
-    let mut columns = Vec::new();
-    for column in df.columns() {
-        let dtype = column.dtype();
-        let mut entry = serde_json::json!({
-            "name": column.name().as_str(),
-            "dtype": dtype.to_string(),
-            "nulls": column.null_count(),
-        });
-        if dtype.is_primitive_numeric() {
-            if let Ok(values) = column.cast(&DataType::Float64) {
-                if let Ok(values) = values.f64() {
-                    let finite: Vec<f64> =
-                        values.iter().flatten().filter(|v| v.is_finite()).collect();
-                    let n = finite.len() as f64;
-                    let mean = finite.iter().sum::<f64>() / n;
-                    let min = finite.iter().copied().fold(f64::INFINITY, f64::min);
-                    let max = finite.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                    entry["mean"] = crate::stats::finite(mean);
-                    entry["min"] = crate::stats::finite(min);
-                    entry["max"] = crate::stats::finite(max);
-                }
+    // A Parquet table one column at a time: a version's metadata is written while other stages
+    // compute, and a whole feature table at 10x is hundreds of MB (docs/performance.md, Memory).
+    let (rows, columns) = if is_csv(path) {
+        let df = read_table_inferred(path)?;
+        let columns = df.columns().iter().map(describe_column).collect();
+        (df.height(), columns)
+    } else {
+        let mut reader = ParquetReader::new(open(path)?);
+        let rows = guarded(path, || reader.num_rows())?;
+        let mut columns = Vec::new();
+        for name in columns_of(path)? {
+            let df = read_parquet(path, Some(std::slice::from_ref(&name)))?;
+            if let Ok(column) = df.column(&name) {
+                columns.push(describe_column(column));
             }
         }
-        columns.push(entry);
+        (rows, columns)
+    };
+    Ok(serde_json::json!({"rows": rows, "columns": columns}))
+}
+
+/// A column's dtype, null count and, for numbers, the mean, min and max of its finite values.
+fn describe_column(column: &Column) -> serde_json::Value {
+    let dtype = column.dtype();
+    let mut entry = serde_json::json!({
+        "name": column.name().as_str(),
+        "dtype": dtype.to_string(),
+        "nulls": column.null_count(),
+    });
+    if dtype.is_primitive_numeric() {
+        if let Ok(values) = column.cast(&DataType::Float64) {
+            if let Ok(values) = values.f64() {
+                // Passes over the values rather than a copy of them.
+                let finite = || values.iter().flatten().filter(|v| v.is_finite());
+                let n = finite().count() as f64;
+                let mean = finite().sum::<f64>() / n;
+                let min = finite().fold(f64::INFINITY, f64::min);
+                let max = finite().fold(f64::NEG_INFINITY, f64::max);
+                entry["mean"] = crate::stats::finite(mean);
+                entry["min"] = crate::stats::finite(min);
+                entry["max"] = crate::stats::finite(max);
+            }
+        }
     }
-    Ok(serde_json::json!({"rows": df.height(), "columns": columns}))
+    entry
 }
 
 /// A CSV that polars could not read: the line at fault when one can be found, else polars' words.
