@@ -300,6 +300,49 @@ fn a_job_whose_imba_is_killed_on_its_node_fails_with_a_clear_message() {
 }
 
 #[test]
+fn jobs_left_by_a_killed_run_are_cancelled_by_the_next_run() {
+    let Some((conf, _alone)) = slurm_conf() else {
+        return;
+    };
+    let t = common::Test::new().pipeline(
+        &WAITS
+            .replace("RETRIES", "")
+            .replace("NAME", "orphaned")
+            .replace(r#"if [ "$IMBA_ATTEMPT" = 1 ]"#, "if [ ! -e go ]"),
+    );
+    let mut child = first_attempt_running(&t, conf);
+    let left = live_jobs(conf, "orphaned");
+    assert_eq!(left.len(), 1, "{left:?}");
+    let orphan = left[0].split_whitespace().next().unwrap().to_owned();
+    // The orchestrator dies; its job runs on.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(live_jobs(conf, "orphaned"), left);
+
+    std::fs::write(t.path().join("go"), "").unwrap();
+    let out = run(&t, conf, &["run", "pipeline.yaml"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        out.stderr.contains(&format!(
+            "warning: executor `hpc`: cancelled a job left running by an earlier run of this workdir that ended without them ({orphan})"
+        )),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(t.read("out/result.txt"), "attempt 1\n");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !live_jobs(conf, "orphaned").is_empty() {
+        assert!(Instant::now() < deadline, "the orphan is still there");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A run finds nothing to cancel when nothing was left.
+    let again = run(&t, conf, &["run", "pipeline.yaml", "-f"]);
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    assert!(!again.stderr.contains("cancelled"), "{}", again.stderr);
+}
+
+#[test]
 fn ctrl_c_cancels_the_running_jobs() {
     let Some((conf, _alone)) = slurm_conf() else {
         return;

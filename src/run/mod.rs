@@ -255,6 +255,8 @@ pub(crate) struct Context {
     parked: std::sync::atomic::AtomicUsize,
     /// Woken when a stage parks, so that the scheduler can start another in its slot.
     parked_notify: tokio::sync::Notify,
+    /// Jobs earlier runs left on the executors, cancelled before this run's first job there.
+    orphans: execute::Orphans,
 }
 
 /// How a stage of this run ended.
@@ -468,6 +470,7 @@ pub fn run_with(
         ended_notify: tokio::sync::Notify::new(),
         parked: std::sync::atomic::AtomicUsize::new(0),
         parked_notify: tokio::sync::Notify::new(),
+        orphans: execute::Orphans::default(),
     });
     // Every remote identity the decisions need, at once rather than one request after another.
     ctx.store.prefetch(&plan::lookups(&dag, &selected));

@@ -488,6 +488,7 @@ async fn produce_and_commit(
     let logs = ctx.state.logs(&ctx.run_id);
     let retries = stage.limits.retries;
     let job = std::sync::Mutex::new(None);
+    let warn = |warning: String| ctx.events.event(Event::Warning(warning));
     let mut attempt = 1;
     let (executed, ticket) = loop {
         // The budget is held from the start of an attempt to the commit (checks and a version's
@@ -514,6 +515,9 @@ async fn produce_and_commit(
             attempt,
             job: &job,
             timeout: stage.limits.timeout,
+            state: &ctx.state.root,
+            orphans: &ctx.orphans,
+            warn: &warn,
         };
         let (started, at) = (Instant::now(), crate::state::record::now());
         let mut result = attempt_once(ctx, execution).await;

@@ -11,6 +11,7 @@ use tokio::sync::watch;
 mod builtin;
 pub mod job;
 mod remote;
+pub use remote::Orphans;
 mod shell;
 mod slurm;
 mod spark;
@@ -51,6 +52,12 @@ pub struct Execution<'a> {
     /// The attempt's `timeout`, which a job counts from when it starts running, not from its
     /// submission (the queue is not the stage's time).
     pub timeout: Option<std::time::Duration>,
+    /// The workdir's state folder (`.imba/`), whose path tags the jobs of its runs.
+    pub state: &'a Path,
+    /// Jobs of earlier runs, cancelled before this run's first job on each executor.
+    pub orphans: &'a remote::Orphans,
+    /// Says something to the user as the run goes (a warning).
+    pub warn: &'a (dyn Fn(String) + Send + Sync),
 }
 
 /// What an execution reports besides its staged outputs.

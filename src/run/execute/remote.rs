@@ -1,8 +1,10 @@
 //! Stages on an executor (`executor:`): each attempt is a job that runs `imba exec-stage SPEC`
-//! elsewhere. An executor does four things, whatever schedules the jobs: submit, poll, cancel,
-//! and name the job's log. Slurm is the one built ([`super::slurm`]); AWS Batch (SubmitJob,
-//! DescribeJobs, TerminateJob, CloudWatch logs) and Kubernetes Jobs (create, get status,
-//! delete with propagation, pod logs) fit the same four (docs/executors.md).
+//! elsewhere. An executor does five things, whatever schedules the jobs: submit (with a tag
+//! naming the workdir and run), poll, cancel, list the live jobs by tag, and name the job's log.
+//! Slurm is the one built ([`super::slurm`]); AWS Batch (SubmitJob with tags, DescribeJobs,
+//! TerminateJob, ListJobs, CloudWatch logs) and Kubernetes Jobs (create with a label, get
+//! status, delete with propagation, list by label, pod logs) fit the same five
+//! (docs/executors.md).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -18,6 +20,8 @@ use crate::state::record::JobRecord;
 pub struct Job {
     /// A name people see in the scheduler's queue (`imba:STAGE`).
     pub name: String,
+    /// Which workdir and run the job belongs to ([`Orphans::tag`]), kept by the scheduler.
+    pub tag: String,
     /// The program and its arguments, run on the node.
     pub command: Vec<String>,
     pub workdir: PathBuf,
@@ -57,6 +61,60 @@ pub trait Executor: Send + Sync {
     fn poll(&self, id: &str) -> impl std::future::Future<Output = Result<JobState, String>> + Send;
     /// Asks the scheduler to stop the job (its processes get SIGTERM, then SIGKILL).
     fn cancel(&self, id: &str) -> impl std::future::Future<Output = Result<(), String>> + Send;
+    /// The jobs of this user not yet ended whose tag starts with `prefix`: each one's id and tag.
+    fn live(
+        &self,
+        prefix: &str,
+    ) -> impl std::future::Future<Output = Result<Vec<(String, String)>, String>> + Send;
+}
+
+/// Jobs an earlier run of the workdir left behind (its imba was killed, or its machine went
+/// down): they cannot commit (their staging is that run's), but they hold nodes. A run holds
+/// the workdir's lock, so no other live run has jobs of the workdir: before its first job on an
+/// executor, a run cancels those it finds there.
+#[derive(Default)]
+pub struct Orphans {
+    swept: tokio::sync::Mutex<std::collections::BTreeSet<String>>,
+}
+
+impl Orphans {
+    /// What a job of run `run_id` of the workdir whose state is in `state` is tagged with
+    /// (Slurm: its comment): the workdir by a hash of the path, the run by its id.
+    pub fn tag(state: &std::path::Path, run_id: &str) -> String {
+        let key = blake3::hash(state.as_os_str().as_encoded_bytes()).to_hex();
+        format!("imba:{}:{run_id}", &key[..16])
+    }
+
+    /// Cancels, once a run per executor, the jobs of earlier runs of the workdir; what it did,
+    /// for a warning.
+    async fn sweep<E: Executor>(&self, executor: &E, name: &str, tag: &str) -> Option<String> {
+        let mut swept = self.swept.lock().await;
+        if !swept.insert(name.to_owned()) {
+            return None;
+        }
+        let prefix = tag.rsplit_once(':').map_or(tag, |(workdir, _)| workdir);
+        let found = match executor.live(&format!("{prefix}:")).await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!("cannot list the jobs of executor `{name}`: {e}");
+                return None;
+            }
+        };
+        let mut cancelled = Vec::new();
+        for (id, _) in found.iter().filter(|(_, t)| t != tag) {
+            match executor.cancel(id).await {
+                Ok(()) => cancelled.push(id.as_str()),
+                Err(e) => tracing::warn!(%id, "cannot cancel: {e}"),
+            }
+        }
+        (!cancelled.is_empty()).then(|| {
+            format!(
+                "executor `{name}`: cancelled {} left running by an earlier run of this workdir that ended without them ({})",
+                if cancelled.len() == 1 { "a job".to_owned() } else { format!("{} jobs", cancelled.len()) },
+                cancelled.join(", ")
+            )
+        })
+    }
 }
 
 /// How often a job is looked at: soon after it is submitted, then less and less often.
@@ -98,8 +156,13 @@ pub async fn run<E: Executor>(
     let log = ex
         .logs
         .join(format!("{}.log", crate::model::file_name(&stage.name)));
+    let tag = Orphans::tag(ex.state, ex.run_id);
+    if let Some(swept) = ex.orphans.sweep(executor, name, &tag).await {
+        (ex.warn)(swept);
+    }
     let request = Job {
         name: format!("imba:{}", stage.name),
+        tag,
         command: vec![
             remote_binary()?,
             "exec-stage".to_owned(),

@@ -57,6 +57,7 @@ impl Slurm<'_> {
         let mut args = vec![
             "--parsable".to_owned(),
             format!("--job-name={}", job.name),
+            format!("--comment={}", job.tag),
             format!("--chdir={}", job.workdir.display()),
             format!("--output={log}"),
             format!("--error={log}"),
@@ -205,6 +206,22 @@ impl Executor for Slurm<'_> {
     async fn cancel(&self, id: &str) -> Result<(), String> {
         slurm("scancel", &[id.to_owned()]).await.map(drop)
     }
+
+    async fn live(&self, prefix: &str) -> Result<Vec<(String, String)>, String> {
+        let args = [
+            "--me",
+            "--noheader",
+            "--states=PENDING,CONFIGURING,RUNNING,SUSPENDED",
+            "--format=%i|%k",
+        ];
+        let out = slurm("squeue", &args.map(str::to_owned)).await?;
+        Ok(out
+            .lines()
+            .filter_map(|line| line.trim().split_once('|'))
+            .filter(|(_, tag)| tag.starts_with(prefix))
+            .map(|(id, tag)| (id.to_owned(), tag.to_owned()))
+            .collect())
+    }
 }
 
 #[cfg(test)]
@@ -257,6 +274,7 @@ mod tests {
         let settings = SlurmSettings::default();
         let job = Job {
             name: "imba:m@2017-01".to_owned(),
+            tag: "imba:0123456789abcdef:r".to_owned(),
             command: vec!["imba".to_owned()],
             workdir: "/w".into(),
             log: "/w/.imba/logs/r/m%402017-01.log".into(),
@@ -281,6 +299,7 @@ mod tests {
         };
         let job = Job {
             name: "imba:impute".to_owned(),
+            tag: "imba:0123456789abcdef:20261204T124706.819Z-2f1b".to_owned(),
             command: vec![
                 "/opt/imba".to_owned(),
                 "exec-stage".to_owned(),
@@ -301,6 +320,9 @@ mod tests {
         assert!(args.contains(&"--time=2".to_owned()));
         assert!(args.contains(&"--partition=batch".to_owned()));
         assert!(args.contains(&"--qos=high".to_owned()));
+        assert!(
+            args.contains(&"--comment=imba:0123456789abcdef:20261204T124706.819Z-2f1b".to_owned())
+        );
         assert_eq!(
             args.last().unwrap(),
             r#"--wrap=exec /opt/imba exec-stage '/w/it'\''s.json'"#
