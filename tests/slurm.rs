@@ -20,28 +20,8 @@ fn slurm_conf() -> Option<(&'static str, std::sync::MutexGuard<'static, ()>)> {
 
 fn cluster() -> Option<&'static str> {
     static CONF: OnceLock<Option<String>> = OnceLock::new();
-    CONF.get_or_init(|| {
-        let script = common::repo().join("scripts/slurm-local");
-        let out = std::process::Command::new(script)
-            .arg("start")
-            .output()
-            .expect("run scripts/slurm-local");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let conf = stdout
-            .lines()
-            .find_map(|l| l.strip_prefix("SLURM_CONF="))
-            .map(str::to_owned);
-        if conf.is_none() {
-            let why = String::from_utf8_lossy(&out.stderr);
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "the Slurm cluster did not start: {why}"
-            );
-            eprintln!("skipping: the Slurm cluster did not start: {why}");
-        }
-        conf
-    })
-    .as_deref()
+    CONF.get_or_init(|| common::start_cluster("slurm-local", &[], "SLURM_CONF"))
+        .as_deref()
 }
 
 /// A Slurm client command against the test cluster; its stdout.

@@ -15,27 +15,7 @@ use imba_stages::polars::prelude::*;
 fn spark_remote() -> Option<&'static str> {
     static REMOTE: OnceLock<Option<String>> = OnceLock::new();
     REMOTE
-        .get_or_init(|| {
-            let script = common::repo().join("scripts/spark-local");
-            let out = std::process::Command::new(script)
-                .arg("start")
-                .output()
-                .expect("run scripts/spark-local");
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            let remote = stdout
-                .lines()
-                .find_map(|l| l.strip_prefix("SPARK_REMOTE="))
-                .map(str::to_owned);
-            if remote.is_none() {
-                let why = String::from_utf8_lossy(&out.stderr);
-                assert!(
-                    std::env::var_os("CI").is_none(),
-                    "the Spark cluster did not start: {why}"
-                );
-                eprintln!("skipping: the Spark cluster did not start: {why}");
-            }
-            remote
-        })
+        .get_or_init(|| common::start_cluster("spark-local", &[], "SPARK_REMOTE"))
         .as_deref()
 }
 

@@ -22,32 +22,18 @@ struct Cluster {
 
 impl Cluster {
     fn start(state: PathBuf) -> Option<Cluster> {
+        // Stopped when dropped, whether it started or not (what did start goes).
         let mut cluster = Cluster {
             state,
             remote: String::new(),
         };
-        let out = Command::new(common::repo().join("scripts/spark-local"))
-            .arg("start")
-            .env("SPARK_LOCAL_STATE", &cluster.state)
-            .env("SPARK_LOCAL_TOKEN", TOKEN)
-            .output()
-            .expect("run scripts/spark-local");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        match stdout.lines().find_map(|l| l.strip_prefix("SPARK_REMOTE=")) {
-            Some(remote) => {
-                cluster.remote = remote.to_owned();
-                Some(cluster)
-            }
-            None => {
-                let why = String::from_utf8_lossy(&out.stderr);
-                assert!(
-                    std::env::var_os("CI").is_none(),
-                    "the Spark cluster did not start: {why}"
-                );
-                eprintln!("skipping: the Spark cluster did not start: {why}");
-                None
-            }
-        }
+        let env = [
+            ("SPARK_LOCAL_STATE", cluster.state.as_os_str()),
+            ("SPARK_LOCAL_TOKEN", std::ffi::OsStr::new(TOKEN)),
+        ];
+        let remote = common::start_cluster("spark-local", &env, "SPARK_REMOTE");
+        cluster.remote = remote?;
+        Some(cluster)
     }
 
     fn script(&self, args: &[&str]) -> std::process::Output {

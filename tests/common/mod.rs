@@ -167,6 +167,33 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Starts a cluster on this machine with `scripts/SCRIPT start` (its environment extended with
+/// `env`) and returns the value of the `VAR=…` line it prints. Where it cannot start, the test
+/// says so and gets `None`, but under CI that is a failure: a component the project starts
+/// itself is never silently skipped there.
+#[allow(dead_code)]
+pub fn start_cluster(script: &str, env: &[(&str, &std::ffi::OsStr)], var: &str) -> Option<String> {
+    let out = std::process::Command::new(repo().join("scripts").join(script))
+        .arg("start")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap_or_else(|e| panic!("run scripts/{script}: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let value = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(var)?.strip_prefix('='))
+        .map(str::to_owned);
+    if value.is_none() {
+        let why = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "scripts/{script} could not start its cluster: {why}"
+        );
+        eprintln!("skipping: scripts/{script} could not start its cluster: {why}");
+    }
+    value
+}
+
 /// The shipped monthly pipeline (with `extra` appended to its file) and its sample orders, in a
 /// temp dir of their own: a clone of the repository, as far as the pipeline is concerned.
 pub fn monthly(extra: &str) -> Test {
