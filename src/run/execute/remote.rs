@@ -117,6 +117,9 @@ impl Orphans {
     }
 }
 
+/// How a job the scheduler stopped ends (Slurm's states; another scheduler maps to these).
+const STOPPED: [&str; 4] = ["CANCELLED", "TIMEOUT", "PREEMPTED", "DEADLINE"];
+
 /// How often a job is looked at: soon after it is submitted, then less and less often.
 const FIRST_POLL: Duration = Duration::from_millis(250);
 const LAST_POLL: Duration = Duration::from_secs(5);
@@ -295,9 +298,14 @@ pub async fn run<E: Executor>(
         .filter(|reported| reported.attempt == ex.attempt)
         .map(|reported| reported.result);
     let node = record.node.clone().unwrap_or_else(|| "its node".to_owned());
+    // The scheduler's word wins over the node's: a job cancelled from outside has its command
+    // signalled too, and its imba may see that before it sees its own SIGTERM.
+    let stopped = !run_cancelled
+        && (STOPPED.iter().any(|s| state.starts_with(s))
+            || matches!(result, Some(JobResult::Failed(StageFailure::Cancelled))));
     match result {
         Some(JobResult::Done(executed)) => Ok(executed),
-        Some(JobResult::Failed(StageFailure::Cancelled)) if !run_cancelled => Err(StageFailure::Job {
+        Some(JobResult::Failed(_)) | None if stopped => Err(StageFailure::Job {
             message: format!(
                 "job {id} was stopped on {node} ({state}{}): cancelled from outside imba (scancel) or by the scheduler's time limit",
                 reason.map(|r| format!(", {r}")).unwrap_or_default()
