@@ -555,6 +555,35 @@ pub fn did_you_mean<'a>(
         .map(|(_, _, c)| c)
 }
 
+/// The path of `candidates` a missing `path` most likely meant: one with the same file name in
+/// another folder, or one within a small edit distance (a fifth of the path's length, at least
+/// one). Nothing when none is that close: a far-fetched suggestion misleads.
+pub fn did_you_mean_path<'a>(
+    path: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
+    let trimmed = |p: &'a str| p.trim_end_matches('/');
+    let word = path.trim_end_matches('/');
+    let name = |p: &str| p.rsplit('/').next().unwrap_or(p).to_owned();
+    let budget = (word.chars().count() / 5).max(1);
+    let mut best: Option<(usize, &'a str)> = None;
+    for candidate in candidates {
+        let c = trimmed(candidate);
+        if c == word || c.is_empty() {
+            continue;
+        }
+        let distance = if name(c) == name(word) {
+            0
+        } else {
+            strsim::damerau_levenshtein(word, c)
+        };
+        if distance <= budget && best.is_none_or(|(d, _)| distance < d) {
+            best = Some((distance, candidate));
+        }
+    }
+    best.map(|(_, c)| c)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -652,6 +681,29 @@ mod tests {
         assert_eq!(shown.source_offset(6), 3);
         let plain = Shown::new("f", &"plain".into(), &[]);
         assert!(plain.edits.is_empty());
+    }
+
+    #[test]
+    fn a_path_is_suggested_only_when_close() {
+        let written = [
+            "out/imputed/",
+            "out/cleaned/orders.parquet",
+            "data/orders.csv",
+        ];
+        assert_eq!(did_you_mean_path("nope.csv", written), None);
+        assert_eq!(
+            did_you_mean_path("orders.csv", written),
+            Some("data/orders.csv")
+        );
+        assert_eq!(
+            did_you_mean_path("out/cleaned/order.parquet", written),
+            Some("out/cleaned/orders.parquet")
+        );
+        assert_eq!(
+            did_you_mean_path("out/imputd", written),
+            Some("out/imputed/")
+        );
+        assert_eq!(did_you_mean_path("out/x", written), None);
     }
 
     #[test]

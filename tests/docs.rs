@@ -55,12 +55,15 @@ fn every_pipeline_in_the_docs_is_valid() {
         blocks.extend(found);
     }
     for block in blocks {
-        let mut t = Test::new()
-            .file("data/orders.csv", "order_id\n1\n")
-            .file("data/users.csv", "user_id\n1\n");
+        // Instacart's orders: validate checks the columns the examples' params name.
+        let orders = "order_id,user_id,eval_set,order_number,order_dow,order_hour_of_day,days_since_prior_order\n1,1,prior,1,0,8,\n";
+        let mut t = Test::new().file("data/orders.csv", orders).file(
+            "data/users.csv",
+            "user_id,days_imp,frequency,age,region\n1,,3,34,north\n",
+        );
         // Months for the examples that discover them.
         for month in ["2017-03", "2017-04", "2017-05"] {
-            t = t.file(&format!("raw/{month}/orders.csv"), "order_id\n1\n");
+            t = t.file(&format!("raw/{month}/orders.csv"), orders);
         }
         let out = t
             .pipeline(&block)

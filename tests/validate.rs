@@ -626,3 +626,44 @@ stages:
         out.stderr
     );
 }
+
+/// The shipped monthly pipeline given a bad orders file: each named, its bytes never printed.
+#[test]
+fn bad_input_files_are_named() {
+    let mut png = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR".to_vec();
+    png.extend_from_slice(&[0x1b, b'[', b'2', b'J', 0xff, 0xfe, b'\n', b'1']);
+    let t = common::monthly("")
+        .file("data/picture.csv", png)
+        .file("data/nul.csv", b"order_id,user\x00_id\n1,2\n")
+        .file("data/wrong.csv", "a,b,c\n1,2,3\n")
+        .file(
+            "data/renamed.csv",
+            "order_id,user,eval_set,order_number,order_dow,order_hour_of_day,days_since_prior\n",
+        )
+        .file("data/escaped.csv", "order_id,user\x1b[31mid\n1,2\n");
+    let mut all = String::new();
+    for input in [
+        "data/picture.csv",
+        "data/nul.csv",
+        "data/wrong.csv",
+        "data/renamed.csv",
+        "data/escaped.csv",
+        "nope.csv",
+        "examples/instacart/order.csv",
+        "instacart/orders.csv",
+    ] {
+        let out = t.exec(&[
+            "validate",
+            "pipelines/monthly.yaml",
+            "--set",
+            &format!("input={input}"),
+        ]);
+        assert_eq!(out.code, 2, "{input}: {}", out.all());
+        all.push_str(&format!(
+            "$ imba validate pipelines/monthly.yaml --set input={input}\n{}\n",
+            out.all()
+        ));
+    }
+    assert!(!all.contains('\x1b') && !all.contains("PNG\r"), "{all}");
+    assert_snapshot!(all);
+}

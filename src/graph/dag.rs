@@ -10,7 +10,7 @@ use std::ffi::OsString;
 
 use petgraph::graph::{DiGraph, NodeIndex};
 
-use crate::diagnostic::{did_you_mean, Diagnostic};
+use crate::diagnostic::{did_you_mean_path, Diagnostic};
 use crate::model::location::Location;
 use crate::model::{Pipeline, Port, Stage};
 
@@ -287,14 +287,48 @@ fn check_source(
             })
             .collect()
     });
-    let diagnostic = match did_you_mean(&shown, written.iter().map(String::as_str)) {
+    let diagnostic = match did_you_mean_path(&shown, written.iter().map(String::as_str)) {
         Some(s) => diagnostic.at(
             input.span,
             format!("did you mean `{s}`, which a stage writes?"),
         ),
-        None => diagnostic.at(input.span, "not found"),
+        None => {
+            match did_you_mean_path(&shown, siblings(&shown, path).iter().map(String::as_str)) {
+                Some(s) => diagnostic.at(input.span, format!("did you mean `{s}`?")),
+                None => diagnostic.at(input.span, "not found"),
+            }
+        }
     };
     diagnostics.push(diagnostic.note(format!("looked for {}", path.display())));
+}
+
+/// The files beside a missing `path` (shown as `shown`), shown the same way: a typo in a file
+/// name finds its file. At most a thousand, in name order; none when its folder is missing too.
+fn siblings(shown: &str, path: &std::path::Path) -> Vec<String> {
+    let (Some(folder), Some(shown_folder)) = (
+        path.parent(),
+        shown
+            .trim_end_matches('/')
+            .rsplit_once('/')
+            .map(|(f, _)| f)
+            .or(Some("")),
+    ) else {
+        return Vec::new();
+    };
+    let Ok(entries) = std::fs::read_dir(folder) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .take(1000)
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .map(|name| match shown_folder {
+            "" => name,
+            folder => format!("{folder}/{name}"),
+        })
+        .collect();
+    names.sort();
+    names
 }
 
 /// Reports each cycle; gives the stages on one.

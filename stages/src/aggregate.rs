@@ -117,6 +117,10 @@ impl BuiltinStage for Aggregate {
         ))
     }
 
+    fn input_columns(params: &AggregateParams) -> Vec<crate::InputColumn> {
+        crate::InputColumn::of_the_input(wanted_columns(params))
+    }
+
     fn output_columns(
         params: &AggregateParams,
         _inputs: &[Option<Vec<String>>],
@@ -271,18 +275,7 @@ fn aggregate_in_order(
     source: &std::path::Path,
     sorted: bool,
 ) -> Result<DataFrame, StageError> {
-    let mut wanted: Vec<(&str, String)> = params
-        .by
-        .iter()
-        .enumerate()
-        .map(|(i, c)| (c.as_str(), crate::pointer::of(&["by", &i.to_string()])))
-        .collect();
-    for (name, agg) in &params.aggs {
-        if agg.column() != "*" {
-            wanted.push((agg.column(), crate::pointer::of(&["aggs", name])));
-        }
-    }
-    require_columns(&df, wanted, source)?;
+    require_columns(&df, wanted_columns(params), source)?;
     let keys: Vec<Expr> = params.by.iter().map(|k| col(k.as_str())).collect();
     let not_null = params
         .by
@@ -426,6 +419,23 @@ pub fn spark_sql(params: &AggregateParams, source: &str) -> Result<String, (Stri
         format!(" ORDER BY {}", keys.join(", "))
     };
     Ok(format!("SELECT {selected} FROM ({with_derived}) d{order}"))
+}
+
+/// The columns the params name in the input, each with its param: the keys, then each
+/// aggregation's column.
+fn wanted_columns(params: &AggregateParams) -> Vec<(&str, String)> {
+    let mut wanted: Vec<(&str, String)> = params
+        .by
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.as_str(), crate::pointer::of(&["by", &i.to_string()])))
+        .collect();
+    for (name, agg) in &params.aggs {
+        if agg.column() != "*" {
+            wanted.push((agg.column(), crate::pointer::of(&["aggs", name])));
+        }
+    }
+    wanted
 }
 
 #[cfg(test)]

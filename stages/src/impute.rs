@@ -147,6 +147,10 @@ impl BuiltinStage for Impute {
         ))
     }
 
+    fn input_columns(params: &ImputeParams) -> Vec<crate::InputColumn> {
+        crate::InputColumn::of_the_input(wanted_columns(params))
+    }
+
     /// Neither the long table's columns nor the mean table's depend on the data.
     fn output_columns(
         params: &ImputeParams,
@@ -231,18 +235,23 @@ struct Plan {
     spec: mice::Spec,
 }
 
+/// The columns the params name in the input, each with its param: those to impute, then the id.
+fn wanted_columns(params: &ImputeParams) -> Vec<(&str, String)> {
+    let mut wanted: Vec<(&str, String)> = params
+        .columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c.as_str(), pointer(&["columns", &i.to_string()])))
+        .collect();
+    if let Some(id) = &params.id {
+        wanted.push((id.as_str(), pointer(&["id"])));
+    }
+    wanted
+}
+
 impl Plan {
     fn new(df: &DataFrame, params: &ImputeParams, source: &Path) -> Result<Plan, StageError> {
-        let mut wanted: Vec<(&str, String)> = params
-            .columns
-            .iter()
-            .enumerate()
-            .map(|(i, c)| (c.as_str(), pointer(&["columns", &i.to_string()])))
-            .collect();
-        if let Some(id) = &params.id {
-            wanted.push((id.as_str(), pointer(&["id"])));
-        }
-        require_columns(df, wanted, source)?;
+        require_columns(df, wanted_columns(params), source)?;
         if let Some(first) = param_errors(params).into_iter().next() {
             return Err(first);
         }

@@ -22,8 +22,8 @@ pub mod spark_sql;
 pub mod stats;
 
 pub use registry::{
-    Builtin, BuiltinStage, Cancel, OutputColumns, ParamsError, Registry, StageError, StageIo,
-    StageReport, CANCELLED,
+    Builtin, BuiltinStage, Cancel, InputColumn, OutputColumns, ParamsError, Registry, StageError,
+    StageIo, StageReport, CANCELLED,
 };
 
 /// The polars the stages are built on, for callers that read their tables.

@@ -41,6 +41,14 @@ pub trait BuiltinStage: 'static {
         Vec::new()
     }
 
+    /// The columns the stage's params name in its inputs, each with the param that names it, so
+    /// that a source table lacking one is an error at that param at validate time, naming the
+    /// file (the same columns the stage requires when it runs).
+    fn input_columns(params: &Self::Params) -> Vec<InputColumn> {
+        let _ = params;
+        Vec::new()
+    }
+
     /// The most memory the stage takes, in bytes, on these inputs (local paths, existing), from
     /// measurements (`scripts/bench`, docs/performance.md "Memory"): what the orchestrator
     /// reserves of its memory budget while the stage computes, unless the stage declares its own
@@ -129,6 +137,33 @@ fn find(ports: &[(Option<String>, std::path::PathBuf)], port: Port) -> Option<&s
     }
 }
 
+/// A column a built-in stage's params name in one of its inputs (see
+/// [`BuiltinStage::input_columns`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InputColumn {
+    /// The input by its name in the pipeline (`None`: the stage's one input).
+    pub input: Option<String>,
+    pub column: String,
+    /// The param that names it, as a JSON pointer into the params (`/cast/user_id`).
+    pub pointer: String,
+}
+
+impl InputColumn {
+    /// Columns of the stage's one input, from `(column, pointer)` pairs.
+    pub fn of_the_input<'a>(
+        columns: impl IntoIterator<Item = (&'a str, String)>,
+    ) -> Vec<InputColumn> {
+        columns
+            .into_iter()
+            .map(|(column, pointer)| InputColumn {
+                input: None,
+                column: column.to_owned(),
+                pointer,
+            })
+            .collect()
+    }
+}
+
 /// The columns of one table a built-in stage writes (see [`BuiltinStage::output_columns`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutputColumns {
@@ -197,6 +232,7 @@ pub struct Builtin {
     check_ports: PortCheck,
     check_params: fn(&serde_json::Value) -> Vec<ParamsError>,
     output_columns: ColumnsOf,
+    input_columns: fn(&serde_json::Value) -> Vec<InputColumn>,
     memory: fn(&serde_json::Value, &[std::path::PathBuf]) -> Option<u64>,
 }
 
@@ -228,6 +264,10 @@ impl Builtin {
             check_ports: check_ports::<S>,
             check_params: check_params::<S>,
             output_columns: output_columns::<S>,
+            input_columns: |params| match serde_json::from_value::<S::Params>(params.clone()) {
+                Ok(params) => S::input_columns(&params),
+                Err(_) => Vec::new(),
+            },
             memory: memory::<S>,
         }
     }
@@ -250,6 +290,12 @@ impl Builtin {
         inputs: &[Option<Vec<String>>],
     ) -> Vec<OutputColumns> {
         (self.output_columns)(params, inputs)
+    }
+
+    /// The columns its params name in its inputs (see [`BuiltinStage::input_columns`]), for
+    /// normalised `params`.
+    pub fn input_columns(&self, params: &serde_json::Value) -> Vec<InputColumn> {
+        (self.input_columns)(params)
     }
 
     /// Checks the stage's input and output names against its [`BuiltinStage::INPUTS`] and

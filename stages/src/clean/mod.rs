@@ -60,6 +60,10 @@ impl BuiltinStage for Clean {
         Some(crate::memory::linear(30.0, 3.4, whole) + crate::memory::linear(0.0, 0.1, rest))
     }
 
+    fn input_columns(params: &CleanParams) -> Vec<crate::InputColumn> {
+        crate::InputColumn::of_the_input(mark::wanted_columns(params))
+    }
+
     /// `clean` keeps every column of its input, in order.
     fn output_columns(
         _params: &CleanParams,
@@ -420,6 +424,76 @@ mod properties {
                 }
             }
         }
+    }
+
+    proptest! {
+        /// Any bytes at all, header included, through every read path (whole, chunked, and the
+        /// strict-then-lenient typed read a cast takes): a table or an error that names the
+        /// file, never a panic.
+        #[test]
+        fn any_file_is_read_or_named(
+            bytes in proptest::collection::vec(
+                prop_oneof![Just(b'a'), Just(b','), Just(b'\n'), Just(b'\r'), Just(b'"'), Just(b'1'), Just(b'.'), Just(0u8), Just(0xefu8), Just(0xbbu8), Just(0xbfu8), any::<u8>()],
+                0..200,
+            ),
+            chunked in any::<bool>(),
+            cast in any::<bool>(),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("in.csv");
+            std::fs::write(&path, &bytes).unwrap();
+            let params: CleanParams = if cast {
+                serde_json::from_value(json!({"cast": {"a": "int64"}, "dedup": true})).unwrap()
+            } else {
+                CleanParams::default()
+            };
+            let chunked_above = if chunked { 0 } else { u64::MAX };
+            let result = clean_file(&params, &path, &dir.path().join("out.parquet"), chunked_above, &crate::Cancel::default());
+            if let Err(e) = result {
+                prop_assert!(e.message.contains("in.csv"), "{}", e.message);
+            }
+        }
+    }
+
+    #[test]
+    fn a_binary_file_is_not_read_as_a_csv() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("in.csv");
+        std::fs::write(&path, b"a,\x89PNG\x00b\n1,2\n").unwrap();
+        let out = dir.path().join("out.parquet");
+        for chunked_above in [0, u64::MAX] {
+            let error = clean_file(
+                &CleanParams::default(),
+                &path,
+                &out,
+                chunked_above,
+                &crate::Cancel::default(),
+            )
+            .unwrap_err();
+            assert_eq!(
+                error.message,
+                format!(
+                    "`{}` is not a CSV text file (invalid UTF-8 at byte 3 of its first line)",
+                    path.display()
+                )
+            );
+        }
+        std::fs::write(&path, b"a,b\x00c\n1,2\n").unwrap();
+        let error = clean_file(
+            &CleanParams::default(),
+            &path,
+            &out,
+            u64::MAX,
+            &crate::Cancel::default(),
+        )
+        .unwrap_err();
+        assert!(
+            error
+                .message
+                .ends_with("(a NUL byte at byte 4 of its first line)"),
+            "{}",
+            error.message
+        );
     }
 
     #[test]

@@ -37,7 +37,7 @@ pub(super) fn read_input(
             text: BTreeMap::new(),
         });
     }
-    let map = crate::io::table::map_file(input)?;
+    let map = crate::io::table::map_csv(input)?;
     let text = crate::io::table::CsvText {
         path: input,
         bytes: map.as_deref().unwrap_or_default(),

@@ -58,6 +58,27 @@ impl BuiltinStage for FeatureStage {
         param_errors(params)
     }
 
+    /// Each group's table has the entity, and a `columns:` group its columns (what its SQL reads
+    /// is polars' to say).
+    fn input_columns(params: &FeatureParams) -> Vec<crate::InputColumn> {
+        let mut wanted = Vec::new();
+        for (g, group) in params.groups.iter().enumerate() {
+            let of = |column: &str, pointer: String| crate::InputColumn {
+                input: Some(group.from.clone()),
+                column: column.to_owned(),
+                pointer,
+            };
+            wanted.push(of(&params.entity, "/entity".to_owned()));
+            wanted.extend(group.columns.iter().enumerate().map(|(i, c)| {
+                of(
+                    c,
+                    crate::pointer::of(&["groups", &g.to_string(), "columns", &i.to_string()]),
+                )
+            }));
+        }
+        wanted
+    }
+
     fn output_columns(
         params: &FeatureParams,
         _inputs: &[Option<Vec<String>>],

@@ -37,7 +37,7 @@ pub fn read_table_inferred(path: &Path) -> Result<DataFrame, StageError> {
         return read_parquet(path, None);
     }
     // Mapped here rather than opened by polars, so that only a regular file is read.
-    let map = map_file(path)?;
+    let map = map_csv(path)?;
     let bytes = map.as_deref().unwrap_or_default();
     let read = |rows: Option<usize>| {
         CsvReadOptions::default()
@@ -71,6 +71,7 @@ pub fn columns_of(path: &Path) -> Result<Vec<String>, StageError> {
         std::io::BufReader::new(file)
             .read_until(b'\n', &mut header)
             .map_err(|e| StageError::new(format!("cannot read `{}`: {e}", path.display())))?;
+        check_text(path, &header)?;
         let df = CsvReadOptions::default()
             .with_has_header(true)
             .with_infer_schema_length(Some(0))
@@ -187,7 +188,7 @@ pub fn empty_parquet(path: &Path) -> Result<DataFrame, StageError> {
 }
 
 fn read_csv_strings(path: &Path) -> Result<DataFrame, StageError> {
-    let map = map_file(path)?;
+    let map = map_csv(path)?;
     CsvText {
         path,
         bytes: map.as_deref().unwrap_or_default(),
@@ -348,7 +349,7 @@ impl CsvText<'_> {
 
 /// [`CsvText::check_shape`] of a whole file.
 pub fn check_csv_shape(path: &Path, columns: usize, rows: usize) -> Result<bool, StageError> {
-    let map = map_file(path)?;
+    let map = map_csv(path)?;
     CsvText {
         path,
         bytes: map.as_deref().unwrap_or_default(),
@@ -370,6 +371,36 @@ pub fn map_file(path: &Path) -> Result<Option<memmap2::Mmap>, StageError> {
     // stage runs (see above for other writers).
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(cannot)?;
     Ok(Some(map))
+}
+
+/// [`map_file`] of a CSV file whose first line is text ([`check_text`]).
+pub fn map_csv(path: &Path) -> Result<Option<memmap2::Mmap>, StageError> {
+    let map = map_file(path)?;
+    check_text(path, map.as_deref().unwrap_or_default())?;
+    Ok(map)
+}
+
+/// A CSV file's first line must be text: a file whose header holds a NUL byte or is not UTF-8 is
+/// not a CSV file (binary data, a compressed file, another encoding), and is named as such
+/// rather than read as one garbled column. `bytes`: the file from its start.
+pub fn check_text(path: &Path, bytes: &[u8]) -> Result<(), StageError> {
+    let line = bytes.split(|&b| b == b'\n').next().unwrap_or_default();
+    let not_text = |why: &str, at: usize| {
+        StageError::new(format!(
+            "`{}` is not a CSV text file ({why} at byte {} of its first line)",
+            crate::safe::escape(&path.to_string_lossy()),
+            at + 1
+        ))
+    };
+    let utf8_end = match std::str::from_utf8(line) {
+        Ok(_) => line.len(),
+        Err(e) => e.valid_up_to(),
+    };
+    match line[..utf8_end].iter().position(|&b| b == 0) {
+        Some(nul) => Err(not_text("a NUL byte", nul)),
+        None if utf8_end < line.len() => Err(not_text("invalid UTF-8", utf8_end)),
+        None => Ok(()),
+    }
 }
 
 /// A CSV file read a chunk of whole records at a time, each chunk behind the file's header line
@@ -424,6 +455,7 @@ impl CsvChunks {
             }
             chunks.fill(chunks.pending.len() + (64 << 10))?;
         }
+        check_text(path, &chunks.header)?;
         // Lines are counted in records, as polars and `locate_csv_problem` count them.
         chunks.next_line = 2;
         Ok(chunks)
