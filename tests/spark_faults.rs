@@ -192,9 +192,21 @@ fn a_lost_worker_is_retried_and_a_lost_server_fails_the_stage_cleanly() {
         ),
     ];
     for (name, remote) in refused {
-        let mut command = t.command(&["run", "unauthenticated.yaml", "--engine", "spark"]);
-        command.env("SPARK_REMOTE", &remote);
-        let out = t.captured(&command.output().unwrap());
+        // Now and then (1 run in ~5 here) the server resets the connection before its refusal
+        // reaches the client, which then says "transport error": the stage fails all the same,
+        // and a second try gets the server's words.
+        let mut out = None;
+        for _ in 0..3 {
+            let mut command = t.command(&["run", "unauthenticated.yaml", "--engine", "spark"]);
+            command.env("SPARK_REMOTE", &remote);
+            let tried = t.captured(&command.output().unwrap());
+            let reset = tried.code == 1 && tried.stderr.contains("transport error");
+            out = Some(tried);
+            if !reset {
+                break;
+            }
+        }
+        let out = out.unwrap();
         assert_eq!(out.code, 1, "{}", out.stderr);
         assert!(!out.all().contains("not-the-token"), "{}", out.stderr);
         assert!(!t.path().join("out/spark").exists());
