@@ -192,7 +192,7 @@ fn a_lost_worker_is_retried_and_a_lost_server_fails_the_stage_cleanly() {
         ),
     ];
     for (name, remote) in refused {
-        // Now and then (1 run in ~5 here) the server resets the connection before its refusal
+        // Now and then (once in two runs on 2026-12-04) the server resets the connection before its refusal
         // reaches the client, which then says "transport error": the stage fails all the same,
         // and a second try gets the server's words.
         let mut out = None;
