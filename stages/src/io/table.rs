@@ -443,10 +443,17 @@ impl CsvChunks {
             next_line: 1,
             started: false,
         };
-        // The header: the first record.
+        // The header: the first record that is not a blank line (polars skips those before the
+        // header of a whole file, so the chunks must too).
+        let mut blank = 0;
         loop {
             if let Some(end) = record_end(&chunks.pending, false) {
-                chunks.header = chunks.pending.drain(..=end).collect();
+                let record: Vec<u8> = chunks.pending.drain(..=end).collect();
+                if matches!(record.as_slice(), b"\n" | b"\r\n") {
+                    blank += 1;
+                    continue;
+                }
+                chunks.header = record;
                 break;
             }
             if chunks.eof {
@@ -457,7 +464,7 @@ impl CsvChunks {
         }
         check_text(path, &chunks.header)?;
         // Lines are counted in records, as polars and `locate_csv_problem` count them.
-        chunks.next_line = 2;
+        chunks.next_line = 2 + blank;
         Ok(chunks)
     }
 
