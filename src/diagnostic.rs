@@ -572,12 +572,10 @@ pub fn did_you_mean_path<'a>(
         if c == word || c.is_empty() {
             continue;
         }
-        let distance = if name(c) == name(word) {
-            0
-        } else {
-            strsim::damerau_levenshtein(word, c)
-        };
-        if distance <= budget && best.is_none_or(|(d, _)| distance < d) {
+        // The same file name passes whatever its folder; the closest whole path wins.
+        let distance = strsim::damerau_levenshtein(word, c);
+        let close = distance <= budget || name(c) == name(word);
+        if close && best.is_none_or(|(d, _)| distance < d) {
             best = Some((distance, candidate));
         }
     }
@@ -704,6 +702,11 @@ mod tests {
             Some("out/imputed/")
         );
         assert_eq!(did_you_mean_path("out/x", written), None);
+        let twins = ["out/test/features.parquet", "out/train/features.parquet"];
+        assert_eq!(
+            did_you_mean_path("out/trian/features.parquet", twins),
+            Some("out/train/features.parquet")
+        );
     }
 
     #[test]

@@ -303,7 +303,8 @@ fn check_source(
 }
 
 /// The files beside a missing `path` (shown as `shown`), shown the same way: a typo in a file
-/// name finds its file. At most a thousand, in name order; none when its folder is missing too.
+/// name finds its file. The first thousand in name order of at most 100,000 read; none when its
+/// folder is missing too.
 fn siblings(shown: &str, path: &std::path::Path) -> Vec<String> {
     let (Some(folder), Some(shown_folder)) = (
         path.parent(),
@@ -319,16 +320,19 @@ fn siblings(shown: &str, path: &std::path::Path) -> Vec<String> {
         return Vec::new();
     };
     let mut names: Vec<String> = entries
-        .take(1000)
+        .take(100_000)
         .flatten()
         .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    names.sort();
+    names.truncate(1000);
+    names
+        .into_iter()
         .map(|name| match shown_folder {
             "" => name,
             folder => format!("{folder}/{name}"),
         })
-        .collect();
-    names.sort();
-    names
+        .collect()
 }
 
 /// Reports each cycle; gives the stages on one.

@@ -1,8 +1,9 @@
 //! Admission: a stage computes when what it asks for (`resources:`; one CPU by default, and a
-//! built-in's estimate of its memory) fits in
-//! the machine's CPU and memory budget beside what already computes; a stage larger than the
-//! whole budget computes alone. Deciding, restoring, checks and committing take nothing, nor
-//! does a stage that computes elsewhere (on Spark, or as a job).
+//! built-in's estimate of its memory) fits in the machine's CPU and memory budget beside what
+//! already computes; a stage larger than the whole budget computes alone. A stage holds its share
+//! from an attempt's start through its checks and commit; deciding, restoring, a retry's backoff
+//! and a month-over-month check's wait for the previous partition take nothing, nor does a stage
+//! that computes elsewhere (on Spark, or as a job).
 
 use std::sync::Mutex;
 

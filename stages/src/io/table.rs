@@ -66,11 +66,23 @@ pub fn columns_of(path: &Path) -> Result<Vec<String>, StageError> {
     if is_csv(path) {
         // Only the header line is read (polars would map the whole file to chunk it).
         use std::io::BufRead;
-        let file = open(path)?;
+        let mut file = std::io::BufReader::new(open(path)?);
+        // The first line that is not blank: polars skips blank lines before the header.
         let mut header = Vec::new();
-        std::io::BufReader::new(file)
-            .read_until(b'\n', &mut header)
-            .map_err(|e| StageError::new(format!("cannot read `{}`: {e}", path.display())))?;
+        loop {
+            header.clear();
+            file.read_until(b'\n', &mut header)
+                .map_err(|e| StageError::new(format!("cannot read `{}`: {e}", path.display())))?;
+            if !matches!(header.as_slice(), b"\n" | b"\r\n") {
+                break;
+            }
+        }
+        if header.is_empty() {
+            return Err(StageError::new(format!(
+                "`{}` is empty: a CSV file needs at least a header line",
+                crate::safe::escape(&path.to_string_lossy())
+            )));
+        }
         check_text(path, &header)?;
         let df = CsvReadOptions::default()
             .with_has_header(true)
@@ -384,7 +396,11 @@ pub fn map_csv(path: &Path) -> Result<Option<memmap2::Mmap>, StageError> {
 /// not a CSV file (binary data, a compressed file, another encoding), and is named as such
 /// rather than read as one garbled column. `bytes`: the file from its start.
 pub fn check_text(path: &Path, bytes: &[u8]) -> Result<(), StageError> {
-    let line = bytes.split(|&b| b == b'\n').next().unwrap_or_default();
+    // The header: the first line that is not blank, as polars reads it.
+    let line = bytes
+        .split(|&b| b == b'\n')
+        .find(|line| !line.is_empty() && *line != b"\r")
+        .unwrap_or_default();
     let not_text = |why: &str, at: usize| {
         StageError::new(format!(
             "`{}` is not a CSV text file ({why} at byte {} of its first line)",
@@ -963,6 +979,22 @@ mod tests {
 
     /// Chunks hold whole records, quoted newlines and all, behind the header, and know the
     /// line of their first record; together they are the file.
+    #[test]
+    fn blank_lines_before_the_header_are_skipped_as_polars_skips_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("in.csv");
+        std::fs::write(&path, "\r\n\na,b\n1,2\n").unwrap();
+        assert_eq!(columns_of(&path).unwrap(), ["a", "b"]);
+        assert_eq!(read_table(&path).unwrap().get_column_names(), ["a", "b"]);
+        check_text(&path, b"\n\na,b\n").unwrap();
+        assert!(check_text(&path, b"\n\xff,b\n").is_err());
+        std::fs::write(&path, "\n\n").unwrap();
+        assert!(columns_of(&path)
+            .unwrap_err()
+            .message
+            .ends_with("is empty: a CSV file needs at least a header line"));
+    }
+
     #[test]
     fn chunks_split_between_records() {
         let dir = tempfile::tempdir().unwrap();
