@@ -300,6 +300,29 @@ fn jobs_left_by_a_killed_run_are_cancelled_by_the_next_run() {
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(live_jobs(conf, "orphaned"), left);
 
+    // Jobs of runs that may be alive: one from another machine, one from a live process here.
+    let ours = imba::run::execute::Orphans::tag(&t.path().join(".imba"), "R");
+    let workdir = ours.split(':').take(2).collect::<Vec<_>>().join(":");
+    let here = ours.rsplit(':').nth(1).unwrap().to_owned();
+    let mut alive = Vec::new();
+    for from in [
+        "login2:1".to_owned(),
+        format!("{here}:{}", std::process::id()),
+    ] {
+        let comment = format!("--comment={workdir}:20261204T000000.000Z-0000:{from}");
+        let id = slurm(
+            conf,
+            "sbatch",
+            &[
+                "--parsable",
+                "--job-name=imba:alive",
+                &comment,
+                "--wrap=sleep 600",
+            ],
+        );
+        alive.push((id.trim().to_owned(), from));
+    }
+
     std::fs::write(t.path().join("go"), "").unwrap();
     let out = run(&t, conf, &["run", "pipeline.yaml"]);
     assert_eq!(out.code, 0, "{}", out.stderr);
@@ -310,6 +333,19 @@ fn jobs_left_by_a_killed_run_are_cancelled_by_the_next_run() {
         "{}",
         out.stderr
     );
+    let host_of = |from: &str| from.split(':').next().unwrap().to_owned();
+    assert!(
+        out.stderr.contains(&format!(
+            "warning: executor `hpc`: 2 jobs of another run of this workdir still running, left alone: {} (from {}), {} (from {})",
+            alive[0].0, host_of(&alive[0].1), alive[1].0, host_of(&alive[1].1)
+        )),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(live_jobs(conf, "alive").len(), 2, "left alone");
+    for (id, _) in &alive {
+        slurm(conf, "scancel", &[id]);
+    }
     assert_eq!(t.read("out/result.txt"), "attempt 1\n");
     let deadline = Instant::now() + Duration::from_secs(30);
     while !live_jobs(conf, "orphaned").is_empty() {

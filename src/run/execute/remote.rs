@@ -69,51 +69,106 @@ pub trait Executor: Send + Sync {
 }
 
 /// Jobs an earlier run of the workdir left behind (its imba was killed, or its machine went
-/// down): they cannot commit (their staging is that run's), but they hold nodes. A run holds
-/// the workdir's lock, so no other live run has jobs of the workdir: before its first job on an
-/// executor, a run cancels those it finds there.
+/// down): they cannot commit (their staging is that run's), but they hold nodes. Before its first
+/// job on an executor, a run cancels the jobs of the workdir whose run is provably over: it ran
+/// on this machine and its process is gone. A job of another machine's run is only named: the
+/// workdir's lock may not hold across machines (Lustre with `localflock`), so that run may be
+/// alive.
 #[derive(Default)]
 pub struct Orphans {
     swept: tokio::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
+/// The machine imba runs on, as its kernel names it.
+fn host() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty() && !h.contains(':'))
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// Whether a process `pid` exists here (one of another user counts: it may be that run).
+fn alive(pid: u32) -> bool {
+    let Ok(pid) = i32::try_from(pid) else {
+        return true;
+    };
+    // SAFETY: signal 0 only asks whether the process exists.
+    unsafe { libc::kill(pid, 0) == 0 || *libc::__errno_location() == libc::EPERM }
+}
+
 impl Orphans {
     /// What a job of run `run_id` of the workdir whose state is in `state` is tagged with
-    /// (Slurm: its comment): the workdir by a hash of the path, the run by its id.
+    /// (Slurm: its comment): the workdir by a hash of the path, the run by its id, and where
+    /// its imba runs (`imba:KEY:RUN:HOST:PID`).
     pub fn tag(state: &std::path::Path, run_id: &str) -> String {
         let key = blake3::hash(state.as_os_str().as_encoded_bytes()).to_hex();
-        format!("imba:{}:{run_id}", &key[..16])
+        format!(
+            "imba:{}:{run_id}:{}:{}",
+            &key[..16],
+            host(),
+            std::process::id()
+        )
     }
 
-    /// Cancels, once a run per executor, the jobs of earlier runs of the workdir; what it did,
-    /// for a warning.
-    async fn sweep<E: Executor>(&self, executor: &E, name: &str, tag: &str) -> Option<String> {
+    /// Cancels, once a run per executor, the jobs of earlier runs of the workdir that are over;
+    /// what it did, for a warning.
+    async fn sweep<E: Executor>(&self, executor: &E, name: &str, tag: &str) -> Vec<String> {
         let mut swept = self.swept.lock().await;
         if !swept.insert(name.to_owned()) {
-            return None;
+            return Vec::new();
         }
-        let prefix = tag.rsplit_once(':').map_or(tag, |(workdir, _)| workdir);
-        let found = match executor.live(&format!("{prefix}:")).await {
+        let workdir: String = tag.split(':').take(2).collect::<Vec<_>>().join(":");
+        let mut found = match executor.live(&format!("{workdir}:")).await {
             Ok(found) => found,
             Err(e) => {
                 tracing::warn!("cannot list the jobs of executor `{name}`: {e}");
-                return None;
+                return Vec::new();
             }
         };
-        let mut cancelled = Vec::new();
-        for (id, _) in found.iter().filter(|(_, t)| t != tag) {
-            match executor.cancel(id).await {
-                Ok(()) => cancelled.push(id.as_str()),
-                Err(e) => tracing::warn!(%id, "cannot cancel: {e}"),
+        // In submission order (numeric ids: shorter first), whatever order the scheduler lists.
+        found.sort_by(|a, b| (a.0.len(), &a.0).cmp(&(b.0.len(), &b.0)));
+        let here = host();
+        let (mut cancelled, mut elsewhere) = (Vec::new(), Vec::new());
+        for (id, other) in found.iter().filter(|(_, t)| t != tag) {
+            // RUN:HOST:PID after the workdir's prefix.
+            let mut from = other.rsplitn(3, ':');
+            let pid = from.next().and_then(|p| p.parse::<u32>().ok());
+            let host = from.next().unwrap_or_default();
+            match pid {
+                Some(pid) if host == here && !alive(pid) => match executor.cancel(id).await {
+                    Ok(()) => cancelled.push(id.as_str()),
+                    Err(e) => tracing::warn!(%id, "cannot cancel: {e}"),
+                },
+                _ => elsewhere.push(format!(
+                    "{id} (from {})",
+                    if host.is_empty() { "?" } else { host }
+                )),
             }
         }
-        (!cancelled.is_empty()).then(|| {
-            format!(
+        let jobs = |n: usize| {
+            if n == 1 {
+                "a job".to_owned()
+            } else {
+                format!("{n} jobs")
+            }
+        };
+        let mut said = Vec::new();
+        if !cancelled.is_empty() {
+            said.push(format!(
                 "executor `{name}`: cancelled {} left running by an earlier run of this workdir that ended without them ({})",
-                if cancelled.len() == 1 { "a job".to_owned() } else { format!("{} jobs", cancelled.len()) },
+                jobs(cancelled.len()),
                 cancelled.join(", ")
-            )
-        })
+            ));
+        }
+        if !elsewhere.is_empty() {
+            said.push(format!(
+                "executor `{name}`: {} of another run of this workdir still running, left alone: {}",
+                jobs(elsewhere.len()),
+                elsewhere.join(", ")
+            ));
+        }
+        said
     }
 }
 
@@ -160,8 +215,8 @@ pub async fn run<E: Executor>(
         .logs
         .join(format!("{}.log", crate::model::file_name(&stage.name)));
     let tag = Orphans::tag(ex.state, ex.run_id);
-    if let Some(swept) = ex.orphans.sweep(executor, name, &tag).await {
-        (ex.warn)(swept);
+    for said in ex.orphans.sweep(executor, name, &tag).await {
+        (ex.warn)(said);
     }
     let request = Job {
         name: format!("imba:{}", stage.name),
