@@ -49,6 +49,19 @@ fn live_jobs(conf: &str, stage: &str) -> Vec<String> {
         .collect()
 }
 
+/// Waits until no job of `stage` is left in the queue (Slurm ends a job's processes, then the
+/// job); fails after 30 s.
+fn no_jobs_within_30s(conf: &str, stage: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !live_jobs(conf, stage).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "a job of `{stage}` is still there"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn run(t: &common::Test, conf: &str, args: &[&str]) -> common::Output {
     let mut command = t.command(args);
     command.env("SLURM_CONF", conf);
@@ -272,11 +285,7 @@ fn a_job_whose_imba_is_killed_on_its_node_fails_with_a_clear_message() {
     );
     assert!(!t.path().join("out/result.txt").exists());
     // Its command went with it (Slurm kills the job's processes).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !live_jobs(conf, "killed").is_empty() {
-        assert!(Instant::now() < deadline, "the job is still there");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    no_jobs_within_30s(conf, "killed");
 }
 
 #[test]
@@ -347,11 +356,7 @@ fn jobs_left_by_a_killed_run_are_cancelled_by_the_next_run() {
         slurm(conf, "scancel", &[id]);
     }
     assert_eq!(t.read("out/result.txt"), "attempt 1\n");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !live_jobs(conf, "orphaned").is_empty() {
-        assert!(Instant::now() < deadline, "the orphan is still there");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    no_jobs_within_30s(conf, "orphaned");
     // A run finds nothing to cancel when nothing was left.
     let again = run(&t, conf, &["run", "pipeline.yaml", "-f"]);
     assert_eq!(again.code, 0, "{}", again.stderr);

@@ -211,18 +211,19 @@ fn columns_of_input(
 ) -> Option<Result<Vec<String>, String>> {
     let path = location.local_path()?;
     for (target, dir, s, p) in written {
-        if lacking.contains(s) && (target == path || (*dir && path.starts_with(target))) {
+        let file = if target == path {
+            None
+        } else {
+            match path.strip_prefix(target) {
+                Ok(inside) if *dir => Some(inside.to_string_lossy().into_owned()),
+                _ => continue,
+            }
+        };
+        // What a stage writes from an input that lacks columns is not known.
+        if lacking.contains(s) {
             return None;
         }
-        if target == path {
-            return known.get(&(*s, *p, None)).cloned().map(Ok);
-        }
-        if *dir {
-            if let Ok(inside) = path.strip_prefix(target) {
-                let file = inside.to_string_lossy().into_owned();
-                return known.get(&(*s, *p, Some(file))).cloned().map(Ok);
-            }
-        }
+        return known.get(&(*s, *p, file)).cloned().map(Ok);
     }
     source_columns(path)
 }
