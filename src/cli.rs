@@ -58,6 +58,10 @@ pub enum Command {
     /// Run what is stale, then watch the pipeline's source inputs, its file and vars files, and
     /// re-run exactly the stages a change affects, until Ctrl-C.
     Watch(WatchArgs),
+    /// Serve a local web page for the pipelines: the DAG coloured by status, runs and their
+    /// timelines, checks, versions, partitions and reports, updated live while a run goes on.
+    /// Listens on 127.0.0.1 only and prints the URL, with the token every request needs.
+    Ui(UiArgs),
     /// List the stages that are out of date, and why; runs nothing. With `-q`: print nothing,
     /// exit 1 when a stage is out of date (to gate CI).
     Status(StatusArgs),
@@ -167,6 +171,18 @@ fn parse_partition_range(text: &str) -> Result<(String, String), String> {
         }
         _ => Err("expected FROM..TO, e.g. 2017-01..2017-06".to_owned()),
     }
+}
+
+#[derive(Args, Debug)]
+pub struct UiArgs {
+    /// The pipeline files to show (default: every `pipelines/*.yaml`).
+    pub files: Vec<PathBuf>,
+    /// The port on 127.0.0.1 (0: any free one).
+    #[arg(long, default_value_t = 8765)]
+    pub port: u16,
+    /// Serve without actions: nothing can be run from the page.
+    #[arg(long)]
+    pub read_only: bool,
 }
 
 #[derive(Args, Debug)]
@@ -601,6 +617,22 @@ pub fn run(cli: Cli, printer: &Printer) -> ExitCode {
         Command::Init { dir } => init_command(&dir, printer),
         Command::Run(args) => run_command(args, registry, printer),
         Command::Watch(args) => watch_command(args, registry, printer),
+        Command::Ui(args) => {
+            let files = if args.files.is_empty() {
+                crate::ui::default_files()
+            } else {
+                args.files
+            };
+            let options = crate::ui::Options {
+                files,
+                port: args.port,
+                read_only: args.read_only,
+            };
+            match crate::ui::serve(options, registry, printer) {
+                Ok(()) => ExitCode::from(crate::interrupt::EXIT_INTERRUPTED),
+                Err(message) => printer.fail(&message, EXIT_CONFIG),
+            }
+        }
         Command::Status(args) => status_command(args, &registry, printer),
         Command::Log(args) => log_command(args, &registry, printer),
         Command::Show(args) => show_command(args, &registry, printer),

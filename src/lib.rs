@@ -3,6 +3,7 @@
 //! The modules form layers; each uses only the layers below it (`tests/layers.rs` keeps it so):
 //!
 //! - [`cli`]: the command line: clap and dispatch.
+//! - [`ui`]: `imba ui`, the local web app over the layers below.
 //! - [`report`]: the one printer, and every table and message a person reads.
 //! - [`watch`]: re-running what a change affects.
 //! - [`run`]: the scheduler and the stage lifecycle (decide, stage, execute, verify, gate, commit).
@@ -30,4 +31,5 @@ pub mod report;
 pub mod run;
 pub mod state;
 pub mod store;
+pub mod ui;
 pub mod watch;

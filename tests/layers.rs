@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 /// `src/`'s layers, from the top. A module may use its own layer and those below it.
 const LAYERS: &[&[&str]] = &[
     &["cli"],
+    &["ui"],
     &["report"],
     &["watch"],
     &["run"],

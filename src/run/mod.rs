@@ -16,6 +16,7 @@ pub mod failure;
 pub mod gate;
 pub mod housekeeping;
 pub mod in_place;
+pub mod live;
 mod schedule;
 mod stage;
 
@@ -442,6 +443,10 @@ pub fn run_with(
     let record = RunRecord::start(&run_id, pipeline);
     let _ = record::save(&state.runs(), &record);
     let clock = Instant::now();
+    let live = live::Tee::new(state.live().join(format!("{run_id}.jsonl")), events);
+    // The live file goes when this returns, after the record is saved (or on an early error).
+    let _live = live::Closes(live.clone());
+    let events: Arc<dyn Events> = live;
     events.event(Event::Started {
         run: run_id.clone(),
         stages: selected.len(),

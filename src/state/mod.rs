@@ -29,6 +29,11 @@ impl StateDir {
         self.root.join("runs")
     }
 
+    /// Running runs' events, a file each (`run::live`).
+    pub fn live(&self) -> PathBuf {
+        self.root.join("live")
+    }
+
     pub fn logs(&self, run: &str) -> PathBuf {
         self.root.join("logs").join(run)
     }
