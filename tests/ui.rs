@@ -20,7 +20,7 @@ stages:
     outputs:
       stamp: out/slow/first.txt
   second:
-    cmd: cat {{ inputs.stamp }} > {{ outputs.copy }}
+    cmd: sleep 2 && cat {{ inputs.stamp }} > {{ outputs.copy }}
     inputs:
       stamp: out/slow/first.txt
     outputs:
@@ -652,10 +652,58 @@ async fn browse(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     shot(client.clone(), "live").await;
-    while state("second").await != "fresh" || state("first").await != "fresh" {
-        assert!(start.elapsed() < wait * 2, "the run never showed as done");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    // `first` done while `second` runs.
+    while state("first").await != "fresh" || state("second").await != "running" {
+        assert!(
+            start.elapsed() < wait,
+            "`first` never showed as done before `second`"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The run's page, while it runs: `second` running, then ran, as the record says.
+    client.goto(&ui.url("/p/2/runs")).await.unwrap();
+    client
+        .find(Locator::Css("#runs tbody tr.running a"))
+        .await
+        .expect("the run, running")
+        .click()
+        .await
+        .unwrap();
+    // Marks this document: a reload would lose the mark.
+    client
+        .execute("window.imbaTestMark = 42; return null;", vec![])
+        .await
+        .unwrap();
+    client
+        .wait()
+        .at_most(wait)
+        .for_element(Locator::Css(
+            "#main:has(#run[data-running='true']) .lane[data-stage='second'] .decision.running",
+        ))
+        .await
+        .unwrap_or_else(|e| {
+            panic!("`second` running on the run's page: {e}");
+        });
+
+    if client
+        .wait()
+        .at_most(wait)
+        .for_element(Locator::Css(
+            "#main:has(#run[data-running='false']) .lane[data-stage='second'] .decision.ran",
+        ))
+        .await
+        .is_err()
+    {
+        let main = client.find(Locator::Css("#main")).await.unwrap();
+        let html = main.html(true).await.unwrap();
+        panic!("`second` never showed as ran on the run's page, without a reload: {html}");
+    }
+    assert_eq!(text_of(client.clone(), "#run .status".into()).await, "ok");
+    let mark = client
+        .execute("return window.imbaTestMark;", vec![])
+        .await
+        .unwrap();
+    assert_eq!(mark, serde_json::json!(42), "the page was reloaded");
     assert_eq!(test.read("out/slow/second.txt"), "one\n");
     errors(client.clone(), "live").await;
     client.close().await.unwrap();

@@ -182,6 +182,43 @@ fn svg(dag: &Dag, places: &BTreeMap<usize, (usize, usize)>) -> String {
 mod tests {
     use super::*;
 
+    /// A stage's column is its longest path from a source; the same graph, the same picture.
+    #[test]
+    fn columns_are_depths_and_the_drawing_is_stable() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("src.txt"), "x").unwrap();
+        let stage = |name: &str, inputs: &str| {
+            format!(
+                "  {name}:\n    cmd: cat {{{{ inputs | join(' ') }}}} > {{{{ outputs[0] }}}}\n    inputs: [{inputs}]\n    outputs: [{name}.txt]\n"
+            )
+        };
+        let yaml = format!(
+            "stages:\n{}{}{}{}",
+            stage("a", "src.txt"),
+            stage("b", "a.txt"),
+            stage("c", "a.txt, b.txt"),
+            stage("d", "src.txt")
+        );
+        let file = dir.path().join("pipeline.yaml");
+        std::fs::write(&file, yaml).unwrap();
+        let (_, dag) = crate::graph::load(
+            &file,
+            &Default::default(),
+            &imba_stages::Registry::standard(),
+        );
+        let dag = dag.unwrap();
+        let places = place(&dag);
+        let column = |name: &str| places[&dag.index_of(name).unwrap()].0;
+        assert_eq!(
+            [column("a"), column("b"), column("c"), column("d")],
+            [0, 1, 2, 0]
+        );
+        let svg = Drawing::of(&dag).svg;
+        assert_eq!(svg, Drawing::of(&dag).svg);
+        assert_eq!(svg.matches("<g class=\"node").count(), 4);
+        assert_eq!(svg.matches("<path ").count(), 3);
+    }
+
     #[test]
     fn text_is_escaped() {
         assert_eq!(

@@ -12,11 +12,14 @@ function nodes() {
   return document.querySelectorAll("#dag g.node");
 }
 
+let byName = null;
+// A stage's box, by name (the map is built once: a pipeline may have 10,000 stages).
 function nodeOf(stage) {
-  for (const node of nodes()) {
-    if (node.dataset.stage === stage) return node;
+  if (!byName) {
+    byName = new Map();
+    for (const node of nodes()) byName.set(node.dataset.stage, node);
   }
-  return null;
+  return byName.get(stage) || null;
 }
 
 const STATES = ["fresh", "stale", "running", "failed", "quarantined", "unknown", "queued", "done"];
@@ -103,6 +106,7 @@ async function runAction(ask) {
 }
 
 let reloadTimer = null;
+let refreshes = 0;
 // Fetches the page again and swaps its main part in (a run page while its run goes on).
 function refreshMain() {
   clearTimeout(reloadTimer);
@@ -117,6 +121,8 @@ function refreshMain() {
     for (const d of document.querySelectorAll("details")) {
       if (open.includes(d.dataset.stage)) d.open = true;
     }
+    refreshes += 1;
+    body.dataset.refreshes = String(refreshes);
   }, 150);
 }
 
@@ -124,6 +130,9 @@ function listen() {
   if (!window.EventSource) return;
   const indicator = document.getElementById("live");
   const source = new EventSource("/events");
+  // A page left (or kept in the back-forward cache) gives its stream back: the browser allows
+  // six connections to a host, and a kept stream would hold one.
+  window.addEventListener("pagehide", () => source.close());
   source.onopen = () => {
     if (indicator) {
       indicator.classList.add("on");
@@ -141,7 +150,10 @@ function listen() {
     loadStatus();
     refreshMain();
   });
+  let received = 0;
   source.onmessage = (event) => {
+    received += 1;
+    body.dataset.events = String(received);
     let message;
     try {
       message = JSON.parse(event.data);
