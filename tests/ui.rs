@@ -16,7 +16,7 @@ const SLOW: &str = r#"desc: Two shell stages, the first slow enough to be watche
 workdir: ..
 stages:
   first:
-    cmd: sleep 2 && echo one > {{ outputs.stamp }}
+    cmd: echo waiting for two seconds >&2 && sleep 2 && echo one > {{ outputs.stamp }}
     outputs:
       stamp: out/slow/first.txt
   second:
@@ -705,6 +705,35 @@ async fn browse(
         .unwrap();
     assert_eq!(mark, serde_json::json!(42), "the page was reloaded");
     assert_eq!(test.read("out/slow/second.txt"), "one\n");
+    // A stage's log end comes when its details are opened.
+    client
+        .find(Locator::Css(
+            "details.stage-run[data-stage='first'] summary",
+        ))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let start = Instant::now();
+    loop {
+        let pre = client
+            .find(Locator::Css(
+                "details.stage-run[data-stage='first'] pre.log",
+            ))
+            .await
+            .unwrap();
+        if pre
+            .text()
+            .await
+            .unwrap()
+            .contains("waiting for two seconds")
+        {
+            break;
+        }
+        assert!(start.elapsed() < wait, "the log never came");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     errors(client.clone(), "live").await;
     client.close().await.unwrap();
 

@@ -58,6 +58,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/p/{n}/stage", get(stage_panel))
         .route("/p/{n}/runs", get(runs_page))
         .route("/p/{n}/runs/{id}", get(run_page))
+        .route("/p/{n}/runs/{id}/log", get(log_tail))
         .route("/p/{n}/checks", get(checks_page))
         .route("/p/{n}/versions", get(versions_page))
         .route("/p/{n}/partitions", get(partitions_page))
@@ -273,11 +274,10 @@ async fn status_json(State(app): Shared, UrlPath(n): UrlPath<usize>) -> Response
         Err(e) => return Json(json!({"error": e.to_string()})).into_response(),
     };
     let running = running_stages(&dag.pipeline().workdir);
+    let newest = newest_by_stage(&records, |_| true);
     let mut out = serde_json::Map::new();
     for status in statuses {
-        let last = records
-            .iter()
-            .find_map(|r| r.stages.iter().find(|s| s.name == status.name));
+        let last = newest.get(status.name.as_str()).map(|(_, s)| *s);
         let state = if let Some(state) = running.get(&status.name) {
             state.clone()
         } else if !status.stale {
@@ -296,6 +296,21 @@ async fn status_json(State(app): Shared, UrlPath(n): UrlPath<usize>) -> Response
         );
     }
     Json(json!({ "stages": out })).into_response()
+}
+
+/// Each stage's newest record (of a run in `records`, newest first) that `keep` keeps, with its
+/// run: one pass over the records, whatever the number of stages.
+fn newest_by_stage<'a>(
+    records: &'a [Arc<RunRecord>],
+    keep: impl Fn(&crate::state::record::StageRecord) -> bool,
+) -> std::collections::HashMap<&'a str, (&'a RunRecord, &'a crate::state::record::StageRecord)> {
+    let mut found = std::collections::HashMap::new();
+    for run in records {
+        for stage in run.stages.iter().filter(|s| keep(s)) {
+            found.entry(stage.name.as_str()).or_insert((&**run, stage));
+        }
+    }
+    found
 }
 
 /// The stages of the runs going on in `workdir`, by their last line (`running`, `queued`…).
@@ -450,6 +465,12 @@ async fn run_page(State(app): Shared, UrlPath((n, id)): UrlPath<(usize, String)>
         return Err(not_found("no such run").into());
     };
     let workdir = dag.pipeline().workdir.clone();
+    let by_name: std::collections::HashMap<&str, &crate::model::Stage> = dag
+        .pipeline()
+        .stages
+        .iter()
+        .map(|s| (s.name.as_str(), s))
+        .collect();
     let live: Vec<crate::run::live::LiveLine> = super::live::running(&workdir)
         .into_iter()
         .find(|(run, _)| *run == id)
@@ -488,17 +509,25 @@ async fn run_page(State(app): Shared, UrlPath((n, id)): UrlPath<(usize, String)>
                 "name": name, "decision": state, "reasons": [detail],
                 "start": at.saturating_sub(t0), "duration_ms": ends.saturating_sub(*at),
                 "duration": millis(ends.saturating_sub(*at)),
-                "worker": worker(&dag, &name, None),
+                "worker": worker(by_name.get(name.as_str()).copied(), None),
             }));
         }
     } else {
         for s in &record.stages {
             let start = s.started.as_deref().and_then(epoch_ms);
-            let log_tail = s
-                .log
-                .as_deref()
-                .map(|log| tail(&workdir, log))
-                .unwrap_or_default();
+            // A failed stage's log end is on the page; the others' come when opened (a run
+            // may have 10,000 stages).
+            let log_tail = match (&s.log, s.decision) {
+                (Some(log), Decision::Failed) => tail(&workdir, log),
+                _ => String::new(),
+            };
+            let log_href = s.log.as_ref().map(|_| {
+                format!(
+                    "/p/{n}/runs/{}/log?name={}",
+                    encode(&record.id),
+                    encode(&s.name)
+                )
+            });
             rows.push(json!({
                 "name": s.name,
                 "decision": s.decision.as_str(),
@@ -506,7 +535,7 @@ async fn run_page(State(app): Shared, UrlPath((n, id)): UrlPath<(usize, String)>
                 "start": start.map(|at| at.saturating_sub(t0)),
                 "duration_ms": s.duration_ms,
                 "duration": millis(s.duration_ms),
-                "worker": worker(&dag, &s.name, s.job.as_ref()),
+                "worker": worker(by_name.get(s.name.as_str()).copied(), s.job.as_ref()),
                 "error": s.error,
                 "checks": s.checks.iter().map(|c| json!({
                     "name": c.name, "status": format!("{:?}", c.status).to_lowercase(),
@@ -514,6 +543,7 @@ async fn run_page(State(app): Shared, UrlPath((n, id)): UrlPath<(usize, String)>
                 })).collect::<Vec<_>>(),
                 "report": s.report.as_ref().map(|r| serde_json::to_string_pretty(&r["summary"]).unwrap_or_default()).filter(|r| r != "null"),
                 "log": log_tail,
+                "log_href": log_href,
                 "quarantine": s.quarantine,
                 "attempts": s.attempts.len(),
             }));
@@ -547,19 +577,46 @@ async fn run_page(State(app): Shared, UrlPath((n, id)): UrlPath<(usize, String)>
     render(&app, "run.html", base(&app, n, "runs", context))
 }
 
+/// The end of one stage's log in one run, as text.
+async fn log_tail(
+    State(app): Shared,
+    UrlPath((n, id)): UrlPath<(usize, String)>,
+    Query(query): Query<StageQuery>,
+) -> Response {
+    let (_, dag) = match pipeline_of(&app, n, "runs") {
+        Ok(found) => found,
+        Err(response) => return response.into_response(),
+    };
+    let records = app.pipelines[n].records(&dag);
+    let log = records
+        .iter()
+        .find(|r| r.id == id)
+        .and_then(|r| r.stages.iter().find(|s| s.name == query.name))
+        .and_then(|s| s.log.clone());
+    match log {
+        Some(log) => (
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            tail(&dag.pipeline().workdir, &log),
+        )
+            .into_response(),
+        None => not_found("no log"),
+    }
+}
+
 /// Where a stage ran: its executor's job (and node), Spark, or here.
-fn worker(dag: &Dag, name: &str, job: Option<&crate::state::record::JobRecord>) -> String {
+fn worker(
+    stage: Option<&crate::model::Stage>,
+    job: Option<&crate::state::record::JobRecord>,
+) -> String {
     if let Some(job) = job {
         return match &job.node {
             Some(node) => format!("{} job {} on {node}", job.executor, job.id),
             None => format!("{} job {}", job.executor, job.id),
         };
     }
-    match dag.index_of(name).map(|i| dag.stage(i)) {
+    match stage {
         Some(stage) if stage.executor.is_some() => stage.executor.clone().unwrap_or_default(),
-        Some(stage) if format!("{:?}", stage.engine).eq_ignore_ascii_case("spark") => {
-            "spark".to_owned()
-        }
+        Some(stage) if stage.engine == crate::model::Engine::Spark => "spark".to_owned(),
         _ => "local".to_owned(),
     }
 }
@@ -594,15 +651,11 @@ fn tail(workdir: &std::path::Path, log: &str) -> String {
 async fn checks_page(State(app): Shared, UrlPath(n): UrlPath<usize>) -> Page {
     let (_, dag) = pipeline_of(&app, n, "checks")?;
     let records = app.pipelines[n].records(&dag);
+    let newest = newest_by_stage(&records, |s| !s.checks.is_empty());
     let mut stages = Vec::new();
     for &index in dag.order() {
         let stage = dag.stage(index);
-        let found = records.iter().find_map(|run| {
-            run.stages
-                .iter()
-                .find(|s| s.name == stage.name && !s.checks.is_empty())
-                .map(|s| (run, s))
-        });
+        let found = newest.get(stage.name.as_str()).copied();
         if stage.checks.is_empty() && found.is_none() {
             continue;
         }

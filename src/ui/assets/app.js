@@ -192,6 +192,17 @@ document.addEventListener("click", (event) => {
   else if (button.dataset.runStage) runAction({ stage: button.dataset.runStage, downstream: true });
 });
 
+// A stage's log end, fetched when its details are first opened.
+document.addEventListener("toggle", async (event) => {
+  const details = event.target;
+  if (!details.open || !details.dataset || !details.dataset.log) return;
+  const pre = details.querySelector("pre.log[data-pending]");
+  if (!pre) return;
+  pre.removeAttribute("data-pending");
+  const response = await fetch(details.dataset.log);
+  pre.textContent = response.ok ? await response.text() : "(no log)";
+}, true);
+
 document.addEventListener("keydown", (event) => {
   if (event.key === "Enter" && event.target.matches && event.target.matches("#dag g.node")) {
     openStage(event.target.dataset.stage);
