@@ -157,7 +157,13 @@ fn base(app: &App, n: usize, page: &str, mut context: Value) -> Value {
 }
 
 /// The page `name` inside the frame (`base.html`); a fragment (`stage.html`) alone.
-fn render(app: &App, name: &str, mut context: Value) -> Page {
+fn render(app: &App, name: &str, context: Value) -> Page {
+    render_with(app, name, context, minijinja::Value::UNDEFINED)
+}
+
+/// [`render`], with `rows` for the page only (not for the frame): a long list is converted
+/// once, straight from its Rust structs.
+fn render_with(app: &App, name: &str, context: Value, rows: minijinja::Value) -> Page {
     let failed = |e: minijinja::Error| {
         Failure::from(
             (
@@ -167,18 +173,24 @@ fn render(app: &App, name: &str, mut context: Value) -> Page {
                 .into_response(),
         )
     };
+    let frame = minijinja::Value::from_serialize(&context);
+    let page_context = if rows.is_undefined() {
+        frame.clone()
+    } else {
+        minijinja::context! { rows => rows, ..frame.clone() }
+    };
     let page = app
         .templates
         .get_template(name)
-        .and_then(|t| t.render(&context))
+        .and_then(|t| t.render(page_context))
         .map_err(failed)?;
     if name == "stage.html" {
         return Ok(Html(page));
     }
-    context["main"] = json!(page);
+    let main = minijinja::Value::from_safe_string(page);
     app.templates
         .get_template("base.html")
-        .and_then(|t| t.render(context))
+        .and_then(|t| t.render(minijinja::context! { main => main, ..frame }))
         .map(Html)
         .map_err(failed)
 }
@@ -456,6 +468,27 @@ async fn runs_page(State(app): Shared, UrlPath(n): UrlPath<usize>) -> Page {
     )
 }
 
+/// A stage's line on a run's page.
+#[derive(serde::Serialize, Default)]
+struct Lane {
+    name: String,
+    decision: String,
+    reasons: Vec<String>,
+    start: Option<u64>,
+    duration_ms: u64,
+    duration: String,
+    worker: String,
+    error: Option<String>,
+    checks: Vec<Value>,
+    report: Option<String>,
+    log: String,
+    log_href: Option<String>,
+    quarantine: Option<String>,
+    attempts: usize,
+    /// Where its bar starts and how wide it is, in percent of the run's span.
+    bar: Option<(String, String)>,
+}
+
 /// One run: its stages on a timeline, each with its decision, reasons, worker, checks, report
 /// and the tail of its log. A run going on shows its live lines.
 async fn run_page(State(app): Shared, UrlPath((n, id)): UrlPath<(usize, String)>) -> Page {
@@ -478,7 +511,7 @@ async fn run_page(State(app): Shared, UrlPath((n, id)): UrlPath<(usize, String)>
         .unwrap_or_default();
     let running = record.status == RunStatus::Running && !live.is_empty();
     let t0 = epoch_ms(&record.started).unwrap_or(0);
-    let mut rows: Vec<Value> = Vec::new();
+    let mut rows: Vec<Lane> = Vec::new();
     if running {
         // Stage by stage as the live file tells: when each started, and how it is now.
         let mut seen: BTreeMap<String, (u64, String, String)> = BTreeMap::new();
@@ -505,12 +538,16 @@ async fn run_page(State(app): Shared, UrlPath((n, id)): UrlPath<(usize, String)>
             } else {
                 last_at.min(now)
             };
-            rows.push(json!({
-                "name": name, "decision": state, "reasons": [detail],
-                "start": at.saturating_sub(t0), "duration_ms": ends.saturating_sub(*at),
-                "duration": millis(ends.saturating_sub(*at)),
-                "worker": worker(by_name.get(name.as_str()).copied(), None),
-            }));
+            rows.push(Lane {
+                worker: worker(by_name.get(name.as_str()).copied(), None),
+                decision: state.clone(),
+                reasons: vec![detail.clone()],
+                start: Some(at.saturating_sub(t0)),
+                duration_ms: ends.saturating_sub(*at),
+                duration: millis(ends.saturating_sub(*at)),
+                name,
+                ..Lane::default()
+            });
         }
     } else {
         for s in &record.stages {
@@ -528,42 +565,56 @@ async fn run_page(State(app): Shared, UrlPath((n, id)): UrlPath<(usize, String)>
                     encode(&s.name)
                 )
             });
-            rows.push(json!({
-                "name": s.name,
-                "decision": s.decision.as_str(),
-                "reasons": s.reasons,
-                "start": start.map(|at| at.saturating_sub(t0)),
-                "duration_ms": s.duration_ms,
-                "duration": millis(s.duration_ms),
-                "worker": worker(by_name.get(s.name.as_str()).copied(), s.job.as_ref()),
-                "error": s.error,
-                "checks": s.checks.iter().map(|c| json!({
-                    "name": c.name, "status": format!("{:?}", c.status).to_lowercase(),
-                    "value": c.value.to_string(), "expected": c.expected, "detail": c.detail,
-                })).collect::<Vec<_>>(),
-                "report": s.report.as_ref().map(|r| serde_json::to_string_pretty(&r["summary"]).unwrap_or_default()).filter(|r| r != "null"),
-                "log": log_tail,
-                "log_href": log_href,
-                "quarantine": s.quarantine,
-                "attempts": s.attempts.len(),
-            }));
+            rows.push(Lane {
+                name: s.name.clone(),
+                decision: s.decision.as_str().to_owned(),
+                reasons: s.reasons.clone(),
+                start: start.map(|at| at.saturating_sub(t0)),
+                duration_ms: s.duration_ms,
+                duration: millis(s.duration_ms),
+                worker: worker(by_name.get(s.name.as_str()).copied(), s.job.as_ref()),
+                error: s.error.clone(),
+                checks: s
+                    .checks
+                    .iter()
+                    .map(|c| {
+                        json!({
+                            "name": c.name, "status": format!("{:?}", c.status).to_lowercase(),
+                            "value": c.value.to_string(), "expected": c.expected,
+                            "detail": c.detail,
+                        })
+                    })
+                    .collect(),
+                report: s
+                    .report
+                    .as_ref()
+                    .map(|r| serde_json::to_string_pretty(&r["summary"]).unwrap_or_default())
+                    .filter(|r| r != "null"),
+                log: log_tail,
+                log_href,
+                quarantine: s.quarantine.clone(),
+                attempts: s.attempts.len(),
+                bar: None,
+            });
         }
     }
     // The bars: each stage's start and length as a share of the run's span.
     let span = rows
         .iter()
-        .filter_map(|r| Some(r["start"].as_u64()? + r["duration_ms"].as_u64()?))
+        .filter_map(|r| Some(r.start? + r.duration_ms))
         .max()
         .unwrap_or(0)
         .max(record.duration_ms)
         .max(1);
     for row in &mut rows {
-        if let (Some(start), Some(duration)) = (row["start"].as_u64(), row["duration_ms"].as_u64())
-        {
-            row["bar"] = json!({
-                "left": format!("{:.2}", start as f64 * 100.0 / span as f64),
-                "width": format!("{:.2}", (duration as f64 * 100.0 / span as f64).max(0.3)),
-            });
+        if let Some(start) = row.start {
+            row.bar = Some((
+                format!("{:.2}", start as f64 * 100.0 / span as f64),
+                format!(
+                    "{:.2}",
+                    (row.duration_ms as f64 * 100.0 / span as f64).max(0.3)
+                ),
+            ));
         }
     }
     let context = json!({
@@ -571,10 +622,10 @@ async fn run_page(State(app): Shared, UrlPath((n, id)): UrlPath<(usize, String)>
         "running": running,
         "title": format!("run {}", record.id),
         "overrides": record.overrides,
-        "rows": rows,
         "span": millis(span),
     });
-    render(&app, "run.html", base(&app, n, "runs", context))
+    let rows = minijinja::Value::from_serialize(&rows);
+    render_with(&app, "run.html", base(&app, n, "runs", context), rows)
 }
 
 /// The end of one stage's log in one run, as text.
