@@ -135,6 +135,7 @@ fn error_catalogue() -> String {
             "Partitions (`partitions:`, month-over-month checks, choosing partitions)",
         ),
         ("dag", "Drawing the graph"),
+        ("ui", "The web page (`imba ui`; exit 2)"),
         (
             "safety",
             "Safety (confined outputs, stage names, shell quoting, bounded work; exit 2)",

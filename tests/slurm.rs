@@ -325,6 +325,8 @@ fn jobs_left_by_a_killed_run_are_cancelled_by_the_next_run() {
             &[
                 "--parsable",
                 "--job-name=imba:alive",
+                // Its output nowhere: by default it would land in the test's working directory.
+                "--output=/dev/null",
                 &comment,
                 "--wrap=sleep 600",
             ],

@@ -142,14 +142,14 @@ fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
 #[test]
 fn a_missing_pipeline_file_is_a_usage_error() {
     let test = Test::new();
-    let out = test.exec(&["ui", "nope.yaml", "--port", "0"]);
-    assert_eq!(
-        out.all(),
-        "exit: 2\n--- stdout\n--- stderr\nerror: cannot read `nope.yaml`: no such file\n"
+    insta::assert_snapshot!(
+        "a_missing_pipeline_file",
+        test.exec(&["ui", "nope.yaml", "--port", "0"]).all()
     );
-    let out = test.exec(&["ui", "--port", "0"]);
-    assert_eq!(out.code, 2);
-    assert!(out.stderr.contains("no pipeline to show"), "{}", out.stderr);
+    insta::assert_snapshot!(
+        "no_pipeline_at_all",
+        test.exec(&["ui", "--port", "0"]).all()
+    );
 }
 
 /// Without the token, from another site, under another name, or an action without the token

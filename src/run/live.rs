@@ -87,6 +87,16 @@ impl Tee {
     }
 }
 
+/// Removes the live files of earlier runs: called by a run that holds the workdir's lock, so
+/// that whatever is there was left by a run that was killed.
+pub fn sweep(dir: &std::path::Path) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.path().extension().is_some_and(|e| e == "jsonl") {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// Closes its [`Tee`] when dropped.
 pub struct Closes(pub Arc<Tee>);
 
@@ -201,5 +211,15 @@ mod tests {
         assert_eq!(lines[2].detail, "exit 3");
         tee.close();
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn a_killed_runs_file_is_swept_by_the_next_run() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("old.jsonl"), "{}\n").unwrap();
+        std::fs::write(dir.path().join("keep.txt"), "").unwrap();
+        sweep(dir.path());
+        assert!(!dir.path().join("old.jsonl").exists());
+        assert!(dir.path().join("keep.txt").exists());
     }
 }

@@ -443,6 +443,8 @@ pub fn run_with(
     let record = RunRecord::start(&run_id, pipeline);
     let _ = record::save(&state.runs(), &record);
     let clock = Instant::now();
+    // This run holds the lock: a live file still there is a killed run's.
+    live::sweep(&state.live());
     let live = live::Tee::new(state.live().join(format!("{run_id}.jsonl")), events);
     // The live file goes when this returns, after the record is saved (or on an early error).
     let _live = live::Closes(live.clone());
