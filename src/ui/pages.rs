@@ -310,12 +310,16 @@ async fn status_json(State(app): Shared, UrlPath(n): UrlPath<usize>) -> Response
     Json(json!({ "stages": out })).into_response()
 }
 
+/// Stage records by stage name, each with its run.
+type Newest<'a> =
+    std::collections::HashMap<&'a str, (&'a RunRecord, &'a crate::state::record::StageRecord)>;
+
 /// Each stage's newest record (of a run in `records`, newest first) that `keep` keeps, with its
 /// run: one pass over the records, whatever the number of stages.
-fn newest_by_stage<'a>(
-    records: &'a [Arc<RunRecord>],
+fn newest_by_stage(
+    records: &[Arc<RunRecord>],
     keep: impl Fn(&crate::state::record::StageRecord) -> bool,
-) -> std::collections::HashMap<&'a str, (&'a RunRecord, &'a crate::state::record::StageRecord)> {
+) -> Newest<'_> {
     let mut found = std::collections::HashMap::new();
     for run in records {
         for stage in run.stages.iter().filter(|s| keep(s)) {
