@@ -396,6 +396,15 @@ async fn browse(
             std::fs::write(&path, png).unwrap();
         }
     };
+    let click = |client: fantoccini::Client, css: &'static str| async move {
+        client
+            .find(Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("{css}: {e}"))
+            .click()
+            .await
+            .unwrap();
+    };
     let text_of = |client: fantoccini::Client, css: String| async move {
         client
             .wait()
@@ -452,13 +461,7 @@ async fn browse(
         6
     );
     // A stage's panel.
-    client
-        .find(Locator::Css("#dag g.node[data-stage='clean_orders']"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(client.clone(), "#dag g.node[data-stage='clean_orders']").await;
     assert_eq!(
         text_of(client.clone(), "#panel h2.stage-name".into()).await,
         "clean_orders"
@@ -480,13 +483,7 @@ async fn browse(
         .unwrap();
     assert_eq!(rows.len(), 2);
     let newest = record["id"].as_str().unwrap();
-    client
-        .find(Locator::Css("#runs tbody tr a"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(client.clone(), "#runs tbody tr a").await;
     assert_eq!(
         text_of(client.clone(), "#run h1".into()).await,
         format!("Run {newest}")
@@ -544,13 +541,7 @@ async fn browse(
         .await
         .unwrap();
     assert_eq!(versions.len(), 2);
-    client
-        .find(Locator::Css("form.diff-form button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(client.clone(), "form.diff-form button").await;
     let diff = text_of(client.clone(), "#diff h2".into()).await;
     assert!(diff.starts_with("features_v1 → features_v2"), "{diff}");
     let rows_line = text_of(client.clone(), "#diff p".into()).await;
@@ -639,13 +630,7 @@ async fn browse(
         }
     };
     assert_eq!(state("first").await, "stale");
-    client
-        .find(Locator::Css("#run-all"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(client.clone(), "#run-all").await;
     let start = Instant::now();
     while state("first").await != "running" {
         assert!(start.elapsed() < wait, "`first` never showed as running");
@@ -662,13 +647,7 @@ async fn browse(
     }
     // The run's page, while it runs: `second` running, then ran, as the record says.
     client.goto(&ui.url("/p/2/runs")).await.unwrap();
-    client
-        .find(Locator::Css("#runs tbody tr.running a"))
-        .await
-        .expect("the run, running")
-        .click()
-        .await
-        .unwrap();
+    click(client.clone(), "#runs tbody tr.running a").await;
     // Marks this document: a reload would lose the mark.
     client
         .execute("window.imbaTestMark = 42; return null;", vec![])
@@ -706,15 +685,11 @@ async fn browse(
     assert_eq!(mark, serde_json::json!(42), "the page was reloaded");
     assert_eq!(test.read("out/slow/second.txt"), "one\n");
     // A stage's log end comes when its details are opened.
-    client
-        .find(Locator::Css(
-            "details.stage-run[data-stage='first'] summary",
-        ))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(
+        client.clone(),
+        "details.stage-run[data-stage='first'] summary",
+    )
+    .await;
     let start = Instant::now();
     loop {
         let pre = client
