@@ -482,6 +482,8 @@ async fn browse(
         .await
         .unwrap();
     assert_eq!(rows.len(), 2);
+    errors(client.clone(), "runs").await;
+    shot(client.clone(), "runs").await;
     let newest = record["id"].as_str().unwrap();
     click(client.clone(), "#runs tbody tr a").await;
     assert_eq!(
@@ -718,6 +720,7 @@ async fn browse(
         std::fs::create_dir_all(&docs).unwrap();
         for page in [
             "pipeline",
+            "runs",
             "run",
             "checks",
             "versions",
