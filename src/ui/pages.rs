@@ -374,14 +374,15 @@ async fn stage_panel(
             Vec::new(),
         ),
         crate::model::StageKind::Shell {
-            templates, params, ..
+            templates,
+            params,
+            argv,
+            ..
         } => (
-            "shell".to_owned(),
+            if *argv { "argv" } else { "shell" }.to_owned(),
             masked(params),
             templates.iter().map(|(t, _)| t.clone()).collect(),
         ),
-        #[allow(unreachable_patterns)]
-        _ => ("stage".to_owned(), Value::Null, Vec::new()),
     };
     let port = |p: &crate::model::Port| {
         let shown = p.declared.location.display(workdir);
