@@ -733,3 +733,58 @@ async fn browse(
         }
     }
 }
+
+/// The states the Pipeline page colours: a stage whose check failed is quarantined, one whose
+/// command failed is failed, what they block is stale, the rest up to date, each with its
+/// reasons.
+#[test]
+fn statuses_tell_failed_quarantined_stale_and_up_to_date() {
+    let test = Test::new().file("data.csv", "id,x\n1,5\n").pipeline(
+        r#"
+stages:
+  copy:
+    cmd: cp {{ inputs[0] }} {{ outputs.table }}
+    inputs: [data.csv]
+    outputs: {table: out/table.csv}
+    checks:
+      - rows: {min: 2}
+  count:
+    cmd: wc -l < {{ inputs[0] }} > {{ outputs[0] }}
+    inputs: [out/table.csv]
+    outputs: [out/count.txt]
+  fine:
+    cmd: cp {{ inputs[0] }} {{ outputs[0] }}
+    inputs: [data.csv]
+    outputs: [out/fine.csv]
+  broken:
+    cmd: exit 3
+    inputs: [out/fine.csv]
+    outputs: [out/broken.txt]
+"#,
+    );
+    let out = test.exec(&["run", "pipeline.yaml", "--keep-going"]);
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    let ui = Ui::start(&test, &["pipeline.yaml"]);
+    let (code, answer) = ui.get("/p/0/status");
+    assert_eq!(code, 200, "{answer}");
+    let body = &answer[answer.find("\r\n\r\n").unwrap() + 4..];
+    let status: serde_json::Value = serde_json::from_str(body).unwrap();
+    let state = |stage: &str| {
+        status["stages"][stage]["state"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(state("copy"), "quarantined", "{status}");
+    assert_eq!(state("count"), "stale", "{status}");
+    assert_eq!(state("fine"), "fresh", "{status}");
+    assert_eq!(state("broken"), "failed", "{status}");
+    let reasons = status["stages"]["broken"]["reasons"].to_string();
+    assert!(reasons.contains("never run"), "{reasons}");
+    assert!(
+        status["stages"]["broken"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains('3')),
+        "{status}"
+    );
+}
