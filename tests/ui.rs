@@ -712,6 +712,23 @@ async fn browse(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     errors(client.clone(), "live").await;
+
+    // Eight tabs of the UI open at once: they share one event stream (a browser allows six
+    // connections to a host), so the eighth still loads, fetches its statuses and is live.
+    for tab in 1..=8 {
+        let opened = client.new_window(true).await.unwrap();
+        client.switch_to_window(opened.handle).await.unwrap();
+        client.goto(&ui.url("/p/0")).await.unwrap();
+        client
+            .wait()
+            .at_most(wait)
+            .for_element(Locator::Css(
+                "body[data-status-loaded='true'][data-live='true']",
+            ))
+            .await
+            .unwrap_or_else(|e| panic!("tab {tab} of 8 never loaded its statuses live: {e}"));
+    }
+    errors(client.clone(), "eight tabs").await;
     client.close().await.unwrap();
 
     // docs/ui.md shows these.

@@ -52,6 +52,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/", get(|| async { Redirect::to("/p/0") }))
         .route("/assets/app.js", get(script))
         .route("/assets/app.css", get(style))
+        .route("/assets/live-worker.js", get(live_worker))
         .route("/events", get(events))
         .route("/p/{n}", get(pipeline_page))
         .route("/p/{n}/status", get(status_json))
@@ -76,6 +77,14 @@ async fn script() -> Response {
     (
         [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
         include_str!("assets/app.js"),
+    )
+        .into_response()
+}
+
+async fn live_worker() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        include_str!("assets/live-worker.js"),
     )
         .into_response()
 }

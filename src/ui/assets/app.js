@@ -126,58 +126,84 @@ function refreshMain() {
   }, 150);
 }
 
-function listen() {
-  if (!window.EventSource) return;
+// What the live stream says: it is open, it failed, a slow page missed messages, a message.
+function onLive(what, data) {
   const indicator = document.getElementById("live");
-  const source = new EventSource("/events");
-  // A page left (or kept in the back-forward cache) gives its stream back: the browser allows
-  // six connections to a host, and a kept stream would hold one.
-  window.addEventListener("pagehide", () => source.close());
-  source.onopen = () => {
+  if (what === "open") {
     if (indicator) {
       indicator.classList.add("on");
       indicator.textContent = "live";
     }
     body.dataset.live = "true";
-  };
-  source.onerror = () => {
+    return;
+  }
+  if (what === "error") {
     if (indicator) {
       indicator.classList.remove("on");
       indicator.textContent = "offline";
     }
-  };
-  source.addEventListener("lagged", () => {
+    return;
+  }
+  if (what === "lagged") {
     loadStatus();
     refreshMain();
-  });
-  let received = 0;
-  source.onmessage = (event) => {
-    received += 1;
-    body.dataset.events = String(received);
-    let message;
-    try {
-      message = JSON.parse(event.data);
-    } catch (e) {
-      return;
+    return;
+  }
+  received += 1;
+  body.dataset.events = String(received);
+  onMessage(data);
+}
+
+let received = 0;
+
+function onMessage(text) {
+  let message;
+  try {
+    message = JSON.parse(text);
+  } catch (e) {
+    return;
+  }
+  if (message.workdir !== workdir) return;
+  const page = body.dataset.page;
+  if (message.kind === "stage" && message.line && message.line.stage) {
+    const line = message.line;
+    const state = ["running", "restoring", "queued", "retrying", "waiting"].includes(line.state)
+      ? "running"
+      : ["done", "skipped", "cached"].includes(line.state) ? "fresh"
+      : line.state === "failed" ? "failed" : null;
+    if (state && page === "pipeline") {
+      paint(line.stage, state, line.detail ? [line.detail] : []);
+      statuses[line.stage] = { state, reasons: line.detail ? [line.detail] : [] };
+      showState();
     }
-    if (message.workdir !== workdir) return;
-    const page = body.dataset.page;
-    if (message.kind === "stage" && message.line && message.line.stage) {
-      const line = message.line;
-      const state = ["running", "restoring", "queued", "retrying", "waiting"].includes(line.state)
-        ? "running"
-        : ["done", "skipped", "cached"].includes(line.state) ? "fresh"
-        : line.state === "failed" ? "failed" : null;
-      if (state && page === "pipeline") {
-        paint(line.stage, state, line.detail ? [line.detail] : []);
-        statuses[line.stage] = { state, reasons: line.detail ? [line.detail] : [] };
-        showState();
-      }
-    }
-    if (message.kind === "record" && page === "pipeline") loadStatus();
-    const run = document.getElementById("run");
-    if (page === "runs" && (run ? run.dataset.run === message.run : true)) refreshMain();
-  };
+  }
+  if (message.kind === "record" && page === "pipeline") loadStatus();
+  const run = document.getElementById("run");
+  if (page === "runs" && (run ? run.dataset.run === message.run : true)) refreshMain();
+}
+
+// One stream for every tab of this UI: a shared worker holds it (a browser allows six
+// connections to a host, and each tab holding its own would leave the seventh waiting). Where
+// there is no shared worker, the page holds its own, and gives it back when it is left.
+function listen() {
+  if (window.SharedWorker) {
+    const worker = new SharedWorker("/assets/live-worker.js");
+    worker.port.onmessage = (event) => onLive(event.data.what, event.data.data);
+    worker.port.start();
+    window.addEventListener("pagehide", () => worker.port.postMessage("bye"));
+    // Back from the back-forward cache, having said bye: start again.
+    window.addEventListener("pageshow", (event) => {
+      if (event.persisted) location.reload();
+    });
+    return;
+  }
+  if (!window.EventSource) return;
+  const source = new EventSource("/events");
+  window.addEventListener("pagehide", () => source.close());
+  source.onopen = () => onLive("open");
+  source.onerror = () => onLive("error");
+  source.addEventListener("lagged", () => onLive("lagged"));
+  source.onmessage = (event) => onLive("message", event.data);
 }
 
 document.addEventListener("click", (event) => {
