@@ -405,6 +405,11 @@ async fn browse(
             .await
             .unwrap();
     };
+    // A page done: no console errors, and its screenshot.
+    let checked = |client: fantoccini::Client, page: &'static str| async move {
+        errors(client.clone(), page).await;
+        shot(client, page).await;
+    };
     let text_of = |client: fantoccini::Client, css: String| async move {
         client
             .wait()
@@ -472,8 +477,7 @@ async fn browse(
     assert!(text_of(client.clone(), "#stage-state".into())
         .await
         .starts_with("up to date"),);
-    errors(client.clone(), "pipeline").await;
-    shot(client.clone(), "pipeline").await;
+    checked(client.clone(), "pipeline").await;
 
     // Runs, and the newest run's timeline: a bar for each stage that ran.
     client.goto(&ui.url("/p/0/runs")).await.unwrap();
@@ -482,8 +486,7 @@ async fn browse(
         .await
         .unwrap();
     assert_eq!(rows.len(), 2);
-    errors(client.clone(), "runs").await;
-    shot(client.clone(), "runs").await;
+    checked(client.clone(), "runs").await;
     let newest = record["id"].as_str().unwrap();
     click(client.clone(), "#runs tbody tr a").await;
     assert_eq!(
@@ -508,8 +511,7 @@ async fn browse(
         let style = bar.attr("style").await.unwrap().unwrap();
         assert!(style.contains("width:"), "{style}");
     }
-    errors(client.clone(), "run").await;
-    shot(client.clone(), "run").await;
+    checked(client.clone(), "run").await;
 
     // Checks: the values of the latest evaluation, as the record has them.
     client.goto(&ui.url("/p/0/checks")).await.unwrap();
@@ -531,8 +533,7 @@ async fn browse(
     assert!(row.contains(first["name"].as_str().unwrap()), "{row}");
     assert!(row.contains(&first["value"].to_string()), "{row} / {first}");
     assert!(row.contains("pass"), "{row}");
-    errors(client.clone(), "checks").await;
-    shot(client.clone(), "checks").await;
+    checked(client.clone(), "checks").await;
 
     // Versions: two, and the diff between them.
     client.goto(&ui.url("/p/0/versions")).await.unwrap();
@@ -548,8 +549,7 @@ async fn browse(
     assert!(diff.starts_with("features_v1 → features_v2"), "{diff}");
     let rows_line = text_of(client.clone(), "#diff p".into()).await;
     assert!(rows_line.starts_with("rows: "), "{rows_line}");
-    errors(client.clone(), "versions").await;
-    shot(client.clone(), "versions").await;
+    checked(client.clone(), "versions").await;
 
     // Reports: the diagnostics report, embedded.
     client.goto(&ui.url("/p/0/reports")).await.unwrap();
@@ -579,8 +579,7 @@ async fn browse(
         assert!(start.elapsed() < wait, "the report never showed: {text:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    errors(client.clone(), "reports").await;
-    shot(client.clone(), "reports").await;
+    checked(client.clone(), "reports").await;
 
     // Partitions: two months of three run, their metrics charted.
     client.goto(&ui.url("/p/1/partitions")).await.unwrap();
@@ -605,8 +604,7 @@ async fn browse(
         let points = chart.find_all(Locator::Css("circle")).await.unwrap();
         assert_eq!(points.len(), 2, "a point per month run");
     }
-    errors(client.clone(), "partitions").await;
-    shot(client.clone(), "partitions").await;
+    checked(client.clone(), "partitions").await;
 
     // Live: the slow pipeline, run from its page; its first stage seen running, then done.
     client.goto(&ui.url("/p/2")).await.unwrap();
