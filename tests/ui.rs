@@ -803,3 +803,28 @@ stages:
         "{status}"
     );
 }
+
+/// A pipeline file with errors is served as its errors, as `imba validate` prints them (file,
+/// line and column), escaped; once fixed, the next request shows its graph.
+#[test]
+fn a_broken_pipeline_shows_its_errors_until_it_is_fixed() {
+    let test = Test::new()
+        .file("data.csv", "id\n1\n")
+        .pipeline("stages:\n  a:\n    cmd: cp {{ inputs[0] }} {{ outputs[0] }}\n    inputs: [data.csv]\n    outputs: [out/a.csv]\n    nonsense: <b>\n");
+    let ui = Ui::start(&test, &["pipeline.yaml"]);
+    let (code, page) = ui.get("/p/0");
+    assert_eq!(code, 200, "{page}");
+    assert!(page.contains("This pipeline does not load"), "{page}");
+    assert!(page.contains("pipeline.yaml:6:5"), "{page}");
+    assert!(page.contains("nonsense"), "{page}");
+    assert!(!page.contains("<b>"), "unescaped: {page}");
+    // Fixed: the graph, without restarting the server.
+    std::thread::sleep(Duration::from_millis(20));
+    test.write(
+        "pipeline.yaml",
+        "stages:\n  a:\n    cmd: cp {{ inputs[0] }} {{ outputs[0] }}\n    inputs: [data.csv]\n    outputs: [out/a.csv]\n",
+    );
+    let (code, page) = ui.get("/p/0");
+    assert_eq!(code, 200, "{page}");
+    assert!(page.contains("data-stage=\"a\""), "{page}");
+}

@@ -38,11 +38,14 @@ pub struct Options {
 pub(crate) struct Pipeline {
     pub file: PathBuf,
     pub registry: Registry,
-    /// The graph as last loaded, with the file's modification time it was loaded at.
-    loaded: Mutex<Option<(Option<std::time::SystemTime>, Arc<Loaded>)>>,
+    /// The graph as last loaded, with the file's modification time and size it was loaded at.
+    loaded: Mutex<Option<(Option<Stamp>, Arc<Loaded>)>>,
     /// Run records by file name, with the modification time each was read at.
     records: Mutex<std::collections::BTreeMap<String, (std::time::SystemTime, Arc<RunRecord>)>>,
 }
+
+/// A file's modification time and size: when either moves, it is read again.
+type Stamp = (std::time::SystemTime, u64);
 
 /// A pipeline file as loaded: its graph and its drawing, or what is wrong with it.
 pub(crate) struct Loaded {
@@ -62,8 +65,9 @@ impl Pipeline {
 
     /// The graph, loaded again when the file changed since.
     pub fn load(&self) -> Arc<Loaded> {
+        // The size too: a file system with coarse times may show an edit at the same time.
         let modified = std::fs::metadata(&self.file)
-            .and_then(|m| m.modified())
+            .and_then(|m| Ok((m.modified()?, m.len())))
             .ok();
         let mut cached = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((at, loaded)) = cached.as_ref() {
