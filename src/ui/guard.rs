@@ -26,6 +26,9 @@ pub fn new_token() -> Result<String, String> {
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// The header the app's own script sends the token in.
+const TOKEN_HEADER: header::HeaderName = header::HeaderName::from_static("x-imba-token");
+
 /// The cookie's name: one per port, since cookies do not tell ports apart.
 pub fn cookie_name(port: u16) -> String {
     format!("imba-ui-{port}")
@@ -91,7 +94,7 @@ pub async fn check(State(app): State<Arc<App>>, request: Request, next: Next) ->
         }
     }
     let token = app.token.as_bytes();
-    let from_header = header_text(headers, "x-imba-token".parse().unwrap());
+    let from_header = header_text(headers, TOKEN_HEADER);
     let action = request.method() != Method::GET && request.method() != Method::HEAD;
     if action {
         if app.read_only {

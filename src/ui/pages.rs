@@ -224,19 +224,11 @@ fn size_text(bytes: u64) -> String {
 /// The size of a local file or folder (its files', summed), if it exists.
 fn size_of(path: &std::path::Path) -> Option<u64> {
     let meta = std::fs::symlink_metadata(path).ok()?;
-    if meta.is_dir() {
-        Some(
-            walkdir::WalkDir::new(path)
-                .into_iter()
-                .flatten()
-                .filter(|e| e.file_type().is_file())
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len())
-                .sum(),
-        )
+    Some(if meta.is_dir() {
+        crate::store::fs::size_of(path)
     } else {
-        Some(meta.len())
-    }
+        meta.len()
+    })
 }
 
 fn millis(duration_ms: u64) -> String {

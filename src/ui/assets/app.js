@@ -106,7 +106,6 @@ async function runAction(ask) {
 }
 
 let reloadTimer = null;
-let refreshes = 0;
 // Fetches the page again and swaps its main part in (a run page while its run goes on).
 function refreshMain() {
   clearTimeout(reloadTimer);
@@ -121,8 +120,6 @@ function refreshMain() {
     for (const d of document.querySelectorAll("details")) {
       if (open.includes(d.dataset.stage)) d.open = true;
     }
-    refreshes += 1;
-    body.dataset.refreshes = String(refreshes);
   }, 150);
 }
 
@@ -149,12 +146,8 @@ function onLive(what, data) {
     refreshMain();
     return;
   }
-  received += 1;
-  body.dataset.events = String(received);
   onMessage(data);
 }
-
-let received = 0;
 
 function onMessage(text) {
   let message;
