@@ -551,8 +551,8 @@ pub fn main() -> ExitCode {
 fn init_tracing(verbose: u8, color: ColorChoice) {
     let default = match verbose {
         0 => "warn",
-        1 => "imba=debug",
-        _ => "imba=trace",
+        1 => "imba=debug,imba_stages=debug",
+        _ => "imba=trace,imba_stages=trace",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));

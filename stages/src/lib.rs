@@ -20,6 +20,7 @@ pub mod safe;
 pub mod spark;
 pub mod spark_sql;
 pub mod stats;
+pub mod steps;
 
 pub use registry::{
     Builtin, BuiltinStage, Cancel, InputColumn, OutputColumns, ParamsError, Registry, StageError,

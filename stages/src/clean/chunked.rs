@@ -37,7 +37,9 @@ pub(super) fn clean_chunked(
                     bytes: &chunk.bytes,
                     first_line: chunk.first_line,
                 };
-                let marked = mark(read_csv_input(&text, params)?, params, input, first_row)?;
+                let mut steps = crate::steps::Steps::start_part("clean (a chunk)");
+                let read = read_csv_input(&text, params, &mut steps)?;
+                let marked = mark(read, params, input, first_row, &mut steps)?;
                 first_row += marked.counts.initial;
                 each(marked)?;
             }

@@ -107,6 +107,7 @@ pub(super) fn mark(
     params: &CleanParams,
     source: &std::path::Path,
     first_row: usize,
+    steps: &mut crate::steps::Steps,
 ) -> Result<Marked, StageError> {
     let Input { df, text } = input;
     require_columns(&df, wanted_columns(params), source)?;
@@ -121,6 +122,7 @@ pub(super) fn mark(
     counts.after_cast = df.height();
     counts.removed_cast = removed_cast;
     counts.cast_nulls = cast_nulls;
+    steps.done("cast");
     let mut alive = BooleanChunked::full("alive".into(), true, df.height());
 
     // 2. Domain: one pass evaluates every rule.
@@ -152,6 +154,7 @@ pub(super) fn mark(
         }
     }
     counts.after_domain = live(&alive);
+    steps.done("domain");
 
     // 4a. Missing values (applied after the IQR step, which does not depend on it).
     let mut dropna_keep = None;
@@ -181,6 +184,7 @@ pub(super) fn mark(
             dropna_keep = Some(keep);
         }
     }
+    steps.done("dropna");
     Ok(Marked {
         df,
         domain: alive,
@@ -274,10 +278,11 @@ pub(super) fn survivors(
                 .and_then(|c| c.cast(&DataType::Float64))
                 .map_err(err)?;
             let values = values.f64().map_err(err)?;
-            let ok: BooleanChunked = values
-                .iter()
-                .map(|v| v.is_none_or(|v| v.is_nan() || (v >= lower && v <= upper)))
-                .collect();
+            // Vectorised comparisons; a null compares as null, and NaN as false.
+            let within = values.gt_eq(lower) & values.lt_eq(upper);
+            let ok = (within | values.is_nan())
+                .fill_null_with_values(true)
+                .map_err(err)?;
             alive = alive & ok;
         }
     }

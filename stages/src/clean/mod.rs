@@ -119,13 +119,15 @@ pub fn clean_file(
         let chunk_bytes = CHUNK_BYTES.min(chunked_above.max(1) as usize);
         return clean_chunked(params, input, output, chunk_bytes, cancel);
     }
-    let table = read_input(input, params)?;
-    let (mut table, keep, summary) = clean_marked(table, params, input)?;
+    let mut steps = crate::steps::Steps::start("clean");
+    let table = read_input(input, params, &mut steps)?;
+    let (mut table, keep, summary) = clean_marked(table, params, input, &mut steps)?;
     match keep {
         None => write_table(&mut table, output)?,
         // The survivors written straight from the table read, never copied whole.
         Some(keep) => crate::io::table::write_table_kept(&table, &keep, output)?,
     }
+    steps.done("write");
     Ok(summary)
 }
 
@@ -164,7 +166,8 @@ fn clean_input(
     params: &CleanParams,
     source: &std::path::Path,
 ) -> Result<(DataFrame, Json), StageError> {
-    let (df, keep, summary) = clean_marked(input, params, source)?;
+    let mut steps = crate::steps::Steps::start("clean");
+    let (df, keep, summary) = clean_marked(input, params, source, &mut steps)?;
     let df = match keep {
         Some(keep) => df.filter(&keep).map_err(err)?,
         None => df,
@@ -179,18 +182,24 @@ fn clean_marked(
     input: Input,
     params: &CleanParams,
     source: &std::path::Path,
+    steps: &mut crate::steps::Steps,
 ) -> Result<(DataFrame, Option<BooleanChunked>, Json), StageError> {
-    let mut marked = mark(input, params, source, 0)?;
+    let mut marked = mark(input, params, source, 0, steps)?;
     let mut gathered = Gathered::for_params(params);
     gather(&marked, params, &mut gathered)?;
     let fences = fences(params, gathered);
+    steps.done("IQR fences");
     let subset = dedup_subset(params, &marked.df);
     let alive = survivors(
         &mut marked,
         &fences,
         subset.as_deref(),
-        &mut |df, columns, alive| crate::io::rows::repeated_rows(df, columns, alive),
+        &mut |df, columns, alive| {
+            steps.done("IQR and dropna");
+            crate::io::rows::repeated_rows(df, columns, alive)
+        },
     )?;
+    steps.done("dedup");
     let keep = (marked.counts.kept != marked.df.height()).then_some(alive);
     let summary = summary(&marked.counts, params, &fences, column_names(&marked.df));
     Ok((marked.df, keep, summary))

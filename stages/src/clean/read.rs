@@ -30,10 +30,13 @@ pub(super) enum Text {
 pub(super) fn read_input(
     input: &std::path::Path,
     params: &CleanParams,
+    steps: &mut crate::steps::Steps,
 ) -> Result<Input, StageError> {
     if !crate::io::table::is_csv(input) {
+        let df = read_table(input)?;
+        steps.done("read");
         return Ok(Input {
-            df: read_table(input)?,
+            df,
             text: BTreeMap::new(),
         });
     }
@@ -43,13 +46,14 @@ pub(super) fn read_input(
         bytes: map.as_deref().unwrap_or_default(),
         first_line: 2,
     };
-    read_csv_input(&text, params)
+    read_csv_input(&text, params, steps)
 }
 
 /// [`read_input`] of a CSV document: a whole file or a chunk of one.
 pub(super) fn read_csv_input(
     csv: &crate::io::table::CsvText,
     params: &CleanParams,
+    steps: &mut crate::steps::Steps,
 ) -> Result<Input, StageError> {
     let text_path = || {
         Ok(Input {
@@ -75,11 +79,13 @@ pub(super) fn read_csv_input(
         Ok(df) => df,
         Err(_) => return text_path(),
     };
+    steps.done("typed read");
     // The columns must all be there (else the text path reports the missing one).
     if !types.iter().all(|(c, _)| df.column(c).is_ok()) {
         return text_path();
     }
     let plain = csv.check_shape(df.width(), df.height())?;
+    steps.done("shape check");
     let mut text = BTreeMap::new();
     // Where a value is null it was empty or did not parse: its text is needed (and a NaN's).
     let mut missing = Vec::new();
@@ -88,18 +94,14 @@ pub(super) fn read_csv_input(
         let mut unread = column.is_null();
         if let Ok(floats) = column.f64() {
             // "nan" parses, but counts as a value that could not be cast, named in errors.
-            unread = unread | floats.is_nan();
+            unread = unread | floats.is_nan().fill_null_with_values(false).map_err(err)?;
         }
-        if unread.any() {
-            let nulls: Vec<IdxSize> = unread
-                .iter()
-                .enumerate()
-                .filter(|(_, n)| *n == Some(true))
-                .map(|(row, _)| row as IdxSize)
-                .collect();
+        let nulls = crate::io::rows::true_rows(&unread);
+        if !nulls.is_empty() {
             missing.push((name.clone(), nulls));
         }
     }
+    steps.done("null scan");
     if missing.is_empty() {
         return Ok(Input { df, text });
     }
@@ -116,15 +118,20 @@ pub(super) fn read_csv_input(
             .map(|(name, _)| df.get_column_index(name).unwrap_or(usize::MAX))
             .collect();
         let fields = csv.fields_at(&rows, &positions)?;
+        let width = positions.len();
         for (k, (name, nulls)) in missing.into_iter().enumerate() {
-            let unparsed: Vec<(IdxSize, String)> = nulls
-                .into_iter()
-                .filter_map(|row| {
-                    let at = rows.binary_search(&row).ok()?;
-                    let value = &fields[at][k];
-                    (!value.is_empty()).then(|| (row, value.clone()))
-                })
-                .collect();
+            // The rows are ascending, as are this column's nulls among them.
+            let mut at = 0;
+            let mut unparsed = Vec::new();
+            for row in nulls {
+                while rows[at] != row {
+                    at += 1;
+                }
+                let value = fields[at * width + k];
+                if !value.is_empty() {
+                    unparsed.push((row, String::from_utf8_lossy(value).into_owned()));
+                }
+            }
             text.insert(name, Text::Unparsed(unparsed));
         }
     } else {
@@ -140,6 +147,7 @@ pub(super) fn read_csv_input(
             );
         }
     }
+    steps.done("text of the nulls");
     Ok(Input { df, text })
 }
 
@@ -167,7 +175,7 @@ mod tests {
         let path = dir.path().join("in.csv");
         std::fs::write(&path, csv).unwrap();
         let params = params(on_cast_error);
-        let input = read_input(&path, &params).unwrap();
+        let input = read_input(&path, &params, &mut crate::steps::Steps::start("clean")).unwrap();
         let typed = input.df.column("id").unwrap().dtype() == &DataType::Int64;
         let sparse = input
             .text

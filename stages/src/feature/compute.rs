@@ -57,6 +57,39 @@ fn signed_counts(frame: DataFrame) -> PolarsResult<DataFrame> {
         .collect()
 }
 
+/// The first feature of `group` whose query fails on `empty` (the group's table without its
+/// rows), as an error at that feature.
+fn probe_features(
+    params: &FeatureParams,
+    group: &Group,
+    index: &str,
+    empty: &DataFrame,
+    filter: &str,
+) -> Result<(), StageError> {
+    let features_at = ["groups", index, "features"];
+    for (at, feature, definition) in located(&group.features, &features_at) {
+        let mut probe = polars::sql::SQLContext::new();
+        probe.register("t", empty.clone().lazy());
+        let query = format!(
+            "SELECT {e}, {sql} AS {f} FROM t{filter} GROUP BY {e}",
+            e = quoted(&params.entity),
+            sql = definition.sql(),
+            f = quoted(feature)
+        );
+        probe
+            .execute(&query)
+            .and_then(|lf| lf.collect())
+            .map_err(|e| {
+                StageError::new(format!(
+                    "feature `{feature}` of group `{}`: {e}",
+                    group.name
+                ))
+                .at_param(at.clone())
+            })?;
+    }
+    Ok(())
+}
+
 /// The feature table.
 pub fn compute(
     params: &FeatureParams,
@@ -83,6 +116,7 @@ pub(super) fn compute_in_order(
     sorted: &BTreeMap<String, bool>,
 ) -> Result<DataFrame, StageError> {
     let entity = &params.entity;
+    let mut steps = crate::steps::Steps::start_part("feature compute");
     let mut joined: Option<DataFrame> = None;
     for (index, group) in params.groups.iter().enumerate() {
         let group_name = &group.name;
@@ -123,26 +157,6 @@ pub(super) fn compute_in_order(
             None => format!(" WHERE {} IS NOT NULL", quoted(entity)),
         };
         let frame = if !group.features.is_empty() {
-            // Each feature alone on an empty table first, so that an error names its feature.
-            let empty = table.clear();
-            let features_at = ["groups", index.as_str(), "features"];
-            for (at, feature, definition) in located(&group.features, &features_at) {
-                let mut probe = polars::sql::SQLContext::new();
-                probe.register("t", empty.clone().lazy());
-                let query = format!(
-                    "SELECT {e}, {sql} AS {f} FROM t{filter} GROUP BY {e}",
-                    e = quoted(entity),
-                    sql = definition.sql(),
-                    f = quoted(feature)
-                );
-                probe
-                    .execute(&query)
-                    .and_then(|lf| lf.collect())
-                    .map_err(|e| {
-                        StageError::new(format!("feature `{feature}` of group `{group_name}`: {e}"))
-                            .at_param(at.clone())
-                    })?;
-            }
             let selected: Vec<String> = entries(&group.features)
                 .map(|(feature, definition)| format!("{} AS {}", definition.sql(), quoted(feature)))
                 .collect();
@@ -151,12 +165,16 @@ pub(super) fn compute_in_order(
                 selected.join(", "),
                 e = quoted(entity)
             );
-            let frame = context
-                .execute(&query)
-                .and_then(|lf| lf.collect())
-                .map_err(|e| {
-                    StageError::new(format!("group `{group_name}`: {e}")).at_param(group_at(&[]))
-                })?;
+            let frame = match context.execute(&query).and_then(|lf| lf.collect()) {
+                Ok(frame) => frame,
+                Err(e) => {
+                    // Each feature alone on an empty table, so that the error names its feature.
+                    probe_features(params, group, &index, &table.clear(), &filter)?;
+                    return Err(StageError::new(format!("group `{group_name}`: {e}"))
+                        .at_param(group_at(&[])));
+                }
+            };
+            steps.done("group by");
             signed_counts(frame).map_err(|e| StageError::new(e.to_string()))?
         } else {
             let mut columns = vec![quoted(entity)];
@@ -201,6 +219,7 @@ pub(super) fn compute_in_order(
                 })?,
         });
     }
+    steps.done("joins");
     let mut out =
         joined.ok_or_else(|| StageError::new("no groups of features").at_param("/groups"))?;
     for (at, feature, definition) in located(&params.derive, &["derive"]) {
@@ -215,6 +234,7 @@ pub(super) fn compute_in_order(
                 StageError::new(format!("derived feature `{feature}`: {e}")).at_param(at.clone())
             })?;
     }
+    steps.done("derive");
     let order: Vec<PlSmallStr> = feature_names(params)
         .iter()
         .map(|n| PlSmallStr::from(n.as_str()))

@@ -152,12 +152,18 @@ fn write_features(
     pass_rows: usize,
     cancel: &crate::Cancel,
 ) -> Result<usize, StageError> {
+    let mut steps = crate::steps::Steps::start("feature");
     let (ranges, planned) = ranges(params, inputs, pass_rows)?;
+    steps.done("plan");
     if ranges.is_whole() {
-        let mut out = compute(params, &read_whole(params, inputs)?)?;
+        let tables = read_whole(params, inputs)?;
+        steps.done("read");
+        let mut out = compute(params, &tables)?;
+        steps.done("compute");
         for file in files {
             write_table(&mut out, file)?;
         }
+        steps.done("write");
         return Ok(out.height());
     }
     let mut wanted = Vec::new();
@@ -175,6 +181,7 @@ fn write_features(
         };
         sorted.insert(name.clone(), in_order);
     }
+    steps.done("columns and order");
     let mut writers: Vec<TableWriter> = Vec::new();
     let mut rows = 0;
     for range in 0..ranges.count() {
@@ -186,6 +193,7 @@ fn write_features(
             let part = crate::io::partition::read_range(path, wanted, ranges.predicate(range))?;
             tables.insert(name.clone(), part);
         }
+        steps.done(&format!("read of range {}", range + 1));
         let out = match compute_in_order(params, &tables, &sorted) {
             Ok(out) => out,
             // The whole table's error, word for word: a repeated entity's count and example
@@ -202,14 +210,17 @@ fn write_features(
                 writers.push(TableWriter::create(file, out.schema())?);
             }
         }
+        steps.done(&format!("compute of range {}", range + 1));
         for writer in &mut writers {
             writer.write(&out)?;
         }
         rows += out.height();
+        steps.done(&format!("write of range {}", range + 1));
     }
     for writer in writers {
         writer.finish()?;
     }
+    steps.done("write");
     Ok(rows)
 }
 

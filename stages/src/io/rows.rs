@@ -72,6 +72,22 @@ pub fn repeated_rows(
     Ok(repeats)
 }
 
+/// The rows where `mask` is true (a null counts as false), in order, read off its bitmaps a word
+/// at a time.
+pub fn true_rows(mask: &BooleanChunked) -> Vec<IdxSize> {
+    let mut rows = Vec::with_capacity(mask.sum().unwrap_or(0) as usize);
+    let mut offset = 0;
+    for array in mask.downcast_iter() {
+        let set = match array.validity() {
+            Some(valid) => array.values() & valid,
+            None => array.values().clone(),
+        };
+        rows.extend(set.true_idx_iter().map(|i| (offset + i) as IdxSize));
+        offset += array.len();
+    }
+    rows
+}
+
 /// A 64-bit hash of each row of `df` on `columns`, combined column by column (the same values
 /// give the same hash, in any table, whatever its chunks).
 pub fn row_hashes(df: &DataFrame, columns: &[PlSmallStr]) -> PolarsResult<Vec<u64>> {

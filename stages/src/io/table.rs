@@ -221,7 +221,7 @@ pub struct CsvText<'a> {
     pub first_line: usize,
 }
 
-impl CsvText<'_> {
+impl<'a> CsvText<'a> {
     fn options(&self) -> CsvReadOptions {
         CsvReadOptions::default()
             .with_has_header(true)
@@ -317,39 +317,41 @@ impl CsvText<'_> {
     }
 
     /// The fields at `columns` (indices) of data rows `rows` (ascending; 0 is the line after the
-    /// header) of a plain CSV (see [`CsvText::check_shape`]), as text. One streaming pass that
-    /// splits only the lines asked for: reading the text of a whole column to look at a few of
-    /// its values costs far more.
+    /// header) of a plain CSV (see [`CsvText::check_shape`]), as bytes borrowed from the text:
+    /// row by row, `columns.len()` fields a row. One streaming pass that splits only the lines
+    /// asked for, each only as far as the last column asked for: reading the text of a whole
+    /// column to look at a few of its values costs far more.
     pub fn fields_at(
         &self,
         rows: &[IdxSize],
         columns: &[usize],
-    ) -> Result<Vec<Vec<String>>, StageError> {
-        let fields = |line: &[u8]| -> Vec<String> {
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            let all: Vec<&[u8]> = line.split(|b| *b == b',').collect();
-            columns
-                .iter()
-                .map(|c| {
-                    String::from_utf8_lossy(all.get(*c).copied().unwrap_or_default()).into_owned()
-                })
-                .collect()
-        };
+    ) -> Result<Vec<&'a [u8]>, StageError> {
         let bytes = self.bytes;
-        let mut out = Vec::with_capacity(rows.len());
-        let mut wanted = rows.iter().map(|r| *r as u64 + 1).peekable();
-        let (mut line, mut start) = (0u64, 0usize);
+        let last = columns.iter().copied().max().unwrap_or(0);
+        let mut out = Vec::with_capacity(rows.len() * columns.len());
+        let mut split: Vec<&[u8]> = Vec::with_capacity(last + 1);
+        // Line 0 is the header.
+        let mut wanted = rows.iter().map(|r| *r as usize + 1).peekable();
+        let (mut line, mut start) = (0usize, 0usize);
         let ends = memchr::memchr_iter(b'\n', bytes).chain(std::iter::once(bytes.len()));
         for end in ends {
             let Some(&next) = wanted.peek() else { break };
             if line == next && start <= end {
-                out.push(fields(&bytes[start..end]));
+                let text = &bytes[start..end];
+                let text = text.strip_suffix(b"\r").unwrap_or(text);
+                split.clear();
+                split.extend(text.splitn(last + 2, |b| *b == b',').take(last + 1));
+                out.extend(
+                    columns
+                        .iter()
+                        .map(|c| split.get(*c).copied().unwrap_or_default()),
+                );
                 wanted.next();
             }
             line += 1;
             start = end + 1;
         }
-        if out.len() != rows.len() {
+        if wanted.peek().is_some() {
             return Err(StageError::new(format!(
                 "`{}` changed while it was read: it has fewer lines than before",
                 self.path.display()
@@ -938,8 +940,10 @@ mod tests {
             first_line: 2,
         };
         let fields = text.fields_at(&rows, &[2, 0]).unwrap();
-        for (row, fields) in rows.iter().zip(&fields) {
-            assert_eq!(fields, &[format!("row {row}"), row.to_string()]);
+        assert_eq!(fields.len(), rows.len() * 2);
+        for (row, fields) in rows.iter().zip(fields.chunks(2)) {
+            let expected = [format!("row {row}"), row.to_string()];
+            assert_eq!(fields, expected.map(String::into_bytes));
         }
         assert!(text.fields_at(&[n], &[0]).is_err(), "past the end");
     }
