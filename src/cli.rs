@@ -34,7 +34,8 @@ pub struct Cli {
     /// Print only errors.
     #[arg(short, long, global = true, conflicts_with = "verbose")]
     pub quiet: bool,
-    /// Log what imba decides and why (-v), and how (-vv). `RUST_LOG` overrides.
+    /// Log what imba decides and why, and the time of each step of a built-in (-v); and how
+    /// (-vv). `RUST_LOG` overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
     #[command(subcommand)]

@@ -639,3 +639,34 @@ fn the_imputed_outputs_agree_with_each_other_and_repeat_exactly() {
         std::fs::read(t.path().join("out/other/imputed/imputed_long.parquet")).unwrap()
     );
 }
+
+/// `-v` says where a built-in's time went, step by step, for each stage that ran, and nothing of
+/// it without `-v`.
+#[test]
+fn verbose_runs_time_each_step_of_a_builtin() {
+    let t = common::monthly("");
+    let quiet = t.exec(&["run", "pipelines/monthly.yaml", "-s", "clean_orders"]);
+    assert_eq!(quiet.code, 0, "{}", quiet.stderr);
+    assert!(!quiet.stderr.contains(" took "), "{}", quiet.stderr);
+    let out = t.exec(&["-v", "run", "pipelines/monthly.yaml", "-f"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let steps: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter_map(|line| line.split_once(" DEBUG ").map(|(_, rest)| rest))
+        .filter(|rest| rest.contains(" took ") && rest.ends_with(" ms"))
+        .map(|rest| rest.split(" took ").next().unwrap_or_default())
+        .collect();
+    for step in [
+        "clean: typed read",
+        "clean: cast",
+        "clean: dedup",
+        "clean: write",
+        "feature: compute",
+    ] {
+        assert!(
+            steps.iter().any(|s| s.starts_with(step)),
+            "no `{step}` among {steps:?}"
+        );
+    }
+}

@@ -69,6 +69,7 @@ fn hash_mapped(hasher: &mut blake3::Hasher, file: &std::fs::File, window: u64) -
             memmap2::MmapOptions::new()
                 .offset(offset)
                 .len(take as usize)
+                .populate()
                 .map(file)?
         };
         hasher.update_rayon(&map);

@@ -383,7 +383,7 @@ pub fn map_file(path: &Path) -> Result<Option<memmap2::Mmap>, StageError> {
     }
     // SAFETY: read-only; the file is an input of the stage, which imba never writes while the
     // stage runs (see above for other writers).
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(cannot)?;
+    let map = unsafe { memmap2::MmapOptions::new().populate().map(&file) }.map_err(cannot)?;
     Ok(Some(map))
 }
 
