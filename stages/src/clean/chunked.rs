@@ -24,35 +24,40 @@ pub(super) fn clean_chunked(
     cancel: &crate::Cancel,
 ) -> Result<Json, StageError> {
     // Each chunk read and marked, with the file's row number of its first row.
-    let chunks =
-        |each: &mut dyn FnMut(Marked) -> Result<(), StageError>| -> Result<(), StageError> {
-            let mut reader = crate::io::table::CsvChunks::open(input, chunk_bytes)?;
-            let mut first_row = 0;
-            while let Some(chunk) = reader.next_chunk()? {
-                if cancel.is_cancelled() {
-                    return Err(StageError::new(crate::CANCELLED));
-                }
-                let text = crate::io::table::CsvText {
-                    path: input,
-                    bytes: &chunk.bytes,
-                    first_line: chunk.first_line,
-                };
-                let mut steps = crate::steps::Steps::start_part("clean (a chunk)");
-                let read = read_csv_input(&text, params, &mut steps)?;
-                let marked = mark(read, params, input, first_row, &mut steps)?;
-                first_row += marked.counts.initial;
-                each(marked)?;
+    let chunks = |each: &mut dyn FnMut(
+        Marked,
+        &mut crate::steps::Steps,
+    ) -> Result<(), StageError>|
+     -> Result<(), StageError> {
+        let mut reader = crate::io::table::CsvChunks::open(input, chunk_bytes)?;
+        let mut first_row = 0;
+        let mut steps = crate::steps::Steps::start_part("clean (a chunk)");
+        while let Some(chunk) = reader.next_chunk()? {
+            steps.done("chunk of text");
+            if cancel.is_cancelled() {
+                return Err(StageError::new(crate::CANCELLED));
             }
-            Ok(())
-        };
+            let text = crate::io::table::CsvText {
+                path: input,
+                bytes: &chunk.bytes,
+                first_line: chunk.first_line,
+            };
+            let read = read_csv_input(&text, params, &mut steps)?;
+            let marked = mark(read, params, input, first_row, &mut steps)?;
+            first_row += marked.counts.initial;
+            each(marked, &mut steps)?;
+        }
+        Ok(())
+    };
     let mut gathered = Gathered::for_params(params);
     let dedup = !matches!(params.dedup, None | Some(Dedup::All(false)));
     // A vector of hashes per chunk (one vector doubling its way to a hash a row of the file would
     // hold up to three times that while it grows).
     let mut hashes: Vec<Vec<u64>> = Vec::new();
     if params.iqr.is_some() || dedup {
-        chunks(&mut |marked| {
+        chunks(&mut |marked, steps| {
             gather(&marked, params, &mut gathered)?;
+            steps.done("IQR values");
             if let Some(subset) = dedup_subset(params, &marked.df) {
                 let candidates = match &marked.dropna {
                     Some(keep) => &marked.domain & keep,
@@ -65,6 +70,7 @@ pub(super) fn clean_chunked(
                         .filter_map(|(h, c)| (c == Some(true)).then_some(*h))
                         .collect(),
                 );
+                steps.done("row hashes");
             }
             Ok(())
         })?;
@@ -74,7 +80,7 @@ pub(super) fn clean_chunked(
     let mut counts = Counts::default();
     let mut writer: Option<crate::io::table::TableWriter> = None;
     let mut last: Option<DataFrame> = None;
-    chunks(&mut |mut marked| {
+    chunks(&mut |mut marked, steps| {
         let subset = dedup_subset(params, &marked.df);
         let alive = survivors(
             &mut marked,
@@ -82,7 +88,9 @@ pub(super) fn clean_chunked(
             subset.as_deref(),
             &mut |df, columns, alive| deduper.repeats(df, columns, alive),
         )?;
+        steps.done("survivors");
         let kept = marked.df.filter(&alive).map_err(err)?;
+        steps.done("filter");
         let writer = match &mut writer {
             Some(writer) => writer,
             None => writer.insert(crate::io::table::TableWriter::create(
@@ -91,6 +99,7 @@ pub(super) fn clean_chunked(
             )?),
         };
         writer.write(&kept)?;
+        steps.done("write");
         counts.add(&marked.counts);
         last = Some(marked.df.clear());
         Ok(())

@@ -185,18 +185,32 @@ fn clean_marked(
     steps: &mut crate::steps::Steps,
 ) -> Result<(DataFrame, Option<BooleanChunked>, Json), StageError> {
     let mut marked = mark(input, params, source, 0, steps)?;
-    let mut gathered = Gathered::for_params(params);
-    gather(&marked, params, &mut gathered)?;
-    let fences = fences(params, gathered);
-    steps.done("IQR fences");
     let subset = dedup_subset(params, &marked.df);
+    // The rows' hashes for dedup need the cast table alone: another thread computes them while
+    // this one finds the IQR fences.
+    let (fences, hashes) = std::thread::scope(|scope| {
+        let hashing = subset.as_deref().map(|columns| {
+            let df = &marked.df;
+            scope.spawn(move || crate::io::rows::row_hashes(df, columns))
+        });
+        let mut gathered = Gathered::for_params(params);
+        let gathered = gather(&marked, params, &mut gathered).map(|()| gathered);
+        let hashes = hashing.map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
+        (gathered.map(|g| fences(params, g)), hashes)
+    });
+    let fences = fences?;
+    let mut hashes = hashes.transpose().map_err(err)?;
+    steps.done("IQR fences and row hashes");
     let alive = survivors(
         &mut marked,
         &fences,
         subset.as_deref(),
         &mut |df, columns, alive| {
             steps.done("IQR and dropna");
-            crate::io::rows::repeated_rows(df, columns, alive)
+            match hashes.take() {
+                Some(hashes) => crate::io::rows::repeated_rows_hashed(df, columns, alive, hashes),
+                None => crate::io::rows::repeated_rows(df, columns, alive),
+            }
         },
     )?;
     steps.done("dedup");

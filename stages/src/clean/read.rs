@@ -84,41 +84,32 @@ pub(super) fn read_csv_input(
     if !types.iter().all(|(c, _)| df.column(c).is_ok()) {
         return text_path();
     }
-    let plain = csv.check_shape(df.width(), df.height())?;
-    steps.done("shape check");
+    // The shape check and the search for the nulls' text are passes of their own over the
+    // text: the check runs on another thread meanwhile (the fields read are used only if the
+    // check finds the text plain, where a row is a line).
+    let (shape, nulls) = std::thread::scope(|scope| {
+        let shape = scope.spawn(|| csv.check_shape(df.width(), df.height()));
+        let nulls = Nulls::find(csv, &df, &types);
+        let shape = shape
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e));
+        (shape, nulls)
+    });
+    let plain = shape?;
+    let Nulls {
+        missing,
+        rows,
+        fields,
+    } = nulls?;
+    steps.done("shape check and the nulls");
     let mut text = BTreeMap::new();
-    // Where a value is null it was empty or did not parse: its text is needed (and a NaN's).
-    let mut missing = Vec::new();
-    for (name, _) in &types {
-        let column = df.column(name).map_err(err)?;
-        let mut unread = column.is_null();
-        if let Ok(floats) = column.f64() {
-            // "nan" parses, but counts as a value that could not be cast, named in errors.
-            unread = unread | floats.is_nan().fill_null_with_values(false).map_err(err)?;
-        }
-        let nulls = crate::io::rows::true_rows(&unread);
-        if !nulls.is_empty() {
-            missing.push((name.clone(), nulls));
-        }
-    }
-    steps.done("null scan");
     if missing.is_empty() {
         return Ok(Input { df, text });
     }
     if plain {
         // Just the lines with a null, split by hand.
-        let mut rows: Vec<IdxSize> = missing
-            .iter()
-            .flat_map(|(_, r)| r.iter().copied())
-            .collect();
-        rows.sort_unstable();
-        rows.dedup();
-        let positions: Vec<usize> = missing
-            .iter()
-            .map(|(name, _)| df.get_column_index(name).unwrap_or(usize::MAX))
-            .collect();
-        let fields = csv.fields_at(&rows, &positions)?;
-        let width = positions.len();
+        let fields = fields?;
+        let width = missing.len();
         for (k, (name, nulls)) in missing.into_iter().enumerate() {
             // The rows are ascending, as are this column's nulls among them.
             let mut at = 0;
@@ -149,6 +140,60 @@ pub(super) fn read_csv_input(
     }
     steps.done("text of the nulls");
     Ok(Input { df, text })
+}
+
+/// The rows where the typed columns came out null (or NaN), and those rows' fields in those
+/// columns as the text has them, if it is plain.
+struct Nulls<'a> {
+    /// Per column with any, its name and the rows.
+    missing: Vec<(String, Vec<IdxSize>)>,
+    /// The rows of all of them, ascending.
+    rows: Vec<IdxSize>,
+    /// Row by row, the field of each column of `missing` (read as if the text were plain).
+    fields: Result<Vec<&'a [u8]>, StageError>,
+}
+
+impl<'a> Nulls<'a> {
+    fn find(
+        csv: &crate::io::table::CsvText<'a>,
+        df: &DataFrame,
+        types: &[(String, DataType)],
+    ) -> Result<Nulls<'a>, StageError> {
+        // Where a value is null it was empty or did not parse: its text is needed (and a NaN's).
+        let mut missing = Vec::new();
+        for (name, _) in types {
+            let column = df.column(name).map_err(err)?;
+            let mut unread = column.is_null();
+            if let Ok(floats) = column.f64() {
+                // "nan" parses, but counts as a value that could not be cast, named in errors.
+                unread = unread | floats.is_nan().fill_null_with_values(false).map_err(err)?;
+            }
+            let nulls = crate::io::rows::true_rows(&unread);
+            if !nulls.is_empty() {
+                missing.push((name.clone(), nulls));
+            }
+        }
+        let mut rows: Vec<IdxSize> = missing
+            .iter()
+            .flat_map(|(_, r)| r.iter().copied())
+            .collect();
+        rows.sort_unstable();
+        rows.dedup();
+        let positions: Vec<usize> = missing
+            .iter()
+            .map(|(name, _)| df.get_column_index(name).unwrap_or(usize::MAX))
+            .collect();
+        let fields = if rows.is_empty() {
+            Ok(Vec::new())
+        } else {
+            csv.fields_at(&rows, &positions)
+        };
+        Ok(Nulls {
+            missing,
+            rows,
+            fields,
+        })
+    }
 }
 
 #[cfg(test)]

@@ -18,11 +18,22 @@ pub fn repeated_rows(
     columns: &[PlSmallStr],
     alive: &BooleanChunked,
 ) -> PolarsResult<Vec<IdxSize>> {
-    let n = df.height();
-    if n == 0 || columns.is_empty() {
+    if df.height() == 0 || columns.is_empty() {
         return Ok(Vec::new());
     }
-    let hashes = row_hashes(df, columns)?;
+    repeated_rows_hashed(df, columns, alive, row_hashes(df, columns)?)
+}
+
+/// [`repeated_rows`], given the rows' hashes ([`row_hashes`] of `df` on `columns`).
+pub fn repeated_rows_hashed(
+    df: &DataFrame,
+    columns: &[PlSmallStr],
+    alive: &BooleanChunked,
+    hashes: Vec<u64>,
+) -> PolarsResult<Vec<IdxSize>> {
+    if df.height() == 0 || columns.is_empty() {
+        return Ok(Vec::new());
+    }
     let columns: Vec<&Column> = columns
         .iter()
         .map(|c| df.column(c))
