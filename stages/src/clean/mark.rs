@@ -295,11 +295,7 @@ pub(super) fn survivors(
     if let Some(subset) = subset {
         let repeated = repeats(df, subset, &alive).map_err(err)?;
         if !repeated.is_empty() {
-            let mut mask: Vec<bool> = alive.iter().map(|a| a == Some(true)).collect();
-            for row in repeated {
-                mask[row as usize] = false;
-            }
-            alive = BooleanChunked::new("alive".into(), mask);
+            alive = alive.scatter_single(repeated, Some(false)).map_err(err)?;
         }
     }
     marked.counts.kept = live(&alive);
