@@ -410,6 +410,18 @@ async fn browse(
         errors(client.clone(), page).await;
         shot(client, page).await;
     };
+    // A page opened and seen live: its statuses fetched and its event stream open.
+    let open_live = |client: fantoccini::Client, url: String, what: String| async move {
+        client.goto(&url).await.unwrap();
+        client
+            .wait()
+            .at_most(wait)
+            .for_element(Locator::Css(
+                "body[data-status-loaded='true'][data-live='true']",
+            ))
+            .await
+            .unwrap_or_else(|e| panic!("{what} never loaded its statuses live: {e}"));
+    };
     let text_of = |client: fantoccini::Client, css: String| async move {
         client
             .wait()
@@ -607,15 +619,12 @@ async fn browse(
     checked(client.clone(), "partitions").await;
 
     // Live: the slow pipeline, run from its page; its first stage seen running, then done.
-    client.goto(&ui.url("/p/2")).await.unwrap();
-    client
-        .wait()
-        .at_most(wait)
-        .for_element(Locator::Css(
-            "body[data-status-loaded='true'][data-live='true']",
-        ))
-        .await
-        .expect("statuses and the event stream");
+    open_live(
+        client.clone(),
+        ui.url("/p/2"),
+        "the slow pipeline's page".into(),
+    )
+    .await;
     let state = |name: &'static str| {
         let client = client.clone();
         async move {
@@ -716,15 +725,7 @@ async fn browse(
     for tab in 1..=8 {
         let opened = client.new_window(true).await.unwrap();
         client.switch_to_window(opened.handle).await.unwrap();
-        client.goto(&ui.url("/p/0")).await.unwrap();
-        client
-            .wait()
-            .at_most(wait)
-            .for_element(Locator::Css(
-                "body[data-status-loaded='true'][data-live='true']",
-            ))
-            .await
-            .unwrap_or_else(|e| panic!("tab {tab} of 8 never loaded its statuses live: {e}"));
+        open_live(client.clone(), ui.url("/p/0"), format!("tab {tab} of 8")).await;
     }
     errors(client.clone(), "eight tabs").await;
     client.close().await.unwrap();
