@@ -21,6 +21,7 @@ pub mod spark;
 pub mod spark_sql;
 pub mod stats;
 pub mod steps;
+pub mod threads;
 
 pub use registry::{
     Builtin, BuiltinStage, Cancel, InputColumn, OutputColumns, ParamsError, Registry, StageError,

@@ -130,7 +130,7 @@ pub fn clean_file(
     steps.done("write");
     // Giving a table of millions of rows back to the allocator takes ≈ 20 ms (scripts/bench,
     // `-v`): the stage's checks need not wait for it.
-    std::thread::spawn(move || drop((table, keep)));
+    crate::threads::drop_beside((table, keep));
     Ok(summary)
 }
 
@@ -191,16 +191,17 @@ fn clean_marked(
     let subset = dedup_subset(params, &marked.df);
     // The rows' hashes for dedup need the cast table alone: another thread computes them while
     // this one finds the IQR fences.
-    let (fences, hashes) = std::thread::scope(|scope| {
-        let hashing = subset.as_deref().map(|columns| {
-            let df = &marked.df;
-            scope.spawn(move || crate::io::rows::row_hashes(df, columns))
-        });
-        let mut gathered = Gathered::for_params(params);
-        let gathered = gather(&marked, params, &mut gathered).map(|()| gathered);
-        let hashes = hashing.map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
-        (gathered.map(|g| fences(params, g)), hashes)
-    });
+    let (hashes, fences) = crate::threads::beside(
+        || {
+            let columns = subset.as_deref()?;
+            Some(crate::io::rows::row_hashes(&marked.df, columns))
+        },
+        || {
+            let mut gathered = Gathered::for_params(params);
+            gather(&marked, params, &mut gathered)?;
+            Ok::<_, StageError>(fences(params, gathered))
+        },
+    );
     let fences = fences?;
     let mut hashes = hashes.transpose().map_err(err)?;
     steps.done("IQR fences and row hashes");

@@ -87,14 +87,10 @@ pub(super) fn read_csv_input(
     // The shape check and the search for the nulls' text are passes of their own over the
     // text: the check runs on another thread meanwhile (the fields read are used only if the
     // check finds the text plain, where a row is a line).
-    let (shape, nulls) = std::thread::scope(|scope| {
-        let shape = scope.spawn(|| csv.check_shape(df.width(), df.height()));
-        let nulls = Nulls::find(csv, &df, &types);
-        let shape = shape
-            .join()
-            .unwrap_or_else(|e| std::panic::resume_unwind(e));
-        (shape, nulls)
-    });
+    let (shape, nulls) = crate::threads::beside(
+        || csv.check_shape(df.width(), df.height()),
+        || Nulls::find(csv, &df, &types),
+    );
     let plain = shape?;
     let Nulls {
         missing,

@@ -72,10 +72,21 @@ pub fn repeated_rows_hashed(
         find(0)
     } else {
         std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..parts).map(|p| scope.spawn(move || find(p))).collect();
+            let handles: Vec<_> = (0..parts)
+                .map(|p| {
+                    (
+                        p,
+                        std::thread::Builder::new().spawn_scoped(scope, move || find(p)),
+                    )
+                })
+                .collect();
             handles
                 .into_iter()
-                .flat_map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                .flat_map(|(p, h)| match h {
+                    Ok(h) => h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)),
+                    // No thread to be had (a thread limit): this part here.
+                    Err(_) => find(p),
+                })
                 .collect()
         })
     };
