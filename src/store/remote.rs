@@ -350,29 +350,36 @@ impl<'a> Remote<'a> {
         let next = AtomicUsize::new(0);
         let bytes = AtomicU64::new(0);
         let failed: std::sync::Mutex<Option<E>> = std::sync::Mutex::new(None);
+        let work = || loop {
+            if failed.lock().map(|f| f.is_some()).unwrap_or(true) {
+                return;
+            }
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(item) = items.get(i) else {
+                return;
+            };
+            match one(item) {
+                Ok(n) => {
+                    bytes.fetch_add(n, Ordering::Relaxed);
+                    progress(n);
+                }
+                Err(e) => {
+                    if let Ok(mut slot) = failed.lock() {
+                        slot.get_or_insert(e);
+                    }
+                    return;
+                }
+            }
+        };
         std::thread::scope(|scope| {
             for _ in 0..PARALLEL.min(items.len()) {
-                scope.spawn(|| loop {
-                    if failed.lock().map(|f| f.is_some()).unwrap_or(true) {
-                        return;
-                    }
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(item) = items.get(i) else {
-                        return;
-                    };
-                    match one(item) {
-                        Ok(n) => {
-                            bytes.fetch_add(n, Ordering::Relaxed);
-                            progress(n);
-                        }
-                        Err(e) => {
-                            if let Ok(mut slot) = failed.lock() {
-                                slot.get_or_insert(e);
-                            }
-                            return;
-                        }
-                    }
-                });
+                // A thread refused (a thread limit): this one works through the rest itself.
+                if std::thread::Builder::new()
+                    .spawn_scoped(scope, work)
+                    .is_err()
+                {
+                    work();
+                }
             }
         });
         match failed.into_inner().ok().flatten() {

@@ -324,7 +324,7 @@ impl Storage {
         let per_thread = lookups.len().div_ceil(CONCURRENCY);
         std::thread::scope(|scope| {
             for chunk in lookups.chunks(per_thread) {
-                scope.spawn(move || {
+                let look = move || {
                     for lookup in chunk {
                         let found = if lookup.committed {
                             self.committed_dir_now(&lookup.bucket, &lookup.key)
@@ -336,7 +336,14 @@ impl Storage {
                             .unwrap_or_else(|e| e.into_inner())
                             .insert(lookup.clone(), found);
                     }
-                });
+                };
+                // A thread refused (a thread limit): these lookups here.
+                if std::thread::Builder::new()
+                    .spawn_scoped(scope, look)
+                    .is_err()
+                {
+                    look();
+                }
             }
         });
     }

@@ -113,21 +113,26 @@ pub fn impute_until(
         }
     } else {
         std::thread::scope(|scope| {
+            let share = |t: usize| {
+                let run = &run;
+                move || {
+                    (t..spec.m)
+                        .step_by(threads)
+                        .map(|chain| (chain, run(chain)))
+                        .collect::<Vec<_>>()
+                }
+            };
             let handles: Vec<_> = (0..threads)
-                .map(|t| {
-                    let run = &run;
-                    scope.spawn(move || {
-                        (t..spec.m)
-                            .step_by(threads)
-                            .map(|chain| (chain, run(chain)))
-                            .collect::<Vec<_>>()
-                    })
-                })
+                .map(|t| (t, std::thread::Builder::new().spawn_scoped(scope, share(t))))
                 .collect();
-            for handle in handles {
-                let done = handle
-                    .join()
-                    .unwrap_or_else(|e| std::panic::resume_unwind(e));
+            for (t, handle) in handles {
+                let done = match handle {
+                    Ok(handle) => handle
+                        .join()
+                        .unwrap_or_else(|e| std::panic::resume_unwind(e)),
+                    // A thread refused (a thread limit): its chains here.
+                    Err(_) => share(t)(),
+                };
                 for (chain, result) in done {
                     chains[chain] = Some(result);
                 }
