@@ -371,17 +371,7 @@ impl<'a> Remote<'a> {
                 }
             }
         };
-        std::thread::scope(|scope| {
-            for _ in 0..PARALLEL.min(items.len()) {
-                // A thread refused (a thread limit): this one works through the rest itself.
-                if std::thread::Builder::new()
-                    .spawn_scoped(scope, work)
-                    .is_err()
-                {
-                    work();
-                }
-            }
-        });
+        imba_stages::threads::each(PARALLEL.min(items.len()), |_| work());
         match failed.into_inner().ok().flatten() {
             Some(e) => Err(e),
             None => Ok((items.len() as u64, bytes.into_inner())),

@@ -322,28 +322,18 @@ impl Storage {
             return;
         }
         let per_thread = lookups.len().div_ceil(CONCURRENCY);
-        std::thread::scope(|scope| {
-            for chunk in lookups.chunks(per_thread) {
-                let look = move || {
-                    for lookup in chunk {
-                        let found = if lookup.committed {
-                            self.committed_dir_now(&lookup.bucket, &lookup.key)
-                        } else {
-                            self.identity_now(&lookup.bucket, &lookup.key, lookup.dir)
-                        };
-                        self.memo
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .insert(lookup.clone(), found);
-                    }
+        let chunks: Vec<&[Lookup]> = lookups.chunks(per_thread).collect();
+        imba_stages::threads::each(chunks.len(), |i| {
+            for lookup in chunks[i] {
+                let found = if lookup.committed {
+                    self.committed_dir_now(&lookup.bucket, &lookup.key)
+                } else {
+                    self.identity_now(&lookup.bucket, &lookup.key, lookup.dir)
                 };
-                // A thread refused (a thread limit): these lookups here.
-                if std::thread::Builder::new()
-                    .spawn_scoped(scope, look)
-                    .is_err()
-                {
-                    look();
-                }
+                self.memo
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(lookup.clone(), found);
             }
         });
     }

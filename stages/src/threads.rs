@@ -1,4 +1,5 @@
-//! Two pieces of work at once on two threads, or one after the other when no thread can be had.
+//! Work on several threads at once, or on this one when the system refuses a thread (a process or
+//! container at its thread limit): slower, never a failure.
 
 use std::sync::Mutex;
 
@@ -29,6 +30,28 @@ pub fn beside<A: Send, B>(side: impl FnOnce() -> A + Send, here: impl FnOnce() -
     })
 }
 
+/// Runs `work(0)`, …, `work(n - 1)` each on a thread of its own and returns their results in
+/// order. A part whose thread the system refuses runs here, after the others have started;
+/// a panic in any part goes on here.
+pub fn each<R: Send>(n: usize, work: impl Fn(usize) -> R + Sync) -> Vec<R> {
+    let work = &work;
+    std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..n)
+            .map(|i| std::thread::Builder::new().spawn_scoped(scope, move || work(i)))
+            .collect();
+        threads
+            .into_iter()
+            .enumerate()
+            .map(|(i, thread)| match thread {
+                Ok(thread) => thread
+                    .join()
+                    .unwrap_or_else(|e| std::panic::resume_unwind(e)),
+                Err(_) => work(i),
+            })
+            .collect()
+    })
+}
+
 /// Drops `value` on a thread of its own (freeing a large table takes tens of milliseconds that
 /// the caller need not wait for), or here when the system refuses a thread.
 pub fn drop_beside<T: Send + 'static>(value: T) {
@@ -44,6 +67,17 @@ mod tests {
     fn both_results_come_back_in_order() {
         let (a, b) = beside(|| (1..=10).sum::<u32>(), || "here");
         assert_eq!((a, b), (55, "here"));
+    }
+
+    #[test]
+    fn each_part_once_in_order() {
+        let calls = std::sync::atomic::AtomicUsize::new(0);
+        let out = each(5, |i| {
+            calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            i * 10
+        });
+        assert_eq!(out, [0, 10, 20, 30, 40]);
+        assert_eq!(calls.into_inner(), 5);
     }
 
     #[test]

@@ -100,6 +100,11 @@ pub(super) fn finish_parsed(
             if unparsed.is_empty() && nans.is_empty() {
                 return Ok((typed.clone(), failures));
             }
+            let floats = if nans.is_empty() {
+                floats.clone()
+            } else {
+                floats.set(&nan, None)?
+            };
             // A NaN whose text the caller did not give counts as a value that could not be cast.
             for row in nans {
                 if unparsed.binary_search_by_key(&row, |(r, _)| *r).is_err() {
@@ -114,11 +119,6 @@ pub(super) fn finish_parsed(
                 }
             }
             failures.sort_by_key(|(row, _)| *row);
-            let floats = if nan.any() {
-                floats.set(&nan, None)?
-            } else {
-                floats.clone()
-            };
             Ok((patched(&floats, &parsed)?.into_series(), failures))
         }
     }

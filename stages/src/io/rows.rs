@@ -71,24 +71,7 @@ pub fn repeated_rows_hashed(
     let mut repeats: Vec<IdxSize> = if parts == 1 {
         find(0)
     } else {
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..parts)
-                .map(|p| {
-                    (
-                        p,
-                        std::thread::Builder::new().spawn_scoped(scope, move || find(p)),
-                    )
-                })
-                .collect();
-            handles
-                .into_iter()
-                .flat_map(|(p, h)| match h {
-                    Ok(h) => h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)),
-                    // No thread to be had (a thread limit): this part here.
-                    Err(_) => find(p),
-                })
-                .collect()
-        })
+        crate::threads::each(parts, find).concat()
     };
     repeats.sort_unstable();
     Ok(repeats)

@@ -112,32 +112,17 @@ pub fn impute_until(
             *slot = Some(run(chain));
         }
     } else {
-        std::thread::scope(|scope| {
-            let share = |t: usize| {
-                let run = &run;
-                move || {
-                    (t..spec.m)
-                        .step_by(threads)
-                        .map(|chain| (chain, run(chain)))
-                        .collect::<Vec<_>>()
-                }
-            };
-            let handles: Vec<_> = (0..threads)
-                .map(|t| (t, std::thread::Builder::new().spawn_scoped(scope, share(t))))
-                .collect();
-            for (t, handle) in handles {
-                let done = match handle {
-                    Ok(handle) => handle
-                        .join()
-                        .unwrap_or_else(|e| std::panic::resume_unwind(e)),
-                    // A thread refused (a thread limit): its chains here.
-                    Err(_) => share(t)(),
-                };
-                for (chain, result) in done {
-                    chains[chain] = Some(result);
-                }
-            }
+        let shares = crate::threads::each(threads, |t| {
+            (t..spec.m)
+                .step_by(threads)
+                .map(|chain| (chain, run(chain)))
+                .collect::<Vec<_>>()
         });
+        for done in shares {
+            for (chain, result) in done {
+                chains[chain] = Some(result);
+            }
+        }
     }
     if cancel.is_cancelled() {
         return Err(MiceError::Cancelled);
