@@ -23,31 +23,43 @@ pub(super) fn clean_chunked(
     chunk_bytes: usize,
     cancel: &crate::Cancel,
 ) -> Result<Json, StageError> {
-    // Each chunk read and marked, with the file's row number of its first row.
+    // Each chunk read and marked, with the file's row number of its first row. The next chunk's
+    // text is read on another thread while this one is parsed.
     let chunks = |each: &mut dyn FnMut(
         Marked,
         &mut crate::steps::Steps,
     ) -> Result<(), StageError>|
      -> Result<(), StageError> {
         let mut reader = crate::io::table::CsvChunks::open(input, chunk_bytes)?;
-        let mut first_row = 0;
-        let mut steps = crate::steps::Steps::start_part("clean (a chunk)");
-        while let Some(chunk) = reader.next_chunk()? {
+        let mut failed = false;
+        let next = move || {
+            let mut steps = crate::steps::Steps::start_part("clean (reading ahead)");
+            let chunk = (!failed).then(|| reader.next_chunk().transpose()).flatten();
+            failed = matches!(chunk, Some(Err(_)));
             steps.done("chunk of text");
-            if cancel.is_cancelled() {
-                return Err(StageError::new(crate::CANCELLED));
+            chunk
+        };
+        crate::threads::source_beside(1, next, |texts| {
+            let mut first_row = 0;
+            let mut steps = crate::steps::Steps::start_part("clean (a chunk)");
+            for chunk in texts {
+                let chunk = chunk?;
+                steps.done("waiting for text");
+                if cancel.is_cancelled() {
+                    return Err(StageError::new(crate::CANCELLED));
+                }
+                let text = crate::io::table::CsvText {
+                    path: input,
+                    bytes: &chunk.bytes,
+                    first_line: chunk.first_line,
+                };
+                let read = read_csv_input(&text, params, &mut steps)?;
+                let marked = mark(read, params, input, first_row, &mut steps)?;
+                first_row += marked.counts.initial;
+                each(marked, &mut steps)?;
             }
-            let text = crate::io::table::CsvText {
-                path: input,
-                bytes: &chunk.bytes,
-                first_line: chunk.first_line,
-            };
-            let read = read_csv_input(&text, params, &mut steps)?;
-            let marked = mark(read, params, input, first_row, &mut steps)?;
-            first_row += marked.counts.initial;
-            each(marked, &mut steps)?;
-        }
-        Ok(())
+            Ok(())
+        })
     };
     let mut gathered = Gathered::for_params(params);
     let dedup = !matches!(params.dedup, None | Some(Dedup::All(false)));
@@ -80,17 +92,9 @@ pub(super) fn clean_chunked(
     let mut counts = Counts::default();
     let mut writer: Option<crate::io::table::TableWriter> = None;
     let mut last: Option<DataFrame> = None;
-    chunks(&mut |mut marked, steps| {
-        let subset = dedup_subset(params, &marked.df);
-        let alive = survivors(
-            &mut marked,
-            &fences,
-            subset.as_deref(),
-            &mut |df, columns, alive| deduper.repeats(df, columns, alive),
-        )?;
-        steps.done("survivors");
-        let kept = marked.df.filter(&alive).map_err(err)?;
-        steps.done("filter");
+    // The survivors are written on another thread while the next chunk is cleaned.
+    let write = |kept: DataFrame| {
+        let mut steps = crate::steps::Steps::start_part("clean (writing)");
         let writer = match &mut writer {
             Some(writer) => writer,
             None => writer.insert(crate::io::table::TableWriter::create(
@@ -100,9 +104,26 @@ pub(super) fn clean_chunked(
         };
         writer.write(&kept)?;
         steps.done("write");
-        counts.add(&marked.counts);
-        last = Some(marked.df.clear());
+        crate::threads::drop_beside(kept);
         Ok(())
+    };
+    crate::threads::sink_beside(1, write, |write| {
+        chunks(&mut |mut marked, steps| {
+            let subset = dedup_subset(params, &marked.df);
+            let alive = survivors(
+                &mut marked,
+                &fences,
+                subset.as_deref(),
+                &mut |df, columns, alive| deduper.repeats(df, columns, alive),
+            )?;
+            steps.done("survivors");
+            let kept = marked.df.filter(&alive).map_err(err)?;
+            steps.done("filter");
+            counts.add(&marked.counts);
+            last = Some(marked.df.clear());
+            crate::threads::drop_beside(marked);
+            write(kept)
+        })
     })?;
     if let Some(writer) = writer {
         writer.finish()?;

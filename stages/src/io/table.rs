@@ -492,31 +492,56 @@ impl CsvChunks {
             return Ok(None);
         }
         self.started = true;
+        // The chunk is built in place: the header, the bytes read past the last chunk, then the
+        // file read straight in behind them (one copy, into memory not zeroed first).
+        let header = self.header.len();
+        let mut bytes =
+            Vec::with_capacity(header + self.pending.len().max(self.target) + (64 << 10));
+        bytes.extend_from_slice(&self.header);
+        bytes.append(&mut self.pending);
         let mut want = self.target;
         let end = loop {
-            self.fill(want)?;
-            if self.eof && self.pending.len() <= self.target {
-                break self.pending.len();
+            self.read_into(&mut bytes, header + want)?;
+            let body = &bytes[header..];
+            if self.eof && body.len() <= self.target {
+                break body.len();
             }
             // The last record that ends within the target, else the first one past it.
-            let within = &self.pending[..self.target.min(self.pending.len())];
-            if let Some(end) = record_end(within, true).or_else(|| record_end(&self.pending, false))
-            {
+            let within = &body[..self.target.min(body.len())];
+            if let Some(end) = record_end(within, true).or_else(|| record_end(body, false)) {
                 break end + 1;
             }
             if self.eof {
-                break self.pending.len();
+                break body.len();
             }
             // One record longer than a chunk: read on until it ends.
-            want = self.pending.len() * 2;
+            want = body.len() * 2;
         };
-        let mut bytes = Vec::with_capacity(self.header.len() + end);
-        bytes.extend_from_slice(&self.header);
-        bytes.extend_from_slice(&self.pending[..end]);
-        self.pending.drain(..end);
+        self.pending = bytes[header + end..].to_vec();
+        bytes.truncate(header + end);
         let first_line = self.next_line;
-        self.next_line += records(&bytes[self.header.len()..]);
+        self.next_line += records(&bytes[header..]);
         Ok(Some(CsvChunk { bytes, first_line }))
+    }
+
+    /// Reads on into `bytes` until it holds `want` bytes or the file ends.
+    fn read_into(&mut self, bytes: &mut Vec<u8>, want: usize) -> Result<(), StageError> {
+        use std::io::Read;
+        while !self.eof && bytes.len() < want {
+            let need = (want - bytes.len()) as u64;
+            match (&self.file).take(need).read_to_end(bytes) {
+                Ok(0) => self.eof = true,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(StageError::new(format!(
+                        "cannot read `{}`: {e}",
+                        self.path.display()
+                    )))
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Reads until `pending` holds `want` bytes or the file ends.
