@@ -109,6 +109,10 @@ pub fn row_hashes(df: &DataFrame, columns: &[PlSmallStr]) -> PolarsResult<Vec<u6
     Ok(hashes)
 }
 
+/// The slices of the hash space [`Deduper::new`] takes one at a time: 2^12, of about 8,000
+/// hashes each for a file of 34M rows.
+const SLICE_BITS: u32 = 12;
+
 /// [`repeated_rows`] a table at a time, over tables read one after the other (the chunks of a
 /// file), given beforehand the hash of every row that may be alive ([`row_hashes`]). Only a row
 /// whose hash comes up more than once can repeat another, so only those rows are looked at, and
@@ -125,33 +129,50 @@ pub struct Deduper {
 
 impl Deduper {
     /// From the hashes of every row that may be alive, in any order, in any number of vectors
-    /// (one per chunk, say): each is sorted in place, then all are merged, so nothing is copied.
+    /// (one per chunk, say), nothing copied: each vector is sorted in place, then the hash space
+    /// is taken a slice at a time (2^[`SLICE_BITS`] of them, half on another thread): each
+    /// vector's hashes in the slice lie together, and a small table of the slice's hashes, which
+    /// stays in cache, finds those that come up more than once.
     pub fn new(mut runs: Vec<Vec<u64>>) -> Self {
-        use std::cmp::Reverse;
-        for run in &mut runs {
-            run.sort_unstable();
-        }
-        // The smallest hash left in each run, smallest first.
-        let mut heads: std::collections::BinaryHeap<Reverse<(u64, usize)>> = runs
-            .iter()
-            .enumerate()
-            .filter_map(|(i, run)| run.first().map(|h| Reverse((*h, i))))
-            .collect();
-        let mut next = vec![1usize; runs.len()];
-        let mut repeated = PlHashSet::default();
-        let mut last = None;
-        while let Some(Reverse((hash, i))) = heads.pop() {
-            if last == Some(hash) {
-                repeated.insert(hash);
+        let half = runs.len() / 2;
+        let (first, second) = runs.split_at_mut(half);
+        crate::threads::beside(
+            || first.iter_mut().for_each(|run| run.sort_unstable()),
+            || second.iter_mut().for_each(|run| run.sort_unstable()),
+        );
+        let slices = 1usize << SLICE_BITS;
+        let runs = &runs;
+        let found = crate::threads::each(2, |part| {
+            let slices = part * slices / 2..(part + 1) * slices / 2;
+            let slice_of = |hash: &u64| (hash >> (64 - SLICE_BITS)) as usize;
+            // Within a slice the top bits are all the same: the table hashes the rest, mixed.
+            let mix = |hash: u64| hash.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(32);
+            // Where each vector's hashes of the next slice start.
+            let mut at: Vec<usize> = runs
+                .iter()
+                .map(|run| run.partition_point(|h| slice_of(h) < slices.start))
+                .collect();
+            let mut seen: HashTable<u64> = HashTable::new();
+            let mut repeated = Vec::new();
+            for slice in slices {
+                seen.clear();
+                for (run, at) in runs.iter().zip(&mut at) {
+                    let end = *at + run[*at..].partition_point(|h| slice_of(h) <= slice);
+                    for &hash in &run[*at..end] {
+                        match seen.entry(mix(hash), |&h| h == hash, |&h| mix(h)) {
+                            Entry::Occupied(_) => repeated.push(hash),
+                            Entry::Vacant(slot) => {
+                                slot.insert(hash);
+                            }
+                        }
+                    }
+                    *at = end;
+                }
             }
-            last = Some(hash);
-            if let Some(h) = runs[i].get(next[i]) {
-                heads.push(Reverse((*h, i)));
-                next[i] += 1;
-            }
-        }
+            repeated
+        });
         Deduper {
-            repeated,
+            repeated: found.into_iter().flatten().collect(),
             kept: None,
             kept_hashes: Vec::new(),
             table: HashTable::new(),
@@ -297,6 +318,33 @@ mod tests {
                 .filter(|&i| alive[i] && (0..i).any(|j| alive[j] && a[j] == a[i] && b[j] == b[i]))
                 .map(|i| i as IdxSize)
                 .collect();
+            prop_assert_eq!(got, want);
+        });
+    }
+
+    /// The hashes found repeated are those that come up more than once across all the vectors,
+    /// at the edges of the hash space and of its slices too.
+    #[test]
+    fn the_repeated_hashes_are_those_counted_twice() {
+        use proptest::prelude::*;
+        let edges = prop_oneof![
+            Just(0u64),
+            Just(u64::MAX),
+            Just(1u64 << (64 - SLICE_BITS)),
+            Just((1u64 << (64 - SLICE_BITS)) - 1),
+            Just(1u64 << 63),
+            (0u64..40).prop_map(|v| v << 58),
+            any::<u64>(),
+        ];
+        proptest!(|(runs in proptest::collection::vec(proptest::collection::vec(edges.clone(), 0..40), 0..7))| {
+            let mut counts = std::collections::BTreeMap::<u64, usize>::new();
+            for hash in runs.iter().flatten() {
+                *counts.entry(*hash).or_default() += 1;
+            }
+            let want: std::collections::BTreeSet<u64> =
+                counts.into_iter().filter(|(_, n)| *n > 1).map(|(h, _)| h).collect();
+            let got: std::collections::BTreeSet<u64> =
+                Deduper::new(runs).repeated.into_iter().collect();
             prop_assert_eq!(got, want);
         });
     }
