@@ -109,6 +109,18 @@ pub(super) fn mark(
     first_row: usize,
     steps: &mut crate::steps::Steps,
 ) -> Result<Marked, StageError> {
+    let (df, counts) = cast_step(input, params, source, first_row, steps)?;
+    mark_rows(df, counts, params, steps)
+}
+
+/// The first step of [`mark`]: the table cast, and its counts so far.
+pub(super) fn cast_step(
+    input: Input,
+    params: &CleanParams,
+    source: &std::path::Path,
+    first_row: usize,
+    steps: &mut crate::steps::Steps,
+) -> Result<(DataFrame, Counts), StageError> {
     let Input { df, text } = input;
     require_columns(&df, wanted_columns(params), source)?;
 
@@ -123,6 +135,16 @@ pub(super) fn mark(
     counts.removed_cast = removed_cast;
     counts.cast_nulls = cast_nulls;
     steps.done("cast");
+    Ok((df, counts))
+}
+
+/// The cast table, with its counts so far ([`mark`]): marked by the domain filter and dropna.
+pub(super) fn mark_rows(
+    df: DataFrame,
+    mut counts: Counts,
+    params: &CleanParams,
+    steps: &mut crate::steps::Steps,
+) -> Result<Marked, StageError> {
     let mut alive = BooleanChunked::full("alive".into(), true, df.height());
 
     // 2. Domain: one pass evaluates every rule.
