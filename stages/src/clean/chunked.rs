@@ -8,14 +8,20 @@ use super::*;
 /// Cleans a CSV file too large to hold a chunk at a time, in two passes over its chunks, for
 /// what the steps need to know of the whole file before they can keep or drop a row:
 ///
-/// 1. the values of the IQR columns (for their quartiles, exact; counted by value while there
-///    are few distinct ones), and a 64-bit hash of each row that dedup may compare;
-/// 2. every step again, chunk by chunk, with the fences known: a row whose hash came up once in
-///    pass 1 repeats nothing; the rest are compared value by value with the first copies kept so
-///    far, which are all that is remembered. The survivors go to the output as they come.
+/// 1. each chunk read, cast and marked (the domain filter, dropna); the values of the IQR
+///    columns (for their quartiles, exact; counted by value while there are few distinct ones),
+///    and a 64-bit hash of each row that dedup may compare;
+/// 2. each chunk read and cast again, with pass 1's marks and the fences known: a row whose hash
+///    came up once in pass 1 repeats nothing; the rest are compared value by value with the first
+///    copies kept so far, which are all that is remembered. The survivors go to the output as
+///    they come.
 ///
-/// Memory holds a chunk, 8 bytes a row for the hashes (none without dedup) and the first copies
-/// of repeated rows. Same bytes out, and the same summary, as [`clean_marked`] of the whole file.
+/// In both passes the next chunk's text is read on another thread, and in pass 2 the survivors
+/// are written on a third while the next chunk is cleaned.
+///
+/// Memory holds a few chunks (one parsed, one read ahead, one or two being written), 8 bytes a
+/// row for the hashes (none without dedup), 2 bits a row for the marks, and the first copies of
+/// repeated rows. Same bytes out, and the same summary, as [`clean_marked`] of the whole file.
 pub(super) fn clean_chunked(
     params: &CleanParams,
     input: &std::path::Path,
