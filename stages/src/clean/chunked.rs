@@ -190,7 +190,7 @@ struct Bits {
 impl Bits {
     fn push(&mut self, mask: &BooleanChunked) {
         for kept in mask.iter() {
-            if self.len % 64 == 0 {
+            if self.len.is_multiple_of(64) {
                 self.words.push(0);
             }
             if kept == Some(true) {

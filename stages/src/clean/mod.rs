@@ -95,8 +95,9 @@ impl BuiltinStage for Clean {
 }
 
 /// A CSV input larger than this many bytes is cleaned a chunk at a time, in two passes (see
-/// [`clean_chunked`]); a smaller one (or a Parquet one) is read whole, which takes about 40% less
-/// time and holds about four times the file's size: at most ≈ 500 MB below this threshold.
+/// [`clean_chunked`]); a smaller one (or a Parquet one) is read whole, which takes about 15% less
+/// time per byte (docs/performance.md) and holds about four times the file's size: at most
+/// ≈ 500 MB below this threshold.
 pub const CHUNKED_ABOVE: u64 = 120 << 20;
 
 /// About how many bytes of CSV records a chunk holds: with its header, under the 32 MiB up to
