@@ -1,31 +1,51 @@
 //! Work on several threads at once, or on this one when the system refuses a thread (a process or
 //! container at its thread limit): slower, never a failure.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::thread::{Scope, ScopedJoinHandle};
+
+/// Starts `run(value)` on a thread of `scope`, or gives `value` back when the system refuses a
+/// thread (a spawn that fails drops its closure: the value waits in a cell the thread takes it
+/// from).
+fn spawn_or_back<'scope, V: Send + 'scope, T: Send + 'scope>(
+    scope: &'scope Scope<'scope, '_>,
+    value: V,
+    run: impl FnOnce(V) -> T + Send + 'scope,
+) -> Result<ScopedJoinHandle<'scope, T>, V> {
+    #[cfg(test)]
+    if tests::REFUSED.get() {
+        return Err(value);
+    }
+    let cell = Arc::new(Mutex::new(Some(value)));
+    let theirs = cell.clone();
+    let spawned = std::thread::Builder::new().spawn_scoped(scope, move || {
+        let value = theirs.lock().unwrap_or_else(|e| e.into_inner()).take();
+        run(value.expect("the value is taken back only when the thread is refused"))
+    });
+    spawned.map_err(|_| {
+        let value = cell.lock().unwrap_or_else(|e| e.into_inner()).take();
+        value.expect("a refused thread leaves the value in the cell")
+    })
+}
+
+/// Waits for `thread`; a panic there goes on here.
+fn join<T>(thread: ScopedJoinHandle<'_, T>) -> T {
+    thread
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e))
+}
 
 /// Runs `side` on a thread of its own while `here` runs on this one, and returns both results.
 /// When the system refuses a thread (a process or container at its thread limit), `side` runs
 /// after `here`, on this thread: slower, never a failure. A panic in `side` goes on here.
 pub fn beside<A: Send, B>(side: impl FnOnce() -> A + Send, here: impl FnOnce() -> B) -> (A, B) {
-    // The work stays here until the thread has taken it, so a refused thread leaves it to run.
-    let work = Mutex::new(Some(side));
     std::thread::scope(|scope| {
-        let work = &work;
-        let thread = std::thread::Builder::new().spawn_scoped(scope, move || {
-            let side = work.lock().unwrap_or_else(|e| e.into_inner()).take();
-            side.map(|side| side())
-        });
+        let thread = spawn_or_back(scope, side, |side| side());
         let b = here();
         let a = match thread {
-            Ok(thread) => thread
-                .join()
-                .unwrap_or_else(|e| std::panic::resume_unwind(e)),
-            Err(_) => None,
+            Ok(thread) => join(thread),
+            Err(side) => side(),
         };
-        let a = a.unwrap_or_else(|| {
-            let side = work.lock().unwrap_or_else(|e| e.into_inner()).take();
-            side.expect("the work runs once: on the thread or here")()
-        });
         (a, b)
     })
 }
@@ -36,17 +56,12 @@ pub fn beside<A: Send, B>(side: impl FnOnce() -> A + Send, here: impl FnOnce() -
 pub fn each<R: Send>(n: usize, work: impl Fn(usize) -> R + Sync) -> Vec<R> {
     let work = &work;
     std::thread::scope(|scope| {
-        let threads: Vec<_> = (0..n)
-            .map(|i| std::thread::Builder::new().spawn_scoped(scope, move || work(i)))
-            .collect();
+        let threads: Vec<_> = (0..n).map(|i| spawn_or_back(scope, i, work)).collect();
         threads
             .into_iter()
-            .enumerate()
-            .map(|(i, thread)| match thread {
-                Ok(thread) => thread
-                    .join()
-                    .unwrap_or_else(|e| std::panic::resume_unwind(e)),
-                Err(_) => work(i),
+            .map(|thread| match thread {
+                Ok(thread) => join(thread),
+                Err(i) => work(i),
             })
             .collect()
     })
@@ -61,35 +76,24 @@ pub fn source_beside<T: Send, R>(
     source: impl FnMut() -> Option<T> + Send,
     here: impl FnOnce(&mut dyn Iterator<Item = T>) -> R,
 ) -> R {
-    let work = Mutex::new(Some(source));
     std::thread::scope(|scope| {
         let (tx, rx) = std::sync::mpsc::sync_channel(depth);
-        let taken = &work;
-        let thread = std::thread::Builder::new().spawn_scoped(scope, move || {
-            let source = taken.lock().unwrap_or_else(|e| e.into_inner()).take();
-            if let Some(mut source) = source {
-                while let Some(item) = source() {
-                    if tx.send(item).is_err() {
-                        break;
-                    }
+        let fed = spawn_or_back(scope, source, move |mut source| {
+            while let Some(item) = source() {
+                if tx.send(item).is_err() {
+                    break;
                 }
             }
         });
-        match thread {
+        match fed {
             Ok(thread) => {
                 let mut items = rx.into_iter();
                 let result = here(&mut items);
                 drop(items);
-                thread
-                    .join()
-                    .unwrap_or_else(|e| std::panic::resume_unwind(e));
+                join(thread);
                 result
             }
-            Err(_) => {
-                let source = work.lock().unwrap_or_else(|e| e.into_inner()).take();
-                let mut source = source.expect("a refused thread leaves the source here");
-                here(&mut std::iter::from_fn(&mut source))
-            }
+            Err(mut source) => here(&mut std::iter::from_fn(&mut source)),
         }
     })
 }
@@ -105,21 +109,12 @@ pub fn sink_beside<T: Send, R>(
         &mut dyn FnMut(T) -> Result<(), crate::StageError>,
     ) -> Result<R, crate::StageError>,
 ) -> Result<R, crate::StageError> {
-    let work = Mutex::new(Some(sink));
     std::thread::scope(|scope| {
         let (tx, rx) = std::sync::mpsc::sync_channel::<T>(depth);
-        let taken = &work;
-        let thread = std::thread::Builder::new().spawn_scoped(scope, move || {
-            let sink = taken.lock().unwrap_or_else(|e| e.into_inner()).take();
-            let mut sink = sink?;
-            for item in rx {
-                if let Err(e) = sink(item) {
-                    return Some(Err(e));
-                }
-            }
-            Some(Ok(()))
+        let drained = spawn_or_back(scope, sink, move |mut sink| {
+            rx.into_iter().try_for_each(&mut sink)
         });
-        match thread {
+        match drained {
             Ok(thread) => {
                 let result = {
                     let tx = tx;
@@ -128,19 +123,10 @@ pub fn sink_beside<T: Send, R>(
                             .map_err(|_| crate::StageError::new("the writer stopped".to_owned()))
                     })
                 };
-                let sunk = thread
-                    .join()
-                    .unwrap_or_else(|e| std::panic::resume_unwind(e));
-                match sunk {
-                    Some(Err(e)) => Err(e),
-                    _ => result,
-                }
+                // The sink's error, when it failed, is the cause of any error here.
+                join(thread).and(result)
             }
-            Err(_) => {
-                let sink = work.lock().unwrap_or_else(|e| e.into_inner()).take();
-                let mut sink = sink.expect("a refused thread leaves the sink here");
-                here(&mut sink)
-            }
+            Err(mut sink) => here(&mut sink),
         }
     })
 }
@@ -155,6 +141,41 @@ pub fn drop_beside<T: Send + 'static>(value: T) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    thread_local! {
+        /// Makes this thread's spawns fail, as a system at its thread limit does.
+        pub(super) static REFUSED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// With every thread refused, each helper does the same work on this thread, in order.
+    #[test]
+    fn a_refused_thread_leaves_the_work_here() {
+        REFUSED.set(true);
+        assert_eq!(beside(|| 1, || 2), (1, 2));
+        assert_eq!(each(3, |i| i * 2), [0, 2, 4]);
+        let mut next = 0;
+        let all: Vec<u32> = source_beside(
+            1,
+            move || {
+                next += 1;
+                (next <= 10).then_some(next)
+            },
+            |items| items.collect(),
+        );
+        assert_eq!(all, (1..=10).collect::<Vec<_>>());
+        let mut got = Vec::new();
+        let sent = sink_beside(
+            1,
+            |item: u32| {
+                got.push(item);
+                Ok(())
+            },
+            |send| (0..10).try_for_each(send),
+        );
+        REFUSED.set(false);
+        assert!(sent.is_ok());
+        assert_eq!(got, (0..10).collect::<Vec<_>>());
+    }
 
     #[test]
     fn both_results_come_back_in_order() {
