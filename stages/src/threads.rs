@@ -147,21 +147,22 @@ mod tests {
         pub(super) static REFUSED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     }
 
+    /// A source of 1, 2, …, `last`.
+    fn one_to(last: u32) -> impl FnMut() -> Option<u32> + Send {
+        let mut next = 0;
+        move || {
+            next += 1;
+            (next <= last).then_some(next)
+        }
+    }
+
     /// With every thread refused, each helper does the same work on this thread, in order.
     #[test]
     fn a_refused_thread_leaves_the_work_here() {
         REFUSED.set(true);
         assert_eq!(beside(|| 1, || 2), (1, 2));
         assert_eq!(each(3, |i| i * 2), [0, 2, 4]);
-        let mut next = 0;
-        let all: Vec<u32> = source_beside(
-            1,
-            move || {
-                next += 1;
-                (next <= 10).then_some(next)
-            },
-            |items| items.collect(),
-        );
+        let all: Vec<u32> = source_beside(1, one_to(10), |items| items.collect());
         assert_eq!(all, (1..=10).collect::<Vec<_>>());
         let mut got = Vec::new();
         let sent = sink_beside(
@@ -196,15 +197,7 @@ mod tests {
 
     #[test]
     fn a_source_beside_gives_its_items_in_order_and_stops_when_left() {
-        let mut next = 0;
-        let all: Vec<u32> = source_beside(
-            2,
-            move || {
-                next += 1;
-                (next <= 100).then_some(next)
-            },
-            |items| items.collect(),
-        );
+        let all: Vec<u32> = source_beside(2, one_to(100), |items| items.collect());
         assert_eq!(all, (1..=100).collect::<Vec<_>>());
         let made = std::sync::atomic::AtomicUsize::new(0);
         let first: Vec<usize> = source_beside(
