@@ -100,20 +100,8 @@ pub(super) fn wanted_columns(params: &CleanParams) -> Vec<(&str, String)> {
     wanted
 }
 
-/// The row-local steps of `input` (read from `source`; its first row is row `first_row` of the
-/// file, for errors): cast, then the domain filter and dropna as masks.
-pub(super) fn mark(
-    input: Input,
-    params: &CleanParams,
-    source: &std::path::Path,
-    first_row: usize,
-    steps: &mut crate::steps::Steps,
-) -> Result<Marked, StageError> {
-    let (df, counts) = cast_step(input, params, source, first_row, steps)?;
-    mark_rows(df, counts, params, steps)
-}
-
-/// The first step of [`mark`]: the table cast, and its counts so far.
+/// The first of the row-local steps of `input` (read from `source`; its first row is row
+/// `first_row` of the file, for errors): the table cast, and its counts so far.
 pub(super) fn cast_step(
     input: Input,
     params: &CleanParams,
@@ -138,7 +126,8 @@ pub(super) fn cast_step(
     Ok((df, counts))
 }
 
-/// The cast table, with its counts so far ([`mark`]): marked by the domain filter and dropna.
+/// The other row-local steps of the cast table, with its counts so far ([`cast_step`]): the
+/// domain filter and dropna, as masks.
 pub(super) fn mark_rows(
     df: DataFrame,
     mut counts: Counts,

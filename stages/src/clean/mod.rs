@@ -192,7 +192,8 @@ fn clean_marked(
     source: &std::path::Path,
     steps: &mut crate::steps::Steps,
 ) -> Result<(DataFrame, Option<BooleanChunked>, Json), StageError> {
-    let mut marked = mark(input, params, source, 0, steps)?;
+    let (df, counts) = cast_step(input, params, source, 0, steps)?;
+    let mut marked = mark_rows(df, counts, params, steps)?;
     let subset = dedup_subset(params, &marked.df);
     // The rows' hashes for dedup need the cast table alone: another thread computes them while
     // this one finds the IQR fences.

@@ -478,7 +478,10 @@ impl CsvChunks {
                 chunks.header = std::mem::take(&mut chunks.pending);
                 break;
             }
-            chunks.fill(chunks.pending.len() + (64 << 10))?;
+            let mut pending = std::mem::take(&mut chunks.pending);
+            let want = pending.len() + (64 << 10);
+            chunks.read_into(&mut pending, want)?;
+            chunks.pending = pending;
         }
         check_text(path, &chunks.header)?;
         // Lines are counted in records, as polars and `locate_csv_problem` count them.
@@ -533,32 +536,6 @@ impl CsvChunks {
                 Ok(0) => self.eof = true,
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    return Err(StageError::new(format!(
-                        "cannot read `{}`: {e}",
-                        self.path.display()
-                    )))
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Reads until `pending` holds `want` bytes or the file ends.
-    fn fill(&mut self, want: usize) -> Result<(), StageError> {
-        use std::io::Read;
-        while !self.eof && self.pending.len() < want {
-            let have = self.pending.len();
-            self.pending.resize(want, 0);
-            match self.file.read(&mut self.pending[have..]) {
-                Ok(0) => {
-                    self.pending.truncate(have);
-                    self.eof = true;
-                }
-                Ok(n) => self.pending.truncate(have + n),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
-                    self.pending.truncate(have)
-                }
                 Err(e) => {
                     return Err(StageError::new(format!(
                         "cannot read `{}`: {e}",
