@@ -105,7 +105,20 @@ pub fn impute_until(
         .map(|n| n.get())
         .unwrap_or(1)
         .clamp(1, spec.m.max(1));
-    let run = |chain: usize| run_chain(columns, spec, &missing, &incomplete, chain, cancel);
+    // A column whose predictors are all complete has the same model in every iteration of every
+    // chain: fitted (and its donors sorted) once, here.
+    let fixed: Vec<Option<Model>> = (0..columns.len())
+        .map(|j| {
+            let complete = spec.predictors[j].iter().all(|&p| missing[p].is_empty());
+            (complete && !missing[j].is_empty()).then(|| {
+                let observed: Vec<usize> = (0..columns[j].len())
+                    .filter(|&r| !columns[j][r].is_nan())
+                    .collect();
+                Model::fit(columns, j, spec, &observed, &missing[j])
+            })
+        })
+        .collect();
+    let run = |chain: usize| run_chain(columns, spec, &missing, &incomplete, &fixed, chain, cancel);
     let mut chains: Vec<Option<Chain>> = vec![None; spec.m];
     if threads <= 1 {
         for (chain, slot) in chains.iter_mut().enumerate() {
@@ -139,6 +152,7 @@ fn run_chain(
     spec: &Spec,
     missing: &[Vec<usize>],
     incomplete: &[usize],
+    fixed: &[Option<Model>],
     chain: usize,
     cancel: &crate::Cancel,
 ) -> Chain {
@@ -172,7 +186,14 @@ fn run_chain(
             break;
         }
         for &j in incomplete {
-            draw_column(&mut x, j, spec, &observed[j], &missing[j], &mut rng);
+            match &fixed[j] {
+                Some(model) => model.draw(&mut x[j], &missing[j], &mut rng),
+                None => Model::fit(&x, j, spec, &observed[j], &missing[j]).draw(
+                    &mut x[j],
+                    &missing[j],
+                    &mut rng,
+                ),
+            }
         }
         for &j in incomplete {
             let (mean, std) = mean_std(&x[j]);
@@ -201,61 +222,88 @@ pub fn mean_std(values: &[f64]) -> (f64, f64) {
     (mean, (ss / (n - 1.0)).sqrt())
 }
 
-/// Draws column `j`'s missing values given the current values of its predictors.
-fn draw_column(
-    x: &mut [Vec<f64>],
-    j: usize,
-    spec: &Spec,
-    observed: &[usize],
-    missing: &[usize],
-    rng: &mut ChaCha8Rng,
-) {
-    // A predictor constant over the observed rows carries nothing and makes XᵀX singular:
-    // left out, as mice's `remove.lindep` does.
-    let predictors: Vec<usize> = spec.predictors[j]
-        .iter()
-        .copied()
-        .filter(|&p| {
-            let first = x[p][observed[0]];
-            observed.iter().any(|&r| x[p][r] != first)
-        })
-        .collect();
-    let design = |rows: &[usize]| {
-        DMatrix::from_fn(rows.len(), predictors.len() + 1, |i, k| {
-            if k == 0 {
-                1.0
-            } else {
-                x[predictors[k - 1]][rows[i]]
-            }
-        })
-    };
-    let x_obs = design(observed);
-    let y_obs = DVector::from_iterator(observed.len(), observed.iter().map(|&r| x[j][r]));
-    let fit = Fit::least_squares(&x_obs, &y_obs);
-    let draw = fit.draw(rng);
-    let x_mis = design(missing);
-    let mean_mis = &x_mis * &draw.beta;
-    match spec.methods[j] {
-        Method::Norm => {
-            for (i, &r) in missing.iter().enumerate() {
-                let e: f64 = rng.sample(StandardNormal);
-                x[j][r] = mean_mis[i] + draw.sigma * e;
-            }
-        }
-        Method::Censored { at, above } => {
-            for (i, &r) in missing.iter().enumerate() {
-                x[j][r] = if above {
-                    truncated_normal_above(rng, mean_mis[i], draw.sigma, at)
+/// The model that draws column `j`'s missing values from the current values of its
+/// predictors: the least-squares fit on the observed rows, the design of the missing rows, and
+/// for PMM the observed rows sorted by their predicted means.
+struct Model {
+    fit: Fit,
+    /// The observed values of column `j`, in `observed` order.
+    y_obs: DVector<f64>,
+    /// The design matrix of the missing rows.
+    x_mis: DMatrix<f64>,
+    rule: Rule,
+}
+
+/// How a [`Model`] turns the predicted means of the missing rows into values: [`Method`], with
+/// PMM's donors sorted by their predicted means.
+enum Rule {
+    Pmm(Donors),
+    Norm,
+    Censored { at: f64, above: bool },
+}
+
+impl Model {
+    /// Fits column `j` on its predictors' values in `x`.
+    fn fit(x: &[Vec<f64>], j: usize, spec: &Spec, observed: &[usize], missing: &[usize]) -> Model {
+        // A predictor constant over the observed rows carries nothing and makes XᵀX singular:
+        // left out, as mice's `remove.lindep` does.
+        let predictors: Vec<usize> = spec.predictors[j]
+            .iter()
+            .copied()
+            .filter(|&p| {
+                let first = x[p][observed[0]];
+                observed.iter().any(|&r| x[p][r] != first)
+            })
+            .collect();
+        let design = |rows: &[usize]| {
+            DMatrix::from_fn(rows.len(), predictors.len() + 1, |i, k| {
+                if k == 0 {
+                    1.0
                 } else {
-                    -truncated_normal_above(rng, -mean_mis[i], draw.sigma, -at)
-                };
-            }
+                    x[predictors[k - 1]][rows[i]]
+                }
+            })
+        };
+        let x_obs = design(observed);
+        let y_obs = DVector::from_iterator(observed.len(), observed.iter().map(|&r| x[j][r]));
+        let fit = Fit::least_squares(&x_obs, &y_obs);
+        let rule = match spec.methods[j] {
+            Method::Pmm => Rule::Pmm(Donors::new((&x_obs * &fit.beta).as_slice(), spec.donors)),
+            Method::Norm => Rule::Norm,
+            Method::Censored { at, above } => Rule::Censored { at, above },
+        };
+        Model {
+            fit,
+            y_obs,
+            x_mis: design(missing),
+            rule,
         }
-        Method::Pmm => {
-            let mean_obs = &x_obs * &fit.beta;
-            let donors = match_donors(mean_obs.as_slice(), mean_mis.as_slice(), spec.donors, rng);
-            for (&r, donor) in missing.iter().zip(donors) {
-                x[j][r] = y_obs[donor];
+    }
+
+    /// Draws the `missing` values of `column` (the model's column `j`).
+    fn draw(&self, column: &mut [f64], missing: &[usize], rng: &mut ChaCha8Rng) {
+        let draw = self.fit.draw(rng);
+        let mean_mis = &self.x_mis * &draw.beta;
+        match &self.rule {
+            Rule::Norm => {
+                for (i, &r) in missing.iter().enumerate() {
+                    let e: f64 = rng.sample(StandardNormal);
+                    column[r] = mean_mis[i] + draw.sigma * e;
+                }
+            }
+            &Rule::Censored { at, above } => {
+                for (i, &r) in missing.iter().enumerate() {
+                    column[r] = if above {
+                        truncated_normal_above(rng, mean_mis[i], draw.sigma, at)
+                    } else {
+                        -truncated_normal_above(rng, -mean_mis[i], draw.sigma, -at)
+                    };
+                }
+            }
+            Rule::Pmm(donors) => {
+                for (&r, donor) in missing.iter().zip(donors.pick(mean_mis.as_slice(), rng)) {
+                    column[r] = self.y_obs[donor];
+                }
             }
         }
     }
@@ -350,8 +398,9 @@ impl Fit {
     }
 }
 
-/// For each target (a missing row's predicted mean), the index of an observed row drawn at random
-/// from the `donors` observed rows whose predicted means are nearest.
+/// The observed rows sorted by their predicted means, from which PMM draws each target's donor
+/// (type-1 matching): a row at random among the `donors` whose predicted means are nearest the
+/// target (a missing row's predicted mean).
 ///
 /// Ties are broken at random for each target. When more observed rows than needed lie at the
 /// distance of the farthest donor (with an integer predictor, thousands share one predicted
@@ -359,44 +408,64 @@ impl Fit {
 /// drawn anew for every target. R's `mice` breaks ties once per call, so every missing value with
 /// the same prediction shares the same few donors; that clusters the imputations and inflates
 /// their spread across imputations (docs/stages.md, `impute`).
-fn match_donors(
-    observed: &[f64],
-    targets: &[f64],
-    donors: usize,
-    rng: &mut ChaCha8Rng,
-) -> Vec<usize> {
-    // (value, row) pairs are all distinct, so the unstable sort is deterministic.
-    let mut pairs: Vec<(f64, usize)> = observed.iter().copied().zip(0..).collect();
-    pairs.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-    let order: Vec<usize> = pairs.iter().map(|p| p.1).collect();
-    let sorted: Vec<f64> = pairs.iter().map(|p| p.0).collect();
-    drop(pairs);
-    let k = donors.clamp(1, sorted.len());
-    // For each position, the positions holding the same value (its run of ties); and the
-    // distinct values with where their runs start, searched instead of every value (an integer
-    // predictor gives a few hundred distinct values for hundreds of thousands of rows).
-    let mut runs: Vec<(usize, usize)> = Vec::with_capacity(sorted.len());
-    let (mut distinct, mut starts) = (Vec::new(), Vec::new());
-    let mut start = 0;
-    for i in 1..=sorted.len() {
-        if i == sorted.len() || sorted[i] != sorted[start] {
-            runs.extend(std::iter::repeat_n((start, i), i - start));
-            distinct.push(sorted[start]);
-            starts.push(start);
-            start = i;
+struct Donors {
+    /// The observed rows (indices into the predicted means), by predicted mean and then row.
+    order: Vec<usize>,
+    /// The predicted means in that order.
+    sorted: Vec<f64>,
+    /// For each position, the positions holding the same value (its run of ties).
+    runs: Vec<(usize, usize)>,
+    /// The distinct values, with where their runs start: searched instead of every value (an
+    /// integer predictor gives a few hundred distinct values for hundreds of thousands of rows).
+    distinct: Vec<f64>,
+    starts: Vec<usize>,
+    /// How many donors a target draws from.
+    k: usize,
+}
+
+impl Donors {
+    /// The donors among rows with predicted means `observed`, `donors` nearest for each target.
+    fn new(observed: &[f64], donors: usize) -> Donors {
+        // (value, row) pairs are all distinct, so the unstable sort is deterministic.
+        let mut pairs: Vec<(f64, usize)> = observed.iter().copied().zip(0..).collect();
+        pairs.sort_unstable_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        let order: Vec<usize> = pairs.iter().map(|p| p.1).collect();
+        let sorted: Vec<f64> = pairs.iter().map(|p| p.0).collect();
+        drop(pairs);
+        let mut runs: Vec<(usize, usize)> = Vec::with_capacity(sorted.len());
+        let (mut distinct, mut starts) = (Vec::new(), Vec::new());
+        let mut start = 0;
+        for i in 1..=sorted.len() {
+            if i == sorted.len() || sorted[i] != sorted[start] {
+                runs.extend(std::iter::repeat_n((start, i), i - start));
+                distinct.push(sorted[start]);
+                starts.push(start);
+                start = i;
+            }
+        }
+        Donors {
+            k: donors.clamp(1, sorted.len()),
+            order,
+            sorted,
+            runs,
+            distinct,
+            starts,
         }
     }
-    // Where a target's donors are; it depends on the target's value alone, and targets repeat
-    // (an integer predictor gives a few hundred distinct values), so windows are remembered in
-    // a small direct-mapped cache.
-    let window = |t: f64| -> Window {
+
+    /// Where the donors of target value `t` are.
+    fn window(&self, t: f64) -> Window {
+        let Donors {
+            sorted, runs, k, ..
+        } = self;
         // The k nearest values of a sorted list are a window of it.
-        let at = starts
-            .get(distinct.partition_point(|v| *v < t))
+        let at = self
+            .starts
+            .get(self.distinct.partition_point(|v| *v < t))
             .copied()
             .unwrap_or(sorted.len());
         let (mut lo, mut hi) = (at, at);
-        while hi - lo < k {
+        while hi - lo < *k {
             let take_low = if lo == 0 {
                 false
             } else if hi == sorted.len() {
@@ -431,43 +500,50 @@ fn match_donors(
             nearer: nearer_to.saturating_sub(nearer_from),
             tied,
         }
-    };
-    let mut cache: Vec<Option<(u64, Window)>> = vec![None; 1024];
-    targets
-        .iter()
-        .map(|&t| {
-            let key = t.to_bits();
-            let slot = (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 54) as usize;
-            let Window {
-                nearer_from,
-                nearer,
-                tied,
-            } = match cache[slot] {
-                Some((cached, w)) if cached == key => w,
-                _ => {
-                    let w = window(t);
-                    cache[slot] = Some((key, w));
-                    w
-                }
-            };
-            let pick = rng.random_range(0..k);
-            let position = if pick < nearer {
-                nearer_from + pick
-            } else {
-                let sizes = (tied[0].1 - tied[0].0, tied[1].1 - tied[1].0);
-                let r = rng.random_range(0..sizes.0 + sizes.1);
-                if r < sizes.0 {
-                    tied[0].0 + r
+    }
+
+    /// For each of `targets`, the index of its donor among the observed rows.
+    fn pick(&self, targets: &[f64], rng: &mut ChaCha8Rng) -> Vec<usize> {
+        // A target's window depends on its value alone, and targets repeat (an integer
+        // predictor gives a few hundred distinct values), so windows are remembered in a small
+        // direct-mapped cache.
+        let mut cache: Vec<Option<(u64, Window)>> = vec![None; 1024];
+        targets
+            .iter()
+            .map(|&t| {
+                let key = t.to_bits();
+                let slot = (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 54) as usize;
+                let Window {
+                    nearer_from,
+                    nearer,
+                    tied,
+                } = match cache[slot] {
+                    Some((cached, w)) if cached == key => w,
+                    _ => {
+                        let w = self.window(t);
+                        cache[slot] = Some((key, w));
+                        w
+                    }
+                };
+                let pick = rng.random_range(0..self.k);
+                let position = if pick < nearer {
+                    nearer_from + pick
                 } else {
-                    tied[1].0 + r - sizes.0
-                }
-            };
-            order[position]
-        })
-        .collect()
+                    let sizes = (tied[0].1 - tied[0].0, tied[1].1 - tied[1].0);
+                    let r = rng.random_range(0..sizes.0 + sizes.1);
+                    if r < sizes.0 {
+                        tied[0].0 + r
+                    } else {
+                        tied[1].0 + r - sizes.0
+                    }
+                };
+                self.order[position]
+            })
+            .collect()
+    }
 }
 
-/// The donors of one target value (see [`match_donors`]): `nearer` positions from
+/// The donors of one target value (see [`Donors`]): `nearer` positions from
 /// `nearer_from` are strictly nearer than the farthest donor, and the rows in `tied` lie exactly
 /// as far.
 #[derive(Debug, Clone, Copy)]
@@ -825,6 +901,7 @@ mod tests {
                     &s,
                     &a.missing,
                     &a.incomplete,
+                    &[None, None],
                     chain,
                     &crate::Cancel::default()
                 )
@@ -836,6 +913,48 @@ mod tests {
             .iter()
             .all(|c| c.columns.iter().flatten().all(|v| v.is_finite())));
         assert_eq!(a.chains[0].trace.len(), 3 * 2);
+    }
+
+    #[test]
+    fn a_model_fitted_once_draws_what_one_refitted_every_iteration_draws() {
+        // y is missing a third of its values; its predictor x is complete, so y's model (the
+        // fit and, for PMM, the donors sorted by predicted mean) is fitted once for all chains
+        // and iterations. Refitted every iteration instead (no fixed models), each chain must
+        // come out the same, value for value.
+        let x: Vec<f64> = (0..400).map(|i| (i % 23) as f64).collect();
+        let y: Vec<f64> = (0..400)
+            .map(|i| {
+                if i % 3 == 0 {
+                    f64::NAN
+                } else {
+                    0.5 * (i % 23) as f64 + (i % 7) as f64
+                }
+            })
+            .collect();
+        for method in [
+            Method::Pmm,
+            Method::Norm,
+            Method::Censored {
+                at: 12.0,
+                above: true,
+            },
+        ] {
+            let s = spec(vec![method, Method::Pmm], 3, 4, 7);
+            let a = impute(&[y.clone(), x.clone()], &s).unwrap();
+            assert_eq!(a.incomplete, vec![0]);
+            for (chain, result) in a.chains.iter().enumerate() {
+                let refitted = run_chain(
+                    &[y.clone(), x.clone()],
+                    &s,
+                    &a.missing,
+                    &a.incomplete,
+                    &[None, None],
+                    chain,
+                    &crate::Cancel::default(),
+                );
+                assert_eq!(result, &refitted, "{method:?}, chain {chain}");
+            }
+        }
     }
 
     #[test]
@@ -895,7 +1014,7 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(2);
         let observed = [0.0, 10.0, 1.0, 9.0, 2.0, 8.0];
         for _ in 0..200 {
-            let picks = match_donors(&observed, &[0.4, 9.6, 100.0], 2, &mut rng);
+            let picks = Donors::new(&observed, 2).pick(&[0.4, 9.6, 100.0], &mut rng);
             assert!([0, 2].contains(&picks[0]), "{picks:?}");
             assert!([1, 3].contains(&picks[1]), "{picks:?}");
             assert!([1, 3].contains(&picks[2]), "{picks:?}");
@@ -909,7 +1028,7 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(4);
         let observed = [1.0, 0.0, 1.0, 1.0, 5.0, 1.0, 1.0, 1.0];
         let draws = 9000;
-        let picks = match_donors(&observed, &vec![0.1; draws], 3, &mut rng);
+        let picks = Donors::new(&observed, 3).pick(&vec![0.1; draws], &mut rng);
         let mut counts = [0usize; 8];
         for p in &picks {
             counts[*p] += 1;
@@ -923,7 +1042,7 @@ mod tests {
         }
         assert_eq!(counts[4], 0);
         // A target inside a block of ties draws from the whole block.
-        let picks = match_donors(&[2.0; 50], &vec![2.0; 5000], 5, &mut rng);
+        let picks = Donors::new(&[2.0; 50], 5).pick(&vec![2.0; 5000], &mut rng);
         let distinct: std::collections::BTreeSet<_> = picks.iter().collect();
         assert_eq!(distinct.len(), 50);
     }
