@@ -102,21 +102,19 @@ pub fn compute(
             (name.clone(), in_order)
         })
         .collect();
-    compute_in_order(params, tables, &sorted, true)
+    compute_in_order(params, tables, &sorted)
 }
 
 /// [`compute`], given for each table whether its rows with an entity are in entity order (in
 /// the whole table, of which `tables` may hold one range). polars then groups an ordered table
 /// by slices instead of by hashing, a third faster; its float sums differ from the hashed
 /// grouping's in the last bits, so the choice is the whole table's, and a range is grouped as
-/// the whole table would be. With `probe`, each feature is first run alone on an empty table,
-/// so that one that fails is named (the first range's job: the others have the same columns);
-/// without, that happens only when a group's query fails.
+/// the whole table would be. When a group's query fails, each of its features is run alone on
+/// an empty table, so that the error names the one that fails.
 pub(super) fn compute_in_order(
     params: &FeatureParams,
     tables: &BTreeMap<String, DataFrame>,
     sorted: &BTreeMap<String, bool>,
-    probe: bool,
 ) -> Result<DataFrame, StageError> {
     let entity = &params.entity;
     let mut steps = crate::steps::Steps::start_part("feature compute");
@@ -160,10 +158,6 @@ pub(super) fn compute_in_order(
             None => format!(" WHERE {} IS NOT NULL", quoted(entity)),
         };
         let frame = if !group.features.is_empty() {
-            if probe {
-                // Each feature alone on an empty table first, so that an error names its feature.
-                probe_features(params, group, &index, &table.clear(), &filter)?;
-            }
             let selected: Vec<String> = entries(&group.features)
                 .map(|(feature, definition)| format!("{} AS {}", definition.sql(), quoted(feature)))
                 .collect();
@@ -175,9 +169,8 @@ pub(super) fn compute_in_order(
             let frame = match context.execute(&query).and_then(|lf| lf.collect()) {
                 Ok(frame) => frame,
                 Err(e) => {
-                    if !probe {
-                        probe_features(params, group, &index, &table.clear(), &filter)?;
-                    }
+                    // The feature that fails, if one fails alone; else the group's query.
+                    probe_features(params, group, &index, &table.clear(), &filter)?;
                     return Err(StageError::new(format!("group `{group_name}`: {e}"))
                         .at_param(group_at(&[])));
                 }

@@ -194,9 +194,7 @@ fn write_features(
             tables.insert(name.clone(), part);
         }
         steps.done(&format!("read of range {}", range + 1));
-        // The features are probed alone on an empty table (for an error that names the
-        // feature) once: every range has the same columns.
-        let out = match compute_in_order(params, &tables, &sorted, range == 0) {
+        let out = match compute_in_order(params, &tables, &sorted) {
             Ok(out) => out,
             // The whole table's error, word for word: a repeated entity's count and example
             // are those of the whole table, not of one range.
