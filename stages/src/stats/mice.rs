@@ -173,9 +173,9 @@ fn run_chain(
                 }
             }
             _ => {
+                let values: Vec<f64> = observed[j].iter().map(|&r| columns[j][r]).collect();
                 for &r in &missing[j] {
-                    let donor = observed[j][rng.random_range(0..observed[j].len())];
-                    x[j][r] = columns[j][donor];
+                    x[j][r] = values[rng.random_range(0..values.len())];
                 }
             }
         }
@@ -227,17 +227,16 @@ pub fn mean_std(values: &[f64]) -> (f64, f64) {
 /// for PMM the observed rows sorted by their predicted means.
 struct Model {
     fit: Fit,
-    /// The observed values of column `j`, in `observed` order.
-    y_obs: DVector<f64>,
     /// The design matrix of the missing rows.
     x_mis: DMatrix<f64>,
     rule: Rule,
 }
 
 /// How a [`Model`] turns the predicted means of the missing rows into values: [`Method`], with
-/// PMM's donors sorted by their predicted means.
+/// PMM's donors sorted by their predicted means, and their observed values in that order (a
+/// donor's value is then read near its neighbours', not from anywhere in the column).
 enum Rule {
-    Pmm(Donors),
+    Pmm { donors: Donors, values: Vec<f64> },
     Norm,
     Censored { at: f64, above: bool },
 }
@@ -268,13 +267,16 @@ impl Model {
         let y_obs = DVector::from_iterator(observed.len(), observed.iter().map(|&r| x[j][r]));
         let fit = Fit::least_squares(&x_obs, &y_obs);
         let rule = match spec.methods[j] {
-            Method::Pmm => Rule::Pmm(Donors::new((&x_obs * &fit.beta).as_slice(), spec.donors)),
+            Method::Pmm => {
+                let donors = Donors::new((&x_obs * &fit.beta).as_slice(), spec.donors);
+                let values = donors.order.iter().map(|&i| y_obs[i]).collect();
+                Rule::Pmm { donors, values }
+            }
             Method::Norm => Rule::Norm,
             Method::Censored { at, above } => Rule::Censored { at, above },
         };
         Model {
             fit,
-            y_obs,
             x_mis: design(missing),
             rule,
         }
@@ -300,9 +302,10 @@ impl Model {
                     };
                 }
             }
-            Rule::Pmm(donors) => {
-                for (&r, donor) in missing.iter().zip(donors.pick(mean_mis.as_slice(), rng)) {
-                    column[r] = self.y_obs[donor];
+            Rule::Pmm { donors, values } => {
+                let drawn = donors.positions(mean_mis.as_slice(), rng);
+                for (&r, position) in missing.iter().zip(drawn) {
+                    column[r] = values[position];
                 }
             }
         }
@@ -502,8 +505,8 @@ impl Donors {
         }
     }
 
-    /// For each of `targets`, the index of its donor among the observed rows.
-    fn pick(&self, targets: &[f64], rng: &mut ChaCha8Rng) -> Vec<usize> {
+    /// For each of `targets`, its donor's position in [`Donors::order`].
+    fn positions(&self, targets: &[f64], rng: &mut ChaCha8Rng) -> Vec<usize> {
         // A target's window depends on its value alone, and targets repeat (an integer
         // predictor gives a few hundred distinct values), so windows are remembered in a small
         // direct-mapped cache.
@@ -537,7 +540,7 @@ impl Donors {
                         tied[1].0 + r - sizes.0
                     }
                 };
-                self.order[position]
+                position
             })
             .collect()
     }
@@ -1009,12 +1012,18 @@ mod tests {
             .all(|c| c.columns[0].iter().all(|v| v.is_finite())));
     }
 
+    /// The observed rows [`Donors`] draws for `targets`.
+    fn rows(donors: &Donors, targets: &[f64], rng: &mut ChaCha8Rng) -> Vec<usize> {
+        let positions = donors.positions(targets, rng);
+        positions.into_iter().map(|p| donors.order[p]).collect()
+    }
+
     #[test]
     fn pmm_takes_one_of_the_nearest_donors() {
         let mut rng = ChaCha8Rng::seed_from_u64(2);
         let observed = [0.0, 10.0, 1.0, 9.0, 2.0, 8.0];
         for _ in 0..200 {
-            let picks = Donors::new(&observed, 2).pick(&[0.4, 9.6, 100.0], &mut rng);
+            let picks = rows(&Donors::new(&observed, 2), &[0.4, 9.6, 100.0], &mut rng);
             assert!([0, 2].contains(&picks[0]), "{picks:?}");
             assert!([1, 3].contains(&picks[1]), "{picks:?}");
             assert!([1, 3].contains(&picks[2]), "{picks:?}");
@@ -1028,7 +1037,7 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(4);
         let observed = [1.0, 0.0, 1.0, 1.0, 5.0, 1.0, 1.0, 1.0];
         let draws = 9000;
-        let picks = Donors::new(&observed, 3).pick(&vec![0.1; draws], &mut rng);
+        let picks = rows(&Donors::new(&observed, 3), &vec![0.1; draws], &mut rng);
         let mut counts = [0usize; 8];
         for p in &picks {
             counts[*p] += 1;
@@ -1042,7 +1051,7 @@ mod tests {
         }
         assert_eq!(counts[4], 0);
         // A target inside a block of ties draws from the whole block.
-        let picks = Donors::new(&[2.0; 50], 5).pick(&vec![2.0; 5000], &mut rng);
+        let picks = rows(&Donors::new(&[2.0; 50], 5), &vec![2.0; 5000], &mut rng);
         let distinct: std::collections::BTreeSet<_> = picks.iter().collect();
         assert_eq!(distinct.len(), 50);
     }
