@@ -529,7 +529,7 @@ impl Donors {
                     }
                 };
                 let pick = rng.random_range(0..self.k);
-                let position = if pick < nearer {
+                if pick < nearer {
                     nearer_from + pick
                 } else {
                     let sizes = (tied[0].1 - tied[0].0, tied[1].1 - tied[1].0);
@@ -539,8 +539,7 @@ impl Donors {
                     } else {
                         tied[1].0 + r - sizes.0
                     }
-                };
-                position
+                }
             })
             .collect()
     }
