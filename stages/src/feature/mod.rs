@@ -182,41 +182,49 @@ fn write_features(
         sorted.insert(name.clone(), in_order);
     }
     steps.done("columns and order");
+    // Each range's features are written on a thread of their own while the next range is read
+    // and computed.
     let mut writers: Vec<TableWriter> = Vec::new();
-    let mut rows = 0;
-    for range in 0..ranges.count() {
-        if cancel.is_cancelled() {
-            return Err(StageError::new(crate::CANCELLED));
-        }
-        let mut tables = BTreeMap::new();
-        for ((name, path), wanted) in inputs.iter().zip(&wanted) {
-            let part = crate::io::partition::read_range(path, wanted, ranges.predicate(range))?;
-            tables.insert(name.clone(), part);
-        }
-        steps.done(&format!("read of range {}", range + 1));
-        let out = match compute_in_order(params, &tables, &sorted) {
-            Ok(out) => out,
-            // The whole table's error, word for word: a repeated entity's count and example
-            // are those of the whole table, not of one range.
-            Err(error) => {
-                drop(tables);
-                return Err(compute(params, &read_whole(params, inputs)?)
-                    .err()
-                    .unwrap_or(error));
-            }
-        };
+    let write = |out: DataFrame| -> Result<(), StageError> {
         if writers.is_empty() {
             for file in files {
                 writers.push(TableWriter::create(file, out.schema())?);
             }
         }
-        steps.done(&format!("compute of range {}", range + 1));
         for writer in &mut writers {
             writer.write(&out)?;
         }
-        rows += out.height();
-        steps.done(&format!("write of range {}", range + 1));
-    }
+        Ok(())
+    };
+    let rows = crate::threads::sink_beside(1, write, |write| {
+        let mut rows = 0;
+        for range in 0..ranges.count() {
+            if cancel.is_cancelled() {
+                return Err(StageError::new(crate::CANCELLED));
+            }
+            let mut tables = BTreeMap::new();
+            for ((name, path), wanted) in inputs.iter().zip(&wanted) {
+                let part = crate::io::partition::read_range(path, wanted, ranges.predicate(range))?;
+                tables.insert(name.clone(), part);
+            }
+            steps.done(&format!("read of range {}", range + 1));
+            let out = match compute_in_order(params, &tables, &sorted) {
+                Ok(out) => out,
+                // The whole table's error, word for word: a repeated entity's count and example
+                // are those of the whole table, not of one range.
+                Err(error) => {
+                    drop(tables);
+                    return Err(compute(params, &read_whole(params, inputs)?)
+                        .err()
+                        .unwrap_or(error));
+                }
+            };
+            steps.done(&format!("compute of range {}", range + 1));
+            rows += out.height();
+            write(out)?;
+        }
+        Ok(rows)
+    })?;
     for writer in writers {
         writer.finish()?;
     }
