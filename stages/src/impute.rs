@@ -406,27 +406,14 @@ fn write_outputs(
 
     // The m tables are written on as many threads as there are cores: a table's encoding and
     // Snappy compression run on one thread.
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .clamp(1, params.m.max(1));
-    let shares = crate::threads::each(threads, |t| {
-        (t..params.m)
-            .step_by(threads)
-            .map(|k| {
-                let mut frame = table(k).map_err(polars)?;
-                write_table(&mut frame, &dir.join(format!("{name}_m{k}.parquet")))?;
-                Ok((k, frame))
-            })
-            .collect::<Result<Vec<_>, StageError>>()
+    let written = crate::threads::spread(params.m, |k| {
+        let mut frame = table(k).map_err(polars)?;
+        write_table(&mut frame, &dir.join(format!("{name}_m{k}.parquet")))?;
+        Ok::<_, StageError>(frame)
     });
-    let mut written: Vec<(usize, DataFrame)> = Vec::with_capacity(params.m);
-    for share in shares {
-        written.extend(share?);
-    }
-    written.sort_by_key(|(k, _)| *k);
     let mut long = Vec::with_capacity(params.m);
-    for (k, mut frame) in written {
+    for (k, frame) in written.into_iter().enumerate() {
+        let mut frame = frame?;
         let impute_id = Column::new("impute_id".into(), vec![k as u32; rows]);
         frame.insert_column(0, impute_id).map_err(polars)?;
         long.push(frame);

@@ -67,6 +67,29 @@ pub fn each<R: Send>(n: usize, work: impl Fn(usize) -> R + Sync) -> Vec<R> {
     })
 }
 
+/// Runs `work(0)`, …, `work(n - 1)` on as many threads as there are cores (at most `n`), thread
+/// t taking items t, t + threads, …, and returns their results in order (as [`each`] does when
+/// the system refuses a thread).
+pub fn spread<R: Send>(n: usize, work: impl Fn(usize) -> R + Sync) -> Vec<R> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |cores| cores.get())
+        .clamp(1, n.max(1));
+    if threads == 1 {
+        return (0..n).map(work).collect();
+    }
+    let mut done: Vec<(usize, R)> = each(threads, |t| {
+        (t..n)
+            .step_by(threads)
+            .map(|k| (k, work(k)))
+            .collect::<Vec<_>>()
+    })
+    .into_iter()
+    .flatten()
+    .collect();
+    done.sort_by_key(|(k, _)| *k);
+    done.into_iter().map(|(_, result)| result).collect()
+}
+
 /// Runs `source` on a thread of its own, `depth` items ahead of `here`, which takes them in order
 /// (reading the next chunk of a file while this one is parsed, say). `source` says `None` after
 /// the last item; when `here` returns early, `source` stops at its next item. When the system
@@ -162,6 +185,7 @@ mod tests {
         REFUSED.set(true);
         assert_eq!(beside(|| 1, || 2), (1, 2));
         assert_eq!(each(3, |i| i * 2), [0, 2, 4]);
+        assert_eq!(spread(5, |i| i * 3), [0, 3, 6, 9, 12]);
         let all: Vec<u32> = source_beside(1, one_to(10), |items| items.collect());
         assert_eq!(all, (1..=10).collect::<Vec<_>>());
         let mut got = Vec::new();
@@ -193,6 +217,19 @@ mod tests {
         });
         assert_eq!(out, [0, 10, 20, 30, 40]);
         assert_eq!(calls.into_inner(), 5);
+    }
+
+    #[test]
+    fn spread_runs_each_item_once_and_gives_the_results_in_order() {
+        for n in [0, 1, 2, 7, 33] {
+            let calls = std::sync::atomic::AtomicUsize::new(0);
+            let out = spread(n, |i| {
+                calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                i * 10
+            });
+            assert_eq!(out, (0..n).map(|i| i * 10).collect::<Vec<_>>());
+            assert_eq!(calls.into_inner(), n);
+        }
     }
 
     #[test]

@@ -101,10 +101,6 @@ pub fn impute_until(
             return Err(MiceError::AllMissing(j));
         }
     }
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .clamp(1, spec.m.max(1));
     // A column whose predictors are all complete has the same model in every iteration of every
     // chain: fitted (and its donors sorted) once, here.
     let fixed: Vec<Option<Model>> = (0..columns.len())
@@ -118,32 +114,16 @@ pub fn impute_until(
             })
         })
         .collect();
-    let run = |chain: usize| run_chain(columns, spec, &missing, &incomplete, &fixed, chain, cancel);
-    let mut chains: Vec<Option<Chain>> = vec![None; spec.m];
-    if threads <= 1 {
-        for (chain, slot) in chains.iter_mut().enumerate() {
-            *slot = Some(run(chain));
-        }
-    } else {
-        let shares = crate::threads::each(threads, |t| {
-            (t..spec.m)
-                .step_by(threads)
-                .map(|chain| (chain, run(chain)))
-                .collect::<Vec<_>>()
-        });
-        for done in shares {
-            for (chain, result) in done {
-                chains[chain] = Some(result);
-            }
-        }
-    }
+    let chains = crate::threads::spread(spec.m, |chain| {
+        run_chain(columns, spec, &missing, &incomplete, &fixed, chain, cancel)
+    });
     if cancel.is_cancelled() {
         return Err(MiceError::Cancelled);
     }
     Ok(Imputation {
         incomplete,
         missing,
-        chains: chains.into_iter().flatten().collect(),
+        chains,
     })
 }
 
