@@ -89,60 +89,87 @@ pub fn impute_until(
     spec: &Spec,
     cancel: &crate::Cancel,
 ) -> Result<Imputation, MiceError> {
-    let missing: Vec<Vec<usize>> = columns
-        .iter()
-        .map(|c| (0..c.len()).filter(|&r| c[r].is_nan()).collect())
-        .collect();
-    let incomplete: Vec<usize> = (0..columns.len())
-        .filter(|&j| !missing[j].is_empty())
-        .collect();
-    for &j in &incomplete {
-        if missing[j].len() == columns[j].len() {
-            return Err(MiceError::AllMissing(j));
-        }
-    }
-    // A column whose predictors are all complete has the same model in every iteration of every
-    // chain: fitted (and its donors sorted) once, here.
-    let fixed: Vec<Option<Model>> = (0..columns.len())
-        .map(|j| {
-            let complete = spec.predictors[j].iter().all(|&p| missing[p].is_empty());
-            (complete && !missing[j].is_empty()).then(|| {
-                let observed: Vec<usize> = (0..columns[j].len())
-                    .filter(|&r| !columns[j][r].is_nan())
-                    .collect();
-                Model::fit(columns, j, spec, &observed, &missing[j])
-            })
-        })
-        .collect();
+    let shared = Shared::new(columns, spec, true)?;
     let chains = crate::threads::spread(spec.m, |chain| {
-        run_chain(columns, spec, &missing, &incomplete, &fixed, chain, cancel)
+        run_chain(columns, spec, &shared, chain, cancel)
     });
     if cancel.is_cancelled() {
         return Err(MiceError::Cancelled);
     }
     Ok(Imputation {
-        incomplete,
-        missing,
+        incomplete: shared.incomplete,
+        missing: shared.missing,
         chains,
     })
+}
+
+/// What every chain starts from: each column's missing and observed rows, the incomplete
+/// columns, and the models that are the same in every iteration of every chain.
+struct Shared {
+    missing: Vec<Vec<usize>>,
+    observed: Vec<Vec<usize>>,
+    incomplete: Vec<usize>,
+    /// Per incomplete column, its observed values, which a chain's first values are drawn from.
+    values: Vec<Vec<f64>>,
+    /// Per column, its model when none of its predictors has missing values: fitted (and for
+    /// PMM its donors sorted) once, here, instead of in each of the chains' iterations.
+    fixed: Vec<Option<Model>>,
+}
+
+impl Shared {
+    /// What the chains share; with `fit_once` false, no model is fixed (every one is refitted in
+    /// every iteration, which the fixed ones must draw exactly as).
+    fn new(columns: &[Vec<f64>], spec: &Spec, fit_once: bool) -> Result<Shared, MiceError> {
+        let (missing, observed): (Vec<Vec<usize>>, Vec<Vec<usize>>) = columns
+            .iter()
+            .map(|c| (0..c.len()).partition(|&r| c[r].is_nan()))
+            .unzip();
+        let incomplete: Vec<usize> = (0..columns.len())
+            .filter(|&j| !missing[j].is_empty())
+            .collect();
+        if let Some(&j) = incomplete.iter().find(|&&j| observed[j].is_empty()) {
+            return Err(MiceError::AllMissing(j));
+        }
+        let values = (0..columns.len())
+            .map(|j| match missing[j].is_empty() {
+                true => Vec::new(),
+                false => observed[j].iter().map(|&r| columns[j][r]).collect(),
+            })
+            .collect();
+        let fixed = (0..columns.len())
+            .map(|j| {
+                let complete = spec.predictors[j].iter().all(|&p| missing[p].is_empty());
+                (fit_once && complete && !missing[j].is_empty())
+                    .then(|| Model::fit(columns, j, spec, &observed[j], &missing[j]))
+            })
+            .collect();
+        Ok(Shared {
+            missing,
+            observed,
+            incomplete,
+            values,
+            fixed,
+        })
+    }
 }
 
 fn run_chain(
     columns: &[Vec<f64>],
     spec: &Spec,
-    missing: &[Vec<usize>],
-    incomplete: &[usize],
-    fixed: &[Option<Model>],
+    shared: &Shared,
     chain: usize,
     cancel: &crate::Cancel,
 ) -> Chain {
+    let Shared {
+        missing,
+        observed,
+        incomplete,
+        values,
+        fixed,
+    } = shared;
     let mut rng = ChaCha8Rng::seed_from_u64(spec.seed);
     rng.set_stream(chain as u64);
     let mut x: Vec<Vec<f64>> = columns.to_vec();
-    let observed: Vec<Vec<usize>> = columns
-        .iter()
-        .map(|c| (0..c.len()).filter(|&r| !c[r].is_nan()).collect())
-        .collect();
     // Start: random draws from the observed values (mice's default), or the censoring point,
     // which the true value lies beyond.
     for &j in incomplete {
@@ -153,9 +180,8 @@ fn run_chain(
                 }
             }
             _ => {
-                let values: Vec<f64> = observed[j].iter().map(|&r| columns[j][r]).collect();
                 for &r in &missing[j] {
-                    x[j][r] = values[rng.random_range(0..values.len())];
+                    x[j][r] = values[j][rng.random_range(0..values[j].len())];
                 }
             }
         }
@@ -881,9 +907,7 @@ mod tests {
                 &run_chain(
                     &columns,
                     &s,
-                    &a.missing,
-                    &a.incomplete,
-                    &[None, None],
+                    &Shared::new(&columns, &s, true).unwrap(),
                     chain,
                     &crate::Cancel::default()
                 )
@@ -924,16 +948,16 @@ mod tests {
             let s = spec(vec![method, Method::Pmm], 3, 4, 7);
             let a = impute(&[y.clone(), x.clone()], &s).unwrap();
             assert_eq!(a.incomplete, vec![0]);
+            let columns = [y.clone(), x.clone()];
+            let fixed = Shared::new(&columns, &s, true).unwrap().fixed;
+            assert!(
+                fixed[0].is_some() && fixed[1].is_none(),
+                "y's model is fitted once"
+            );
+            let refit_always = Shared::new(&columns, &s, false).unwrap();
+            assert!(refit_always.fixed.iter().all(Option::is_none));
             for (chain, result) in a.chains.iter().enumerate() {
-                let refitted = run_chain(
-                    &[y.clone(), x.clone()],
-                    &s,
-                    &a.missing,
-                    &a.incomplete,
-                    &[None, None],
-                    chain,
-                    &crate::Cancel::default(),
-                );
+                let refitted = run_chain(&columns, &s, &refit_always, chain, &Default::default());
                 assert_eq!(result, &refitted, "{method:?}, chain {chain}");
             }
         }
