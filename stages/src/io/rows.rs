@@ -61,36 +61,26 @@ pub fn repeated_rows_hashed(
         next[b] += 1;
     }
     drop((rows, hashes));
-    // The buckets shared between threads, each taking a run of them.
-    let buckets = 1usize << bits;
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |cores| cores.get())
-        .clamp(1, buckets);
-    let find = |part: usize| -> Vec<IdxSize> {
-        let mut table: HashTable<(u64, IdxSize)> = HashTable::new();
+    // The buckets spread over the cores, each with a table of its own.
+    let buckets = crate::threads::spread(1 << bits, |b| {
+        let rows = &sorted[starts[b]..starts[b + 1]];
+        let mut table: HashTable<(u64, IdxSize)> = HashTable::with_capacity(rows.len());
         let mut repeats = Vec::new();
-        for b in part * buckets / threads..(part + 1) * buckets / threads {
-            table.clear();
-            for &(hash, row) in &sorted[starts[b]..starts[b + 1]] {
-                match table.entry(
-                    hash,
-                    |&(h, first)| h == hash && same_row(&columns, first as usize, row as usize),
-                    |&(h, _)| h,
-                ) {
-                    Entry::Occupied(_) => repeats.push(row),
-                    Entry::Vacant(slot) => {
-                        slot.insert((hash, row));
-                    }
+        for &(hash, row) in rows {
+            match table.entry(
+                hash,
+                |&(h, first)| h == hash && same_row(&columns, first as usize, row as usize),
+                |&(h, _)| h,
+            ) {
+                Entry::Occupied(_) => repeats.push(row),
+                Entry::Vacant(slot) => {
+                    slot.insert((hash, row));
                 }
             }
         }
         repeats
-    };
-    let mut repeats: Vec<IdxSize> = if threads == 1 {
-        find(0)
-    } else {
-        crate::threads::each(threads, find).concat()
-    };
+    });
+    let mut repeats = buckets.concat();
     repeats.sort_unstable();
     Ok(repeats)
 }
